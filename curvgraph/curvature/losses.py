@@ -1,0 +1,209 @@
+r"""Losses and the output-space side of the three Fisher types.
+
+Every supported loss is a mean over :math:`K` loss terms,
+:math:`L = \frac1K \sum_k \ell_k(f_k, y_k)`, where a term is one row of the output
+along its class/feature axis ``C`` (``dim 1`` for cross-entropy, the last dim for
+MSE and BCE -- curvlinops' convention). For MSE and BCE :math:`\ell_k` averages over
+the ``C`` entries of its row, so that ``L`` equals PyTorch's ``reduction="mean"``.
+
+The curvature of :math:`L` is :math:`\frac1K \sum_k J_k^\top H_k J_k` with
+:math:`H_k = \nabla^2_f \ell_k`. The Kronecker factor ``G`` needs vectors ``s`` in
+output space to backpropagate, one set per Fisher type:
+
+``type2``
+    the ``C`` columns of a square root :math:`S_k S_k^\top = H_k` (exact GGN);
+``mc``
+    one sample with :math:`\mathbb E[s s^\top] = H_k`: the gradient of
+    :math:`-\log p(\hat y \mid f)` at a label drawn from the model's predictive
+    distribution, scaled like :math:`\ell_k` (a categorical draw for cross-entropy,
+    :math:`\hat y \sim \mathcal N(f, I)` for MSE, a Bernoulli draw for BCE);
+``empirical``
+    the per-term loss gradient :math:`\nabla_f \ell_k` at the true label, which is
+    :math:`K` times the gradient of ``L`` that the loss backward already computes.
+
+The functions in this module are plain torch code; the code generator copies the ones
+a step needs into the step's source.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+
+FISHER_TYPES = ("mc", "empirical", "type2")
+
+
+# ---------------------------------------------------------------- cross-entropy
+def cross_entropy_loss(output: Tensor, target: Tensor) -> Tensor:
+    """Mean cross-entropy; classes along dim 1 of ``output``."""
+    return F.cross_entropy(output, target)
+
+
+def cross_entropy_terms(output: Tensor) -> int:
+    """Number of loss terms ``K``: every position of every example."""
+    return output.numel() // output.shape[1]
+
+
+def cross_entropy_mc(output: Tensor, noise: Tensor) -> Tensor:
+    r"""``p - onehot(y_hat)`` with ``y_hat ~ softmax(output)`` drawn by Gumbel-max from uniform ``noise``."""
+    log_p = output.detach().log_softmax(1)
+    label = (log_p - torch.log(-torch.log(noise))).argmax(1)
+    onehot = F.one_hot(label, output.shape[1]).movedim(-1, 1).to(log_p.dtype)
+    return log_p.exp() - onehot
+
+
+def cross_entropy_type2(output: Tensor) -> Tensor:
+    r"""Columns of :math:`S = \operatorname{diag}(\sqrt p) - p \sqrt p^\top`, stacked first: ``(C, *output.shape)``.
+
+    Column ``c`` is :math:`\sqrt{p_c}(e_c - p)`; :math:`S S^\top = \operatorname{diag}(p) - p p^\top`.
+    """
+    p = output.detach().softmax(1)
+    classes = output.shape[1]
+    eye = torch.eye(classes, dtype=p.dtype, device=p.device)
+    view = (classes, 1, classes) + (1,) * (output.dim() - 2)
+    sqrt_p = p.sqrt().movedim(1, 0).unsqueeze(2)  # (C, N, 1, ...)
+    return sqrt_p * (eye.reshape(view) - p.unsqueeze(0))
+
+
+# ---------------------------------------------------------------------- MSE
+def mse_loss(output: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error over all entries."""
+    return F.mse_loss(output, target)
+
+
+def feature_terms(output: Tensor) -> int:
+    """Number of loss terms ``K`` when features are the last dim (MSE, BCE)."""
+    return output.numel() // output.shape[-1] if output.dim() > 1 else output.numel()
+
+
+def feature_count(output: Tensor) -> int:
+    """Size ``C`` of the feature axis (the last dim; 1 for a 1-D output)."""
+    return output.shape[-1] if output.dim() > 1 else 1
+
+
+def mse_mc(output: Tensor, noise: Tensor) -> Tensor:
+    r""":math:`\sqrt{2/C}\,\varepsilon` with standard normal ``noise``: the scaled NLL gradient of a draw from :math:`\mathcal N(f, I)`."""
+    return noise * math.sqrt(2.0 / feature_count(output))
+
+
+def mse_type2(output: Tensor) -> Tensor:
+    r"""Columns of :math:`S = \sqrt{2/C}\, I`, stacked first: ``(C, *output.shape)``."""
+    c = feature_count(output)
+    eye = torch.eye(c, dtype=output.dtype, device=output.device) * math.sqrt(2.0 / c)
+    return eye.reshape((c,) + (1,) * (output.dim() - 1) + (c if output.dim() > 1 else 1,)).expand((c,) + output.shape)
+
+
+# ---------------------------------------------------------------------- BCE
+def bce_loss(output: Tensor, target: Tensor) -> Tensor:
+    """Mean binary cross-entropy with logits over all entries."""
+    return F.binary_cross_entropy_with_logits(output, target)
+
+
+def bce_mc(output: Tensor, noise: Tensor) -> Tensor:
+    r""":math:`(\sigma(f) - \hat y)/\sqrt C` with :math:`\hat y \sim \mathrm{Bernoulli}(\sigma(f))` from uniform ``noise``."""
+    prob = output.detach().sigmoid()
+    return (prob - (noise < prob).to(prob.dtype)) / math.sqrt(feature_count(output))
+
+
+def bce_type2(output: Tensor) -> Tensor:
+    r"""Columns of :math:`S = \operatorname{diag}(\sqrt{\sigma(1-\sigma)/C})`, stacked first: ``(C, *output.shape)``."""
+    prob = output.detach().sigmoid()
+    c = feature_count(output)
+    root = (prob * (1 - prob) / c).sqrt()
+    if output.dim() == 1:
+        return root.unsqueeze(0)
+    eye = torch.eye(c, dtype=prob.dtype, device=prob.device)
+    return eye.reshape((c,) + (1,) * (output.dim() - 1) + (c,)) * root.unsqueeze(0)
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A supported loss: its functions and what its targets must look like.
+
+    Attributes:
+        name: ``"cross_entropy"``, ``"mse"`` or ``"bce_with_logits"``.
+        loss: ``(output, target) -> scalar`` mean loss.
+        terms: ``output -> K``, the number of loss terms.
+        mc: ``(output, noise) -> s``, one Monte-Carlo output vector per term.
+        type2: ``output -> (C, *output.shape)``, the loss Hessian's square-root columns.
+        noise: ``"uniform"`` or ``"normal"``, the noise ``mc`` consumes (shaped like the output).
+        class_targets: targets are class indices (output without dim 1) instead of
+            tensors shaped like the output.
+    """
+
+    name: str
+    loss: Callable[[Tensor, Tensor], Tensor]
+    terms: Callable[[Tensor], int]
+    mc: Callable[[Tensor, Tensor], Tensor]
+    type2: Callable[[Tensor], Tensor]
+    noise: str
+    class_targets: bool
+
+    def helpers(self, fisher: str) -> tuple[Callable, ...]:
+        """The functions a step with this loss and Fisher type calls."""
+        extra = {"mc": (self.mc,), "type2": (self.type2,), "empirical": ()}[fisher]
+        return (self.loss, self.terms) + extra
+
+    def check_targets(self, targets: Tensor, output_ndim: int, batch: int) -> str | None:
+        """What is wrong with ``targets`` for a batch of ``batch`` examples, or ``None``."""
+        if self.class_targets:
+            if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+                return f"cross_entropy needs integer class indices, got dtype {targets.dtype}"
+            if targets.dim() != output_ndim - 1:
+                return f"cross_entropy needs targets with {output_ndim - 1} dim(s) (the output without its class dim), got shape {tuple(targets.shape)}"
+        else:
+            if not targets.is_floating_point():
+                return f"{self.name} needs floating-point targets shaped like the output, got dtype {targets.dtype}"
+            if targets.dim() != output_ndim:
+                return f"{self.name} needs targets shaped like the output ({output_ndim} dims), got shape {tuple(targets.shape)}"
+        if targets.dim() and targets.shape[0] != batch:
+            return f"targets hold {targets.shape[0]} examples but the inputs hold {batch}"
+        return None
+
+
+LOSSES = {
+    "cross_entropy": LossSpec("cross_entropy", cross_entropy_loss, cross_entropy_terms, cross_entropy_mc,
+                              cross_entropy_type2, "uniform", True),
+    "mse": LossSpec("mse", mse_loss, feature_terms, mse_mc, mse_type2, "normal", False),
+    "bce_with_logits": LossSpec("bce_with_logits", bce_loss, feature_terms, bce_mc, bce_type2, "uniform", False),
+}
+
+_MODULES = {nn.CrossEntropyLoss: "cross_entropy", nn.MSELoss: "mse", nn.BCEWithLogitsLoss: "bce_with_logits"}
+
+
+def resolve_loss(loss: object) -> LossSpec:
+    """The :class:`LossSpec` for a loss name or a default-configured loss module."""
+    if isinstance(loss, str):
+        if loss in LOSSES:
+            return LOSSES[loss]
+        raise ConfigError(f"curvgraph: unsupported loss {loss!r}; use one of {sorted(LOSSES)} or an instance of "
+                          "nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss.")
+    name = _MODULES.get(type(loss))
+    if name is None:
+        raise ConfigError(f"curvgraph: unsupported loss {type(loss).__name__}; use one of {sorted(LOSSES)} or an instance "
+                          "of nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss (mean reduction).")
+    if loss.reduction != "mean":
+        raise ConfigError(f"curvgraph: {type(loss).__name__}(reduction={loss.reduction!r}) is not supported; the factors "
+                          "approximate the curvature of the batch-mean loss, so use reduction='mean'.")
+    options = {
+        "weight": getattr(loss, "weight", None),
+        "pos_weight": getattr(loss, "pos_weight", None),
+    }
+    if any(v is not None for v in options.values()) or getattr(loss, "label_smoothing", 0.0) or getattr(loss, "ignore_index", -100) != -100:
+        raise ConfigError(f"curvgraph: {type(loss).__name__} with class weights, pos_weight, label smoothing or a "
+                          "custom ignore_index is not supported yet; use the default-configured loss.")
+    return LOSSES[name]
+
+
+def check_fisher(fisher: str) -> str:
+    """Validate the Fisher type name."""
+    if fisher not in FISHER_TYPES:
+        raise ConfigError(f"curvgraph: fisher must be one of {FISHER_TYPES}, got {fisher!r}.")
+    return fisher

@@ -1,0 +1,32 @@
+"""Errors and warnings raised by curvgraph.
+
+Every stage of the pipeline raises a :class:`CurvgraphError` that names the model
+node or module involved and says what to do, instead of letting a bare FX, export
+or dynamo traceback reach the user.
+"""
+
+from __future__ import annotations
+
+
+class CurvgraphError(Exception):
+    """Base class of every error curvgraph raises on purpose."""
+
+
+class ConfigError(CurvgraphError, ValueError):
+    """An argument of :func:`curvgraph.compile` or of the optimizer is invalid."""
+
+
+class TraceError(CurvgraphError):
+    """The model could not be captured as one FX graph."""
+
+
+class InputError(CurvgraphError, ValueError):
+    """A batch passed to ``step`` does not match what the step was compiled for."""
+
+
+class CompileError(CurvgraphError):
+    """``torch.compile`` could not capture the generated step as one graph."""
+
+
+class NonFiniteStepWarning(RuntimeWarning):
+    """A step produced a non-finite loss or update and was skipped."""

@@ -1,0 +1,237 @@
+"""The optimizer object users hold: runs the generated step and keeps its state."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from .codegen import GeneratedStep
+from .curvature.losses import LossSpec
+from .errors import CompileError, ConfigError, InputError, NonFiniteStepWarning
+from .instrument import InstrumentedForward
+from .methods.base import Method
+from .methods.fallback import FallbackRule
+from .plan import Plan
+from .trace import InputSpec, as_input_tuple
+
+
+class CurvatureOptimizer(torch.optim.Optimizer):
+    """A compiled second-order training step for one model.
+
+    Created by :func:`curvgraph.compile`. ``step(inputs, targets)`` runs forward,
+    backward, curvature statistics, preconditioning and the update of the model's own
+    parameters in place, and returns the loss (a detached 0-d tensor).
+
+    Parameter groups: ``param_groups[0]`` holds the parameters of the curvature blocks
+    and the method's hyper-parameters (``lr``, ``damping``, ...); a second group holds the
+    fallback parameters with the fallback rule's hyper-parameters (its ``lr`` is the
+    ``fallback_lr`` of :func:`curvgraph.compile`). Both are read at every step, so
+    ``torch.optim.lr_scheduler`` schedulers work, and changing a value needs no
+    recompilation.
+
+    Attributes:
+        plan: the :class:`~curvgraph.Plan` the step was generated for.
+        source: Python source of the generated step module.
+        skipped_steps: how many steps were skipped because they were not finite.
+    """
+
+    def __init__(self, model: nn.Module, plan: Plan, forward: InstrumentedForward, generated: GeneratedStep,
+                 namespace: dict[str, Any], *, method: Method, fallback: FallbackRule, loss: LossSpec, fisher: str,
+                 hyper: dict[str, Any], fallback_hyper: dict[str, Any], factor_every: int, invert_every: int,
+                 backend: str, inputs: list[InputSpec], output_ndim: int, constants: list[Tensor],
+                 seed: int | None) -> None:
+        self.model = model
+        self.plan = plan
+        self.source = generated.source
+        self.method = method
+        self.fallback = fallback
+        self.loss = loss
+        self.fisher = fisher
+        self.factor_every = factor_every
+        self.invert_every = invert_every
+        self.backend = backend
+        self._forward = forward
+        self._inputs = inputs
+        self._output_ndim = output_ndim
+        self._constants = tuple(constants)
+        self._params = [model.get_parameter(forward.names[p]) for p in forward.params]
+        self._frozen_names = [forward.names[p] for p in forward.frozen]
+        self._buffer_names = [forward.names[b] for b in forward.buffers]
+        self._noise_shape = namespace["noise_shape"]
+        self._step_fn = _compiled(namespace["step"], backend)
+
+        named = dict(zip(forward.params, self._params))
+        curvature = [named[p] for b in plan.blocks for p in b.placeholders]
+        in_blocks = {p for b in plan.blocks for p in b.placeholders}
+        fallback_params = [named[p] for p in forward.params if p not in in_blocks]
+        groups = []
+        if curvature:
+            groups.append({"params": curvature, "role": "curvature", **hyper})
+        if fallback_params:
+            groups.append({"params": fallback_params, "role": "fallback", **fallback_hyper})
+        if not groups:
+            raise ConfigError(f"curvgraph: {plan.model_name} has no trainable parameters used by its forward pass.")
+        super().__init__(groups, {})
+        self._method_keys = tuple(hyper)
+
+        reference = self._params[0]
+        self._device = reference.device
+        self._factor_dtype = generated.factor_dtype
+        self._state: dict[str, Tensor] = {}
+        for key, spec in generated.state.items():
+            dtype = spec.dtype or generated.factor_dtype
+            if spec.init == "eye":
+                self._state[key] = torch.eye(spec.shape[0], dtype=dtype, device=self._device)
+            else:
+                self._state[key] = torch.zeros(spec.shape, dtype=dtype, device=self._device)
+        self._generator = torch.Generator(device=self._device)
+        self._generator.manual_seed(seed if seed is not None else int(torch.initial_seed()) % (2**63))
+        self._step_count = 0
+        self.skipped_steps = 0
+        self._factors_ready = False
+        self._refreshed = False
+
+    # ------------------------------------------------------------------ stepping
+    def step(self, inputs: Tensor | tuple[Tensor, ...], targets: Tensor) -> Tensor:  # type: ignore[override]
+        """One training step on a batch; returns the batch loss (before the update).
+
+        Args:
+            inputs: the model's positional input(s): a tensor or a tuple of tensors,
+                batch first, shaped like the example inputs up to symbolic sizes.
+            targets: class indices (cross-entropy) or a tensor shaped like the output.
+
+        A step whose loss, factors or update are not finite changes nothing (parameters,
+        buffers, optimizer state) and emits a :class:`~curvgraph.NonFiniteStepWarning`;
+        :attr:`skipped_steps` counts them.
+        """
+        batch = as_input_tuple(inputs, "inputs")
+        self._check_batch(batch, targets)
+        update_stats = self._step_count % self.factor_every == 0 or not self._factors_ready
+        refresh = (self._step_count % self.invert_every == 0 or not self._refreshed) and (
+            update_stats or self._factors_ready)
+        params = tuple(p.detach() for p in self._params)
+        frozen = tuple(self.model.get_parameter(n).detach() for n in self._frozen_names)
+        buffers = tuple(self.model.get_buffer(n) for n in self._buffer_names)
+        noise = self._noise(batch) if self.fisher == "mc" and update_stats else None
+        try:
+            loss, ok = self._step_fn(params, frozen, buffers, self._constants, batch, targets, self._state,
+                                     self._hyper(), noise, update_stats, refresh)
+        except torch._dynamo.exc.TorchDynamoException as exc:
+            raise CompileError(
+                f"curvgraph: torch.compile could not compile the generated step for {self.plan.model_name} "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+                "Pass backend='eager' to curvgraph.compile to run the same step without torch.compile."
+            ) from exc
+        self._step_count += 1
+        if bool(ok):
+            self._factors_ready |= update_stats
+            self._refreshed |= refresh
+        else:
+            self.skipped_steps += 1
+            warnings.warn(
+                f"curvgraph: step {self._step_count} skipped: the loss ({loss.item():.4g}) or the update is not "
+                "finite; parameters, buffers and optimizer state are unchanged.",
+                NonFiniteStepWarning,
+                stacklevel=2,
+            )
+        return loss
+
+    def _hyper(self) -> dict[str, Tensor]:
+        values: dict[str, float] = {}
+        for group in self.param_groups:
+            if group["role"] == "curvature":
+                for key in self._method_keys:
+                    values[key] = _finite_or_inf(group[key])
+                if not self._factors_ready:
+                    values["ema"] = 0.0
+            else:
+                values.update(self.fallback.hyper(group))
+        return {k: torch.tensor(v, dtype=self._factor_dtype, device=self._device) for k, v in values.items()}
+
+    def _noise(self, batch: tuple[Tensor, ...]) -> Tensor:
+        shape = self._noise_shape(batch)
+        if self.loss.noise == "normal":
+            return torch.randn(shape, generator=self._generator, device=self._device, dtype=self._factor_dtype)
+        return torch.rand(shape, generator=self._generator, device=self._device, dtype=self._factor_dtype)
+
+    def _check_batch(self, batch: tuple[Tensor, ...], targets: Tensor) -> None:
+        if len(batch) != len(self._inputs):
+            raise InputError(f"curvgraph: the step was compiled for {len(self._inputs)} input(s) "
+                             f"({', '.join(s.name for s in self._inputs)}), got {len(batch)}.")
+        for tensor, spec in zip(batch, self._inputs):
+            fixed = all(s is None or s == t for s, t in zip(spec.shape, tensor.shape))
+            if tensor.dim() != len(spec.shape) or not fixed or tensor.dtype != spec.dtype:
+                expected = tuple("*" if s is None else s for s in spec.shape)
+                raise InputError(
+                    f"curvgraph: input '{spec.name}' has shape {tuple(tensor.shape)} and dtype {tensor.dtype}; the step "
+                    f"was compiled for shape {expected} ('*' = any size) and dtype {spec.dtype}. Recompile with "
+                    "example inputs of the new shape if this is intended."
+                )
+        if not isinstance(targets, Tensor):
+            raise InputError(f"curvgraph: targets must be a tensor, got {type(targets).__name__}.")
+        problem = self.loss.check_targets(targets, self._output_ndim, batch[0].shape[0])
+        if problem:
+            raise InputError(f"curvgraph: bad targets: {problem}.")
+
+    # ------------------------------------------------------------------ inspection
+    def factors(self) -> dict[str, dict[str, Tensor]]:
+        """Block name -> ``{"A": ..., "G": ...}``: copies of the current Kronecker factors.
+
+        ``torch.kron(G, A)`` approximates the curvature block of the batch-mean loss
+        w.r.t. ``torch.cat([W, b[:, None]], 1).flatten()`` (see ``docs/conventions.md``).
+        """
+        return {b.name: {f: self._state[f"{b.name}.{f}"].clone() for f in self.method.factors} for b in self.plan.blocks}
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """Everything needed to continue identically: state tensors, hyper-parameters, counters, RNG."""
+        return {
+            "method": self.method.name,
+            "state": {k: v.clone() for k, v in self._state.items()},
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
+            "step_count": self._step_count,
+            "skipped_steps": self.skipped_steps,
+            "factors_ready": self._factors_ready,
+            "refreshed": self._refreshed,
+            "generator": self._generator.get_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Load a :meth:`state_dict` of an optimizer compiled for the same model and method."""
+        if state_dict.get("method") != self.method.name:
+            raise ConfigError(f"curvgraph: state_dict is for method {state_dict.get('method')!r}, this optimizer runs "
+                              f"{self.method.name!r}.")
+        saved = state_dict["state"]
+        if set(saved) != set(self._state):
+            missing, extra = sorted(set(self._state) - set(saved)), sorted(set(saved) - set(self._state))
+            raise ConfigError(f"curvgraph: state_dict does not match this optimizer's blocks (missing {missing[:5]}, "
+                              f"unexpected {extra[:5]}); was it saved for another model or plan?")
+        for key, tensor in saved.items():
+            if tensor.shape != self._state[key].shape:
+                raise ConfigError(f"curvgraph: state '{key}' has shape {tuple(tensor.shape)} in the state_dict, "
+                                  f"{tuple(self._state[key].shape)} here.")
+        for key, tensor in saved.items():
+            self._state[key].copy_(tensor)
+        if len(state_dict["param_groups"]) != len(self.param_groups):
+            raise ConfigError("curvgraph: state_dict has a different number of parameter groups.")
+        for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
+            group.update(saved_group)
+        self._step_count = state_dict["step_count"]
+        self.skipped_steps = state_dict["skipped_steps"]
+        self._factors_ready = state_dict["factors_ready"]
+        self._refreshed = state_dict["refreshed"]
+        self._generator.set_state(state_dict["generator"])
+
+
+def _finite_or_inf(value: float | None) -> float:
+    return math.inf if value is None else float(value)
+
+
+def _compiled(fn: Callable, backend: str) -> Callable:
+    if backend == "eager":
+        return fn
+    return torch.compile(fn, backend=backend, fullgraph=True)

@@ -1,0 +1,62 @@
+"""Small helpers the passes share: recognising parameters and views of them."""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import Graph, Node
+
+aten = torch.ops.aten
+
+# Ops that swap the two dimensions of a 2-D tensor, with the extra arguments that make
+# them a plain transpose (``None``: no extra arguments needed).
+TRANSPOSES: dict[object, tuple[tuple[int, ...], ...] | None] = {
+    aten.t.default: None,
+    aten.numpy_T.default: None,
+    aten.permute.default: (([1, 0],),),
+    aten.transpose.int: ((0, 1), (1, 0), (-1, -2), (-2, -1), (0, -1), (-1, 0), (1, -2), (-2, 1)),
+}
+
+
+def is_transpose(node: Node) -> bool:
+    """Whether ``node`` transposes a 2-D tensor."""
+    if node.op != "call_function" or node.target not in TRANSPOSES:
+        return False
+    allowed = TRANSPOSES[node.target]
+    if allowed is None:
+        return True
+    extra = tuple(list(a) if isinstance(a, (list, tuple)) else a for a in node.args[1:])
+    return any(tuple(list(x) if isinstance(x, (list, tuple)) else x for x in a) == extra for a in allowed)
+
+
+def weight_view(node: Node, params: set[str]) -> tuple[Node, bool] | None:
+    """If ``node`` is a 2-D trainable parameter or its transpose: ``(placeholder, transposed)``."""
+    transposed = False
+    if is_transpose(node):
+        node, transposed = node.args[0], True
+    if isinstance(node, Node) and node.op == "placeholder" and node.name in params and ndim(node) == 2:
+        return node, transposed
+    return None
+
+
+def ndim(node: Node) -> int:
+    """Number of dimensions of the tensor ``node`` produces (-1 if unknown)."""
+    value = node.meta.get("val") if isinstance(node, Node) else None
+    return value.dim() if isinstance(value, torch.Tensor) else -1
+
+
+def size(node: Node, dim: int) -> int | None:
+    """Static size of dimension ``dim`` of ``node``'s tensor, or ``None`` if symbolic."""
+    value = node.meta["val"]
+    d = value.shape[dim]
+    return None if isinstance(d, torch.SymInt) else int(d)
+
+
+def insert_call(graph: Graph, before: Node, target, args: tuple, meta_from: Node | None = None) -> Node:
+    """Insert ``target(*args)`` before ``before``, copying shape and module metadata from ``meta_from``."""
+    with graph.inserting_before(before):
+        node = graph.call_function(target, args)
+    if meta_from is not None:
+        for key in ("val", "nn_module_stack", "stack_trace"):
+            if key in meta_from.meta:
+                node.meta[key] = meta_from.meta[key]
+    return node

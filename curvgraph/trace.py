@@ -1,0 +1,302 @@
+"""FX front end: capture a model as one functional graph of ATen ops.
+
+``torch.export`` is the front end (``DESIGN.md`` explains why plain
+``symbolic_trace`` is not): it goes through every standard module down to ops such
+as ``aten.linear`` and ``aten.matmul``, records each node's module path, and lifts
+parameters, buffers and constants to graph inputs. The exported training graph is
+then functionalized (``run_decompositions({})``), so buffer updates (BatchNorm
+running statistics) become graph outputs instead of in-place mutations; this is what
+lets ``torch.func`` transform the forward.
+
+Every input dimension is exported as ``Dim.AUTO``: export keeps a dimension symbolic
+(the batch size, a sequence length) unless the model pins it, so the shapes of
+intermediate nodes are sympy expressions in the input sizes. The code generator
+turns those into shape code, the plan into cost expressions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import sympy
+import torch
+from torch import Tensor, nn
+from torch.export import Dim, ExportedProgram
+from torch.export.graph_signature import InputKind, OutputKind
+
+from .errors import ConfigError, TraceError
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a user input must look like: ``None`` marks a dimension the graph keeps symbolic."""
+
+    name: str
+    shape: tuple[int | None, ...]
+    dtype: torch.dtype
+
+
+@dataclass
+class TracedModel:
+    """A model captured as a functional FX graph, with the maps back to the model.
+
+    The graph's placeholders are, in this order: trainable parameters, frozen
+    parameters (``requires_grad=False``), buffers, lifted constants, user inputs.
+    Tied parameters (one ``Parameter`` under several names) share one placeholder,
+    named after the parameter's first name in ``model.named_parameters()``.
+    """
+
+    model_name: str
+    graph: torch.fx.Graph
+    params: dict[str, str]
+    frozen: dict[str, str]
+    buffers: dict[str, str]
+    constants: dict[str, Tensor]
+    inputs: list[InputSpec]
+    output: str
+    buffer_updates: dict[str, str]
+    dims: dict[sympy.Symbol, tuple[int, int]] = field(default_factory=dict)
+
+    def node(self, name: str) -> torch.fx.Node:
+        """The graph node called ``name``."""
+        for node in self.graph.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
+    def dim_names(self) -> dict[sympy.Symbol, str]:
+        """Readable names of the symbolic sizes: ``N`` for the batch, ``<input>_<dim>`` else."""
+        names = {}
+        for symbol, (index, dim) in self.dims.items():
+            names[symbol] = "N" if (index, dim) == (0, 0) else f"{self.inputs[index].name}_{dim}"
+        return names
+
+    def example_sizes(self, example_inputs: Sequence[Tensor]) -> dict[sympy.Symbol, int]:
+        """The value of every symbolic size for the given inputs."""
+        return {s: int(example_inputs[i].shape[d]) for s, (i, d) in self.dims.items()}
+
+
+def as_input_tuple(inputs: Any, what: str) -> tuple[Tensor, ...]:
+    """Normalize ``inputs`` (a tensor or a tuple/list of tensors) to a tuple of tensors."""
+    if isinstance(inputs, Tensor):
+        return (inputs,)
+    if isinstance(inputs, (tuple, list)) and inputs and all(isinstance(t, Tensor) for t in inputs):
+        return tuple(inputs)
+    raise ConfigError(
+        f"curvgraph: {what} must be a tensor or a non-empty tuple of tensors, got "
+        f"{type(inputs).__name__}{'' if not isinstance(inputs, (tuple, list)) else ' of ' + ', '.join(type(t).__name__ for t in inputs)}. "
+        "Pass the model's positional inputs, e.g. example_inputs=(torch.randn(32, 40),)."
+    )
+
+
+def symbolic_shape(node: torch.fx.Node) -> tuple[int | sympy.Expr, ...]:
+    """The shape of ``node``'s value: ints, or sympy expressions in the input sizes."""
+    value = node.meta.get("val")
+    if not isinstance(value, Tensor):
+        raise TraceError(f"curvgraph: graph node '{node.name}' has no tensor shape recorded.")
+    return tuple(d.node.expr if isinstance(d, torch.SymInt) else int(d) for d in value.shape)
+
+
+def module_path(node: torch.fx.Node) -> str:
+    """The path of the innermost module that produced ``node`` ('' for the root)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return path.removeprefix("L['self'].").removeprefix("L__self__")
+
+
+def trace(model: nn.Module, example_inputs: tuple[Tensor, ...]) -> TracedModel:
+    """Capture ``model`` called on ``example_inputs`` as a :class:`TracedModel`.
+
+    The model is exported in training mode (the mode the generated step runs it in)
+    and its previous mode is restored afterwards. Raises :class:`TraceError` naming the
+    module and source line when the model cannot be captured, and
+    :class:`ConfigError` when the model fails on the example inputs.
+    """
+    was_training = model.training
+    model.train()
+    try:
+        program = _export(model, example_inputs)
+    finally:
+        model.train(was_training)
+    return _from_program(model, program, example_inputs)
+
+
+def _export(model: nn.Module, example_inputs: tuple[Tensor, ...]) -> ExportedProgram:
+    dynamic = tuple({d: Dim.AUTO for d in range(t.dim())} for t in example_inputs)
+    inputs = tuple(t.detach() for t in example_inputs)
+    try:
+        with _quiet_export():
+            program = torch.export.export(model, inputs, dynamic_shapes=dynamic)
+            return program.run_decompositions({})
+    except Exception as exc:  # translated below, never swallowed
+        raise _translate_export_error(model, exc) from exc
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    """Silence what export prints on failure (partial graphs, guard logs); we re-raise."""
+    loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("torch")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+_UNTRACEABLE = ("data-dependent", "Dynamic control flow", "Unsupported", "GuardOnDataDependent")
+
+
+def _translate_export_error(model: nn.Module, exc: Exception) -> Exception:
+    module_name, where = _locate(model, exc)
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    names = type(exc).__name__ + " " + " ".join(c.__name__ for c in type(exc).__mro__)
+    location = f"module '{module_name}'" if module_name is not None else f"model {type(model).__name__}"
+    if where:
+        location += f" at {where}"
+    if any(key in names or key in str(exc)[:2000] for key in _UNTRACEABLE):
+        return TraceError(
+            f"curvgraph could not capture {type(model).__name__} as one graph: {location}: {reason}\n"
+            "Python control flow that depends on tensor values cannot be traced. Rewrite it "
+            "with tensor ops (torch.where, masking) or torch.cond, or move it out of forward()."
+        )
+    return ConfigError(
+        f"curvgraph: running {type(model).__name__} on example_inputs failed in {location}: "
+        f"{type(exc).__name__}: {reason}\n"
+        "Check that example_inputs are the model's positional inputs with the shapes and "
+        "dtypes it expects (a batch of real data works)."
+    )
+
+
+def _locate(model: nn.Module, exc: BaseException) -> tuple[str | None, str]:
+    """The innermost model module and user source line on ``exc``'s traceback."""
+    module_names = {id(m): (n or "<root>") for n, m in model.named_modules()}
+    module_name, where = None, ""
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in module_names:
+            module_name = module_names[id(owner)]
+        filename = frame.f_code.co_filename
+        if not filename.startswith(_TORCH_DIR) and not filename.startswith(os.path.dirname(__file__)):
+            summary = traceback.extract_tb(tb, limit=1)[0]
+            where = f"{summary.filename}:{summary.lineno}: {(summary.line or '').strip()}"
+        tb = tb.tb_next
+    return module_name, where
+
+
+def _from_program(model: nn.Module, program: ExportedProgram, example_inputs: tuple[Tensor, ...]) -> TracedModel:
+    graph = program.graph_module.graph
+    placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
+    param_names = _first_names(model.named_parameters(remove_duplicate=False))
+    buffer_names = _first_names(model.named_buffers(remove_duplicate=False))
+
+    params: dict[str, str] = {}
+    frozen: dict[str, str] = {}
+    buffers: dict[str, str] = {}
+    constants: dict[str, Tensor] = {}
+    inputs: list[InputSpec] = []
+    kept: dict[int, torch.fx.Node] = {}
+    for spec in program.graph_signature.input_specs:
+        node = placeholders[spec.arg.name]
+        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
+            tensor = model.get_parameter(spec.target) if spec.kind == InputKind.PARAMETER else model.get_buffer(spec.target)
+            if id(tensor) in kept:  # a tied parameter: one placeholder for all its names
+                node.replace_all_uses_with(kept[id(tensor)])
+                graph.erase_node(node)
+                continue
+            kept[id(tensor)] = node
+            if spec.kind == InputKind.BUFFER:
+                buffers[node.name] = buffer_names[id(tensor)]
+            elif tensor.requires_grad:
+                params[node.name] = param_names[id(tensor)]
+            else:
+                frozen[node.name] = param_names[id(tensor)]
+        elif spec.kind == InputKind.CONSTANT_TENSOR:
+            constants[node.name] = program.constants[spec.target]
+        elif spec.kind == InputKind.USER_INPUT:
+            value = node.meta["val"]
+            shape = tuple(None if isinstance(d, torch.SymInt) else int(d) for d in value.shape)
+            inputs.append(InputSpec(node.name, shape, value.dtype))
+        else:
+            raise TraceError(
+                f"curvgraph: {type(model).__name__} has a graph input of kind {spec.kind.name} "
+                f"('{spec.arg.name}'), which curvgraph does not support yet."
+            )
+
+    outputs = list(graph.output_node().args[0])
+    buffer_updates: dict[str, str] = {}
+    user_outputs = []
+    by_target = {v: k for k, v in program.graph_signature.inputs_to_buffers.items()}
+    for spec, node in zip(program.graph_signature.output_specs, outputs):
+        if spec.kind == OutputKind.BUFFER_MUTATION:
+            placeholder = by_target[spec.target]
+            if placeholder not in buffers:  # a tied buffer, merged above
+                placeholder = next(p for p, n in buffers.items() if n == buffer_names[id(model.get_buffer(spec.target))])
+            buffer_updates[placeholder] = node.name
+        elif spec.kind == OutputKind.USER_OUTPUT:
+            user_outputs.append(node)
+        else:
+            raise TraceError(
+                f"curvgraph: {type(model).__name__} produces a graph output of kind {spec.kind.name} "
+                f"('{node}'); curvgraph supports models that return one tensor and update buffers only."
+            )
+    if len(user_outputs) != 1 or not isinstance(user_outputs[0].meta.get("val"), Tensor):
+        raise ConfigError(
+            f"curvgraph: {type(model).__name__} returns {len(user_outputs)} outputs; the loss needs "
+            "exactly one tensor. Wrap the model so that forward() returns the prediction tensor only."
+        )
+    if not user_outputs[0].meta["val"].is_floating_point():
+        raise ConfigError(f"curvgraph: {type(model).__name__} returns a non-floating-point tensor; the loss needs float predictions.")
+
+    dims: dict[sympy.Symbol, tuple[int, int]] = {}
+    for index, spec in enumerate(inputs):
+        for d, size in enumerate(placeholders[spec.name].meta["val"].shape):
+            if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
+                dims.setdefault(size.node.expr, (index, d))
+
+    traced = TracedModel(
+        model_name=type(model).__name__,
+        graph=graph,
+        params=params,
+        frozen=frozen,
+        buffers=buffers,
+        constants=constants,
+        inputs=inputs,
+        output=user_outputs[0].name,
+        buffer_updates=buffer_updates,
+        dims=dims,
+    )
+    _check_no_attributes(traced)
+    return traced
+
+
+def _first_names(named: Iterator[tuple[str, Tensor]]) -> dict[int, str]:
+    names: dict[int, str] = {}
+    for name, tensor in named:
+        names.setdefault(id(tensor), name)
+    return names
+
+
+def _check_no_attributes(traced: TracedModel) -> None:
+    for node in traced.graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            raise TraceError(
+                f"curvgraph: the captured graph of {traced.model_name} keeps a submodule or attribute "
+                f"('{node.target}', from module '{module_path(node)}'), e.g. a higher-order op such as "
+                "torch.cond; curvgraph needs a flat graph of ops. Express the computation without it."
+            )

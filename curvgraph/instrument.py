@@ -82,7 +82,8 @@ def instrument(traced: TracedModel, plan: Plan) -> InstrumentedForward:
 
     probes: list[Probe] = []
     probe_nodes: list[Node] = []
-    activations: list[Node] = []
+    probed_value: dict[Node, Node] = {}
+    activations: list[str] = []
     for block in plan.blocks:
         for use in block.uses:
             layer = nodes[use.node]
@@ -94,9 +95,10 @@ def instrument(traced: TracedModel, plan: Plan) -> InstrumentedForward:
                 probed = graph.call_function(aten.add.Tensor, (layer, probe))
             probed.meta.update(layer.meta)
             layer.replace_all_uses_with(probed, delete_user_cb=lambda user: user is not probed)
+            probed_value[layer] = probed
             probes.append(Probe(use.node, symbolic_shape(layer), value.dtype))
             probe_nodes.append(probe)
-            activations.append(nodes[use.input])
+            activations.append(use.input)
 
     order = (
         [nodes[n] for n in traced.params]
@@ -108,9 +110,13 @@ def instrument(traced: TracedModel, plan: Plan) -> InstrumentedForward:
     )
     _move_placeholders_first(graph, order)
 
-    output = nodes[traced.output]
-    updates = [nodes[traced.buffer_updates[b]] for b in traced.buffers if b in traced.buffer_updates]
-    graph.output((output, (tuple(updates), tuple(activations))))
+    def value(name: str) -> Node:  # a probed layer's consumers see its probed output
+        node = nodes[name]
+        return probed_value.get(node, node)
+
+    output = value(traced.output)
+    updates = [value(traced.buffer_updates[b]) for b in traced.buffers if b in traced.buffer_updates]
+    graph.output((output, (tuple(updates), tuple(value(a) for a in activations))))
     graph.eliminate_dead_code()
     graph.lint()
 
@@ -129,7 +135,7 @@ def instrument(traced: TracedModel, plan: Plan) -> InstrumentedForward:
         constants=list(traced.constants),
         inputs=[s.name for s in traced.inputs],
         probes=probes,
-        activations=[a.name for a in activations],
+        activations=activations,
         buffer_updates=[b for b in traced.buffers if b in traced.buffer_updates],
         output_shape=symbolic_shape(output),
     )

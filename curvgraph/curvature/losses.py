@@ -18,8 +18,12 @@ output space to backpropagate, one set per Fisher type:
     distribution, scaled like :math:`\ell_k` (a categorical draw for cross-entropy,
     :math:`\hat y \sim \mathcal N(f, I)` for MSE, a Bernoulli draw for BCE);
 ``empirical``
-    the per-term loss gradient :math:`\nabla_f \ell_k` at the true label, which is
-    :math:`K` times the gradient of ``L`` that the loss backward already computes.
+    the same NLL gradient as ``mc`` but at the true label. Each loss is a scaled
+    negative log-likelihood, :math:`\ell_k = \mathrm{NLL}_k / C'` with :math:`C' = 1`
+    for cross-entropy and :math:`C' = C` for MSE (a Gaussian of variance 1/2) and
+    BCE, so :math:`s = \sqrt{C'}\,\nabla_f \ell_k`, which is :math:`K\sqrt{C'}` times the
+    gradient of ``L`` the loss backward already computes (no extra backward). This
+    matches curvlinops' ``FisherType.EMPIRICAL``.
 
 The functions in this module are plain torch code; the code generator copies the ones
 a step needs into the step's source.
@@ -49,6 +53,11 @@ def cross_entropy_loss(output: Tensor, target: Tensor) -> Tensor:
 def cross_entropy_terms(output: Tensor) -> int:
     """Number of loss terms ``K``: every position of every example."""
     return output.numel() // output.shape[1]
+
+
+def cross_entropy_empirical_scale(output: Tensor) -> int:
+    r"""Scale :math:`c = K` turning loss-gradient outer products into the empirical Fisher."""
+    return cross_entropy_terms(output)
 
 
 def cross_entropy_mc(output: Tensor, noise: Tensor) -> Tensor:
@@ -86,6 +95,11 @@ def feature_terms(output: Tensor) -> int:
 def feature_count(output: Tensor) -> int:
     """Size ``C`` of the feature axis (the last dim; 1 for a 1-D output)."""
     return output.shape[-1] if output.dim() > 1 else 1
+
+
+def feature_empirical_scale(output: Tensor) -> int:
+    r"""Scale :math:`c = K C = ` ``output.numel()`` (MSE, BCE) turning loss-gradient outer products into the empirical Fisher."""
+    return output.numel()
 
 
 def mse_mc(output: Tensor, noise: Tensor) -> Tensor:
@@ -131,6 +145,8 @@ class LossSpec:
         name: ``"cross_entropy"``, ``"mse"`` or ``"bce_with_logits"``.
         loss: ``(output, target) -> scalar`` mean loss.
         terms: ``output -> K``, the number of loss terms.
+        empirical_scale: ``output -> c`` with :math:`G_\text{emp} = c \sum g g^\top` for
+            ``g`` the output gradients of the loss backward.
         mc: ``(output, noise) -> s``, one Monte-Carlo output vector per term.
         type2: ``output -> (C, *output.shape)``, the loss Hessian's square-root columns.
         noise: ``"uniform"`` or ``"normal"``, the noise ``mc`` consumes (shaped like the output).
@@ -141,15 +157,11 @@ class LossSpec:
     name: str
     loss: Callable[[Tensor, Tensor], Tensor]
     terms: Callable[[Tensor], int]
+    empirical_scale: Callable[[Tensor], int]
     mc: Callable[[Tensor, Tensor], Tensor]
     type2: Callable[[Tensor], Tensor]
     noise: str
     class_targets: bool
-
-    def helpers(self, fisher: str) -> tuple[Callable, ...]:
-        """The functions a step with this loss and Fisher type calls."""
-        extra = {"mc": (self.mc,), "type2": (self.type2,), "empirical": ()}[fisher]
-        return (self.loss, self.terms) + extra
 
     def check_targets(self, targets: Tensor, output_ndim: int, batch: int) -> str | None:
         """What is wrong with ``targets`` for a batch of ``batch`` examples, or ``None``."""
@@ -169,10 +181,11 @@ class LossSpec:
 
 
 LOSSES = {
-    "cross_entropy": LossSpec("cross_entropy", cross_entropy_loss, cross_entropy_terms, cross_entropy_mc,
-                              cross_entropy_type2, "uniform", True),
-    "mse": LossSpec("mse", mse_loss, feature_terms, mse_mc, mse_type2, "normal", False),
-    "bce_with_logits": LossSpec("bce_with_logits", bce_loss, feature_terms, bce_mc, bce_type2, "uniform", False),
+    "cross_entropy": LossSpec("cross_entropy", cross_entropy_loss, cross_entropy_terms, cross_entropy_empirical_scale,
+                              cross_entropy_mc, cross_entropy_type2, "uniform", True),
+    "mse": LossSpec("mse", mse_loss, feature_terms, feature_empirical_scale, mse_mc, mse_type2, "normal", False),
+    "bce_with_logits": LossSpec("bce_with_logits", bce_loss, feature_terms, feature_empirical_scale, bce_mc,
+                                bce_type2, "uniform", False),
 }
 
 _MODULES = {nn.CrossEntropyLoss: "cross_entropy", nn.MSELoss: "mse", nn.BCEWithLogitsLoss: "bce_with_logits"}

@@ -114,8 +114,8 @@ def instrument(traced: TracedModel, plan: Plan) -> InstrumentedForward:
         node = nodes[name]
         return probed_value.get(node, node)
 
-    output = value(traced.output)
-    updates = [value(traced.buffer_updates[b]) for b in traced.buffers if b in traced.buffer_updates]
+    output = value(traced.output.name)
+    updates = [value(traced.returned(traced.buffer_updates[b]).name) for b in traced.buffers if b in traced.buffer_updates]
     graph.output((output, (tuple(updates), tuple(value(a) for a in activations))))
     graph.eliminate_dead_code()
     graph.lint()

@@ -52,6 +52,8 @@ class TracedModel:
     parameters (``requires_grad=False``), buffers, lifted constants, user inputs.
     Tied parameters (one ``Parameter`` under several names) share one placeholder,
     named after the parameter's first name in ``model.named_parameters()``.
+    The graph returns the model output at ``output_index`` and the new value of each
+    updated buffer (placeholder name -> output position) in ``buffer_updates``.
     """
 
     model_name: str
@@ -61,8 +63,8 @@ class TracedModel:
     buffers: dict[str, str]
     constants: dict[str, Tensor]
     inputs: list[InputSpec]
-    output: str
-    buffer_updates: dict[str, str]
+    output_index: int
+    buffer_updates: dict[str, int]
     dims: dict[sympy.Symbol, tuple[int, int]] = field(default_factory=dict)
 
     def node(self, name: str) -> torch.fx.Node:
@@ -71,6 +73,15 @@ class TracedModel:
             if node.name == name:
                 return node
         raise KeyError(name)
+
+    def returned(self, index: int) -> torch.fx.Node:
+        """The node at position ``index`` of the graph's output (valid across rewrites)."""
+        return self.graph.output_node().args[0][index]
+
+    @property
+    def output(self) -> torch.fx.Node:
+        """The node holding the model's prediction."""
+        return self.returned(self.output_index)
 
     def dim_names(self) -> dict[sympy.Symbol, str]:
         """Readable names of the symbolic sizes: ``N`` for the batch, ``<input>_<dim>`` else."""
@@ -239,17 +250,19 @@ def _from_program(model: nn.Module, program: ExportedProgram, example_inputs: tu
             )
 
     outputs = list(graph.output_node().args[0])
-    buffer_updates: dict[str, str] = {}
+    buffer_updates: dict[str, int] = {}
     user_outputs = []
+    output_index = -1
     by_target = {v: k for k, v in program.graph_signature.inputs_to_buffers.items()}
-    for spec, node in zip(program.graph_signature.output_specs, outputs):
+    for position, (spec, node) in enumerate(zip(program.graph_signature.output_specs, outputs)):
         if spec.kind == OutputKind.BUFFER_MUTATION:
             placeholder = by_target[spec.target]
             if placeholder not in buffers:  # a tied buffer, merged above
                 placeholder = next(p for p, n in buffers.items() if n == buffer_names[id(model.get_buffer(spec.target))])
-            buffer_updates[placeholder] = node.name
+            buffer_updates[placeholder] = position
         elif spec.kind == OutputKind.USER_OUTPUT:
             user_outputs.append(node)
+            output_index = position
         else:
             raise TraceError(
                 f"curvgraph: {type(model).__name__} produces a graph output of kind {spec.kind.name} "
@@ -277,7 +290,7 @@ def _from_program(model: nn.Module, program: ExportedProgram, example_inputs: tu
         buffers=buffers,
         constants=constants,
         inputs=inputs,
-        output=user_outputs[0].name,
+        output_index=output_index,
         buffer_updates=buffer_updates,
         dims=dims,
     )

@@ -1,0 +1,146 @@
+"""Kronecker factors against independent references: exact GGN (torch.func) and curvlinops."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import curvgraph
+from helpers import curvlinops_factors, exact_ggn_block, make_targets
+from models import FunctionalMLP, ModuleMLP, SequenceMLP, SharedMLP
+
+LOSSES = ("cross_entropy", "mse", "bce_with_logits")
+
+
+def batch_factors(model, x, y, loss, fisher="type2", **options):
+    """The factors of one batch: ``ema=0`` keeps exactly that batch's statistics."""
+    opt = curvgraph.compile(model, (x,), loss=loss, fisher=fisher, ema=0.0, backend="eager", **options)
+    opt.step(x, y)
+    return opt.factors(), opt
+
+
+class TransposedLinear(nn.Module):
+    """``x @ W + b`` with the weight stored (in, out)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(4, 3))
+        self.b = nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        return x @ self.W + self.b
+
+
+EXACT_CASES = {
+    "linear": (lambda: nn.Linear(4, 3), [("weight", "bias", False)]),
+    "linear-no-bias": (lambda: nn.Linear(4, 3, bias=False), [("weight", None, False)]),
+    "x@W+b": (TransposedLinear, [("W", "b", True)]),
+    "mlp": (lambda: nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)),
+            [("0.weight", "0.bias", False), ("2.weight", "2.bias", False)]),
+}
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("case", EXACT_CASES)
+def test_type2_factors_are_the_exact_ggn_for_one_example(float64, case, loss):
+    """For a single example, every dense block's GGN is exactly kron(G, A) (type-2 Fisher)."""
+    torch.manual_seed(0)
+    make, blocks = EXACT_CASES[case]
+    model = make()
+    x = torch.randn(1, 4)
+    y = make_targets(loss, (1, 3))
+    reference = copy.deepcopy(model)
+    factors, opt = batch_factors(model, x, y, loss)
+    for weight, bias, transposed in blocks:
+        name = weight.removesuffix(".weight") if weight.endswith(".weight") else weight
+        exact = exact_ggn_block(reference, loss, x, y, weight, bias, transposed)
+        kron = torch.kron(factors[name]["G"], factors[name]["A"])
+        torch.testing.assert_close(kron, exact, rtol=1e-10, atol=1e-12)
+
+
+def test_type2_factors_are_not_the_ggn_for_a_batch(float64):
+    """Sanity check of the reference: with several examples K-FAC is an approximation."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    exact = exact_ggn_block(copy.deepcopy(model), "cross_entropy", x, y, "0.weight", "0.bias")
+    factors, _ = batch_factors(model, x, y, "cross_entropy")
+    assert (torch.kron(factors["0"]["G"], factors["0"]["A"]) - exact).abs().max() > 1e-4
+
+
+CURVLINOPS_MODELS = {
+    "module-tanh-relu": (ModuleMLP, (7, 5)),
+    "functional-relu": (FunctionalMLP, (7, 5)),
+    "shared-weight": (SharedMLP, (7, 2, 5)),
+    "sequence": (SequenceMLP, (7, 4, 5)),
+}
+
+
+@pytest.mark.parametrize("fisher", ("type2", "empirical"))
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("name", CURVLINOPS_MODELS)
+def test_factors_match_curvlinops(float64, name, loss, fisher):
+    torch.manual_seed(1)
+    make, input_shape = CURVLINOPS_MODELS[name]
+    model = make()
+    x = torch.randn(input_shape)
+    y = make_targets(loss, (input_shape[0], 3))
+    A_ref, G_ref = curvlinops_factors(model.twin(), loss, x, y, fisher)
+    factors, opt = batch_factors(model, x, y, loss, fisher)
+    assert sorted(factors) == sorted(model.twin_names)
+    for ours, theirs in model.twin_names.items():
+        torch.testing.assert_close(factors[ours]["A"], A_ref[theirs], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(factors[ours]["G"], G_ref[theirs], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ("shared-weight", "sequence"))
+def test_reduce_factors_match_curvlinops(float64, name):
+    torch.manual_seed(2)
+    make, input_shape = CURVLINOPS_MODELS[name]
+    model = make()
+    x = torch.randn(input_shape)
+    y = make_targets("cross_entropy", (input_shape[0], 3))
+    A_ref, G_ref = curvlinops_factors(model.twin(), "cross_entropy", x, y, "type2", kfac_approx="reduce")
+    factors, opt = batch_factors(model, x, y, "cross_entropy", kfac_approx="reduce")
+    assert all(b.sharing == "reduce" for b in opt.plan.blocks)
+    for ours, theirs in model.twin_names.items():
+        torch.testing.assert_close(factors[ours]["A"], A_ref[theirs], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(factors[ours]["G"], G_ref[theirs], rtol=1e-10, atol=1e-12)
+    expand, _ = batch_factors(make(), x, y, "cross_entropy")
+    assert not torch.allclose(expand[next(iter(model.twin_names))]["A"], factors[next(iter(model.twin_names))]["A"])
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_mc_fisher_is_unbiased(float64, loss):
+    """Averaged over many draws, the MC Fisher's G equals the type-2 G (A does not depend on the Fisher)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x = torch.randn(3, 4)
+    y = make_targets(loss, (3, 3))
+    repeats = 4000
+    exact, _ = batch_factors(copy.deepcopy(model), x, y, loss, "type2")
+    mc, _ = batch_factors(model, x.repeat(repeats, 1), y.repeat(repeats, *([1] * (y.dim() - 1))), loss, "mc", seed=0)
+    for block in ("0", "2"):
+        torch.testing.assert_close(mc[block]["A"], exact[block]["A"])
+        G_mc, G_exact = mc[block]["G"], exact[block]["G"]
+        assert (G_mc - G_exact).norm() < 0.08 * G_exact.norm(), (block, G_mc, G_exact)
+
+
+def test_ema_averages_batch_factors(float64):
+    """After a first step (which sets the factors), each step blends in its batch with weight 1 - ema."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x1, x2 = torch.randn(6, 4), torch.randn(6, 4)
+    y1, y2 = torch.randint(0, 3, (6,)), torch.randint(0, 3, (6,))
+    opt = curvgraph.compile(model, (x1,), fisher="type2", ema=0.75, backend="eager")
+    opt.step(x1, y1)
+    first = opt.factors()
+    second_batch, _ = batch_factors(copy.deepcopy(model), x2, y2, "cross_entropy")
+    opt.step(x2, y2)
+    for block in ("0", "2"):
+        for f in ("A", "G"):
+            expected = 0.75 * first[block][f] + 0.25 * second_batch[block][f]
+            torch.testing.assert_close(opt.factors()[block][f], expected)

@@ -21,6 +21,7 @@ import io
 import logging
 import os
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -161,7 +162,8 @@ def _quiet_export() -> Iterator[None]:
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
             yield
     finally:
         for lg, level in zip(loggers, levels):
@@ -193,19 +195,19 @@ def _translate_export_error(model: nn.Module, exc: Exception) -> Exception:
 
 
 def _locate(model: nn.Module, exc: BaseException) -> tuple[str | None, str]:
-    """The innermost model module and user source line on ``exc``'s traceback."""
+    """The innermost model module on ``exc``'s traceback, and the innermost line of user
+    code (not torch, not curvgraph) at or above that module's frame."""
     module_names = {id(m): (n or "<root>") for n, m in model.named_modules()}
-    module_name, where = None, ""
+    module_name, where, candidate = None, "", ""
     tb = exc.__traceback__
     while tb is not None:
-        frame = tb.tb_frame
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, nn.Module) and id(owner) in module_names:
-            module_name = module_names[id(owner)]
-        filename = frame.f_code.co_filename
+        filename = tb.tb_frame.f_code.co_filename
         if not filename.startswith(_TORCH_DIR) and not filename.startswith(os.path.dirname(__file__)):
             summary = traceback.extract_tb(tb, limit=1)[0]
-            where = f"{summary.filename}:{summary.lineno}: {(summary.line or '').strip()}"
+            candidate = f"{summary.filename}:{summary.lineno}: {(summary.line or '').strip()}"
+        owner = tb.tb_frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in module_names:
+            module_name, where = module_names[id(owner)], candidate
         tb = tb.tb_next
     return module_name, where
 

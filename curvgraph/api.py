@@ -54,7 +54,7 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
         method: the update rule; ``"kfac"``.
         **options: hyper-parameters of the method and compile options:
 
-            * ``lr`` (0.05), ``momentum`` (0.9), ``weight_decay`` (0), ``damping``
+            * ``lr`` (0.002), ``momentum`` (0.9), ``weight_decay`` (0), ``damping``
               (1e-3, factored Tikhonov), ``ema`` (0.95; factor decay, ``0`` keeps
               only the last batch), ``kl_clip`` (1e-3; ``None`` disables): K-FAC's,
               see :mod:`curvgraph.methods.kfac` and ``docs/getting-started.md`` for

@@ -134,9 +134,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self.skipped_steps += 1
             warnings.warn(
                 f"curvgraph: step {self._step_count} skipped: the loss ({loss.item():.4g}) or the update is not "
-                "finite; parameters, buffers and optimizer state are unchanged.",
+                "finite; parameters, buffers and optimizer state are unchanged. If this repeats, check the batch "
+                "for inf/nan, or lower lr / raise damping.",
                 NonFiniteStepWarning,
-                stacklevel=2,
+                stacklevel=3,  # past torch.optim's step wrapper, to the caller
             )
         return loss
 

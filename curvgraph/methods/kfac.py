@@ -83,7 +83,7 @@ class KFAC(Method):
     factors = ("A", "G")
     preconditioner = ("A_inv", "G_inv")
     defaults = {
-        "lr": 0.05,
+        "lr": 0.002,
         "momentum": 0.9,
         "weight_decay": 0.0,
         "damping": 1e-3,

@@ -114,7 +114,15 @@ def symbolic_shape(node: torch.fx.Node) -> tuple[int | sympy.Expr, ...]:
     value = node.meta.get("val")
     if not isinstance(value, Tensor):
         raise TraceError(f"curvgraph: graph node '{node.name}' has no tensor shape recorded.")
-    return tuple(d.node.expr if isinstance(d, torch.SymInt) else int(d) for d in value.shape)
+    return tuple(size(d) for d in value.shape)
+
+
+def size(d: int | torch.SymInt) -> int | sympy.Expr:
+    """A dimension as an int if export fixed it, else its sympy expression."""
+    if isinstance(d, torch.SymInt):
+        expr = d.node.expr
+        return int(expr) if expr.is_number else expr
+    return int(d)
 
 
 def module_path(node: torch.fx.Node) -> str:
@@ -151,7 +159,7 @@ def _export(model: nn.Module, example_inputs: tuple[Tensor, ...]) -> ExportedPro
             program = torch.export.export(model, inputs, dynamic_shapes=dynamic)
             return program.run_decompositions({})
     except Exception as exc:  # translated below, never swallowed
-        raise _translate_export_error(model, exc) from exc
+        raise _translate_export_error(model, example_inputs, exc) from exc
 
 
 @contextlib.contextmanager
@@ -173,11 +181,15 @@ def _quiet_export() -> Iterator[None]:
 _UNTRACEABLE = ("data-dependent", "Dynamic control flow", "Unsupported", "GuardOnDataDependent")
 
 
-def _translate_export_error(model: nn.Module, exc: Exception) -> Exception:
+def _translate_export_error(model: nn.Module, example_inputs: tuple[Tensor, ...], exc: Exception) -> Exception:
     module_name, where = _locate(model, exc)
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     names = type(exc).__name__ + " " + " ".join(c.__name__ for c in type(exc).__mro__)
-    location = f"module '{module_name}'" if module_name is not None else f"model {type(model).__name__}"
+    if module_name is not None:
+        kind = type(model if module_name == "<root>" else model.get_submodule(module_name)).__name__
+        location = f"module '{module_name}' ({kind})"
+    else:
+        location = f"model {type(model).__name__}"
     if where:
         location += f" at {where}"
     if any(key in names or key in str(exc)[:2000] for key in _UNTRACEABLE):
@@ -186,8 +198,9 @@ def _translate_export_error(model: nn.Module, exc: Exception) -> Exception:
             "Python control flow that depends on tensor values cannot be traced. Rewrite it "
             "with tensor ops (torch.where, masking) or torch.cond, or move it out of forward()."
         )
+    shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in example_inputs)
     return ConfigError(
-        f"curvgraph: running {type(model).__name__} on example_inputs failed in {location}: "
+        f"curvgraph: {type(model).__name__} failed on example_inputs [{shapes}] in {location}: "
         f"{type(exc).__name__}: {reason}\n"
         "Check that example_inputs are the model's positional inputs with the shapes and "
         "dtypes it expects (a batch of real data works)."
@@ -202,7 +215,7 @@ def _locate(model: nn.Module, exc: BaseException) -> tuple[str | None, str]:
     tb = exc.__traceback__
     while tb is not None:
         filename = tb.tb_frame.f_code.co_filename
-        if not filename.startswith(_TORCH_DIR) and not filename.startswith(os.path.dirname(__file__)):
+        if not filename.startswith((_TORCH_DIR, os.path.dirname(__file__), "<")):
             summary = traceback.extract_tb(tb, limit=1)[0]
             candidate = f"{summary.filename}:{summary.lineno}: {(summary.line or '').strip()}"
         owner = tb.tb_frame.f_locals.get("self")
@@ -243,7 +256,7 @@ def _from_program(model: nn.Module, program: ExportedProgram, example_inputs: tu
             constants[node.name] = program.constants[spec.target]
         elif spec.kind == InputKind.USER_INPUT:
             value = node.meta["val"]
-            shape = tuple(None if isinstance(d, torch.SymInt) else int(d) for d in value.shape)
+            shape = tuple(d if isinstance(d, int) else None for d in map(size, value.shape))
             inputs.append(InputSpec(node.name, shape, value.dtype))
         else:
             raise TraceError(
@@ -280,9 +293,9 @@ def _from_program(model: nn.Module, program: ExportedProgram, example_inputs: tu
 
     dims: dict[sympy.Symbol, tuple[int, int]] = {}
     for index, spec in enumerate(inputs):
-        for d, size in enumerate(placeholders[spec.name].meta["val"].shape):
-            if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
-                dims.setdefault(size.node.expr, (index, d))
+        for d, expr in enumerate(map(size, placeholders[spec.name].meta["val"].shape)):
+            if isinstance(expr, sympy.Symbol):
+                dims.setdefault(expr, (index, d))
 
     traced = TracedModel(
         model_name=type(model).__name__,

@@ -44,13 +44,6 @@ def ndim(node: Node) -> int:
     return value.dim() if isinstance(value, torch.Tensor) else -1
 
 
-def size(node: Node, dim: int) -> int | None:
-    """Static size of dimension ``dim`` of ``node``'s tensor, or ``None`` if symbolic."""
-    value = node.meta["val"]
-    d = value.shape[dim]
-    return None if isinstance(d, torch.SymInt) else int(d)
-
-
 def insert_call(graph: Graph, before: Node, target, args: tuple, meta_from: Node | None = None) -> Node:
     """Insert ``target(*args)`` before ``before``, copying shape and module metadata from ``meta_from``."""
     with graph.inserting_before(before):

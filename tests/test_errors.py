@@ -1,0 +1,151 @@
+"""Bad input gets a curvgraph error that names the culprit; non-finite steps change nothing."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import curvgraph
+
+
+def mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(40, 16), nn.Tanh(), nn.Linear(16, 10))
+
+
+X = torch.randn(8, 40)
+
+
+@pytest.mark.parametrize(
+    "loss, match",
+    [
+        ("hinge", "unsupported loss 'hinge'"),
+        (nn.L1Loss(), "unsupported loss L1Loss"),
+        (nn.CrossEntropyLoss(reduction="sum"), "reduction='sum'"),
+        (nn.CrossEntropyLoss(label_smoothing=0.1), "label smoothing"),
+    ],
+)
+def test_unsupported_loss(loss, match):
+    with pytest.raises(curvgraph.ConfigError, match=match):
+        curvgraph.compile(mlp(), (X,), loss=loss, backend="eager")
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"learning_rate": 0.1}, "unknown option"),
+        ({"lr": -1.0}, "lr must be a positive number"),
+        ({"momentum": 1.5}, r"momentum must be in \[0, 1\)"),
+        ({"fisher": "exact"}, "fisher must be one of"),
+        ({"invert_every": 0}, "invert_every must be a positive integer"),
+        ({"fallback": "rmsprop"}, "fallback must be one of"),
+    ],
+)
+def test_bad_options(options, match):
+    with pytest.raises(curvgraph.ConfigError, match=match):
+        curvgraph.compile(mlp(), (X,), backend="eager", **options)
+
+
+def test_unknown_method():
+    with pytest.raises(curvgraph.ConfigError, match="method must be one of"):
+        curvgraph.compile(mlp(), (X,), method="newton", backend="eager")
+
+
+def test_wrong_example_inputs_name_the_module():
+    with pytest.raises(curvgraph.ConfigError, match=r"example_inputs \[\(8, 30\) torch.float32\] in module '0' \(Linear\)"):
+        curvgraph.compile(mlp(), (torch.randn(8, 30),), backend="eager")
+
+
+def test_example_inputs_must_be_tensors():
+    with pytest.raises(curvgraph.ConfigError, match="example_inputs must be a tensor"):
+        curvgraph.compile(mlp(), [[1.0, 2.0]], backend="eager")
+
+
+def test_model_must_return_one_tensor():
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(x), x
+
+    with pytest.raises(curvgraph.ConfigError, match="exactly one tensor"):
+        curvgraph.compile(Two(), (torch.randn(3, 4),), backend="eager")
+
+
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if h.sum() > 0:
+            return h
+        return -h
+
+
+class Outer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = DataDependent()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.inner(x))
+
+
+def test_untraceable_model_names_module_and_line(capfd):
+    with pytest.raises(curvgraph.TraceError) as info:
+        curvgraph.compile(Outer(), (torch.randn(3, 4),), backend="eager")
+    message = str(info.value)
+    assert "module 'inner'" in message
+    assert "test_errors.py" in message and "if h.sum() > 0:" in message
+    assert "torch.where" in message
+    assert "Traceback" not in capfd.readouterr().err  # export's own dumps are not printed
+
+
+def test_step_input_errors():
+    opt = curvgraph.compile(mlp(), (X,), backend="eager")
+    with pytest.raises(curvgraph.InputError, match=r"input 'input' has shape \(8, 30\)"):
+        opt.step(torch.randn(8, 30), torch.randint(0, 10, (8,)))
+    with pytest.raises(curvgraph.InputError, match="compiled for 1 input"):
+        opt.step((X, X), torch.randint(0, 10, (8,)))
+    with pytest.raises(curvgraph.InputError, match="integer class indices"):
+        opt.step(X, torch.rand(8))
+    with pytest.raises(curvgraph.InputError, match="targets hold 5 examples"):
+        opt.step(X, torch.randint(0, 10, (5,)))
+
+
+def test_non_finite_batch_is_skipped_and_changes_nothing():
+    model = nn.Sequential(nn.Linear(40, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 10))
+    opt = curvgraph.compile(model, (X,), backend="eager")
+    y = torch.randint(0, 10, (8,))
+    opt.step(X, y)
+    params = copy.deepcopy(model.state_dict())
+    state = opt.state_dict()
+    bad = X.clone()
+    bad[3, 7] = float("nan")
+    with pytest.warns(curvgraph.NonFiniteStepWarning, match="step 2 skipped"):
+        loss = opt.step(bad, y)
+    assert not torch.isfinite(loss)
+    assert opt.skipped_steps == 1 and opt.state_dict()["skipped_steps"] == 1
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, params[key]), key
+    for key, value in opt.state_dict()["state"].items():
+        assert torch.equal(value, state["state"][key]), key
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(X, y)
+    assert not torch.equal(model[0].weight, params["0.weight"])
+
+
+def test_state_dict_of_another_model_is_rejected():
+    opt = curvgraph.compile(mlp(), (X,), backend="eager")
+    other = curvgraph.compile(nn.Sequential(nn.Linear(40, 10)), (X,), backend="eager")
+    with pytest.raises(curvgraph.ConfigError, match="does not match"):
+        opt.load_state_dict(other.state_dict())

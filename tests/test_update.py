@@ -1,0 +1,162 @@
+"""The update rule against an independent computation: kron-matrix solves, torch.optim, schedulers."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import curvgraph
+
+
+def mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def natural_gradients(model: nn.Sequential, x, y, factors, damping: float, weight_decay: float) -> dict[str, torch.Tensor]:
+    """(G_d kron A_d)^{-1} vec(M) per block, solved on the full Kronecker matrix (no factor inverses)."""
+    model = copy.deepcopy(model)
+    nn.functional.cross_entropy(model(x), y).backward()
+    directions = {}
+    for name in factors:
+        layer = model[int(name)]
+        grad = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], 1)
+        param = torch.cat([layer.weight, layer.bias[:, None]], 1).detach()
+        M = grad + weight_decay * param
+        A, G = factors[name]["A"], factors[name]["G"]
+        pi = math.sqrt((A.trace() / A.shape[0]) / (G.trace() / G.shape[0]))
+        A_d = A + pi * math.sqrt(damping) * torch.eye(A.shape[0])
+        G_d = G + math.sqrt(damping) / pi * torch.eye(G.shape[0])
+        directions[name] = (torch.linalg.solve(torch.kron(G_d, A_d), M.flatten()).reshape(M.shape), M)
+    return directions
+
+
+def block_change(after: nn.Sequential, before: nn.Sequential, name: str) -> torch.Tensor:
+    a, b = after[int(name)], before[int(name)]
+    return torch.cat([a.weight - b.weight, (a.bias - b.bias)[:, None]], 1).detach()
+
+
+def test_step_is_the_damped_kronecker_natural_gradient(float64):
+    torch.manual_seed(0)
+    model = mlp()
+    x, y = torch.randn(9, 4), torch.randint(0, 3, (9,))
+    before = copy.deepcopy(model)
+    lr, damping, wd = 0.3, 0.02, 0.01
+    opt = curvgraph.compile(model, (x,), fisher="type2", ema=0.0, momentum=0.0, kl_clip=None, lr=lr,
+                            damping=damping, weight_decay=wd, backend="eager")
+    opt.step(x, y)
+    expected = natural_gradients(before, x, y, opt.factors(), damping, wd)
+    for name, (V, _) in expected.items():
+        torch.testing.assert_close(block_change(model, before, name), -lr * V)
+
+
+def test_kl_clipping_bounds_the_step(float64):
+    torch.manual_seed(1)
+    model = mlp()
+    x, y = torch.randn(9, 4), torch.randint(0, 3, (9,))
+    before = copy.deepcopy(model)
+    lr, damping, kl_clip = 0.3, 0.02, 1e-6
+    opt = curvgraph.compile(model, (x,), fisher="type2", ema=0.0, momentum=0.0, kl_clip=kl_clip, lr=lr,
+                            damping=damping, backend="eager")
+    opt.step(x, y)
+    expected = natural_gradients(before, x, y, opt.factors(), damping, 0.0)
+    inner = sum((V * M).sum() for V, M in expected.values())
+    nu = min(1.0, math.sqrt(kl_clip / (lr**2 * inner)))
+    assert nu < 0.5  # the clip is active in this test
+    for name, (V, _) in expected.items():
+        torch.testing.assert_close(block_change(model, before, name), -lr * nu * V)
+
+
+def test_momentum_accumulates_directions(float64):
+    torch.manual_seed(2)
+    model = mlp()
+    batches = [(torch.randn(9, 4), torch.randint(0, 3, (9,))) for _ in range(2)]
+    lr, damping, mu = 0.2, 0.05, 0.9
+    opt = curvgraph.compile(model, (batches[0][0],), fisher="type2", ema=0.0, momentum=mu, kl_clip=None, lr=lr,
+                            damping=damping, invert_every=1, backend="eager")
+    first = copy.deepcopy(model)
+    opt.step(*batches[0])
+    V1 = natural_gradients(first, *batches[0], opt.factors(), damping, 0.0)
+    second = copy.deepcopy(model)
+    opt.step(*batches[1])
+    V2 = natural_gradients(second, *batches[1], opt.factors(), damping, 0.0)
+    for name in V1:
+        torch.testing.assert_close(block_change(model, second, name), -lr * (mu * V1[name][0] + V2[name][0]))
+
+
+def test_stale_inverses_are_used_between_refreshes(float64):
+    """With invert_every=2 the second step preconditions with the first step's inverses."""
+    torch.manual_seed(3)
+    model = mlp()
+    batches = [(torch.randn(9, 4), torch.randint(0, 3, (9,))) for _ in range(2)]
+    opt = curvgraph.compile(model, (batches[0][0],), fisher="type2", ema=0.0, momentum=0.0, kl_clip=None, lr=0.2,
+                            damping=0.05, invert_every=2, backend="eager")
+    opt.step(*batches[0])
+    first_factors = opt.factors()
+    second = copy.deepcopy(model)
+    opt.step(*batches[1])
+    stale = natural_gradients(second, *batches[1], first_factors, 0.05, 0.0)
+    for name, (V, _) in stale.items():
+        torch.testing.assert_close(block_change(model, second, name), -0.2 * V)
+
+
+def fallback_model() -> nn.Module:
+    """No dense block: every parameter goes to the fallback rule."""
+    return nn.Sequential(nn.Embedding(7, 4), nn.LayerNorm(4))
+
+
+@pytest.mark.parametrize(
+    "rule, reference",
+    [
+        ("adam", lambda p: torch.optim.Adam(p, lr=0.05, weight_decay=0.01)),
+        ("sgd", lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=0.01)),
+    ],
+)
+def test_fallback_rules_match_torch_optim(float64, rule, reference):
+    torch.manual_seed(4)
+    model = fallback_model()
+    twin = copy.deepcopy(model)
+    ids = torch.randint(0, 7, (5, 3))
+    opt = curvgraph.compile(model, (ids,), loss="mse", fallback=rule, fallback_lr=0.05, backend="eager")
+    opt.param_groups[0]["weight_decay"] = 0.01
+    ref = reference(twin.parameters())
+    assert opt.plan.blocks == [] and len(opt.plan.fallback_params) == 3
+    for _ in range(4):
+        ids, target = torch.randint(0, 7, (5, 3)), torch.randn(5, 3, 4)
+        opt.step(ids, target)
+        ref.zero_grad()
+        nn.functional.mse_loss(twin(ids), target).backward()
+        ref.step()
+    for ours, theirs in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_lr_scheduler_drives_the_step():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    opt = curvgraph.compile(model, (x,), backend="eager")
+    assert [g["role"] for g in opt.param_groups] == ["curvature", "fallback"]
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.0 if epoch == 0 else 1.0)
+    before = copy.deepcopy(model.state_dict())
+    opt.step(x, y)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    schedule.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.002)
+    opt.step(x, y)
+    assert all(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_frozen_parameters_stay_frozen():
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    model[0].requires_grad_(False)
+    frozen = model[0].weight.clone()
+    opt = curvgraph.compile(model, (torch.randn(8, 4),), backend="eager")
+    for _ in range(3):
+        opt.step(torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    assert torch.equal(model[0].weight, frozen)
+    assert [b.name for b in opt.plan.blocks] == ["2"]

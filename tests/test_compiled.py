@@ -1,0 +1,73 @@
+"""The torch.compile'd step: one graph per schedule variant, identical to the eager step."""
+
+from __future__ import annotations
+
+import ast
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import curvgraph
+
+SCHEDULE = dict(factor_every=2, invert_every=3)  # steps 0..6 use all four (stats, refresh) variants
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 8), nn.LayerNorm(8),
+                         nn.Linear(8, 4))
+
+
+def data():
+    g = torch.Generator().manual_seed(1)
+    sizes = [10] * 7 + [5]  # a smaller last batch: the batch size is symbolic
+    return [(torch.randn(n, 6, generator=g), torch.randint(0, 4, (n,), generator=g)) for n in sizes]
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """The same training run with the compiled and the eager step (compiled once for the module)."""
+    results = {}
+    for backend in ("inductor", "eager"):
+        model = make_model()
+        shadow = copy.deepcopy(model[1])  # plain PyTorch BatchNorm fed the same layer inputs
+        opt = curvgraph.compile(model, (torch.randn(10, 6),), seed=0, backend=backend, **SCHEDULE)
+        losses = []
+        for x, y in data():
+            with torch.no_grad():
+                shadow(model[0](x))
+            losses.append(opt.step(x, y).item())
+        results[backend] = (model, opt, losses, shadow)
+    return results
+
+
+def test_compiled_step_matches_eager(runs):
+    compiled_model, compiled, compiled_losses, _ = runs["inductor"]
+    eager_model, eager, eager_losses, _ = runs["eager"]
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
+    for (name, a), b in zip(compiled_model.state_dict().items(), eager_model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    for block, factors in compiled.factors().items():
+        for f, value in factors.items():
+            torch.testing.assert_close(value, eager.factors()[block][f], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ("inductor", "eager"))
+def test_batchnorm_running_statistics_follow_pytorch(runs, backend):
+    model, _, _, shadow = runs[backend]
+    assert model[1].num_batches_tracked.item() == shadow.num_batches_tracked.item() == len(data())
+    torch.testing.assert_close(model[1].running_mean, shadow.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model[1].running_var, shadow.running_var, rtol=1e-5, atol=1e-6)
+
+
+def test_generated_source_needs_torch_alone(runs):
+    _, opt, _, _ = runs["inductor"]
+    tree = ast.parse(opt.source)
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported <= {"torch", "math", "__future__"}
+    namespace: dict = {}
+    exec(compile(opt.source, "generated", "exec"), namespace)
+    assert callable(namespace["step"]) and callable(namespace["forward"])

@@ -18,6 +18,9 @@ from .methods.fallback import FallbackRule
 from .plan import Plan
 from .trace import InputSpec, as_input_tuple
 
+# Inductor itself triggers this deprecation notice while compiling the step; users cannot act on it.
+warnings.filterwarnings("ignore", message="`torch._prims_common.check` is deprecated", category=FutureWarning)
+
 
 class CurvatureOptimizer(torch.optim.Optimizer):
     """A compiled second-order training step for one model.

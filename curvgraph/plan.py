@@ -148,15 +148,17 @@ class Plan:
         ``samples`` is the number of extra backward passes per statistics step
         (1 for the MC Fisher, the output dimension for the type-2 Fisher, 0 for the
         empirical Fisher, whose statistics reuse the loss gradient's backward pass).
-        Fallback parameters add 8 FLOPs per element (an Adam update) to ``update``.
+        ``update`` counts 8 FLOPs per parameter (momentum or Adam moments, weight decay,
+        the update itself).
         """
+        block_numel = sum(b.factor_shapes["A"][0] * b.factor_shapes["G"][0] for b in self.blocks)
         return {
             "forward_backward": self.total("forward_backward"),
             "statistics": self.total("statistics") / factor_every,
             "extra_backward": samples * self.total("backward_per_sample") / factor_every,
             "precondition": self.total("precondition"),
             "inversion": self.total("inversion") / invert_every,
-            "update": sympy.Integer(8 * self.fallback_numel),
+            "update": sympy.Integer(8 * (block_numel + self.fallback_numel)),
         }
 
     def __str__(self) -> str:

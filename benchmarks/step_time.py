@@ -1,0 +1,196 @@
+"""Per-step time of curvgraph K-FAC against Adam (compiled and eager) and singd, in one run.
+
+Usage::
+
+    python benchmarks/step_time.py                 # both models, JSON to benchmarks/results/
+    python benchmarks/step_time.py --models mlp --iters 30
+
+For each model the script times, in the same process and on the same batch:
+
+* ``adam-compiled``: one ``torch.compile``'d graph doing forward, backward
+  (``torch.func.grad``) and the Adam update -- the baseline every ratio refers to;
+* ``adam-eager``: ``torch.optim.Adam`` with ``loss.backward()``;
+* ``singd``: ``singd.optim.optimizer.SINGD`` with ``T=10`` (dense structures; its
+  hooks, empirical Fisher);
+* ``curvgraph``: curvgraph's compiled K-FAC step with the default settings (MC
+  Fisher, ``factor_every=1``, ``invert_every=10``);
+* ``curvgraph-T10``: equal settings to singd's ``T=10``: empirical Fisher,
+  ``factor_every = invert_every = 10``.
+
+Next to each curvgraph time it prints the *FLOP bound*: the step's FLOPs (from the
+plan's cost model: forward/backward, statistics, the MC backward, preconditioning,
+amortized inversion, the update) divided by the compiled Adam step's FLOPs. A
+measured ratio equal to the FLOP bound means the step runs at compiled Adam's
+GFLOP/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+import curvgraph
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], int, int]] = {
+    "mlp-784-512-512-256-10": (
+        lambda: nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                              nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10)),
+        512, 784),
+    "deep-narrow-32x128": (
+        lambda: nn.Sequential(nn.Linear(128, 128), *[m for _ in range(31) for m in (nn.Tanh(), nn.Linear(128, 128))],
+                              nn.Tanh(), nn.Linear(128, 10)),
+        128, 128),
+}
+
+
+def time_per_step(step: Callable[[], object], warmup: int, iters: int, repeats: int) -> float:
+    """Median over ``repeats`` of the mean seconds per step over ``iters`` steps, after ``warmup`` steps."""
+    for _ in range(warmup):
+        step()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(iters):
+            step()
+        samples.append((time.perf_counter() - start) / iters)
+    return statistics.median(samples)
+
+
+def adam_compiled(model: nn.Module, x, y) -> Callable[[], object]:
+    """Forward, backward and Adam (lr 1e-3) in one torch.compile'd graph."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    exp_avg = {n: torch.zeros_like(p) for n, p in params.items()}
+    exp_avg_sq = {n: torch.zeros_like(p) for n, p in params.items()}
+    count = torch.zeros(())
+
+    def loss_of(p, x, y):
+        return F.cross_entropy(functional_call(model, p, (x,)), y)
+
+    @torch.compile(fullgraph=True)
+    def step(x, y):
+        grads = torch.func.grad(loss_of)(params, x, y)
+        count.add_(1)
+        for n, g in grads.items():
+            exp_avg[n].lerp_(g, 0.1)
+            exp_avg_sq[n].mul_(0.999).addcmul_(g, g, value=0.001)
+            denom = (exp_avg_sq[n] / (1 - 0.999**count)).sqrt_().add_(1e-8)
+            params[n].addcdiv_(exp_avg[n], denom, value=-1e-3 / (1 - 0.9**count))
+
+    return lambda: step(x, y)
+
+
+def adam_eager(model: nn.Module, x, y) -> Callable[[], object]:
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def singd_step(model: nn.Module, x, y) -> Callable[[], object]:
+    from singd.optim.optimizer import SINGD
+
+    opt = SINGD(model, lr=1e-3, T=10, warn_unsupported=False)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def curvgraph_step(model: nn.Module, x, y, **options) -> tuple[Callable[[], object], curvgraph.CurvatureOptimizer]:
+    opt = curvgraph.compile(model, (x,), loss="cross_entropy", **options)
+    return (lambda: opt.step(x, y)), opt
+
+
+def flop_ratio(opt: curvgraph.CurvatureOptimizer, samples: int, factor_every: int, invert_every: int) -> float:
+    """FLOPs of the curvgraph step over FLOPs of an Adam step (forward/backward + 10 per parameter)."""
+    plan = opt.plan
+    flops = plan.step_flops(samples=samples, factor_every=factor_every, invert_every=invert_every)
+    total = plan.at_example(sum(flops.values()))
+    adam = plan.at_example(flops["forward_backward"]) + 10 * plan.at_example(flops["update"]) / 8
+    return total / adam
+
+
+def run_model(name: str, warmup: int, iters: int, repeats: int, peers: bool) -> dict:
+    make, batch, features = MODELS[name]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, features, generator=g)
+    y = torch.randint(0, 10, (batch,), generator=g)
+    rows = {}
+
+    def measure(label: str, step: Callable[[], object], bound: float | None = None) -> None:
+        seconds = time_per_step(step, warmup, iters, repeats)
+        rows[label] = {"ms_per_step": 1e3 * seconds, "flop_bound_ratio": bound}
+        print(f"  {label:<15} {1e3 * seconds:9.2f} ms/step", flush=True)
+
+    print(f"{name} (batch {batch}):", flush=True)
+    torch.manual_seed(0)
+    measure("adam-compiled", adam_compiled(make(), x, y))
+    measure("adam-eager", adam_eager(make(), x, y))
+    if peers:
+        measure("singd", singd_step(make(), x, y))
+    step, opt = curvgraph_step(make(), x, y)
+    measure("curvgraph", step, flop_ratio(opt, 1, 1, 10))
+    step, opt = curvgraph_step(make(), x, y, fisher="empirical", factor_every=10, invert_every=10)
+    measure("curvgraph-T10", step, flop_ratio(opt, 0, 10, 10))
+    base = rows["adam-compiled"]["ms_per_step"]
+    for row in rows.values():
+        row["ratio_to_adam_compiled"] = row["ms_per_step"] / base
+    return {"batch": batch, "rows": rows}
+
+
+def table(results: dict) -> str:
+    lines = []
+    header = f"{'model':<24} {'step':<15} {'ms/step':>9} {'x Adam(compiled)':>17} {'FLOP bound':>11} {'measured/bound':>15}"
+    lines += [header, "-" * len(header)]
+    for name, result in results.items():
+        for label, row in result["rows"].items():
+            bound = row["flop_bound_ratio"]
+            extra = f"{bound:>11.2f} {row['ratio_to_adam_compiled'] / bound:>15.2f}" if bound else f"{'':>11} {'':>15}"
+            lines.append(f"{name:<24} {label:<15} {row['ms_per_step']:>9.2f} {row['ratio_to_adam_compiled']:>17.2f} {extra}")
+        rows = result["rows"]
+        if "singd" in rows:
+            lines.append(f"{'':<24} curvgraph-T10 / singd = {rows['curvgraph-T10']['ms_per_step'] / rows['singd']['ms_per_step']:.2f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS) + ["mlp", "deep"])
+    parser.add_argument("--warmup", type=int, default=25, help="steps before timing (compiles every variant)")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-peers", action="store_true", help="skip singd")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "step_time.json"))
+    args = parser.parse_args()
+    names = [n for n in MODELS if n in args.models or n.split("-")[0] in args.models]
+
+    results = {n: run_model(n, args.warmup, args.iters, args.repeats, not args.no_peers) for n in names}
+    print()
+    print(table(results))
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+            "processor": platform.processor(), "curvgraph": curvgraph.__version__}
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=2)
+    print(f"\nwritten to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -43,13 +43,16 @@ class LayerUse:
     """One application of a block's weight in the graph.
 
     ``node`` computes the layer output (the node the instrumentation probes),
-    ``input`` holds the layer input ``a``; shapes are symbolic.
+    ``input`` holds the layer input ``a``; shapes are symbolic. ``input_grad`` says
+    whether the backward pass needs the gradient w.r.t. the input (it does unless
+    the input depends on no trainable parameter, e.g. the first layer).
     """
 
     node: str
     input: str
     input_shape: Shape
     output_shape: Shape
+    input_grad: bool = True
 
     @property
     def rows(self) -> sympy.Expr:

@@ -139,13 +139,16 @@ def test_plan_prints_factor_shapes_and_costs():
 
 
 def test_cost_model_counts_the_layer_flops():
-    plan = plan_of(nn.Sequential(nn.Linear(40, 64)), torch.randn(32, 40))
-    (block,) = plan.blocks
-    assert plan.at_example(block.cost["forward_backward"]) == 6 * 32 * 40 * 64
-    assert plan.at_example(block.cost["statistics"]) == 2 * 32 * (41**2 + 64**2)
-    assert plan.at_example(block.cost["forward_backward"], {"N": 512}) == 6 * 512 * 40 * 64
+    plan = plan_of(nn.Sequential(nn.Linear(40, 64), nn.Tanh(), nn.Linear(64, 8)), torch.randn(32, 40))
+    first, second = plan.blocks
+    assert not first.uses[0].input_grad and second.uses[0].input_grad  # the data needs no gradient
+    assert plan.at_example(first.cost["forward_backward"]) == 4 * 32 * 40 * 64
+    assert plan.at_example(second.cost["forward_backward"]) == 6 * 32 * 64 * 8
+    assert plan.at_example(first.cost["backward_per_sample"]) == 0
+    assert plan.at_example(first.cost["statistics"]) == 2 * 32 * (41**2 + 64**2)
+    assert plan.at_example(second.cost["forward_backward"], {"N": 512}) == 6 * 512 * 64 * 8
     flops = plan.step_flops(samples=1, factor_every=1, invert_every=10)
-    assert plan.at_example(flops["inversion"]) == pytest.approx((41**3 + 64**3) / 10)
+    assert plan.at_example(flops["inversion"]) == pytest.approx((41**3 + 64**3 + 65**3 + 8**3) / 10)
 
 
 def test_kfac_approx_is_validated():

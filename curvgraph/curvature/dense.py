@@ -121,15 +121,16 @@ def cost(block) -> dict[str, sympy.Expr]:
     """FLOP counts of a dense block as sympy expressions in the symbolic input sizes.
 
     ``R`` is the total number of input rows over all uses. Forward and backward are
-    three ``R x in x out`` products (6 R in out); the statistics are
-    ``2 R (in+1)^2 + 2 R out^2``; an extra backward needs the input gradient only
-    (``2 R in out``).
+    three ``R x in x out`` products (6 R in out), two where the input needs no
+    gradient; the statistics are ``2 R (in+1)^2 + 2 R out^2``; an extra backward needs
+    the input gradient only (``2 R in out``, nothing for a first layer).
     """
     rows = sympy.Add(*(u.rows for u in block.uses))
+    grad_rows = sympy.Add(*(u.rows for u in block.uses if u.input_grad))
     d_in, d_out = block.factor_shapes["A"][0], block.factor_shapes["G"][0]
     n_in, n_out = block.dims["in"], block.dims["out"]
     return {
-        "forward_backward": 6 * rows * n_in * n_out,
+        "forward_backward": (4 * rows + 2 * grad_rows) * n_in * n_out,
         "statistics": 2 * rows * (d_in**2 + d_out**2),
-        "backward_per_sample": 2 * rows * n_in * n_out,
+        "backward_per_sample": 2 * grad_rows * n_in * n_out,
     }

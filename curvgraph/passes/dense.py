@@ -19,7 +19,7 @@ from torch.fx import Graph, Node
 from ..curvature import dense as dense_math
 from ..plan import Block, LayerUse
 from ..trace import TracedModel, symbolic_shape
-from .graph_utils import aten, is_transpose, ndim, weight_view
+from .graph_utils import aten, depends_on, is_transpose, ndim, weight_view
 
 
 def find_dense_blocks(traced: TracedModel, sharing: str, claimed: dict[str, str]) -> list[Block]:
@@ -33,6 +33,7 @@ def find_dense_blocks(traced: TracedModel, sharing: str, claimed: dict[str, str]
             if view is not None:
                 uses[view[0]].append(node)
 
+    trainable = depends_on(graph, params)
     blocks = []
     for weight, linears in uses.items():
         foreign = _foreign_users(weight, linears)
@@ -50,8 +51,8 @@ def find_dense_blocks(traced: TracedModel, sharing: str, claimed: dict[str, str]
         out_features, in_features = weight.meta["val"].shape[::-1] if transposed else weight.meta["val"].shape
         placeholders = (weight.name,) + ((bias.name,) if bias is not None else ())
         layer_uses = tuple(
-            LayerUse(node=lin.name, input=lin.args[0].name,
-                     input_shape=symbolic_shape(lin.args[0]), output_shape=symbolic_shape(lin))
+            LayerUse(node=lin.name, input=lin.args[0].name, input_shape=symbolic_shape(lin.args[0]),
+                     output_shape=symbolic_shape(lin), input_grad=lin.args[0] in trainable)
             for lin in linears
         )
         block = Block(

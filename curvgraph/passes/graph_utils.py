@@ -53,3 +53,15 @@ def insert_call(graph: Graph, before: Node, target, args: tuple, meta_from: Node
             if key in meta_from.meta:
                 node.meta[key] = meta_from.meta[key]
     return node
+
+
+def depends_on(graph: Graph, sources: set[str]) -> set[Node]:
+    """Nodes whose value depends on a placeholder named in ``sources`` (those included)."""
+    dependent: set[Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            if node.name in sources:
+                dependent.add(node)
+        elif any(arg in dependent for arg in node.all_input_nodes):
+            dependent.add(node)
+    return dependent

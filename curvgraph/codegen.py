@@ -32,8 +32,10 @@ from torch import Tensor
 from torch.utils._sympy.printers import PythonPrinter
 
 from ._version import __version__
+from .curvature import conv as conv_math
 from .curvature import dense as dense_math
-from .curvature import losses
+from .curvature import kronecker, losses
+from .curvature import norm as norm_math
 from .curvature.losses import LossSpec
 from .errors import CompileError
 from .instrument import InstrumentedForward
@@ -54,7 +56,8 @@ def commit_(target: Tensor, value: Tensor, ok: Tensor) -> None:
     target.copy_(torch.where(ok, value.to(target.dtype), target))
 
 
-_HELPER_MODULES: tuple[ModuleType, ...] = (dense_math, losses, kfac_module, fallback_module)
+_HELPER_MODULES: tuple[ModuleType, ...] = (kronecker, dense_math, conv_math, norm_math, losses, kfac_module,
+                                           fallback_module)
 
 
 def _helper_registry() -> dict[str, Callable]:
@@ -135,6 +138,62 @@ def _literal(value: object) -> str:
     return repr(value)
 
 
+@dataclass(frozen=True)
+class KindCode:
+    """How the step handles one block kind: batch factors, parameter matrix, and back.
+
+    ``factors(w, b, acts, grads, dtype)`` writes the lines assigning ``b.batch_factors``
+    from the layer-input and output-gradient tuple expressions; ``matrix(w, b, names,
+    dtype)`` is the expression of the block matrix of the tensors ``names`` (weight,
+    bias or ``None``); ``split(w, b, expr)`` the expression turning a matrix back into
+    ``(weight, bias)``.
+    """
+
+    factors: Callable[..., None]
+    matrix: Callable[..., str]
+    split: Callable[..., str]
+
+
+def _dense_factors(w: "StepWriter", b: BlockVars, acts: str, grads: str, dtype: torch.dtype) -> None:
+    reduce = b.block.sharing == "reduce"
+    w.line(f"{b.batch_factors['A']} = {w.call(dense_math.dense_input_factor, acts, b.block.bias, reduce, 'batch', dtype)}")
+    w.line(f"{b.batch_factors['G']} = {w.call(dense_math.dense_grad_factor, grads, reduce, 'examples', 'scale', dtype)}")
+
+
+def _conv_factors(w: "StepWriter", b: BlockVars, acts: str, grads: str, dtype: torch.dtype) -> None:
+    layout, reduce = b.block.layout, b.block.sharing == "reduce"
+    geometry = [layout[k] for k in ("kernel", "stride", "padding", "dilation", "groups")]
+    w.line(f"{b.batch_factors['A']} = "
+           f"{w.call(conv_math.conv_input_factor, acts, *geometry, b.block.bias, reduce, 'batch', dtype)}")
+    w.line(f"{b.batch_factors['G']} = "
+           f"{w.call(conv_math.conv_grad_factor, grads, layout['groups'], reduce, 'examples', 'scale', dtype)}")
+
+
+def _norm_factors(w: "StepWriter", b: BlockVars, acts: str, grads: str, dtype: torch.dtype) -> None:
+    call = w.call(norm_math.norm_factor, acts, grads, b.block.dims["channels"], b.block.layout["channels_first"],
+                  b.block.bias, "batch", "scale", dtype)
+    w.line(f"{b.batch_factors['F']} = {call}")
+
+
+KIND_CODE: dict[str, KindCode] = {
+    "dense": KindCode(
+        _dense_factors,
+        lambda w, b, names, dtype: w.call(dense_math.dense_gradient_matrix, *names, b.block.weight_transposed, dtype),
+        lambda w, b, expr: w.call(dense_math.dense_split, expr, b.block.bias, b.block.weight_transposed),
+    ),
+    "conv": KindCode(
+        _conv_factors,
+        lambda w, b, names, dtype: w.call(conv_math.conv_gradient_matrix, *names, b.block.layout["groups"], dtype),
+        lambda w, b, expr: w.call(conv_math.conv_split, expr, b.block.bias, b.block.layout["weight_shape"]),
+    ),
+    "norm": KindCode(
+        _norm_factors,
+        lambda w, b, names, dtype: w.call(norm_math.norm_gradient_matrix, *names, dtype),
+        lambda w, b, expr: w.call(norm_math.norm_split, expr, b.block.bias, b.block.layout["shape"]),
+    ),
+}
+
+
 @dataclass
 class GeneratedStep:
     """The generated module source and what the optimizer needs to run it."""
@@ -174,13 +233,13 @@ def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, 
     probe_index = forward.probe_index
     blocks = [BlockVars(b, w.ident(b.name)) for b in plan.blocks]
     for b in blocks:
-        b.factors = {f: b.var(f) for f in method.factors}
-        b.batch_factors = {f: b.var(f"{f}_batch") for f in method.factors}
+        b.factors = {f: b.var(f) for f in b.block.factor_shapes}
+        b.batch_factors = {f: b.var(f"{f}_batch") for f in b.block.factor_shapes}
 
     state: dict[str, StateSpec] = {}
     for b in blocks:
-        for f in method.factors:
-            state[b.key(f)] = StateSpec(b.block.factor_shapes[f])
+        for f, shape in b.block.factor_shapes.items():
+            state[b.key(f)] = StateSpec(shape)
         state.update({b.key(k): spec for k, spec in method.state(b.block).items()})
 
     fallback_params = [p for p in forward.params if all(p not in b.block.placeholders for b in blocks)]
@@ -203,12 +262,12 @@ def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, 
             for b in blocks:
                 for f, var in b.factors.items():
                     w.line(f"{var} = {b.state(f)}")
-        if method.preconditioner:
+        if any(method.preconditioner(b.block) for b in blocks):
             with w.indent("if refresh:", when="refresh"):
                 method.write_refresh(w, blocks)
             with w.indent("else:"):
                 for b in blocks:
-                    for key in method.preconditioner:
+                    for key in method.preconditioner(b.block):
                         w.line(f"{b.var(key)} = {b.state(key)}")
         w.line()
         w.line("# preconditioned directions")
@@ -258,14 +317,13 @@ def _write_forward_backward(w: StepWriter, forward: InstrumentedForward, dims, l
 
 def _write_gradient_matrices(w: StepWriter, blocks: list[BlockVars], dtype: torch.dtype) -> None:
     w.line()
-    w.line("# gradient matrices [W, b] (weight decay added)")
+    w.line("# block matrices of parameters and gradients (weight decay added)")
     for b in blocks:
-        weight, bias = b.block.placeholders[0], (b.block.placeholders[1] if b.block.bias else None)
-        grad_bias = f"grad_{bias}" if bias else None
-        params = w.call(dense_math.dense_gradient_matrix, weight, str(bias), b.block.weight_transposed, dtype)
-        grads = w.call(dense_math.dense_gradient_matrix, f"grad_{weight}", str(grad_bias), b.block.weight_transposed, dtype)
-        w.line(f"{b.var('P')} = {params}")
-        w.line(f"{b.grad} = {grads} + {w.hyper('weight_decay')} * {b.var('P')}")
+        code = KIND_CODE[b.block.kind]
+        names = list(b.block.placeholders) + [None] * (2 - len(b.block.placeholders))
+        grads = [f"grad_{n}" if n else None for n in names]
+        w.line(f"{b.var('P')} = {code.matrix(w, b, names, dtype)}")
+        w.line(f"{b.grad} = {code.matrix(w, b, grads, dtype)} + {w.hyper('weight_decay')} * {b.var('P')}")
 
 
 def _write_fisher(w: StepWriter, loss: LossSpec, fisher: str) -> None:
@@ -291,9 +349,7 @@ def _write_batch_factors(w: StepWriter, b: BlockVars, forward: InstrumentedForwa
     indices = [probe_index[u.node] for u in b.block.uses]
     acts = "(" + "".join(f"acts[{i}], " for i in indices) + ")"
     grads = "(" + "".join(f"samples[{i}], " for i in indices) + ")"
-    reduce = b.block.sharing == "reduce"
-    w.line(f"{b.batch_factors['A']} = {w.call(dense_math.dense_input_factor, acts, b.block.bias, reduce, 'batch', dtype)}")
-    w.line(f"{b.batch_factors['G']} = {w.call(dense_math.dense_grad_factor, grads, reduce, 'examples', 'scale', dtype)}")
+    KIND_CODE[b.block.kind].factors(w, b, acts, grads, dtype)
 
 
 def _write_updates(w: StepWriter, blocks: list[BlockVars]) -> None:
@@ -301,8 +357,7 @@ def _write_updates(w: StepWriter, blocks: list[BlockVars]) -> None:
         weight = b.block.placeholders[0]
         bias = b.block.placeholders[1] if b.block.bias else None
         new_w, new_b = b.var("W_new"), b.var("b_new")
-        split = w.call(dense_math.dense_split, f"{b.var('P')} - {w.hyper('lr')} * {b.direction}", b.block.bias,
-                       b.block.weight_transposed)
+        split = KIND_CODE[b.block.kind].split(w, b, f"{b.var('P')} - {w.hyper('lr')} * {b.direction}")
         w.line(f"{new_w}, {new_b} = {split}")
         w.commit(weight, new_w)
         if bias:
@@ -385,10 +440,17 @@ def _with_dependencies(used: dict[str, Callable], registry: dict[str, Callable])
     """``used`` plus the registry helpers they call, dependencies first, each once."""
     ordered: dict[str, Callable] = {}
 
+    def names(code) -> set[str]:  # comprehensions and lambdas are nested code objects
+        found = set(code.co_names)
+        for const in code.co_consts:
+            if hasattr(const, "co_names"):
+                found |= names(const)
+        return found
+
     def visit(fn: Callable) -> None:
         if fn.__name__ in ordered:
             return
-        for name in fn.__code__.co_names:
+        for name in sorted(names(fn.__code__)):
             if name in registry and name != fn.__name__:
                 visit(registry[name])
         ordered[fn.__name__] = fn

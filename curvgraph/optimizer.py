@@ -88,7 +88,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         for key, spec in generated.state.items():
             dtype = spec.dtype or generated.factor_dtype
             if spec.init == "eye":
-                self._state[key] = torch.eye(spec.shape[0], dtype=dtype, device=self._device)
+                eye = torch.eye(spec.shape[-1], dtype=dtype, device=self._device)
+                self._state[key] = eye.expand(spec.shape).clone()
             else:
                 self._state[key] = torch.zeros(spec.shape, dtype=dtype, device=self._device)
         self._generator = torch.Generator(device=self._device)
@@ -183,12 +184,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ inspection
     def factors(self) -> dict[str, dict[str, Tensor]]:
-        """Block name -> ``{"A": ..., "G": ...}``: copies of the current Kronecker factors.
+        """Block name -> ``{"A": ..., "G": ...}`` (``{"F": ...}`` for norm blocks): copies of the factors.
 
         ``torch.kron(G, A)`` approximates the curvature block of the batch-mean loss
         w.r.t. ``torch.cat([W, b[:, None]], 1).flatten()`` (see ``docs/conventions.md``).
         """
-        return {b.name: {f: self._state[f"{b.name}.{f}"].clone() for f in self.method.factors} for b in self.plan.blocks}
+        return {b.name: {f: self._state[f"{b.name}.{f}"].clone() for f in b.factor_shapes} for b in self.plan.blocks}
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]

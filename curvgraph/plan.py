@@ -27,6 +27,7 @@ Cost keys (FLOPs unless stated):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -43,21 +44,18 @@ class LayerUse:
     """One application of a block's weight in the graph.
 
     ``node`` computes the layer output (the node the instrumentation probes),
-    ``input`` holds the layer input ``a``; shapes are symbolic. ``input_grad`` says
-    whether the backward pass needs the gradient w.r.t. the input (it does unless
-    the input depends on no trainable parameter, e.g. the first layer).
+    ``input`` holds the layer input ``a``; shapes are symbolic. ``rows`` is the number
+    of input vectors the layer applies its weight to (examples x positions).
+    ``input_grad`` says whether the backward pass needs the gradient w.r.t. the input
+    (it does unless the input depends on no trainable parameter, e.g. a first layer).
     """
 
     node: str
     input: str
     input_shape: Shape
     output_shape: Shape
+    rows: sympy.Expr
     input_grad: bool = True
-
-    @property
-    def rows(self) -> sympy.Expr:
-        """Number of input vectors the layer sees: the product of all but the last input dim."""
-        return sympy.Mul(*self.input_shape[:-1])
 
 
 @dataclass
@@ -74,10 +72,14 @@ class Block:
         dims: sizes that define the block, e.g. ``{"in": 40, "out": 64}``.
         bias: whether the bias is folded into the block (a ones column in ``a``).
         weight_transposed: the weight is stored ``(in, out)`` (as in ``x @ W``)
-            instead of PyTorch's ``(out, in)``.
+            instead of PyTorch's ``(out, in)`` (dense blocks).
         sharing: ``"expand"`` or ``"reduce"`` (Eschenhagen et al. 2023) for weights
             applied at several positions or places.
-        factor_shapes: shape of each Kronecker factor, e.g. ``{"A": (41, 41), "G": (64, 64)}``.
+        factor_shapes: shape of each factor, e.g. ``{"A": (41, 41), "G": (64, 64)}``;
+            grouped convolutions have ``(groups, d, d)`` factors, norm blocks one
+            per-channel factor ``{"F": (C, 2, 2)}``.
+        layout: what the kind needs besides sizes (convolution geometry, the
+            channel layout of a norm layer, parameter shapes).
         cost: sympy cost expressions, keys as in this module's docstring.
     """
 
@@ -90,13 +92,23 @@ class Block:
     bias: bool
     weight_transposed: bool
     sharing: str
-    factor_shapes: dict[str, tuple[int, int]]
+    factor_shapes: dict[str, tuple[int, ...]]
+    layout: dict[str, object] = field(default_factory=dict)
     cost: dict[str, sympy.Expr] = field(default_factory=dict)
 
     @property
     def shared(self) -> bool:
         """Whether the weight is applied at more than one place in the graph."""
         return len(self.uses) > 1
+
+    @property
+    def matrix_shape(self) -> tuple[int, ...]:
+        """Shape of the block's parameter matrix: ``(out, in)`` per group for Kronecker
+        factors ``A``, ``G``; ``(C, k)`` for a per-channel factor ``F``."""
+        if "F" in self.factor_shapes:
+            return self.factor_shapes["F"][:-1]
+        a, g = self.factor_shapes["A"], self.factor_shapes["G"]
+        return g[:-1] + a[-1:]
 
 
 @dataclass
@@ -145,6 +157,10 @@ class Plan:
         """Sum of one cost entry over all blocks."""
         return sympy.Add(*(b.cost.get(key, 0) for b in self.blocks))
 
+    def matrix_numel(self) -> int:
+        """Number of parameters in the curvature blocks."""
+        return sum(math.prod(b.matrix_shape) for b in self.blocks)
+
     def step_flops(self, *, samples: int, factor_every: int, invert_every: int) -> dict[str, sympy.Expr]:
         """FLOPs of one optimizer step, by component, amortizing periodic work.
 
@@ -154,7 +170,7 @@ class Plan:
         ``update`` counts 8 FLOPs per parameter (momentum or Adam moments, weight decay,
         the update itself).
         """
-        block_numel = sum(b.factor_shapes["A"][0] * b.factor_shapes["G"][0] for b in self.blocks)
+        block_numel = self.matrix_numel()
         return {
             "forward_backward": self.total("forward_backward"),
             "statistics": self.total("statistics") / factor_every,
@@ -167,7 +183,7 @@ class Plan:
     def __str__(self) -> str:
         rows = [("block", "kind", "params", "uses", "sharing", "factors", "state", "FLOPs/step")]
         for b in self.blocks:
-            factors = " ".join(f"{k}:{r}x{c}" for k, (r, c) in b.factor_shapes.items())
+            factors = " ".join(f"{k}:{'x'.join(map(str, s))}" for k, s in b.factor_shapes.items())
             flops = b.cost.get("forward_backward", 0) + b.cost.get("statistics", 0) + b.cost.get("precondition", 0)
             rows.append(
                 (

@@ -159,7 +159,22 @@ def _export(model: nn.Module, example_inputs: tuple[Tensor, ...]) -> ExportedPro
             program = torch.export.export(model, inputs, dynamic_shapes=dynamic)
             return program.run_decompositions({})
     except Exception as exc:  # translated below, never swallowed
-        raise _translate_export_error(model, example_inputs, exc) from exc
+        failure = exc
+    raise _translate_export_error(model, example_inputs, _with_static_sizes(model, inputs, failure)) from failure
+
+
+def _with_static_sizes(model: nn.Module, inputs: tuple[Tensor, ...], exc: Exception) -> Exception:
+    """The same failure with concrete sizes in its message (a static export), if it fails the same way.
+
+    The inputs are cloned: export remembers the symbolic sizes it gave a tensor object.
+    """
+    try:
+        with _quiet_export():
+            torch.export.export(model, tuple(t.clone() for t in inputs))
+    except Exception as static_exc:  # only used to word the error
+        if type(static_exc) is type(exc):
+            return static_exc
+    return exc
 
 
 @contextlib.contextmanager

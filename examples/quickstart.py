@@ -15,7 +15,7 @@ x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.LayerNorm(128), nn.Linear(128, 10))
 opt = curvgraph.compile(model, example_inputs=(x[:64],), loss="cross_entropy", method="kfac")
-print(opt.plan)  # two dense blocks; LayerNorm's affine parameters use the Adam fallback
+print(opt.plan)  # two dense blocks and a norm block for LayerNorm's scale and shift
 
 schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=300)
 for step in range(300):

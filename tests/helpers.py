@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -31,32 +32,39 @@ def block_matrix(weight: Tensor, bias: Tensor | None) -> Tensor:
     return matrix.flatten()
 
 
-def exact_ggn_block(model: nn.Module, loss: str, x: Tensor, y: Tensor, weight: str, bias: str | None,
-                    transposed: bool = False) -> Tensor:
-    r"""Exact GGN :math:`\frac1K\sum_k J_k^\top H_k J_k` of the mean loss w.r.t. one block, by torch.func.
+def exact_ggn(model: nn.Module, loss: str, x: Tensor, y: Tensor, theta: Tensor,
+              unpack: Callable[[Tensor], dict[str, Tensor]]) -> Tensor:
+    r"""Exact GGN :math:`\frac1K\sum_k J_k^\top H_k J_k` of the mean loss w.r.t. coordinates ``theta``, by torch.func.
 
-    The block's coordinates are ``[W, b]`` row-major with ``W`` in ``(out, in)``
-    layout (``transposed``: the parameter is stored ``(in, out)``).
+    ``unpack(theta)`` returns the parameters (by name) that ``theta`` stands for.
     """
     params = {n: p.detach() for n, p in model.named_parameters()}
     loss_fn = LOSS_MODULES[loss]()
-    w = params[weight].T if transposed else params[weight]
-    out_features = w.shape[0]
 
-    def output_of(theta: Tensor) -> Tensor:
-        matrix = theta.reshape(out_features, -1)
-        new = dict(params)
-        new_w = matrix[:, : w.shape[1]]
-        new[weight] = new_w.T if transposed else new_w
-        if bias is not None:
-            new[bias] = matrix[:, -1]
-        return functional_call(model, new, (x,))
+    def output_of(t: Tensor) -> Tensor:
+        return functional_call(model, {**params, **unpack(t)}, (x,))
 
-    theta = block_matrix(w, params[bias] if bias else None)
     output = output_of(theta)
     jac = jacrev(output_of)(theta).reshape(output.numel(), theta.numel())
     hess = hessian(lambda o: loss_fn(o.reshape(output.shape), y))(output.flatten())
     return jac.T @ hess @ jac
+
+
+def exact_ggn_block(model: nn.Module, loss: str, x: Tensor, y: Tensor, weight: str, bias: str | None,
+                    transposed: bool = False) -> Tensor:
+    """Exact GGN of a dense block in the coordinates ``[W, b]`` row-major, ``W`` in ``(out, in)``
+    layout (``transposed``: the parameter is stored ``(in, out)``)."""
+    params = dict(model.named_parameters())
+    w = params[weight].detach().T if transposed else params[weight].detach()
+
+    def unpack(theta: Tensor) -> dict[str, Tensor]:
+        matrix = theta.reshape(w.shape[0], -1)
+        new = {weight: matrix[:, : w.shape[1]].T if transposed else matrix[:, : w.shape[1]]}
+        if bias is not None:
+            new[bias] = matrix[:, -1]
+        return new
+
+    return exact_ggn(model, loss, x, y, block_matrix(w, params[bias].detach() if bias else None), unpack)
 
 
 def curvlinops_factors(model: nn.Module, loss: str, x: Tensor, y: Tensor, fisher: str,

@@ -104,13 +104,13 @@ class WithFallbacks(nn.Module):
 
 def test_unmatched_parameters_fall_back_with_a_reason():
     plan = plan_of(WithFallbacks(), torch.randint(0, 10, (4, 3)))
-    assert [b.name for b in plan.blocks] == ["out"]
-    assert set(plan.fallback_params) == {"embed.weight", "norm.weight", "norm.bias", "fc.weight", "fc.bias", "scale"}
+    assert [(b.name, b.kind) for b in plan.blocks] == [("norm", "norm"), ("out", "dense")]
+    assert set(plan.fallback_params) == {"embed.weight", "fc.weight", "fc.bias", "scale"}
     assert "embedding" in plan.fallback_reasons["embed.weight"]
     assert "sum" in plan.fallback_reasons["fc.weight"]
     assert set(plan.frozen_params) == {"frozen.weight", "frozen.bias"}
     text = str(plan)
-    for name in ("out", "embed.weight", "norm.bias", "frozen.weight", "first-order fallback"):
+    for name in ("out", "embed.weight", "norm.bias", "F:6x2x2", "frozen.weight", "first-order fallback"):
         assert name in text
 
 

@@ -44,6 +44,8 @@ import sympy
 import torch
 from torch import Tensor
 
+from .kronecker import input_moment, output_moment
+
 
 def dense_input_factor(inputs: tuple[Tensor, ...], bias: bool, reduce: bool, batch: int, dtype: torch.dtype) -> Tensor:
     r"""Input factor ``A`` of one batch from the layer inputs of every use.
@@ -61,16 +63,10 @@ def dense_input_factor(inputs: tuple[Tensor, ...], bias: bool, reduce: bool, bat
     """
     d = inputs[0].shape[-1]
     if reduce:
-        rows = (torch.cat([a.reshape(batch, -1, d) for a in inputs], 1).mean(1).to(dtype),)
+        rows = (torch.cat([a.to(dtype).reshape(batch, -1, d) for a in inputs], 1).mean(1)[:, None, :],)
     else:
-        rows = tuple(a.reshape(-1, d).to(dtype) for a in inputs)
-    count = sum(r.shape[0] for r in rows)
-    moment = sum(r.T @ r for r in rows)
-    if bias:
-        total = sum(r.sum(0) for r in rows)
-        corner = total.new_full((1,), count)
-        moment = torch.cat([torch.cat([moment, total[:, None]], 1), torch.cat([total, corner])[None]], 0)
-    return moment / count
+        rows = tuple(a.reshape(-1, 1, d) for a in inputs)
+    return input_moment(rows, bias, dtype)[0]
 
 
 def dense_grad_factor(grads: tuple[Tensor, ...], reduce: bool, examples: int, scale: Tensor, dtype: torch.dtype) -> Tensor:
@@ -89,10 +85,10 @@ def dense_grad_factor(grads: tuple[Tensor, ...], reduce: bool, examples: int, sc
     """
     d = grads[0].shape[-1]
     if reduce:
-        rows = (sum(g.reshape(examples, -1, d).sum(1) for g in grads).to(dtype),)
+        rows = (sum(g.to(dtype).reshape(examples, -1, d).sum(1) for g in grads)[:, None, :],)
     else:
-        rows = tuple(g.reshape(-1, d).to(dtype) for g in grads)
-    return sum(r.T @ r for r in rows) * scale
+        rows = tuple(g.reshape(-1, 1, d) for g in grads)
+    return output_moment(rows, scale, dtype)[0]
 
 
 def dense_gradient_matrix(weight: Tensor, bias: Tensor | None, transposed: bool, dtype: torch.dtype) -> Tensor:

@@ -79,18 +79,19 @@ class BlockVars:
 class Method(ABC):
     """Base class of curvature update rules.
 
-    Subclasses set ``name``, ``factors`` (the Kronecker factors they keep, computed
-    by the generator from the block kind), ``preconditioner`` (the state entries
-    ``write_refresh`` recomputes; between refreshes the step reads them from the
-    state) and ``defaults`` (hyper-parameters with
-    their default values; each becomes a key of the optimizer's curvature
-    parameter group and a 0-d tensor ``hyper[key]`` in the step).
+    Subclasses set ``name`` and ``defaults`` (hyper-parameters with their default
+    values; each becomes a key of the optimizer's curvature parameter group and a 0-d
+    tensor ``hyper[key]`` in the step). The factors a block keeps are its kind's
+    (``block.factor_shapes``: ``A``, ``G`` or ``F``); the generator computes their
+    batch estimates.
     """
 
     name: str = ""
-    factors: tuple[str, ...] = ("A", "G")
-    preconditioner: tuple[str, ...] = ()
     defaults: dict[str, float | None] = {}
+
+    @abstractmethod
+    def preconditioner(self, block: Block) -> tuple[str, ...]:
+        """State entries of ``block`` that ``write_refresh`` recomputes (read from the state otherwise)."""
 
     @abstractmethod
     def state(self, block: Block) -> dict[str, StateSpec]:

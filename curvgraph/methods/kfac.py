@@ -13,11 +13,17 @@ Kronecker factors ``A``, ``G`` (exponential moving averages of the batch factors
 
 The two inverses are recomputed every ``invert_every`` steps (``refresh``), batched
 over all factors of equal shape with one Cholesky factorization each; in between, the
-factors keep updating and the stale inverses are used.
+factors keep updating and the stale inverses are used. Grouped convolutions carry a
+leading group dim on ``A``, ``G`` and ``M``; every formula applies per group.
+
+Norm blocks have one per-channel factor ``F`` (``(C, k, k)``, see
+:mod:`curvgraph.curvature.norm`), which is the curvature block itself, not a Kronecker
+factor: :math:`V_c = (F_c + \lambda I)^{-1} M_c`.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import sympy
@@ -40,7 +46,8 @@ def factored_damping(A: Tensor, G: Tensor, damping: Tensor) -> tuple[Tensor, Ten
     :math:`\lambda` is split between them in proportion to their scales.
     """
     tiny = torch.finfo(A.dtype).tiny
-    pi = (A.diagonal().mean().clamp_min(tiny) / G.diagonal().mean().clamp_min(tiny)).sqrt()
+    mean_a = A.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(tiny)
+    pi = (mean_a / G.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(tiny)).sqrt()
     root = damping.sqrt()
     return pi * root, root / pi
 
@@ -65,6 +72,11 @@ def kfac_precondition(grad: Tensor, A_inv: Tensor, G_inv: Tensor) -> Tensor:
     return G_inv @ grad @ A_inv
 
 
+def channel_precondition(grad: Tensor, F_inv: Tensor) -> Tensor:
+    r""":math:`V_c = F_c^{-1} M_c` for every channel: ``grad`` ``(C, k)``, ``F_inv`` ``(C, k, k)``."""
+    return (F_inv @ grad[..., None])[..., 0]
+
+
 def kl_clip_scale(directions: tuple[Tensor, ...], grads: tuple[Tensor, ...], lr: Tensor, kl_clip: Tensor) -> Tensor:
     r""":math:`\nu = \min(1, \sqrt{\kappa / (\eta^2 \sum \langle V, M\rangle)})`; ``kl_clip = inf`` disables it."""
     inner = sum((v * g).sum() for v, g in zip(directions, grads))
@@ -80,8 +92,6 @@ class KFAC(Method):
     """K-FAC: Kronecker-factored natural gradient with momentum (see the module docstring)."""
 
     name = "kfac"
-    factors = ("A", "G")
-    preconditioner = ("A_inv", "G_inv")
     defaults = {
         "lr": 0.002,
         "momentum": 0.9,
@@ -91,29 +101,31 @@ class KFAC(Method):
         "kl_clip": 1e-3,
     }
 
+    def preconditioner(self, block: Block) -> tuple[str, ...]:
+        return tuple(f"{f}_inv" for f in block.factor_shapes)
+
     def state(self, block: Block) -> dict[str, StateSpec]:
-        rows, cols = block.factor_shapes["G"][0], block.factor_shapes["A"][0]
-        return {
-            "A_inv": StateSpec(block.factor_shapes["A"], "eye"),
-            "G_inv": StateSpec(block.factor_shapes["G"], "eye"),
-            "momentum": StateSpec((rows, cols)),
-        }
+        inverses = {f"{f}_inv": StateSpec(shape, "eye") for f, shape in block.factor_shapes.items()}
+        return {**inverses, "momentum": StateSpec(block.matrix_shape)}
 
     def write_statistics(self, w, blocks: list[BlockVars]) -> None:
         for b in blocks:
-            for f in self.factors:
+            for f in b.factors:
                 w.line(f"{b.factors[f]} = {w.call(ema, b.state(f), b.batch_factors[f], w.hyper('ema'))}")
                 w.commit(b.state(f), b.factors[f], when="update_stats")
 
     def write_refresh(self, w, blocks: list[BlockVars]) -> None:
         shifts: dict[tuple[str, str], str] = {}
         for b in blocks:
+            if "F" in b.factors:  # the curvature block itself: plain Tikhonov damping per channel
+                shifts[b.id, "F"] = f"{w.hyper('damping')}.expand({b.block.factor_shapes['F'][0]})"
+                continue
             shift_a, shift_g = b.var("shift_A"), b.var("shift_G")
             w.line(f"{shift_a}, {shift_g} = {w.call(factored_damping, b.factors['A'], b.factors['G'], w.hyper('damping'))}")
             shifts[b.id, "A"], shifts[b.id, "G"] = shift_a, shift_g
-        groups: dict[tuple[int, int], list[tuple[BlockVars, str]]] = defaultdict(list)
+        groups: dict[tuple[int, ...], list[tuple[BlockVars, str]]] = defaultdict(list)
         for b in blocks:
-            for f in self.factors:
+            for f in b.factors:
                 groups[b.block.factor_shapes[f]].append((b, f))
         for shape, members in groups.items():
             targets = [b.var(f"{f}_inv") for b, f in members]
@@ -123,7 +135,7 @@ class KFAC(Method):
             if len(members) == 1:
                 w.line(f"{targets[0]} = {w.call(damped_inverse, factors[0], shift[0], previous[0])}")
             else:
-                w.line(f"# {len(members)} factors of shape {shape[0]}x{shape[1]}: one batched Cholesky")
+                w.line(f"# {len(members)} factors of shape {'x'.join(map(str, shape))}: one batched Cholesky")
                 call = w.call(damped_inverse, _stack(factors), _stack(shift), _stack(previous))
                 w.line(f"{', '.join(targets)} = {call}.unbind(0)")
             for (b, f), target in zip(members, targets):
@@ -131,7 +143,10 @@ class KFAC(Method):
 
     def write_direction(self, w, blocks: list[BlockVars]) -> None:
         for b in blocks:
-            w.line(f"{b.var('V')} = {w.call(kfac_precondition, b.grad, b.var('A_inv'), b.var('G_inv'))}")
+            if "F" in b.factors:
+                w.line(f"{b.var('V')} = {w.call(channel_precondition, b.grad, b.var('F_inv'))}")
+            else:
+                w.line(f"{b.var('V')} = {w.call(kfac_precondition, b.grad, b.var('A_inv'), b.var('G_inv'))}")
         directions = _tuple(b.var("V") for b in blocks)
         grads = _tuple(b.grad for b in blocks)
         w.line(f"nu = {w.call(kl_clip_scale, directions, grads, w.hyper('lr'), w.hyper('kl_clip'))}")
@@ -140,11 +155,21 @@ class KFAC(Method):
             w.commit(b.state("momentum"), b.direction)
 
     def cost(self, block: Block) -> dict[str, sympy.Expr]:
-        d_a, d_g = block.factor_shapes["A"][0], block.factor_shapes["G"][0]
-        floats = 2 * d_a * d_a + 2 * d_g * d_g + d_a * d_g
+        """Preconditioning ``2 (o^2 i + o i^2)`` per group (``2 C k^2`` per-channel), inversion
+        ``d^3`` per factor matrix, state: factors, inverses and momentum in float32."""
+        shapes = block.factor_shapes
+        if "F" in shapes:
+            channels, k, _ = shapes["F"]
+            precondition = 2 * channels * k * k
+        else:
+            lead = math.prod(shapes["A"][:-2])
+            d_a, d_g = shapes["A"][-1], shapes["G"][-1]
+            precondition = lead * (2 * d_g * d_g * d_a + 2 * d_g * d_a * d_a)
+        inversion = sum(math.prod(s[:-2]) * s[-1] ** 3 for s in shapes.values())
+        floats = 2 * sum(math.prod(s) for s in shapes.values()) + math.prod(block.matrix_shape)
         return {
-            "precondition": sympy.Integer(2 * d_g * d_g * d_a + 2 * d_g * d_a * d_a),
-            "inversion": sympy.Integer(d_a**3 + d_g**3),
+            "precondition": sympy.Integer(precondition),
+            "inversion": sympy.Integer(inversion),
             "state_bytes": sympy.Integer(4 * floats),
         }
 

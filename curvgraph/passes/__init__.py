@@ -15,13 +15,18 @@ from torch.fx import Graph
 from ..errors import ConfigError
 from ..plan import SHARING_MODES, Block, Plan
 from ..trace import TracedModel
+from .conv import find_conv_blocks
 from .dense import find_dense_blocks
-from .linear_forms import NORMALIZATION_PASSES
+from .linear_forms import LINEAR_PASSES
+from .norm import find_norm_blocks, split_norm_affine
 
 BlockPass = Callable[[TracedModel, str, dict[str, str]], list[Block]]
 
+#: Rewrites into the canonical op vocabulary, run until none applies.
+NORMALIZATION_PASSES = LINEAR_PASSES + (split_norm_affine,)
+
 #: Block passes in the order they claim parameters.
-BLOCK_PASSES: tuple[BlockPass, ...] = (find_dense_blocks,)
+BLOCK_PASSES: tuple[BlockPass, ...] = (find_dense_blocks, find_conv_blocks, find_norm_blocks)
 
 
 def normalize(graph: Graph, params: set[str]) -> dict[str, int]:

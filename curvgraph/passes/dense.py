@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import sympy
+
 from torch.fx import Graph, Node
 
 from ..curvature import dense as dense_math
@@ -52,7 +54,8 @@ def find_dense_blocks(traced: TracedModel, sharing: str, claimed: dict[str, str]
         placeholders = (weight.name,) + ((bias.name,) if bias is not None else ())
         layer_uses = tuple(
             LayerUse(node=lin.name, input=lin.args[0].name, input_shape=symbolic_shape(lin.args[0]),
-                     output_shape=symbolic_shape(lin), input_grad=lin.args[0] in trainable)
+                     output_shape=symbolic_shape(lin), rows=sympy.Mul(*symbolic_shape(lin.args[0])[:-1]),
+                     input_grad=lin.args[0] in trainable)
             for lin in linears
         )
         block = Block(

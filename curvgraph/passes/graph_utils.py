@@ -65,3 +65,31 @@ def depends_on(graph: Graph, sources: set[str]) -> set[Node]:
         elif any(arg in dependent for arg in node.all_input_nodes):
             dependent.add(node)
     return dependent
+
+
+def schema_args(node: Node) -> dict[str, object]:
+    """The op's arguments by schema name, defaults filled in."""
+    values: dict[str, object] = {}
+    for i, arg in enumerate(node.target._schema.arguments):
+        if i < len(node.args):
+            values[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            values[arg.name] = node.kwargs[arg.name]
+        elif arg.has_default_value():
+            values[arg.name] = arg.default_value
+    return values
+
+
+def set_schema_arg(node: Node, name: str, value: object) -> None:
+    """Set the op argument called ``name`` (positional or keyword) to ``value``."""
+    names = [a.name for a in node.target._schema.arguments]
+    index = names.index(name)
+    if index < len(node.args):
+        node.update_arg(index, value)
+    else:
+        node.update_kwarg(name, value)
+
+
+def param_users_only(param: Node, allowed: set[Node]) -> list[Node]:
+    """Users of ``param`` outside ``allowed``."""
+    return [u for u in param.users if u not in allowed]

@@ -130,7 +130,7 @@ def fold_bias(graph: Graph, params: set[str]) -> int:
     return count
 
 
-NORMALIZATION_PASSES = (matmul_to_linear, einsum_to_linear, fold_bias)
+LINEAR_PASSES = (matmul_to_linear, einsum_to_linear, fold_bias)
 
 
 def _is_bias_free_linear(node: object) -> bool:

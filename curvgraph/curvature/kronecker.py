@@ -1,0 +1,39 @@
+r"""Second moments shared by every Kronecker-factored block kind (dense, conv).
+
+A block kind turns its layer inputs into *rows* ``(R, g, d)`` -- ``R`` input vectors
+(examples times positions), ``g`` independent groups (grouped convolutions; 1
+otherwise), ``d`` features -- and its output gradients into rows ``(R', g, o)``. The
+factors are then
+
+.. math:: A_j = \frac1R \sum_r \bar a_{r,j} \bar a_{r,j}^\top,\qquad
+          G_j = c \sum_r g_{r,j} g_{r,j}^\top
+
+per group ``j``, with :math:`\bar a = [a, 1]` when the block holds a bias. Results are
+``(g, d + bias, d + bias)`` and ``(g, o, o)``.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+import torch
+
+
+def input_moment(rows: tuple[Tensor, ...], bias: bool, dtype: torch.dtype) -> Tensor:
+    r""":math:`\frac1R \sum_r \bar a_r \bar a_r^\top` per group over the rows of every tensor in ``rows`` (each ``(R_u, g, d)``).
+
+    The ones column of :math:`\bar a` is not materialized: its row and column are the
+    column sums of ``a`` and its corner is ``R``.
+    """
+    rows = tuple(r.to(dtype) for r in rows)
+    count = sum(r.shape[0] for r in rows)
+    moment = sum(torch.einsum("rgi,rgj->gij", r, r) for r in rows)
+    if bias:
+        total = sum(r.sum(0) for r in rows)
+        corner = total.new_full((total.shape[0], 1), count)
+        moment = torch.cat([torch.cat([moment, total[:, :, None]], 2), torch.cat([total, corner], 1)[:, None, :]], 1)
+    return moment / count
+
+
+def output_moment(rows: tuple[Tensor, ...], scale: Tensor, dtype: torch.dtype) -> Tensor:
+    r""":math:`c \sum_r g_r g_r^\top` per group over the rows of every tensor in ``rows`` (each ``(R_u, g, o)``)."""
+    return sum(torch.einsum("rgi,rgj->gij", r.to(dtype), r.to(dtype)) for r in rows) * scale

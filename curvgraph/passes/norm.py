@@ -1,0 +1,193 @@
+"""Normalization layers: split the affine part off, then one ``"norm"`` block per weight.
+
+:func:`split_norm_affine` (a normalization pass) rewrites
+``norm(x, weight, bias)`` into ``norm(x, None, None) * weight + bias`` (``weight`` and
+``bias`` viewed to broadcast along the channel dim), so that the normalized input
+``x_hat`` is an ordinary layer input and ``y`` a layer output the instrumentation can
+probe. Normalization statistics (BatchNorm's running mean and variance) are computed
+by the same op as before, so they update exactly as in eager PyTorch.
+
+:func:`find_norm_blocks` then matches ``x_hat * weight (+ bias)`` with ``x_hat`` the
+output of a normalization op. Patterns are data: :data:`NORM_FORMS`.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+from dataclasses import dataclass
+
+import sympy
+from torch.fx import Graph, Node
+
+from ..curvature import norm as norm_math
+from ..plan import Block, LayerUse
+from ..trace import TracedModel, symbolic_shape
+from .dense import block_name
+from .graph_utils import aten, depends_on, insert_call, ndim, schema_args, set_schema_arg
+
+
+@dataclass(frozen=True)
+class NormForm:
+    """A normalization op with an affine weight/bias.
+
+    ``output``: the index of the normalized tensor in the op's result tuple (``None``
+    if it returns one tensor); ``channels_first``: the affine parameters scale dim 1
+    (BatchNorm, GroupNorm) rather than the trailing normalized dims (LayerNorm).
+    """
+
+    target: object
+    output: int | None
+    channels_first: bool
+
+
+NORM_FORMS = (
+    NormForm(aten._native_batch_norm_legit_functional.default, 0, True),
+    NormForm(aten._native_batch_norm_legit.no_stats, 0, True),
+    NormForm(aten._native_batch_norm_legit_no_training.default, 0, True),
+    NormForm(aten.group_norm.default, None, True),
+    NormForm(aten.layer_norm.default, None, False),
+)
+_FORMS = {f.target: f for f in NORM_FORMS}
+
+
+def split_norm_affine(graph: Graph, params: set[str]) -> int:
+    """``norm(x, w, b)`` -> ``norm(x, None, None) * w + b`` for trainable ``w``; returns rewrite count."""
+    count = 0
+    for node in list(graph.nodes):
+        form = _FORMS.get(node.target) if node.op == "call_function" else None
+        if form is None:
+            continue
+        args = schema_args(node)
+        weight, bias = args.get("weight"), args.get("bias")
+        if not (isinstance(weight, Node) and weight.name in params):
+            continue
+        normalized = _normalized_output(node, form)
+        if normalized is None:
+            continue
+        set_schema_arg(node, "weight", None)
+        if bias is not None:
+            set_schema_arg(node, "bias", None)
+        anchor = normalized.next
+        rank = ndim(normalized)
+        view = [1, -1] + [1] * (rank - 2) if form.channels_first else None
+        scale = insert_call(graph, anchor, aten.view.default, (weight, view)) if view else weight
+        result = insert_call(graph, anchor, aten.mul.Tensor, (normalized, scale), meta_from=normalized)
+        if bias is not None:
+            shift = insert_call(graph, anchor, aten.view.default, (bias, view)) if view else bias
+            result = insert_call(graph, anchor, aten.add.Tensor, (result, shift), meta_from=normalized)
+        normalized.replace_all_uses_with(result, delete_user_cb=lambda user: user.target is not aten.mul.Tensor
+                                         or user.args[1] is not scale)
+        count += 1
+    return count
+
+
+@dataclass(frozen=True)
+class AffineMatch:
+    """``output = x_hat * weight (+ bias)`` after a normalization op."""
+
+    weight: Node
+    bias: Node | None
+    normalized: Node
+    mul: Node
+    output: Node
+    channels_first: bool
+
+
+def find_norm_blocks(traced: TracedModel, sharing: str, claimed: dict[str, str]) -> list[Block]:
+    """Norm blocks: ``x_hat * weight (+ bias)`` after a normalization op, grouped by weight."""
+    params = set(traced.params)
+    matches: dict[Node, list[AffineMatch]] = defaultdict(list)
+    for node in traced.graph.nodes:
+        match = _affine(node, params)
+        if match is not None:
+            matches[match.weight].append(match)
+
+    trainable = depends_on(traced.graph, params)
+    blocks = []
+    for weight, found in matches.items():
+        if not _only_used_by(weight, {m.mul for m in found}) or len({m.channels_first for m in found}) != 1:
+            claimed.setdefault(weight.name, "the norm weight has other consumers")
+            continue
+        biases = {m.bias for m in found}
+        bias = biases.pop() if len(biases) == 1 else None
+        if bias is not None and not _only_used_by(bias, {m.output for m in found}):
+            bias = None
+        shape = tuple(weight.meta["val"].shape)
+        channels = int(sympy.Mul(*shape))
+        placeholders = (weight.name,) + ((bias.name,) if bias is not None else ())
+        layer_uses = tuple(
+            LayerUse(node=(m.output if bias is not None else m.mul).name, input=m.normalized.name,
+                     input_shape=symbolic_shape(m.normalized), output_shape=symbolic_shape(m.output),
+                     rows=symbolic_shape(m.normalized)[0], input_grad=m.normalized in trainable)
+            for m in found
+        )
+        block = Block(
+            name=block_name(traced.params[weight.name]),
+            kind="norm",
+            params=tuple(traced.params[p] for p in placeholders),
+            placeholders=placeholders,
+            uses=layer_uses,
+            dims={"channels": channels},
+            bias=bias is not None,
+            weight_transposed=False,
+            sharing=sharing,
+            factor_shapes=norm_math.factor_shapes({"channels": channels}, bias is not None),
+            layout={"channels_first": found[0].channels_first, "shape": shape},
+        )
+        block.cost = norm_math.cost(block)
+        blocks.append(block)
+        for p in placeholders:
+            claimed[p] = ""
+    return blocks
+
+
+def _normalized_output(node: Node, form: NormForm) -> Node | None:
+    if form.output is None:
+        return node
+    items = [u for u in node.users if u.target is operator.getitem and u.args[1] == form.output]
+    return items[0] if len(items) == 1 else None
+
+
+def _norm_form_of(node: Node) -> NormForm | None:
+    """The form whose normalized output ``node`` is (the op itself or its getitem)."""
+    if node.op != "call_function":
+        return None
+    if node.target is operator.getitem:
+        form = _FORMS.get(node.args[0].target) if isinstance(node.args[0], Node) else None
+        return form if form is not None and form.output == node.args[1] else None
+    form = _FORMS.get(node.target)
+    return form if form is not None and form.output is None else None
+
+
+def _unview(node: object) -> object:
+    return node.args[0] if isinstance(node, Node) and node.target is aten.view.default else node
+
+
+def _affine(node: Node, params: set[str]) -> AffineMatch | None:
+    """Match ``mul(x_hat, w)``, with the ``add(., b)`` after it if there is one."""
+    if node.op != "call_function" or node.target is not aten.mul.Tensor or len(node.args) != 2:
+        return None
+    normalized, scale = node.args
+    weight = _unview(scale)
+    form = _norm_form_of(normalized) if isinstance(normalized, Node) else None
+    if form is None or not (isinstance(weight, Node) and weight.name in params):
+        return None
+    output, bias = node, None
+    if len(node.users) == 1:
+        (user,) = node.users
+        candidate = _unview(user.args[1]) if user.target is aten.add.Tensor and len(user.args) == 2 else None
+        if user.args[0] is node and isinstance(candidate, Node) and candidate.name in params and not user.kwargs:
+            output, bias = user, candidate
+    return AffineMatch(weight, bias, normalized, node, output, form.channels_first)
+
+
+def _only_used_by(param: Node, consumers: set[Node]) -> bool:
+    """Every use of ``param`` is by ``consumers``, directly or through a view only they use."""
+    for user in param.users:
+        if user.target is aten.view.default:
+            if not set(user.users) <= consumers:
+                return False
+        elif user not in consumers:
+            return False
+    return True

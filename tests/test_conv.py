@@ -1,0 +1,182 @@
+"""Convolutions (KFC): factors against the exact GGN and curvlinops, plans, training on MNIST-1D."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import curvgraph
+from helpers import curvlinops_factors, exact_ggn, make_targets
+
+
+class ChannelsLast(nn.Module):
+    """A single convolution whose output has channels last: every position is an MSE loss term.
+
+    For this model KFC-expand is exact (Eschenhagen et al. 2023): the GGN of the
+    convolution is ``(2/C) I kron mean_l(patch patch^T)``.
+    """
+
+    def __init__(self, conv: nn.Module) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        return self.conv(x).movedim(1, -1)
+
+
+EXACT = {
+    "conv1d-stride-pad": (lambda: nn.Conv1d(3, 4, 3, stride=2, padding=1), (2, 3, 9)),
+    "conv1d-no-bias-dilated": (lambda: nn.Conv1d(2, 3, 2, dilation=3, bias=False), (3, 2, 10)),
+    "conv2d-same-even-kernel": (lambda: nn.Conv2d(2, 4, (2, 3), padding="same", dilation=(1, 2)), (2, 2, 5, 6)),
+    "conv3d-groups": (lambda: nn.Conv3d(2, 4, 2, stride=(1, 2, 1), groups=2), (2, 2, 3, 4, 3)),
+    "conv3d-depthwise-pad": (lambda: nn.Conv3d(3, 3, (1, 2, 2), padding=1, groups=3), (1, 3, 2, 3, 3)),
+}
+
+
+@pytest.mark.parametrize("case", EXACT)
+def test_kfc_expand_is_the_exact_ggn_of_a_linear_convolution(float64, case):
+    torch.manual_seed(0)
+    make, shape = EXACT[case]
+    model = ChannelsLast(make())
+    x = torch.randn(shape)
+    y = torch.randn(model(x).shape)
+    reference = copy.deepcopy(model)
+    opt = curvgraph.compile(model, (x,), loss="mse", fisher="type2", ema=0.0, backend="eager")
+    opt.step(x, y)
+    (block,) = opt.plan.blocks
+    assert block.kind == "conv" and block.layout["groups"] == reference.conv.groups
+    factors = opt.factors()["conv"]
+    A, G = factors["A"], factors["G"]
+    if A.dim() == 2:
+        A, G = A[None], G[None]
+
+    weight, bias = reference.conv.weight.detach(), reference.conv.bias
+    groups, per_group = reference.conv.groups, weight.shape[0] // reference.conv.groups
+    matrix = weight.reshape(groups, per_group, -1)
+    if bias is not None:
+        matrix = torch.cat([matrix, bias.detach().reshape(groups, per_group, 1)], 2)
+
+    def unpack(theta):
+        m = theta.reshape(groups, per_group, -1)
+        new = {"conv.weight": (m[..., :-1] if bias is not None else m).reshape(weight.shape)}
+        if bias is not None:
+            new["conv.bias"] = m[..., -1].reshape(-1)
+        return new
+
+    exact = exact_ggn(reference, "mse", x, y, matrix.flatten(), unpack)
+    kron = torch.block_diag(*[torch.kron(G[j], A[j]) for j in range(groups)])
+    torch.testing.assert_close(kron, exact, rtol=1e-10, atol=1e-12)
+
+
+def cnn_strided() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, stride=2, bias=False),
+                         nn.Flatten(), nn.Linear(3 * 3 * 3, 5))
+
+
+def cnn_dilated() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(2, 3, 2, dilation=2, padding=2), nn.Tanh(), nn.AvgPool2d(2), nn.Flatten(),
+                         nn.Linear(3 * 4 * 4, 5))
+
+
+def cnn_rectangular() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(2, 4, (3, 1), stride=(2, 1), padding=(1, 0)), nn.ReLU(), nn.Conv2d(4, 4, 1),
+                         nn.Sigmoid(), nn.Flatten(), nn.Linear(4 * 4 * 7, 5))
+
+
+CNNS = {"strided": cnn_strided, "dilated": cnn_dilated, "rectangular": cnn_rectangular}
+
+
+@pytest.mark.parametrize("kfac_approx", ("expand", "reduce"))
+@pytest.mark.parametrize("fisher", ("type2", "empirical"))
+@pytest.mark.parametrize("name", CNNS)
+def test_conv2d_factors_match_curvlinops(float64, name, fisher, kfac_approx):
+    torch.manual_seed(1)
+    model = CNNS[name]()
+    x = torch.randn(3, 2, 7, 7)
+    y = make_targets("cross_entropy", (3, 5))
+    A_ref, G_ref = curvlinops_factors(model, "cross_entropy", x, y, fisher, kfac_approx)
+    opt = curvgraph.compile(model, (x,), fisher=fisher, kfac_approx=kfac_approx, ema=0.0, backend="eager")
+    opt.step(x, y)
+    factors = opt.factors()
+    assert sorted(factors) == sorted(A_ref)
+    for block in factors:
+        torch.testing.assert_close(factors[block]["A"], A_ref[block], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(factors[block]["G"], G_ref[block], rtol=1e-10, atol=1e-12)
+
+
+class Functional(nn.Module):
+    """Functional convolutions with a shared weight, and a conv whose weight is also regularized."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Parameter(torch.randn(3, 3, 3) / 3)
+        self.first = nn.Conv1d(1, 3, 3, padding=1)
+        self.odd = nn.Conv1d(3, 3, 1)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.first(x))
+        h = torch.relu(F.conv1d(h, self.shared, padding=1))
+        h = torch.relu(F.conv1d(h, self.shared, padding=1))
+        h = self.odd(h) + self.odd.weight.sum()
+        return self.head(h.mean(2))
+
+
+def test_conv_plan_shapes_costs_and_sharing():
+    plan = curvgraph.compile(Functional(), (torch.randn(4, 1, 10),), backend="eager").plan
+    blocks = {b.name: b for b in plan.blocks}
+    assert sorted(blocks) == ["first", "head", "shared"]
+    shared = blocks["shared"]
+    assert shared.kind == "conv" and len(shared.uses) == 2 and shared.params == ("shared",)
+    assert shared.factor_shapes == {"A": (9, 9), "G": (3, 3)}
+    assert blocks["first"].factor_shapes == {"A": (4, 4), "G": (3, 3)}
+    assert "odd.weight" in plan.fallback_params and "sum" in plan.fallback_reasons["odd.weight"]
+    assert plan.at_example(shared.cost["workspace_bytes"]) == 4 * 2 * 4 * 10 * 9
+    assert plan.at_example(shared.cost["workspace_bytes"], {"N": 8, "x_2": 20}) == 4 * 2 * 8 * 20 * 9
+    assert plan.at_example(blocks["first"].cost["forward_backward"]) == 4 * 4 * 10 * 3 * 3
+
+
+def test_depthwise_convolution_has_one_block_per_channel():
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=4), nn.Flatten(), nn.Linear(8 * 4 * 4, 3))
+    plan = curvgraph.compile(model, (torch.randn(2, 4, 6, 6),), backend="eager").plan
+    assert plan.blocks[0].factor_shapes == {"A": (4, 10, 10), "G": (4, 2, 2)}
+    assert plan.blocks[0].matrix_shape == (4, 2, 10)
+    assert "A:4x10x10" in str(plan)
+
+
+def mnist1d_cnn(seed: int) -> nn.Module:
+    """The MNIST-1D paper's CNN (three strided Conv1d layers and a linear head)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Unflatten(1, (1, 40)), nn.Conv1d(1, 25, 5, stride=2, padding=1), nn.ReLU(),
+                         nn.Conv1d(25, 25, 3, stride=2, padding=1), nn.ReLU(),
+                         nn.Conv1d(25, 25, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(125, 10))
+
+
+def test_kfac_trains_the_mnist1d_cnn_better_than_adam():
+    from curvgraph.demo import batches, load_mnist1d
+
+    data = load_mnist1d()
+    steps = batches(len(data.x_train), 100, 300, seed=0)
+
+    adam_model = mnist1d_cnn(0)
+    adam = torch.optim.Adam(adam_model.parameters(), lr=1e-3)
+    for idx in steps:
+        adam.zero_grad()
+        F.cross_entropy(adam_model(data.x_train[idx]), data.y_train[idx]).backward()
+        adam.step()
+
+    kfac_model = mnist1d_cnn(0)
+    opt = curvgraph.compile(kfac_model, (data.x_train[:100],), backend="eager")
+    assert [b.kind for b in opt.plan.blocks] == ["conv", "conv", "conv", "dense"]
+    for idx in steps:
+        opt.step(data.x_train[idx], data.y_train[idx])
+
+    with torch.no_grad():
+        adam_accuracy = (adam_model(data.x_test).argmax(1) == data.y_test).float().mean().item()
+        kfac_accuracy = (kfac_model(data.x_test).argmax(1) == data.y_test).float().mean().item()
+    assert kfac_accuracy > adam_accuracy + 0.1, (kfac_accuracy, adam_accuracy)
+    assert kfac_accuracy > 0.8

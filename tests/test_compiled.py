@@ -15,15 +15,16 @@ SCHEDULE = dict(factor_every=2, invert_every=3)  # steps 0..6 use all four (stat
 
 
 def make_model() -> nn.Module:
+    """Every block kind: conv, norm (BatchNorm with running statistics, LayerNorm), dense."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 8), nn.LayerNorm(8),
-                         nn.Linear(8, 4))
+    return nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.BatchNorm1d(4), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(4 * 6, 8), nn.LayerNorm(8), nn.Linear(8, 4))
 
 
 def data():
     g = torch.Generator().manual_seed(1)
     sizes = [10] * 7 + [5]  # a smaller last batch: the batch size is symbolic
-    return [(torch.randn(n, 6, generator=g), torch.randint(0, 4, (n,), generator=g)) for n in sizes]
+    return [(torch.randn(n, 2, 6, generator=g), torch.randint(0, 4, (n,), generator=g)) for n in sizes]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def runs():
     for backend in ("inductor", "eager"):
         model = make_model()
         shadow = copy.deepcopy(model[1])  # plain PyTorch BatchNorm fed the same layer inputs
-        opt = curvgraph.compile(model, (torch.randn(10, 6),), seed=0, backend=backend, **SCHEDULE)
+        opt = curvgraph.compile(model, (torch.randn(10, 2, 6),), seed=0, backend=backend, **SCHEDULE)
         losses = []
         for x, y in data():
             with torch.no_grad():
@@ -41,6 +42,11 @@ def runs():
             losses.append(opt.step(x, y).item())
         results[backend] = (model, opt, losses, shadow)
     return results
+
+
+def test_plan_has_every_block_kind(runs):
+    _, opt, _, _ = runs["inductor"]
+    assert [b.kind for b in opt.plan.blocks] == ["conv", "norm", "dense", "norm", "dense"]
 
 
 def test_compiled_step_matches_eager(runs):

@@ -1,0 +1,143 @@
+"""Norm blocks: exact per-channel GGN blocks, the update, BatchNorm statistics, eval mode."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import curvgraph
+from helpers import exact_ggn, make_targets
+
+
+def bn_cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv1d(2, 3, 3), nn.BatchNorm1d(3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 5, 4))
+
+
+def ln_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 4))
+
+
+def gn_cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(2, 4, 2), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 9, 4))
+
+
+def ln_sequence() -> nn.Module:
+    """LayerNorm over the features of a (N, T, D) sequence: its parameters are shared over positions."""
+    return nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6, bias=False), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 6, 4))
+
+
+NORMS = {
+    "batchnorm": (bn_cnn, (6, 2, 7), "1"),
+    "layernorm": (ln_mlp, (6, 5), "1"),
+    "groupnorm": (gn_cnn, (6, 2, 4, 4), "1"),
+    "layernorm-no-bias-shared": (ln_sequence, (6, 3, 5), "1"),
+}
+
+
+@pytest.mark.parametrize("loss", ("cross_entropy", "mse"))
+@pytest.mark.parametrize("case", NORMS)
+def test_norm_factor_is_the_exact_per_channel_ggn_block(float64, case, loss):
+    torch.manual_seed(0)
+    make, shape, name = NORMS[case]
+    model = make()
+    x = torch.randn(shape)
+    y = make_targets(loss, (shape[0], 4))
+    reference = copy.deepcopy(model)
+    for module in reference.modules():  # same batch statistics, but no buffer updates inside torch.func
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.track_running_stats = False
+    opt = curvgraph.compile(model, (x,), loss=loss, fisher="type2", ema=0.0, backend="eager")
+    opt.step(x, y)
+    block = opt.plan.block(name)
+    assert block.kind == "norm"
+    F_ours = opt.factors()[name]["F"]
+
+    norm = reference[int(name)]
+    params = [norm.weight] + ([norm.bias] if norm.bias is not None else [])
+    theta = torch.stack([p.detach().flatten() for p in params], -1).flatten()
+
+    def unpack(t):
+        columns = t.reshape(-1, len(params))
+        out = {f"{name}.weight": columns[:, 0].reshape(norm.weight.shape)}
+        if len(params) == 2:
+            out[f"{name}.bias"] = columns[:, 1].reshape(norm.bias.shape)
+        return out
+
+    exact = exact_ggn(reference, loss, x, y, theta, unpack)
+    k = len(params)
+    diagonal_blocks = torch.stack([exact[c * k:(c + 1) * k, c * k:(c + 1) * k] for c in range(F_ours.shape[0])])
+    torch.testing.assert_close(F_ours, diagonal_blocks, rtol=1e-10, atol=1e-12)
+
+
+def test_norm_update_is_the_damped_per_channel_solve(float64):
+    torch.manual_seed(1)
+    model = ln_mlp()
+    x, y = torch.randn(8, 5), torch.randint(0, 4, (8,))
+    before = copy.deepcopy(model)
+    lr, damping = 0.5, 0.03
+    opt = curvgraph.compile(model, (x,), fisher="type2", ema=0.0, momentum=0.0, kl_clip=None, lr=lr,
+                            damping=damping, backend="eager")
+    opt.step(x, y)
+    nn.functional.cross_entropy(before(x), y).backward()
+    grads = torch.stack([before[1].weight.grad, before[1].bias.grad], -1)
+    F_ = opt.factors()["1"]["F"]
+    expected = torch.linalg.solve(F_ + damping * torch.eye(2), grads[..., None])[..., 0]
+    change = torch.stack([model[1].weight - before[1].weight, model[1].bias - before[1].bias], -1).detach()
+    torch.testing.assert_close(change, -lr * expected)
+
+
+def test_plan_of_norm_layers():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.GroupNorm(2, 4, affine=False),
+                          nn.Flatten(), nn.Linear(4 * 4 * 4, 6), nn.LayerNorm(6, elementwise_affine=False))
+    plan = curvgraph.compile(model, (torch.randn(2, 3, 6, 6),), backend="eager").plan
+    assert [(b.name, b.kind) for b in plan.blocks] == [("0", "conv"), ("1", "norm"), ("5", "dense")]
+    assert plan.block("1").factor_shapes == {"F": (4, 2, 2)} and plan.block("1").layout["channels_first"]
+    assert plan.fallback_params == ()
+
+
+def cnn_with_bn() -> nn.Module:
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2),
+                         nn.BatchNorm2d(4, momentum=0.3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 2 * 2, 3))
+
+
+def test_batchnorm_running_statistics_match_eager_pytorch_step_by_step():
+    """A shadow copy of each BatchNorm, fed the same inputs in plain PyTorch, tracks the same statistics."""
+    model = cnn_with_bn()
+    opt = curvgraph.compile(model, (torch.randn(5, 2, 6, 6),), backend="eager")
+    shadows = {i: copy.deepcopy(model[i]) for i in (1, 4)}
+    g = torch.Generator().manual_seed(3)
+    for _ in range(6):
+        x, y = torch.randn(5, 2, 6, 6, generator=g), torch.randint(0, 3, (5,), generator=g)
+        with torch.no_grad():  # the layer inputs the model's BatchNorms see in this step
+            h = model[0](x)
+            shadows[1](h)
+            bn = model[1]
+            normalized = F.batch_norm(h, None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
+            shadows[4](model[3](model[2](normalized)))
+        opt.step(x, y)
+        for i, shadow in shadows.items():
+            torch.testing.assert_close(model[i].running_mean, shadow.running_mean)
+            torch.testing.assert_close(model[i].running_var, shadow.running_var)
+            assert model[i].num_batches_tracked == shadow.num_batches_tracked
+
+
+def test_eval_mode_after_training_uses_the_running_statistics():
+    model = cnn_with_bn()
+    opt = curvgraph.compile(model, (torch.randn(5, 2, 6, 6),), backend="eager")
+    for _ in range(3):
+        opt.step(torch.randn(5, 2, 6, 6), torch.randint(0, 3, (5,)))
+    model.eval()
+    x = torch.randn(4, 2, 6, 6)
+    with torch.no_grad():
+        h = model[0](x)
+        bn = model[1]
+        expected = F.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=False, eps=bn.eps)
+        torch.testing.assert_close(model[1](h), expected)
+        assert not torch.allclose(model[1](h), model[1].train()(h))
+    assert math.isfinite(model.eval()(x).sum().item())

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/step_time.py                 # both models, JSON to benchmarks/results/
+    python benchmarks/step_time.py                 # every model, JSON to benchmarks/results/
     python benchmarks/step_time.py --models mlp --iters 30
 
 For each model the script times, in the same process and on the same batch:
@@ -16,6 +16,12 @@ For each model the script times, in the same process and on the same batch:
   Fisher, ``factor_every=1``, ``invert_every=10``);
 * ``curvgraph-T10``: equal settings to singd's ``T=10``: empirical Fisher,
   ``factor_every = invert_every = 10``.
+
+Models: an MLP 784-512-512-256-10 (batch 512), a deep narrow MLP (32 layers x 128,
+batch 128) where per-layer Python overhead dominates hook-based peers, and a small
+ResNet-style CNN on 32x32x3 inputs (batch 128; singd preconditions only its
+convolutions and the linear head and leaves the BatchNorm parameters untouched,
+curvgraph gives them norm blocks).
 
 Next to each curvgraph time it prints the *FLOP bound*: the step's FLOPs (from the
 plan's cost model: forward/backward, statistics, the MC backward, preconditioning,
@@ -41,15 +47,39 @@ from torch.func import functional_call
 
 import curvgraph
 
-MODELS: dict[str, tuple[Callable[[], nn.Module], int, int]] = {
+class Residual(nn.Module):
+    """conv-BN-ReLU-conv-BN plus the input, then ReLU (a ResNet basic block)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
+                                  nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(channels))
+
+    def forward(self, x):
+        return torch.relu(x + self.body(x))
+
+
+def small_resnet() -> nn.Module:
+    """A ResNet-style CNN for 32x32x3 inputs: 16-32-64 channels, one residual block per stage."""
+    def down(c_in: int, c_out: int) -> list[nn.Module]:
+        return [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(), Residual(16),
+                         *down(16, 32), Residual(32), *down(32, 64), Residual(64), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(64, 10))
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], int, tuple[int, ...]]] = {
     "mlp-784-512-512-256-10": (
         lambda: nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
                               nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10)),
-        512, 784),
+        512, (784,)),
     "deep-narrow-32x128": (
         lambda: nn.Sequential(nn.Linear(128, 128), *[m for _ in range(31) for m in (nn.Tanh(), nn.Linear(128, 128))],
                               nn.Tanh(), nn.Linear(128, 10)),
-        128, 128),
+        128, (128,)),
+    "resnet-32x32x3": (small_resnet, 128, (3, 32, 32)),
 }
 
 
@@ -67,18 +97,19 @@ def time_per_step(step: Callable[[], object], warmup: int, iters: int, repeats: 
 
 
 def adam_compiled(model: nn.Module, x, y) -> Callable[[], object]:
-    """Forward, backward and Adam (lr 1e-3) in one torch.compile'd graph."""
+    """Forward, backward and Adam (lr 1e-3) in one torch.compile'd graph (buffers updated in place)."""
     params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
     exp_avg = {n: torch.zeros_like(p) for n, p in params.items()}
     exp_avg_sq = {n: torch.zeros_like(p) for n, p in params.items()}
     count = torch.zeros(())
 
-    def loss_of(p, x, y):
-        return F.cross_entropy(functional_call(model, p, (x,)), y)
+    def loss_of(p, b, x, y):
+        return F.cross_entropy(functional_call(model, {**p, **b}, (x,)), y)
 
     @torch.compile(fullgraph=True)
     def step(x, y):
-        grads = torch.func.grad(loss_of)(params, x, y)
+        grads = torch.func.grad(loss_of)(params, buffers, x, y)
         count.add_(1)
         for n, g in grads.items():
             exp_avg[n].lerp_(g, 0.1)
@@ -130,7 +161,7 @@ def flop_ratio(opt: curvgraph.CurvatureOptimizer, samples: int, factor_every: in
 def run_model(name: str, warmup: int, iters: int, repeats: int, peers: bool) -> dict:
     make, batch, features = MODELS[name]
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, features, generator=g)
+    x = torch.randn(batch, *features, generator=g)
     y = torch.randint(0, 10, (batch,), generator=g)
     rows = {}
 
@@ -172,7 +203,7 @@ def table(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS) + ["mlp", "deep"])
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS) + ["mlp", "deep", "resnet"])
     parser.add_argument("--warmup", type=int, default=25, help="steps before timing (compiles every variant)")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)

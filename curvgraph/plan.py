@@ -180,21 +180,27 @@ class Plan:
             "update": sympy.Integer(8 * (block_numel + self.fallback_numel)),
         }
 
+    def block_flops(self, block: Block) -> sympy.Expr:
+        """Forward/backward + statistics + preconditioning FLOPs of ``block`` with readable size names."""
+        keys = ("forward_backward", "statistics", "precondition")
+        return sympy.expand(self.named(sympy.Add(*(block.cost.get(k, 0) for k in keys))))
+
     def __str__(self) -> str:
-        rows = [("block", "kind", "params", "uses", "sharing", "factors", "state", "FLOPs/step")]
+        rows = [("block", "kind", "params", "uses", "sharing", "factors", "state", "workspace", "FLOPs/step")]
         for b in self.blocks:
             factors = " ".join(f"{k}:{'x'.join(map(str, s))}" for k, s in b.factor_shapes.items())
-            flops = b.cost.get("forward_backward", 0) + b.cost.get("statistics", 0) + b.cost.get("precondition", 0)
+            workspace = b.cost.get("workspace_bytes")
             rows.append(
                 (
                     b.name,
                     b.kind,
                     ", ".join(b.params),
                     str(len(b.uses)),
-                    b.sharing,
+                    b.sharing if b.kind != "norm" else "-",
                     factors,
                     _human(self.at_example(b.cost.get("state_bytes", 0)), "B"),
-                    _human(self.at_example(flops), ""),
+                    _human(self.at_example(workspace), "B") if workspace is not None else "-",
+                    _human(self.at_example(self.block_flops(b).subs(self._by_name())), ""),
                 )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -211,8 +217,13 @@ class Plan:
             lines.extend(f"  {p}: {self.fallback_reasons.get(p, '')}" for p in self.fallback_params)
         if self.frozen_params:
             lines.append(f"frozen (requires_grad=False): {', '.join(self.frozen_params)}")
-        lines.append("FLOPs/step = forward+backward + factor statistics + preconditioning of the block, per step")
+        lines.append("FLOPs/step = forward+backward + factor statistics + preconditioning; workspace = the batch of")
+        lines.append("convolution patches the statistics materialize. As expressions in the input sizes:")
+        lines.extend(f"  {b.name}: {self.block_flops(b)}" for b in self.blocks)
         return "\n".join(lines)
+
+    def _by_name(self) -> dict[sympy.Symbol, sympy.Symbol]:
+        return {sympy.Symbol(n, positive=True, integer=True): s for s, n in self.size_names.items()}
 
 
 def _human(value: float, unit: str) -> str:

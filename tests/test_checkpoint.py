@@ -29,34 +29,31 @@ def run(opt, data) -> list[float]:
     return [opt.step(x, y).item() for x, y in data]
 
 
-def test_checkpoint_continues_identically():
+def checkpoint_run():
+    """Train 4 steps, checkpoint model and optimizer, train 5 more: (model, checkpoint, later losses, data)."""
     data = batches(9)
     original = model()
     opt = compile_(original)
     run(opt, data[:4])
-    saved_model = copy.deepcopy(original.state_dict())
-    saved_opt = copy.deepcopy(opt.state_dict())
-    losses = run(opt, data[4:])
+    checkpoint = copy.deepcopy({"model": original.state_dict(), "opt": opt.state_dict()})
+    return original, checkpoint, run(opt, data[4:]), data
 
+
+def test_checkpoint_continues_identically():
+    original, checkpoint, losses, data = checkpoint_run()
     resumed = model()
-    resumed.load_state_dict(saved_model)
-    opt2 = compile_(resumed)
-    opt2.load_state_dict(saved_opt)
-    assert run(opt2, data[4:]) == losses
+    resumed.load_state_dict(checkpoint["model"])
+    opt = compile_(resumed)
+    opt.load_state_dict(checkpoint["opt"])
+    assert run(opt, data[4:]) == losses
     for a, b in zip(original.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
-    assert opt2.state_dict()["step_count"] == 9
+    assert opt.state_dict()["step_count"] == 9
 
 
 def test_fresh_optimizer_does_not_continue_identically():
     """The control for the test above: without the optimizer state the run differs."""
-    data = batches(9)
-    original = model()
-    opt = compile_(original)
-    run(opt, data[:4])
-    saved_model = copy.deepcopy(original.state_dict())
-    losses = run(opt, data[4:])
-
+    _, checkpoint, losses, data = checkpoint_run()
     resumed = model()
-    resumed.load_state_dict(saved_model)
+    resumed.load_state_dict(checkpoint["model"])
     assert run(compile_(resumed), data[4:]) != losses

@@ -148,35 +148,22 @@ def test_depthwise_convolution_has_one_block_per_channel():
     assert "A:4x10x10" in str(plan)
 
 
-def mnist1d_cnn(seed: int) -> nn.Module:
-    """The MNIST-1D paper's CNN (three strided Conv1d layers and a linear head)."""
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Unflatten(1, (1, 40)), nn.Conv1d(1, 25, 5, stride=2, padding=1), nn.ReLU(),
-                         nn.Conv1d(25, 25, 3, stride=2, padding=1), nn.ReLU(),
-                         nn.Conv1d(25, 25, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(125, 10))
-
-
 def test_kfac_trains_the_mnist1d_cnn_better_than_adam():
-    from curvgraph.demo import batches, load_mnist1d
+    from curvgraph.demo import accuracy, adam_step, batches, cnn, load_mnist1d
 
     data = load_mnist1d()
     steps = batches(len(data.x_train), 100, 300, seed=0)
-
-    adam_model = mnist1d_cnn(0)
-    adam = torch.optim.Adam(adam_model.parameters(), lr=1e-3)
+    adam_model = cnn(0)
+    step = adam_step(adam_model)
     for idx in steps:
-        adam.zero_grad()
-        F.cross_entropy(adam_model(data.x_train[idx]), data.y_train[idx]).backward()
-        adam.step()
+        step(data.x_train[idx], data.y_train[idx])
 
-    kfac_model = mnist1d_cnn(0)
+    kfac_model = cnn(0)
     opt = curvgraph.compile(kfac_model, (data.x_train[:100],), backend="eager")
     assert [b.kind for b in opt.plan.blocks] == ["conv", "conv", "conv", "dense"]
     for idx in steps:
         opt.step(data.x_train[idx], data.y_train[idx])
 
-    with torch.no_grad():
-        adam_accuracy = (adam_model(data.x_test).argmax(1) == data.y_test).float().mean().item()
-        kfac_accuracy = (kfac_model(data.x_test).argmax(1) == data.y_test).float().mean().item()
+    kfac_accuracy, adam_accuracy = accuracy(kfac_model, data), accuracy(adam_model, data)
     assert kfac_accuracy > adam_accuracy + 0.1, (kfac_accuracy, adam_accuracy)
     assert kfac_accuracy > 0.8

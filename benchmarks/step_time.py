@@ -85,15 +85,25 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], int, tuple[int, ...]]] = {
 
 def time_per_step(step: Callable[[], object], warmup: int, iters: int, repeats: int) -> float:
     """Median over ``repeats`` of the mean seconds per step over ``iters`` steps, after ``warmup`` steps."""
-    for _ in range(warmup):
-        step()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(iters):
+    return interleaved({"step": step}, warmup, iters, repeats)["step"]
+
+
+def interleaved(steps: dict[str, Callable[[], object]], warmup: int, iters: int, repeats: int) -> dict[str, float]:
+    """Seconds per step of each runner: median over ``repeats`` rounds that time every runner in turn.
+
+    Interleaving makes the ratios robust to the machine's speed drifting during the run.
+    """
+    for step in steps.values():
+        for _ in range(warmup):
             step()
-        samples.append((time.perf_counter() - start) / iters)
-    return statistics.median(samples)
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            for _ in range(iters):
+                step()
+            samples[name].append((time.perf_counter() - start) / iters)
+    return {name: statistics.median(s) for name, s in samples.items()}
 
 
 def adam_compiled(model: nn.Module, x, y) -> Callable[[], object]:
@@ -163,23 +173,20 @@ def run_model(name: str, warmup: int, iters: int, repeats: int, peers: bool) -> 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *features, generator=g)
     y = torch.randint(0, 10, (batch,), generator=g)
-    rows = {}
-
-    def measure(label: str, step: Callable[[], object], bound: float | None = None) -> None:
-        seconds = time_per_step(step, warmup, iters, repeats)
-        rows[label] = {"ms_per_step": 1e3 * seconds, "flop_bound_ratio": bound}
-        print(f"  {label:<15} {1e3 * seconds:9.2f} ms/step", flush=True)
-
-    print(f"{name} (batch {batch}):", flush=True)
     torch.manual_seed(0)
-    measure("adam-compiled", adam_compiled(make(), x, y))
-    measure("adam-eager", adam_eager(make(), x, y))
+    runners = {"adam-compiled": adam_compiled(make(), x, y), "adam-eager": adam_eager(make(), x, y)}
     if peers:
-        measure("singd", singd_step(make(), x, y))
-    step, opt = curvgraph_step(make(), x, y)
-    measure("curvgraph", step, flop_ratio(opt, 1, 1, 10))
-    step, opt = curvgraph_step(make(), x, y, fisher="empirical", factor_every=10, invert_every=10)
-    measure("curvgraph-T10", step, flop_ratio(opt, 0, 10, 10))
+        runners["singd"] = singd_step(make(), x, y)
+    runners["curvgraph"], opt = curvgraph_step(make(), x, y)
+    bounds = {"curvgraph": flop_ratio(opt, 1, 1, 10)}
+    runners["curvgraph-T10"], opt = curvgraph_step(make(), x, y, fisher="empirical", factor_every=10, invert_every=10)
+    bounds["curvgraph-T10"] = flop_ratio(opt, 0, 10, 10)
+
+    print(f"{name} (batch {batch}): compiling and warming up ...", flush=True)
+    seconds = interleaved(runners, warmup, iters, repeats)
+    rows = {label: {"ms_per_step": 1e3 * s, "flop_bound_ratio": bounds.get(label)} for label, s in seconds.items()}
+    for label, row in rows.items():
+        print(f"  {label:<15} {row['ms_per_step']:9.2f} ms/step", flush=True)
     base = rows["adam-compiled"]["ms_per_step"]
     for row in rows.values():
         row["ratio_to_adam_compiled"] = row["ms_per_step"] / base
@@ -204,9 +211,9 @@ def table(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS) + ["mlp", "deep", "resnet"])
-    parser.add_argument("--warmup", type=int, default=25, help="steps before timing (compiles every variant)")
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=12, help="steps before timing (compiles every variant)")
+    parser.add_argument("--iters", type=int, default=20, help="steps per timing (a multiple of 10: whole T=10 cycles)")
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-peers", action="store_true", help="skip singd")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "step_time.json"))
     args = parser.parse_args()

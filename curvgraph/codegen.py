@@ -116,10 +116,11 @@ class StepWriter:
 
     def commit(self, target: str, value: str, when: str | None = None) -> None:
         """Write ``value`` into ``target`` at the end of the step if the step is finite."""
-        when = when or self._when
-        self.commits.append((when, target, value))
-        if not target.startswith("p_") and "buffers[" not in target:
-            self.checks.append((when, value))
+        self.commits.append((when or self._when, target, value))
+
+    def check(self, value: str, when: str | None = None) -> None:
+        """Make the step's ``ok`` require ``value`` to be finite (a tensor expression)."""
+        self.checks.append((when or self._when, value))
 
     def ident(self, name: str) -> str:
         """A Python identifier for ``name``, unique within this step."""
@@ -272,8 +273,6 @@ def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, 
         w.line()
         w.line("# preconditioned directions")
         method.write_direction(w, blocks)
-        for b in blocks:
-            w.checks.append((None, b.direction))
     if fallback_params:
         w.line()
         w.line(f"# first-order fallback ({fallback.name}) for parameters no pass matched")
@@ -282,7 +281,7 @@ def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, 
             w.commit(w.state("fallback.step"), "fallback_step")
         for p in fallback_params:
             direction = fallback.write(w, param_names[p], p, f"grad_{p}")
-            w.checks.append((None, direction))
+            w.check(direction)
             w.commit(p, f"{p} - {w.hyper('fallback_lr')} * {direction}")
     _write_updates(w, blocks)
     for i, b in enumerate(forward.buffer_updates):
@@ -366,7 +365,7 @@ def _write_updates(w: StepWriter, blocks: list[BlockVars]) -> None:
 
 def _write_commits(w: StepWriter) -> None:
     w.line()
-    w.line("# commit: every tensor changes only if the whole step is finite")
+    w.line("# commit: every tensor changes only if the whole step is finite (the checks below imply it)")
     always = list(dict.fromkeys(["loss"] + [v for when, v in w.checks if when is None]))
     w.line(f"ok = {w.call(all_finite, *always)}")
     for flag in ("update_stats", "refresh"):

@@ -77,9 +77,17 @@ def channel_precondition(grad: Tensor, F_inv: Tensor) -> Tensor:
     return (F_inv @ grad[..., None])[..., 0]
 
 
-def kl_clip_scale(directions: tuple[Tensor, ...], grads: tuple[Tensor, ...], lr: Tensor, kl_clip: Tensor) -> Tensor:
+def inner_product(directions: tuple[Tensor, ...], grads: tuple[Tensor, ...]) -> Tensor:
+    r""":math:`\sum_{\text{blocks}} \langle V, M\rangle`.
+
+    It is finite exactly when every ``V`` and ``M`` is (up to overflow), so the step
+    checks this one scalar instead of every direction.
+    """
+    return sum((v * g).sum() for v, g in zip(directions, grads))
+
+
+def kl_clip_scale(inner: Tensor, lr: Tensor, kl_clip: Tensor) -> Tensor:
     r""":math:`\nu = \min(1, \sqrt{\kappa / (\eta^2 \sum \langle V, M\rangle)})`; ``kl_clip = inf`` disables it."""
-    inner = sum((v * g).sum() for v, g in zip(directions, grads))
     return torch.clamp((kl_clip / (lr * lr * inner.abs())).sqrt(), max=1.0)
 
 
@@ -113,6 +121,7 @@ class KFAC(Method):
             for f in b.factors:
                 w.line(f"{b.factors[f]} = {w.call(ema, b.state(f), b.batch_factors[f], w.hyper('ema'))}")
                 w.commit(b.state(f), b.factors[f], when="update_stats")
+                w.check(b.factors[f], when="update_stats")
 
     def write_refresh(self, w, blocks: list[BlockVars]) -> None:
         shifts: dict[tuple[str, str], str] = {}
@@ -149,7 +158,9 @@ class KFAC(Method):
                 w.line(f"{b.var('V')} = {w.call(kfac_precondition, b.grad, b.var('A_inv'), b.var('G_inv'))}")
         directions = _tuple(b.var("V") for b in blocks)
         grads = _tuple(b.grad for b in blocks)
-        w.line(f"nu = {w.call(kl_clip_scale, directions, grads, w.hyper('lr'), w.hyper('kl_clip'))}")
+        w.line(f"inner = {w.call(inner_product, directions, grads)}")
+        w.check("inner")  # finite iff every V and M is; then so are the momentum buffers and updates
+        w.line(f"nu = {w.call(kl_clip_scale, 'inner', w.hyper('lr'), w.hyper('kl_clip'))}")
         for b in blocks:
             w.line(f"{b.direction} = {w.call(momentum_buffer, b.state('momentum'), b.var('V'), 'nu', w.hyper('momentum'))}")
             w.commit(b.state("momentum"), b.direction)

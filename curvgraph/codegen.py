@@ -43,7 +43,7 @@ from .methods import kfac as kfac_module
 from .methods import fallback as fallback_module
 from .methods.base import BlockVars, Method, StateSpec
 from .methods.fallback import FallbackRule
-from .plan import Block, Plan, Shape
+from .plan import Plan, Shape
 
 
 def all_finite(*tensors: Tensor) -> Tensor:
@@ -200,7 +200,6 @@ class GeneratedStep:
     """The generated module source and what the optimizer needs to run it."""
 
     source: str
-    globals: dict[str, object]
     state: dict[str, StateSpec] = field(default_factory=dict)
     factor_dtype: torch.dtype = torch.float32
 
@@ -257,7 +256,7 @@ def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, 
         with w.indent("if update_stats:", when="update_stats"):
             _write_fisher(w, loss, fisher)
             for b in blocks:
-                _write_batch_factors(w, b, forward, probe_index, factor_dtype)
+                _write_batch_factors(w, b, probe_index, factor_dtype)
             method.write_statistics(w, blocks)
         with w.indent("else:"):
             for b in blocks:
@@ -289,8 +288,7 @@ def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, 
     _write_commits(w)
 
     source = _assemble(plan, forward, dims, method, fallback, loss, fisher, w)
-    namespace_globals = dict(forward.globals)
-    return GeneratedStep(source=source, globals=namespace_globals, state=state, factor_dtype=factor_dtype)
+    return GeneratedStep(source=source, state=state, factor_dtype=factor_dtype)
 
 
 def _write_forward_backward(w: StepWriter, forward: InstrumentedForward, dims, loss: LossSpec) -> None:
@@ -343,8 +341,7 @@ def _write_fisher(w: StepWriter, loss: LossSpec, fisher: str) -> None:
         w.line("examples = batch")
 
 
-def _write_batch_factors(w: StepWriter, b: BlockVars, forward: InstrumentedForward, probe_index: dict[str, int],
-                         dtype: torch.dtype) -> None:
+def _write_batch_factors(w: StepWriter, b: BlockVars, probe_index: dict[str, int], dtype: torch.dtype) -> None:
     indices = [probe_index[u.node] for u in b.block.uses]
     acts = "(" + "".join(f"acts[{i}], " for i in indices) + ")"
     grads = "(" + "".join(f"samples[{i}], " for i in indices) + ")"

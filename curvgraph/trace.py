@@ -68,13 +68,6 @@ class TracedModel:
     buffer_updates: dict[str, int]
     dims: dict[sympy.Symbol, tuple[int, int]] = field(default_factory=dict)
 
-    def node(self, name: str) -> torch.fx.Node:
-        """The graph node called ``name``."""
-        for node in self.graph.nodes:
-            if node.name == name:
-                return node
-        raise KeyError(name)
-
     def returned(self, index: int) -> torch.fx.Node:
         """The node at position ``index`` of the graph's output (valid across rewrites)."""
         return self.graph.output_node().args[0][index]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import networkx as nx
 import torch
 from torch.fx import Graph, Node
 
@@ -55,16 +56,19 @@ def insert_call(graph: Graph, before: Node, target, args: tuple, meta_from: Node
     return node
 
 
+def dataflow(graph: Graph) -> nx.DiGraph:
+    """The FX graph as a networkx DiGraph of nodes, with an edge from each input to its consumer."""
+    flow = nx.DiGraph()
+    flow.add_nodes_from(graph.nodes)
+    flow.add_edges_from((arg, node) for node in graph.nodes for arg in node.all_input_nodes)
+    return flow
+
+
 def depends_on(graph: Graph, sources: set[str]) -> set[Node]:
     """Nodes whose value depends on a placeholder named in ``sources`` (those included)."""
-    dependent: set[Node] = set()
-    for node in graph.nodes:
-        if node.op == "placeholder":
-            if node.name in sources:
-                dependent.add(node)
-        elif any(arg in dependent for arg in node.all_input_nodes):
-            dependent.add(node)
-    return dependent
+    flow = dataflow(graph)
+    roots = [n for n in graph.nodes if n.op == "placeholder" and n.name in sources]
+    return set(roots).union(*(nx.descendants(flow, r) for r in roots))
 
 
 def schema_args(node: Node) -> dict[str, object]:
@@ -88,8 +92,3 @@ def set_schema_arg(node: Node, name: str, value: object) -> None:
         node.update_arg(index, value)
     else:
         node.update_kwarg(name, value)
-
-
-def param_users_only(param: Node, allowed: set[Node]) -> list[Node]:
-    """Users of ``param`` outside ``allowed``."""
-    return [u for u in param.users if u not in allowed]

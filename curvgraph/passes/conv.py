@@ -19,7 +19,7 @@ from torch.fx import Node
 from ..curvature import conv as conv_math
 from ..plan import Block, LayerUse
 from ..trace import TracedModel, symbolic_shape
-from .dense import block_name
+from .blocks import claim_block
 from .graph_utils import aten, depends_on, schema_args
 
 CONV_OPS: dict[object, int | None] = {
@@ -65,30 +65,15 @@ def find_conv_blocks(traced: TracedModel, sharing: str, claimed: dict[str, str])
         shape = tuple(weight.meta["val"].shape)
         groups = geometry["groups"]
         dims = {"in": math.prod(shape[1:]), "out": shape[0] // groups, "groups": groups}
-        placeholders = (weight.name,) + ((bias.name,) if bias is not None else ())
         layer_uses = tuple(
             LayerUse(node=n.name, input=n.args[0].name, input_shape=symbolic_shape(n.args[0]),
                      output_shape=symbolic_shape(n), rows=sympy.Mul(*(d for i, d in enumerate(symbolic_shape(n)) if i != 1)),
                      input_grad=n.args[0] in trainable)
             for n in nodes
         )
-        block = Block(
-            name=block_name(traced.params[weight.name]),
-            kind="conv",
-            params=tuple(traced.params[p] for p in placeholders),
-            placeholders=placeholders,
-            uses=layer_uses,
-            dims=dims,
-            bias=bias is not None,
-            weight_transposed=False,
-            sharing=sharing,
-            factor_shapes=conv_math.factor_shapes(dims, bias is not None),
-            layout={**geometry, "weight_shape": shape},
-        )
-        block.cost = conv_math.cost(block)
-        blocks.append(block)
-        for p in placeholders:
-            claimed[p] = ""
+        blocks.append(claim_block(traced, claimed, kind="conv", math=conv_math, weight=weight, bias=bias,
+                                  uses=layer_uses, dims=dims, sharing=sharing,
+                                  layout={**geometry, "weight_shape": shape}))
     return blocks
 
 

@@ -21,6 +21,7 @@ from torch.fx import Graph, Node
 from ..curvature import dense as dense_math
 from ..plan import Block, LayerUse
 from ..trace import TracedModel, symbolic_shape
+from .blocks import claim_block
 from .graph_utils import aten, depends_on, is_transpose, ndim, weight_view
 
 
@@ -51,36 +52,16 @@ def find_dense_blocks(traced: TracedModel, sharing: str, claimed: dict[str, str]
             claimed[weight.name] = "used both as W and as W.T; no single layout"
             continue
         out_features, in_features = weight.meta["val"].shape[::-1] if transposed else weight.meta["val"].shape
-        placeholders = (weight.name,) + ((bias.name,) if bias is not None else ())
         layer_uses = tuple(
             LayerUse(node=lin.name, input=lin.args[0].name, input_shape=symbolic_shape(lin.args[0]),
                      output_shape=symbolic_shape(lin), rows=sympy.Mul(*symbolic_shape(lin.args[0])[:-1]),
                      input_grad=lin.args[0] in trainable)
             for lin in linears
         )
-        block = Block(
-            name=block_name(traced.params[weight.name]),
-            kind="dense",
-            params=tuple(traced.params[p] for p in placeholders),
-            placeholders=placeholders,
-            uses=layer_uses,
-            dims={"in": int(in_features), "out": int(out_features)},
-            bias=bias is not None,
-            weight_transposed=transposed,
-            sharing=sharing,
-            factor_shapes={},
-        )
-        block.factor_shapes = dense_math.factor_shapes(block.dims, block.bias)
-        block.cost = dense_math.cost(block)
-        blocks.append(block)
-        for p in placeholders:
-            claimed[p] = ""
+        blocks.append(claim_block(traced, claimed, kind="dense", math=dense_math, weight=weight, bias=bias,
+                                  uses=layer_uses, dims={"in": int(in_features), "out": int(out_features)},
+                                  sharing=sharing, weight_transposed=transposed))
     return blocks
-
-
-def block_name(weight_name: str) -> str:
-    """``'fc1.weight'`` -> ``'fc1'``; a parameter not called ``weight`` names its own block."""
-    return weight_name.removesuffix(".weight") if weight_name.endswith(".weight") else weight_name
 
 
 def _foreign_users(weight: Node, linears: list[Node]) -> list[Node]:

@@ -23,7 +23,7 @@ from torch.fx import Graph, Node
 from ..curvature import norm as norm_math
 from ..plan import Block, LayerUse
 from ..trace import TracedModel, symbolic_shape
-from .dense import block_name
+from .blocks import claim_block
 from .graph_utils import aten, depends_on, insert_call, ndim, schema_args, set_schema_arg
 
 
@@ -115,30 +115,15 @@ def find_norm_blocks(traced: TracedModel, sharing: str, claimed: dict[str, str])
             bias = None
         shape = tuple(weight.meta["val"].shape)
         channels = int(sympy.Mul(*shape))
-        placeholders = (weight.name,) + ((bias.name,) if bias is not None else ())
         layer_uses = tuple(
             LayerUse(node=(m.output if bias is not None else m.mul).name, input=m.normalized.name,
                      input_shape=symbolic_shape(m.normalized), output_shape=symbolic_shape(m.output),
                      rows=symbolic_shape(m.normalized)[0], input_grad=m.normalized in trainable)
             for m in found
         )
-        block = Block(
-            name=block_name(traced.params[weight.name]),
-            kind="norm",
-            params=tuple(traced.params[p] for p in placeholders),
-            placeholders=placeholders,
-            uses=layer_uses,
-            dims={"channels": channels},
-            bias=bias is not None,
-            weight_transposed=False,
-            sharing=sharing,
-            factor_shapes=norm_math.factor_shapes({"channels": channels}, bias is not None),
-            layout={"channels_first": found[0].channels_first, "shape": shape},
-        )
-        block.cost = norm_math.cost(block)
-        blocks.append(block)
-        for p in placeholders:
-            claimed[p] = ""
+        blocks.append(claim_block(traced, claimed, kind="norm", math=norm_math, weight=weight, bias=bias,
+                                  uses=layer_uses, dims={"channels": channels}, sharing=sharing,
+                                  layout={"channels_first": found[0].channels_first, "shape": shape}))
     return blocks
 
 

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from . import codegen
+from . import codegen, kinds, methods, registry  # noqa: F401 -- importing kinds and methods registers the built-ins
 from .curvature.losses import check_fisher, resolve_loss
 from .errors import ConfigError
 from .instrument import instrument
-from .methods import resolve_fallback, resolve_method
+from .methods.base import positive
 from .optimizer import CurvatureOptimizer
 from .passes import build_plan
+from .registry import resolve_fallback, resolve_method
 from .trace import as_input_tuple, trace
 
 #: Options of :func:`compile` that are not hyper-parameters of the method.
@@ -51,7 +51,8 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
             stay symbolic: later batches may differ in them.
         loss: ``"cross_entropy"``, ``"mse"``, ``"bce_with_logits"`` or an instance of
             ``nn.CrossEntropyLoss``/``nn.MSELoss``/``nn.BCEWithLogitsLoss`` (mean reduction).
-        method: the update rule; ``"kfac"``.
+        method: the update rule, a registered method's name: ``"kfac"`` (see
+            ``curvgraph.register_method`` to add one).
         **options: hyper-parameters of the method and compile options:
 
             * ``lr`` (0.002), ``momentum`` (0.9), ``weight_decay`` (0), ``damping``
@@ -64,7 +65,8 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
             * ``kfac_approx``: ``"expand"`` or ``"reduce"`` for weight sharing;
             * ``factor_every`` (1), ``invert_every`` (10): statistics and inversion
               periods in steps;
-            * ``fallback``: ``"adam"`` or ``"sgd"`` for parameters no pass matched;
+            * ``fallback``: ``"adam"`` or ``"sgd"`` (or a registered rule's name) for
+              parameters no pass matched;
               ``fallback_lr`` (Adam 1e-3, SGD 1e-2);
             * ``backend``: a ``torch.compile`` backend (``"inductor"``) or ``"eager"``
               to run the generated step without compiling it;
@@ -82,14 +84,13 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
         raise ConfigError(f"curvgraph: model must be an nn.Module, got {type(model).__name__}.")
     inputs = as_input_tuple(example_inputs, "example_inputs")
     loss_spec = resolve_loss(loss)
-    rule = resolve_method(method) if isinstance(method, str) else _bad_method(method)
-    unknown = set(options) - set(OPTIONS) - set(rule.defaults)
+    method_class = resolve_method(method)
+    unknown = set(options) - set(OPTIONS) - set(method_class.hyper)
     if unknown:
-        raise ConfigError(f"curvgraph: unknown option(s) {sorted(unknown)} for method {rule.name!r}; valid: "
-                          f"{sorted(set(OPTIONS) | set(rule.defaults))}.")
+        raise ConfigError(f"curvgraph: unknown option(s) {sorted(unknown)} for method {method_class.name!r}; valid: "
+                          f"{sorted(set(OPTIONS) | set(method_class.hyper))}.")
     settings = {**OPTIONS, **{k: v for k, v in options.items() if k in OPTIONS}}
-    hyper = {**rule.defaults, **{k: v for k, v in options.items() if k in rule.defaults}}
-    _validate_hyper(hyper)
+    rule, hyper = method_class.configure({k: v for k, v in options.items() if k in method_class.hyper})
     fisher = check_fisher(settings["fisher"])
     for key in ("factor_every", "invert_every"):
         if not isinstance(settings[key], int) or isinstance(settings[key], bool) or settings[key] < 1:
@@ -97,18 +98,19 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
     fallback = resolve_fallback(settings["fallback"])
     fallback_hyper = dict(fallback.defaults)
     if settings["fallback_lr"] is not None:
-        fallback_hyper["lr"] = _positive("fallback_lr", settings["fallback_lr"])
+        fallback_hyper["lr"] = positive("fallback_lr", settings["fallback_lr"])
     backend = settings["backend"]
     if not isinstance(backend, str):
         raise ConfigError(f"curvgraph: backend must be a string ('inductor', 'eager', ...), got {backend!r}.")
 
     traced = trace(model, inputs)
-    plan = build_plan(traced, settings["kfac_approx"], traced.example_sizes(inputs))
+    block_kinds = dict(registry.KINDS)
+    plan = build_plan(traced, block_kinds.values(), settings["kfac_approx"], traced.example_sizes(inputs))
     for block in plan.blocks:
         block.cost.update(rule.cost(block))
     forward = instrument(traced, plan)
     param_dtype = next((p.dtype for p in model.parameters() if p.requires_grad), torch.float32)
-    generated = codegen.generate(plan, forward, traced.dims, rule, fallback, loss_spec, fisher, param_dtype)
+    generated = codegen.generate(plan, forward, traced.dims, block_kinds, rule, fallback, loss_spec, fisher, param_dtype)
     namespace = codegen.load(generated)
     return CurvatureOptimizer(
         model, plan, forward, generated, namespace,
@@ -118,31 +120,3 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
         inputs=traced.inputs, output_ndim=len(forward.output_shape),
         constants=[traced.constants[c] for c in forward.constants], seed=settings["seed"],
     )
-
-
-def _bad_method(method: object):
-    raise ConfigError(f"curvgraph: method must be a string such as 'kfac', got {type(method).__name__}.")
-
-
-def _positive(name: str, value: object) -> float:
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value > 0:
-        raise ConfigError(f"curvgraph: {name} must be a positive number, got {value!r}.")
-    return float(value)
-
-
-def _validate_hyper(hyper: dict[str, Any]) -> None:
-    """Range checks for the hyper-parameters every curvature method shares."""
-    for key, value in hyper.items():
-        if key == "kl_clip" and value is None:
-            continue
-        if not isinstance(value, numbers.Real) or isinstance(value, bool):
-            raise ConfigError(f"curvgraph: {key} must be a number, got {value!r}.")
-    _positive("lr", hyper["lr"])
-    _positive("damping", hyper["damping"])
-    if hyper.get("kl_clip") is not None:
-        _positive("kl_clip", hyper["kl_clip"])
-    for key in ("momentum", "ema"):
-        if key in hyper and not 0 <= hyper[key] < 1:
-            raise ConfigError(f"curvgraph: {key} must be in [0, 1), got {hyper[key]!r}.")
-    if hyper.get("weight_decay", 0) < 0:
-        raise ConfigError(f"curvgraph: weight_decay must be >= 0, got {hyper['weight_decay']!r}.")

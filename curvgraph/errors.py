@@ -24,6 +24,10 @@ class InputError(CurvgraphError, ValueError):
     """A batch passed to ``step`` does not match what the step was compiled for."""
 
 
+class PlanError(CurvgraphError):
+    """The block passes produced an inconsistent plan (e.g. two passes claimed one parameter)."""
+
+
 class CompileError(CurvgraphError):
     """``torch.compile`` could not capture the generated step as one graph."""
 

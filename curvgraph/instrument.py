@@ -46,8 +46,10 @@ class InstrumentedForward:
         params, frozen, buffers, constants, inputs: placeholder names in argument order.
         names: parameter/buffer placeholder -> the model's name for it.
         param_shapes: trainable-parameter placeholder -> (shape, dtype).
-        probes: the probes, in argument order; ``probe_index[use node]`` finds one.
-        activations: layer-input nodes returned, aligned with ``probes``.
+        probes: the probes, one per probed layer-output node, in argument order;
+            ``probe_index[node]`` finds one.
+        activations: layer-input nodes returned, each once; ``activation_index[node]``
+            finds one.
         buffer_updates: buffer placeholders whose new values are returned, in order.
         output_shape: symbolic shape of the model output.
     """
@@ -70,6 +72,10 @@ class InstrumentedForward:
     def probe_index(self) -> dict[str, int]:
         return {p.node: i for i, p in enumerate(self.probes)}
 
+    @property
+    def activation_index(self) -> dict[str, int]:
+        return {a: i for i, a in enumerate(self.activations)}
+
 
 def instrument(traced: TracedModel, plan: Plan) -> InstrumentedForward:
     """Copy ``traced.graph`` with probes and activation outputs for every block use."""
@@ -86,19 +92,24 @@ def instrument(traced: TracedModel, plan: Plan) -> InstrumentedForward:
     activations: list[str] = []
     for block in plan.blocks:
         for use in block.uses:
-            layer = nodes[use.node]
-            value = layer.meta["val"]
-            with graph.inserting_after(layer):
-                probe = graph.placeholder(f"probe_{len(probes)}")
-            probe.meta["val"] = value
-            with graph.inserting_after(layer):
-                probed = graph.call_function(aten.add.Tensor, (layer, probe))
-            probed.meta.update(layer.meta)
-            layer.replace_all_uses_with(probed, delete_user_cb=lambda user: user is not probed)
-            probed_value[layer] = probed
-            probes.append(Probe(use.node, symbolic_shape(layer), value.dtype))
-            probe_nodes.append(probe)
-            activations.append(use.input)
+            for name in use.outputs:
+                layer = nodes[name]
+                if layer in probed_value:
+                    continue
+                value = layer.meta["val"]
+                with graph.inserting_after(layer):
+                    probe = graph.placeholder(f"probe_{len(probes)}")
+                probe.meta["val"] = value
+                with graph.inserting_after(layer):
+                    probed = graph.call_function(aten.add.Tensor, (layer, probe))
+                probed.meta.update(layer.meta)
+                layer.replace_all_uses_with(probed, delete_user_cb=lambda user: user is not probed)
+                probed_value[layer] = probed
+                probes.append(Probe(name, symbolic_shape(layer), value.dtype))
+                probe_nodes.append(probe)
+            for name in use.inputs:
+                if name not in activations:
+                    activations.append(name)
 
     order = (
         [nodes[n] for n in traced.params]

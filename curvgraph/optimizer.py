@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, Callable
 
@@ -79,7 +78,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if not groups:
             raise ConfigError(f"curvgraph: {plan.model_name} has no trainable parameters used by its forward pass.")
         super().__init__(groups, {})
-        self._method_keys = tuple(hyper)
 
         reference = self._params[0]
         self._device = reference.device
@@ -87,11 +85,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._state: dict[str, Tensor] = {}
         for key, spec in generated.state.items():
             dtype = spec.dtype or generated.factor_dtype
-            if spec.init == "eye":
-                eye = torch.eye(spec.shape[-1], dtype=dtype, device=self._device)
-                self._state[key] = eye.expand(spec.shape).clone()
-            else:
-                self._state[key] = torch.zeros(spec.shape, dtype=dtype, device=self._device)
+            self._state[key] = _initial(spec.shape, spec.init, dtype, self._device)
         self._generator = torch.Generator(device=self._device)
         self._generator.manual_seed(seed if seed is not None else int(torch.initial_seed()) % (2**63))
         self._step_count = 0
@@ -149,10 +143,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         values: dict[str, float] = {}
         for group in self.param_groups:
             if group["role"] == "curvature":
-                for key in self._method_keys:
-                    values[key] = _finite_or_inf(group[key])
-                if not self._factors_ready:
-                    values["ema"] = 0.0
+                values.update(self.method.step_values(group, first_statistics=not self._factors_ready))
             else:
                 values.update(self.fallback.hyper(group))
         return {k: torch.tensor(v, dtype=self._factor_dtype, device=self._device) for k, v in values.items()}
@@ -184,12 +175,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ inspection
     def factors(self) -> dict[str, dict[str, Tensor]]:
-        """Block name -> ``{"A": ..., "G": ...}`` (``{"F": ...}`` for norm blocks): copies of the factors.
+        """Block name -> ``{"A": ..., "G": ...}`` (each kind's factors, ``{"F": ...}`` for norm blocks): copies.
 
         ``torch.kron(G, A)`` approximates the curvature block of the batch-mean loss
         w.r.t. ``torch.cat([W, b[:, None]], 1).flatten()`` (see ``docs/conventions.md``).
         """
-        return {b.name: {f: self._state[f"{b.name}.{f}"].clone() for f in b.factor_shapes} for b in self.plan.blocks}
+        return {b.name: {f: self._state[f"{b.name}.{f}"].clone() for f in b.factors} for b in self.plan.blocks}
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
@@ -232,8 +223,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._generator.set_state(state_dict["generator"])
 
 
-def _finite_or_inf(value: float | None) -> float:
-    return math.inf if value is None else float(value)
+def _initial(shape: tuple[int, ...], init: str, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A state tensor as a :class:`~curvgraph.codegen.writer.StateSpec` says it starts."""
+    if init == "eye":
+        return torch.eye(shape[-1], dtype=dtype, device=device).expand(shape).clone()
+    if init == "ones":
+        return torch.ones(shape, dtype=dtype, device=device)
+    if init == "zeros":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    raise ConfigError(f"curvgraph: unknown state initialization {init!r}; use 'zeros', 'ones' or 'eye'.")
 
 
 def _compiled(fn: Callable, backend: str) -> Callable:

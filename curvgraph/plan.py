@@ -35,52 +35,90 @@ import sympy
 
 Shape = tuple[int | sympy.Expr, ...]
 
-BLOCK_KINDS = ("dense", "conv", "rnn", "attention", "norm", "embedding")
 SHARING_MODES = ("expand", "reduce")
 
 
 @dataclass(frozen=True)
 class LayerUse:
-    """One application of a block's weight in the graph.
+    """One application of a block's parameters in the graph.
 
-    ``node`` computes the layer output (the node the instrumentation probes),
-    ``input`` holds the layer input ``a``; shapes are symbolic. ``rows`` is the number
-    of input vectors the layer applies its weight to (examples x positions).
-    ``input_grad`` says whether the backward pass needs the gradient w.r.t. the input
-    (it does unless the input depends on no trainable parameter, e.g. a first layer).
+    ``outputs`` are the nodes computing the layer outputs (the nodes the
+    instrumentation probes, so that the backward pass yields their gradients ``g``);
+    ``inputs`` are the nodes holding the layer inputs ``a``. A dense or convolution
+    use has one of each; a kind whose layer reads several inputs or writes several
+    outputs (a recurrent cell, an attention head) lists them all. Shapes are
+    symbolic. ``rows`` is the number of input vectors the layer applies its weight to
+    (examples x positions). ``input_grad`` says whether the backward pass needs the
+    gradient w.r.t. the inputs (it does unless they depend on no trainable
+    parameter, e.g. a first layer).
     """
 
-    node: str
-    input: str
-    input_shape: Shape
-    output_shape: Shape
+    outputs: tuple[str, ...]
+    inputs: tuple[str, ...]
+    output_shapes: tuple[Shape, ...]
+    input_shapes: tuple[Shape, ...]
     rows: sympy.Expr
     input_grad: bool = True
 
 
+@dataclass(frozen=True)
+class Factor:
+    r"""One factor of a block's curvature approximation.
+
+    A block's parameters are arranged as one *block matrix* ``M`` of shape
+    ``Block.matrix_shape = lead + (d_1, ..., d_r)`` (e.g. ``(out, in + 1)`` for a dense
+    layer with bias). Each factor acts on one of the ``r`` matrix axes (``axis``,
+    counted from the end, e.g. ``-1`` for the columns), and the curvature of
+    :math:`\operatorname{vec}_\text{row}(M)` is approximated by the Kronecker product of
+    the factors in axis order, independently for every index of the leading dims
+    (block-diagonal across groups or channels): ``kron(G, A)`` for ``G`` on axis
+    ``-2`` and ``A`` on axis ``-1``.
+
+    Attributes:
+        shape: the stored shape: ``lead + (d, d)`` for a dense factor,
+            ``lead + (d,)`` for a diagonal one (stored as a vector).
+        axis: the axis of ``M`` the factor acts on (negative).
+        diagonal: the factor is a diagonal matrix.
+    """
+
+    shape: tuple[int, ...]
+    axis: int
+    diagonal: bool = False
+
+    @property
+    def dim(self) -> int:
+        """Size ``d`` of the matrix axis the factor acts on."""
+        return self.shape[-1]
+
+    @property
+    def lead(self) -> tuple[int, ...]:
+        """The leading (block-diagonal) dims: groups, channels, or ``()``."""
+        return self.shape[:-1] if self.diagonal else self.shape[:-2]
+
+
 @dataclass
 class Block:
-    """A group of parameters with its own Kronecker-factored curvature block.
+    """A group of parameters with its own factored curvature block.
 
     Attributes:
         name: block name (the owning module's path, or the weight's name).
-        kind: one of ``BLOCK_KINDS``.
+        kind: the name of the registered block kind that found it (``"dense"``, ...).
         params: the model's parameter names, as in ``model.named_parameters()``,
             weight first.
         placeholders: the graph placeholders of ``params``, same order.
-        uses: every application of the weight (more than one for shared weights).
+        uses: every application of the parameters (more than one for shared weights).
         dims: sizes that define the block, e.g. ``{"in": 40, "out": 64}``.
-        bias: whether the bias is folded into the block (a ones column in ``a``).
-        weight_transposed: the weight is stored ``(in, out)`` (as in ``x @ W``)
-            instead of PyTorch's ``(out, in)`` (dense blocks).
+        bias: whether a bias is folded into the block matrix (a ones column in ``a``).
         sharing: ``"expand"`` or ``"reduce"`` (Eschenhagen et al. 2023) for weights
-            applied at several positions or places.
-        factor_shapes: shape of each factor, e.g. ``{"A": (41, 41), "G": (64, 64)}``;
-            grouped convolutions have ``(groups, d, d)`` factors, norm blocks one
-            per-channel factor ``{"F": (C, 2, 2)}``.
+            applied at several positions or places; ``None`` for kinds whose
+            curvature does not approximate weight sharing (norm blocks).
+        factors: the block's factors by name (see :class:`Factor`), e.g. ``A`` and
+            ``G`` of a dense block, or one per-channel ``F`` of a norm block.
+        matrix_shape: shape of the block matrix ``M`` the factors act on.
         layout: what the kind needs besides sizes (convolution geometry, the
-            channel layout of a norm layer, parameter shapes).
+            channel layout of a norm layer, whether a weight is stored transposed).
         cost: sympy cost expressions, keys as in this module's docstring.
+        found_by: the name of the pass that claimed the block.
     """
 
     name: str
@@ -89,12 +127,13 @@ class Block:
     placeholders: tuple[str, ...]
     uses: tuple[LayerUse, ...]
     dims: dict[str, int]
-    bias: bool
-    weight_transposed: bool
-    sharing: str
-    factor_shapes: dict[str, tuple[int, ...]]
+    bias: bool = False
+    sharing: str | None = None
+    factors: dict[str, Factor] = field(default_factory=dict)
+    matrix_shape: tuple[int, ...] = ()
     layout: dict[str, object] = field(default_factory=dict)
     cost: dict[str, sympy.Expr] = field(default_factory=dict)
+    found_by: str = ""
 
     @property
     def shared(self) -> bool:
@@ -102,13 +141,9 @@ class Block:
         return len(self.uses) > 1
 
     @property
-    def matrix_shape(self) -> tuple[int, ...]:
-        """Shape of the block's parameter matrix: ``(out, in)`` per group for Kronecker
-        factors ``A``, ``G``; ``(C, k)`` for a per-channel factor ``F``."""
-        if "F" in self.factor_shapes:
-            return self.factor_shapes["F"][:-1]
-        a, g = self.factor_shapes["A"], self.factor_shapes["G"]
-        return g[:-1] + a[-1:]
+    def factor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The stored shape of each factor, e.g. ``{"A": (41, 41), "G": (64, 64)}``."""
+        return {name: factor.shape for name, factor in self.factors.items()}
 
 
 @dataclass
@@ -123,6 +158,10 @@ class Plan:
         frozen_params: parameters with ``requires_grad=False`` (never updated).
         sizes: the value of every symbolic size at the example inputs.
         size_names: readable names of the symbolic sizes (``N`` = batch size).
+        fallback_numel: number of entries of the fallback parameters.
+        matches: block pass name -> number of blocks it claimed, in the order the
+            passes ran (each block's ``found_by`` names its pass).
+        rewrites: normalization pass name -> number of nodes it rewrote.
     """
 
     model_name: str
@@ -133,6 +172,8 @@ class Plan:
     sizes: dict[sympy.Symbol, int] = field(default_factory=dict)
     size_names: dict[sympy.Symbol, str] = field(default_factory=dict)
     fallback_numel: int = 0
+    matches: dict[str, int] = field(default_factory=dict)
+    rewrites: dict[str, int] = field(default_factory=dict)
 
     def block(self, name: str) -> Block:
         """The block called ``name``."""
@@ -186,17 +227,19 @@ class Plan:
         return sympy.expand(self.named(sympy.Add(*(block.cost.get(k, 0) for k in keys))))
 
     def __str__(self) -> str:
-        rows = [("block", "kind", "params", "uses", "sharing", "factors", "state", "workspace", "FLOPs/step")]
+        rows = [("block", "kind", "pass", "params", "uses", "sharing", "factors", "state", "workspace", "FLOPs/step")]
         for b in self.blocks:
-            factors = " ".join(f"{k}:{'x'.join(map(str, s))}" for k, s in b.factor_shapes.items())
+            factors = " ".join(f"{k}:{'x'.join(map(str, f.shape))}{'(diag)' if f.diagonal else ''}"
+                               for k, f in b.factors.items())
             workspace = b.cost.get("workspace_bytes")
             rows.append(
                 (
                     b.name,
                     b.kind,
+                    b.found_by,
                     ", ".join(b.params),
                     str(len(b.uses)),
-                    b.sharing if b.kind != "norm" else "-",
+                    b.sharing or "-",
                     factors,
                     _human(self.at_example(b.cost.get("state_bytes", 0)), "B"),
                     _human(self.at_example(workspace), "B") if workspace is not None else "-",
@@ -217,8 +260,12 @@ class Plan:
             lines.extend(f"  {p}: {self.fallback_reasons.get(p, '')}" for p in self.fallback_params)
         if self.frozen_params:
             lines.append(f"frozen (requires_grad=False): {', '.join(self.frozen_params)}")
-        lines.append("FLOPs/step = forward+backward + factor statistics + preconditioning; workspace = the batch of")
-        lines.append("convolution patches the statistics materialize. As expressions in the input sizes:")
+        if self.matches:
+            lines.append("block passes (matches): " + ", ".join(f"{n} {c}" for n, c in self.matches.items()))
+        if any(self.rewrites.values()):
+            lines.append("normalization rewrites: " + ", ".join(f"{n} {c}" for n, c in self.rewrites.items() if c))
+        lines.append("FLOPs/step = forward+backward + factor statistics + preconditioning; workspace = what the")
+        lines.append("statistics materialize (e.g. convolution patches). As expressions in the input sizes:")
         lines.extend(f"  {b.name}: {self.block_flops(b)}" for b in self.blocks)
         return "\n".join(lines)
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from curvgraph.passes import normalize
 from curvgraph.passes.graph_utils import aten
-from curvgraph.passes.linear_forms import parse_linear_einsum
+from curvgraph.kinds.dense.forms import parse_linear_einsum
 from curvgraph.trace import trace
 
 

@@ -33,10 +33,10 @@ def test_functional_plan_folds_biases_and_records_layout():
     blocks = {b.name: b for b in plan.blocks}
     assert sorted(blocks) == ["W1", "W2", "W3", "W4"]
     assert blocks["W1"].params == ("W1", "b1") and blocks["W1"].bias
-    assert blocks["W2"].params == ("W2",) and blocks["W2"].weight_transposed
+    assert blocks["W2"].params == ("W2",) and blocks["W2"].layout["transposed"]
     assert blocks["W2"].dims == {"in": 6, "out": 7}
     assert blocks["W3"].params == ("W3", "b3")
-    assert blocks["W4"].params == ("W4",) and not blocks["W4"].weight_transposed
+    assert blocks["W4"].params == ("W4",) and not blocks["W4"].layout["transposed"]
     assert plan.fallback_params == ()
 
 
@@ -64,7 +64,7 @@ def test_every_spelling_is_a_dense_block():
     plan = plan_of(AllSpellings(), torch.randn(3, 4))
     assert sorted(b.name for b in plan.blocks) == ["a", "b", "c", "d", "e", "f", "lin"]
     assert plan.block("b").params == ("b", "bias")
-    assert plan.block("c").weight_transposed and not plan.block("f").weight_transposed
+    assert plan.block("c").layout["transposed"] and not plan.block("f").layout["transposed"]
     assert plan.fallback_params == ()
 
 

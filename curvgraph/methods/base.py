@@ -1,93 +1,150 @@
 """What an update rule declares so that the code generator can write its step.
 
-A method knows nothing about FX: it sees blocks (kind, factor shapes) through
-:class:`BlockVars` -- the names the generated code uses for a block's tensors -- and
-writes its part of the step with a :class:`~curvgraph.codegen.StepWriter` by calling
-plain torch functions (its *helpers*), which the generator copies into the source.
+A method knows nothing about FX: it sees blocks (kind, factors) through
+:class:`~curvgraph.codegen.writer.BlockVars` -- the names the generated code uses for
+a block's tensors -- and writes its part of the step with a
+:class:`~curvgraph.codegen.writer.StepWriter` by calling plain torch functions (its
+*helpers*), which the generator copies into the source (renamed where two helpers
+share a name, so methods never collide).
+
+A method owns its hyper-parameters (:attr:`Method.hyper`: defaults and validation,
+numeric ones scheduled through ``param_groups``, static ones fixing the generated
+code), its state (:meth:`Method.state`), and its cost entries (:meth:`Method.cost`).
+From the step it gets, per block: this batch's factors (``b.batch_factors``), each
+use's layer inputs and output gradients (``b.uses``), the gradient matrix
+(``b.grad``); and the step's locals, ``model(params, probes)`` among them for an
+extra forward/backward (see :class:`~curvgraph.codegen.writer.StepWriter`).
 
 The step the generator writes is, for every block::
 
-    M       = gradient matrix of the block (+ weight decay)        [generator]
-    A_batch, G_batch = Kronecker factors of this batch              [generator, per kind]
-    if update_stats:  method.write_statistics(...)  -> factors      [method]
+    M       = gradient matrix of the block (+ weight decay)        [generator, per kind]
+    if update_stats:  batch factors                                  [kind]
+                      method.write_statistics(...)  -> factors       [method]
     if refresh:       method.write_refresh(...)     -> preconditioner
-    method.write_direction(...)   -> D, with  W <- W - lr * D        [method]
+    method.write_direction(...)   -> D, with  M_param <- M_param - lr * D   [method]
 """
 
 from __future__ import annotations
 
+import numbers
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
 import sympy
-import torch
 
+from ..codegen.writer import StateSpec
+from ..errors import ConfigError
 from ..plan import Block
 
 if TYPE_CHECKING:
-    from ..codegen import StepWriter
+    from ..codegen.writer import BlockVars, StepWriter
+
+
+def positive(name: str, value: object) -> float:
+    """A number > 0."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value > 0:
+        raise ConfigError(f"curvgraph: {name} must be a positive number, got {value!r}.")
+    return float(value)
+
+
+def non_negative(name: str, value: object) -> float:
+    """A number >= 0."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value >= 0:
+        raise ConfigError(f"curvgraph: {name} must be >= 0, got {value!r}.")
+    return float(value)
+
+
+def fraction(name: str, value: object) -> float:
+    """A number in ``[0, 1)`` (decays, momenta)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 <= value < 1:
+        raise ConfigError(f"curvgraph: {name} must be in [0, 1), got {value!r}.")
+    return float(value)
+
+
+def optional(check: Callable[[str, object], Any]) -> Callable[[str, object], Any]:
+    """``check``, or ``None`` (a feature that is off)."""
+
+    def check_optional(name: str, value: object) -> Any:
+        return None if value is None else check(name, value)
+
+    check_optional.__doc__ = f"None, or {check.__doc__}"
+    return check_optional
+
+
+def one_of(*choices: object) -> Callable[[str, object], Any]:
+    """One of ``choices`` (a static option)."""
+
+    def check_choice(name: str, value: object) -> Any:
+        if value not in choices:
+            raise ConfigError(f"curvgraph: {name} must be one of {list(choices)}, got {value!r}.")
+        return value
+
+    return check_choice
 
 
 @dataclass(frozen=True)
-class StateSpec:
-    """One state tensor: its shape, how it starts (``"zeros"`` or ``"eye"``) and its
-    dtype (``None``: the factor dtype, float32 or wider)."""
+class Hyper:
+    """A method's hyper-parameter: its default, its validation, and when it acts.
 
-    shape: tuple[int, ...]
-    init: str = "zeros"
-    dtype: torch.dtype | None = None
-
-
-@dataclass
-class BlockVars:
-    """Names of a block's tensors in the generated step.
-
-    ``factors`` maps each factor name to the variable holding its current value,
-    ``batch_factors`` to the variable holding this batch's estimate, ``grad`` is the
-    gradient matrix (weight decay included) and ``direction`` the variable the
-    method must assign: the parameter matrix moves by ``-lr * direction``.
+    ``check(name, value)`` returns the validated value or raises
+    :class:`~curvgraph.ConfigError`. A *numeric* hyper-parameter (``static=False``)
+    lives in the optimizer's curvature ``param_groups`` (so schedulers change it) and
+    reaches the step as the 0-d tensor ``hyper[name]`` (see
+    :meth:`Method.step_values`). A *static* one (``static=True``, numeric or not, e.g.
+    a structure name) fixes the generated code: it is passed to the method's
+    constructor and changing it needs a new :func:`curvgraph.compile`.
     """
 
-    block: Block
-    id: str
-    factors: dict[str, str] = field(default_factory=dict)
-    batch_factors: dict[str, str] = field(default_factory=dict)
-
-    @abstractmethod
-    def state(self, key: str) -> str:
-        """Expression reading the block's state entry ``key``."""
-        return f"state[{self.key(key)!r}]"
-
-    def key(self, key: str) -> str:
-        """The state-dict key of the block's entry ``key``."""
-        return f"{self.block.name}.{key}"
-
-    def var(self, prefix: str) -> str:
-        """A local variable name for this block."""
-        return f"{prefix}_{self.id}"
-
-    @property
-    def grad(self) -> str:
-        return self.var("M")
-
-    @property
-    def direction(self) -> str:
-        return self.var("D")
+    default: Any
+    check: Callable[[str, object], Any]
+    static: bool = False
 
 
 class Method(ABC):
     """Base class of curvature update rules.
 
-    Subclasses set ``name`` and ``defaults`` (hyper-parameters with their default
-    values; each becomes a key of the optimizer's curvature parameter group and a 0-d
-    tensor ``hyper[key]`` in the step). The factors a block keeps are its kind's
-    (``block.factor_shapes``: ``A``, ``G`` or ``F``); the generator computes their
-    batch estimates.
+    Subclasses set ``name`` and ``hyper`` (see :class:`Hyper`) and implement the
+    ``write_*`` methods, :meth:`state`, :meth:`preconditioner` and :meth:`cost`. The
+    factors a block keeps are its kind's (``block.factors``); the generator has the
+    kind compute their batch estimates and keeps the factors themselves in the state.
+    ``curvgraph.register_method(MyMethod)`` makes ``method="my_method"`` select it.
     """
 
     name: str = ""
-    defaults: dict[str, float | None] = {}
+    hyper: dict[str, Hyper] = {}
+
+    def __init__(self, **options: Any) -> None:
+        """``options``: the validated static hyper-parameters."""
+        self.options = options
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every hyper-parameter's default value."""
+        return {key: spec.default for key, spec in cls.hyper.items()}
+
+    @classmethod
+    def configure(cls, options: dict[str, Any]) -> tuple["Method", dict[str, Any]]:
+        """Validate ``options`` (a subset of :attr:`hyper`, defaults fill the rest).
+
+        Returns the method instance (holding the static options) and the numeric
+        hyper-parameters for the optimizer's parameter group.
+        """
+        values = {key: spec.check(key, options.get(key, spec.default)) for key, spec in cls.hyper.items()}
+        static = {key: v for key, v in values.items() if cls.hyper[key].static}
+        return cls(**static), {key: v for key, v in values.items() if not cls.hyper[key].static}
+
+    def step_values(self, group: dict[str, Any], first_statistics: bool) -> dict[str, float]:
+        """The numeric hyper-parameters of the curvature ``group`` as floats for the step's ``hyper``.
+
+        ``first_statistics`` is true until the first statistics step succeeded (a method
+        may then, e.g., ignore its running averages).
+        """
+        return {key: float(group[key]) for key, spec in self.hyper.items() if not spec.static}
+
+    def describe_options(self) -> str:
+        """The static options as ``"(key=value, ...)"`` for the generated module's header ("" if none)."""
+        return f"({', '.join(f'{k}={v!r}' for k, v in self.options.items())})" if self.options else ""
 
     @abstractmethod
     def preconditioner(self, block: Block) -> tuple[str, ...]:
@@ -98,15 +155,15 @@ class Method(ABC):
         """State tensors of ``block`` besides the factors (which are always kept)."""
 
     @abstractmethod
-    def write_statistics(self, w: "StepWriter", blocks: list[BlockVars]) -> None:
+    def write_statistics(self, w: "StepWriter", blocks: list["BlockVars"]) -> None:
         """Update each block's factors from its batch factors (inside ``if update_stats:``)."""
 
     @abstractmethod
-    def write_refresh(self, w: "StepWriter", blocks: list[BlockVars]) -> None:
+    def write_refresh(self, w: "StepWriter", blocks: list["BlockVars"]) -> None:
         """Recompute the preconditioners from the factors (inside ``if refresh:``)."""
 
     @abstractmethod
-    def write_direction(self, w: "StepWriter", blocks: list[BlockVars]) -> None:
+    def write_direction(self, w: "StepWriter", blocks: list["BlockVars"]) -> None:
         """Assign every block's ``direction`` from its gradient matrix."""
 
     @abstractmethod

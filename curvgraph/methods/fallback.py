@@ -15,13 +15,14 @@ they are ``hyper["fallback_<name>"]``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
-from .base import StateSpec
+from ..codegen.writer import StateSpec, StepWriter
+from ..registry import register_fallback
 
 
 def adam_direction(grad: Tensor, param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor,
@@ -39,56 +40,92 @@ def sgd_direction(grad: Tensor, param: Tensor, buffer: Tensor, momentum: Tensor,
     return momentum * buffer + grad + weight_decay * param
 
 
-@dataclass(frozen=True)
-class FallbackRule:
-    """A first-order rule: its group hyper-parameters and per-parameter state."""
+class FallbackRule(ABC):
+    """A first-order rule for parameters no block kind claims.
 
-    name: str
-    defaults: dict[str, object]
-    state: tuple[str, ...]
+    Subclasses set ``name``, ``defaults`` (the fallback parameter group's
+    hyper-parameters) and ``state`` (per-parameter state tensors, kept in the
+    parameter's dtype as ``torch.optim`` does), and write one parameter's update.
+    ``curvgraph.register_fallback(MyRule())`` makes ``fallback="my_rule"`` select it.
+    """
+
+    name: str = ""
+    defaults: dict[str, Any] = {}
+    state: tuple[str, ...] = ()
 
     def state_specs(self, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, StateSpec]:
-        """State tensors of one parameter (kept in the parameter's dtype, as ``torch.optim`` does)."""
+        """State tensors of one parameter."""
         return {key: StateSpec(shape, dtype=dtype) for key in self.state}
 
+    def shared_state(self) -> dict[str, StateSpec]:
+        """State shared by every fallback parameter (e.g. a step counter), by full key."""
+        return {}
+
+    @abstractmethod
     def hyper(self, group: dict) -> dict[str, float]:
-        """The scalar hyper-parameters of the fallback group, keyed as in the step."""
-        if self.name == "adam":
-            beta1, beta2 = group["betas"]
-            values = {"beta1": beta1, "beta2": beta2, "eps": group["eps"]}
-        else:
-            values = {"momentum": group["momentum"]}
-        values.update(lr=group["lr"], weight_decay=group["weight_decay"])
+        """The scalar hyper-parameters of the fallback ``group``, keyed ``fallback_<name>`` as in the step;
+        ``fallback_lr`` is the one the generator applies."""
+
+    def write_prologue(self, w: StepWriter) -> None:
+        """Lines written once before the per-parameter updates."""
+
+    @abstractmethod
+    def write(self, w: StepWriter, name: str, param: str, grad: str) -> str:
+        """Write the update of parameter ``name`` (variables ``param``, ``grad``); returns the direction
+        variable (the parameter moves by ``-fallback_lr * direction``)."""
+
+
+class Adam(FallbackRule):
+    """``torch.optim.Adam`` (coupled weight decay, bias correction)."""
+
+    name = "adam"
+    defaults = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
+    state = ("exp_avg", "exp_avg_sq")
+
+    def shared_state(self) -> dict[str, StateSpec]:
+        return {"fallback.step": StateSpec((), dtype=torch.float32)}
+
+    def hyper(self, group: dict) -> dict[str, float]:
+        beta1, beta2 = group["betas"]
+        values = {"beta1": beta1, "beta2": beta2, "eps": group["eps"], "lr": group["lr"],
+                  "weight_decay": group["weight_decay"]}
         return {f"fallback_{k}": float(v) for k, v in values.items()}
 
-    def write(self, w, name: str, param: str, grad: str) -> str:
-        """Write the update of one parameter; returns the direction variable."""
+    def write_prologue(self, w: StepWriter) -> None:
+        w.line(f"fallback_step = {w.state('fallback.step')} + 1")
+        w.commit(w.state("fallback.step"), "fallback_step")
+
+    def write(self, w: StepWriter, name: str, param: str, grad: str) -> str:
         direction = f"U_{w.ident(name)}"
-        if self.name == "adam":
-            m, v = f"{direction}_m", f"{direction}_v"
-            call = w.call(adam_direction, grad, param, w.state(f"{name}.exp_avg"), w.state(f"{name}.exp_avg_sq"), "fallback_step",
-                          w.hyper("fallback_beta1"), w.hyper("fallback_beta2"), w.hyper("fallback_eps"),
-                          w.hyper("fallback_weight_decay"))
-            w.line(f"{direction}, {m}, {v} = {call}")
-            w.commit(w.state(f"{name}.exp_avg"), m)
-            w.commit(w.state(f"{name}.exp_avg_sq"), v)
-        else:
-            call = w.call(sgd_direction, grad, param, w.state(f"{name}.momentum_buffer"), w.hyper("fallback_momentum"),
-                          w.hyper("fallback_weight_decay"))
-            w.line(f"{direction} = {call}")
-            w.commit(w.state(f"{name}.momentum_buffer"), direction)
+        m, v = f"{direction}_m", f"{direction}_v"
+        call = w.call(adam_direction, grad, param, w.state(f"{name}.exp_avg"), w.state(f"{name}.exp_avg_sq"),
+                      "fallback_step", w.hyper("fallback_beta1"), w.hyper("fallback_beta2"), w.hyper("fallback_eps"),
+                      w.hyper("fallback_weight_decay"))
+        w.line(f"{direction}, {m}, {v} = {call}")
+        w.commit(w.state(f"{name}.exp_avg"), m)
+        w.commit(w.state(f"{name}.exp_avg_sq"), v)
         return direction
 
 
-FALLBACKS = {
-    "adam": FallbackRule("adam", {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
-                         ("exp_avg", "exp_avg_sq")),
-    "sgd": FallbackRule("sgd", {"lr": 1e-2, "momentum": 0.9, "weight_decay": 0.0}, ("momentum_buffer",)),
-}
+class SGD(FallbackRule):
+    """``torch.optim.SGD`` with heavy-ball momentum (coupled weight decay)."""
+
+    name = "sgd"
+    defaults = {"lr": 1e-2, "momentum": 0.9, "weight_decay": 0.0}
+    state = ("momentum_buffer",)
+
+    def hyper(self, group: dict) -> dict[str, float]:
+        values = {"momentum": group["momentum"], "lr": group["lr"], "weight_decay": group["weight_decay"]}
+        return {f"fallback_{k}": float(v) for k, v in values.items()}
+
+    def write(self, w: StepWriter, name: str, param: str, grad: str) -> str:
+        direction = f"U_{w.ident(name)}"
+        call = w.call(sgd_direction, grad, param, w.state(f"{name}.momentum_buffer"), w.hyper("fallback_momentum"),
+                      w.hyper("fallback_weight_decay"))
+        w.line(f"{direction} = {call}")
+        w.commit(w.state(f"{name}.momentum_buffer"), direction)
+        return direction
 
 
-def resolve_fallback(name: str) -> FallbackRule:
-    """The fallback rule called ``name``."""
-    if name not in FALLBACKS:
-        raise ConfigError(f"curvgraph: fallback must be one of {sorted(FALLBACKS)}, got {name!r}.")
-    return FALLBACKS[name]
+register_fallback(Adam())
+register_fallback(SGD())

@@ -16,9 +16,14 @@ over all factors of equal shape with one Cholesky factorization each; in between
 factors keep updating and the stale inverses are used. Grouped convolutions carry a
 leading group dim on ``A``, ``G`` and ``M``; every formula applies per group.
 
-Norm blocks have one per-channel factor ``F`` (``(C, k, k)``, see
-:mod:`curvgraph.curvature.norm`), which is the curvature block itself, not a Kronecker
-factor: :math:`V_c = (F_c + \lambda I)^{-1} M_c`.
+The same code serves every factor structure a kind declares
+(:class:`~curvgraph.plan.Factor`): each factor's inverse is applied along the
+block-matrix axis it acts on (``G`` on the rows, ``A`` on the columns above), dense
+factors by a matrix product and diagonal ones (stored as vectors) elementwise, and
+leading dims (groups, channels) are independent blocks. A block with one factor (the
+per-channel ``F`` of a norm block, which is the curvature block itself) gets plain
+Tikhonov damping, :math:`V = (F + \lambda I)^{-1} M`; with ``n`` factors the damping is
+split as :math:`\lambda^{1/n} t_i / (\prod_j t_j)^{1/n}` (:func:`factored_damping`).
 """
 
 from __future__ import annotations
@@ -30,8 +35,10 @@ import sympy
 import torch
 from torch import Tensor
 
+from ..codegen.writer import BlockVars, StateSpec
 from ..plan import Block
-from .base import BlockVars, Method, StateSpec
+from ..registry import register_method
+from .base import Hyper, Method, fraction, non_negative, optional, positive
 
 
 def ema(old: Tensor, new: Tensor, decay: Tensor) -> Tensor:
@@ -39,17 +46,32 @@ def ema(old: Tensor, new: Tensor, decay: Tensor) -> Tensor:
     return old * decay + new * (1 - decay)
 
 
-def factored_damping(A: Tensor, G: Tensor, damping: Tensor) -> tuple[Tensor, Tensor]:
-    r"""Shifts :math:`(\pi\sqrt\lambda, \sqrt\lambda/\pi)` added to ``A`` and ``G``.
+def factored_damping(factors: tuple[Tensor, ...], diagonal: tuple[bool, ...], damping: Tensor) -> tuple[Tensor, ...]:
+    r"""Shifts added to each factor so that their Kronecker product is damped by about :math:`\lambda`.
 
-    :math:`\pi^2` is the ratio of the factors' average eigenvalues, so the damping
-    :math:`\lambda` is split between them in proportion to their scales.
+    With :math:`t_i` the mean eigenvalue of factor ``i`` (trace over dimension, per
+    leading index) and ``n`` factors, factor ``i`` gets
+    :math:`s_i = \lambda^{1/n}\, t_i / (\prod_j t_j)^{1/n}`: for two factors ``A``, ``G``
+    these are :math:`(\pi\sqrt\lambda, \sqrt\lambda/\pi)` with
+    :math:`\pi = \sqrt{t_A / t_G}` (Martens & Grosse 2015, sec. 6.3); one factor gets
+    :math:`\lambda` itself.
+
+    Args:
+        factors: the factors, dense ``(..., d, d)`` or diagonal ``(..., d)``.
+        diagonal: which factors are diagonal.
+        damping: :math:`\lambda`, a 0-d tensor.
+
+    Returns:
+        One shift per factor, shaped like the factors' leading dims.
     """
-    tiny = torch.finfo(A.dtype).tiny
-    mean_a = A.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(tiny)
-    pi = (mean_a / G.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(tiny)).sqrt()
-    root = damping.sqrt()
-    return pi * root, root / pi
+    if len(factors) == 1:
+        lead = factors[0].shape[:-1] if diagonal[0] else factors[0].shape[:-2]
+        return (damping.expand(lead),)
+    tiny = torch.finfo(factors[0].dtype).tiny
+    means = [(f if d else f.diagonal(dim1=-2, dim2=-1)).mean(-1).clamp_min(tiny) for f, d in zip(factors, diagonal)]
+    log_geometric_mean = sum(m.log() for m in means) / len(means)
+    root = damping ** (1.0 / len(factors))
+    return tuple(root * (m.log() - log_geometric_mean).exp() for m in means)
 
 
 def damped_inverse(factor: Tensor, shift: Tensor, previous: Tensor) -> Tensor:
@@ -67,14 +89,39 @@ def damped_inverse(factor: Tensor, shift: Tensor, previous: Tensor) -> Tensor:
     return torch.where(good[..., None, None], inverse, previous)
 
 
-def kfac_precondition(grad: Tensor, A_inv: Tensor, G_inv: Tensor) -> Tensor:
-    r""":math:`V = G^{-1} M A^{-1}`, i.e. :math:`(G \otimes A)^{-1} \operatorname{vec}(M)` in row-major vec order."""
-    return G_inv @ grad @ A_inv
+def damped_diagonal_inverse(factor: Tensor, shift: Tensor, previous: Tensor) -> Tensor:
+    r""":math:`1 / (f + s)` for diagonal factors ``(..., d)`` stored as vectors; keeps ``previous``
+    for a matrix (leading index) where an entry is not positive and finite."""
+    damped = factor + shift[..., None]
+    good = ((damped > 0) & torch.isfinite(damped)).all(-1, keepdim=True)
+    return torch.where(good, 1.0 / damped, previous)
 
 
-def channel_precondition(grad: Tensor, F_inv: Tensor) -> Tensor:
-    r""":math:`V_c = F_c^{-1} M_c` for every channel: ``grad`` ``(C, k)``, ``F_inv`` ``(C, k, k)``."""
-    return (F_inv @ grad[..., None])[..., 0]
+def apply_inverse(matrix: Tensor, inverse: Tensor, axis: int, diagonal: bool) -> Tensor:
+    r"""``matrix`` multiplied along its (negative) ``axis`` by the symmetric ``inverse``: :math:`M \times_{axis} F^{-1}`.
+
+    ``matrix`` is ``lead + (d_1, ..., d_r)``; ``inverse`` is ``lead + (d, d)`` (dense) or
+    ``lead + (d,)`` (diagonal) with ``d`` the size of ``axis``. For ``r = 2`` the
+    dense cases are :math:`F^{-1} M` (``axis=-2``) and :math:`M F^{-1}` (``axis=-1``).
+    """
+    if diagonal:
+        return matrix * inverse.reshape(inverse.shape + (1,) * (-axis - 1))
+    lead = inverse.shape[:-2]
+    if axis == -2 and matrix.dim() == len(lead) + 2:
+        return inverse @ matrix
+    moved = matrix.movedim(axis, -1)
+    product = moved.reshape(lead + (-1, inverse.shape[-1])) @ inverse
+    return product.reshape(moved.shape).movedim(-1, axis)
+
+
+def kfac_precondition(grad: Tensor, inverses: tuple[Tensor, ...], axes: tuple[int, ...],
+                      diagonal: tuple[bool, ...]) -> Tensor:
+    r""":math:`V = M \times_1 F_1^{-1} \times_2 F_2^{-1} \cdots`: the inverse of the Kronecker product of
+    the factors applied to the block matrix, e.g. :math:`G^{-1} M A^{-1}`, i.e.
+    :math:`(G \otimes A)^{-1} \operatorname{vec}(M)` in row-major vec order."""
+    for inverse, axis, diag in zip(inverses, axes, diagonal):
+        grad = apply_inverse(grad, inverse, axis, diag)
+    return grad
 
 
 def inner_product(directions: tuple[Tensor, ...], grads: tuple[Tensor, ...]) -> Tensor:
@@ -100,20 +147,28 @@ class KFAC(Method):
     """K-FAC: Kronecker-factored natural gradient with momentum (see the module docstring)."""
 
     name = "kfac"
-    defaults = {
-        "lr": 0.002,
-        "momentum": 0.9,
-        "weight_decay": 0.0,
-        "damping": 1e-3,
-        "ema": 0.95,
-        "kl_clip": 1e-3,
+    hyper = {
+        "lr": Hyper(0.002, positive),
+        "momentum": Hyper(0.9, fraction),
+        "weight_decay": Hyper(0.0, non_negative),
+        "damping": Hyper(1e-3, positive),
+        "ema": Hyper(0.95, fraction),
+        "kl_clip": Hyper(1e-3, optional(positive)),
     }
 
+    def step_values(self, group: dict, first_statistics: bool) -> dict[str, float]:
+        """``kl_clip=None`` becomes ``inf`` (no clipping); the first statistics step uses ``ema=0``
+        so that the factors start at the first batch's instead of at zero."""
+        values = {key: math.inf if group[key] is None else float(group[key]) for key in self.hyper}
+        if first_statistics:
+            values["ema"] = 0.0
+        return values
+
     def preconditioner(self, block: Block) -> tuple[str, ...]:
-        return tuple(f"{f}_inv" for f in block.factor_shapes)
+        return tuple(f"{f}_inv" for f in block.factors)
 
     def state(self, block: Block) -> dict[str, StateSpec]:
-        inverses = {f"{f}_inv": StateSpec(shape, "eye") for f, shape in block.factor_shapes.items()}
+        inverses = {f"{name}_inv": StateSpec(f.shape, "ones" if f.diagonal else "eye") for name, f in block.factors.items()}
         return {**inverses, "momentum": StateSpec(block.matrix_shape)}
 
     def write_statistics(self, w, blocks: list[BlockVars]) -> None:
@@ -126,38 +181,40 @@ class KFAC(Method):
     def write_refresh(self, w, blocks: list[BlockVars]) -> None:
         shifts: dict[tuple[str, str], str] = {}
         for b in blocks:
-            if "F" in b.factors:  # the curvature block itself: plain Tikhonov damping per channel
-                shifts[b.id, "F"] = f"{w.hyper('damping')}.expand({b.block.factor_shapes['F'][0]})"
-                continue
-            shift_a, shift_g = b.var("shift_A"), b.var("shift_G")
-            w.line(f"{shift_a}, {shift_g} = {w.call(factored_damping, b.factors['A'], b.factors['G'], w.hyper('damping'))}")
-            shifts[b.id, "A"], shifts[b.id, "G"] = shift_a, shift_g
-        groups: dict[tuple[int, ...], list[tuple[BlockVars, str]]] = defaultdict(list)
+            names = list(b.factors)
+            targets = [b.var(f"shift_{f}") for f in names]
+            diagonal = tuple(b.block.factors[f].diagonal for f in names)
+            call = w.call(factored_damping, w.pack(b.factors[f] for f in names), diagonal, w.hyper("damping"))
+            w.line(f"{', '.join(targets)}, = {call}")
+            shifts.update({(b.id, f): t for f, t in zip(names, targets)})
+        groups: dict[tuple[tuple[int, ...], bool], list[tuple[BlockVars, str]]] = defaultdict(list)
         for b in blocks:
-            for f in b.factors:
-                groups[b.block.factor_shapes[f]].append((b, f))
-        for shape, members in groups.items():
+            for name, f in b.block.factors.items():
+                groups[f.shape, f.diagonal].append((b, name))
+        for (shape, diagonal), members in groups.items():
+            inverse = damped_diagonal_inverse if diagonal else damped_inverse
             targets = [b.var(f"{f}_inv") for b, f in members]
             factors = [b.factors[f] for b, f in members]
             shift = [shifts[b.id, f] for b, f in members]
             previous = [b.state(f"{f}_inv") for b, f in members]
             if len(members) == 1:
-                w.line(f"{targets[0]} = {w.call(damped_inverse, factors[0], shift[0], previous[0])}")
+                w.line(f"{targets[0]} = {w.call(inverse, factors[0], shift[0], previous[0])}")
             else:
-                w.line(f"# {len(members)} factors of shape {'x'.join(map(str, shape))}: one batched Cholesky")
-                call = w.call(damped_inverse, _stack(factors), _stack(shift), _stack(previous))
+                w.line(f"# {len(members)} factors of shape {'x'.join(map(str, shape))}: one batched inverse")
+                call = w.call(inverse, _stack(factors), _stack(shift), _stack(previous))
                 w.line(f"{', '.join(targets)} = {call}.unbind(0)")
             for (b, f), target in zip(members, targets):
                 w.commit(b.state(f"{f}_inv"), target, when="refresh")
 
     def write_direction(self, w, blocks: list[BlockVars]) -> None:
         for b in blocks:
-            if "F" in b.factors:
-                w.line(f"{b.var('V')} = {w.call(channel_precondition, b.grad, b.var('F_inv'))}")
-            else:
-                w.line(f"{b.var('V')} = {w.call(kfac_precondition, b.grad, b.var('A_inv'), b.var('G_inv'))}")
-        directions = _tuple(b.var("V") for b in blocks)
-        grads = _tuple(b.grad for b in blocks)
+            order = sorted(b.block.factors, key=lambda f: b.block.factors[f].axis)  # rows before columns
+            inverses = w.pack(b.var(f"{f}_inv") for f in order)
+            axes = tuple(b.block.factors[f].axis for f in order)
+            diagonal = tuple(b.block.factors[f].diagonal for f in order)
+            w.line(f"{b.var('V')} = {w.call(kfac_precondition, b.grad, inverses, axes, diagonal)}")
+        directions = w.pack(b.var("V") for b in blocks)
+        grads = w.pack(b.grad for b in blocks)
         w.line(f"inner = {w.call(inner_product, directions, grads)}")
         w.check("inner")  # finite iff every V and M is; then so are the momentum buffers and updates
         w.line(f"nu = {w.call(kl_clip_scale, 'inner', w.hyper('lr'), w.hyper('kl_clip'))}")
@@ -166,18 +223,13 @@ class KFAC(Method):
             w.commit(b.state("momentum"), b.direction)
 
     def cost(self, block: Block) -> dict[str, sympy.Expr]:
-        """Preconditioning ``2 (o^2 i + o i^2)`` per group (``2 C k^2`` per-channel), inversion
-        ``d^3`` per factor matrix, state: factors, inverses and momentum in float32."""
-        shapes = block.factor_shapes
-        if "F" in shapes:
-            channels, k, _ = shapes["F"]
-            precondition = 2 * channels * k * k
-        else:
-            lead = math.prod(shapes["A"][:-2])
-            d_a, d_g = shapes["A"][-1], shapes["G"][-1]
-            precondition = lead * (2 * d_g * d_g * d_a + 2 * d_g * d_a * d_a)
-        inversion = sum(math.prod(s[:-2]) * s[-1] ** 3 for s in shapes.values())
-        floats = 2 * sum(math.prod(s) for s in shapes.values()) + math.prod(block.matrix_shape)
+        """Preconditioning ``2 numel(M) d`` per dense factor and ``numel(M)`` per diagonal one
+        (``2 (o^2 i + o i^2)`` for a dense block), inversion ``d^3`` per dense factor matrix
+        and ``d`` per diagonal one, state: factors, inverses and momentum in float32."""
+        numel = math.prod(block.matrix_shape)
+        precondition = sum(numel * (1 if f.diagonal else 2 * f.dim) for f in block.factors.values())
+        inversion = sum(math.prod(f.lead) * (f.dim if f.diagonal else f.dim**3) for f in block.factors.values())
+        floats = 2 * sum(math.prod(f.shape) for f in block.factors.values()) + numel
         return {
             "precondition": sympy.Integer(precondition),
             "inversion": sympy.Integer(inversion),
@@ -189,6 +241,4 @@ def _stack(names: list[str]) -> str:
     return f"torch.stack([{', '.join(names)}])"
 
 
-def _tuple(names) -> str:
-    names = list(names)
-    return f"({', '.join(names)}{',' if len(names) == 1 else ''})"
+register_method(KFAC)

@@ -1,41 +1,42 @@
-"""Pattern-matching passes: from a traced graph to a :class:`~curvgraph.plan.Plan`.
+"""The generic pass machinery: from a traced graph to a :class:`~curvgraph.plan.Plan`.
 
-The pipeline is data: first the normalization passes rewrite the graph into a
-canonical op vocabulary (each pass one rewrite), then each block pass claims the
-parameters it recognizes. Whatever no block pass claims goes to the first-order
+The pipeline is data. Every registered block kind (:mod:`curvgraph.kinds`) brings
+its *normalization rewrites* (each rewrites one family of spellings into the kind's
+canonical op and returns how many nodes it rewrote) and its named *block passes*
+(each returns the blocks it matched). :func:`build_plan` first runs every rewrite
+until none applies, then the block passes in registration order; the claims ledger
+(:class:`~curvgraph.passes.ledger.Claims`) makes a second claim on a parameter an
+error that names both passes. Whatever no pass claims goes to the first-order
 fallback, with the reason recorded in the plan.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable, Sequence
 
 from torch.fx import Graph
 
+from .. import registry
 from ..errors import ConfigError
-from ..plan import SHARING_MODES, Block, Plan
+from ..plan import SHARING_MODES, Plan
 from ..trace import TracedModel
-from .conv import find_conv_blocks
-from .dense import find_dense_blocks
-from .linear_forms import LINEAR_PASSES
-from .norm import find_norm_blocks, split_norm_affine
+from .ledger import Claims
 
-BlockPass = Callable[[TracedModel, str, dict[str, str]], list[Block]]
-
-#: Rewrites into the canonical op vocabulary, run until none applies.
-NORMALIZATION_PASSES = LINEAR_PASSES + (split_norm_affine,)
-
-#: Block passes in the order they claim parameters.
-BLOCK_PASSES: tuple[BlockPass, ...] = (find_dense_blocks, find_conv_blocks, find_norm_blocks)
+Rewrite = Callable[[Graph, set[str]], int]
 
 
-def normalize(graph: Graph, params: set[str]) -> dict[str, int]:
-    """Run every normalization pass until none rewrites anything; returns rewrite counts."""
-    counts: dict[str, int] = {p.__name__: 0 for p in NORMALIZATION_PASSES}
+def normalize(graph: Graph, params: set[str], rewrites: Sequence[Rewrite] | None = None) -> dict[str, int]:
+    """Run ``rewrites`` (default: every registered kind's) until none rewrites anything.
+
+    Returns the number of rewrites per pass name (the function's ``__name__``).
+    """
+    if rewrites is None:
+        rewrites = [r for kind in registry.KINDS.values() for r in kind.rewrites]
+    counts: dict[str, int] = {r.__name__: 0 for r in rewrites}
     changed = True
     while changed:
         changed = False
-        for rewrite in NORMALIZATION_PASSES:
+        for rewrite in rewrites:
             n = rewrite(graph, params)
             counts[rewrite.__name__] += n
             changed |= n > 0
@@ -43,22 +44,32 @@ def normalize(graph: Graph, params: set[str]) -> dict[str, int]:
     return counts
 
 
-def build_plan(traced: TracedModel, sharing: str = "expand", sizes: dict | None = None) -> Plan:
+def build_plan(traced: TracedModel, kinds: Iterable = (), sharing: str = "expand", sizes: dict | None = None) -> Plan:
     """Normalize ``traced.graph`` in place and match its curvature blocks.
 
     Args:
         traced: the captured model (its graph is rewritten).
+        kinds: the block kinds (:class:`~curvgraph.kinds.base.BlockKind`), in pass
+            order; their rewrites normalize the graph, their passes claim blocks.
         sharing: ``"expand"`` or ``"reduce"``, the weight-sharing approximation of
             every block whose weight is applied at several positions or places.
         sizes: the value of each symbolic size at the example inputs (for costs).
     """
     if sharing not in SHARING_MODES:
         raise ConfigError(f"curvgraph: kfac_approx must be one of {SHARING_MODES}, got {sharing!r}.")
-    normalize(traced.graph, set(traced.params))
-    claimed: dict[str, str] = {}
-    blocks: list[Block] = []
-    for block_pass in BLOCK_PASSES:
-        blocks.extend(block_pass(traced, sharing, claimed))
+    kinds = list(kinds)
+    rewrites = normalize(traced.graph, set(traced.params), [r for kind in kinds for r in kind.rewrites])
+    claims = Claims(traced.params)
+    blocks, matches = [], {}
+    for kind in kinds:
+        for block_pass in kind.passes:
+            if block_pass.name in matches:
+                raise ConfigError(f"curvgraph: two block passes are called {block_pass.name!r}; pass names must be unique.")
+            found = block_pass.find(traced, claims, sharing)
+            for block in found:
+                claims.claim(block, block_pass.name)
+            blocks.extend(found)
+            matches[block_pass.name] = len(found)
 
     in_blocks = {p for b in blocks for p in b.placeholders}
     fallback, reasons, numel = [], {}, 0
@@ -68,9 +79,9 @@ def build_plan(traced: TracedModel, sharing: str = "expand", sizes: dict | None 
         name = traced.params[node.name]
         fallback.append(name)
         numel += node.meta["val"].numel()
-        reasons[name] = claimed.get(node.name) or _default_reason(node)
+        reasons[name] = claims.reasons.get(node.name) or _default_reason(node)
     order = {node.name: i for i, node in enumerate(traced.graph.nodes)}
-    blocks.sort(key=lambda b: min(order[u.node] for u in b.uses))
+    blocks.sort(key=lambda b: min(order[n] for u in b.uses for n in u.outputs))
     return Plan(
         model_name=traced.model_name,
         blocks=blocks,
@@ -80,6 +91,8 @@ def build_plan(traced: TracedModel, sharing: str = "expand", sizes: dict | None 
         sizes=dict(sizes or {}),
         size_names=traced.dim_names(),
         fallback_numel=numel,
+        matches=matches,
+        rewrites=rewrites,
     )
 
 

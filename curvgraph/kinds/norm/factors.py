@@ -59,18 +59,12 @@ def norm_gradient_matrix(weight: Tensor, bias: Tensor | None, dtype: torch.dtype
     return torch.stack(columns, -1).to(dtype)
 
 
-def norm_split(matrix: Tensor, bias: bool, shape: tuple[int, ...]) -> tuple[Tensor, Tensor | None]:
-    """Inverse of :func:`norm_gradient_matrix`."""
-    return matrix[:, 0].reshape(shape), (matrix[:, 1].reshape(shape) if bias else None)
-
-
-def factor_shapes(dims: dict[str, int], bias: bool) -> dict[str, tuple[int, ...]]:
-    """``{"F": (C, k, k)}``."""
-    k = 1 + int(bias)
-    return {"F": (dims["channels"], k, k)}
+def norm_split(matrix: Tensor, bias: bool, shape: tuple[int, ...]) -> tuple[Tensor, ...]:
+    """Inverse of :func:`norm_gradient_matrix`: ``(weight,)`` or ``(weight, bias)``."""
+    return (matrix[:, 0].reshape(shape),) + ((matrix[:, 1].reshape(shape),) if bias else ())
 
 
 def cost(block) -> dict[str, sympy.Expr]:
     """FLOPs: the affine layer's forward/backward (about 6 per element) and the statistics (about 4 per element)."""
-    elements = sympy.Add(*(sympy.Mul(*u.output_shape) for u in block.uses))
+    elements = sympy.Add(*(sympy.Mul(*shape) for u in block.uses for shape in u.output_shapes))
     return {"forward_backward": 6 * elements, "statistics": 4 * elements, "backward_per_sample": 2 * elements}

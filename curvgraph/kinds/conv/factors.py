@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kronecker import input_moment, output_moment
+from ...curvature.kronecker import input_moment, output_moment
 
 
 def conv_patches(x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple[tuple[int, int], ...],
@@ -91,18 +91,11 @@ def conv_gradient_matrix(weight: Tensor, bias: Tensor | None, groups: int, dtype
     return matrix[0] if groups == 1 else matrix
 
 
-def conv_split(matrix: Tensor, bias: bool, weight_shape: tuple[int, ...]) -> tuple[Tensor, Tensor | None]:
-    """Inverse of :func:`conv_gradient_matrix`: ``(W-shaped tensor, b-shaped tensor or None)``."""
+def conv_split(matrix: Tensor, bias: bool, weight_shape: tuple[int, ...]) -> tuple[Tensor, ...]:
+    """Inverse of :func:`conv_gradient_matrix`: ``(W-shaped tensor,)`` or ``(W-shaped, b-shaped)``."""
     rows = matrix.reshape(weight_shape[0], -1)
     weight = (rows[:, :-1] if bias else rows).reshape(weight_shape)
-    return weight, (rows[:, -1] if bias else None)
-
-
-def factor_shapes(dims: dict[str, int], bias: bool) -> dict[str, tuple[int, ...]]:
-    """Shapes of ``A`` and ``G`` for ``dims = {"in": C_in/g * K, "out": C_out/g, "groups": g}``."""
-    d_in, d_out, groups = dims["in"] + int(bias), dims["out"], dims["groups"]
-    lead = () if groups == 1 else (groups,)
-    return {"A": lead + (d_in, d_in), "G": lead + (d_out, d_out)}
+    return (weight,) + ((rows[:, -1],) if bias else ())
 
 
 def cost(block) -> dict[str, sympy.Expr]:

@@ -44,7 +44,7 @@ import sympy
 import torch
 from torch import Tensor
 
-from .kronecker import input_moment, output_moment
+from ...curvature.kronecker import input_moment, output_moment
 
 
 def dense_input_factor(inputs: tuple[Tensor, ...], bias: bool, reduce: bool, batch: int, dtype: torch.dtype) -> Tensor:
@@ -101,16 +101,10 @@ def dense_gradient_matrix(weight: Tensor, bias: Tensor | None, transposed: bool,
     return matrix.to(dtype)
 
 
-def dense_split(matrix: Tensor, bias: bool, transposed: bool) -> tuple[Tensor, Tensor | None]:
-    """Inverse of :func:`dense_gradient_matrix`: ``(W-shaped tensor, b-shaped tensor or None)``."""
+def dense_split(matrix: Tensor, bias: bool, transposed: bool) -> tuple[Tensor, ...]:
+    """Inverse of :func:`dense_gradient_matrix`: ``(W-shaped tensor,)`` or ``(W-shaped, b-shaped)``."""
     w = matrix[:, :-1] if bias else matrix
-    return (w.T if transposed else w), (matrix[:, -1] if bias else None)
-
-
-def factor_shapes(dims: dict[str, int], bias: bool) -> dict[str, tuple[int, int]]:
-    """Shapes of ``A`` and ``G`` for a block with ``dims = {"in": ..., "out": ...}``."""
-    d_in = dims["in"] + int(bias)
-    return {"A": (d_in, d_in), "G": (dims["out"], dims["out"])}
+    return ((w.T if transposed else w),) + ((matrix[:, -1],) if bias else ())
 
 
 def cost(block) -> dict[str, sympy.Expr]:
@@ -123,7 +117,7 @@ def cost(block) -> dict[str, sympy.Expr]:
     """
     rows = sympy.Add(*(u.rows for u in block.uses))
     grad_rows = sympy.Add(*(u.rows for u in block.uses if u.input_grad))
-    d_in, d_out = block.factor_shapes["A"][0], block.factor_shapes["G"][0]
+    d_in, d_out = block.factors["A"].dim, block.factors["G"].dim
     n_in, n_out = block.dims["in"], block.dims["out"]
     return {
         "forward_backward": (4 * rows + 2 * grad_rows) * n_in * n_out,

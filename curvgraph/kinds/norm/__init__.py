@@ -1,4 +1,4 @@
-"""Normalization layers: split the affine part off, then one ``"norm"`` block per weight.
+"""The ``norm`` block kind: split a normalization layer's affine part off, then one block per weight.
 
 :func:`split_norm_affine` (a normalization pass) rewrites
 ``norm(x, weight, bias)`` into ``norm(x, None, None) * weight + bias`` (``weight`` and
@@ -16,15 +16,20 @@ from __future__ import annotations
 import operator
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Sequence
 
 import sympy
+import torch
 from torch.fx import Graph, Node
 
-from ..curvature import norm as norm_math
-from ..plan import Block, LayerUse
-from ..trace import TracedModel, symbolic_shape
-from .blocks import claim_block
-from .graph_utils import aten, depends_on, insert_call, ndim, schema_args, set_schema_arg
+from ...codegen.writer import BlockVars, StepWriter
+from ...passes.graph_utils import aten, depends_on, insert_call, ndim, schema_args, set_schema_arg
+from ...passes.ledger import Claims
+from ...plan import Block, Factor
+from ...registry import register_block_kind
+from ...trace import TracedModel, symbolic_shape
+from ..base import BlockKind, layer_use, new_block, weight_and_bias
+from . import factors as norm_math
 
 
 @dataclass(frozen=True)
@@ -94,36 +99,61 @@ class AffineMatch:
     channels_first: bool
 
 
-def find_norm_blocks(traced: TracedModel, sharing: str, claimed: dict[str, str]) -> list[Block]:
+class Norm(BlockKind):
+    """BatchNorm/LayerNorm/GroupNorm affine parameters: one exact ``k x k`` block ``F`` per channel."""
+
+    name = "norm"
+    rewrites = (split_norm_affine,)
+
+    def find(self, traced: TracedModel, claims: Claims, sharing: str) -> list[Block]:
+        return find_norm_blocks(self, traced, claims)
+
+    def factors(self, block: Block) -> dict[str, Factor]:
+        k = 1 + int(block.bias)
+        return {"F": Factor((block.dims["channels"], k, k), axis=-1)}
+
+    def cost(self, block: Block) -> dict[str, sympy.Expr]:
+        return norm_math.cost(block)
+
+    def write_batch_factors(self, w: StepWriter, b: BlockVars, dtype: torch.dtype) -> None:
+        acts, grads = w.pack(u.inputs[0] for u in b.uses), w.pack(u.grads[0] for u in b.uses)
+        call = w.call(norm_math.norm_factor, acts, grads, b.block.dims["channels"], b.block.layout["channels_first"],
+                      b.block.bias, "batch", "scale", dtype)
+        w.line(f"{b.batch_factors['F']} = {call}")
+
+    def write_matrix(self, w: StepWriter, b: BlockVars, tensors: Sequence[str], dtype: torch.dtype) -> str:
+        return w.call(norm_math.norm_gradient_matrix, *weight_and_bias(b, tensors), dtype)
+
+    def write_split(self, w: StepWriter, b: BlockVars, matrix: str) -> str:
+        return w.call(norm_math.norm_split, matrix, b.block.bias, b.block.layout["shape"])
+
+
+def find_norm_blocks(kind: BlockKind, traced: TracedModel, claims: Claims) -> list[Block]:
     """Norm blocks: ``x_hat * weight (+ bias)`` after a normalization op, grouped by weight."""
     params = set(traced.params)
     matches: dict[Node, list[AffineMatch]] = defaultdict(list)
     for node in traced.graph.nodes:
         match = _affine(node, params)
-        if match is not None:
+        if match is not None and not claims.is_claimed(match.weight.name):
             matches[match.weight].append(match)
 
     trainable = depends_on(traced.graph, params)
     blocks = []
     for weight, found in matches.items():
         if not _only_used_by(weight, {m.mul for m in found}) or len({m.channels_first for m in found}) != 1:
-            claimed.setdefault(weight.name, "the norm weight has other consumers")
+            claims.reject(weight.name, "the norm weight has other consumers")
             continue
         biases = {m.bias for m in found}
         bias = biases.pop() if len(biases) == 1 else None
-        if bias is not None and not _only_used_by(bias, {m.output for m in found}):
+        if bias is not None and (not _only_used_by(bias, {m.output for m in found}) or claims.is_claimed(bias.name)):
             bias = None
         shape = tuple(weight.meta["val"].shape)
         channels = int(sympy.Mul(*shape))
-        layer_uses = tuple(
-            LayerUse(node=(m.output if bias is not None else m.mul).name, input=m.normalized.name,
-                     input_shape=symbolic_shape(m.normalized), output_shape=symbolic_shape(m.output),
-                     rows=symbolic_shape(m.normalized)[0], input_grad=m.normalized in trainable)
-            for m in found
-        )
-        blocks.append(claim_block(traced, claimed, kind="norm", math=norm_math, weight=weight, bias=bias,
-                                  uses=layer_uses, dims={"channels": channels}, sharing=sharing,
-                                  layout={"channels_first": found[0].channels_first, "shape": shape}))
+        layer_uses = [layer_use([m.normalized], [m.output if bias is not None else m.mul],
+                                symbolic_shape(m.normalized)[0], trainable) for m in found]
+        blocks.append(new_block(traced, kind, (weight,) + ((bias,) if bias is not None else ()), layer_uses,
+                                {"channels": channels}, bias=bias is not None,
+                                layout={"channels_first": found[0].channels_first, "shape": shape}))
     return blocks
 
 
@@ -176,3 +206,6 @@ def _only_used_by(param: Node, consumers: set[Node]) -> bool:
         elif user not in consumers:
             return False
     return True
+
+
+register_block_kind(Norm())

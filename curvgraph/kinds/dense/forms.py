@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from torch.fx import Graph, Node
 
-from .graph_utils import aten, insert_call, ndim, weight_view
+from ...passes.graph_utils import aten, insert_call, ndim, weight_view
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,233 @@
+"""The vocabulary kinds and methods write the step with: :class:`StepWriter`, :class:`BlockVars`, :class:`StateSpec`.
+
+A kind or method never writes Python text for math; it writes *calls* to plain torch
+functions (helpers) with :meth:`StepWriter.call`. The writer names every helper in
+the generated module: its own name (``damped_inverse``) unless another helper already
+took that name, then a name qualified by its module (``my_method__damped_inverse``).
+So two methods, or a method and a kind, may each have a helper called ``ema`` and
+both land in one module without clashing; :func:`helper_sources` copies each helper,
+and the helpers it calls, with their references renamed to match.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import keyword
+import re
+import textwrap
+import tokenize
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from ..plan import Block
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One state tensor: its shape, how it starts (``"zeros"``, ``"ones"`` or ``"eye"``:
+    identity matrices over the last two dims) and its dtype (``None``: the factor
+    dtype, float32 or wider)."""
+
+    shape: tuple[int, ...]
+    init: str = "zeros"
+    dtype: torch.dtype | None = None
+
+
+@dataclass(frozen=True)
+class UseVars:
+    """Expressions, in the generated step, of one use's layer inputs ``a`` and of the
+    backpropagated output vectors ``g`` of its outputs (statistics steps only)."""
+
+    inputs: tuple[str, ...]
+    grads: tuple[str, ...]
+
+
+@dataclass
+class BlockVars:
+    """Names of a block's tensors in the generated step.
+
+    ``factors`` maps each factor name to the variable holding its current value,
+    ``batch_factors`` to the variable holding this batch's estimate (the kind assigns
+    it), ``uses`` the layer inputs and output gradients of each use, ``grad`` is the
+    gradient matrix (weight decay included) and ``direction`` the variable the method
+    must assign: the block matrix moves by ``-lr * direction``.
+    """
+
+    block: Block
+    id: str
+    factors: dict[str, str] = field(default_factory=dict)
+    batch_factors: dict[str, str] = field(default_factory=dict)
+    uses: list[UseVars] = field(default_factory=list)
+
+    def state(self, key: str) -> str:
+        """Expression reading the block's state entry ``key``."""
+        return f"state[{self.key(key)!r}]"
+
+    def key(self, key: str) -> str:
+        """The state-dict key of the block's entry ``key``."""
+        return f"{self.block.name}.{key}"
+
+    def var(self, prefix: str) -> str:
+        """A local variable name for this block."""
+        return f"{prefix}_{self.id}"
+
+    @property
+    def grad(self) -> str:
+        return self.var("M")
+
+    @property
+    def direction(self) -> str:
+        return self.var("D")
+
+
+class StepWriter:
+    """Accumulates the body of ``step``: lines, the helpers they call, commits, finiteness checks.
+
+    Locals of the step a kind or method may read (see ``curvgraph.codegen``):
+    ``batch`` (examples), ``params`` (trainable tensors), ``probes``,
+    ``model(params, probes) -> (output, (new_buffers, acts))`` for an extra forward or
+    ``torch.func.vjp``, ``output``, ``loss``, ``hyper[name]`` (0-d tensors) and
+    ``state[key]``; in statistics steps also ``samples``, ``examples``, ``scale``.
+    """
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.depth = 1
+        self.helpers: dict[Callable, str] = {}
+        self.commits: list[tuple[str | None, str, str]] = []
+        self.checks: list[tuple[str | None, str]] = []
+        self._when: str | None = None
+        self._idents: dict[str, str] = {}
+
+    def line(self, text: str = "") -> None:
+        """Append one line at the current indentation."""
+        self.lines.append(("    " * self.depth + text) if text else "")
+
+    @contextlib.contextmanager
+    def indent(self, header: str, when: str | None = None) -> Iterator[None]:
+        """Write ``header`` and indent the lines written inside; ``when`` tags commits made there."""
+        self.line(header)
+        self.depth += 1
+        previous, self._when = self._when, when if when is not None else self._when
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            self._when = previous
+
+    def call(self, fn: Callable, *args: object) -> str:
+        """The expression calling helper ``fn`` with ``args`` (strings are code, other values literals)."""
+        return f"{self.ref(fn)}({', '.join(a if isinstance(a, str) else _literal(a) for a in args)})"
+
+    def ref(self, fn: Callable) -> str:
+        """The name of helper ``fn`` in the generated module, registering it."""
+        if fn not in self.helpers:
+            taken = set(self.helpers.values())
+            name = fn.__name__
+            if name in taken:
+                name = re.sub(r"\W", "_", fn.__module__.removeprefix("curvgraph.")) + "__" + fn.__name__
+            base, n = name, 1
+            while name in taken:
+                name, n = f"{base}_{n}", n + 1
+            self.helpers[fn] = name
+        return self.helpers[fn]
+
+    def hyper(self, name: str) -> str:
+        """The expression reading hyper-parameter ``name`` (a 0-d tensor)."""
+        return f"hyper[{name!r}]"
+
+    def state(self, key: str) -> str:
+        """The expression reading state entry ``key``."""
+        return f"state[{key!r}]"
+
+    def commit(self, target: str, value: str, when: str | None = None) -> None:
+        """Write ``value`` into ``target`` at the end of the step if the step is finite."""
+        self.commits.append((when or self._when, target, value))
+
+    def check(self, value: str, when: str | None = None) -> None:
+        """Make the step's ``ok`` require ``value`` to be finite (a tensor expression)."""
+        self.checks.append((when or self._when, value))
+
+    def ident(self, name: str) -> str:
+        """A Python identifier for ``name``, unique within this step."""
+        if name not in self._idents:
+            base = re.sub(r"\W", "_", name)
+            ident, n = base, 1
+            while ident in self._idents.values() or keyword.iskeyword(ident):
+                ident, n = f"{base}_{n}", n + 1
+            self._idents[name] = ident
+        return self._idents[name]
+
+    @staticmethod
+    def pack(items: Iterable[str]) -> str:
+        """A tuple expression of ``items`` (``(a,)`` for one)."""
+        items = list(items)
+        return f"({', '.join(items)}{',' if len(items) == 1 else ''})"
+
+
+def _literal(value: object) -> str:
+    if isinstance(value, torch.dtype):
+        return str(value)
+    return repr(value)
+
+
+def helper_sources(w: StepWriter) -> list[str]:
+    """The source of every helper ``w`` refers to and of the helpers they call, dependencies
+    first, each renamed (definition and references) to its name in the generated module."""
+    ordered: list[Callable] = []
+
+    def visit(fn: Callable) -> None:
+        if fn in ordered:
+            return
+        for dependency in _dependencies(fn).values():
+            w.ref(dependency)
+            visit(dependency)
+        ordered.append(fn)
+
+    for fn in list(w.helpers):
+        visit(fn)
+    return [_renamed_source(fn, w.helpers) for fn in ordered]
+
+
+def _dependencies(fn: Callable) -> dict[str, Callable]:
+    """The Python functions (outside torch) that ``fn`` calls by a global name: name -> function."""
+
+    def names(code) -> set[str]:  # comprehensions and lambdas are nested code objects
+        found = set(code.co_names)
+        for const in code.co_consts:
+            if hasattr(const, "co_names"):
+                found |= names(const)
+        return found
+
+    found = {}
+    for name in sorted(names(fn.__code__)):
+        value = fn.__globals__.get(name)
+        if inspect.isfunction(value) and value is not fn and not value.__module__.startswith("torch"):
+            found[name] = value
+    return found
+
+
+def _renamed_source(fn: Callable, names: dict[Callable, str]) -> str:
+    """``fn``'s source with its own name and the global names of its dependencies replaced by ``names``."""
+    source = textwrap.dedent(inspect.getsource(fn)).strip() + "\n"
+    renames = {name: names[dep] for name, dep in _dependencies(fn).items() if names[dep] != name}
+    if names[fn] != fn.__name__:
+        renames[fn.__name__] = names[fn]
+    if not renames:
+        return source.strip()
+    lines = source.splitlines(keepends=True)
+    previous = None
+    edits = []
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.NAME and token.string in renames and previous != ".":
+            edits.append((token.start, token.end, renames[token.string]))
+        if token.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT):
+            previous = token.string
+    for (row, start), (_, end), new in reversed(edits):
+        line = lines[row - 1]
+        lines[row - 1] = line[:start] + new + line[end:]
+    return "".join(lines).strip()

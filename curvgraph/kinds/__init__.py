@@ -1,0 +1,14 @@
+"""Block kinds: one package each, registered in pass order (dense, conv, norm).
+
+Each kind owns its normalization rewrites, its matching pass, its factor structure and
+statistics, its block matrix, and its cost (see :mod:`curvgraph.kinds.base`); the last
+line of each kind's module registers it. Importing this package registers the
+built-in kinds.
+"""
+
+from __future__ import annotations
+
+from . import dense, conv, norm  # noqa: F401 -- registration order is pass order
+from .base import BlockKind, BlockPass, block_name, layer_use, matrix_shape, new_block, weight_and_bias
+
+__all__ = ["BlockKind", "BlockPass", "block_name", "layer_use", "matrix_shape", "new_block", "weight_and_bias"]

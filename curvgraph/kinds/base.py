@@ -1,0 +1,170 @@
+r"""What a block kind is: one object that owns a layer pattern from graph to update.
+
+A :class:`BlockKind` subclass owns
+
+* its **normalization rewrites** (``rewrites``): graph rewrites into the kind's
+  canonical op, each ``(graph, trainable placeholder names) -> number rewritten``;
+* its **block passes** (``passes``, by default one pass named after the kind that
+  calls :meth:`BlockKind.find`): FX matching that returns :class:`~curvgraph.plan.Block`\ s
+  built with :func:`new_block`;
+* its **factor structure** (:meth:`BlockKind.factors`): which factors the block has,
+  their shapes, the block-matrix axis each acts on, dense or diagonal;
+* its **statistics** in the generated step (:meth:`BlockKind.write_batch_factors`):
+  this batch's estimate of every factor from the layer inputs ``a`` and output
+  gradients ``g`` of each use;
+* its **block matrix** (:meth:`BlockKind.write_matrix`, :meth:`BlockKind.write_split`):
+  how the parameters (or their gradients) are arranged as the matrix ``M`` the
+  factors act on, and back;
+* its **cost** (:meth:`BlockKind.cost`): sympy FLOP counts, keys as in :mod:`curvgraph.plan`.
+
+``curvgraph.register_block_kind(MyKind())`` adds it. The step-writing methods emit
+calls to plain torch functions (``w.call(fn, ...)``); the code generator copies those
+functions, and the functions they call, into the generated source, so they must be
+self-contained apart from ``torch``, ``torch.nn.functional as F``, ``Tensor``,
+``math`` and other such functions.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import sympy
+import torch
+from torch.fx import Graph, Node
+
+from ..plan import Block, Factor, LayerUse
+from ..trace import TracedModel, symbolic_shape
+
+if TYPE_CHECKING:
+    from ..codegen.writer import BlockVars, StepWriter
+    from ..passes.ledger import Claims
+
+
+@dataclass(frozen=True)
+class BlockPass:
+    """A named block pass: ``find(traced, claims, sharing) -> blocks``; its name shows in the plan."""
+
+    name: str
+    find: Callable[[TracedModel, "Claims", str], list[Block]]
+
+
+class BlockKind(ABC):
+    """Base class of block kinds (see the module docstring for what a kind owns).
+
+    Subclasses set ``name`` (the ``Block.kind`` of their blocks) and, where the kind
+    normalizes spellings first, ``rewrites``.
+    """
+
+    name: str = ""
+    rewrites: tuple[Callable[[Graph, set[str]], int], ...] = ()
+
+    @property
+    def passes(self) -> tuple[BlockPass, ...]:
+        """The kind's block passes in the order they run: one, named after the kind, by default."""
+        return (BlockPass(self.name, self.find),)
+
+    def find(self, traced: TracedModel, claims: "Claims", sharing: str) -> list[Block]:
+        """The blocks of this kind in ``traced.graph`` (build each with :func:`new_block`).
+
+        Record why a recognized parameter is not taken with ``claims.reject``; skip
+        parameters for which ``claims.is_claimed`` is true (an earlier pass owns them).
+        """
+        raise NotImplementedError(f"block kind {self.name!r} defines neither find() nor passes")
+
+    @abstractmethod
+    def factors(self, block: Block) -> dict[str, Factor]:
+        """The factors of ``block`` (``block.dims``, ``block.bias``, ``block.layout`` are set)."""
+
+    @abstractmethod
+    def cost(self, block: Block) -> dict[str, sympy.Expr]:
+        """``forward_backward``, ``statistics``, ``backward_per_sample`` FLOPs (and optional extra keys)."""
+
+    @abstractmethod
+    def write_batch_factors(self, w: "StepWriter", b: "BlockVars", dtype: torch.dtype) -> None:
+        """Write the lines assigning ``b.batch_factors[name]`` for every factor.
+
+        In scope: ``b.uses[i].inputs`` / ``b.uses[i].grads`` (expressions of each use's
+        layer inputs and of the backpropagated output vectors of the Fisher type,
+        ``(S*N, ...)`` with ``S`` samples stacked in front of the batch), ``batch``
+        (``N``), ``examples`` (``S*N``) and ``scale`` (the Fisher type's ``c``, see
+        :mod:`curvgraph.curvature.losses`). ``dtype`` is the factor dtype.
+        """
+
+    @abstractmethod
+    def write_matrix(self, w: "StepWriter", b: "BlockVars", tensors: Sequence[str], dtype: torch.dtype) -> str:
+        """The expression of the block matrix ``M`` built from ``tensors`` (one expression per
+        placeholder, shaped like the parameters: the parameters themselves or their gradients)."""
+
+    @abstractmethod
+    def write_split(self, w: "StepWriter", b: "BlockVars", matrix: str) -> str:
+        """The expression turning the block matrix ``matrix`` back into a tuple of tensors shaped
+        like the parameters, one per placeholder, in order."""
+
+
+def block_name(weight_name: str) -> str:
+    """``'fc1.weight'`` -> ``'fc1'``; a parameter not called ``weight`` names its own block."""
+    return weight_name.removesuffix(".weight") if weight_name.endswith(".weight") else weight_name
+
+
+def layer_use(inputs: Sequence[Node], outputs: Sequence[Node], rows: sympy.Expr, trainable: set[Node]) -> LayerUse:
+    """A :class:`~curvgraph.plan.LayerUse` of the FX nodes ``inputs`` -> ``outputs``.
+
+    ``trainable`` is the set of nodes that depend on a trainable parameter
+    (:func:`curvgraph.passes.graph_utils.depends_on`): a use whose inputs are all outside
+    it needs no input gradient.
+    """
+    return LayerUse(
+        outputs=tuple(n.name for n in outputs),
+        inputs=tuple(n.name for n in inputs),
+        output_shapes=tuple(symbolic_shape(n) for n in outputs),
+        input_shapes=tuple(symbolic_shape(n) for n in inputs),
+        rows=rows,
+        input_grad=any(n in trainable for n in inputs),
+    )
+
+
+def new_block(traced: TracedModel, kind: BlockKind, params: Sequence[Node], uses: Sequence[LayerUse],
+              dims: dict[str, int], *, bias: bool = False, sharing: str | None = None,
+              layout: dict[str, object] | None = None) -> Block:
+    """The block of ``kind`` over the parameter placeholders ``params`` (weight first),
+    with its factors, block-matrix shape and cost filled in from ``kind``."""
+    placeholders = tuple(p.name for p in params)
+    block = Block(
+        name=block_name(traced.params[placeholders[0]]),
+        kind=kind.name,
+        params=tuple(traced.params[p] for p in placeholders),
+        placeholders=placeholders,
+        uses=tuple(uses),
+        dims=dims,
+        bias=bias,
+        sharing=sharing,
+        layout=layout or {},
+    )
+    block.factors = kind.factors(block)
+    block.matrix_shape = matrix_shape(block.factors)
+    block.cost = kind.cost(block)
+    return block
+
+
+def matrix_shape(factors: dict[str, Factor]) -> tuple[int, ...]:
+    """``lead + (d_1, ..., d_r)``: the block-matrix shape that ``factors`` act on, one per axis."""
+    specs = list(factors.values())
+    leads = {f.lead for f in specs}
+    if len(leads) != 1:
+        raise ValueError(f"factors {factors} have different leading dims")
+    rank = max(-f.axis for f in specs)
+    sizes: list[int | None] = [None] * rank
+    for f in specs:
+        if sizes[f.axis] is not None:
+            raise ValueError(f"two factors act on axis {f.axis}: {factors}")
+        sizes[f.axis] = f.dim
+    if None in sizes:
+        raise ValueError(f"factors {factors} leave a block-matrix axis without a factor")
+    return leads.pop() + tuple(sizes)
+
+
+def weight_and_bias(b: "BlockVars", tensors: Sequence[str]) -> tuple[str, str | None]:
+    """``(weight, bias or None)`` of a block whose placeholders are a weight and an optional bias."""
+    return tensors[0], (tensors[1] if b.block.bias else None)

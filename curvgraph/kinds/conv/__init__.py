@@ -1,0 +1,145 @@
+"""The ``conv`` block kind: one KFC block (Grosse & Martens 2016) per convolution weight.
+
+Patterns are data: :data:`CONV_OPS` maps each ATen convolution op to its spatial rank
+(``None``: read it from the weight). The pass reads stride, padding (integers,
+``"same"`` or ``"valid"``), dilation and groups from the op's schema arguments, and
+groups the ops by weight: a weight applied several times with the same geometry is
+one block with several uses. Transposed convolutions, weights with other consumers,
+and weights used with different geometries fall back.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Sequence
+
+import sympy
+import torch
+from torch.fx import Node
+
+from ...codegen.writer import BlockVars, StepWriter
+from ...passes.graph_utils import aten, depends_on, schema_args
+from ...passes.ledger import Claims
+from ...plan import Block, Factor
+from ...registry import register_block_kind
+from ...trace import TracedModel, symbolic_shape
+from ..base import BlockKind, layer_use, new_block, weight_and_bias
+from . import factors as conv_math
+
+CONV_OPS: dict[object, int | None] = {
+    aten.conv1d.default: 1,
+    aten.conv2d.default: 2,
+    aten.conv3d.default: 3,
+    aten.conv1d.padding: 1,
+    aten.conv2d.padding: 2,
+    aten.conv3d.padding: 3,
+    aten.convolution.default: None,
+}
+
+
+class Conv(BlockKind):
+    """Convolutions of any spatial rank: per group, ``A`` over input patches (axis -1) and ``G`` (axis -2)."""
+
+    name = "conv"
+
+    def find(self, traced: TracedModel, claims: Claims, sharing: str) -> list[Block]:
+        return find_conv_blocks(self, traced, claims, sharing)
+
+    def factors(self, block: Block) -> dict[str, Factor]:
+        d_in, d_out, groups = block.dims["in"] + int(block.bias), block.dims["out"], block.dims["groups"]
+        lead = () if groups == 1 else (groups,)
+        return {"A": Factor(lead + (d_in, d_in), axis=-1), "G": Factor(lead + (d_out, d_out), axis=-2)}
+
+    def cost(self, block: Block) -> dict[str, sympy.Expr]:
+        return conv_math.cost(block)
+
+    def write_batch_factors(self, w: StepWriter, b: BlockVars, dtype: torch.dtype) -> None:
+        layout, reduce = b.block.layout, b.block.sharing == "reduce"
+        acts, grads = w.pack(u.inputs[0] for u in b.uses), w.pack(u.grads[0] for u in b.uses)
+        geometry = [layout[k] for k in ("kernel", "stride", "padding", "dilation", "groups")]
+        w.line(f"{b.batch_factors['A']} = "
+               f"{w.call(conv_math.conv_input_factor, acts, *geometry, b.block.bias, reduce, 'batch', dtype)}")
+        w.line(f"{b.batch_factors['G']} = "
+               f"{w.call(conv_math.conv_grad_factor, grads, layout['groups'], reduce, 'examples', 'scale', dtype)}")
+
+    def write_matrix(self, w: StepWriter, b: BlockVars, tensors: Sequence[str], dtype: torch.dtype) -> str:
+        return w.call(conv_math.conv_gradient_matrix, *weight_and_bias(b, tensors), b.block.layout["groups"], dtype)
+
+    def write_split(self, w: StepWriter, b: BlockVars, matrix: str) -> str:
+        return w.call(conv_math.conv_split, matrix, b.block.bias, b.block.layout["weight_shape"])
+
+
+def find_conv_blocks(kind: BlockKind, traced: TracedModel, claims: Claims, sharing: str) -> list[Block]:
+    """Convolution blocks of ``traced``; records why rejected parameters fall back in ``claims``."""
+    params = set(traced.params)
+    uses: dict[Node, list[tuple[Node, dict]]] = defaultdict(list)
+    for node in traced.graph.nodes:
+        if node.op != "call_function" or node.target not in CONV_OPS:
+            continue
+        args = schema_args(node)
+        weight = args["weight"]
+        if not (isinstance(weight, Node) and weight.name in params) or claims.is_claimed(weight.name):
+            continue
+        if args.get("transposed"):
+            claims.reject(weight.name, f"transposed convolution at node '{node.name}' is not supported yet")
+            continue
+        uses[weight].append((node, _geometry(weight, args)))
+
+    trainable = depends_on(traced.graph, params)
+    blocks = []
+    for weight, convs in uses.items():
+        nodes = [n for n, _ in convs]
+        foreign = [u for u in weight.users if u not in nodes or schema_args(u)["weight"] is not weight]
+        if foreign:
+            claims.reject(weight.name, f"also used by {foreign[0].target} at node '{foreign[0].name}'")
+            continue
+        geometry = convs[0][1]
+        if any(g != geometry for _, g in convs):
+            claims.reject(weight.name, "applied with different strides/paddings/dilations/groups")
+            continue
+        bias = _shared_bias(nodes, params)
+        shape = tuple(weight.meta["val"].shape)
+        groups = geometry["groups"]
+        dims = {"in": math.prod(shape[1:]), "out": shape[0] // groups, "groups": groups}
+        layer_uses = [layer_use([n.args[0]], [n], sympy.Mul(*(d for i, d in enumerate(symbolic_shape(n)) if i != 1)),
+                                trainable) for n in nodes]
+        blocks.append(new_block(traced, kind, (weight,) + ((bias,) if bias is not None else ()), layer_uses, dims,
+                                bias=bias is not None, sharing=sharing, layout={**geometry, "weight_shape": shape}))
+    return blocks
+
+
+def _geometry(weight: Node, args: dict) -> dict:
+    """Kernel, stride, padding as (before, after) pairs, dilation and groups of one convolution."""
+    kernel = tuple(int(k) for k in weight.meta["val"].shape[2:])
+    rank = len(kernel)
+
+    def per_dim(value) -> tuple[int, ...]:
+        values = [value] if isinstance(value, int) else list(value)
+        return tuple(int(v) for v in (values * rank if len(values) == 1 else values))
+
+    stride, dilation = per_dim(args["stride"]), per_dim(args["dilation"])
+    padding = args["padding"]
+    if padding == "same":
+        totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
+        pairs = tuple((t // 2, t - t // 2) for t in totals)
+    elif padding == "valid":
+        pairs = tuple((0, 0) for _ in kernel)
+    else:
+        pairs = tuple((p, p) for p in per_dim(padding))
+    return {"kernel": kernel, "stride": stride, "padding": pairs, "dilation": dilation, "groups": int(args["groups"])}
+
+
+def _shared_bias(convs: list[Node], params: set[str]) -> Node | None:
+    biases = {schema_args(n)["bias"] for n in convs}
+    if len(biases) != 1:
+        return None
+    (bias,) = biases
+    if not (isinstance(bias, Node) and bias.name in params):
+        return None
+    if any(u not in convs or schema_args(u)["bias"] is not bias for u in bias.users):
+        return None
+    return bias
+
+
+register_block_kind(Conv())

@@ -1,0 +1,123 @@
+"""The ``dense`` block kind: one K-FAC block per weight that only ``aten.linear`` uses.
+
+After normalization (:mod:`.forms`) a dense layer is ``aten.linear(x, W', b)``
+with ``W'`` a trainable 2-D parameter or its transpose. The pass groups those nodes by
+parameter. A weight applied at several places (a shared/tied weight, or one linear
+over several positions) is one block with one :class:`~curvgraph.plan.LayerUse` per
+application; its statistics sum over the uses (see :mod:`.factors`).
+
+A weight with any other consumer (an embedding lookup, a regularizer, ...) is left to
+the fallback; so is a bias that is not the bias of every use of its weight.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Sequence
+
+import sympy
+import torch
+from torch.fx import Graph, Node
+
+from ...codegen.writer import BlockVars, StepWriter
+from ...passes.graph_utils import aten, depends_on, is_transpose, ndim, weight_view
+from ...passes.ledger import Claims
+from ...plan import Block, Factor
+from ...registry import register_block_kind
+from ...trace import TracedModel, symbolic_shape
+from ..base import BlockKind, layer_use, new_block, weight_and_bias
+from . import factors as dense_math
+from .forms import LINEAR_PASSES
+
+
+class Dense(BlockKind):
+    """``y = x W^T + b`` in every spelling: factors ``A`` (inputs, axis -1) and ``G`` (output gradients, axis -2)."""
+
+    name = "dense"
+    rewrites = LINEAR_PASSES
+
+    def find(self, traced: TracedModel, claims: Claims, sharing: str) -> list[Block]:
+        return find_dense_blocks(self, traced, claims, sharing)
+
+    def factors(self, block: Block) -> dict[str, Factor]:
+        d_in, d_out = block.dims["in"] + int(block.bias), block.dims["out"]
+        return {"A": Factor((d_in, d_in), axis=-1), "G": Factor((d_out, d_out), axis=-2)}
+
+    def cost(self, block: Block) -> dict[str, sympy.Expr]:
+        return dense_math.cost(block)
+
+    def write_batch_factors(self, w: StepWriter, b: BlockVars, dtype: torch.dtype) -> None:
+        reduce = b.block.sharing == "reduce"
+        acts, grads = w.pack(u.inputs[0] for u in b.uses), w.pack(u.grads[0] for u in b.uses)
+        w.line(f"{b.batch_factors['A']} = {w.call(dense_math.dense_input_factor, acts, b.block.bias, reduce, 'batch', dtype)}")
+        w.line(f"{b.batch_factors['G']} = {w.call(dense_math.dense_grad_factor, grads, reduce, 'examples', 'scale', dtype)}")
+
+    def write_matrix(self, w: StepWriter, b: BlockVars, tensors: Sequence[str], dtype: torch.dtype) -> str:
+        return w.call(dense_math.dense_gradient_matrix, *weight_and_bias(b, tensors), b.block.layout["transposed"], dtype)
+
+    def write_split(self, w: StepWriter, b: BlockVars, matrix: str) -> str:
+        return w.call(dense_math.dense_split, matrix, b.block.bias, b.block.layout["transposed"])
+
+
+def find_dense_blocks(kind: BlockKind, traced: TracedModel, claims: Claims, sharing: str) -> list[Block]:
+    """Dense blocks of ``traced``; records why rejected parameters fall back in ``claims``."""
+    graph: Graph = traced.graph
+    params = set(traced.params)
+    uses: dict[Node, list[Node]] = defaultdict(list)
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target == aten.linear.default and ndim(node.args[0]) >= 1:
+            view = weight_view(node.args[1], params)
+            if view is not None and not claims.is_claimed(view[0].name):
+                uses[view[0]].append(node)
+
+    trainable = depends_on(graph, params)
+    blocks = []
+    for weight, linears in uses.items():
+        foreign = _foreign_users(weight, linears)
+        if foreign:
+            claims.reject(weight.name, f"also used by {foreign[0].target} at node '{foreign[0].name}'; no pass matches that use")
+            continue
+        if any(ndim(lin.args[0]) < 2 for lin in linears):
+            claims.reject(weight.name, "a use has an input without a batch dimension")
+            continue
+        bias = _shared_bias(linears, params)
+        transposed = is_transpose(linears[0].args[1])
+        if any(is_transpose(lin.args[1]) != transposed for lin in linears):
+            claims.reject(weight.name, "used both as W and as W.T; no single layout")
+            continue
+        out_features, in_features = weight.meta["val"].shape[::-1] if transposed else weight.meta["val"].shape
+        layer_uses = [layer_use([lin.args[0]], [lin], sympy.Mul(*symbolic_shape(lin.args[0])[:-1]), trainable)
+                      for lin in linears]
+        blocks.append(new_block(traced, kind, (weight,) + ((bias,) if bias is not None else ()), layer_uses,
+                                {"in": int(in_features), "out": int(out_features)}, bias=bias is not None,
+                                sharing=sharing, layout={"transposed": transposed}))
+    return blocks
+
+
+def _foreign_users(weight: Node, linears: list[Node]) -> list[Node]:
+    """Users of ``weight`` other than the weight argument of ``linears`` (directly or via a transpose)."""
+    allowed = set(linears)
+    foreign = []
+    for user in weight.users:
+        if user in allowed and user.args[1] is weight and weight not in user.args[:1] + user.args[2:]:
+            continue
+        if is_transpose(user) and all(u in allowed and u.args[1] is user for u in user.users):
+            continue
+        foreign.append(user)
+    return foreign
+
+
+def _shared_bias(linears: list[Node], params: set[str]) -> Node | None:
+    """The bias parameter every use shares and nothing else uses, if there is one."""
+    biases = {lin.args[2] if len(lin.args) > 2 else None for lin in linears}
+    if len(biases) != 1:
+        return None
+    (bias,) = biases
+    if not (isinstance(bias, Node) and bias.op == "placeholder" and bias.name in params):
+        return None
+    if any(user not in linears or user.args[2] is not bias or bias in user.args[:2] for user in bias.users):
+        return None
+    return bias
+
+
+register_block_kind(Dense())

@@ -1,7 +1,8 @@
 """FX front end: capture a model as one functional graph of ATen ops.
 
-``torch.export`` is the front end (``DESIGN.md`` explains why plain
-``symbolic_trace`` is not): it goes through every standard module down to ops such
+``torch.export`` is the front end (plain ``symbolic_trace`` with a tracer that enters
+every module fails on ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``,
+``nn.BatchNorm2d`` and ``nn.LSTM``: Python control flow on traced values): it goes through every standard module down to ops such
 as ``aten.linear`` and ``aten.matmul``, records each node's module path, and lifts
 parameters, buffers and constants to graph inputs. The exported training graph is
 then functionalized (``run_decompositions({})``), so buffer updates (BatchNorm

@@ -14,7 +14,7 @@ import curvgraph
 from curvgraph.codegen.writer import StepWriter, helper_sources
 from curvgraph.methods import kfac
 from curvgraph.passes.graph_utils import aten
-from extension_example import DiagonalFisher, Scale, factor_diagonal
+from extending import DiagonalFisher, Scale, factor_diagonal
 from helpers import exact_ggn, make_targets
 
 

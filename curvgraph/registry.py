@@ -73,10 +73,9 @@ def register_method(method: type["Method"], *, replace: bool = False) -> type["M
 
     if not (isinstance(method, type) and issubclass(method, Method)):
         raise ConfigError(f"curvgraph: register_method needs a subclass of curvgraph.Method, got {method!r}.")
-    missing = {"lr", "weight_decay"} - {k for k, spec in method.hyper.items() if not spec.static}
-    if missing:
-        raise ConfigError(f"curvgraph: method {method.name!r} must declare the numeric hyper-parameters {sorted(missing)}: "
-                          "the generated step applies lr to the direction and adds weight_decay to the gradient.")
+    if "weight_decay" not in method.hyper or method.hyper["weight_decay"].static:
+        raise ConfigError(f"curvgraph: method {method.name!r} must declare the numeric hyper-parameter 'weight_decay': "
+                          "the generated step adds it to the gradient matrix.")
     _register(METHODS, "method", method.name, method, replace)
     return method
 

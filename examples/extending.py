@@ -101,9 +101,9 @@ def factor_diagonal(factors: tuple[Tensor, ...], axes: tuple[int, ...], diagonal
     return result
 
 
-def diagonal_direction(grad: Tensor, second_moment: Tensor, damping: Tensor, power: float) -> Tensor:
-    r""":math:`M / (\hat F + \lambda)^{p}`."""
-    return grad / (second_moment + damping) ** power
+def diagonal_direction(grad: Tensor, second_moment: Tensor, lr: Tensor, damping: Tensor, power: float) -> Tensor:
+    r""":math:`\eta M / (\hat F + \lambda)^{p}`: the block matrix moves by minus this."""
+    return lr * grad / (second_moment + damping) ** power
 
 
 class DiagonalFisher(curvgraph.Method):
@@ -147,7 +147,8 @@ class DiagonalFisher(curvgraph.Method):
 
     def write_direction(self, w, blocks):
         for b in blocks:
-            call = w.call(diagonal_direction, b.grad, b.var("second_moment"), w.hyper("damping"), self.options["power"])
+            call = w.call(diagonal_direction, b.grad, b.var("second_moment"), w.hyper("lr"), w.hyper("damping"),
+                          self.options["power"])
             w.line(f"{b.direction} = {call}")
             w.check(b.direction)
 

@@ -179,8 +179,8 @@ class ScaleNamedDense(Scale):
 def test_registering_a_taken_name_needs_replace():
     with pytest.raises(curvgraph.ConfigError, match="'dense' is registered already"):
         curvgraph.register_block_kind(ScaleNamedDense())
-    with pytest.raises(curvgraph.ConfigError, match="must declare the numeric hyper-parameters"):
-        curvgraph.register_method(type("NoLR", (DiagonalFisher,), {"name": "no_lr", "hyper": {}}))
+    with pytest.raises(curvgraph.ConfigError, match="must declare the numeric hyper-parameter 'weight_decay'"):
+        curvgraph.register_method(type("NoDecay", (DiagonalFisher,), {"name": "no_decay", "hyper": {}}))
 
 
 def ema(total, new, weight):

@@ -83,9 +83,9 @@ def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, 
     and block matrix.
     """
     factor_dtype = torch.promote_types(param_dtype, torch.float32)
-    w = StepWriter()
+    w = StepWriter(forward.params, loss.loss)
     probe_index, activation_index = forward.probe_index, forward.activation_index
-    blocks = [BlockVars(b, w.ident(b.name)) for b in plan.blocks]
+    blocks = [BlockVars(b, w.ident(b.name), kind=kinds[b.kind]) for b in plan.blocks]
     for b in blocks:
         b.factors = {f: b.var(f) for f in b.block.factors}
         b.batch_factors = {f: b.var(f"{f}_batch") for f in b.block.factors}
@@ -105,10 +105,13 @@ def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, 
         state.update({f"{param_names[p]}.{k}": s for k, s in fallback.state_specs(shape, dtype).items()})
     if fallback_params:
         state.update(fallback.shared_state())
+    if blocks:
+        state.update(method.global_state())
 
     _write_forward_backward(w, forward, dims, loss)
     if blocks:
         _write_gradient_matrices(w, blocks, kinds, factor_dtype)
+        method.write_prologue(w, blocks)
         with w.indent("if update_stats:", when="update_stats"):
             _write_fisher(w, loss, fisher)
             for b in blocks:
@@ -199,7 +202,7 @@ def _write_fisher(w: StepWriter, loss: LossSpec, fisher: str) -> None:
 def _write_updates(w: StepWriter, blocks: list[BlockVars], kinds: Mapping[str, "BlockKind"]) -> None:
     for b in blocks:
         new = [f"new_{p}" for p in b.block.placeholders]
-        split = kinds[b.block.kind].write_split(w, b, f"{b.var('P')} - {w.hyper('lr')} * {b.direction}")
+        split = kinds[b.block.kind].write_split(w, b, f"{b.var('P')} - {b.direction}")
         w.line(f"{_unpack(new)} = {split}")
         for p, value in zip(b.block.placeholders, new):
             w.commit(p, value)

@@ -19,11 +19,14 @@ import re
 import textwrap
 import tokenize
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import torch
 
 from ..plan import Block
+
+if TYPE_CHECKING:
+    from ..kinds.base import BlockKind
 
 
 @dataclass(frozen=True)
@@ -54,11 +57,14 @@ class BlockVars:
     ``batch_factors`` to the variable holding this batch's estimate (the kind assigns
     it), ``uses`` the layer inputs and output gradients of each use, ``grad`` is the
     gradient matrix (weight decay included) and ``direction`` the variable the method
-    must assign: the block matrix moves by ``-lr * direction``.
+    must assign: the block matrix moves by ``-direction`` (the method applies its own
+    step size). ``kind`` is the block's kind (e.g. ``b.kind.write_split(w, b, expr)``
+    turns a block-matrix expression into parameter-shaped tensors).
     """
 
     block: Block
     id: str
+    kind: "BlockKind | None" = None
     factors: dict[str, str] = field(default_factory=dict)
     batch_factors: dict[str, str] = field(default_factory=dict)
     uses: list[UseVars] = field(default_factory=list)
@@ -90,11 +96,15 @@ class StepWriter:
     Locals of the step a kind or method may read (see ``curvgraph.codegen``):
     ``batch`` (examples), ``params`` (trainable tensors), ``probes``,
     ``model(params, probes) -> (output, (new_buffers, acts))`` for an extra forward or
-    ``torch.func.vjp``, ``output``, ``loss``, ``hyper[name]`` (0-d tensors) and
-    ``state[key]``; in statistics steps also ``samples``, ``examples``, ``scale``.
+    ``torch.func.vjp``, ``output``, ``targets``, ``loss``, ``hyper[name]`` (0-d tensors)
+    and ``state[key]``; in statistics steps also ``samples``, ``examples``, ``scale``.
+    :attr:`params` names the trainable tensors (in ``params`` order) and
+    :attr:`loss_fn` is the loss helper ``(output, targets) -> loss``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, params: list[str] | None = None, loss_fn: Callable | None = None) -> None:
+        self.params = list(params or [])
+        self.loss_fn = loss_fn
         self.lines: list[str] = []
         self.depth = 1
         self.helpers: dict[Callable, str] = {}

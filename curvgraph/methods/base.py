@@ -21,7 +21,7 @@ The step the generator writes is, for every block::
     if update_stats:  batch factors                                  [kind]
                       method.write_statistics(...)  -> factors       [method]
     if refresh:       method.write_refresh(...)     -> preconditioner
-    method.write_direction(...)   -> D, with  M_param <- M_param - lr * D   [method]
+    method.write_direction(...)   -> D, with  M_param <- M_param - D          [method]
 """
 
 from __future__ import annotations
@@ -72,6 +72,16 @@ def optional(check: Callable[[str, object], Any]) -> Callable[[str, object], Any
     return check_optional
 
 
+def auto_or(check: Callable[[str, object], Any]) -> Callable[[str, object], Any]:
+    """``"auto"`` (the method chooses the value each step), or ``check``."""
+
+    def check_auto(name: str, value: object) -> Any:
+        return "auto" if value == "auto" else check(name, value)
+
+    check_auto.__doc__ = f"'auto', or {check.__doc__}"
+    return check_auto
+
+
 def one_of(*choices: object) -> Callable[[str, object], Any]:
     """One of ``choices`` (a static option)."""
 
@@ -88,12 +98,13 @@ class Hyper:
     """A method's hyper-parameter: its default, its validation, and when it acts.
 
     ``check(name, value)`` returns the validated value or raises
-    :class:`~curvgraph.ConfigError`. A *numeric* hyper-parameter (``static=False``)
-    lives in the optimizer's curvature ``param_groups`` (so schedulers change it) and
-    reaches the step as the 0-d tensor ``hyper[name]`` (see
-    :meth:`Method.step_values`). A *static* one (``static=True``, numeric or not, e.g.
-    a structure name) fixes the generated code: it is passed to the method's
-    constructor and changing it needs a new :func:`curvgraph.compile`.
+    :class:`~curvgraph.ConfigError`. A *numeric* value (a number, or ``None`` for a
+    feature that is off) lives in the optimizer's curvature ``param_groups`` (so
+    schedulers change it) and reaches the step as the 0-d tensor ``hyper[name]`` (see
+    :meth:`Method.step_values`). A *static* one -- any value of a hyper-parameter
+    declared ``static=True``, and any non-numeric value such as ``lr="auto"`` or a
+    structure name -- fixes the generated code: it is passed to the method's
+    constructor (``self.options``) and changing it needs a new :func:`curvgraph.compile`.
     """
 
     default: Any
@@ -131,8 +142,8 @@ class Method(ABC):
         hyper-parameters for the optimizer's parameter group.
         """
         values = {key: spec.check(key, options.get(key, spec.default)) for key, spec in cls.hyper.items()}
-        static = {key: v for key, v in values.items() if cls.hyper[key].static}
-        return cls(**static), {key: v for key, v in values.items() if not cls.hyper[key].static}
+        static = {key: v for key, v in values.items() if cls.hyper[key].static or not _numeric(v)}
+        return cls(**static), {key: v for key, v in values.items() if key not in static}
 
     def step_values(self, group: dict[str, Any], first_statistics: bool) -> dict[str, float]:
         """The numeric hyper-parameters of the curvature ``group`` as floats for the step's ``hyper``.
@@ -140,11 +151,18 @@ class Method(ABC):
         ``first_statistics`` is true until the first statistics step succeeded (a method
         may then, e.g., ignore its running averages).
         """
-        return {key: float(group[key]) for key, spec in self.hyper.items() if not spec.static}
+        return {key: float(group[key]) for key in self.hyper if key in group and key not in self.options}
 
     def describe_options(self) -> str:
         """The static options as ``"(key=value, ...)"`` for the generated module's header ("" if none)."""
         return f"({', '.join(f'{k}={v!r}' for k, v in self.options.items())})" if self.options else ""
+
+    def global_state(self) -> dict[str, StateSpec]:
+        """State tensors of the method itself (not of one block), by full key, e.g. an adaptive damping."""
+        return {}
+
+    def write_prologue(self, w: "StepWriter", blocks: list["BlockVars"]) -> None:
+        """Lines written before the statistics, every step (e.g. reading an adaptive damping)."""
 
     @abstractmethod
     def preconditioner(self, block: Block) -> tuple[str, ...]:
@@ -169,3 +187,7 @@ class Method(ABC):
     @abstractmethod
     def cost(self, block: Block) -> dict[str, sympy.Expr]:
         """``precondition``, ``inversion`` FLOPs and ``state_bytes`` of ``block``."""
+
+
+def _numeric(value: object) -> bool:
+    return value is None or (isinstance(value, numbers.Real) and not isinstance(value, bool))

@@ -35,10 +35,13 @@ import sympy
 import torch
 from torch import Tensor
 
-from ..codegen.writer import BlockVars, StateSpec
+from ..codegen.writer import BlockVars, StateSpec, StepWriter
+from ..errors import ConfigError
 from ..plan import Block
 from ..registry import register_method
-from .base import Hyper, Method, fraction, non_negative, optional, positive
+from .base import Hyper, Method, auto_or, fraction, non_negative, optional, positive
+from .quadratic import (accepted, levenberg_marquardt, output_gram, output_jvps, parameter_gram,
+                        quadratic_model_step)
 
 
 def ema(old: Tensor, new: Tensor, decay: Tensor) -> Tensor:
@@ -139,30 +142,65 @@ def kl_clip_scale(inner: Tensor, lr: Tensor, kl_clip: Tensor) -> Tensor:
 
 
 def momentum_buffer(buffer: Tensor, direction: Tensor, scale: Tensor, momentum: Tensor) -> Tensor:
-    r"""Heavy-ball buffer :math:`\mu D + \nu V`."""
+    r"""Heavy-ball buffer :math:`B \leftarrow \mu B + \nu V` (the parameters move by :math:`-\eta B`)."""
     return momentum * buffer + scale * direction
 
 
+def combine(direction: Tensor, previous: Tensor, alpha: Tensor, mu: Tensor) -> Tensor:
+    r"""The update :math:`\delta = \alpha\Delta + \mu\delta_0` of one block."""
+    return alpha * direction + mu * previous
+
+
 class KFAC(Method):
-    """K-FAC: Kronecker-factored natural gradient with momentum (see the module docstring)."""
+    """K-FAC: Kronecker-factored natural gradient with momentum (see the module docstring).
+
+    With ``lr="auto"`` the step size (and with ``momentum="auto"`` the momentum too) come
+    from the quadratic model on each batch and the damping adapts by the
+    Levenberg-Marquardt rule (:mod:`curvgraph.methods.quadratic`); ``damping`` is then
+    the initial value, ``min_damping`` its floor, ``max_momentum`` bounds the chosen
+    momentum, and ``kl_clip`` is not used.
+    """
 
     name = "kfac"
     hyper = {
-        "lr": Hyper(0.002, positive),
-        "momentum": Hyper(0.9, fraction),
+        "lr": Hyper(0.002, auto_or(positive)),
+        "momentum": Hyper(0.9, auto_or(fraction)),
         "weight_decay": Hyper(0.0, non_negative),
         "damping": Hyper(1e-3, positive),
         "ema": Hyper(0.95, fraction),
         "kl_clip": Hyper(1e-3, optional(positive)),
+        "min_damping": Hyper(1e-6, positive),
+        "max_momentum": Hyper(0.95, fraction),
     }
+    #: The Levenberg-Marquardt factor: the paper's (19/20)^T1 with T1 = 1 (rho is measured every step).
+    omega = 19 / 20
+    #: The damping's growth after a rejected step (the batch loss did not decrease).
+    reject_factor = 2.0
+
+    def __init__(self, **options) -> None:
+        super().__init__(**options)
+        if options.get("momentum") == "auto" and options.get("lr") != "auto":
+            raise ConfigError("curvgraph: momentum='auto' needs lr='auto' (both come from the quadratic model).")
+        self.adaptive = options.get("lr") == "auto"
 
     def step_values(self, group: dict, first_statistics: bool) -> dict[str, float]:
         """``kl_clip=None`` becomes ``inf`` (no clipping); the first statistics step uses ``ema=0``
         so that the factors start at the first batch's instead of at zero."""
-        values = {key: math.inf if group[key] is None else float(group[key]) for key in self.hyper}
+        values = {key: math.inf if group[key] is None else float(group[key]) for key in self.hyper if key in group}
         if first_statistics:
             values["ema"] = 0.0
         return values
+
+    def global_state(self) -> dict[str, StateSpec]:
+        return {"kfac.damping": StateSpec(())} if self.adaptive else {}
+
+    def write_prologue(self, w: StepWriter, blocks: list[BlockVars]) -> None:
+        if self.adaptive:
+            w.line("# adaptive damping: the value the last step left (the initial damping before the first step)")
+            w.line(f"lam = torch.where({w.state('kfac.damping')} > 0, {w.state('kfac.damping')}, {w.hyper('damping')})")
+
+    def _damping(self, w: StepWriter) -> str:
+        return "lam" if self.adaptive else w.hyper("damping")
 
     def preconditioner(self, block: Block) -> tuple[str, ...]:
         return tuple(f"{f}_inv" for f in block.factors)
@@ -184,7 +222,7 @@ class KFAC(Method):
             names = list(b.factors)
             targets = [b.var(f"shift_{f}") for f in names]
             diagonal = tuple(b.block.factors[f].diagonal for f in names)
-            call = w.call(factored_damping, w.pack(b.factors[f] for f in names), diagonal, w.hyper("damping"))
+            call = w.call(factored_damping, w.pack(b.factors[f] for f in names), diagonal, self._damping(w))
             w.line(f"{', '.join(targets)}, = {call}")
             shifts.update({(b.id, f): t for f, t in zip(names, targets)})
         groups: dict[tuple[tuple[int, ...], bool], list[tuple[BlockVars, str]]] = defaultdict(list)
@@ -217,10 +255,47 @@ class KFAC(Method):
         grads = w.pack(b.grad for b in blocks)
         w.line(f"inner = {w.call(inner_product, directions, grads)}")
         w.check("inner")  # finite iff every V and M is; then so are the momentum buffers and updates
+        if self.adaptive:
+            self._write_quadratic_model_step(w, blocks)
+            return
         w.line(f"nu = {w.call(kl_clip_scale, 'inner', w.hyper('lr'), w.hyper('kl_clip'))}")
         for b in blocks:
-            w.line(f"{b.direction} = {w.call(momentum_buffer, b.state('momentum'), b.var('V'), 'nu', w.hyper('momentum'))}")
-            w.commit(b.state("momentum"), b.direction)
+            w.line(f"{b.var('B')} = {w.call(momentum_buffer, b.state('momentum'), b.var('V'), 'nu', w.hyper('momentum'))}")
+            w.commit(b.state("momentum"), b.var("B"))
+            w.line(f"{b.direction} = {w.hyper('lr')} * {b.var('B')}")
+
+    def _write_quadratic_model_step(self, w: StepWriter, blocks: list[BlockVars]) -> None:
+        """``delta = alpha * Delta + mu * delta_0`` from the quadratic model; the LM rule on rho."""
+        w.line()
+        w.line("# step size and momentum from the quadratic model on this batch (Martens & Grosse 2015, sec. 7)")
+        w.line(f"Delta = {w.pack('-' + b.var('V') for b in blocks)}")
+        previous = w.pack(b.state("momentum") for b in blocks)
+        t_delta = _parameter_tuple(w, blocks, "t_Delta", [f"Delta[{i}]" for i in range(len(blocks))], "torch.zeros_like({})")
+        t_prev = _parameter_tuple(w, blocks, "t_prev", [b.state("momentum") for b in blocks], "torch.zeros_like({})")
+        w.line(f"J_Delta, J_prev = {w.call(output_jvps, 'model', 'params', 'probes', w.pack([t_delta, t_prev]))}")
+        shift = f"(lam + {w.hyper('weight_decay')})"
+        w.line(f"C = {w.call(output_gram, 'output', 'targets', '(J_Delta, J_prev)', w.ref(w.loss_fn))} + "
+               f"{shift} * {w.call(parameter_gram, 'Delta', previous)}")
+        w.line(f"linear = torch.stack([-inner, {w.call(inner_product, previous, w.pack(b.grad for b in blocks))}])")
+        if self.options.get("momentum") == "auto":
+            low, high = "torch.zeros_like(lam)", w.hyper("max_momentum")
+        else:
+            low = high = w.hyper("momentum")
+        w.line(f"alpha, mu, change = {w.call(quadratic_model_step, 'C', 'linear', low, high)}")
+        for i, b in enumerate(blocks):
+            w.line(f"{b.var('delta')} = {w.call(combine, f'Delta[{i}]', b.state('momentum'), 'alpha', 'mu')}")
+        w.line("# Levenberg-Marquardt: the loss after the step on this batch against the model's prediction;")
+        w.line("# a step that does not lower it is not taken")
+        trial = _parameter_tuple(w, blocks, "trial", [f"{b.var('P')} + {b.var('delta')}" for b in blocks], "{}")
+        w.line(f"new_loss = {w.ref(w.loss_fn)}(model({trial}, probes)[0], targets)")
+        call = w.call(levenberg_marquardt, "lam", "new_loss", "loss", "change", self.omega, self.reject_factor,
+                      w.hyper("min_damping"))
+        w.line(f"lam_next = {call}")
+        w.commit(w.state("kfac.damping"), "lam_next")
+        w.line(f"taken = {w.call(accepted, 'new_loss', 'loss')}.to({blocks[0].var('delta')}.dtype)")
+        for b in blocks:
+            w.line(f"{b.direction} = -taken * {b.var('delta')}")
+            w.commit(b.state("momentum"), f"-{b.direction}")
 
     def cost(self, block: Block) -> dict[str, sympy.Expr]:
         """Preconditioning ``2 numel(M) d`` per dense factor and ``numel(M)`` per diagonal one
@@ -235,6 +310,18 @@ class KFAC(Method):
             "inversion": sympy.Integer(inversion),
             "state_bytes": sympy.Integer(4 * floats),
         }
+
+
+def _parameter_tuple(w: StepWriter, blocks: list[BlockVars], label: str, matrices: list[str], other: str) -> str:
+    """Split each block's ``matrices`` entry into parameter-shaped tensors (variables ``<label>_<param>``)
+    and return the tuple over every trainable parameter in ``params`` order, ``other`` (formatted with
+    the parameter) for parameters in no block."""
+    by_param: dict[str, str] = {}
+    for b, matrix in zip(blocks, matrices):
+        names = [f"{label}_{p}" for p in b.block.placeholders]
+        w.line(f"{', '.join(names)}, = {b.kind.write_split(w, b, matrix)}")
+        by_param.update(zip(b.block.placeholders, names))
+    return w.pack(by_param.get(p, other.format(p)) for p in w.params)
 
 
 def _stack(names: list[str]) -> str:

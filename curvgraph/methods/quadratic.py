@@ -1,0 +1,98 @@
+r"""Step size, momentum and damping from the quadratic model (Martens & Grosse 2015, sec. 6-7).
+
+With the preconditioned descent direction :math:`\Delta = -\tilde F^{-1}\nabla h` and the
+previous update :math:`\delta_0`, the update is :math:`\delta = \alpha\Delta + \mu\delta_0`
+with :math:`(\alpha, \mu)` minimizing the quadratic model of the mini-batch loss
+
+.. math::
+    M(\delta) = \tfrac12 \delta^\top C \delta + \nabla h^\top \delta, \qquad
+    C = G + (\lambda + \eta) I,
+
+where :math:`G` is the exact GGN of the batch-mean loss on the current batch (never
+formed: :math:`u^\top G v = (J u)^\top H (J v)` with :math:`J` the model's Jacobian
+and :math:`H` the loss Hessian w.r.t. the output), :math:`\lambda` the damping and
+:math:`\eta` the weight decay. With :math:`C_{ij}` the Gram matrix of
+:math:`(\Delta, \delta_0)` under :math:`C` and :math:`b = (\nabla h^\top\Delta,
+\nabla h^\top\delta_0)`, the minimizer is :math:`-C^{-1} b` (:func:`quadratic_model_step`).
+
+The damping follows the Levenberg-Marquardt rule on the reduction ratio
+:math:`\rho = (h(\theta + \delta) - h(\theta)) / M(\delta)` measured on the same batch:
+:math:`\lambda \leftarrow \omega\lambda` if :math:`\rho > 3/4`, :math:`\lambda/\omega` if
+:math:`\rho < 1/4` (:func:`levenberg_marquardt`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+
+def output_jvps(model: Callable, params: tuple[Tensor, ...], probes: tuple[Tensor, ...],
+                tangents: tuple[tuple[Tensor, ...], ...]) -> tuple[Tensor, ...]:
+    r""":math:`J v` for each parameter-space direction ``v`` in ``tangents`` (forward mode)."""
+    return tuple(torch.func.jvp(lambda p: model(p, probes)[0], (params,), (t,))[1] for t in tangents)
+
+
+def output_gram(output: Tensor, targets: Tensor, directions: tuple[Tensor, ...], loss: Callable) -> Tensor:
+    r""":math:`[u_i^\top H u_j]_{ij}` with :math:`H = \nabla^2_f L(f, y)` at ``output``: the GGN Gram
+    matrix of the parameter directions whose output-space images are ``directions``."""
+    gradient = torch.func.grad(lambda f: loss(f, targets))
+    products = [torch.func.jvp(gradient, (output,), (u,))[1] for u in directions]
+    return torch.stack([torch.stack([(u * p).sum() for p in products]) for u in directions])
+
+
+def parameter_gram(first: tuple[Tensor, ...], second: tuple[Tensor, ...]) -> Tensor:
+    r""":math:`[\langle u_i, u_j\rangle]` for the two directions given block by block."""
+    aa = sum((x * x).sum() for x in first)
+    ab = sum((x * y).sum() for x, y in zip(first, second))
+    bb = sum((y * y).sum() for y in second)
+    return torch.stack([torch.stack([aa, ab]), torch.stack([ab, bb])])
+
+
+def quadratic_model_step(gram: Tensor, linear: Tensor, mu_low: Tensor, mu_high: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Minimize :math:`M(\alpha, \mu) = \frac12 x^\top C x + b^\top x`, :math:`x = (\alpha, \mu)`,
+    with :math:`\mu` restricted to ``[mu_low, mu_high]``.
+
+    The unconstrained minimizer is :math:`-C^{-1} b`; its :math:`\mu` is clipped into the
+    interval (0 when :math:`\delta_0 = 0` makes :math:`C` singular) and :math:`\alpha` is then
+    the best for that :math:`\mu`, :math:`\alpha = -(b_0 + \mu C_{01}) / C_{00}`. Since
+    :math:`\min_\alpha M(\alpha, \mu)` is convex in :math:`\mu`, the clipped point never
+    increases the model above its value at :math:`\mu = 0` or at the interval's ends:
+    with ``mu_low = 0``, :math:`M \le 0`.
+
+    Returns:
+        ``(alpha, mu, M)``, 0-d tensors.
+    """
+    c00 = gram[0, 0].clamp_min(torch.finfo(gram.dtype).tiny)
+    c01, c11 = gram[0, 1], gram[1, 1]
+    b0, b1 = linear[0], linear[1]
+    det = c00 * c11 - c01 * c01
+    joint = (c11 > 0) & (det > 1e-10 * c00 * c11)
+    mu = torch.where(joint, (c01 * b0 - c00 * b1) / torch.where(joint, det, torch.ones_like(det)), torch.zeros_like(det))
+    mu = torch.minimum(torch.maximum(mu, mu_low), mu_high)
+    alpha = -(b0 + mu * c01) / c00
+    change = 0.5 * (alpha * alpha * c00 + 2 * alpha * mu * c01 + mu * mu * c11) + alpha * b0 + mu * b1
+    return alpha, mu, change
+
+
+def accepted(new_loss: Tensor, loss: Tensor) -> Tensor:
+    r"""Whether a proposed step is taken: the batch loss after it is finite and no larger than before.
+
+    A rejected step leaves the parameters where they are and restarts the momentum
+    (:math:`\delta = 0`); the damping then grows (:func:`levenberg_marquardt`).
+    """
+    return torch.isfinite(new_loss) & (new_loss <= loss)
+
+
+def levenberg_marquardt(damping: Tensor, new_loss: Tensor, loss: Tensor, change: Tensor, omega: float,
+                        reject_factor: float, min_damping: Tensor) -> Tensor:
+    r"""The damping after a step: :math:`\rho = (h_\text{new} - h) / M`; :math:`\lambda\omega` if
+    :math:`\rho > 3/4`, :math:`\lambda/\omega` if :math:`\rho < 1/4`, and
+    :math:`\lambda \cdot` ``reject_factor`` if the step was not :func:`accepted`; never below
+    ``min_damping``. A step the model predicts no decrease for (:math:`M = 0`) leaves it unchanged."""
+    rho = (new_loss - loss) / torch.where(change < 0, change, -torch.ones_like(change))
+    updated = torch.where(rho > 0.75, damping * omega, torch.where(rho < 0.25, damping / omega, damping))
+    updated = torch.where(accepted(new_loss, loss), updated, damping * reject_factor)
+    return torch.where(change < 0, updated, damping).clamp_min(min_damping)

@@ -1,0 +1,155 @@
+"""K-FAC with lr='auto': the quadratic-model step against a brute-force solve with the exact GGN,
+the Levenberg-Marquardt rule on scripted reduction ratios, and M(delta) <= 0."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import curvgraph
+from curvgraph.methods.quadratic import accepted, levenberg_marquardt, quadratic_model_step
+from helpers import exact_ggn
+
+
+def mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def block_vector(model: nn.Sequential) -> torch.Tensor:
+    """Both layers' ``[W, b]`` row-major, concatenated: the coordinates of the quadratic model."""
+    return torch.cat([torch.cat([m.weight, m.bias[:, None]], 1).flatten() for m in (model[0], model[2])]).detach()
+
+
+def unpack(theta: torch.Tensor) -> dict[str, torch.Tensor]:
+    first, second = theta[:25].reshape(5, 5), theta[25:].reshape(3, 6)
+    return {"0.weight": first[:, :4], "0.bias": first[:, 4], "2.weight": second[:, :5], "2.bias": second[:, 5]}
+
+
+def preconditioned(model, x, y, factors, damping: float, weight_decay: float):
+    """``V = (G_d kron A_d)^{-1} vec(M)`` per block (factored Tikhonov damping), and ``M``, concatenated."""
+    model = copy.deepcopy(model)
+    nn.functional.cross_entropy(model(x), y).backward()
+    directions, grads = [], []
+    for name, layer in (("0", model[0]), ("2", model[2])):
+        M = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], 1) + weight_decay * torch.cat(
+            [layer.weight, layer.bias[:, None]], 1).detach()
+        A, G = factors[name]["A"], factors[name]["G"]
+        pi = math.sqrt((A.trace() / A.shape[0]) / (G.trace() / G.shape[0]))
+        kron = torch.kron(G + math.sqrt(damping) / pi * torch.eye(G.shape[0]), A + pi * math.sqrt(damping) * torch.eye(A.shape[0]))
+        directions.append(torch.linalg.solve(kron, M.flatten()))
+        grads.append(M.flatten())
+    return torch.cat(directions), torch.cat(grads)
+
+
+@pytest.mark.parametrize("seed, interior", [(11, True), (0, False)])
+def test_step_size_and_momentum_solve_the_quadratic_model_with_the_exact_ggn(float64, seed, interior):
+    """Seed 11: the joint optimum has 0 < mu < max_momentum; seed 0: its mu < 0 is clipped to 0."""
+    torch.manual_seed(seed)
+    model = mlp()
+    batches = [(torch.randn(7, 4), torch.randint(0, 3, (7,))) for _ in range(2)]
+    wd, max_momentum = 0.01, 0.9
+    opt = curvgraph.compile(model, (batches[0][0],), lr="auto", momentum="auto", fisher="type2", ema=0.0,
+                            invert_every=1, weight_decay=wd, max_momentum=max_momentum, damping=0.1, backend="eager")
+    theta0 = block_vector(model)
+    opt.step(*batches[0])
+    theta1 = block_vector(model)
+    previous = theta1 - theta0
+    assert previous.norm() > 0  # the first step was taken
+    damping = opt._state["kfac.damping"].item()
+    before = copy.deepcopy(model)
+    x, y = batches[1]
+    opt.step(x, y)
+    V, M = preconditioned(before, x, y, opt.factors(), damping, wd)
+    Delta = -V
+    C = exact_ggn(before, "cross_entropy", x, y, theta1, unpack) + (damping + wd) * torch.eye(theta1.numel())
+    basis = torch.stack([Delta, previous], 1)
+    gram, linear = basis.T @ C @ basis, basis.T @ M
+    alpha, mu = -torch.linalg.solve(gram, linear)
+    clipped = min(max(mu.item(), 0.0), max_momentum)
+    assert (clipped == mu.item()) == interior
+    if not interior:  # the constrained optimum: the best alpha for the clipped momentum
+        alpha, mu = -(linear[0] + clipped * gram[0, 1]) / gram[0, 0], torch.tensor(clipped)
+    delta = alpha * Delta + mu * previous
+    change = 0.5 * delta @ C @ delta + M @ delta
+    assert change < 0
+    new_loss = nn.functional.cross_entropy(torch.func.functional_call(before, unpack(theta1 + delta), (x,)), y)
+    old_loss = nn.functional.cross_entropy(before(x), y)
+    assert new_loss < old_loss  # so the step is taken
+    torch.testing.assert_close(block_vector(model) - theta1, delta)
+    rho = ((new_loss - old_loss) / change).item()
+    expected = damping * 0.95 if rho > 0.75 else damping / 0.95 if rho < 0.25 else damping
+    assert opt._state["kfac.damping"].item() == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("rho, factor", [(0.9, 0.95), (0.76, 0.95), (0.5, 1.0), (0.24, 1 / 0.95), (-3.0, 1 / 0.95)])
+def test_damping_follows_the_levenberg_marquardt_rule(rho, factor):
+    damping, change = torch.tensor(0.01), torch.tensor(-2.0)
+    loss = torch.tensor(5.0)
+    new_loss = loss + rho * change
+    updated = levenberg_marquardt(damping, new_loss, loss, change, 0.95, 2.0, torch.tensor(1e-6))
+    if rho < 0:  # the loss went up: the step is rejected and the damping doubles
+        assert not accepted(new_loss, loss) and updated.item() == pytest.approx(0.02)
+    else:
+        assert accepted(new_loss, loss) and updated.item() == pytest.approx(0.01 * factor)
+
+
+def test_damping_over_a_scripted_sequence_of_ratios():
+    damping, loss, change = torch.tensor(1e-3), torch.tensor(1.0), torch.tensor(-0.1)
+    history = []
+    for rho in [0.9] * 5 + [0.5] * 3 + [0.1] * 4 + [float("nan")]:
+        damping = levenberg_marquardt(damping, loss + rho * change, loss, change, 0.95, 2.0, torch.tensor(8e-4))
+        history.append(damping.item())
+    expected, value = [], 1e-3
+    for rho in [0.9] * 5 + [0.5] * 3 + [0.1] * 4:
+        value = max(value * 0.95 if rho > 0.75 else value / 0.95 if rho < 0.25 else value, 8e-4)
+        expected.append(value)
+    expected.append(value * 2.0)  # a non-finite loss: rejected
+    assert history == pytest.approx(expected)
+    assert min(history) == pytest.approx(8e-4)  # the floor held
+
+
+def test_zero_predicted_change_leaves_the_damping():
+    damping = torch.tensor(0.3)
+    kept = levenberg_marquardt(damping, torch.tensor(1.0), torch.tensor(1.0), torch.tensor(0.0), 0.95, 2.0,
+                               torch.tensor(1e-6))
+    assert kept.item() == pytest.approx(0.3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(-3, 3), min_size=6, max_size=6), st.floats(-3, 3), st.floats(-3, 3),
+       st.floats(0, 0.99), st.floats(0, 0.99))
+def test_quadratic_model_never_increases_and_is_optimal(entries, b0, b1, a, c):
+    factor = torch.tensor(entries, dtype=torch.float64).reshape(2, 3)
+    gram = factor @ factor.T + 1e-3 * torch.eye(2, dtype=torch.float64)
+    linear = torch.tensor([b0, b1], dtype=torch.float64)
+    low, high = torch.tensor(0.0, dtype=torch.float64), torch.tensor(max(a, c), dtype=torch.float64)
+    alpha, mu, change = quadratic_model_step(gram, linear, low, high)
+    assert change <= 1e-12
+    assert low <= mu <= high
+    x = torch.stack([alpha, mu])
+    torch.testing.assert_close(change, 0.5 * x @ gram @ x + linear @ x)
+    # brute force: the best alpha for each momentum on a grid over the interval
+    grid = torch.linspace(0, float(high), 401, dtype=torch.float64)
+    best_alpha = -(linear[0] + grid * gram[0, 1]) / gram[0, 0]
+    values = 0.5 * (best_alpha**2 * gram[0, 0] + 2 * best_alpha * grid * gram[0, 1] + grid**2 * gram[1, 1]) \
+        + best_alpha * linear[0] + grid * linear[1]
+    assert change <= values.min() + 1e-9
+
+
+def test_first_step_without_momentum_is_the_one_dimensional_solve():
+    gram = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
+    alpha, mu, change = quadratic_model_step(gram, torch.tensor([-1.0, 0.0]), torch.tensor(0.0), torch.tensor(0.9))
+    assert alpha.item() == pytest.approx(0.5) and mu.item() == 0.0 and change.item() == pytest.approx(-0.25)
+
+
+def test_auto_momentum_needs_auto_lr():
+    with pytest.raises(curvgraph.ConfigError, match="momentum='auto' needs lr='auto'"):
+        curvgraph.compile(mlp(), (torch.randn(3, 4),), momentum="auto", backend="eager")
+    with pytest.raises(curvgraph.ConfigError, match="lr must be a positive number"):
+        curvgraph.compile(mlp(), (torch.randn(3, 4),), lr="fast", backend="eager")

@@ -15,7 +15,10 @@ For each model the script times, in the same process and on the same batch:
 * ``curvgraph``: curvgraph's compiled K-FAC step with the default settings (MC
   Fisher, ``factor_every=1``, ``invert_every=10``);
 * ``curvgraph-T10``: equal settings to singd's ``T=10``: empirical Fisher,
-  ``factor_every = invert_every = 10``.
+  ``factor_every = invert_every = 10``;
+* ``curvgraph-auto``: ``lr="auto", momentum="auto"`` (quadratic-model step size and
+  momentum, adaptive damping), otherwise as ``curvgraph``: its ratio to
+  ``curvgraph`` is the adaptive mode's overhead.
 
 Models: an MLP 784-512-512-256-10 (batch 512), a deep narrow MLP (32 layers x 128,
 batch 128) where per-layer Python overhead dominates hook-based peers, and a small
@@ -108,6 +111,13 @@ def interleaved(steps: dict[str, Callable[[], object]], warmup: int, iters: int,
 
 def adam_compiled(model: nn.Module, x, y) -> Callable[[], object]:
     """Forward, backward and Adam (lr 1e-3) in one torch.compile'd graph (buffers updated in place)."""
+    step = compiled_adam_step(model)
+    return lambda: step(x, y)
+
+
+def compiled_adam_step(model: nn.Module, lr: float = 1e-3, loss: Callable = F.cross_entropy) -> Callable:
+    """``step(x, y) -> loss``: forward, backward and ``torch.optim.Adam``'s update of ``model``'s own
+    parameters in one ``torch.compile``'d graph (buffers, e.g. BatchNorm statistics, updated in place)."""
     params = {n: p.detach() for n, p in model.named_parameters()}
     buffers = dict(model.named_buffers())
     exp_avg = {n: torch.zeros_like(p) for n, p in params.items()}
@@ -115,19 +125,20 @@ def adam_compiled(model: nn.Module, x, y) -> Callable[[], object]:
     count = torch.zeros(())
 
     def loss_of(p, b, x, y):
-        return F.cross_entropy(functional_call(model, {**p, **b}, (x,)), y)
+        return loss(functional_call(model, {**p, **b}, (x,)), y)
 
     @torch.compile(fullgraph=True)
     def step(x, y):
-        grads = torch.func.grad(loss_of)(params, buffers, x, y)
+        grads, value = torch.func.grad_and_value(loss_of)(params, buffers, x, y)
         count.add_(1)
         for n, g in grads.items():
             exp_avg[n].lerp_(g, 0.1)
             exp_avg_sq[n].mul_(0.999).addcmul_(g, g, value=0.001)
             denom = (exp_avg_sq[n] / (1 - 0.999**count)).sqrt_().add_(1e-8)
-            params[n].addcdiv_(exp_avg[n], denom, value=-1e-3 / (1 - 0.9**count))
+            params[n].addcdiv_(exp_avg[n], denom, value=-lr / (1 - 0.9**count))
+        return value
 
-    return lambda: step(x, y)
+    return step
 
 
 def adam_eager(model: nn.Module, x, y) -> Callable[[], object]:
@@ -181,6 +192,7 @@ def run_model(name: str, warmup: int, iters: int, repeats: int, peers: bool) -> 
     bounds = {"curvgraph": flop_ratio(opt, 1, 1, 10)}
     runners["curvgraph-T10"], opt = curvgraph_step(make(), x, y, fisher="empirical", factor_every=10, invert_every=10)
     bounds["curvgraph-T10"] = flop_ratio(opt, 0, 10, 10)
+    runners["curvgraph-auto"], _ = curvgraph_step(make(), x, y, lr="auto", momentum="auto")
 
     print(f"{name} (batch {batch}): compiling and warming up ...", flush=True)
     seconds = interleaved(runners, warmup, iters, repeats)
@@ -205,6 +217,8 @@ def table(results: dict) -> str:
         rows = result["rows"]
         if "singd" in rows:
             lines.append(f"{'':<24} curvgraph-T10 / singd = {rows['curvgraph-T10']['ms_per_step'] / rows['singd']['ms_per_step']:.2f}")
+        lines.append(f"{'':<24} curvgraph-auto / curvgraph = "
+                     f"{rows['curvgraph-auto']['ms_per_step'] / rows['curvgraph']['ms_per_step']:.2f}")
     return "\n".join(lines)
 
 

@@ -31,8 +31,11 @@ from torch import Tensor
 
 def output_jvps(model: Callable, params: tuple[Tensor, ...], probes: tuple[Tensor, ...],
                 tangents: tuple[tuple[Tensor, ...], ...]) -> tuple[Tensor, ...]:
-    r""":math:`J v` for each parameter-space direction ``v`` in ``tangents`` (forward mode)."""
-    return tuple(torch.func.jvp(lambda p: model(p, probes)[0], (params,), (t,))[1] for t in tangents)
+    r""":math:`J v` for each parameter-space direction ``v`` in ``tangents``: one forward-mode pass,
+    vectorized over the directions (the primal computed once)."""
+    stacked = tuple(torch.stack(parts) for parts in zip(*tangents))
+    products = torch.func.vmap(lambda t: torch.func.jvp(lambda p: model(p, probes)[0], (params,), (t,))[1])(stacked)
+    return tuple(products.unbind(0))
 
 
 def output_gram(output: Tensor, targets: Tensor, directions: tuple[Tensor, ...], loss: Callable) -> Tensor:

@@ -1,0 +1,299 @@
+"""Time to a tuned Adam's training loss: curvgraph against Adam at its best of three learning rates.
+
+Usage::
+
+    python benchmarks/time_to_target.py                          # the whole suite
+    python benchmarks/time_to_target.py --models mnist1d-mlp --configs default fixed
+
+For every suite model, from the same initialization and on the same sequence of
+minibatches, it trains
+
+* Adam (``torch.compile``'d forward, backward and update, as in ``step_time.py``)
+  with learning rates 3e-4, 1e-3 and 3e-3; the *target* is the best final training
+  loss among them (the training loss on the whole training set);
+* curvgraph with each configuration named by ``--configs`` (``default``: the
+  defaults of ``curvgraph.compile``; others are presets in :data:`CONFIGS`).
+
+The runs are interleaved: every run takes its step ``i`` before any takes step
+``i + 1``, so that the machine's speed drifting (by up to 30% here) affects all alike.
+
+The training loss on the whole training set is evaluated every ``eval_every`` steps
+(outside the timed region). Reported per run: steps to the target, wall time to the
+target with and without compilation, and these as ratios to the best Adam's. Wall
+time *without compilation* counts every step slower than 5x the run's median step at
+the median (those are the steps that compile a variant of the step); *with
+compilation* is the plain sum. Loss-versus-time and loss-versus-steps plots go to
+``benchmarks/results/time_to_target_<model>.png``, the figures to
+``benchmarks/results/time_to_target.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import curvgraph
+
+sys.path.insert(0, os.path.dirname(__file__))
+from step_time import compiled_adam_step, small_resnet  # noqa: E402
+
+ADAM_LRS = (3e-4, 1e-3, 3e-3)
+
+#: curvgraph configurations by name; ``default`` is curvgraph.compile's defaults.
+CONFIGS: dict[str, dict] = {
+    "default": {},
+    "fixed": {"lr": 2e-3, "momentum": 0.9, "kl_clip": 1e-3},
+    "fixed-noclip": {"lr": 1e-3, "momentum": 0.9, "kl_clip": None},
+    "auto": {"lr": "auto", "momentum": "auto"},
+    "auto-empirical": {"lr": "auto", "momentum": "auto", "fisher": "empirical"},
+    "auto-T5": {"lr": "auto", "momentum": "auto", "invert_every": 5},
+}
+
+
+@dataclass
+class Task:
+    """A suite model: its data, loss, batch size and number of steps."""
+
+    make: Callable[[], nn.Module]
+    data: Callable[[], tuple[Tensor, Tensor]]
+    loss: str
+    batch: int
+    steps: int
+    eval_every: int
+
+
+def mnist1d() -> tuple[Tensor, Tensor]:
+    from curvgraph.demo import load_mnist1d
+
+    data = load_mnist1d()
+    return data.x_train, data.y_train
+
+
+def digits(size: int | None = None, channels: int | None = None) -> tuple[Tensor, Tensor]:
+    """scikit-learn's 8x8 digits in [0, 1]: flat 64 features, or upsampled to ``size`` x ``size``
+    (bilinear; flat if ``channels`` is None, else ``channels`` identical image channels)."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x / 16.0, dtype=torch.float32)
+    if size is not None:
+        x = F.interpolate(x.reshape(-1, 1, 8, 8), size=(size, size), mode="bilinear", align_corners=False)
+        x = x.flatten(1) if channels is None else x.expand(-1, channels, -1, -1).contiguous()
+    return x, torch.tensor(y)
+
+
+def autoencoder_data() -> tuple[Tensor, Tensor]:
+    x, _ = digits(28)
+    return x, x
+
+
+def gelu_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(40, 128), nn.GELU(), nn.Linear(128, 128), nn.GELU(), nn.Linear(128, 128),
+                         nn.GELU(), nn.Linear(128, 10))
+
+
+def mnist1d_cnn() -> nn.Module:
+    from curvgraph.demo import cnn
+
+    return cnn(0)
+
+
+def autoencoder() -> nn.Module:
+    """The deep autoencoder of Hinton & Salakhutdinov (2006), as in the K-FAC paper's benchmarks."""
+    sizes = [784, 1000, 500, 250, 30, 250, 500, 1000, 784]
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2 and b != 30:
+            layers.append(nn.Sigmoid())
+    return nn.Sequential(*layers)
+
+
+def layernorm_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.LayerNorm(128), nn.Linear(128, 128), nn.Tanh(),
+                         nn.LayerNorm(128), nn.Linear(128, 10))
+
+
+def wide_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(40, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+
+
+SUITE: dict[str, Task] = {
+    "mnist1d-mlp": Task(gelu_mlp, mnist1d, "cross_entropy", 100, 1200, 40),
+    "mnist1d-cnn": Task(mnist1d_cnn, mnist1d, "cross_entropy", 100, 1200, 40),
+    "autoencoder": Task(autoencoder, autoencoder_data, "bce_with_logits", 100, 540, 18),
+    "resnet-digits": Task(small_resnet, lambda: digits(32, 3), "cross_entropy", 64, 280, 28),
+    "digits-layernorm-mlp": Task(layernorm_mlp, digits, "cross_entropy", 64, 560, 28),
+    "mnist1d-wide-mlp": Task(wide_mlp, mnist1d, "cross_entropy", 500, 240, 8),
+}
+
+LOSSES = {"cross_entropy": F.cross_entropy, "bce_with_logits": F.binary_cross_entropy_with_logits}
+
+
+def minibatches(n: int, batch: int, steps: int, seed: int = 0) -> list[Tensor]:
+    """Index tensors of ``steps`` shuffled minibatches (reshuffled every epoch), the same for every run."""
+    generator = torch.Generator().manual_seed(seed)
+    out: list[Tensor] = []
+    while len(out) < steps:
+        perm = torch.randperm(n, generator=generator)
+        out += [perm[i : i + batch] for i in range(0, n - batch + 1, batch)]
+    return out[:steps]
+
+
+def train_interleaved(task: Task, runners: dict[str, tuple[nn.Module, Callable[[Tensor, Tensor], object]]],
+                      x: Tensor, y: Tensor, indices: list[Tensor]) -> dict[str, dict]:
+    """Run every runner's ``step`` over the same minibatches, in turn step by step (so that the
+    machine's speed drifting affects all alike); the whole-training-set loss every ``eval_every``
+    steps, outside the timed region."""
+    loss_fn = LOSSES[task.loss]
+    seconds: dict[str, list[float]] = {label: [] for label in runners}
+    curves: dict[str, list[tuple[int, float]]] = {label: [] for label in runners}
+
+    def evaluate(done: int) -> None:
+        with torch.no_grad():
+            for label, (model, _) in runners.items():
+                curves[label].append((done, float(loss_fn(model(x), y))))
+
+    evaluate(0)
+    for i, idx in enumerate(indices):
+        batch = (x[idx], y[idx])
+        for label, (_, step) in runners.items():
+            start = time.perf_counter()
+            step(*batch)
+            seconds[label].append(time.perf_counter() - start)
+        if (i + 1) % task.eval_every == 0 or i + 1 == len(indices):
+            evaluate(i + 1)
+    runs = {}
+    for label in runners:
+        median = statistics.median(seconds[label])
+        steady = [min(s, median) if s > 5 * median else s for s in seconds[label]]
+        runs[label] = {"curve": curves[label], "seconds": seconds[label], "steady_seconds": steady,
+                       "final_loss": curves[label][-1][1], "median_ms": 1e3 * median}
+    return runs
+
+
+def time_to(run: dict, target: float) -> dict:
+    """Steps and wall times (with and without compilation) at the first evaluation at or below ``target``."""
+    for done, loss in run["curve"]:
+        if loss <= target:
+            return {"steps": done, "wall": sum(run["seconds"][:done]), "wall_steady": sum(run["steady_seconds"][:done])}
+    return {"steps": None, "wall": None, "wall_steady": None}
+
+
+def run_task(name: str, configs: list[str]) -> dict:
+    task = SUITE[name]
+    x, y = task.data()
+    indices = minibatches(len(x), task.batch, task.steps)
+    runners: dict[str, tuple[nn.Module, Callable]] = {}
+    optimizers = {}
+    for lr in ADAM_LRS:
+        torch.manual_seed(0)
+        model = task.make()
+        runners[f"adam-{lr:g}"] = (model, compiled_adam_step(model, lr, LOSSES[task.loss]))
+    for config in configs:
+        torch.manual_seed(0)
+        model = task.make()
+        opt = curvgraph.compile(model, (x[indices[0]],), loss=task.loss, seed=0, **CONFIGS[config])
+        runners[f"curvgraph-{config}"] = (model, opt.step)
+        optimizers[f"curvgraph-{config}"] = opt
+    runs = train_interleaved(task, runners, x, y, indices)
+    for label, run in runs.items():
+        if label in optimizers:
+            run["skipped_steps"] = optimizers[label].skipped_steps
+        print(f"  {name} {label}: final loss {run['final_loss']:.4g}, median step {run['median_ms']:.2f} ms", flush=True)
+    best = min((r for r in runs if r.startswith("adam")), key=lambda r: runs[r]["final_loss"])
+    target = runs[best]["final_loss"]
+    reference = time_to(runs[best], target)
+    summary = {}
+    for label, run in runs.items():
+        reached = time_to(run, target)
+        row = {**reached, "final_loss": run["final_loss"], "median_ms": run["median_ms"],
+               "compile_s": sum(run["seconds"]) - sum(run["steady_seconds"])}
+        if reached["steps"] is not None:
+            row["steps_ratio"] = reached["steps"] / reference["steps"]
+            row["wall_ratio"] = reached["wall"] / reference["wall"]
+            row["wall_steady_ratio"] = reached["wall_steady"] / reference["wall_steady"]
+        summary[label] = row
+    return {"target": target, "best_adam": best, "summary": summary,
+            "curves": {label: run["curve"] for label, run in runs.items()},
+            "cumulative_steady": {label: _cumulative(run["steady_seconds"]) for label, run in runs.items()}}
+
+
+def _cumulative(values: list[float]) -> list[float]:
+    total, out = 0.0, [0.0]
+    for v in values:
+        total += v
+        out.append(total)
+    return out
+
+
+def plot(name: str, result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_time, by_steps) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, curve in result["curves"].items():
+        steps, losses = zip(*curve)
+        times = [result["cumulative_steady"][label][s] for s in steps]
+        style = "--" if label.startswith("adam") else "-"
+        by_time.plot(times, losses, style, label=label)
+        by_steps.plot(steps, losses, style, label=label)
+    for ax, xlabel in ((by_time, "wall time, compilation excluded (s)"), (by_steps, "steps")):
+        ax.axhline(result["target"], color="gray", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("training loss (whole training set)")
+    by_steps.legend(fontsize=8)
+    fig.suptitle(f"{name}: target = best Adam's final loss ({result['best_adam']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def table(results: dict) -> str:
+    header = (f"{'model':<22} {'run':<26} {'final loss':>10} {'steps':>6} {'x steps':>8} {'x wall':>7} "
+              f"{'x wall (no compile)':>20}")
+    lines = [header, "-" * len(header)]
+    for name, result in results.items():
+        for label, row in result["summary"].items():
+            ratio = (lambda k: f"{row[k]:.2f}" if k in row else "-")
+            lines.append(f"{name:<22} {label:<26} {row['final_loss']:>10.4g} {str(row['steps'] or '-'):>6} "
+                         f"{ratio('steps_ratio'):>8} {ratio('wall_ratio'):>7} {ratio('wall_steady_ratio'):>20}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=list(SUITE), choices=list(SUITE))
+    parser.add_argument("--configs", nargs="*", default=["default"], choices=list(CONFIGS))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    results = {}
+    for name in args.models:
+        print(f"{name}:", flush=True)
+        results[name] = run_task(name, args.configs)
+        plot(name, results[name], os.path.join(args.out, f"time_to_target_{name}.png"))
+    print(table(results))
+    meta = {"torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d")}
+    with open(os.path.join(args.out, "time_to_target.json"), "w") as f:
+        json.dump({"meta": meta, "results": {n: {k: v for k, v in r.items() if k != "cumulative_steady"}
+                                             for n, r in results.items()}}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -160,3 +160,14 @@ def test_frozen_parameters_stay_frozen():
         opt.step(torch.randn(8, 4), torch.randint(0, 3, (8,)))
     assert torch.equal(model[0].weight, frozen)
     assert [b.name for b in opt.plan.blocks] == ["2"]
+
+
+def test_failed_factorization_keeps_the_previous_inverse():
+    """An indefinite factor (cholesky_ex reports failure) keeps the previous inverse instead of raising."""
+    from curvgraph.methods.kfac import damped_inverse
+
+    factor = torch.stack([torch.diag(torch.tensor([-5.0, 1.0, 1.0])), torch.eye(3)])
+    previous = torch.full((2, 3, 3), 7.0)
+    inverse = damped_inverse(factor, torch.tensor([0.0, 1.0]), previous)
+    torch.testing.assert_close(inverse[0], previous[0])
+    torch.testing.assert_close(inverse[1], torch.eye(3) / 2)

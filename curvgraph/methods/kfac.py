@@ -87,8 +87,10 @@ def damped_inverse(factor: Tensor, shift: Tensor, previous: Tensor) -> Tensor:
     """
     eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
     chol, info = torch.linalg.cholesky_ex(factor + shift[..., None, None] * eye)
-    inverse = torch.cholesky_inverse(chol)
-    good = (info == 0) & torch.isfinite(inverse).all(-1).all(-1)
+    factored = info == 0
+    # a failed factorization can leave a zero on the diagonal, which cholesky_inverse rejects: invert I there
+    inverse = torch.cholesky_inverse(torch.where(factored[..., None, None], chol, eye))
+    good = factored & torch.isfinite(inverse).all(-1).all(-1)
     return torch.where(good[..., None, None], inverse, previous)
 
 

@@ -9,7 +9,7 @@ from typing import Sequence
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="curvgraph", description="Second-order training steps compiled from FX graphs.")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="train an MLP (or CNN) on MNIST-1D with K-FAC and with Adam, side by side")
+    demo = commands.add_parser("demo", help="train an MLP (or CNN) on MNIST-1D with K-FAC and with Adam (best of 3 learning rates)")
     demo.add_argument("--model", choices=("mlp", "cnn"), default="mlp", help="the MLP (default) or the paper's CNN")
     demo.add_argument("--steps", type=int, default=2000, help="training steps (default 2000: 50 epochs)")
     demo.add_argument("--batch-size", type=int, default=100)

@@ -88,6 +88,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._state[key] = _initial(spec.shape, spec.init, dtype, self._device)
         self._generator = torch.Generator(device=self._device)
         self._generator.manual_seed(seed if seed is not None else int(torch.initial_seed()) % (2**63))
+        self._hyper_values: dict[str, float] = {}
+        self._hyper_tensors: dict[str, Tensor] = {}
         self._step_count = 0
         self.skipped_steps = 0
         self._factors_ready = False
@@ -140,13 +142,18 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return loss
 
     def _hyper(self) -> dict[str, Tensor]:
+        """The step's ``hyper`` tensors, rebuilt only when a value in ``param_groups`` changed."""
         values: dict[str, float] = {}
         for group in self.param_groups:
             if group["role"] == "curvature":
                 values.update(self.method.step_values(group, first_statistics=not self._factors_ready))
             else:
                 values.update(self.fallback.hyper(group))
-        return {k: torch.tensor(v, dtype=self._factor_dtype, device=self._device) for k, v in values.items()}
+        if values != self._hyper_values:
+            self._hyper_values = values
+            self._hyper_tensors = {k: torch.tensor(v, dtype=self._factor_dtype, device=self._device)
+                                   for k, v in values.items()}
+        return self._hyper_tensors
 
     def _noise(self, batch: tuple[Tensor, ...]) -> Tensor:
         shape = self._noise_shape(batch)

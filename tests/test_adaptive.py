@@ -61,7 +61,7 @@ def test_step_size_and_momentum_solve_the_quadratic_model_with_the_exact_ggn(flo
     theta1 = block_vector(model)
     previous = theta1 - theta0
     assert previous.norm() > 0  # the first step was taken
-    damping = opt._state["kfac.damping"].item()
+    damping = opt._state["kfac.damping"][0].item()
     before = copy.deepcopy(model)
     x, y = batches[1]
     opt.step(x, y)
@@ -84,7 +84,7 @@ def test_step_size_and_momentum_solve_the_quadratic_model_with_the_exact_ggn(flo
     torch.testing.assert_close(block_vector(model) - theta1, delta)
     rho = ((new_loss - old_loss) / change).item()
     expected = damping * 0.95 if rho > 0.75 else damping / 0.95 if rho < 0.25 else damping
-    assert opt._state["kfac.damping"].item() == pytest.approx(expected, rel=1e-9)
+    assert opt._state["kfac.damping"][0].item() == pytest.approx(expected, rel=1e-9)
 
 
 @pytest.mark.parametrize("rho, factor", [(0.9, 0.95), (0.76, 0.95), (0.5, 1.0), (0.24, 1 / 0.95), (-3.0, 1 / 0.95)])
@@ -129,7 +129,8 @@ def test_quadratic_model_never_increases_and_is_optimal(entries, b0, b1, a, c):
     gram = factor @ factor.T + 1e-3 * torch.eye(2, dtype=torch.float64)
     linear = torch.tensor([b0, b1], dtype=torch.float64)
     low, high = torch.tensor(0.0, dtype=torch.float64), torch.tensor(max(a, c), dtype=torch.float64)
-    alpha, mu, change = quadratic_model_step(gram, linear, low, high)
+    one = torch.tensor(1.0, dtype=torch.float64)
+    alpha, mu, change = quadratic_model_step(gram, linear, low, high, one)
     assert change <= 1e-12
     assert low <= mu <= high
     x = torch.stack([alpha, mu])
@@ -144,12 +145,38 @@ def test_quadratic_model_never_increases_and_is_optimal(entries, b0, b1, a, c):
 
 def test_first_step_without_momentum_is_the_one_dimensional_solve():
     gram = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
-    alpha, mu, change = quadratic_model_step(gram, torch.tensor([-1.0, 0.0]), torch.tensor(0.0), torch.tensor(0.9))
+    alpha, mu, change = quadratic_model_step(gram, torch.tensor([-1.0, 0.0]), torch.tensor(0.0), torch.tensor(0.9),
+                                             torch.tensor(1.0))
     assert alpha.item() == pytest.approx(0.5) and mu.item() == 0.0 and change.item() == pytest.approx(-0.25)
 
 
 def test_auto_momentum_needs_auto_lr():
     with pytest.raises(curvgraph.ConfigError, match="momentum='auto' needs lr='auto'"):
-        curvgraph.compile(mlp(), (torch.randn(3, 4),), momentum="auto", backend="eager")
+        curvgraph.compile(mlp(), (torch.randn(3, 4),), lr=0.01, momentum="auto", backend="eager")
     with pytest.raises(curvgraph.ConfigError, match="lr must be a positive number"):
         curvgraph.compile(mlp(), (torch.randn(3, 4),), lr="fast", backend="eager")
+
+
+def test_a_schedule_scales_the_adaptive_step():
+    torch.manual_seed(3)
+    model = mlp()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    opt = curvgraph.compile(model, (x,), backend="eager")
+    assert opt.param_groups[0]["lr"] == 1.0 and opt.method.adaptive
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.0 if epoch == 0 else 1.0)
+    before = copy.deepcopy(model.state_dict())
+    opt.step(x, y)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    schedule.step()
+    opt.step(x, y)
+    assert all(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_scaled_step_scales_the_model_change():
+    gram, linear = torch.tensor([[2.0, 0.5], [0.5, 1.0]]), torch.tensor([-1.0, 0.3])
+    low, high = torch.tensor(0.0), torch.tensor(0.9)
+    alpha, mu, _ = quadratic_model_step(gram, linear, low, high, torch.tensor(1.0))
+    half_alpha, half_mu, change = quadratic_model_step(gram, linear, low, high, torch.tensor(0.5))
+    torch.testing.assert_close((half_alpha, half_mu), (alpha / 2, mu / 2))
+    x = torch.stack([half_alpha, half_mu])
+    torch.testing.assert_close(change, 0.5 * x @ gram @ x + linear @ x)

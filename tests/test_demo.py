@@ -19,7 +19,9 @@ def test_demo_command_writes_table_and_plot(tmp_path, capsys):
     out = tmp_path / "curves.png"
     assert main(["demo", "--steps", "60", "--backend", "eager", "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "curvgraph K-FAC" in printed and "Adam 1e-3" in printed and "test acc" in printed
+    assert "curvgraph K-FAC" in printed and "test acc" in printed
+    assert all(f"Adam {lr}" in printed for lr in ("0.0003", "0.001", "0.003")) and printed.count("(best)") == 1
+    assert "best of 3 learning rates" in printed
     assert out.exists() and os.path.getsize(out) > 10_000
     with open(out, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"

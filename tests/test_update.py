@@ -138,7 +138,7 @@ def test_lr_scheduler_drives_the_step():
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(4, 5), nn.PReLU(), nn.Linear(5, 3))
     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
-    opt = curvgraph.compile(model, (x,), backend="eager")
+    opt = curvgraph.compile(model, (x,), lr=0.002, backend="eager")  # the fixed-step mode
     assert [g["role"] for g in opt.param_groups] == ["curvature", "fallback"]
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.0 if epoch == 0 else 1.0)
     before = copy.deepcopy(model.state_dict())

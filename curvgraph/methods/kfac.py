@@ -156,17 +156,21 @@ def combine(direction: Tensor, previous: Tensor, alpha: Tensor, mu: Tensor) -> T
 class KFAC(Method):
     """K-FAC: Kronecker-factored natural gradient with momentum (see the module docstring).
 
-    With ``lr="auto"`` the step size (and with ``momentum="auto"`` the momentum too) come
-    from the quadratic model on each batch and the damping adapts by the
-    Levenberg-Marquardt rule (:mod:`curvgraph.methods.quadratic`); ``damping`` is then
-    the initial value, ``min_damping`` its floor, ``max_momentum`` bounds the chosen
-    momentum, and ``kl_clip`` is not used.
+    With ``lr="auto"`` (the default) the step size, and with ``momentum="auto"`` (the
+    default with ``lr="auto"``) the momentum too, come from the quadratic model on each
+    batch and the damping adapts by the Levenberg-Marquardt rule
+    (:mod:`curvgraph.methods.quadratic`); ``damping`` is then the initial value,
+    ``min_damping`` its floor, ``max_momentum`` bounds the chosen momentum, ``kl_clip``
+    is not used, and ``param_groups[0]["lr"]`` is 1.0, a multiplier on the model's step
+    (so that ``torch.optim.lr_scheduler`` schedules still apply). With a numeric ``lr``
+    the step is ``lr`` times the clipped, momentum-accumulated preconditioned gradient
+    (momentum 0.9 unless given).
     """
 
     name = "kfac"
     hyper = {
-        "lr": Hyper(0.002, auto_or(positive)),
-        "momentum": Hyper(0.9, auto_or(fraction)),
+        "lr": Hyper("auto", auto_or(positive)),
+        "momentum": Hyper("auto", auto_or(fraction)),
         "weight_decay": Hyper(0.0, non_negative),
         "damping": Hyper(1e-3, positive),
         "ema": Hyper(0.95, fraction),
@@ -178,12 +182,25 @@ class KFAC(Method):
     omega = 19 / 20
     #: The damping's growth after a rejected step (the batch loss did not decrease).
     reject_factor = 2.0
+    #: The momentum with a numeric ``lr`` when none is given.
+    fixed_momentum = 0.9
 
     def __init__(self, **options) -> None:
         super().__init__(**options)
         if options.get("momentum") == "auto" and options.get("lr") != "auto":
             raise ConfigError("curvgraph: momentum='auto' needs lr='auto' (both come from the quadratic model).")
         self.adaptive = options.get("lr") == "auto"
+
+    @classmethod
+    def configure(cls, options: dict) -> tuple["KFAC", dict]:
+        """As :meth:`Method.configure`; with a numeric ``lr`` the momentum defaults to
+        :attr:`fixed_momentum` instead of ``"auto"``."""
+        if options.get("lr", cls.hyper["lr"].default) != "auto" and "momentum" not in options:
+            options = {**options, "momentum": cls.fixed_momentum}
+        method, hyper = super().configure(options)
+        if method.adaptive:
+            hyper["lr"] = 1.0  # a multiplier on the quadratic model's step, for lr schedulers
+        return method, hyper
 
     def step_values(self, group: dict, first_statistics: bool) -> dict[str, float]:
         """``kl_clip=None`` becomes ``inf`` (no clipping); the first statistics step uses ``ema=0``
@@ -194,12 +211,14 @@ class KFAC(Method):
         return values
 
     def global_state(self) -> dict[str, StateSpec]:
-        return {"kfac.damping": StateSpec(())} if self.adaptive else {}
+        # shape (1,), not (): torch.compile (2.13) drops in-place writes to 0-d float64 CPU tensors
+        return {"kfac.damping": StateSpec((1,))} if self.adaptive else {}
 
     def write_prologue(self, w: StepWriter, blocks: list[BlockVars]) -> None:
         if self.adaptive:
             w.line("# adaptive damping: the value the last step left (the initial damping before the first step)")
-            w.line(f"lam = torch.where({w.state('kfac.damping')} > 0, {w.state('kfac.damping')}, {w.hyper('damping')})")
+            stored = f"{w.state('kfac.damping')}[0]"
+            w.line(f"lam = torch.where({stored} > 0, {stored}, {w.hyper('damping')})")
 
     def _damping(self, w: StepWriter) -> str:
         return "lam" if self.adaptive else w.hyper("damping")
@@ -283,7 +302,7 @@ class KFAC(Method):
             low, high = "torch.zeros_like(lam)", w.hyper("max_momentum")
         else:
             low = high = w.hyper("momentum")
-        w.line(f"alpha, mu, change = {w.call(quadratic_model_step, 'C', 'linear', low, high)}")
+        w.line(f"alpha, mu, change = {w.call(quadratic_model_step, 'C', 'linear', low, high, w.hyper('lr'))}")
         for i, b in enumerate(blocks):
             w.line(f"{b.var('delta')} = {w.call(combine, f'Delta[{i}]', b.state('momentum'), 'alpha', 'mu')}")
         w.line("# Levenberg-Marquardt: the loss after the step on this batch against the model's prediction;")

@@ -31,11 +31,10 @@ from torch import Tensor
 
 def output_jvps(model: Callable, params: tuple[Tensor, ...], probes: tuple[Tensor, ...],
                 tangents: tuple[tuple[Tensor, ...], ...]) -> tuple[Tensor, ...]:
-    r""":math:`J v` for each parameter-space direction ``v`` in ``tangents``: one forward-mode pass,
-    vectorized over the directions (the primal computed once)."""
-    stacked = tuple(torch.stack(parts) for parts in zip(*tangents))
-    products = torch.func.vmap(lambda t: torch.func.jvp(lambda p: model(p, probes)[0], (params,), (t,))[1])(stacked)
-    return tuple(products.unbind(0))
+    r""":math:`J v` for each parameter-space direction ``v`` in ``tangents`` (forward mode, one pass each:
+    a pass vectorized over the directions with ``vmap`` fails to compile for convolutions with a
+    symbolic batch size in torch 2.13)."""
+    return tuple(torch.func.jvp(lambda p: model(p, probes)[0], (params,), (t,))[1] for t in tangents)
 
 
 def output_gram(output: Tensor, targets: Tensor, directions: tuple[Tensor, ...], loss: Callable) -> Tensor:
@@ -54,9 +53,11 @@ def parameter_gram(first: tuple[Tensor, ...], second: tuple[Tensor, ...]) -> Ten
     return torch.stack([torch.stack([aa, ab]), torch.stack([ab, bb])])
 
 
-def quadratic_model_step(gram: Tensor, linear: Tensor, mu_low: Tensor, mu_high: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def quadratic_model_step(gram: Tensor, linear: Tensor, mu_low: Tensor, mu_high: Tensor,
+                         scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     r"""Minimize :math:`M(\alpha, \mu) = \frac12 x^\top C x + b^\top x`, :math:`x = (\alpha, \mu)`,
-    with :math:`\mu` restricted to ``[mu_low, mu_high]``.
+    with :math:`\mu` restricted to ``[mu_low, mu_high]``, then scale the minimizer by ``scale``
+    (1 takes the model's step; a learning-rate schedule in ``param_groups`` shrinks it).
 
     The unconstrained minimizer is :math:`-C^{-1} b`; its :math:`\mu` is clipped into the
     interval (0 when :math:`\delta_0 = 0` makes :math:`C` singular) and :math:`\alpha` is then
@@ -66,7 +67,7 @@ def quadratic_model_step(gram: Tensor, linear: Tensor, mu_low: Tensor, mu_high: 
     with ``mu_low = 0``, :math:`M \le 0`.
 
     Returns:
-        ``(alpha, mu, M)``, 0-d tensors.
+        ``(alpha, mu, M)`` at the scaled point, 0-d tensors.
     """
     c00 = gram[0, 0].clamp_min(torch.finfo(gram.dtype).tiny)
     c01, c11 = gram[0, 1], gram[1, 1]
@@ -76,6 +77,7 @@ def quadratic_model_step(gram: Tensor, linear: Tensor, mu_low: Tensor, mu_high: 
     mu = torch.where(joint, (c01 * b0 - c00 * b1) / torch.where(joint, det, torch.ones_like(det)), torch.zeros_like(det))
     mu = torch.minimum(torch.maximum(mu, mu_low), mu_high)
     alpha = -(b0 + mu * c01) / c00
+    alpha, mu = scale * alpha, scale * mu
     change = 0.5 * (alpha * alpha * c00 + 2 * alpha * mu * c01 + mu * mu * c11) + alpha * b0 + mu * b1
     return alpha, mu, change
 

@@ -40,8 +40,10 @@ def output_jvps(model: Callable, params: tuple[Tensor, ...], probes: tuple[Tenso
 def output_gram(output: Tensor, targets: Tensor, directions: tuple[Tensor, ...], loss: Callable) -> Tensor:
     r""":math:`[u_i^\top H u_j]_{ij}` with :math:`H = \nabla^2_f L(f, y)` at ``output``: the GGN Gram
     matrix of the parameter directions whose output-space images are ``directions``."""
-    gradient = torch.func.grad(lambda f: loss(f, targets))
-    products = [torch.func.jvp(gradient, (output,), (u,))[1] for u in directions]
+    _, hessian_product = torch.func.vjp(torch.func.grad(lambda f: loss(f, targets)), output)
+    # reverse over reverse (H is symmetric): forward over reverse hits an in-place write to a
+    # ZeroTensor in mse_loss's derivative in torch 2.13
+    products = [hessian_product(u)[0] for u in directions]
     return torch.stack([torch.stack([(u * p).sum() for p in products]) for u in directions])
 
 

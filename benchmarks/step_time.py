@@ -12,13 +12,13 @@ For each model the script times, in the same process and on the same batch:
 * ``adam-eager``: ``torch.optim.Adam`` with ``loss.backward()``;
 * ``singd``: ``singd.optim.optimizer.SINGD`` with ``T=10`` (dense structures; its
   hooks, empirical Fisher);
-* ``curvgraph``: curvgraph's compiled K-FAC step with the default settings (MC
-  Fisher, ``factor_every=1``, ``invert_every=10``);
+* ``curvgraph``: curvgraph's compiled K-FAC step in the fixed-step mode (``lr=2e-3``,
+  MC Fisher, ``factor_every=1``, ``invert_every=10``): the step the FLOP bound is for;
 * ``curvgraph-T10``: equal settings to singd's ``T=10``: empirical Fisher,
-  ``factor_every = invert_every = 10``;
-* ``curvgraph-auto``: ``lr="auto", momentum="auto"`` (quadratic-model step size and
-  momentum, adaptive damping), otherwise as ``curvgraph``: its ratio to
-  ``curvgraph`` is the adaptive mode's overhead.
+  ``factor_every = invert_every = 10`` (fixed-step mode);
+* ``curvgraph-auto``: the default settings, the adaptive mode (``lr="auto"``:
+  quadratic-model step size and momentum, adaptive damping), otherwise as
+  ``curvgraph``: its ratio to ``curvgraph`` is the adaptive mode's overhead.
 
 Models: an MLP 784-512-512-256-10 (batch 512), a deep narrow MLP (32 layers x 128,
 batch 128) where per-layer Python overhead dominates hook-based peers, and a small
@@ -188,11 +188,12 @@ def run_model(name: str, warmup: int, iters: int, repeats: int, peers: bool) -> 
     runners = {"adam-compiled": adam_compiled(make(), x, y), "adam-eager": adam_eager(make(), x, y)}
     if peers:
         runners["singd"] = singd_step(make(), x, y)
-    runners["curvgraph"], opt = curvgraph_step(make(), x, y)
+    runners["curvgraph"], opt = curvgraph_step(make(), x, y, lr=2e-3)
     bounds = {"curvgraph": flop_ratio(opt, 1, 1, 10)}
-    runners["curvgraph-T10"], opt = curvgraph_step(make(), x, y, fisher="empirical", factor_every=10, invert_every=10)
+    runners["curvgraph-T10"], opt = curvgraph_step(make(), x, y, lr=2e-3, fisher="empirical", factor_every=10,
+                                                   invert_every=10)
     bounds["curvgraph-T10"] = flop_ratio(opt, 0, 10, 10)
-    runners["curvgraph-auto"], _ = curvgraph_step(make(), x, y, lr="auto", momentum="auto")
+    runners["curvgraph-auto"], _ = curvgraph_step(make(), x, y)
 
     print(f"{name} (batch {batch}): compiling and warming up ...", flush=True)
     seconds = interleaved(runners, warmup, iters, repeats)

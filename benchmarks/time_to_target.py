@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import curvgraph
+from curvgraph.demo import batches
 
 sys.path.insert(0, os.path.dirname(__file__))
 from step_time import compiled_adam_step, small_resnet  # noqa: E402
@@ -141,16 +142,6 @@ SUITE: dict[str, Task] = {
 LOSSES = {"cross_entropy": F.cross_entropy, "bce_with_logits": F.binary_cross_entropy_with_logits}
 
 
-def minibatches(n: int, batch: int, steps: int, seed: int = 0) -> list[Tensor]:
-    """Index tensors of ``steps`` shuffled minibatches (reshuffled every epoch), the same for every run."""
-    generator = torch.Generator().manual_seed(seed)
-    out: list[Tensor] = []
-    while len(out) < steps:
-        perm = torch.randperm(n, generator=generator)
-        out += [perm[i : i + batch] for i in range(0, n - batch + 1, batch)]
-    return out[:steps]
-
-
 def train_interleaved(task: Task, runners: dict[str, tuple[nn.Module, Callable[[Tensor, Tensor], object]]],
                       x: Tensor, y: Tensor, indices: list[Tensor]) -> dict[str, dict]:
     """Run every runner's ``step`` over the same minibatches, in turn step by step (so that the
@@ -194,7 +185,7 @@ def time_to(run: dict, target: float) -> dict:
 def run_task(name: str, configs: list[str]) -> dict:
     task = SUITE[name]
     x, y = task.data()
-    indices = minibatches(len(x), task.batch, task.steps)
+    indices = batches(len(x), task.batch, task.steps, seed=0)  # the same minibatches for every run
     runners: dict[str, tuple[nn.Module, Callable]] = {}
     optimizers = {}
     for lr in ADAM_LRS:

@@ -130,11 +130,6 @@ class Method(ABC):
         self.options = options
 
     @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        """Every hyper-parameter's default value."""
-        return {key: spec.default for key, spec in cls.hyper.items()}
-
-    @classmethod
     def configure(cls, options: dict[str, Any]) -> tuple["Method", dict[str, Any]]:
         """Validate ``options`` (a subset of :attr:`hyper`, defaults fill the rest).
 

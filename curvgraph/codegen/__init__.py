@@ -110,12 +110,12 @@ def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, 
 
     _write_forward_backward(w, forward, dims, loss)
     if blocks:
-        _write_gradient_matrices(w, blocks, kinds, factor_dtype)
+        _write_gradient_matrices(w, blocks, factor_dtype)
         method.write_prologue(w, blocks)
         with w.indent("if update_stats:", when="update_stats"):
             _write_fisher(w, loss, fisher)
             for b in blocks:
-                kinds[b.block.kind].write_batch_factors(w, b, factor_dtype)
+                b.kind.write_batch_factors(w, b, factor_dtype)
             method.write_statistics(w, blocks)
         with w.indent("else:"):
             for b in blocks:
@@ -139,7 +139,7 @@ def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, 
             direction = fallback.write(w, param_names[p], p, f"grad_{p}")
             w.check(direction)
             w.commit(p, f"{p} - {w.hyper('fallback_lr')} * {direction}")
-    _write_updates(w, blocks, kinds)
+    _write_updates(w, blocks)
     for i, b in enumerate(forward.buffer_updates):
         w.commit(f"buffers[{forward.buffers.index(b)}]", f"new_buffers[{i}]")
     _write_commits(w)
@@ -169,12 +169,11 @@ def _write_forward_backward(w: StepWriter, forward: InstrumentedForward, dims, l
         w.line(f"{_unpack('grad_' + p for p in forward.params)} = grads")
 
 
-def _write_gradient_matrices(w: StepWriter, blocks: list[BlockVars], kinds: Mapping[str, "BlockKind"],
-                             dtype: torch.dtype) -> None:
+def _write_gradient_matrices(w: StepWriter, blocks: list[BlockVars], dtype: torch.dtype) -> None:
     w.line()
     w.line("# block matrices of parameters and gradients (weight decay added)")
     for b in blocks:
-        kind = kinds[b.block.kind]
+        kind = b.kind
         names = list(b.block.placeholders)
         w.line(f"{b.var('P')} = {kind.write_matrix(w, b, names, dtype)}")
         grad = kind.write_matrix(w, b, [f"grad_{n}" for n in names], dtype)
@@ -199,10 +198,10 @@ def _write_fisher(w: StepWriter, loss: LossSpec, fisher: str) -> None:
         w.line("examples = batch")
 
 
-def _write_updates(w: StepWriter, blocks: list[BlockVars], kinds: Mapping[str, "BlockKind"]) -> None:
+def _write_updates(w: StepWriter, blocks: list[BlockVars]) -> None:
     for b in blocks:
         new = [f"new_{p}" for p in b.block.placeholders]
-        split = kinds[b.block.kind].write_split(w, b, f"{b.var('P')} - {b.direction}")
+        split = b.kind.write_split(w, b, f"{b.var('P')} - {b.direction}")
         w.line(f"{_unpack(new)} = {split}")
         for p, value in zip(b.block.placeholders, new):
             w.commit(p, value)

@@ -91,6 +91,8 @@ def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, 
         b.batch_factors = {f: b.var(f"{f}_batch") for f in b.block.factors}
         b.uses = [UseVars(tuple(f"acts[{activation_index[n]}]" for n in u.inputs),
                           tuple(f"samples[{probe_index[n]}]" for n in u.outputs)) for u in b.block.uses]
+        b.gradient_uses = [UseVars(use.inputs, tuple(f"out_grads[{probe_index[n]}]" for n in u.outputs))
+                           for use, u in zip(b.uses, b.block.uses)]
 
     state: dict[str, StateSpec] = {}
     for b in blocks:

@@ -55,7 +55,9 @@ class BlockVars:
 
     ``factors`` maps each factor name to the variable holding its current value,
     ``batch_factors`` to the variable holding this batch's estimate (the kind assigns
-    it), ``uses`` the layer inputs and output gradients of each use, ``grad`` is the
+    it), ``uses`` the layer inputs and the Fisher type's output vectors of each use
+    (statistics steps only), ``gradient_uses`` the same with the loss gradients
+    w.r.t. the outputs instead (every step), ``grad`` is the
     gradient matrix (weight decay included) and ``direction`` the variable the method
     must assign: the block matrix moves by ``-direction`` (the method applies its own
     step size). ``kind`` is the block's kind (e.g. ``b.kind.write_split(w, b, expr)``
@@ -68,6 +70,7 @@ class BlockVars:
     factors: dict[str, str] = field(default_factory=dict)
     batch_factors: dict[str, str] = field(default_factory=dict)
     uses: list[UseVars] = field(default_factory=list)
+    gradient_uses: list[UseVars] = field(default_factory=list)
 
     def state(self, key: str) -> str:
         """Expression reading the block's state entry ``key``."""

@@ -14,8 +14,8 @@ per group ``j``, with :math:`\bar a = [a, 1]` when the block holds a bias. Resul
 
 from __future__ import annotations
 
-from torch import Tensor
 import torch
+from torch import Tensor
 
 
 def input_moment(rows: tuple[Tensor, ...], bias: bool, dtype: torch.dtype) -> Tensor:
@@ -37,3 +37,31 @@ def input_moment(rows: tuple[Tensor, ...], bias: bool, dtype: torch.dtype) -> Te
 def output_moment(rows: tuple[Tensor, ...], scale: Tensor, dtype: torch.dtype) -> Tensor:
     r""":math:`c \sum_r g_r g_r^\top` per group over the rows of every tensor in ``rows`` (each ``(R_u, g, o)``)."""
     return sum(torch.einsum("rgi,rgj->gij", r.to(dtype), r.to(dtype)) for r in rows) * scale
+
+
+def with_ones_column(rows: Tensor, bias: bool) -> Tensor:
+    """``rows`` with a column of ones appended on the last dim (:math:`\\bar a = [a, 1]`) when ``bias``."""
+    return torch.cat([rows, rows.new_ones(rows.shape[:-1] + (1,))], -1) if bias else rows
+
+
+def example_matrices(rows: tuple[Tensor, ...], batch: int) -> Tensor:
+    r"""Per-example block matrices :math:`M_n = \sum_p r^{(1)}_{n,p} \otimes \cdots \otimes r^{(k)}_{n,p}`.
+
+    Args:
+        rows: a block's example rows in axis order (rows first), each ``(R_f, P, *lead, d_f)``
+            with ``R_f`` either ``N`` or ``S*N`` (see
+            :meth:`curvgraph.BlockKind.write_example_rows`).
+        batch: ``N``.
+
+    Returns:
+        ``(S*N, *lead, d_1, ..., d_k)``, ``S`` the largest sample count among the rows. This
+        materializes every example's gradient: a reference for tests and small blocks.
+    """
+    samples = max(r.shape[0] for r in rows) // batch
+    lead = rows[0].dim() - 3
+    letters = "ijkl"  # up to four block-matrix axes
+    lead_idx = "abcdefgh"[:lead]
+    terms = [f"snp{lead_idx}{letters[i]}" for i in range(len(rows))]
+    expanded = [r.reshape((-1, batch) + r.shape[1:]).expand((samples, batch) + r.shape[1:]) for r in rows]
+    out = f"sn{lead_idx}{letters[:len(rows)]}"
+    return torch.einsum(f"{','.join(terms)}->{out}", *expanded).flatten(0, 1)

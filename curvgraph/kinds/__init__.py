@@ -9,6 +9,7 @@ built-in kinds.
 from __future__ import annotations
 
 from . import dense, conv, norm  # noqa: F401 -- registration order is pass order
-from .base import BlockKind, BlockPass, block_name, layer_use, matrix_shape, new_block, weight_and_bias
+from .base import (BlockKind, BlockPass, block_name, has_example_rows, layer_use, matrix_shape, new_block,
+                   weight_and_bias)
 
-__all__ = ["BlockKind", "BlockPass", "block_name", "layer_use", "matrix_shape", "new_block", "weight_and_bias"]
+__all__ = ["BlockKind", "BlockPass", "block_name", "has_example_rows", "layer_use", "matrix_shape", "new_block", "weight_and_bias"]

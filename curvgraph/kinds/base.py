@@ -15,6 +15,9 @@ A :class:`BlockKind` subclass owns
 * its **block matrix** (:meth:`BlockKind.write_matrix`, :meth:`BlockKind.write_split`):
   how the parameters (or their gradients) are arranged as the matrix ``M`` the
   factors act on, and back;
+* optionally its **example rows** (:meth:`BlockKind.write_example_rows`): each
+  example's gradient matrix in factored form, for methods that need more than the
+  factors (EKFAC's eigenvalue correction, K-BFGS's pre-activation pairs);
 * its **cost** (:meth:`BlockKind.cost`): sympy FLOP counts, keys as in :mod:`curvgraph.plan`.
 
 ``curvgraph.register_block_kind(MyKind())`` adds it. The step-writing methods emit
@@ -34,11 +37,12 @@ import sympy
 import torch
 from torch.fx import Graph, Node
 
+from ..errors import CompileError
 from ..plan import Block, Factor, LayerUse
 from ..trace import TracedModel, symbolic_shape
 
 if TYPE_CHECKING:
-    from ..codegen.writer import BlockVars, StepWriter
+    from ..codegen.writer import BlockVars, StepWriter, UseVars
     from ..passes.ledger import Claims
 
 
@@ -92,6 +96,33 @@ class BlockKind(ABC):
         :mod:`curvgraph.curvature.losses`). ``dtype`` is the factor dtype.
         """
 
+    def write_example_rows(self, w: "StepWriter", b: "BlockVars", uses: Sequence["UseVars"],
+                           dtype: torch.dtype, label: str = "rows") -> dict[str, str]:
+        r"""Each example's gradient matrix in factored form, from the layer inputs and output vectors of ``uses``.
+
+        Writes the lines computing them into variables named after ``label`` (call it
+        with distinct labels to keep rows of several passes apart) and returns one
+        variable per factor (``block.factors``' names) of *rows*
+        ``(R_f, P, *lead, d_f)``: ``P`` positions (summed over every use), ``lead`` the
+        factors' leading dims and ``d_f`` the size of the factor's axis. ``R_f`` is ``N``
+        for rows made of layer inputs and ``S*N`` for rows made of output vectors
+        (``S`` samples stacked in front of the batch; the rows of sample ``s`` and example
+        ``n`` are row ``s*N + n``). With the factors in axis order (rows first) the
+        matrix of example ``n`` is
+
+        .. math:: M_n = \sum_p r^{(1)}_{n,p} \otimes r^{(2)}_{n,p} \otimes \cdots
+
+        (an outer product per position, e.g. :math:`\sum_p g_{n,p} \bar a_{n,p}^\top` for a
+        dense block), so with the loss gradients as output vectors
+        :math:`\sum_n M_n = M` is the block's gradient (see
+        :func:`curvgraph.curvature.kronecker.example_matrices`). A kind without this
+        method works with every method that needs only the factors.
+        """
+        raise CompileError(
+            f"curvgraph: block kind {self.name!r} does not define write_example_rows(), which this method needs; "
+            "implement it or choose a method that uses the factors only (e.g. 'kfac')."
+        )
+
     @abstractmethod
     def write_matrix(self, w: "StepWriter", b: "BlockVars", tensors: Sequence[str], dtype: torch.dtype) -> str:
         """The expression of the block matrix ``M`` built from ``tensors`` (one expression per
@@ -101,6 +132,11 @@ class BlockKind(ABC):
     def write_split(self, w: "StepWriter", b: "BlockVars", matrix: str) -> str:
         """The expression turning the block matrix ``matrix`` back into a tuple of tensors shaped
         like the parameters, one per placeholder, in order."""
+
+
+def has_example_rows(kind: BlockKind) -> bool:
+    """Whether ``kind`` defines :meth:`BlockKind.write_example_rows` (methods that need it check at compile time)."""
+    return type(kind).write_example_rows is not BlockKind.write_example_rows
 
 
 def block_name(weight_name: str) -> str:

@@ -18,7 +18,7 @@ import sympy
 import torch
 from torch.fx import Node
 
-from ...codegen.writer import BlockVars, StepWriter
+from ...codegen.writer import BlockVars, StepWriter, UseVars
 from ...passes.graph_utils import aten, depends_on, schema_args
 from ...passes.ledger import Claims
 from ...plan import Block, Factor
@@ -62,6 +62,15 @@ class Conv(BlockKind):
                f"{w.call(conv_math.conv_input_factor, acts, *geometry, b.block.bias, reduce, 'batch', dtype)}")
         w.line(f"{b.batch_factors['G']} = "
                f"{w.call(conv_math.conv_grad_factor, grads, layout['groups'], reduce, 'examples', 'scale', dtype)}")
+
+    def write_example_rows(self, w: StepWriter, b: BlockVars, uses: Sequence[UseVars], dtype: torch.dtype,
+                           label: str = "rows") -> dict[str, str]:
+        acts, grads = w.pack(u.inputs[0] for u in uses), w.pack(u.grads[0] for u in uses)
+        geometry = [b.block.layout[k] for k in ("kernel", "stride", "padding", "dilation", "groups")]
+        rows = {f: b.var(f"{label}_{f}") for f in ("G", "A")}
+        call = w.call(conv_math.conv_example_rows, acts, grads, *geometry, b.block.bias, "batch", dtype)
+        w.line(f"{rows['G']}, {rows['A']} = {call}")
+        return rows
 
     def write_matrix(self, w: StepWriter, b: BlockVars, tensors: Sequence[str], dtype: torch.dtype) -> str:
         return w.call(conv_math.conv_gradient_matrix, *weight_and_bias(b, tensors), b.block.layout["groups"], dtype)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...curvature.kronecker import input_moment, output_moment
+from ...curvature.kronecker import input_moment, output_moment, with_ones_column
 
 
 def conv_patches(x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple[tuple[int, int], ...],
@@ -79,6 +79,22 @@ def conv_grad_factor(grads: tuple[Tensor, ...], groups: int, reduce: bool, examp
         rows = tuple(g.reshape(-1, groups, g.shape[-1]) for g in per_example)
     factor = output_moment(rows, scale, dtype)
     return factor[0] if groups == 1 else factor
+
+
+def conv_example_rows(inputs: tuple[Tensor, ...], grads: tuple[Tensor, ...], kernel: tuple[int, ...],
+                      stride: tuple[int, ...], padding: tuple[tuple[int, int], ...], dilation: tuple[int, ...],
+                      groups: int, bias: bool, batch: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    r"""Example rows ``(G rows, A rows)``: per group, :math:`M_n = \sum_l g_{n,l} \bar a_{n,l}^\top` over output positions.
+
+    ``inputs`` are each use's ``(N, C_in, *spatial)`` inputs, ``grads`` its
+    ``(S*N, C_out, *spatial_out)`` output vectors. Returns ``(S*N, L, o)`` and
+    ``(N, L, d)``, or ``(S*N, L, groups, o)`` and ``(N, L, groups, d)`` for grouped
+    convolutions (``d = C_in/groups * K + bias``, ``L`` the positions of all uses).
+    """
+    patches = [conv_patches(x.to(dtype), kernel, stride, padding, dilation) for x in inputs]
+    a = with_ones_column(torch.cat([p.reshape(batch, p.shape[1], groups, -1) for p in patches], 1), bias)
+    g = torch.cat([y.to(dtype).movedim(1, -1).reshape(y.shape[0], -1, groups, y.shape[1] // groups) for y in grads], 1)
+    return (g[:, :, 0], a[:, :, 0]) if groups == 1 else (g, a)
 
 
 def conv_gradient_matrix(weight: Tensor, bias: Tensor | None, groups: int, dtype: torch.dtype) -> Tensor:

@@ -19,7 +19,7 @@ import sympy
 import torch
 from torch.fx import Graph, Node
 
-from ...codegen.writer import BlockVars, StepWriter
+from ...codegen.writer import BlockVars, StepWriter, UseVars
 from ...passes.graph_utils import aten, depends_on, is_transpose, ndim, weight_view
 from ...passes.ledger import Claims
 from ...plan import Block, Factor
@@ -51,6 +51,13 @@ class Dense(BlockKind):
         acts, grads = w.pack(u.inputs[0] for u in b.uses), w.pack(u.grads[0] for u in b.uses)
         w.line(f"{b.batch_factors['A']} = {w.call(dense_math.dense_input_factor, acts, b.block.bias, reduce, 'batch', dtype)}")
         w.line(f"{b.batch_factors['G']} = {w.call(dense_math.dense_grad_factor, grads, reduce, 'examples', 'scale', dtype)}")
+
+    def write_example_rows(self, w: StepWriter, b: BlockVars, uses: Sequence[UseVars], dtype: torch.dtype,
+                           label: str = "rows") -> dict[str, str]:
+        acts, grads = w.pack(u.inputs[0] for u in uses), w.pack(u.grads[0] for u in uses)
+        rows = {f: b.var(f"{label}_{f}") for f in ("G", "A")}
+        w.line(f"{rows['G']}, {rows['A']} = {w.call(dense_math.dense_example_rows, acts, grads, b.block.bias, 'batch', dtype)}")
+        return rows
 
     def write_matrix(self, w: StepWriter, b: BlockVars, tensors: Sequence[str], dtype: torch.dtype) -> str:
         return w.call(dense_math.dense_gradient_matrix, *weight_and_bias(b, tensors), b.block.layout["transposed"], dtype)

@@ -44,7 +44,7 @@ import sympy
 import torch
 from torch import Tensor
 
-from ...curvature.kronecker import input_moment, output_moment
+from ...curvature.kronecker import input_moment, output_moment, with_ones_column
 
 
 def dense_input_factor(inputs: tuple[Tensor, ...], bias: bool, reduce: bool, batch: int, dtype: torch.dtype) -> Tensor:
@@ -89,6 +89,24 @@ def dense_grad_factor(grads: tuple[Tensor, ...], reduce: bool, examples: int, sc
     else:
         rows = tuple(g.reshape(-1, 1, d) for g in grads)
     return output_moment(rows, scale, dtype)[0]
+
+
+def dense_example_rows(inputs: tuple[Tensor, ...], grads: tuple[Tensor, ...], bias: bool, batch: int,
+                       dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    r"""Example rows ``(G rows, A rows)``: :math:`M_n = \sum_p g_{n,p} \bar a_{n,p}^\top` over every use's positions.
+
+    Args:
+        inputs: the layer inputs ``a`` of each use, ``(N, ..., in)``.
+        grads: the output vectors of each use, ``(S*N, ..., out)``.
+        bias: append the ones column (:math:`\bar a = [a, 1]`).
+        batch: ``N``.
+
+    Returns:
+        ``(S*N, P, out)`` and ``(N, P, in + bias)``, ``P`` the positions of all uses.
+    """
+    a = torch.cat([x.to(dtype).reshape(batch, -1, x.shape[-1]) for x in inputs], 1)
+    g = torch.cat([y.to(dtype).reshape(y.shape[0], -1, y.shape[-1]) for y in grads], 1)
+    return g, with_ones_column(a, bias)
 
 
 def dense_gradient_matrix(weight: Tensor, bias: Tensor | None, transposed: bool, dtype: torch.dtype) -> Tensor:

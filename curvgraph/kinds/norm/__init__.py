@@ -22,7 +22,7 @@ import sympy
 import torch
 from torch.fx import Graph, Node
 
-from ...codegen.writer import BlockVars, StepWriter
+from ...codegen.writer import BlockVars, StepWriter, UseVars
 from ...passes.graph_utils import aten, depends_on, insert_call, ndim, schema_args, set_schema_arg
 from ...passes.ledger import Claims
 from ...plan import Block, Factor
@@ -120,6 +120,16 @@ class Norm(BlockKind):
         call = w.call(norm_math.norm_factor, acts, grads, b.block.dims["channels"], b.block.layout["channels_first"],
                       b.block.bias, "batch", "scale", dtype)
         w.line(f"{b.batch_factors['F']} = {call}")
+
+    def write_example_rows(self, w: StepWriter, b: BlockVars, uses: Sequence[UseVars], dtype: torch.dtype,
+                           label: str = "rows") -> dict[str, str]:
+        """One factor: the rows are the per-channel gradients :math:`v_{nc}` themselves, ``(S*N, 1, C, k)``."""
+        acts, grads = w.pack(u.inputs[0] for u in uses), w.pack(u.grads[0] for u in uses)
+        call = w.call(norm_math.norm_example_gradients, acts, grads, b.block.dims["channels"],
+                      b.block.layout["channels_first"], b.block.bias, "batch", dtype)
+        rows = b.var(f"{label}_F")
+        w.line(f"{rows} = {call}[:, None]")
+        return {"F": rows}
 
     def write_matrix(self, w: StepWriter, b: BlockVars, tensors: Sequence[str], dtype: torch.dtype) -> str:
         return w.call(norm_math.norm_gradient_matrix, *weight_and_bias(b, tensors), dtype)

@@ -32,13 +32,13 @@ def channels_last(t: Tensor, channels: int, channels_first: bool) -> Tensor:
     return t.reshape(t.shape[0], -1, channels)
 
 
-def norm_factor(normalized: tuple[Tensor, ...], grads: tuple[Tensor, ...], channels: int, channels_first: bool,
-                bias: bool, batch: int, scale: Tensor, dtype: torch.dtype) -> Tensor:
-    r""":math:`F_c = c \sum_n v_{nc} v_{nc}^\top`, shape ``(C, k, k)``.
+def norm_example_gradients(normalized: tuple[Tensor, ...], grads: tuple[Tensor, ...], channels: int,
+                           channels_first: bool, bias: bool, batch: int, dtype: torch.dtype) -> Tensor:
+    r"""The per-example, per-channel gradients :math:`v_{nc}`, shape ``(S*N, C, k)``, summed over the uses.
 
     Args:
         normalized: :math:`\hat x` of each use, ``(N, ...)``.
-        grads: output gradients of each use, ``(S*N, ...)`` (``S`` backward samples).
+        grads: output vectors of each use, ``(S*N, ...)`` (``S`` backward samples).
         channels, channels_first: the layout (see :func:`channels_last`).
         bias: the block holds a bias (``k = 2``) or not (``k = 1``).
         batch: ``N``.
@@ -50,6 +50,13 @@ def norm_factor(normalized: tuple[Tensor, ...], grads: tuple[Tensor, ...], chann
         g = g.reshape(-1, batch, g.shape[1], channels)
         parts = [(g * x).sum(2)] + ([g.sum(2)] if bias else [])
         total = total + torch.stack(parts, -1).flatten(0, 1)  # uses share the parameters: gradients add
+    return total
+
+
+def norm_factor(normalized: tuple[Tensor, ...], grads: tuple[Tensor, ...], channels: int, channels_first: bool,
+                bias: bool, batch: int, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    r""":math:`F_c = c \sum_n v_{nc} v_{nc}^\top`, shape ``(C, k, k)`` (arguments as for :func:`norm_example_gradients`)."""
+    total = norm_example_gradients(normalized, grads, channels, channels_first, bias, batch, dtype)
     return torch.einsum("rci,rcj->cij", total, total) * scale
 
 

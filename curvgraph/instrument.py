@@ -131,10 +131,12 @@ def instrument(traced: TracedModel, plan: Plan) -> InstrumentedForward:
     graph.eliminate_dead_code()
     graph.lint()
 
+    attributes = [n for n in graph.nodes if n.op in ("get_attr", "call_module", "call_method")]
+    if attributes:
+        raise TraceError(f"curvgraph: the instrumented forward still reads module attribute '{attributes[0].target}' "
+                         f"(node '{attributes[0].name}'); please report this model.")
     code = graph.python_code(root_module="self")
     source = code.src.replace("def forward(self, ", "def forward(", 1).strip() + "\n"
-    if "self" in source.split("):", 1)[1]:
-        raise TraceError("curvgraph: the instrumented forward still refers to module attributes; please report this model.")
     return InstrumentedForward(
         source=source,
         globals={k: v for k, v in code.globals.items() if k != "torch"},

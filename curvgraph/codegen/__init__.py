@@ -185,18 +185,18 @@ def _write_gradient_matrices(w: StepWriter, blocks: list[BlockVars], dtype: torc
 def _write_fisher(w: StepWriter, loss: LossSpec, fisher: str) -> None:
     w.line(f"# output-space vectors of the {fisher} Fisher, pulled back through the model")
     if fisher == "mc":
-        w.line(f"_, samples = backprop({w.call(loss.mc, 'output', 'noise')})")
-        w.line(f"scale = 1.0 / {w.call(loss.terms, 'output')}")
+        w.line(f"_, samples = backprop({w.call(loss.mc, 'output', 'targets', 'noise')})")
+        w.line(f"scale = 1.0 / {w.call(loss.terms, 'output', 'targets')}")
         w.line("examples = batch")
     elif fisher == "type2":
-        w.line(f"columns = {w.call(loss.type2, 'output')}")
+        w.line(f"columns = {w.call(loss.type2, 'output', 'targets')}")
         w.line("_, samples = torch.func.vmap(backprop)(columns)")
         w.line("samples = tuple(s.flatten(0, 1) for s in samples)")
-        w.line(f"scale = 1.0 / {w.call(loss.terms, 'output')}")
+        w.line(f"scale = 1.0 / {w.call(loss.terms, 'output', 'targets')}")
         w.line("examples = columns.shape[0] * batch")
     else:
         w.line("samples = out_grads")
-        w.line(f"scale = float({w.call(loss.empirical_scale, 'output')})")
+        w.line(f"scale = {w.call(loss.empirical_scale, 'output', 'targets')}")
         w.line("examples = batch")
 
 

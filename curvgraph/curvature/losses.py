@@ -2,9 +2,14 @@ r"""Losses and the output-space side of the three Fisher types.
 
 Every supported loss is a mean over :math:`K` loss terms,
 :math:`L = \frac1K \sum_k \ell_k(f_k, y_k)`, where a term is one row of the output
-along its class/feature axis ``C`` (``dim 1`` for cross-entropy, the last dim for
-MSE and BCE -- curvlinops' convention). For MSE and BCE :math:`\ell_k` averages over
-the ``C`` entries of its row, so that ``L`` equals PyTorch's ``reduction="mean"``.
+along its class/feature axis ``C`` (``dim 1`` for ``cross_entropy``, the last dim for
+``token_cross_entropy`` -- logits ``(N, T, V)`` and targets ``(N, T)``, a language
+model's layout -- and for MSE and BCE, curvlinops' convention). For MSE and BCE
+:math:`\ell_k` averages over the ``C`` entries of its row, so that ``L`` equals
+PyTorch's ``reduction="mean"``. Cross-entropy terms whose target is ``-100``
+(PyTorch's default ``ignore_index``, the padding label of language-model data) are
+not terms: they are left out of ``K``, of the loss and of every Fisher type's vectors,
+so they contribute nothing to the statistics.
 
 The curvature of :math:`L` is :math:`\frac1K \sum_k J_k^\top H_k J_k` with
 :math:`H_k = \nabla^2_f \ell_k`. The Kronecker factor ``G`` needs vectors ``s`` in
@@ -45,40 +50,70 @@ FISHER_TYPES = ("mc", "empirical", "type2")
 
 
 # ---------------------------------------------------------------- cross-entropy
+#: Targets equal to this index are ignored (PyTorch's and language-model data's padding convention).
+IGNORE_INDEX = -100
+
+
 def cross_entropy_loss(output: Tensor, target: Tensor) -> Tensor:
-    """Mean cross-entropy; classes along dim 1 of ``output``."""
+    """Mean cross-entropy over the targets that are not ``IGNORE_INDEX``; classes along dim 1 of ``output``."""
     return F.cross_entropy(output, target)
 
 
-def cross_entropy_terms(output: Tensor) -> int:
-    """Number of loss terms ``K``: every position of every example."""
-    return output.numel() // output.shape[1]
+def cross_entropy_counted(target: Tensor) -> Tensor:
+    """Which loss terms count: ``target != IGNORE_INDEX`` (shaped like ``target``)."""
+    return target != -100
 
 
-def cross_entropy_empirical_scale(output: Tensor) -> int:
+def cross_entropy_terms(output: Tensor, target: Tensor) -> Tensor:
+    """Number of loss terms ``K``: every position of every example whose target is not ignored."""
+    return cross_entropy_counted(target).sum()
+
+
+def cross_entropy_empirical_scale(output: Tensor, target: Tensor) -> Tensor:
     r"""Scale :math:`c = K` turning loss-gradient outer products into the empirical Fisher."""
-    return cross_entropy_terms(output)
+    return cross_entropy_terms(output, target)
 
 
-def cross_entropy_mc(output: Tensor, noise: Tensor) -> Tensor:
-    r"""``p - onehot(y_hat)`` with ``y_hat ~ softmax(output)`` drawn by Gumbel-max from uniform ``noise``."""
+def cross_entropy_mc(output: Tensor, target: Tensor, noise: Tensor) -> Tensor:
+    r"""``p - onehot(y_hat)`` with ``y_hat ~ softmax(output)`` drawn by Gumbel-max from uniform ``noise``; 0 at ignored terms."""
     log_p = output.detach().log_softmax(1)
     label = (log_p - torch.log(-torch.log(noise))).argmax(1)
     onehot = F.one_hot(label, output.shape[1]).movedim(-1, 1).to(log_p.dtype)
-    return log_p.exp() - onehot
+    return (log_p.exp() - onehot) * cross_entropy_counted(target).unsqueeze(1)
 
 
-def cross_entropy_type2(output: Tensor) -> Tensor:
+def cross_entropy_type2(output: Tensor, target: Tensor) -> Tensor:
     r"""Columns of :math:`S = \operatorname{diag}(\sqrt p) - p \sqrt p^\top`, stacked first: ``(C, *output.shape)``.
 
-    Column ``c`` is :math:`\sqrt{p_c}(e_c - p)`; :math:`S S^\top = \operatorname{diag}(p) - p p^\top`.
+    Column ``c`` is :math:`\sqrt{p_c}(e_c - p)`; :math:`S S^\top = \operatorname{diag}(p) - p p^\top`. Ignored
+    terms get zero columns.
     """
-    p = output.detach().softmax(1)
+    p = output.detach().softmax(1) * cross_entropy_counted(target).unsqueeze(1)
     classes = output.shape[1]
     eye = torch.eye(classes, dtype=p.dtype, device=p.device)
     view = (classes, 1, classes) + (1,) * (output.dim() - 2)
     sqrt_p = p.sqrt().movedim(1, 0).unsqueeze(2)  # (C, N, 1, ...)
     return sqrt_p * (eye.reshape(view) - p.unsqueeze(0))
+
+
+def token_cross_entropy_loss(output: Tensor, target: Tensor) -> Tensor:
+    """Mean cross-entropy with classes along the *last* dim of ``output`` (logits ``(N, T, V)``, targets ``(N, T)``)."""
+    return cross_entropy_loss(output.movedim(-1, 1), target)
+
+
+def token_cross_entropy_terms(output: Tensor, target: Tensor) -> Tensor:
+    """Number of loss terms: every token whose target is not ignored."""
+    return cross_entropy_terms(output.movedim(-1, 1), target)
+
+
+def token_cross_entropy_mc(output: Tensor, target: Tensor, noise: Tensor) -> Tensor:
+    """:func:`cross_entropy_mc` with classes last."""
+    return cross_entropy_mc(output.movedim(-1, 1), target, noise.movedim(-1, 1)).movedim(1, -1)
+
+
+def token_cross_entropy_type2(output: Tensor, target: Tensor) -> Tensor:
+    """:func:`cross_entropy_type2` with classes last: ``(V, *output.shape)``."""
+    return cross_entropy_type2(output.movedim(-1, 1), target).movedim(2, -1)
 
 
 # ---------------------------------------------------------------------- MSE
@@ -87,7 +122,7 @@ def mse_loss(output: Tensor, target: Tensor) -> Tensor:
     return F.mse_loss(output, target)
 
 
-def feature_terms(output: Tensor) -> int:
+def feature_terms(output: Tensor, target: Tensor) -> int:
     """Number of loss terms ``K`` when features are the last dim (MSE, BCE)."""
     return output.numel() // output.shape[-1] if output.dim() > 1 else output.numel()
 
@@ -97,17 +132,17 @@ def feature_count(output: Tensor) -> int:
     return output.shape[-1] if output.dim() > 1 else 1
 
 
-def feature_empirical_scale(output: Tensor) -> int:
+def feature_empirical_scale(output: Tensor, target: Tensor) -> int:
     r"""Scale :math:`c = K C = ` ``output.numel()`` (MSE, BCE) turning loss-gradient outer products into the empirical Fisher."""
     return output.numel()
 
 
-def mse_mc(output: Tensor, noise: Tensor) -> Tensor:
+def mse_mc(output: Tensor, target: Tensor, noise: Tensor) -> Tensor:
     r""":math:`\sqrt{2/C}\,\varepsilon` with standard normal ``noise``: the scaled NLL gradient of a draw from :math:`\mathcal N(f, I)`."""
     return noise * math.sqrt(2.0 / feature_count(output))
 
 
-def mse_type2(output: Tensor) -> Tensor:
+def mse_type2(output: Tensor, target: Tensor) -> Tensor:
     r"""Columns of :math:`S = \sqrt{2/C}\, I`, stacked first: ``(C, *output.shape)``."""
     c = feature_count(output)
     eye = torch.eye(c, dtype=output.dtype, device=output.device) * math.sqrt(2.0 / c)
@@ -120,13 +155,13 @@ def bce_loss(output: Tensor, target: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(output, target)
 
 
-def bce_mc(output: Tensor, noise: Tensor) -> Tensor:
+def bce_mc(output: Tensor, target: Tensor, noise: Tensor) -> Tensor:
     r""":math:`(\sigma(f) - \hat y)/\sqrt C` with :math:`\hat y \sim \mathrm{Bernoulli}(\sigma(f))` from uniform ``noise``."""
     prob = output.detach().sigmoid()
     return (prob - (noise < prob).to(prob.dtype)) / math.sqrt(feature_count(output))
 
 
-def bce_type2(output: Tensor) -> Tensor:
+def bce_type2(output: Tensor, target: Tensor) -> Tensor:
     r"""Columns of :math:`S = \operatorname{diag}(\sqrt{\sigma(1-\sigma)/C})`, stacked first: ``(C, *output.shape)``."""
     prob = output.detach().sigmoid()
     c = feature_count(output)
@@ -142,16 +177,19 @@ class LossSpec:
     """A supported loss: its functions and what its targets must look like.
 
     Attributes:
-        name: ``"cross_entropy"``, ``"mse"`` or ``"bce_with_logits"``.
+        name: a key of :data:`LOSSES`.
         loss: ``(output, target) -> scalar`` mean loss.
-        terms: ``output -> K``, the number of loss terms.
-        empirical_scale: ``output -> c`` with :math:`G_\text{emp} = c \sum g g^\top` for
+        terms: ``(output, target) -> K``, the number of loss terms (ignored targets do not count).
+        empirical_scale: ``(output, target) -> c`` with :math:`G_\text{emp} = c \sum g g^\top` for
             ``g`` the output gradients of the loss backward.
-        mc: ``(output, noise) -> s``, one Monte-Carlo output vector per term.
-        type2: ``output -> (C, *output.shape)``, the loss Hessian's square-root columns.
+        mc: ``(output, target, noise) -> s``, one Monte-Carlo output vector per term
+            (the target only says which terms are ignored).
+        type2: ``(output, target) -> (C, *output.shape)``, the loss Hessian's square-root columns.
         noise: ``"uniform"`` or ``"normal"``, the noise ``mc`` consumes (shaped like the output).
-        class_targets: targets are class indices (output without dim 1) instead of
-            tensors shaped like the output.
+        class_targets: targets are class indices (the output without its class dim)
+            instead of tensors shaped like the output.
+        class_dim: the output's class dim (class targets only): 1, or -1 for logits
+            ``(N, T, V)`` of a language model.
     """
 
     name: str
@@ -162,14 +200,17 @@ class LossSpec:
     type2: Callable[[Tensor], Tensor]
     noise: str
     class_targets: bool
+    class_dim: int = 1
 
     def check_targets(self, targets: Tensor, output_ndim: int, batch: int) -> str | None:
         """What is wrong with ``targets`` for a batch of ``batch`` examples, or ``None``."""
         if self.class_targets:
             if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-                return f"cross_entropy needs integer class indices, got dtype {targets.dtype}"
+                return f"{self.name} needs integer class indices, got dtype {targets.dtype}"
             if targets.dim() != output_ndim - 1:
-                return f"cross_entropy needs targets with {output_ndim - 1} dim(s) (the output without its class dim), got shape {tuple(targets.shape)}"
+                where = "last" if self.class_dim == -1 else "dim-1"
+                return (f"{self.name} needs targets with {output_ndim - 1} dim(s) (the output without its {where} class "
+                        f"dim), got shape {tuple(targets.shape)}")
         else:
             if not targets.is_floating_point():
                 return f"{self.name} needs floating-point targets shaped like the output, got dtype {targets.dtype}"
@@ -183,6 +224,9 @@ class LossSpec:
 LOSSES = {
     "cross_entropy": LossSpec("cross_entropy", cross_entropy_loss, cross_entropy_terms, cross_entropy_empirical_scale,
                               cross_entropy_mc, cross_entropy_type2, "uniform", True),
+    "token_cross_entropy": LossSpec("token_cross_entropy", token_cross_entropy_loss, token_cross_entropy_terms,
+                                    token_cross_entropy_terms, token_cross_entropy_mc, token_cross_entropy_type2,
+                                    "uniform", True, class_dim=-1),
     "mse": LossSpec("mse", mse_loss, feature_terms, feature_empirical_scale, mse_mc, mse_type2, "normal", False),
     "bce_with_logits": LossSpec("bce_with_logits", bce_loss, feature_terms, feature_empirical_scale, bce_mc,
                                 bce_type2, "uniform", False),
@@ -209,7 +253,7 @@ def resolve_loss(loss: object) -> LossSpec:
         "weight": getattr(loss, "weight", None),
         "pos_weight": getattr(loss, "pos_weight", None),
     }
-    if any(v is not None for v in options.values()) or getattr(loss, "label_smoothing", 0.0) or getattr(loss, "ignore_index", -100) != -100:
+    if any(v is not None for v in options.values()) or getattr(loss, "label_smoothing", 0.0) or getattr(loss, "ignore_index", IGNORE_INDEX) != IGNORE_INDEX:
         raise ConfigError(f"curvgraph: {type(loss).__name__} with class weights, pos_weight, label smoothing or a "
                           "custom ignore_index is not supported yet; use the default-configured loss.")
     return LOSSES[name]

@@ -3,8 +3,8 @@
 The pipeline is data. Every registered block kind (:mod:`curvgraph.kinds`) brings
 its *normalization rewrites* (each rewrites one family of spellings into the kind's
 canonical op and returns how many nodes it rewrote) and its named *block passes*
-(each returns the blocks it matched). :func:`build_plan` first runs every rewrite
-until none applies, then the block passes in registration order; the claims ledger
+(each returns the blocks it matched). :func:`build_plan` first runs the rewrites
+every graph gets (:mod:`.forms`) and every kind's until none applies, then the block passes in registration order; the claims ledger
 (:class:`~curvgraph.passes.ledger.Claims`) makes a second claim on a parameter an
 error that names both passes. Whatever no pass claims goes to the first-order
 fallback, with the reason recorded in the plan.
@@ -20,6 +20,7 @@ from .. import registry
 from ..errors import ConfigError
 from ..plan import SHARING_MODES, Plan
 from ..trace import TracedModel
+from .forms import GRAPH_REWRITES
 from .ledger import Claims
 
 Rewrite = Callable[[Graph, set[str]], int]
@@ -58,7 +59,7 @@ def build_plan(traced: TracedModel, kinds: Iterable = (), sharing: str = "expand
     if sharing not in SHARING_MODES:
         raise ConfigError(f"curvgraph: kfac_approx must be one of {SHARING_MODES}, got {sharing!r}.")
     kinds = list(kinds)
-    rewrites = normalize(traced.graph, set(traced.params), [r for kind in kinds for r in kind.rewrites])
+    rewrites = normalize(traced.graph, set(traced.params), [*GRAPH_REWRITES, *(r for kind in kinds for r in kind.rewrites)])
     claims = Claims(traced.params)
     blocks, matches = [], {}
     for kind in kinds:

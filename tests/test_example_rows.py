@@ -83,11 +83,23 @@ class LayerNormMLP(nn.Module):
         return self.head(self.norm(self.fc(x)))
 
 
+class TokenBag(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.emb(tokens)).mean(1))
+
+
 def matrix_of(kind: str, params: dict[str, torch.Tensor], block: str) -> torch.Tensor:
     """The block matrix of per-example gradients ``params`` (leading example dim) in the kind's layout."""
     weight = params[f"{block}.weight"]
     bias = params.get(f"{block}.bias")
     n = weight.shape[0]
+    if kind == "embedding":
+        return weight
     if kind == "dense":
         return weight if bias is None else torch.cat([weight, bias[..., None]], -1)
     if kind == "conv":
@@ -101,6 +113,7 @@ CASES = [
     (SharedSequence, (BATCH, 3, 4), [("fc", "dense"), ("head", "dense")]),
     (GroupedConv, (BATCH, 4, 5, 5), [("conv", "conv"), ("head", "dense")]),
     (LayerNormMLP, (BATCH, 4), [("fc", "dense"), ("norm", "norm"), ("head", "dense")]),
+    (TokenBag, (BATCH, 6), [("emb", "embedding"), ("head", "dense")]),
 ]
 
 
@@ -115,7 +128,7 @@ def probe_method():
 def test_example_rows_rebuild_per_example_gradients(model_cls, shape, blocks):
     torch.manual_seed(0)
     model = model_cls().double()
-    x = torch.randn(shape, dtype=torch.float64)
+    x = torch.randint(0, 7, shape) if model_cls is TokenBag else torch.randn(shape, dtype=torch.float64)
     y = torch.randint(0, 3, (BATCH,))
     opt = curvgraph.compile(model, (x,), method="example_probe", backend="eager")
     assert [(b.name, b.kind) for b in opt.plan.blocks] == blocks

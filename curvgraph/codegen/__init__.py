@@ -179,7 +179,7 @@ def _write_gradient_matrices(w: StepWriter, blocks: list[BlockVars], dtype: torc
         names = list(b.block.placeholders)
         w.line(f"{b.var('P')} = {kind.write_matrix(w, b, names, dtype)}")
         grad = kind.write_matrix(w, b, [f"grad_{n}" for n in names], dtype)
-        w.line(f"{b.grad} = {grad} + {w.hyper('weight_decay')} * {b.var('P')}")
+        w.line(f"{b.grad} = {grad} + {w.hyper('weight_decay')} * {kind.write_decayed(w, b, b.var('P'))}")
 
 
 def _write_fisher(w: StepWriter, loss: LossSpec, fisher: str) -> None:

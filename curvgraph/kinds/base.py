@@ -128,6 +128,11 @@ class BlockKind(ABC):
         """The expression of the block matrix ``M`` built from ``tensors`` (one expression per
         placeholder, shaped like the parameters: the parameters themselves or their gradients)."""
 
+    def write_decayed(self, w: "StepWriter", b: "BlockVars", matrix: str) -> str:
+        """The part of the parameter matrix ``matrix`` that weight decay pulls toward zero: all of it
+        (the default), or less where the kind keeps entries fixed (an embedding's padding row)."""
+        return matrix
+
     @abstractmethod
     def write_split(self, w: "StepWriter", b: "BlockVars", matrix: str) -> str:
         """The expression turning the block matrix ``matrix`` back into a tuple of tensors shaped

@@ -1,0 +1,73 @@
+"""Embedding blocks: a diagonal token-frequency factor, exact for one token, padding rows untouched.
+
+Reference: the exact GGN of the embedding weight by ``torch.func`` (tests/helpers.py),
+which for one looked-up token equals ``kron(A, G)`` with the type-2 Fisher.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import curvgraph
+from helpers import exact_ggn
+
+V, D = 6, 4
+
+
+class Bag(nn.Module):
+    """Embedding -> tanh -> mean over tokens -> linear head."""
+
+    def __init__(self, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, D, padding_idx=padding_idx)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.emb(tokens)).mean(1))
+
+
+def test_plan_has_an_embedding_block_with_a_diagonal_factor():
+    opt = curvgraph.compile(Bag(), (torch.randint(0, V, (4, 5)),), backend="eager")
+    block = opt.plan.block("emb")
+    assert block.kind == "embedding" and opt.plan.fallback_params == ()
+    assert block.factors["A"] == curvgraph.Factor((V,), axis=-2, diagonal=True)
+    assert block.factors["G"] == curvgraph.Factor((D, D), axis=-1) and block.matrix_shape == (V, D)
+
+
+@pytest.mark.parametrize("token", [0, 3])
+def test_one_token_factors_are_the_exact_ggn(token):
+    torch.manual_seed(0)
+    model = Bag().double()
+    x, y = torch.tensor([[token]]), torch.tensor([1])
+    exact = exact_ggn(model, "cross_entropy", x, y, model.emb.weight.detach().flatten(),
+                      lambda t: {"emb.weight": t.reshape(V, D)})
+    opt = curvgraph.compile(model, (x,), fisher="type2", backend="eager", lr=0.1)
+    opt.step(x, y)
+    factors = opt.factors()["emb"]
+    torch.testing.assert_close(torch.kron(torch.diag(factors["A"]), factors["G"]), exact)
+
+
+def test_token_frequencies_over_a_batch():
+    torch.manual_seed(0)
+    model = Bag().double()
+    x = torch.randint(0, V, (5, 7))
+    opt = curvgraph.compile(model, (x,), fisher="type2", backend="eager", lr=0.1)
+    opt.step(x, torch.randint(0, 3, (5,)))
+    expected = torch.bincount(x.flatten(), minlength=V).double() / x.numel()
+    torch.testing.assert_close(opt.factors()["emb"]["A"], expected)
+
+
+def test_padding_row_stays_untouched_with_weight_decay():
+    torch.manual_seed(0)
+    model = Bag(padding_idx=1).double()
+    with torch.no_grad():
+        model.emb.weight[1] = 0.5  # a nonzero padding row: weight decay would pull it if it were decayed
+    before = model.emb.weight.detach().clone()
+    x = torch.randint(0, V, (6, 5))
+    opt = curvgraph.compile(model, (x,), backend="eager", weight_decay=0.1)
+    for _ in range(3):
+        opt.step(x, torch.randint(0, 3, (6,)))
+    assert torch.equal(model.emb.weight[1], before[1])
+    assert not torch.equal(model.emb.weight[0], before[0])

@@ -31,7 +31,34 @@ def ln_sequence() -> nn.Module:
     return nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6, bias=False), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 6, 4))
 
 
+class HandRMSNorm(nn.Module):
+    """LLaMA's RMSNorm written by hand: ``x * rsqrt(mean(x^2) + eps) * w`` (or ``w * ...``, ``x * x``)."""
+
+    def __init__(self, features: int, weight_first: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.1 * torch.randn(features))
+        self.bias = None
+        self.weight_first = weight_first
+
+    def forward(self, x):
+        if self.weight_first:
+            return self.weight * (x * torch.rsqrt((x * x).mean(-1, keepdim=True) + 1e-6))
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+def rms_sequence() -> nn.Module:
+    return nn.Sequential(nn.Linear(5, 6), nn.RMSNorm(6), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 6, 4))
+
+
+def hand_rms(weight_first: bool):
+    return lambda: nn.Sequential(nn.Linear(5, 6), HandRMSNorm(6, weight_first), nn.Tanh(), nn.Flatten(),
+                                 nn.Linear(3 * 6, 4))
+
+
 NORMS = {
+    "rmsnorm": (rms_sequence, (6, 3, 5), "1"),
+    "rmsnorm-handwritten": (hand_rms(False), (6, 3, 5), "1"),
+    "rmsnorm-handwritten-weight-first": (hand_rms(True), (6, 3, 5), "1"),
     "batchnorm": (bn_cnn, (6, 2, 7), "1"),
     "layernorm": (ln_mlp, (6, 5), "1"),
     "groupnorm": (gn_cnn, (6, 2, 4, 4), "1"),
@@ -58,7 +85,7 @@ def test_norm_factor_is_the_exact_per_channel_ggn_block(float64, case, loss):
     F_ours = opt.factors()[name]["F"]
 
     norm = reference[int(name)]
-    params = [norm.weight] + ([norm.bias] if norm.bias is not None else [])
+    params = [norm.weight] + ([norm.bias] if getattr(norm, "bias", None) is not None else [])
     theta = torch.stack([p.detach().flatten() for p in params], -1).flatten()
 
     def unpack(t):

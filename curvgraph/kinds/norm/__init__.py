@@ -52,6 +52,7 @@ NORM_FORMS = (
     NormForm(aten._native_batch_norm_legit_no_training.default, 0, True),
     NormForm(aten.group_norm.default, None, True),
     NormForm(aten.layer_norm.default, None, False),
+    NormForm(aten.rms_norm.default, None, False),
 )
 _FORMS = {f.target: f for f in NORM_FORMS}
 
@@ -174,10 +175,39 @@ def _normalized_output(node: Node, form: NormForm) -> Node | None:
     return items[0] if len(items) == 1 else None
 
 
+#: A hand-written RMSNorm, ``x * rsqrt(mean(x^2, -1, keepdim=True) + eps)``: normalizes the last dim.
+HANDWRITTEN_RMS = NormForm("x * rsqrt(mean(x^2, -1) + eps)", None, False)
+_SQUARES = {aten.pow.Tensor_Scalar: lambda n: n.args[1] == 2, aten.square.default: lambda n: True,
+            aten.mul.Tensor: lambda n: n.args[0] is n.args[1]}
+
+
+def _handwritten_rms(node: Node) -> bool:
+    """``node`` is ``x * rsqrt(mean(square(x), [-1], keepdim=True) + eps)`` (either operand order; ``x`` squared by
+    ``pow(x, 2)``, ``square(x)`` or ``x * x``)."""
+    if node.target is not aten.mul.Tensor or len(node.args) != 2:
+        return False
+    for x, root in (node.args, node.args[::-1]):
+        if not (isinstance(root, Node) and root.target is aten.rsqrt.default):
+            continue
+        shifted = root.args[0]
+        if not (isinstance(shifted, Node) and shifted.target is aten.add.Tensor and isinstance(shifted.args[1], float)):
+            continue
+        mean = shifted.args[0]
+        if not (isinstance(mean, Node) and mean.target is aten.mean.dim and list(mean.args[1]) in ([-1], [ndim(x) - 1])
+                and (mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False))):
+            continue
+        square = mean.args[0]
+        if isinstance(square, Node) and square.target in _SQUARES and square.args[0] is x and _SQUARES[square.target](square):
+            return True
+    return False
+
+
 def _norm_form_of(node: Node) -> NormForm | None:
     """The form whose normalized output ``node`` is (the op itself or its getitem)."""
     if node.op != "call_function":
         return None
+    if _handwritten_rms(node):
+        return HANDWRITTEN_RMS
     if node.target is operator.getitem:
         form = _FORMS.get(node.args[0].target) if isinstance(node.args[0], Node) else None
         return form if form is not None and form.output == node.args[1] else None
@@ -193,10 +223,12 @@ def _affine(node: Node, params: set[str]) -> AffineMatch | None:
     """Match ``mul(x_hat, w)``, with the ``add(., b)`` after it if there is one."""
     if node.op != "call_function" or node.target is not aten.mul.Tensor or len(node.args) != 2:
         return None
-    normalized, scale = node.args
-    weight = _unview(scale)
-    form = _norm_form_of(normalized) if isinstance(normalized, Node) else None
-    if form is None or not (isinstance(weight, Node) and weight.name in params):
+    for normalized, scale in (node.args, node.args[::-1]):  # x_hat * w or w * x_hat
+        weight = _unview(scale)
+        form = _norm_form_of(normalized) if isinstance(normalized, Node) else None
+        if form is not None and isinstance(weight, Node) and weight.name in params:
+            break
+    else:
         return None
     output, bias = node, None
     if len(node.users) == 1:

@@ -1,4 +1,4 @@
-"""Embedding blocks: a diagonal token-frequency factor, exact for one token, padding rows untouched.
+"""Embedding and position blocks: a diagonal frequency factor, exact for one token, padding rows untouched.
 
 Reference: the exact GGN of the embedding weight by ``torch.func`` (tests/helpers.py),
 which for one looked-up token equals ``kron(A, G)`` with the type-2 Fisher.
@@ -71,3 +71,40 @@ def test_padding_row_stays_untouched_with_weight_decay():
         opt.step(x, torch.randint(0, 3, (6,)))
     assert torch.equal(model.emb.weight[1], before[1])
     assert not torch.equal(model.emb.weight[0], before[0])
+
+
+class Positional(nn.Module):
+    """A learned positional table added to a (N, T, D) stream, read at the first T of its 8 rows."""
+
+    def __init__(self, rows: int = 8) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(0.1 * torch.randn(1, rows, D))
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(x + self.pos[:, : x.shape[1]]).mean(1))
+
+
+def test_positional_table_is_a_position_block_read_at_the_first_t_rows():
+    torch.manual_seed(0)
+    model = Positional().double()
+    before = model.pos.detach().clone()
+    x = torch.randn(4, 5, D, dtype=torch.float64)
+    opt = curvgraph.compile(model, (x,), backend="eager", lr=0.1)
+    block = opt.plan.block("pos")
+    assert block.kind == "position" and opt.plan.fallback_params == ()
+    assert block.factors["A"] == curvgraph.Factor((8,), axis=-2, diagonal=True) and block.matrix_shape == (8, D)
+    opt.step(x, torch.randint(0, 3, (4,)))
+    torch.testing.assert_close(opt.factors()["pos"]["A"], torch.tensor([0.2] * 5 + [0.0] * 3, dtype=torch.float64))
+    assert torch.equal(model.pos[0, 5:], before[0, 5:]) and not torch.equal(model.pos[0, :5], before[0, :5])
+
+
+def test_one_position_factors_are_the_exact_ggn():
+    torch.manual_seed(0)
+    model = Positional(rows=1).double()
+    x, y = torch.randn(1, 1, D, dtype=torch.float64), torch.tensor([2])
+    exact = exact_ggn(model, "cross_entropy", x, y, model.pos.detach().flatten(), lambda t: {"pos": t.reshape(1, 1, D)})
+    opt = curvgraph.compile(model, (x,), fisher="type2", backend="eager", lr=0.1)
+    opt.step(x, y)
+    factors = opt.factors()["pos"]
+    torch.testing.assert_close(torch.kron(torch.diag(factors["A"]), factors["G"]), exact)

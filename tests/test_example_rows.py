@@ -87,19 +87,22 @@ class TokenBag(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.emb = nn.Embedding(7, 4)
+        self.pos = nn.Parameter(0.1 * torch.randn(1, 8, 4))
         self.head = nn.Linear(4, 3)
 
     def forward(self, tokens):
-        return self.head(torch.tanh(self.emb(tokens)).mean(1))
+        return self.head(torch.tanh(self.emb(tokens) + self.pos[:, : tokens.shape[1]]).mean(1))
 
 
 def matrix_of(kind: str, params: dict[str, torch.Tensor], block: str) -> torch.Tensor:
     """The block matrix of per-example gradients ``params`` (leading example dim) in the kind's layout."""
-    weight = params[f"{block}.weight"]
+    weight = params[f"{block}.weight"] if f"{block}.weight" in params else params[block]
     bias = params.get(f"{block}.bias")
     n = weight.shape[0]
     if kind == "embedding":
         return weight
+    if kind == "position":
+        return weight[:, 0]
     if kind == "dense":
         return weight if bias is None else torch.cat([weight, bias[..., None]], -1)
     if kind == "conv":
@@ -113,7 +116,7 @@ CASES = [
     (SharedSequence, (BATCH, 3, 4), [("fc", "dense"), ("head", "dense")]),
     (GroupedConv, (BATCH, 4, 5, 5), [("conv", "conv"), ("head", "dense")]),
     (LayerNormMLP, (BATCH, 4), [("fc", "dense"), ("norm", "norm"), ("head", "dense")]),
-    (TokenBag, (BATCH, 6), [("emb", "embedding"), ("head", "dense")]),
+    (TokenBag, (BATCH, 6), [("emb", "embedding"), ("pos", "position"), ("head", "dense")]),
 ]
 
 

@@ -60,3 +60,19 @@ def cost(block) -> dict[str, sympy.Expr]:
     rows = sympy.Add(*(u.rows for u in block.uses))
     d = block.dims["features"]
     return {"forward_backward": 2 * rows * d, "statistics": rows + 2 * rows * d**2, "backward_per_sample": sympy.Integer(0)}
+
+
+def position_frequencies(output: Tensor, positions: int, dtype: torch.dtype) -> Tensor:
+    r"""``A`` of a positional table read at the first ``T`` of its ``positions`` rows by an output ``(N, T, ..., d)``:
+    each of those positions is one of the ``T`` positions of every example, :math:`1/T`; unread rows get 0."""
+    used = output.shape[1]
+    return (torch.arange(positions, device=output.device) < used).to(dtype) / used
+
+
+def position_example_rows(output: Tensor, grads: tuple[Tensor, ...], positions: int, batch: int,
+                          dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    r"""Example rows ``(one-hot position rows (N, T, positions), G rows (S*N, T, d))``: :math:`M_n = \sum_t e_t g_{n,t}^\top`."""
+    used = output.shape[1]
+    onehot = torch.eye(positions, dtype=dtype, device=output.device)[:used].expand(batch, used, positions)
+    g = torch.cat([y.to(dtype).reshape(y.shape[0], used, -1) for y in grads], 1)
+    return onehot, g

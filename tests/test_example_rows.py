@@ -94,11 +94,29 @@ class TokenBag(nn.Module):
         return self.head(torch.tanh(self.emb(tokens) + self.pos[:, : tokens.shape[1]]).mean(1))
 
 
+class PackedProjection(nn.Module):
+    """A packed (3*4, 4) weight split [q; kv] between two different inputs (cross-attention's in-projection)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(0.3 * torch.randn(12, 4))
+        self.b = nn.Parameter(0.1 * torch.randn(12))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        w_q, w_kv = self.w.split([4, 8])
+        b_q, b_kv = self.b.split([4, 8])
+        k, v = nn.functional.linear(torch.tanh(x), w_kv, b_kv).chunk(2, -1)
+        return self.head(nn.functional.scaled_dot_product_attention(nn.functional.linear(x, w_q, b_q), k, v).mean(1))
+
+
 def matrix_of(kind: str, params: dict[str, torch.Tensor], block: str) -> torch.Tensor:
     """The block matrix of per-example gradients ``params`` (leading example dim) in the kind's layout."""
     weight = params[f"{block}.weight"] if f"{block}.weight" in params else params[block]
     bias = params.get(f"{block}.bias")
     n = weight.shape[0]
+    if kind == "packed":
+        return torch.cat([params["w"].reshape(n, 3, 4, 4), params["b"].reshape(n, 3, 4, 1)], -1)
     if kind == "embedding":
         return weight
     if kind == "position":
@@ -117,6 +135,7 @@ CASES = [
     (GroupedConv, (BATCH, 4, 5, 5), [("conv", "conv"), ("head", "dense")]),
     (LayerNormMLP, (BATCH, 4), [("fc", "dense"), ("norm", "norm"), ("head", "dense")]),
     (TokenBag, (BATCH, 6), [("emb", "embedding"), ("pos", "position"), ("head", "dense")]),
+    (PackedProjection, (BATCH, 3, 4), [("w", "packed"), ("head", "dense")]),
 ]
 
 

@@ -3,14 +3,20 @@
 Models (tests/attention_models.py): ``nn.TransformerEncoderLayer`` with ``nn.Embedding``, a
 learned positional table and a causal mask; a GPT-style block (fused qkv linear,
 ``F.scaled_dot_product_attention``, hand-written RMSNorm); ``nn.TransformerDecoderLayer``
-and ``nn.MultiheadAttention(kdim, vdim)``, whose split in-projections are not matched
-yet (strict xfail: these tests start passing, and must be flipped, when they are).
+and ``nn.MultiheadAttention(kdim, vdim)``, whose in-projections are split between inputs
+(``packed`` blocks). The packed factors are checked against the dense factors of the
+same projections written as separate ``nn.Linear`` layers (themselves checked against
+curvlinops in tests/test_factors.py).
 """
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import curvgraph
 from attention_models import D, T, V, CrossAttention, DecoderSeq, EncoderLM, GPTBlock
@@ -31,9 +37,13 @@ EXPECTED = {
     EncoderLM: ["emb:embedding", "pos:position", "layer.self_attn.in_proj_weight:dense", "layer.self_attn.out_proj:dense",
                 "layer.norm1:norm", "layer.linear1:dense", "layer.linear2:dense", "layer.norm2:norm", "head:dense"],
     GPTBlock: ["emb:embedding", "norm_w:norm", "qkv:dense", "proj:dense", "mlp.0:dense", "mlp.2:dense", "head:dense"],
+    DecoderSeq: ["emb:embedding", "layer.norm1:norm", "layer.self_attn.in_proj_weight:dense",
+                 "layer.self_attn.out_proj:dense", "layer.norm2:norm", "layer.multihead_attn.in_proj_weight:packed",
+                 "layer.multihead_attn.out_proj:dense", "layer.norm3:norm", "layer.linear1:dense", "layer.linear2:dense",
+                 "head:dense"],
+    CrossAttention: ["attn.q_proj_weight:dense", "attn.in_proj_bias:packed", "attn.k_proj_weight:dense",
+                     "attn.v_proj_weight:dense", "attn.out_proj:dense", "head:dense"],
 }
-SPLIT_PROJECTIONS = pytest.mark.xfail(strict=True, reason="in-projection weights split between inputs (cross-attention, "
-                                      "kdim/vdim) are not matched yet and go to the fallback")
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +61,7 @@ def compiled():
     return get
 
 
-@pytest.mark.parametrize("model_cls", [EncoderLM, GPTBlock, pytest.param(DecoderSeq, marks=SPLIT_PROJECTIONS),
-                                       pytest.param(CrossAttention, marks=SPLIT_PROJECTIONS)],
-                         ids=lambda m: m.__name__)
+@pytest.mark.parametrize("model_cls", [EncoderLM, GPTBlock, DecoderSeq, CrossAttention], ids=lambda m: m.__name__)
 def test_every_parameter_is_in_a_curvature_block(compiled, model_cls):
     opt = compiled(model_cls)
     assert opt.plan.fallback_params == (), opt.plan.fallback_reasons
@@ -76,3 +84,52 @@ def test_shorter_sequence_and_batch_work(compiled):
     short = _tokens(batch=3, length=T - 2)
     loss = opt.step(short, torch.randint(0, V, short.shape))
     assert torch.isfinite(loss) and opt.skipped_steps == 0
+
+
+class PackedCross(nn.Module):
+    """Cross-attention with one packed ``(3D, D)`` in-projection split ``[q; kv]`` between the query and the memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(0.3 * torch.randn(3 * D, D))
+        self.b = nn.Parameter(0.1 * torch.randn(3 * D))
+        self.head = nn.Linear(D, V)
+
+    def forward(self, x, memory):
+        w_q, w_kv = self.w.split([D, 2 * D])
+        b_q, b_kv = self.b.split([D, 2 * D])
+        k, v = F.linear(memory, w_kv, b_kv).chunk(2, -1)
+        return self.head(F.scaled_dot_product_attention(F.linear(x, w_q, b_q), k, v))
+
+
+class SeparateCross(nn.Module):
+    """The same function with the pieces as separate ``nn.Linear`` layers."""
+
+    def __init__(self, packed: PackedCross) -> None:
+        super().__init__()
+        self.q, self.kv, self.head = nn.Linear(D, D), nn.Linear(D, 2 * D), copy.deepcopy(packed.head)
+        with torch.no_grad():
+            self.q.weight.copy_(packed.w[:D]), self.q.bias.copy_(packed.b[:D])
+            self.kv.weight.copy_(packed.w[D:]), self.kv.bias.copy_(packed.b[D:])
+
+    def forward(self, x, memory):
+        k, v = self.kv(memory).chunk(2, -1)
+        return self.head(F.scaled_dot_product_attention(self.q(x), k, v))
+
+
+def test_packed_factors_are_the_pieces_dense_factors(float64):
+    torch.manual_seed(0)
+    packed = PackedCross()
+    separate = SeparateCross(packed)
+    x, memory = torch.randn(3, T, D), torch.randn(3, T + 1, D)
+    y = torch.randint(0, V, (3, T))
+    factors = {}
+    for model in (packed, separate):
+        opt = curvgraph.compile(model, (x, memory), loss="token_cross_entropy", fisher="type2", backend="eager")
+        opt.step((x, memory), y)
+        factors[type(model)] = opt.factors()
+    ours, dense = factors[PackedCross]["w"], factors[SeparateCross]
+    assert ours["A"].shape == (3, D + 1, D + 1) and ours["G"].shape == (3, D, D)
+    for j, (block, rows) in enumerate([("q", slice(0, D)), ("kv", slice(0, D)), ("kv", slice(D, 2 * D))]):
+        torch.testing.assert_close(ours["A"][j], dense[block]["A"])
+        torch.testing.assert_close(ours["G"][j], dense[block]["G"][rows, rows])

@@ -69,3 +69,35 @@ class CrossAttention(nn.Module):
 
     def forward(self, q, memory_k, memory_v):
         return self.head(self.attn(q, memory_k, memory_v, need_weights=False)[0])
+
+
+class LinearOnlyAttention(nn.Module):
+    """Attention over a float sequence built from ``nn.Linear`` layers only (curvlinops hooks them all).
+
+    ``fused``: one qkv linear and ``F.scaled_dot_product_attention``; otherwise separate
+    q/k/v linears and hand-written ``softmax(q k^T / sqrt(d)) v`` with a causal mask.
+    Returns logits ``(N, V, T)`` (classes on dim 1, curvlinops' layout).
+    """
+
+    def __init__(self, fused: bool) -> None:
+        super().__init__()
+        self.fused = fused
+        if fused:
+            self.qkv = nn.Linear(D, 3 * D)
+        else:
+            self.q, self.k, self.v = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D, bias=False)
+        self.out = nn.Linear(D, D)
+        self.mlp = nn.Linear(D, D)
+        self.head = nn.Linear(D, V)
+
+    def forward(self, x):
+        if self.fused:
+            q, k, v = self.qkv(x).chunk(3, -1)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+            scores = q @ k.transpose(-2, -1) / math.sqrt(D)
+            causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()
+            a = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
+        h = x + self.out(a)
+        return self.head(torch.tanh(self.mlp(h))).transpose(1, 2)

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import curvgraph
-from attention_models import D, T, V, CrossAttention, DecoderSeq, EncoderLM, GPTBlock
+from attention_models import D, T, V, CrossAttention, DecoderSeq, EncoderLM, GPTBlock, LinearOnlyAttention
+from helpers import curvlinops_factors
 
 
 def _tokens(batch: int = 4, length: int = T) -> torch.Tensor:
@@ -133,3 +134,23 @@ def test_packed_factors_are_the_pieces_dense_factors(float64):
     for j, (block, rows) in enumerate([("q", slice(0, D)), ("kv", slice(0, D)), ("kv", slice(D, 2 * D))]):
         torch.testing.assert_close(ours["A"][j], dense[block]["A"])
         torch.testing.assert_close(ours["G"][j], dense[block]["G"][rows, rows])
+
+
+@pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
+@pytest.mark.parametrize("fisher", ["type2", "empirical"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-qkv-sdpa", "separate-qkv-softmax"])
+def test_attention_projection_factors_match_curvlinops(float64, fused, fisher, kfac_approx):
+    torch.manual_seed(4)
+    model = LinearOnlyAttention(fused)
+    x, y = torch.randn(3, T, D), torch.randint(0, V, (3, T))
+    A_ref, G_ref = curvlinops_factors(copy.deepcopy(model), "cross_entropy", x, y, fisher, kfac_approx=kfac_approx)
+    opt = curvgraph.compile(model, (x,), fisher=fisher, kfac_approx=kfac_approx, ema=0.0, backend="eager")
+    assert opt.plan.fallback_params == ()
+    opt.step(x, y)
+    factors = opt.factors()
+    names = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    assert sorted(factors) == sorted(names)
+    assert sorted(A_ref) == sorted(names)  # curvlinops keys the factors by module path, as curvgraph names blocks
+    for name in names:
+        torch.testing.assert_close(factors[name]["A"], A_ref[name], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(factors[name]["G"], G_ref[name], rtol=1e-10, atol=1e-12)

@@ -41,6 +41,7 @@ def normalize(graph: Graph, params: set[str], rewrites: Sequence[Rewrite] | None
             n = rewrite(graph, params)
             counts[rewrite.__name__] += n
             changed |= n > 0
+    graph.eliminate_dead_code()  # rewrites leave the nodes they bypassed (e.g. a transpose) without users
     graph.lint()
     return counts
 

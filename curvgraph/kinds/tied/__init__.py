@@ -5,7 +5,9 @@ lookups (the weight as table) and ``aten.linear`` nodes (the weight as ``(V, d)`
 weight: ``z = h E^T``), as in ``self.head.weight = self.emb.weight`` or
 ``h @ self.emb.weight.T``. The block accumulates every use; its factors are the
 nearest single Kronecker product to the uses' sum (:mod:`.factors`). A bias of the
-head is not part of the block (it goes to the fallback).
+head is not part of the block (it goes to the fallback). A ``padding_idx`` row gets no
+gradient from the lookups but does from the head (its logit), so unlike a plain
+embedding's it is trained like every other row.
 """
 
 from __future__ import annotations
@@ -17,13 +19,12 @@ import torch
 from torch.fx import Node
 
 from ...codegen.writer import BlockVars, StepWriter, UseVars
-from ...passes.graph_utils import aten, depends_on, schema_args
+from ...passes.graph_utils import aten, depends_on
 from ...passes.ledger import Claims
 from ...plan import Block, Factor
 from ...registry import register_block_kind
 from ...trace import TracedModel, symbolic_shape
 from ..base import BlockKind, layer_use, new_block
-from ..embedding import factors as embedding_math
 from . import factors as tied_math
 
 
@@ -63,9 +64,6 @@ class Tied(BlockKind):
     def write_matrix(self, w: StepWriter, b: BlockVars, tensors: Sequence[str], dtype: torch.dtype) -> str:
         return f"{tensors[0]}.to({dtype})"
 
-    def write_decayed(self, w: StepWriter, b: BlockVars, matrix: str) -> str:
-        return w.call(embedding_math.without_row, matrix, b.block.layout["padding_idx"])
-
     def write_split(self, w: StepWriter, b: BlockVars, matrix: str) -> str:
         return w.pack([matrix])
 
@@ -84,10 +82,6 @@ def find_tied_blocks(kind: BlockKind, traced: TracedModel, claims: Claims) -> li
                  and weight not in u.args[:1] + u.args[2:]]
         if not lookups or not heads or len(lookups) + len(heads) != len(weight.users):
             continue
-        padding = {int(schema_args(n)["padding_idx"]) for n in lookups}
-        if len(padding) != 1:
-            claims.reject(weight.name, "a tied weight looked up with different padding_idx values")
-            continue
         for head in heads:
             bias = head.args[2] if len(head.args) > 2 else None
             if isinstance(bias, Node) and bias.name in params:
@@ -95,9 +89,8 @@ def find_tied_blocks(kind: BlockKind, traced: TracedModel, claims: Claims) -> li
         vocab, features = (int(s) for s in weight.meta["val"].shape)
         uses = ([layer_use([n.args[1]], [n], sympy.Mul(*symbolic_shape(n.args[1])), trainable) for n in lookups]
                 + [layer_use([n.args[0]], [n], sympy.Mul(*symbolic_shape(n.args[0])[:-1]), trainable) for n in heads])
-        padding_idx = padding.pop()
         blocks.append(new_block(traced, kind, (weight,), uses, {"vocab": vocab, "features": features},
-                                layout={"lookups": len(lookups), "padding_idx": padding_idx % vocab if padding_idx >= 0 else -1}))
+                                layout={"lookups": len(lookups)}))
     return blocks
 
 

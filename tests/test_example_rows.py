@@ -110,6 +110,16 @@ class PackedProjection(nn.Module):
         return self.head(nn.functional.scaled_dot_product_attention(nn.functional.linear(x, w_q, b_q), k, v).mean(1))
 
 
+class TiedTokens(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, tokens):
+        return (torch.tanh(self.fc(self.emb(tokens))) @ self.emb.weight.T).mean(1)
+
+
 def matrix_of(kind: str, params: dict[str, torch.Tensor], block: str) -> torch.Tensor:
     """The block matrix of per-example gradients ``params`` (leading example dim) in the kind's layout."""
     weight = params[f"{block}.weight"] if f"{block}.weight" in params else params[block]
@@ -117,7 +127,7 @@ def matrix_of(kind: str, params: dict[str, torch.Tensor], block: str) -> torch.T
     n = weight.shape[0]
     if kind == "packed":
         return torch.cat([params["w"].reshape(n, 3, 4, 4), params["b"].reshape(n, 3, 4, 1)], -1)
-    if kind == "embedding":
+    if kind in ("embedding", "tied"):
         return weight
     if kind == "position":
         return weight[:, 0]
@@ -136,6 +146,7 @@ CASES = [
     (LayerNormMLP, (BATCH, 4), [("fc", "dense"), ("norm", "norm"), ("head", "dense")]),
     (TokenBag, (BATCH, 6), [("emb", "embedding"), ("pos", "position"), ("head", "dense")]),
     (PackedProjection, (BATCH, 3, 4), [("w", "packed"), ("head", "dense")]),
+    (TiedTokens, (BATCH, 6), [("emb", "tied"), ("fc", "dense")]),
 ]
 
 
@@ -150,8 +161,8 @@ def probe_method():
 def test_example_rows_rebuild_per_example_gradients(model_cls, shape, blocks):
     torch.manual_seed(0)
     model = model_cls().double()
-    x = torch.randint(0, 7, shape) if model_cls is TokenBag else torch.randn(shape, dtype=torch.float64)
-    y = torch.randint(0, 3, (BATCH,))
+    x = torch.randint(0, 7, shape) if model_cls in (TokenBag, TiedTokens) else torch.randn(shape, dtype=torch.float64)
+    y = torch.randint(0, 7 if model_cls is TiedTokens else 3, (BATCH,))
     opt = curvgraph.compile(model, (x,), method="example_probe", backend="eager")
     assert [(b.name, b.kind) for b in opt.plan.blocks] == blocks
     opt.step(x, y)

@@ -25,6 +25,7 @@ from .errors import (
 from .kinds.base import BlockKind, BlockPass, layer_use, new_block
 from .methods.base import Hyper, Method
 from .methods.fallback import FallbackRule
+from .export import load_step
 from .optimizer import CurvatureOptimizer
 from .passes.ledger import Claims
 from .plan import Block, Factor, LayerUse, Plan
@@ -62,6 +63,7 @@ __all__ = [
     "__version__",
     "compile",
     "layer_use",
+    "load_step",
     "new_block",
     "register_block_kind",
     "register_fallback",

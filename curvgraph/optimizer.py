@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any
 
@@ -168,6 +169,21 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         w.r.t. ``torch.cat([W, b[:, None]], 1).flatten()`` (see ``docs/conventions.md``).
         """
         return {b.name: {f: self._state[f"{b.name}.{f}"].clone() for f in b.factors} for b in self.plan.blocks}
+
+    # ------------------------------------------------------------------ ahead of time
+    def export(self, path: str | os.PathLike) -> str:
+        """Write this step as a standalone Python module that needs torch alone; returns ``path``.
+
+        The module (see :mod:`curvgraph.export`) holds the generated step, the run-time
+        code this optimizer runs it with, the model's lifted constants (large ones in a
+        ``.pt`` file beside it) and the current hyper-parameters; its ``load(model)``
+        (or :func:`curvgraph.load_step`) returns an object whose ``step(inputs, targets)``
+        continues exactly as :meth:`step` would from a fresh state. Same model and
+        options: byte-identical file.
+        """
+        from .export import export
+
+        return export(self, path)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]

@@ -36,6 +36,7 @@ from .registry import (
     unregister_block_kind,
     unregister_method,
 )
+from .viz import visualize
 
 __all__ = [
     "Block",
@@ -70,4 +71,5 @@ __all__ = [
     "register_method",
     "unregister_block_kind",
     "unregister_method",
+    "visualize",
 ]

@@ -348,6 +348,7 @@ _PAGE = """<!DOCTYPE html>
 body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
 h1 {{ font-size: 1.4em; }} h2 {{ font-size: 1.15em; margin-top: 1.5em; }}
 .graph {{ overflow: auto; border: 1px solid #ccc; max-height: 80vh; }}
+.graph svg {{ max-width: 100%; height: auto; }}
 table {{ border-collapse: collapse; font-size: 0.9em; }}
 th, td {{ border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: left; vertical-align: top; }}
 th {{ background: #f0f0f0; cursor: pointer; user-select: none; }}

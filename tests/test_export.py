@@ -169,3 +169,22 @@ def test_export_errors(netmod, tmp_path):
         opt.export(tmp_path / "my-step.py")
     with pytest.raises(curvgraph.ConfigError, match="no exported step module"):
         curvgraph.load_step(tmp_path / "missing.py", netmod.make())
+
+
+def test_compiled_export_matches_the_compiled_optimizer(tmp_path):
+    """The one compiled test here: both steps through torch.compile (inductor), within 1e-6 (one schedule
+    variant, statistics and refresh every step, to compile once each; the schedule is tested above)."""
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(8, 5, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(3)]
+    model, twin = make(), make()
+    opt = curvgraph.compile(model, (data[0][0],), lr=0.002, seed=0, factor_every=1, invert_every=1)
+    trainer = curvgraph.load_step(opt.export(tmp_path / "compiled_step.py"), twin)
+    assert opt.backend == "inductor" and "BACKEND = 'inductor'" in open(tmp_path / "compiled_step.py").read()
+    for x, y in data:
+        torch.testing.assert_close(opt.step(x, y), trainer.step(x, y), atol=1e-6, rtol=0)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)

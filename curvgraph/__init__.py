@@ -3,6 +3,10 @@
 >>> opt = curvgraph.compile(model, example_inputs=(x,), loss="cross_entropy", method="kfac")
 >>> loss = opt.step(x, y)
 
+``curvgraph.visualize(opt, "model.html")`` draws the compiled model (also ``.svg``,
+``.dot``, ``.graphml``, ``.json``); ``opt.export("step.py")`` writes the step as a
+module that needs torch alone, and ``curvgraph.load_step("step.py", model)`` runs it.
+
 Block kinds and methods are plug-ins: :func:`register_block_kind`,
 :func:`register_method` and :func:`register_fallback` add them from outside the
 package (``docs/extending.md``). See also ``docs/getting-started.md`` and

@@ -16,7 +16,7 @@ from .instrument import InstrumentedForward
 from .methods.base import Method
 from .methods.fallback import FallbackRule
 from .plan import Plan
-from .runtime import StepRunner, compiled_step
+from .runtime import StepRunner, compiled_step, model_tensors
 from .trace import InputSpec, as_input_tuple
 
 # Inductor itself triggers this deprecation notice while compiling the step; users cannot act on it.
@@ -111,9 +111,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """
         batch = as_input_tuple(inputs, "inputs")
         self._check_batch(batch, targets)
-        params = tuple(p.detach() for p in self._params)
-        frozen = tuple(self.model.get_parameter(n).detach() for n in self._frozen_names)
-        buffers = tuple(self.model.get_buffer(n) for n in self._buffer_names)
+        params, frozen, buffers = model_tensors(self.model, self._params, self._frozen_names, self._buffer_names)
         try:
             loss, ok = self._runner.run(params, frozen, buffers, self._constants, batch, targets, self._hyper_values)
         except torch._dynamo.exc.TorchDynamoException as exc:

@@ -38,6 +38,14 @@ def compiled_step(fn: Callable, backend: str) -> Callable:
     return torch.compile(fn, backend=backend, fullgraph=True)
 
 
+def model_tensors(model: nn.Module, params: Sequence[Tensor], frozen: Sequence[str],
+                  buffers: Sequence[str]) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """The step's ``params``, ``frozen`` and ``buffers`` arguments: the trainable parameters (detached,
+    sharing storage, so the step's in-place commits update the model), the frozen ones and the buffers by name."""
+    return (tuple(p.detach() for p in params), tuple(model.get_parameter(n).detach() for n in frozen),
+            tuple(model.get_buffer(n) for n in buffers))
+
+
 class StepRunner:
     """Runs a generated ``step`` function: its state, schedule, noise and hyper tensors.
 
@@ -190,9 +198,7 @@ class ExportedStep:
         batch = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
         if len(batch) != self.n_inputs:
             raise ValueError(f"this step takes {self.n_inputs} input tensor(s), got {len(batch)}")
-        params = [p.detach() for p in self._params]
-        frozen = [self.model.get_parameter(n).detach() for n in self._frozen_names]
-        buffers = [self.model.get_buffer(n) for n in self._buffer_names]
+        params, frozen, buffers = model_tensors(self.model, self._params, self._frozen_names, self._buffer_names)
         loss, ok = self.runner.run(params, frozen, buffers, self.constants, batch, targets, self._hyper_values)
         if not ok:
             warnings.warn(f"step {self.runner.step_count} skipped: the loss ({loss.item():.4g}) or the update is "
@@ -221,4 +227,4 @@ class ExportedStep:
 
 
 #: What an exported module copies from here, in order.
-EXPORTED = (initial_state, compiled_step, StepRunner, ExportedStep)
+EXPORTED = (initial_state, compiled_step, model_tensors, StepRunner, ExportedStep)

@@ -39,7 +39,7 @@ from torch.fx import Node
 
 from . import registry
 from .errors import ConfigError
-from .plan import Block, Plan, human
+from .plan import Plan, human
 from .trace import TracedModel
 
 if TYPE_CHECKING:

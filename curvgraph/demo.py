@@ -16,6 +16,7 @@ downloaded.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -160,7 +161,20 @@ def run(steps: int = 2000, batch_size: int = 100, backend: str = "inductor", out
     if out:
         plot([kfac, best], out)
         print(f"\nloss curves written to {out}")
+        print(draw(opt, out))
     return histories
+
+
+def draw(opt: curvgraph.CurvatureOptimizer, out: str) -> str:
+    """Write the compiled model's graph beside ``out`` as ``.svg`` (if Graphviz is installed) and ``.html``;
+    returns what was written."""
+    import shutil
+
+    stem = os.path.splitext(out)[0]
+    html = curvgraph.visualize(opt, stem + ".html")
+    if shutil.which("dot") is None:
+        return f"graph and blocks written to {html} (install Graphviz for the drawing: apt-get install graphviz)"
+    return f"graph written to {curvgraph.visualize(opt, stem + '.svg')}; graph, blocks and generated step: {html}"
 
 
 def table(histories: list[History], model: str, steps: int, batch_size: int, backend: str) -> str:

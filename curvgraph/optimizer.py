@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import warnings
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +16,7 @@ from .instrument import InstrumentedForward
 from .methods.base import Method
 from .methods.fallback import FallbackRule
 from .plan import Plan
+from .runtime import StepRunner, compiled_step, model_tensors
 from .trace import InputSpec, as_input_tuple
 
 # Inductor itself triggers this deprecation notice while compiling the step; users cannot act on it.
@@ -63,8 +65,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._params = [model.get_parameter(forward.names[p]) for p in forward.params]
         self._frozen_names = [forward.names[p] for p in forward.frozen]
         self._buffer_names = [forward.names[b] for b in forward.buffers]
-        self._noise_shape = namespace["noise_shape"]
-        self._step_fn = _compiled(namespace["step"], backend)
 
         named = dict(zip(forward.params, self._params))
         curvature = [named[p] for b in plan.blocks for p in b.placeholders]
@@ -79,21 +79,22 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise ConfigError(f"curvgraph: {plan.model_name} has no trainable parameters used by its forward pass.")
         super().__init__(groups, {})
 
-        reference = self._params[0]
-        self._device = reference.device
-        self._factor_dtype = generated.factor_dtype
-        self._state: dict[str, Tensor] = {}
-        for key, spec in generated.state.items():
-            dtype = spec.dtype or generated.factor_dtype
-            self._state[key] = _initial(spec.shape, spec.init, dtype, self._device)
-        self._generator = torch.Generator(device=self._device)
-        self._generator.manual_seed(seed if seed is not None else int(torch.initial_seed()) % (2**63))
-        self._hyper_values: dict[str, float] = {}
-        self._hyper_tensors: dict[str, Tensor] = {}
-        self._step_count = 0
-        self.skipped_steps = 0
-        self._factors_ready = False
-        self._refreshed = False
+        self._generated = generated
+        self._seed = seed
+        self._runner = StepRunner(
+            compiled_step(namespace["step"], backend), namespace["noise_shape"],
+            {key: (spec.shape, spec.init, spec.dtype or generated.factor_dtype) for key, spec in generated.state.items()},
+            loss.noise if fisher == "mc" else None, factor_every, invert_every, self._params[0].device,
+            generated.factor_dtype, seed)
+
+    @property
+    def skipped_steps(self) -> int:
+        """How many steps were skipped because they were not finite."""
+        return self._runner.skipped_steps
+
+    @property
+    def _state(self) -> dict[str, Tensor]:
+        return self._runner.state
 
     # ------------------------------------------------------------------ stepping
     def step(self, inputs: Tensor | tuple[Tensor, ...], targets: Tensor) -> Tensor:  # type: ignore[override]
@@ -110,30 +111,18 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """
         batch = as_input_tuple(inputs, "inputs")
         self._check_batch(batch, targets)
-        update_stats = self._step_count % self.factor_every == 0 or not self._factors_ready
-        refresh = (self._step_count % self.invert_every == 0 or not self._refreshed) and (
-            update_stats or self._factors_ready)
-        params = tuple(p.detach() for p in self._params)
-        frozen = tuple(self.model.get_parameter(n).detach() for n in self._frozen_names)
-        buffers = tuple(self.model.get_buffer(n) for n in self._buffer_names)
-        noise = self._noise(batch) if self.fisher == "mc" and update_stats else None
+        params, frozen, buffers = model_tensors(self.model, self._params, self._frozen_names, self._buffer_names)
         try:
-            loss, ok = self._step_fn(params, frozen, buffers, self._constants, batch, targets, self._state,
-                                     self._hyper(), noise, update_stats, refresh)
+            loss, ok = self._runner.run(params, frozen, buffers, self._constants, batch, targets, self._hyper_values)
         except torch._dynamo.exc.TorchDynamoException as exc:
             raise CompileError(
                 f"curvgraph: torch.compile could not compile the generated step for {self.plan.model_name} "
                 f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
                 "Pass backend='eager' to curvgraph.compile to run the same step without torch.compile."
             ) from exc
-        self._step_count += 1
-        if bool(ok):
-            self._factors_ready |= update_stats
-            self._refreshed |= refresh
-        else:
-            self.skipped_steps += 1
+        if not ok:
             warnings.warn(
-                f"curvgraph: step {self._step_count} skipped: the loss ({loss.item():.4g}) or the update is not "
+                f"curvgraph: step {self._runner.step_count} skipped: the loss ({loss.item():.4g}) or the update is not "
                 "finite; parameters, buffers and optimizer state are unchanged. If this repeats, check the batch "
                 "for inf/nan, or lower lr / raise damping.",
                 NonFiniteStepWarning,
@@ -141,25 +130,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             )
         return loss
 
-    def _hyper(self) -> dict[str, Tensor]:
-        """The step's ``hyper`` tensors, rebuilt only when a value in ``param_groups`` changed."""
+    def _hyper_values(self, first_statistics: bool) -> dict[str, float]:
+        """The step's hyper-parameters as floats, read from ``param_groups``."""
         values: dict[str, float] = {}
         for group in self.param_groups:
             if group["role"] == "curvature":
-                values.update(self.method.step_values(group, first_statistics=not self._factors_ready))
+                values.update(self.method.step_values(group, first_statistics=first_statistics))
             else:
                 values.update(self.fallback.hyper(group))
-        if values != self._hyper_values:
-            self._hyper_values = values
-            self._hyper_tensors = {k: torch.tensor(v, dtype=self._factor_dtype, device=self._device)
-                                   for k, v in values.items()}
-        return self._hyper_tensors
-
-    def _noise(self, batch: tuple[Tensor, ...]) -> Tensor:
-        shape = self._noise_shape(batch)
-        if self.loss.noise == "normal":
-            return torch.randn(shape, generator=self._generator, device=self._device, dtype=self._factor_dtype)
-        return torch.rand(shape, generator=self._generator, device=self._device, dtype=self._factor_dtype)
+        return values
 
     def _check_batch(self, batch: tuple[Tensor, ...], targets: Tensor) -> None:
         if len(batch) != len(self._inputs):
@@ -189,18 +168,28 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """
         return {b.name: {f: self._state[f"{b.name}.{f}"].clone() for f in b.factors} for b in self.plan.blocks}
 
+    # ------------------------------------------------------------------ ahead of time
+    def export(self, path: str | os.PathLike) -> str:
+        """Write this step as a standalone Python module that needs torch alone; returns ``path``.
+
+        The module (see :mod:`curvgraph.export`) holds the generated step, the run-time
+        code this optimizer runs it with, the model's lifted constants (large ones in a
+        ``.pt`` file beside it) and the current hyper-parameters; its ``load(model)``
+        (or :func:`curvgraph.load_step`) returns an object whose ``step(inputs, targets)``
+        continues exactly as :meth:`step` would from a fresh state. Same model and
+        options: byte-identical file.
+        """
+        from .export import export
+
+        return export(self, path)
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """Everything needed to continue identically: state tensors, hyper-parameters, counters, RNG."""
         return {
             "method": self.method.name,
-            "state": {k: v.clone() for k, v in self._state.items()},
             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
-            "step_count": self._step_count,
-            "skipped_steps": self.skipped_steps,
-            "factors_ready": self._factors_ready,
-            "refreshed": self._refreshed,
-            "generator": self._generator.get_state(),
+            **self._runner.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
@@ -208,40 +197,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if state_dict.get("method") != self.method.name:
             raise ConfigError(f"curvgraph: state_dict is for method {state_dict.get('method')!r}, this optimizer runs "
                               f"{self.method.name!r}.")
-        saved = state_dict["state"]
-        if set(saved) != set(self._state):
-            missing, extra = sorted(set(self._state) - set(saved)), sorted(set(saved) - set(self._state))
-            raise ConfigError(f"curvgraph: state_dict does not match this optimizer's blocks (missing {missing[:5]}, "
-                              f"unexpected {extra[:5]}); was it saved for another model or plan?")
-        for key, tensor in saved.items():
-            if tensor.shape != self._state[key].shape:
-                raise ConfigError(f"curvgraph: state '{key}' has shape {tuple(tensor.shape)} in the state_dict, "
-                                  f"{tuple(self._state[key].shape)} here.")
-        for key, tensor in saved.items():
-            self._state[key].copy_(tensor)
+        problem = self._runner.check_state_dict(state_dict)
+        if problem:
+            raise ConfigError(f"curvgraph: {problem}.")
         if len(state_dict["param_groups"]) != len(self.param_groups):
             raise ConfigError("curvgraph: state_dict has a different number of parameter groups.")
+        self._runner.load_state_dict(state_dict)
         for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
             group.update(saved_group)
-        self._step_count = state_dict["step_count"]
-        self.skipped_steps = state_dict["skipped_steps"]
-        self._factors_ready = state_dict["factors_ready"]
-        self._refreshed = state_dict["refreshed"]
-        self._generator.set_state(state_dict["generator"])
-
-
-def _initial(shape: tuple[int, ...], init: str, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A state tensor as a :class:`~curvgraph.codegen.writer.StateSpec` says it starts."""
-    if init == "eye":
-        return torch.eye(shape[-1], dtype=dtype, device=device).expand(shape).clone()
-    if init == "ones":
-        return torch.ones(shape, dtype=dtype, device=device)
-    if init == "zeros":
-        return torch.zeros(shape, dtype=dtype, device=device)
-    raise ConfigError(f"curvgraph: unknown state initialization {init!r}; use 'zeros', 'ones' or 'eye'.")
-
-
-def _compiled(fn: Callable, backend: str) -> Callable:
-    if backend == "eager":
-        return fn
-    return torch.compile(fn, backend=backend, fullgraph=True)

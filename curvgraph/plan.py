@@ -29,9 +29,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import sympy
+
+if TYPE_CHECKING:
+    from .kinds.base import BlockKind
+    from .trace import TracedModel
 
 Shape = tuple[int | sympy.Expr, ...]
 
@@ -162,6 +166,10 @@ class Plan:
         matches: block pass name -> number of blocks it claimed, in the order the
             passes ran (each block's ``found_by`` names its pass).
         rewrites: normalization pass name -> number of nodes it rewrote.
+        traced: the captured model whose (normalized) graph the blocks refer to, for
+            drawings (:func:`curvgraph.visualize`); ``None`` for a plan built by hand.
+        kinds: the block kinds the plan was built with, by name (their drawing hooks
+            draw the blocks even after a kind is unregistered).
     """
 
     model_name: str
@@ -174,6 +182,8 @@ class Plan:
     fallback_numel: int = 0
     matches: dict[str, int] = field(default_factory=dict)
     rewrites: dict[str, int] = field(default_factory=dict)
+    traced: "TracedModel | None" = field(default=None, repr=False, compare=False)
+    kinds: dict[str, "BlockKind"] = field(default_factory=dict, repr=False, compare=False)
 
     def block(self, name: str) -> Block:
         """The block called ``name``."""
@@ -226,6 +236,14 @@ class Plan:
         keys = ("forward_backward", "statistics", "precondition")
         return sympy.expand(self.named(sympy.Add(*(block.cost.get(k, 0) for k in keys))))
 
+    def block_state_bytes(self, block: Block) -> float:
+        """Bytes of optimizer state of ``block`` (the method's ``state_bytes``) at the example sizes."""
+        return self.at_example(block.cost.get("state_bytes", 0))
+
+    def block_step_flops(self, block: Block) -> float:
+        """:meth:`block_flops` at the example sizes."""
+        return self.at_example(self.block_flops(block).subs(self._by_name()))
+
     def __str__(self) -> str:
         rows = [("block", "kind", "pass", "params", "uses", "sharing", "factors", "state", "workspace", "FLOPs/step")]
         for b in self.blocks:
@@ -241,9 +259,9 @@ class Plan:
                     str(len(b.uses)),
                     b.sharing or "-",
                     factors,
-                    _human(self.at_example(b.cost.get("state_bytes", 0)), "B"),
-                    _human(self.at_example(workspace), "B") if workspace is not None else "-",
-                    _human(self.at_example(self.block_flops(b).subs(self._by_name())), ""),
+                    human(self.block_state_bytes(b), "B"),
+                    human(self.at_example(workspace), "B") if workspace is not None else "-",
+                    human(self.block_step_flops(b), ""),
                 )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -273,7 +291,8 @@ class Plan:
         return {sympy.Symbol(n, positive=True, integer=True): s for s, n in self.size_names.items()}
 
 
-def _human(value: float, unit: str) -> str:
+def human(value: float, unit: str) -> str:
+    """``value`` with a k/M/G/T prefix and 3 significant digits, e.g. ``human(12500, "B") == "12.5kB"``."""
     for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(value) >= scale:
             return f"{value / scale:.3g}{prefix}{unit}"

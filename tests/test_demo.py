@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 from curvgraph.cli import main
 from curvgraph.demo import load_mnist1d
@@ -25,3 +26,7 @@ def test_demo_command_writes_table_and_plot(tmp_path, capsys):
     assert out.exists() and os.path.getsize(out) > 10_000
     with open(out, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    page = (tmp_path / "curves.html").read_text()  # the graph beside the loss curves
+    assert page.count('<tr data-kind="dense"') == 3 and "def step(" in page
+    if shutil.which("dot"):
+        assert (tmp_path / "curves.svg").read_text().rstrip().endswith("</svg>") and "<svg" in page

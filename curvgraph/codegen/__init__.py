@@ -177,6 +177,7 @@ def _write_gradient_matrices(w: StepWriter, blocks: list[BlockVars], dtype: torc
     for b in blocks:
         kind = b.kind
         names = list(b.block.placeholders)
+        w.line(f"# {b.block.name}: {b.block.kind} block of {', '.join(b.block.params)}")
         w.line(f"{b.var('P')} = {kind.write_matrix(w, b, names, dtype)}")
         grad = kind.write_matrix(w, b, [f"grad_{n}" for n in names], dtype)
         w.line(f"{b.grad} = {grad} + {w.hyper('weight_decay')} * {kind.write_decayed(w, b, b.var('P'))}")
@@ -203,6 +204,7 @@ def _write_fisher(w: StepWriter, loss: LossSpec, fisher: str) -> None:
 def _write_updates(w: StepWriter, blocks: list[BlockVars]) -> None:
     for b in blocks:
         new = [f"new_{p}" for p in b.block.placeholders]
+        w.line(f"# {b.block.name}: the new {', '.join(b.block.params)}")
         split = b.kind.write_split(w, b, f"{b.var('P')} - {b.direction}")
         w.line(f"{_unpack(new)} = {split}")
         for p, value in zip(b.block.placeholders, new):

@@ -18,7 +18,10 @@ A :class:`BlockKind` subclass owns
 * optionally its **example rows** (:meth:`BlockKind.write_example_rows`): each
   example's gradient matrix in factored form, for methods that need more than the
   factors (EKFAC's eigenvalue correction, K-BFGS's pre-activation pairs);
-* its **cost** (:meth:`BlockKind.cost`): sympy FLOP counts, keys as in :mod:`curvgraph.plan`.
+* its **cost** (:meth:`BlockKind.cost`): sympy FLOP counts, keys as in :mod:`curvgraph.plan`;
+* its **drawing** (:attr:`BlockKind.color`, :meth:`BlockKind.label`): how
+  :func:`curvgraph.visualize` fills and names its blocks (defaults: grey, the kind's
+  name and dims), so a new kind draws without changes to the visualizer.
 
 ``curvgraph.register_block_kind(MyKind())`` adds it. The step-writing methods emit
 calls to plain torch functions (``w.call(fn, ...)``); the code generator copies those
@@ -63,6 +66,13 @@ class BlockKind(ABC):
 
     name: str = ""
     rewrites: tuple[Callable[[Graph, set[str]], int], ...] = ()
+    #: Fill colour of the kind's blocks in drawings (a Graphviz / CSS colour).
+    color: str = "#d9d9d9"
+
+    def label(self, block: Block) -> str:
+        """A one-line description of ``block`` for drawings and tables: the kind and its dims by default."""
+        dims = ", ".join(f"{k}={v}" for k, v in block.dims.items())
+        return f"{self.name} {dims}" if dims else self.name
 
     @property
     def passes(self) -> tuple[BlockPass, ...]:

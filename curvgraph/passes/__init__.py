@@ -95,6 +95,8 @@ def build_plan(traced: TracedModel, kinds: Iterable = (), sharing: str = "expand
         fallback_numel=numel,
         matches=matches,
         rewrites=rewrites,
+        traced=traced,
+        kinds={kind.name: kind for kind in kinds},
     )
 
 

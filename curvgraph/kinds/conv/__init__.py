@@ -42,6 +42,13 @@ class Conv(BlockKind):
     """Convolutions of any spatial rank: per group, ``A`` over input patches (axis -1) and ``G`` (axis -2)."""
 
     name = "conv"
+    color = "#a1d99b"
+
+    def label(self, block: Block) -> str:
+        shape, layout = block.layout["weight_shape"], block.layout
+        kernel = "x".join(map(str, layout["kernel"]))
+        groups = f", groups={layout['groups']}" if layout["groups"] > 1 else ""
+        return f"conv {shape[1] * layout['groups']} -> {shape[0]}, kernel {kernel}{groups}{' + bias' if block.bias else ''}"
 
     def find(self, traced: TracedModel, claims: Claims, sharing: str) -> list[Block]:
         return find_conv_blocks(self, traced, claims, sharing)

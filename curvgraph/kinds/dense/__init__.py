@@ -35,6 +35,11 @@ class Dense(BlockKind):
 
     name = "dense"
     rewrites = LINEAR_PASSES
+    color = "#9ecae1"
+
+    def label(self, block: Block) -> str:
+        bias = " + bias" if block.bias else ""
+        return f"dense {block.dims['in']} -> {block.dims['out']}{bias}"
 
     def find(self, traced: TracedModel, claims: Claims, sharing: str) -> list[Block]:
         return find_dense_blocks(self, traced, claims, sharing)

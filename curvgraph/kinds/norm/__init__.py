@@ -105,6 +105,10 @@ class Norm(BlockKind):
 
     name = "norm"
     rewrites = (split_norm_affine,)
+    color = "#fdd49e"
+
+    def label(self, block: Block) -> str:
+        return f"norm affine, {block.dims['channels']} channels{' (scale, shift)' if block.bias else ' (scale)'}"
 
     def find(self, traced: TracedModel, claims: Claims, sharing: str) -> list[Block]:
         return find_norm_blocks(self, traced, claims)

@@ -1,0 +1,230 @@
+"""The run-time half of a generated step, shared by the optimizer and exported modules.
+
+A generated step (:mod:`curvgraph.codegen`) is a pure function of tensors. What runs
+it -- the optimizer state and how it starts, the statistics/refresh schedule
+(``factor_every``, ``invert_every``), the Monte-Carlo noise and its generator, the
+cache of ``hyper`` tensors, the step counters and their checkpoint -- is
+:class:`StepRunner`. :class:`~curvgraph.CurvatureOptimizer` runs its step with one;
+:meth:`~curvgraph.CurvatureOptimizer.export` copies this module's definitions
+(:data:`EXPORTED`, with ``inspect``) into the exported file, where
+:class:`ExportedStep` runs the same step with the same runner. So everything here
+needs ``torch`` alone (and the standard library): no curvgraph imports.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+def initial_state(shape: tuple[int, ...], init: str, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A state tensor as it starts: ``"zeros"``, ``"ones"``, or ``"eye"`` (identities over the last two dims)."""
+    if init == "eye":
+        return torch.eye(shape[-1], dtype=dtype, device=device).expand(shape).clone()
+    if init == "ones":
+        return torch.ones(shape, dtype=dtype, device=device)
+    if init == "zeros":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    raise ValueError(f"curvgraph: unknown state initialization {init!r}; use 'zeros', 'ones' or 'eye'.")
+
+
+def compiled_step(fn: Callable, backend: str) -> Callable:
+    """``fn`` compiled with ``torch.compile`` as one graph, or ``fn`` itself for ``backend="eager"``."""
+    if backend == "eager":
+        return fn
+    return torch.compile(fn, backend=backend, fullgraph=True)
+
+
+def model_tensors(model: nn.Module, params: Sequence[Tensor], frozen: Sequence[str],
+                  buffers: Sequence[str]) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """The step's ``params``, ``frozen`` and ``buffers`` arguments: the trainable parameters (detached,
+    sharing storage, so the step's in-place commits update the model), the frozen ones and the buffers by name."""
+    return (tuple(p.detach() for p in params), tuple(model.get_parameter(n).detach() for n in frozen),
+            tuple(model.get_buffer(n) for n in buffers))
+
+
+class StepRunner:
+    """Runs a generated ``step`` function: its state, schedule, noise and hyper tensors.
+
+    Args:
+        step: the generated ``step(params, frozen, buffers, constants, inputs, targets,
+            state, hyper, noise, update_stats, refresh) -> (loss, ok)``, compiled or not.
+        noise_shape: the generated ``noise_shape(inputs)`` (the model output's shape).
+        state: state key -> ``(shape, init, dtype)`` (see :func:`initial_state`).
+        noise: ``"uniform"`` or ``"normal"``: the Monte-Carlo Fisher's noise
+            (drawn in statistics steps only); ``None`` for the other Fisher types.
+        factor_every, invert_every: statistics and refresh periods in steps.
+        device, factor_dtype: where the state lives and the dtype of the hyper tensors and noise.
+        seed: seed of the runner's own generator (``None``: from ``torch.initial_seed()``).
+
+    The schedule: statistics every ``factor_every`` steps and until a statistics step
+    succeeded; a refresh every ``invert_every`` steps and until one succeeded, but
+    never before any statistics exist. A step that is not finite (``ok`` false)
+    changes nothing but the step counter and :attr:`skipped_steps`.
+    """
+
+    def __init__(self, step: Callable, noise_shape: Callable, state: Mapping[str, tuple[tuple[int, ...], str, torch.dtype]],
+                 noise: str | None, factor_every: int, invert_every: int, device: torch.device,
+                 factor_dtype: torch.dtype, seed: int | None) -> None:
+        self.step_fn = step
+        self.noise_shape = noise_shape
+        self.noise = noise
+        self.factor_every = factor_every
+        self.invert_every = invert_every
+        self.device = device
+        self.factor_dtype = factor_dtype
+        self.state = {key: initial_state(shape, init, dtype, device) for key, (shape, init, dtype) in state.items()}
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed if seed is not None else int(torch.initial_seed()) % (2**63))
+        self.step_count = 0
+        self.skipped_steps = 0
+        self.factors_ready = False
+        self.refreshed = False
+        self._hyper_values: dict[str, float] = {}
+        self._hyper_tensors: dict[str, Tensor] = {}
+
+    def schedule(self) -> tuple[bool, bool]:
+        """``(update_stats, refresh)`` for the next step."""
+        update_stats = self.step_count % self.factor_every == 0 or not self.factors_ready
+        refresh = (self.step_count % self.invert_every == 0 or not self.refreshed) and (
+            update_stats or self.factors_ready)
+        return update_stats, refresh
+
+    def hyper(self, values: Mapping[str, float]) -> dict[str, Tensor]:
+        """The step's ``hyper`` 0-d tensors for ``values``, rebuilt only when a value changed."""
+        if values != self._hyper_values:
+            self._hyper_values = dict(values)
+            self._hyper_tensors = {k: torch.tensor(v, dtype=self.factor_dtype, device=self.device)
+                                   for k, v in values.items()}
+        return self._hyper_tensors
+
+    def sample_noise(self, batch: Sequence[Tensor]) -> Tensor:
+        """Standard uniform or normal noise shaped like the model output for ``batch``."""
+        shape = self.noise_shape(batch)
+        if self.noise == "normal":
+            return torch.randn(shape, generator=self.generator, device=self.device, dtype=self.factor_dtype)
+        return torch.rand(shape, generator=self.generator, device=self.device, dtype=self.factor_dtype)
+
+    def run(self, params: Sequence[Tensor], frozen: Sequence[Tensor], buffers: Sequence[Tensor],
+            constants: Sequence[Tensor], batch: tuple[Tensor, ...], targets: Tensor,
+            hyper_values: Callable[[bool], Mapping[str, float]]) -> tuple[Tensor, bool]:
+        """One step; returns ``(loss, ok)``.
+
+        ``hyper_values(first_statistics)`` gives the hyper-parameters as floats;
+        ``first_statistics`` is true until a statistics step succeeded.
+        """
+        update_stats, refresh = self.schedule()
+        noise = self.sample_noise(batch) if self.noise is not None and update_stats else None
+        hyper = self.hyper(hyper_values(not self.factors_ready))
+        loss, ok = self.step_fn(tuple(params), tuple(frozen), tuple(buffers), tuple(constants), batch, targets,
+                                self.state, hyper, noise, update_stats, refresh)
+        self.step_count += 1
+        ok = bool(ok)
+        if ok:
+            self.factors_ready |= update_stats
+            self.refreshed |= refresh
+        else:
+            self.skipped_steps += 1
+        return loss, ok
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state tensors (copies), counters and the generator state."""
+        return {
+            "state": {k: v.clone() for k, v in self.state.items()},
+            "step_count": self.step_count,
+            "skipped_steps": self.skipped_steps,
+            "factors_ready": self.factors_ready,
+            "refreshed": self.refreshed,
+            "generator": self.generator.get_state(),
+        }
+
+    def check_state_dict(self, state_dict: Mapping[str, Any]) -> str | None:
+        """Why ``state_dict`` does not fit this runner's state (``None`` if it does)."""
+        saved = state_dict["state"]
+        if set(saved) != set(self.state):
+            missing, extra = sorted(set(self.state) - set(saved)), sorted(set(saved) - set(self.state))
+            return (f"state_dict does not match this step's blocks (missing {missing[:5]}, unexpected {extra[:5]}); "
+                    "was it saved for another model or plan?")
+        for key, tensor in saved.items():
+            if tensor.shape != self.state[key].shape:
+                return f"state '{key}' has shape {tuple(tensor.shape)} in the state_dict, {tuple(self.state[key].shape)} here"
+        return None
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a :meth:`state_dict` (check it first with :meth:`check_state_dict`)."""
+        for key, tensor in state_dict["state"].items():
+            self.state[key].copy_(tensor)
+        self.step_count = state_dict["step_count"]
+        self.skipped_steps = state_dict["skipped_steps"]
+        self.factors_ready = state_dict["factors_ready"]
+        self.refreshed = state_dict["refreshed"]
+        self.generator.set_state(state_dict["generator"])
+
+
+class ExportedStep:
+    """The training step of an exported module, bound to one model (what its ``load(model)`` returns).
+
+    ``step(inputs, targets)`` updates the model's parameters (and buffers) in place and
+    returns the loss, exactly as :meth:`curvgraph.CurvatureOptimizer.step` does for the
+    hyper-parameters the module was exported with (:attr:`hyper`; change a value
+    there to schedule it). ``state_dict()`` / ``load_state_dict()`` checkpoint it; a
+    :class:`~curvgraph.CurvatureOptimizer`'s ``state_dict()`` for the same model and
+    method loads too (its ``param_groups`` are not read).
+    """
+
+    def __init__(self, model: nn.Module, *, step: Callable, noise_shape: Callable, spec: Mapping[str, Any],
+                 constants: Sequence[Tensor], backend: str, seed: int | None) -> None:
+        self.model = model
+        self.method = spec["method"]
+        self.hyper = dict(spec["hyper"])
+        self.first_statistics = dict(spec["first_statistics"])
+        self._params = [model.get_parameter(n) for n in spec["params"]]
+        self._frozen_names = list(spec["frozen"])
+        self._buffer_names = list(spec["buffers"])
+        self.n_inputs = spec["inputs"]
+        device = self._params[0].device
+        self.constants = tuple(c.to(device) for c in constants)
+        self.runner = StepRunner(compiled_step(step, backend), noise_shape, spec["state"], spec["noise"],
+                                 spec["factor_every"], spec["invert_every"], device, spec["factor_dtype"], seed)
+
+    def _hyper_values(self, first_statistics: bool) -> dict[str, float]:
+        return {**self.hyper, **self.first_statistics} if first_statistics else self.hyper
+
+    def step(self, inputs: Tensor | tuple[Tensor, ...], targets: Tensor) -> Tensor:
+        """One training step on a batch; returns the batch loss (before the update)."""
+        batch = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
+        if len(batch) != self.n_inputs:
+            raise ValueError(f"this step takes {self.n_inputs} input tensor(s), got {len(batch)}")
+        params, frozen, buffers = model_tensors(self.model, self._params, self._frozen_names, self._buffer_names)
+        loss, ok = self.runner.run(params, frozen, buffers, self.constants, batch, targets, self._hyper_values)
+        if not ok:
+            warnings.warn(f"step {self.runner.step_count} skipped: the loss ({loss.item():.4g}) or the update is "
+                          "not finite; parameters, buffers and optimizer state are unchanged.", RuntimeWarning,
+                          stacklevel=2)
+        return loss
+
+    @property
+    def skipped_steps(self) -> int:
+        """How many steps were skipped because they were not finite."""
+        return self.runner.skipped_steps
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue identically: state tensors, hyper-parameters, counters, RNG."""
+        return {"method": self.method, "hyper": dict(self.hyper), **self.runner.state_dict()}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a :meth:`state_dict` (or a ``CurvatureOptimizer``'s) saved for the same model and method."""
+        if state_dict.get("method") != self.method:
+            raise ValueError(f"state_dict is for method {state_dict.get('method')!r}, this step runs {self.method!r}")
+        problem = self.runner.check_state_dict(state_dict)
+        if problem:
+            raise ValueError(problem)
+        self.runner.load_state_dict(state_dict)
+        self.hyper.update(state_dict.get("hyper", {}))
+
+
+#: What an exported module copies from here, in order.
+EXPORTED = (initial_state, compiled_step, model_tensors, StepRunner, ExportedStep)

@@ -1,0 +1,190 @@
+"""Ahead-of-time step modules: opt.export(path) runs with torch alone and steps exactly like the optimizer."""
+
+from __future__ import annotations
+
+import ast
+import copy
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import curvgraph
+
+# A model with every kind of tensor the export must carry: dense and norm blocks, a
+# fallback parameter (Adam state), BatchNorm buffers, a small and a large lifted constant.
+MODEL_SOURCE = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.fc2 = nn.Linear(8, 3)
+        self.gain = nn.Parameter(torch.ones(()))
+        self.offsets = torch.linspace(-1, 1, 8 * 20).reshape(8, 20)  # lifted constant, 160 entries
+        self.clip = torch.tensor([2.5, float("inf")])  # lifted constant, inline
+
+    def forward(self, x):
+        h = torch.tanh(self.bn(self.fc1(x)) + 1e-2 * self.offsets.sum(1))
+        h = torch.minimum(h * self.clip[0], self.clip[1])
+        return self.fc2(h) * self.gain
+
+
+def make():
+    torch.manual_seed(0)
+    return Net()
+
+
+def batches(steps=20, n=16):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)) for _ in range(steps)]
+'''
+
+OPTIONS = dict(backend="eager", seed=3, factor_every=2, invert_every=3)
+
+
+@pytest.fixture
+def netmod(tmp_path, monkeypatch):
+    (tmp_path / "netdef.py").write_text(MODEL_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    import netdef
+
+    importlib.reload(netdef)
+    return netdef
+
+
+def compiled(netmod, **options):
+    model = netmod.make()
+    x, _ = netmod.batches(1)[0]
+    return model, curvgraph.compile(model, (x,), loss="cross_entropy", method="kfac", **{**OPTIONS, **options})
+
+
+def test_export_runs_without_curvgraph_and_matches_the_optimizer_bitwise(netmod, tmp_path):
+    model, opt = compiled(netmod)
+    opt.export(tmp_path / "aot_step.py")
+    assert (tmp_path / "aot_step.pt").exists()  # the large constant lives beside the module
+    losses = [opt.step(x, y) for x, y in netmod.batches()]
+    torch.save({"losses": torch.stack(losses), "model": model.state_dict()}, tmp_path / "reference.pt")
+
+    script = textwrap.dedent(f'''
+        import sys
+        sys.modules["curvgraph"] = None  # importing curvgraph now fails
+        sys.path.insert(0, {str(tmp_path)!r})
+        import copy, torch, netdef, aot_step
+        model = netdef.make()
+        trainer = aot_step.load(model)
+        data = netdef.batches()
+        losses = [trainer.step(x, y) for x, y in data[:10]]
+        checkpoint, halfway = trainer.state_dict(), copy.deepcopy(model)
+        losses += [trainer.step(x, y) for x, y in data[10:]]
+        resumed = aot_step.load(halfway)
+        resumed.load_state_dict(checkpoint)
+        for x, y in data[10:]:
+            resumed.step(x, y)
+        same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), halfway.state_dict().values()))
+        torch.save({{"losses": torch.stack(losses), "model": model.state_dict(), "resumed": same}},
+                   {str(tmp_path / "exported.pt")!r})
+    ''')
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours, theirs = torch.load(tmp_path / "reference.pt"), torch.load(tmp_path / "exported.pt")
+    assert torch.equal(ours["losses"], theirs["losses"])
+    for name, tensor in ours["model"].items():
+        assert torch.equal(tensor, theirs["model"][name]), name
+    assert not torch.equal(ours["model"]["fc1.weight"], netmod.make().fc1.weight.detach())  # it trained
+    assert theirs["resumed"]
+
+
+def test_optimizer_checkpoint_continues_in_the_exported_module(netmod, tmp_path):
+    model, opt = compiled(netmod)
+    data = netmod.batches(10)
+    for x, y in data[:5]:
+        opt.step(x, y)
+    twin = copy.deepcopy(model)
+    trainer = curvgraph.load_step(opt.export(tmp_path / "resume_step.py"), twin)
+    trainer.load_state_dict(opt.state_dict())
+    for x, y in data[5:]:
+        assert torch.equal(opt.step(x, y), trainer.step(x, y))
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        assert torch.equal(a, b), name
+    other = curvgraph.compile(netmod.make(), (data[0][0],), method="kfac", **{**OPTIONS, "fallback": "sgd"})
+    with pytest.raises(ValueError, match="does not match"):
+        trainer.load_state_dict(other.state_dict())
+
+
+def test_export_is_byte_identical_and_hashed(netmod, tmp_path):
+    paths = []
+    for run in ("a", "b"):
+        _, opt = compiled(netmod)
+        paths.append(opt.export(tmp_path / run / "step.py"))
+    text = open(paths[0], "rb").read()
+    assert text == open(paths[1], "rb").read()
+    stored = open(tmp_path / "a" / "step.pt", "rb").read()
+    assert stored == open(tmp_path / "b" / "step.pt", "rb").read()
+
+    header, body = text.decode().split("\n\n", 1)
+    digest = re.search(r"content hash: sha256 ([0-9a-f]{64})", header).group(1)
+    assert hashlib.sha256(body.encode() + stored).hexdigest() == digest
+    for needed in ("model: Net", "inputs: x (*, 6) float32", "method: kfac", "fisher=mc", "factor_every=2",
+                   "damping=0.001", "fc1", "bn", "first-order fallback"):
+        assert needed in header, needed
+
+    _, other = compiled(netmod, damping=0.01)  # other options, another file
+    assert open(other.export(tmp_path / "c" / "step.py"), "rb").read() != text
+
+
+def test_exported_module_is_readable_and_imports_only_torch(netmod, tmp_path):
+    _, opt = compiled(netmod)
+    source = open(opt.export(tmp_path / "step.py")).read()
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module.split(".")[0])
+    assert imported <= {"__future__", "math", "os", "warnings", "torch"}, imported
+    for block in opt.plan.blocks:  # a comment at each block
+        assert f"# {block.name}: {block.kind} block of {', '.join(block.params)}" in source
+    assert "torch.tensor([2.5, float('inf')], dtype=torch.float32),  # c_clip" in source
+    assert max(len(line) for line in source.splitlines()) < 400
+
+
+def test_export_errors(netmod, tmp_path):
+    _, opt = compiled(netmod)
+    with pytest.raises(curvgraph.ConfigError, match=r"ending in \.py"):
+        opt.export(tmp_path / "step.txt")
+    with pytest.raises(curvgraph.ConfigError, match="identifier"):
+        opt.export(tmp_path / "my-step.py")
+    with pytest.raises(curvgraph.ConfigError, match="no exported step module"):
+        curvgraph.load_step(tmp_path / "missing.py", netmod.make())
+
+
+def test_compiled_export_matches_the_compiled_optimizer(tmp_path):
+    """The one compiled test here: both steps through torch.compile (inductor), within 1e-6 (one schedule
+    variant, statistics and refresh every step, to compile once each; the schedule is tested above)."""
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(8, 5, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(3)]
+    model, twin = make(), make()
+    opt = curvgraph.compile(model, (data[0][0],), lr=0.002, seed=0, factor_every=1, invert_every=1)
+    trainer = curvgraph.load_step(opt.export(tmp_path / "compiled_step.py"), twin)
+    assert opt.backend == "inductor" and "BACKEND = 'inductor'" in open(tmp_path / "compiled_step.py").read()
+    for x, y in data:
+        torch.testing.assert_close(opt.step(x, y), trainer.step(x, y), atol=1e-6, rtol=0)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)

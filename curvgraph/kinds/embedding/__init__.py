@@ -31,6 +31,10 @@ class Embedding(BlockKind):
     """``y = E[i]``: a diagonal ``A`` of token frequencies (axis -2) and ``G`` over the features (axis -1)."""
 
     name = "embedding"
+    color = "#bcbddc"
+
+    def label(self, block: Block) -> str:
+        return f"embedding {block.dims['vocab']} tokens x {block.dims['features']}"
 
     def find(self, traced: TracedModel, claims: Claims, sharing: str) -> list[Block]:
         return find_embedding_blocks(self, traced, claims)

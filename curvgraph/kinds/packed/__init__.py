@@ -36,6 +36,11 @@ class Packed(BlockKind):
     """Row blocks of one weight applied to different inputs: per member ``A`` (axis -1) and ``G`` (axis -2)."""
 
     name = "packed"
+    color = "#c6dbef"
+
+    def label(self, block: Block) -> str:
+        what = "weight" if block.layout["weight"] else "bias"
+        return f"packed {what}: {sum(block.layout['members'])} members of {block.dims['chunk']} rows"
 
     def find(self, traced: TracedModel, claims: Claims, sharing: str) -> list[Block]:
         return find_packed_blocks(self, traced, claims, sharing)

@@ -37,6 +37,10 @@ class Position(BlockKind):
     """``h + pos[:, :T]``: a diagonal ``A`` of position frequencies (axis -2) and ``G`` over the features (axis -1)."""
 
     name = "position"
+    color = "#dadaeb"
+
+    def label(self, block: Block) -> str:
+        return f"positional table {block.dims['positions']} x {block.dims['features']}"
 
     def find(self, traced: TracedModel, claims: Claims, sharing: str) -> list[Block]:
         return find_position_blocks(self, traced, claims)

@@ -32,6 +32,10 @@ class Tied(BlockKind):
     """Tied embedding / head ``E (V, d)``: a diagonal token-side factor ``R`` (axis -2) and ``C`` over the features."""
 
     name = "tied"
+    color = "#9e9ac8"
+
+    def label(self, block: Block) -> str:
+        return f"tied embedding/head {block.dims['vocab']} x {block.dims['features']}"
 
     def find(self, traced: TracedModel, claims: Claims, sharing: str) -> list[Block]:
         return find_tied_blocks(self, traced, claims)

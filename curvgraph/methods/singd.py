@@ -457,7 +457,7 @@ def singd_momentum(h: Tensor, gram: Tensor, identity: Tensor, coupling: Tensor, 
     r""":math:`m \leftarrow \alpha_1 m + s\,(c\,H + \lambda c'\,\Pi(K^\top K) - I)` in storage, with
     :math:`s = 1/2`, or :math:`(1-\alpha_1)/2` when ``lr_cov`` is normalized."""
     scale = 0.5 * (1 - alpha1) if normalize else 0.5
-    step = coupling[..., None] * h + (damping * damping_coupling)[..., None] * gram - identity
+    step = coupling.to(h.dtype)[..., None] * h + (damping * damping_coupling).to(h.dtype)[..., None] * gram - identity
     return step * scale + alpha1 * previous
 
 
@@ -603,7 +603,7 @@ class SINGD(Method):
         if len({s.axis for s in sides}) != len(sides):
             raise CompileError(f"curvgraph: block {block.name} ({block.kind}) has two factors on one axis; SINGD needs "
                                "at most one per axis. Use method='kfac'.")
-        return sorted(sides, key=lambda s: s.key)
+        return sorted(sides, key=lambda s: s.key != "K")  # K first: V = C C^T (M K K^T), singd's order
 
     def preconditioner(self, block: Block) -> tuple[str, ...]:
         return tuple(k for s in self._sides(block) for k in (s.key, f"m_{s.key}"))

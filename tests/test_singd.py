@@ -115,8 +115,8 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model, case", [("mlp", case) for case in CASES] +
+                         [("cnn", case) for case in ("dense", "diagonal", "kfac_like")])
 def test_five_steps_equal_the_singd_package(float64, model, case):
     start, data = MODELS[model](), batches(model)
     hyper = {**HYPER, **CASES[case]}
@@ -181,7 +181,7 @@ def test_structure_operations_against_dense_matrices(float64, name):
     torch.testing.assert_close(st.apply(k, v, False, d, st.spec), dense_k @ v)
     torch.testing.assert_close(st.apply(k, v, True, d, st.spec), dense_k.mT @ v)
     for got, full in ((st.inner(k, x, d, st.spec), dense_k.mT @ x @ dense_k),
-                      (st.gram(k, d, st.spec), dense_k.mT @ dense_k)):
+                      (st.inner(k, None, d, st.spec), dense_k.mT @ dense_k)):
         # the projection of a symmetric matrix: its entries on the structure, twice where the mirrored entry
         # is not part of the structure (singd's rule: the mirrored entry is folded in)
         expected = torch.where(mask, full + torch.where(mask.mT, torch.zeros(()), full.mT), torch.zeros(()))
@@ -255,7 +255,7 @@ def test_no_inversion_or_decomposition_in_the_generated_step():
     names = ["dense", "diagonal", "block_diagonal", "lower_triangular", "upper_triangular", "hierarchical"]
     model = nn.Sequential(nn.Conv2d(2, 3, 3, groups=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 3))
     forbidden = re.compile(r"linalg|inverse|\binv\b|cholesky|eigh?\b|eigvals|svd|\bsolve|\bqr\b|\blu\b|pinv|lstsq")
-    for k_name, c_name in zip(names, names[::-1]):
+    for k_name, c_name in zip(names[:3], names[:2:-1]):  # every structure once
         opt = curvgraph.compile(model, torch.randn(4, 2, 4, 4), method="singd", backend="eager",
                                 structures=(k_name, c_name))
         assert not forbidden.search(opt.source), (k_name, c_name)

@@ -106,16 +106,11 @@ def dense_matrix(flat: Tensor, d: int, spec: tuple) -> Tensor:
     return flat.unflatten(-1, (d, d))
 
 
-def dense_inner(flat: Tensor, x: Tensor, d: int, spec: tuple) -> Tensor:
-    r""":math:`K^\top X K` (no projection needed) for ``K`` stored densely and symmetric ``X`` ``(..., d, d)``."""
+def dense_inner(flat: Tensor, x: Tensor | None, d: int, spec: tuple) -> Tensor:
+    r""":math:`K^\top X K` (no projection needed) for ``K`` stored densely and symmetric ``X`` ``(..., d, d)``;
+    :math:`K^\top K` if ``x`` is None."""
     k = dense_matrix(flat, d, spec)
-    return (k.mT @ x @ k).flatten(-2)
-
-
-def dense_gram(flat: Tensor, d: int, spec: tuple) -> Tensor:
-    r""":math:`K^\top K` in dense storage."""
-    k = dense_matrix(flat, d, spec)
-    return (k.mT @ k).flatten(-2)
+    return (k.mT @ k if x is None else k.mT @ x @ k).flatten(-2)
 
 
 def dense_product(left: Tensor, right: Tensor, d: int, spec: tuple) -> Tensor:
@@ -140,14 +135,10 @@ def diagonal_matrix(flat: Tensor, d: int, spec: tuple) -> Tensor:
     return torch.diag_embed(flat)
 
 
-def diagonal_inner(flat: Tensor, x: Tensor, d: int, spec: tuple) -> Tensor:
-    r""":math:`\operatorname{diag}(K^\top X K) = k^2 \odot \operatorname{diag}(X)` for diagonal ``K = diag(k)``."""
-    return flat * flat * x.diagonal(dim1=-2, dim2=-1)
-
-
-def diagonal_gram(flat: Tensor, d: int, spec: tuple) -> Tensor:
-    r""":math:`K^\top K = \operatorname{diag}(k^2)`."""
-    return flat * flat
+def diagonal_inner(flat: Tensor, x: Tensor | None, d: int, spec: tuple) -> Tensor:
+    r""":math:`\operatorname{diag}(K^\top X K) = k^2 \odot \operatorname{diag}(X)` for diagonal ``K = diag(k)``
+    (:math:`k^2` if ``x`` is None)."""
+    return flat * flat if x is None else flat * flat * x.diagonal(dim1=-2, dim2=-1)
 
 
 def diagonal_product(left: Tensor, right: Tensor, d: int, spec: tuple) -> Tensor:
@@ -201,17 +192,14 @@ def block_diagonal_matrix(flat: Tensor, d: int, spec: tuple) -> Tensor:
     return torch.cat([torch.cat([top, zeros], -1), torch.cat([zeros.mT, last], -1)], -2)
 
 
-def block_diagonal_inner(flat: Tensor, x: Tensor, d: int, spec: tuple) -> Tensor:
-    r"""The diagonal blocks of :math:`K^\top X K`: :math:`K_i^\top X_{ii} K_i` per block."""
+def block_diagonal_inner(flat: Tensor, x: Tensor | None, d: int, spec: tuple) -> Tensor:
+    r"""The diagonal blocks of :math:`K^\top X K`: :math:`K_i^\top X_{ii} K_i` per block (:math:`K_i^\top K_i`
+    if ``x`` is None)."""
     kb, kl = block_diagonal_parts(flat, d, spec)
+    if x is None:
+        return block_diagonal_flat(kb.mT @ kb, kl.mT @ kl)
     xb, xl = block_diagonal_of(x, d, spec)
     return block_diagonal_flat(kb.mT @ xb @ kb, kl.mT @ xl @ kl)
-
-
-def block_diagonal_gram(flat: Tensor, d: int, spec: tuple) -> Tensor:
-    r""":math:`K^\top K` blockwise."""
-    kb, kl = block_diagonal_parts(flat, d, spec)
-    return block_diagonal_flat(kb.mT @ kb, kl.mT @ kl)
 
 
 def block_diagonal_product(left: Tensor, right: Tensor, d: int, spec: tuple) -> Tensor:
@@ -244,16 +232,11 @@ def triangular_project(x: Tensor, d: int, spec: tuple) -> Tensor:
     return (torch.triu(x) + torch.tril(x, -1).mT).flatten(-2)
 
 
-def triangular_inner(flat: Tensor, x: Tensor, d: int, spec: tuple) -> Tensor:
-    r""":math:`\Pi(K^\top X K)` for triangular ``K`` (stored as the full masked matrix)."""
+def triangular_inner(flat: Tensor, x: Tensor | None, d: int, spec: tuple) -> Tensor:
+    r""":math:`\Pi(K^\top X K)` for triangular ``K`` (stored as the full masked matrix);
+    :math:`\Pi(K^\top K)` if ``x`` is None."""
     k = dense_matrix(flat, d, spec)
-    return triangular_project(k.mT @ x @ k, d, spec)
-
-
-def triangular_gram(flat: Tensor, d: int, spec: tuple) -> Tensor:
-    r""":math:`\Pi(K^\top K)` for triangular ``K``."""
-    k = dense_matrix(flat, d, spec)
-    return triangular_project(k.mT @ k, d, spec)
+    return triangular_project(k.mT @ k if x is None else k.mT @ x @ k, d, spec)
 
 
 # ----------------------------------------------------------- hierarchical structure
@@ -306,16 +289,10 @@ def hierarchical_matrix(flat: Tensor, d: int, spec: tuple) -> Tensor:
     return torch.cat([torch.cat([a, b], -1), middle, bottom], -2)
 
 
-def hierarchical_inner(flat: Tensor, x: Tensor, d: int, spec: tuple) -> Tensor:
-    r""":math:`\Pi(K^\top X K)` through the dense matrix of ``K``."""
+def hierarchical_inner(flat: Tensor, x: Tensor | None, d: int, spec: tuple) -> Tensor:
+    r""":math:`\Pi(K^\top X K)` (:math:`\Pi(K^\top K)` if ``x`` is None) through the dense matrix of ``K``."""
     k = hierarchical_matrix(flat, d, spec)
-    return hierarchical_project(k.mT @ x @ k, d, spec)
-
-
-def hierarchical_gram(flat: Tensor, d: int, spec: tuple) -> Tensor:
-    r""":math:`\Pi(K^\top K)` through the dense matrix of ``K``."""
-    k = hierarchical_matrix(flat, d, spec)
-    return hierarchical_project(k.mT @ k, d, spec)
+    return hierarchical_project(k.mT @ k if x is None else k.mT @ x @ k, d, spec)
 
 
 def hierarchical_product(left: Tensor, right: Tensor, d: int, spec: tuple) -> Tensor:
@@ -351,12 +328,13 @@ class Structure:
         spec: static parameters (block size, hierarchical sizes), passed to every function.
         size: ``d -> number of stored entries``.
         identity: ``(like, d, spec) -> I`` in storage.
-        inner: ``(K, X, d, spec) -> Π(Kᵀ X K)`` for symmetric dense ``X`` ``(..., d, d)``.
-        gram: ``(K, d, spec) -> Π(Kᵀ K)``.
+        inner: ``(K, X, d, spec) -> Π(Kᵀ X K)`` for symmetric dense ``X`` ``(..., d, d)``, ``Π(Kᵀ K)`` for
+            ``X = None`` (singd's ``from_inner``).
         product: ``(L, R, d, spec) -> L R`` (the structure is a matrix group).
         apply: ``(K, V, transpose, d, spec) -> K V`` or ``Kᵀ V`` for ``V`` ``(..., d, n)``.
         matrix: ``(K, d, spec) -> (..., d, d)`` dense matrix (for inspection and tests).
         apply_flops: ``d -> FLOPs per column`` of ``K V``.
+        update_flops: ``d -> FLOPs`` of one update of ``K`` (``Π(Kᵀ X K)``, ``Π(Kᵀ K)``, ``K m``).
     """
 
     name: str
@@ -364,32 +342,35 @@ class Structure:
     size: Callable[[int], int]
     identity: Callable
     inner: Callable
-    gram: Callable
     product: Callable
     apply: Callable
     matrix: Callable
     apply_flops: Callable[[int], int]
+    update_flops: Callable[[int], int]
 
 
 def _dense() -> Structure:
-    return Structure("dense", (), lambda d: d * d, dense_identity, dense_inner, dense_gram, dense_product, dense_apply,
-                     dense_matrix, lambda d: 2 * d * d)
+    return Structure("dense", (), lambda d: d * d, dense_identity, dense_inner, dense_product, dense_apply,
+                     dense_matrix, lambda d: 2 * d * d,
+                     lambda d: 8 * d**3)
 
 
 def _diagonal() -> Structure:
-    return Structure("diagonal", (), lambda d: d, diagonal_identity, diagonal_inner, diagonal_gram, diagonal_product,
-                     diagonal_apply, diagonal_matrix, lambda d: d)
+    return Structure("diagonal", (), lambda d: d, diagonal_identity, diagonal_inner, diagonal_product,
+                     diagonal_apply, diagonal_matrix, lambda d: d, lambda d: 5 * d)
 
 
 def _block_diagonal(b: int) -> Structure:
     return Structure(f"block{b}diagonal", (b,), lambda d: (d // b) * b * b + (d % b) ** 2, block_diagonal_identity,
-                     block_diagonal_inner, block_diagonal_gram, block_diagonal_product, block_diagonal_apply,
-                     block_diagonal_matrix, lambda d: 2 * d * min(b, d))
+                     block_diagonal_inner, block_diagonal_product, block_diagonal_apply,
+                     block_diagonal_matrix, lambda d: 2 * d * min(b, d),
+                     lambda d: 8 * d * min(b, d) ** 2)
 
 
 def _triangular(lower: bool) -> Structure:
     return Structure("lower_triangular" if lower else "upper_triangular", (lower,), lambda d: d * d, dense_identity,
-                     triangular_inner, triangular_gram, dense_product, dense_apply, dense_matrix, lambda d: d * (d + 1))
+                     triangular_inner, dense_product, dense_apply, dense_matrix, lambda d: d * (d + 1),
+                     lambda d: 8 * d**3)
 
 
 def _hierarchical(k1: int, k2: int) -> Structure:
@@ -398,8 +379,8 @@ def _hierarchical(k1: int, k2: int) -> Structure:
         return a * a + a * (d - a) + m + e * m + e * e
 
     return Structure(f"hierarchical{k1}_{k2}", (k1, k2), size, hierarchical_identity, hierarchical_inner,
-                     hierarchical_gram, hierarchical_product, hierarchical_apply, hierarchical_matrix,
-                     lambda d: 2 * size(d))
+                     hierarchical_product, hierarchical_apply, hierarchical_matrix,
+                     lambda d: 2 * size(d), lambda d: 8 * d**3)
 
 
 #: Structure names: curvgraph's and the ``singd`` package's (``SINGD.SUPPORTED_STRUCTURES``).
@@ -638,7 +619,7 @@ class SINGD(Method):
                 w.line(f"{k} = {w.call(identity_plus, b.state(s.key), eye)}")
                 x = w.call(factor_matrix, b.factors[s.factor], s.diagonal, f"{k}.dtype")
                 w.line(f"{b.var('H_' + s.key)} = {w.call(st.inner, k, x, s.dim, st.spec)}")
-                w.line(f"{b.var('gram_' + s.key)} = {w.call(st.gram, k, s.dim, st.spec)}")
+                w.line(f"{b.var('gram_' + s.key)} = {w.call(st.inner, k, None, s.dim, st.spec)}")
                 terms[s.key] = (b.var("H_" + s.key), b.var("gram_" + s.key), eye)
             if len(sides) == 2:
                 couplings = [b.var(n) for n in ("cH_K", "cI_K", "cH_C", "cI_C")]
@@ -691,16 +672,15 @@ class SINGD(Method):
 
     def cost(self, block: Block) -> dict[str, sympy.Expr]:
         """Preconditioning: two structured products per side and column (``K Kᵀ``); the factor update
-        (``inversion``, every ``T`` steps, no inversion involved): about ``8 d^3`` per dense-computed side, less
-        for diagonal and block-diagonal ones; state: ``K``, ``C``, their momenta (in their dtype), the
+        (``inversion``, every ``T`` steps, no inversion involved): about ``8 d^3`` per side computed through
+        dense matrices, ``8 d b^2`` block-diagonal, ``5 d`` diagonal; state: ``K``, ``C``, their momenta (in their dtype), the
         kinds' factors and the momentum buffer (float32)."""
         numel = math.prod(block.matrix_shape)
         precondition = update = state = 0
         for s in self._sides(block):
             count, columns = math.prod(s.lead), numel // max(1, math.prod(s.lead) * s.dim)
             precondition += count * 2 * s.structure.apply_flops(s.dim) * columns
-            dense_like = s.structure.name not in ("diagonal",) and not s.structure.name.startswith("block")
-            update += count * (8 * s.dim**3 if dense_like else 4 * s.structure.apply_flops(s.dim) * s.dim)
+            update += count * s.structure.update_flops(s.dim)
             itemsize = torch.empty((), dtype=s.dtype or torch.float32).element_size()
             state += 2 * count * s.structure.size(s.dim) * itemsize
         state += 4 * (numel + sum(math.prod(f.shape) for f in block.factors.values()))

@@ -51,7 +51,8 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
             stay symbolic: later batches may differ in them.
         loss: ``"cross_entropy"``, ``"mse"``, ``"bce_with_logits"`` or an instance of
             ``nn.CrossEntropyLoss``/``nn.MSELoss``/``nn.BCEWithLogitsLoss`` (mean reduction).
-        method: the update rule, a registered method's name: ``"kfac"`` (see
+        method: the update rule, a registered method's name: ``"kfac"``, ``"singd"`` (its options:
+            ``docs/methods.md``; see
             ``curvgraph.register_method`` to add one).
         **options: hyper-parameters of the method and compile options:
 

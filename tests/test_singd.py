@@ -112,11 +112,12 @@ CASES = {
     "kfac_like": dict(structures=("dense", "dense"), kfac_like=True),
     "kfac_like-diagonal": dict(structures=("diagonal", "diagonal"), kfac_like=True),
     "mixed-normalized": dict(structures=("diagonal", "dense"), normalize_lr_cov=True, lr_cov=2.0),
+    "reduce": dict(structures=("dense", "dense"), kfac_approx="reduce"),  # a compile option of the same name
 }
 
 
 @pytest.mark.parametrize("model, case", [("mlp", case) for case in CASES] +
-                         [("cnn", case) for case in ("dense", "diagonal", "kfac_like")])
+                         [("cnn", case) for case in ("dense", "diagonal", "kfac_like", "reduce")])
 def test_five_steps_equal_the_singd_package(float64, model, case):
     start, data = MODELS[model](), batches(model)
     hyper = {**HYPER, **CASES[case]}
@@ -281,6 +282,8 @@ def test_options_are_checked():
         curvgraph.compile(model, x, method="singd", T=5, factor_every=2, backend="eager")
     with pytest.raises(curvgraph.ConfigError, match="structure"):
         curvgraph.compile(model, x, method="singd", structures=("dense", "triltoeplitz"), backend="eager")
+    with pytest.raises(curvgraph.ConfigError, match="lr_cov"):
+        curvgraph.compile(model, x, method="singd", lr_cov=lambda step: 0.1, backend="eager")
     with pytest.raises(curvgraph.ConfigError, match="preconditioner_dtype"):
         curvgraph.compile(model, x, method="singd", preconditioner_dtype=torch.int32, backend="eager")
     with pytest.warns(UserWarning, match="alpha1"):

@@ -498,6 +498,14 @@ def check_period(name: str, value: object) -> int:
     return value
 
 
+def check_lr_cov(name: str, value: object) -> float:
+    """A positive number (singd also takes a callable of the step; here schedule ``param_groups[0]["lr_cov"]``)."""
+    if callable(value):
+        raise ConfigError(f"curvgraph: {name} must be a number; to schedule it, set "
+                          f"opt.param_groups[0]['{name}'] before a step (schedulers may change it too).")
+    return positive(name, value)
+
+
 def check_flag(name: str, value: object) -> bool:
     """``True`` or ``False``."""
     if not isinstance(value, bool):
@@ -539,7 +547,7 @@ class SINGD(Method):
         "alpha1": Hyper(0.5, fraction),
         "weight_decay": Hyper(0.0, non_negative),
         "T": Hyper(10, check_period, static=True),
-        "lr_cov": Hyper(1e-2, positive),
+        "lr_cov": Hyper(1e-2, check_lr_cov),
         "structures": Hyper(("dense", "dense"), check_structures, static=True),
         "kfac_like": Hyper(False, check_flag, static=True),
         "preconditioner_dtype": Hyper((None, None), check_dtypes, static=True),

@@ -217,15 +217,39 @@ def test_norm_blocks_get_one_sided_singd(float64):
     assert losses[-1] < 0.2 * losses[0] and opt.skipped_steps == 0
 
 
+class TwoConvolutions(nn.Module):
+    """A grouped convolution (2 groups) written as two convolutions on the two halves of the channels."""
+
+    def __init__(self, grouped: nn.Conv2d) -> None:
+        super().__init__()
+        c_in, c_out = grouped.in_channels // 2, grouped.out_channels // 2
+        self.halves = nn.ModuleList(nn.Conv2d(c_in, c_out, grouped.kernel_size) for _ in range(2))
+        for i, conv in enumerate(self.halves):
+            conv.weight.data.copy_(grouped.weight.data[i * c_out:(i + 1) * c_out])
+            conv.bias.data.copy_(grouped.bias.data[i * c_out:(i + 1) * c_out])
+
+    def forward(self, x):
+        return torch.cat([conv(part) for conv, part in zip(self.halves, x.chunk(2, 1))], 1)
+
+
 def test_grouped_convolution_gets_one_preconditioner_per_group(float64):
+    """Per-group SINGD: equal to singd on the same layer written as one convolution per group."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2), nn.ReLU(), nn.Flatten(), nn.Linear(24, 3))
-    x, y = torch.randn(8, 4, 4, 4), torch.randint(0, 3, (8,))
-    opt = curvgraph.compile(model, x, method="singd", backend="eager", structures=("dense", "diagonal"), lr=0.05, T=1)
+    grouped = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2), nn.ReLU(), nn.Flatten(), nn.Linear(24, 3))
+    split = nn.Sequential(TwoConvolutions(grouped[0]), *copy.deepcopy(grouped[1:]))
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(8, 4, 4, 4, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(5)]
+    hyper = {**HYPER, "structures": ("dense", "diagonal")}
+    ours, opt = curvgraph_run(grouped, data, **hyper)
     state = opt.state_dict()["state"]
     assert state["0.K"].shape == (2, 19 * 19) and state["0.C"].shape == (2, 3)
-    losses = [opt.step(x, y).item() for _ in range(20)]
-    assert losses[-1] < losses[0] and opt.skipped_steps == 0
+    reference = singd_run(split, data, **hyper)
+    weight = torch.cat([conv.weight for conv in reference[0].halves])
+    bias = torch.cat([conv.bias for conv in reference[0].halves])
+    torch.testing.assert_close(ours[0].weight, weight, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ours[0].bias, bias, rtol=1e-5, atol=1e-7)
+    assert (weight - grouped[0].weight).abs().max() > 1e-3
+    torch.testing.assert_close(ours[3].weight, reference[3].weight, rtol=1e-5, atol=1e-7)
 
 
 def test_state_dict_round_trip_resumes_identically():

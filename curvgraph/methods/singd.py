@@ -64,9 +64,10 @@ SINGD needs (identity, :math:`\Pi(K^\top X K)`, :math:`\Pi(K^\top K)`, group pro
 that every state tensor starts at zero; the update itself is computed on ``K``.
 
 **Block kinds.** Dense and conv blocks have ``A`` (axis -1) and ``G`` (axis -2);
-grouped convolutions have a leading group dim and get one ``K``, ``C`` per group
-(``singd`` instead averages the input channels over groups and shares one
-preconditioner; its conv numbers match curvgraph's only for ``groups=1``). A block
+grouped convolutions have a leading group dim and get one ``K``, ``C`` per group, as
+``singd`` does for the layer written as one convolution per group (``singd`` given a
+grouped ``Conv2d`` averages the input channels over groups and shares one
+preconditioner instead). A block
 with one factor -- the per-channel ``F`` of a norm block on axis -1 -- gets one-sided
 SINGD: its ``K`` (``structures[0]``) with the missing side taken as the 1x1 identity
 (``H_C = C^T C = 1``), i.e. :math:`m_K \leftarrow \alpha_1 m_K + s(\Pi(K^\top F K)

@@ -38,7 +38,9 @@ terms. These are curvgraph's batch factors with ``fisher="empirical"``, which is
 therefore SINGD's default (``docs/conventions.md``: ``G = K C' Σ g gᵀ``; for
 cross-entropy ``C' = 1`` and ``K`` is the number of loss terms, ``N`` for an
 ``(N, classes)`` output: singd's ``loss_average="batch"``, or ``"batch+sequence"`` for
-sequence outputs). ``T`` is the statistics *and* preconditioner period:
+sequence outputs). For ``mse`` and ``bce_with_logits`` curvgraph's empirical ``G`` is
+``C`` (output features) times singd's, which uses the loss gradient unscaled; the runs
+then differ. ``T`` is the statistics *and* preconditioner period:
 ``factor_every = invert_every = T``.
 
 **Structures** (``structures=(K's, C's)``), each a :class:`Structure`: a compact

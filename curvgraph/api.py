@@ -51,9 +51,8 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
             stay symbolic: later batches may differ in them.
         loss: ``"cross_entropy"``, ``"mse"``, ``"bce_with_logits"`` or an instance of
             ``nn.CrossEntropyLoss``/``nn.MSELoss``/``nn.BCEWithLogitsLoss`` (mean reduction).
-        method: the update rule, a registered method's name: ``"kfac"``, ``"singd"`` (its options:
-            ``docs/methods.md``; see
-            ``curvgraph.register_method`` to add one).
+        method: the update rule, a registered method's name: ``"kfac"`` or ``"singd"`` (options in
+            ``docs/methods.md``; see ``curvgraph.register_method`` to add one).
         **options: hyper-parameters of the method and compile options:
 
             * ``lr`` (0.002), ``momentum`` (0.9), ``weight_decay`` (0), ``damping``

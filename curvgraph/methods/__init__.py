@@ -11,5 +11,5 @@ from .fallback import Adam, FallbackRule, SGD
 from .kfac import KFAC
 from .singd import SINGD
 
-__all__ = ["Adam", "FallbackRule", "Hyper", "KFAC", "Method", "SGD", "SINGD", "fraction", "non_negative", "one_of", "optional",
-           "positive"]
+__all__ = ["Adam", "FallbackRule", "Hyper", "KFAC", "Method", "SGD", "SINGD", "fraction", "non_negative", "one_of",
+           "optional", "positive"]

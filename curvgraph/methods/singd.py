@@ -254,10 +254,12 @@ def hierarchical_sizes(d: int, spec: tuple) -> tuple[int, int, int]:
 def hierarchical_parts(flat: Tensor, d: int, spec: tuple) -> tuple[Tensor, ...]:
     r"""Hierarchical storage as ``(A, B, c, D, E)`` of the matrix
     :math:`\begin{pmatrix} A & B_1 & B_2 \\ 0 & \operatorname{diag}(c) & 0 \\ 0 & D & E\end{pmatrix}`
-    with ``A`` ``(k1, k1)``, ``B = [B_1, B_2]`` ``(k1, d - k1)``, ``c`` ``(m,)``, ``D`` ``(k2, m)``, ``E`` ``(k2, k2)``."""
+    with ``A`` ``(k1, k1)``, ``B = [B_1, B_2]`` ``(k1, d - k1)``, ``c`` ``(m,)``, ``D`` ``(k2, m)``,
+    ``E`` ``(k2, k2)``."""
     k1, m, k2 = hierarchical_sizes(d, spec)
     a, b, c, low, e = flat.split([k1 * k1, k1 * (d - k1), m, k2 * m, k2 * k2], -1)
-    return a.unflatten(-1, (k1, k1)), b.unflatten(-1, (k1, d - k1)), c, low.unflatten(-1, (k2, m)), e.unflatten(-1, (k2, k2))
+    return (a.unflatten(-1, (k1, k1)), b.unflatten(-1, (k1, d - k1)), c, low.unflatten(-1, (k2, m)),
+            e.unflatten(-1, (k2, k2)))
 
 
 def hierarchical_project(x: Tensor, d: int, spec: tuple) -> Tensor:
@@ -587,8 +589,9 @@ class SINGD(Method):
         sides = []
         for name, f in block.factors.items():
             if f.axis not in (-1, -2):
-                raise CompileError(f"curvgraph: SINGD handles factors on the last two axes of a block matrix; block "
-                                   f"{block.name} ({block.kind}) has factor {name} on axis {f.axis}. Use method='kfac'.")
+                raise CompileError(f"curvgraph: SINGD handles factors on the last two axes of a block matrix; "
+                                   f"block {block.name} ({block.kind}) has factor {name} on axis {f.axis}. "
+                                   "Use method='kfac'.")
             index = 0 if f.axis == -1 else 1
             sides.append(_Side(name, "KC"[index], f.axis, f.dim, f.lead, f.diagonal, structure(structures[index]),
                                dtypes[index]))
@@ -644,7 +647,9 @@ class SINGD(Method):
                 st = s.structure
                 h, gram, eye = terms[s.key]
                 m, k = b.var(f"m_{s.key}"), b.var(f"{s.key}_full")
-                w.line(f"{m} = {w.call(singd_momentum, h, gram, eye, *coupling[s.key], b.state(f'm_{s.key}'), w.hyper('damping'), w.hyper('alpha1'), normalize)}")  # noqa: E501
+                call = w.call(singd_momentum, h, gram, eye, *coupling[s.key], b.state(f"m_{s.key}"),
+                              w.hyper("damping"), w.hyper("alpha1"), normalize)
+                w.line(f"{m} = {call}")
                 product = w.call(st.product, k, m, s.dim, st.spec)
                 descent = w.call(singd_descent, k, product, m, w.hyper("lr_cov"), normalize)
                 w.line(f"{b.var(s.key)} = {descent} - {eye}")
@@ -684,8 +689,8 @@ class SINGD(Method):
     def cost(self, block: Block) -> dict[str, sympy.Expr]:
         """Preconditioning: two structured products per side and column (``K Kᵀ``); the factor update
         (``inversion``, every ``T`` steps, no inversion involved): about ``8 d^3`` per side computed through
-        dense matrices, ``8 d b^2`` block-diagonal, ``5 d`` diagonal; state: ``K``, ``C``, their momenta (in their dtype), the
-        kinds' factors and the momentum buffer (float32)."""
+        dense matrices, ``8 d b^2`` block-diagonal, ``5 d`` diagonal; state: ``K``, ``C``, their momenta (in
+        their dtype), the kinds' factors and the momentum buffer (float32)."""
         numel = math.prod(block.matrix_shape)
         precondition = update = state = 0
         for s in self._sides(block):

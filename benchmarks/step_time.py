@@ -18,7 +18,9 @@ For each model the script times, in the same process and on the same batch:
   ``factor_every = invert_every = 10`` (fixed-step mode);
 * ``curvgraph-auto``: the default settings, the adaptive mode (``lr="auto"``:
   quadratic-model step size and momentum, adaptive damping), otherwise as
-  ``curvgraph``: its ratio to ``curvgraph`` is the adaptive mode's overhead.
+  ``curvgraph``: its ratio to ``curvgraph`` is the adaptive mode's overhead;
+* ``curvgraph-singd``: curvgraph's SINGD (``method="singd"``) with singd's settings
+  above (``lr=1e-3``, ``T=10``, dense structures): the same update as ``singd``, compiled.
 
 Models: an MLP 784-512-512-256-10 (batch 512), a deep narrow MLP (32 layers x 128,
 batch 128) where per-layer Python overhead dominates hook-based peers, and a small
@@ -194,6 +196,8 @@ def run_model(name: str, warmup: int, iters: int, repeats: int, peers: bool) -> 
                                                    invert_every=10)
     bounds["curvgraph-T10"] = flop_ratio(opt, 0, 10, 10)
     runners["curvgraph-auto"], _ = curvgraph_step(make(), x, y)
+    runners["curvgraph-singd"], opt = curvgraph_step(make(), x, y, method="singd", lr=1e-3, T=10)
+    bounds["curvgraph-singd"] = flop_ratio(opt, 0, 10, 10)
 
     print(f"{name} (batch {batch}): compiling and warming up ...", flush=True)
     seconds = interleaved(runners, warmup, iters, repeats)
@@ -218,6 +222,8 @@ def table(results: dict) -> str:
         rows = result["rows"]
         if "singd" in rows:
             lines.append(f"{'':<24} curvgraph-T10 / singd = {rows['curvgraph-T10']['ms_per_step'] / rows['singd']['ms_per_step']:.2f}")
+            lines.append(f"{'':<24} curvgraph-singd / singd = "
+                         f"{rows['curvgraph-singd']['ms_per_step'] / rows['singd']['ms_per_step']:.2f}")
         lines.append(f"{'':<24} curvgraph-auto / curvgraph = "
                      f"{rows['curvgraph-auto']['ms_per_step'] / rows['curvgraph']['ms_per_step']:.2f}")
     return "\n".join(lines)

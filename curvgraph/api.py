@@ -51,8 +51,8 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
             stay symbolic: later batches may differ in them.
         loss: ``"cross_entropy"``, ``"mse"``, ``"bce_with_logits"`` or an instance of
             ``nn.CrossEntropyLoss``/``nn.MSELoss``/``nn.BCEWithLogitsLoss`` (mean reduction).
-        method: the update rule, a registered method's name: ``"kfac"`` (see
-            ``curvgraph.register_method`` to add one).
+        method: the update rule, a registered method's name: ``"kfac"`` or ``"singd"`` (options in
+            ``docs/methods.md``; see ``curvgraph.register_method`` to add one).
         **options: hyper-parameters of the method and compile options:
 
             * ``lr`` (0.002), ``momentum`` (0.9), ``weight_decay`` (0), ``damping``
@@ -61,7 +61,8 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
               see :mod:`curvgraph.methods.kfac` and ``docs/getting-started.md`` for
               why these defaults;
             * ``fisher``: ``"mc"`` (one label sampled from the model's predictive
-              distribution), ``"empirical"`` or ``"type2"`` (exact GGN);
+              distribution; the default unless the method names another, e.g.
+              SINGD's ``"empirical"``), ``"empirical"`` or ``"type2"`` (exact GGN);
             * ``kfac_approx``: ``"expand"`` or ``"reduce"`` for weight sharing;
             * ``factor_every`` (1), ``invert_every`` (10): statistics and inversion
               periods in steps;
@@ -89,8 +90,14 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
     if unknown:
         raise ConfigError(f"curvgraph: unknown option(s) {sorted(unknown)} for method {method_class.name!r}; valid: "
                           f"{sorted(set(OPTIONS) | set(method_class.hyper))}.")
-    settings = {**OPTIONS, **{k: v for k, v in options.items() if k in OPTIONS}}
     rule, hyper = method_class.configure({k: v for k, v in options.items() if k in method_class.hyper})
+    fixed = rule.compile_options()
+    for key, value in fixed.items():
+        if key in options and options[key] != value:
+            raise ConfigError(f"curvgraph: method {method_class.name!r} sets {key}={value!r} from its "
+                              f"hyper-parameters; got {key}={options[key]!r}. Leave {key} out.")
+    defaults = {**OPTIONS, "fisher": method_class.default_fisher or OPTIONS["fisher"]}
+    settings = {**defaults, **{k: v for k, v in options.items() if k in OPTIONS}, **fixed}
     fisher = check_fisher(settings["fisher"])
     for key in ("factor_every", "invert_every"):
         if not isinstance(settings[key], int) or isinstance(settings[key], bool) or settings[key] < 1:

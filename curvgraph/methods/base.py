@@ -124,6 +124,8 @@ class Method(ABC):
 
     name: str = ""
     hyper: dict[str, Hyper] = {}
+    #: The Fisher type used when ``compile`` gets no ``fisher=`` (``None``: compile's default, ``"mc"``).
+    default_fisher: str | None = None
 
     def __init__(self, **options: Any) -> None:
         """``options``: the validated static hyper-parameters."""
@@ -147,6 +149,11 @@ class Method(ABC):
         may then, e.g., ignore its running averages).
         """
         return {key: float(group[key]) for key in self.hyper if key in group and key not in self.options}
+
+    def compile_options(self) -> dict[str, Any]:
+        """Compile options that the static hyper-parameters fix, e.g. ``{"factor_every": T}`` for a method
+        whose update follows its own period; ``compile`` rejects a different value for them."""
+        return {}
 
     def describe_options(self) -> str:
         """The static options as ``"(key=value, ...)"`` for the generated module's header ("" if none)."""

@@ -266,13 +266,32 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def export_task(name: str, path: str) -> None:
+    """Write ``name``'s data, minibatch indices and initial parameters (seed 0) to ``path`` (``.npz``) for peers
+    that run outside PyTorch (``benchmarks/peers/``)."""
+    import numpy as np
+
+    task = SUITE[name]
+    x, y = task.data()
+    indices = batches(len(x), task.batch, task.steps, seed=0)
+    torch.manual_seed(0)
+    params = {f"param:{k}": v.detach().numpy() for k, v in task.make().named_parameters()}
+    np.savez(path, x=x.numpy(), y=y.numpy(), indices=torch.stack(indices).numpy(), eval_every=task.eval_every, **params)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=list(SUITE), choices=list(SUITE))
     parser.add_argument("--configs", nargs="*", default=["default"], choices=list(CONFIGS))
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--export-task", action="store_true",
+                        help="only write each model's data, batches and initial parameters to <out>/task_<model>.npz")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.export_task:
+        for name in args.models:
+            export_task(name, os.path.join(args.out, f"task_{name}.npz"))
+        return
     results = {}
     for name in args.models:
         print(f"{name}:", flush=True)

@@ -22,11 +22,16 @@ For each model the script times, in the same process and on the same batch:
 * ``curvgraph-singd``: curvgraph's SINGD (``method="singd"``) with singd's settings
   above (``lr=1e-3``, ``T=10``, dense structures): the same update as ``singd``, compiled.
 
+* ``curvgraph-<method>``: every other registered method (``ekfac``, ``kbfgs``, ``kbfgs_l``)
+  at its defaults.
+
 Models: an MLP 784-512-512-256-10 (batch 512), a deep narrow MLP (32 layers x 128,
-batch 128) where per-layer Python overhead dominates hook-based peers, and a small
+batch 128) where per-layer Python overhead dominates hook-based peers, a small
 ResNet-style CNN on 32x32x3 inputs (batch 128; singd preconditions only its
 convolutions and the linear head and leaves the BatchNorm parameters untouched,
-curvgraph gives them norm blocks).
+curvgraph gives them norm blocks), and the char-level transformer of
+``examples/char_transformer.py`` (4 layers, d=256, 4 heads, context 128, batch 32,
+tied embedding/head; singd preconditions its ``nn.Linear`` modules only).
 
 Next to each curvgraph time it prints the *FLOP bound*: the step's FLOPs (from the
 plan's cost model: forward/backward, statistics, the MC backward, preconditioning,
@@ -42,7 +47,9 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -51,6 +58,11 @@ from torch import nn
 from torch.func import functional_call
 
 import curvgraph
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))  # char_transformer.py
+
+#: Methods besides K-FAC and SINGD timed at their defaults (``method=...``), where registered.
+METHODS = [m for m in ("ekfac", "kbfgs", "kbfgs_l") if m in curvgraph.registry.METHODS]
 
 class Residual(nn.Module):
     """conv-BN-ReLU-conv-BN plus the input, then ReLU (a ResNet basic block)."""
@@ -75,16 +87,51 @@ def small_resnet() -> nn.Module:
                          nn.Flatten(), nn.Linear(64, 10))
 
 
-MODELS: dict[str, tuple[Callable[[], nn.Module], int, tuple[int, ...]]] = {
-    "mlp-784-512-512-256-10": (
+@dataclass(frozen=True)
+class Workload:
+    """A benchmark model: how to build it, one batch ``(inputs, targets)``, and its loss."""
+
+    make: Callable[[], nn.Module]
+    batch: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+    loss: str = "cross_entropy"
+
+    @property
+    def loss_fn(self) -> Callable:
+        """The loss as a torch function of ``(output, targets)`` (for the baselines)."""
+        if self.loss == "token_cross_entropy":
+            return lambda out, y: F.cross_entropy(out.flatten(0, 1), y.flatten())
+        return F.cross_entropy
+
+
+def classification(batch: int, features: tuple[int, ...]) -> Callable[[torch.Generator], tuple]:
+    return lambda g: (torch.randn(batch, *features, generator=g), torch.randint(0, 10, (batch,), generator=g))
+
+
+def char_transformer() -> nn.Module:
+    """The char-level transformer of ``examples/char_transformer.py``: 4 layers, d=256, 4 heads, context 128."""
+    from char_transformer import ALPHABET, CharTransformer
+
+    return CharTransformer(len(ALPHABET) + 1, 256, 4, 4, 128)
+
+
+def char_batch(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """32 windows of 128 characters of the example's corpus and their next characters."""
+    from char_transformer import batches, corpus, encode
+
+    return next(batches(encode(corpus()), 1, 32, 128, int(torch.randint(0, 2**16, (1,), generator=g))))
+
+
+MODELS: dict[str, Workload] = {
+    "mlp-784-512-512-256-10": Workload(
         lambda: nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
                               nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10)),
-        512, (784,)),
-    "deep-narrow-32x128": (
+        classification(512, (784,))),
+    "deep-narrow-32x128": Workload(
         lambda: nn.Sequential(nn.Linear(128, 128), *[m for _ in range(31) for m in (nn.Tanh(), nn.Linear(128, 128))],
                               nn.Tanh(), nn.Linear(128, 10)),
-        128, (128,)),
-    "resnet-32x32x3": (small_resnet, 128, (3, 32, 32)),
+        classification(128, (128,))),
+    "resnet-32x32x3": Workload(small_resnet, classification(128, (3, 32, 32))),
+    "char-transformer-4x256": Workload(char_transformer, char_batch, "token_cross_entropy"),
 }
 
 
@@ -111,9 +158,9 @@ def interleaved(steps: dict[str, Callable[[], object]], warmup: int, iters: int,
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def adam_compiled(model: nn.Module, x, y) -> Callable[[], object]:
+def adam_compiled(model: nn.Module, x, y, loss: Callable = F.cross_entropy) -> Callable[[], object]:
     """Forward, backward and Adam (lr 1e-3) in one torch.compile'd graph (buffers updated in place)."""
-    step = compiled_adam_step(model)
+    step = compiled_adam_step(model, loss=loss)
     return lambda: step(x, y)
 
 
@@ -143,32 +190,33 @@ def compiled_adam_step(model: nn.Module, lr: float = 1e-3, loss: Callable = F.cr
     return step
 
 
-def adam_eager(model: nn.Module, x, y) -> Callable[[], object]:
+def adam_eager(model: nn.Module, x, y, loss: Callable = F.cross_entropy) -> Callable[[], object]:
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        loss(model(x), y).backward()
         opt.step()
 
     return step
 
 
-def singd_step(model: nn.Module, x, y) -> Callable[[], object]:
+def singd_step(model: nn.Module, x, y, loss: Callable = F.cross_entropy) -> Callable[[], object]:
     from singd.optim.optimizer import SINGD
 
     opt = SINGD(model, lr=1e-3, T=10, warn_unsupported=False)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        loss(model(x), y).backward()
         opt.step()
 
     return step
 
 
-def curvgraph_step(model: nn.Module, x, y, **options) -> tuple[Callable[[], object], curvgraph.CurvatureOptimizer]:
-    opt = curvgraph.compile(model, (x,), loss="cross_entropy", **options)
+def curvgraph_step(model: nn.Module, x, y, loss: str = "cross_entropy",
+                   **options) -> tuple[Callable[[], object], curvgraph.CurvatureOptimizer]:
+    opt = curvgraph.compile(model, (x,), loss=loss, **options)
     return (lambda: opt.step(x, y)), opt
 
 
@@ -182,24 +230,28 @@ def flop_ratio(opt: curvgraph.CurvatureOptimizer, samples: int, factor_every: in
 
 
 def run_model(name: str, warmup: int, iters: int, repeats: int, peers: bool) -> dict:
-    make, batch, features = MODELS[name]
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, *features, generator=g)
-    y = torch.randint(0, 10, (batch,), generator=g)
+    work = MODELS[name]
+    x, y = work.batch(torch.Generator().manual_seed(0))
     torch.manual_seed(0)
-    runners = {"adam-compiled": adam_compiled(make(), x, y), "adam-eager": adam_eager(make(), x, y)}
+    make, loss = work.make, work.loss_fn
+    runners = {"adam-compiled": adam_compiled(make(), x, y, loss), "adam-eager": adam_eager(make(), x, y, loss)}
     if peers:
-        runners["singd"] = singd_step(make(), x, y)
-    runners["curvgraph"], opt = curvgraph_step(make(), x, y, lr=2e-3)
-    bounds = {"curvgraph": flop_ratio(opt, 1, 1, 10)}
-    runners["curvgraph-T10"], opt = curvgraph_step(make(), x, y, lr=2e-3, fisher="empirical", factor_every=10,
-                                                   invert_every=10)
-    bounds["curvgraph-T10"] = flop_ratio(opt, 0, 10, 10)
-    runners["curvgraph-auto"], _ = curvgraph_step(make(), x, y)
-    runners["curvgraph-singd"], opt = curvgraph_step(make(), x, y, method="singd", lr=1e-3, T=10)
-    bounds["curvgraph-singd"] = flop_ratio(opt, 0, 10, 10)
+        runners["singd"] = singd_step(make(), x, y, loss)
 
-    print(f"{name} (batch {batch}): compiling and warming up ...", flush=True)
+    def ours(label: str, samples: int, factor_every: int, invert_every: int, **options) -> None:
+        runners[label], opt = curvgraph_step(make(), x, y, work.loss, **options)
+        if samples is not None:
+            bounds[label] = flop_ratio(opt, samples, factor_every, invert_every)
+
+    bounds: dict[str, float] = {}
+    ours("curvgraph", 1, 1, 10, lr=2e-3)
+    ours("curvgraph-T10", 0, 10, 10, lr=2e-3, fisher="empirical", factor_every=10, invert_every=10)
+    ours("curvgraph-auto", None, 1, 1)
+    ours("curvgraph-singd", 0, 10, 10, method="singd", lr=1e-3, T=10)
+    for method in METHODS:
+        ours(f"curvgraph-{method}", None, 1, 10, method=method)
+
+    print(f"{name} (batch {len(x)}): compiling and warming up ...", flush=True)
     seconds = interleaved(runners, warmup, iters, repeats)
     rows = {label: {"ms_per_step": 1e3 * s, "flop_bound_ratio": bounds.get(label)} for label, s in seconds.items()}
     for label, row in rows.items():
@@ -207,7 +259,7 @@ def run_model(name: str, warmup: int, iters: int, repeats: int, peers: bool) -> 
     base = rows["adam-compiled"]["ms_per_step"]
     for row in rows.values():
         row["ratio_to_adam_compiled"] = row["ms_per_step"] / base
-    return {"batch": batch, "rows": rows}
+    return {"batch": len(x), "rows": rows}
 
 
 def table(results: dict) -> str:
@@ -231,7 +283,8 @@ def table(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS) + ["mlp", "deep", "resnet"])
+    parser.add_argument("--models", nargs="*", default=list(MODELS),
+                        choices=list(MODELS) + ["mlp", "deep", "resnet", "char"])
     parser.add_argument("--warmup", type=int, default=12, help="steps before timing (compiles every variant)")
     parser.add_argument("--iters", type=int, default=20, help="steps per timing (a multiple of 10: whole T=10 cycles)")
     parser.add_argument("--repeats", type=int, default=5)

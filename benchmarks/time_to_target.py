@@ -47,7 +47,7 @@ import curvgraph
 from curvgraph.demo import batches
 
 sys.path.insert(0, os.path.dirname(__file__))
-from step_time import compiled_adam_step, small_resnet  # noqa: E402
+from step_time import compiled_adam_step, small_resnet  # noqa: E402  (step_time adds examples/ to the path)
 
 ADAM_LRS = (3e-4, 1e-3, 3e-3)
 
@@ -59,6 +59,10 @@ CONFIGS: dict[str, dict] = {
     "auto": {"lr": "auto", "momentum": "auto"},
     "auto-empirical": {"lr": "auto", "momentum": "auto", "fisher": "empirical"},
     "auto-T5": {"lr": "auto", "momentum": "auto", "invert_every": 5},
+    "singd": {"method": "singd"},
+    "ekfac": {"method": "ekfac"},
+    "kbfgs": {"method": "kbfgs"},
+    "kbfgs_l": {"method": "kbfgs_l"},
 }
 
 
@@ -130,6 +134,22 @@ def wide_mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(40, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
 
 
+def char_windows() -> tuple[Tensor, Tensor]:
+    """1024 non-overlapping 64-character windows of ``examples/char_transformer.py``'s corpus and their next
+    characters (the training set of the char-level transformer)."""
+    from char_transformer import corpus, encode
+
+    data = encode(corpus())[: 1024 * 64 + 1]
+    return data[:-1].reshape(1024, 64), data[1:].reshape(1024, 64)
+
+
+def char_transformer() -> nn.Module:
+    """2 layers, d=64, 4 heads, context 64, tied embedding/head (``examples/char_transformer.py``)."""
+    from char_transformer import ALPHABET, CharTransformer
+
+    return CharTransformer(len(ALPHABET) + 1, 64, 4, 2, 64)
+
+
 SUITE: dict[str, Task] = {
     "mnist1d-mlp": Task(gelu_mlp, mnist1d, "cross_entropy", 100, 1200, 40),
     "mnist1d-cnn": Task(mnist1d_cnn, mnist1d, "cross_entropy", 100, 1200, 40),
@@ -137,9 +157,11 @@ SUITE: dict[str, Task] = {
     "resnet-digits": Task(small_resnet, lambda: digits(32, 3), "cross_entropy", 64, 280, 28),
     "digits-layernorm-mlp": Task(layernorm_mlp, digits, "cross_entropy", 64, 560, 28),
     "mnist1d-wide-mlp": Task(wide_mlp, mnist1d, "cross_entropy", 500, 240, 8),
+    "char-transformer": Task(char_transformer, char_windows, "token_cross_entropy", 32, 320, 16),
 }
 
-LOSSES = {"cross_entropy": F.cross_entropy, "bce_with_logits": F.binary_cross_entropy_with_logits}
+LOSSES = {"cross_entropy": F.cross_entropy, "bce_with_logits": F.binary_cross_entropy_with_logits,
+          "token_cross_entropy": lambda out, y: F.cross_entropy(out.flatten(0, 1), y.flatten())}
 
 
 def train_interleaved(task: Task, runners: dict[str, tuple[nn.Module, Callable[[Tensor, Tensor], object]]],

@@ -12,7 +12,9 @@ minibatches, it trains
   with learning rates 3e-4, 1e-3 and 3e-3; the *target* is the best final training
   loss among them (the training loss on the whole training set);
 * curvgraph with each configuration named by ``--configs`` (``default``: the
-  defaults of ``curvgraph.compile``; others are presets in :data:`CONFIGS`).
+  defaults of ``curvgraph.compile``; others are presets in :data:`CONFIGS`, e.g. the
+  other methods at their defaults);
+* with ``--peers``, the ``singd`` package at its defaults with ``T=10`` and ``T=1``.
 
 The runs are interleaved: every run takes its step ``i`` before any takes step
 ``i + 1``, so that the machine's speed drifting (by up to 30% here) affects all alike.
@@ -204,7 +206,23 @@ def time_to(run: dict, target: float) -> dict:
     return {"steps": None, "wall": None, "wall_steady": None}
 
 
-def run_task(name: str, configs: list[str]) -> dict:
+def singd_step(model: nn.Module, loss_fn: Callable, T: int) -> Callable[[Tensor, Tensor], Tensor]:
+    """The ``singd`` package's SINGD at its defaults with ``T`` (its hooks precondition ``nn.Linear``/``nn.Conv2d``)."""
+    from singd.optim.optimizer import SINGD
+
+    opt = SINGD(model, T=T, warn_unsupported=False)
+
+    def step(x: Tensor, y: Tensor) -> Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
+def run_task(name: str, configs: list[str], peers: bool = False) -> dict:
     task = SUITE[name]
     x, y = task.data()
     indices = batches(len(x), task.batch, task.steps, seed=0)  # the same minibatches for every run
@@ -214,6 +232,11 @@ def run_task(name: str, configs: list[str]) -> dict:
         torch.manual_seed(0)
         model = task.make()
         runners[f"adam-{lr:g}"] = (model, compiled_adam_step(model, lr, LOSSES[task.loss]))
+    if peers:
+        for T in (10, 1):
+            torch.manual_seed(0)
+            model = task.make()
+            runners[f"singd-T{T}"] = (model, singd_step(model, LOSSES[task.loss], T))
     for config in configs:
         torch.manual_seed(0)
         model = task.make()
@@ -306,6 +329,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=list(SUITE), choices=list(SUITE))
     parser.add_argument("--configs", nargs="*", default=["default"], choices=list(CONFIGS))
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--peers", action="store_true", help="also the singd package (T=10 and T=1, its defaults)")
     parser.add_argument("--export-task", action="store_true",
                         help="only write each model's data, batches and initial parameters to <out>/task_<model>.npz")
     args = parser.parse_args()
@@ -317,7 +341,7 @@ def main() -> None:
     results = {}
     for name in args.models:
         print(f"{name}:", flush=True)
-        results[name] = run_task(name, args.configs)
+        results[name] = run_task(name, args.configs, args.peers)
         plot(name, results[name], os.path.join(args.out, f"time_to_target_{name}.png"))
     print(table(results))
     meta = {"torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),

@@ -156,6 +156,8 @@ def _spec(opt: "CurvatureOptimizer") -> str:
         ("frozen", _literal(tuple(forward.names[p] for p in forward.frozen)), "requires_grad=False"),
         ("buffers", _literal(tuple(forward.names[b] for b in forward.buffers)), None),
         ("inputs", str(len(forward.inputs)), "number of input tensors"),
+        ("dynamic_dims", _literal(tuple(spec.symbolic_dims for spec in opt._inputs)),
+         "per input, the dims the graph keeps symbolic (marked dynamic for torch.compile)"),
         ("state", _mapping(state, 8), "key: (shape, initialization, dtype)"),
         ("noise", _literal(opt.loss.noise if opt.fisher == "mc" else None), "Monte-Carlo Fisher noise"),
         ("factor_every", str(opt.factor_every), None),

@@ -85,7 +85,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             compiled_step(namespace["step"], backend), namespace["noise_shape"],
             {key: (spec.shape, spec.init, spec.dtype or generated.factor_dtype) for key, spec in generated.state.items()},
             loss.noise if fisher == "mc" else None, factor_every, invert_every, self._params[0].device,
-            generated.factor_dtype, seed)
+            generated.factor_dtype, seed, tuple(spec.symbolic_dims for spec in inputs))
 
     @property
     def skipped_steps(self) -> int:

@@ -46,6 +46,21 @@ def model_tensors(model: nn.Module, params: Sequence[Tensor], frozen: Sequence[s
             tuple(model.get_buffer(n) for n in buffers))
 
 
+def mark_dynamic(batch: Sequence[Tensor], dynamic_dims: Sequence[Sequence[int]], *others: Tensor | None) -> None:
+    """Mark ``dynamic_dims`` of each input, and every dim of ``others``, as dynamic for ``torch.compile``.
+
+    ``maybe_mark_dynamic`` is a hint: where the graph fixes a size (a class dim equal
+    to a layer's width) the compiler specializes it without recompiling later.
+    """
+    for tensor, dims in zip(batch, dynamic_dims):
+        for d in dims:
+            torch._dynamo.maybe_mark_dynamic(tensor, d)
+    for tensor in others:
+        if tensor is not None:
+            for d in range(tensor.dim()):
+                torch._dynamo.maybe_mark_dynamic(tensor, d)
+
+
 class StepRunner:
     """Runs a generated ``step`` function: its state, schedule, noise and hyper tensors.
 
@@ -59,6 +74,10 @@ class StepRunner:
         factor_every, invert_every: statistics and refresh periods in steps.
         device, factor_dtype: where the state lives and the dtype of the hyper tensors and noise.
         seed: seed of the runner's own generator (``None``: from ``torch.initial_seed()``).
+        dynamic_dims: per input, the dims the captured graph keeps symbolic (batch,
+            sequence length, ...). They, and every dim of the targets and the noise, are
+            marked dynamic for ``torch.compile`` before each call, so that a batch of a
+            new size runs the graphs already compiled instead of compiling new ones.
 
     The schedule: statistics every ``factor_every`` steps and until a statistics step
     succeeded; a refresh every ``invert_every`` steps and until one succeeded, but
@@ -68,8 +87,9 @@ class StepRunner:
 
     def __init__(self, step: Callable, noise_shape: Callable, state: Mapping[str, tuple[tuple[int, ...], str, torch.dtype]],
                  noise: str | None, factor_every: int, invert_every: int, device: torch.device,
-                 factor_dtype: torch.dtype, seed: int | None) -> None:
+                 factor_dtype: torch.dtype, seed: int | None, dynamic_dims: Sequence[Sequence[int]] = ()) -> None:
         self.step_fn = step
+        self.dynamic_dims = tuple(tuple(d) for d in dynamic_dims)
         self.noise_shape = noise_shape
         self.noise = noise
         self.factor_every = factor_every
@@ -118,6 +138,7 @@ class StepRunner:
         """
         update_stats, refresh = self.schedule()
         noise = self.sample_noise(batch) if self.noise is not None and update_stats else None
+        mark_dynamic(batch, self.dynamic_dims, targets, noise)
         hyper = self.hyper(hyper_values(not self.factors_ready))
         loss, ok = self.step_fn(tuple(params), tuple(frozen), tuple(buffers), tuple(constants), batch, targets,
                                 self.state, hyper, noise, update_stats, refresh)
@@ -188,7 +209,8 @@ class ExportedStep:
         device = self._params[0].device
         self.constants = tuple(c.to(device) for c in constants)
         self.runner = StepRunner(compiled_step(step, backend), noise_shape, spec["state"], spec["noise"],
-                                 spec["factor_every"], spec["invert_every"], device, spec["factor_dtype"], seed)
+                                 spec["factor_every"], spec["invert_every"], device, spec["factor_dtype"], seed,
+                                 spec["dynamic_dims"])
 
     def _hyper_values(self, first_statistics: bool) -> dict[str, float]:
         return {**self.hyper, **self.first_statistics} if first_statistics else self.hyper
@@ -227,4 +249,4 @@ class ExportedStep:
 
 
 #: What an exported module copies from here, in order.
-EXPORTED = (initial_state, compiled_step, model_tensors, StepRunner, ExportedStep)
+EXPORTED = (initial_state, compiled_step, model_tensors, mark_dynamic, StepRunner, ExportedStep)

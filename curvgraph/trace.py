@@ -45,6 +45,11 @@ class InputSpec:
     shape: tuple[int | None, ...]
     dtype: torch.dtype
 
+    @property
+    def symbolic_dims(self) -> tuple[int, ...]:
+        """The dims the graph keeps symbolic."""
+        return tuple(i for i, size in enumerate(self.shape) if size is None)
+
 
 @dataclass
 class TracedModel:

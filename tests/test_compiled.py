@@ -98,3 +98,17 @@ def test_generated_source_needs_torch_alone(request, fixture):
     namespace: dict = {}
     exec(compile(opt.source, "generated", "exec"), namespace)
     assert callable(namespace["step"]) and callable(namespace["forward"])
+
+
+def test_a_new_batch_size_compiles_nothing(runs):
+    """Batch sizes are marked dynamic up front: after the schedule's variants are compiled, batches of sizes
+    never seen run the same graphs. (Runs last: it steps the shared optimizer on.)"""
+    from torch._dynamo.utils import counters
+
+    model, opt, _, _ = runs["inductor"]
+    before = counters["stats"]["unique_graphs"]
+    g = torch.Generator().manual_seed(2)
+    for n in (7, 13, 3):  # steps 8, 9, 10: the (stats, no refresh), (no stats, refresh), (stats, no refresh) variants
+        opt.step(torch.randn(n, 2, 6, generator=g), torch.randint(0, 4, (n,), generator=g))
+    assert counters["stats"]["unique_graphs"] == before
+    assert opt.skipped_steps == 0

@@ -279,6 +279,48 @@ def test_conv_and_norm_blocks_train_without_inversion(method):
     assert state["grouped.A_inv"].shape == (2, 2 * 9 + 1, 2 * 9 + 1)  # one inverse per group
 
 
+def layer_outputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str]):
+    """The outputs (pre-activations) of the named modules and the loss gradients w.r.t. them, by hooks."""
+    outputs = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            output.retain_grad()
+            outputs[name] = output
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(keep(n)) for n in names]
+    nn.functional.cross_entropy(model(x), y).backward()
+    for h in handles:
+        h.remove()
+    return {n: o.detach() for n, o in outputs.items()}, {n: o.grad for n, o in outputs.items()}
+
+
+def test_convolution_pairs_are_position_means_and_sums():
+    """Grouped convolution and dense blocks of a CNN: the stored pair after one step is the change of the
+    pre-activations' mean over examples and positions and of the loss gradients' sum over them, per group."""
+    torch.manual_seed(0)
+    model = GroupedCNN().double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 2, 6, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,), generator=g)
+    opt = curvgraph.compile(model, (x,), method="kbfgs", backend="eager", lr=0.1, pair_ema=0.0, fisher="empirical")
+    opt.step(x, y)  # H_g is not the identity any more
+    names = ["conv", "grouped", "fc"]
+    pre, grads = layer_outputs(copy.deepcopy(model), x, y, names)
+    opt.step(x, y)
+    new_pre, new_grads = layer_outputs(copy.deepcopy(model), x, y, names)
+    state = snapshot(opt)
+    for name, groups in (("conv", 1), ("grouped", 2), ("fc", 1)):
+        dims = [0] + list(range(2, pre[name].dim()))  # examples and positions
+        s = (new_pre[name] - pre[name]).mean(dims)
+        y_ = (new_grads[name] - grads[name]).sum(dims)
+        shape = state[f"{name}.s"].shape
+        assert shape == ((groups, s.numel() // groups) if groups > 1 else (s.numel(),))
+        torch.testing.assert_close(state[f"{name}.s"], s.reshape(shape))
+        torch.testing.assert_close(state[f"{name}.y"], y_.reshape(shape))
+
+
 @pytest.mark.parametrize("method", ["kbfgs", "kbfgs_l"])
 def test_checkpoint_resumes_identically(method):
     data = batches(digits(), 9, seed=7)

@@ -47,6 +47,15 @@ def compile_ae(model: nn.Module, method: str, **options) -> curvgraph.CurvatureO
                              method=method, backend="eager", fisher="empirical", **options)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is over 10x faster than several on a shared, loaded machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 LAYERS = ["0", "2", "4", "6"]
 
 

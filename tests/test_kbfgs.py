@@ -260,7 +260,8 @@ class GroupedCNN(nn.Module):
         return self.head(torch.tanh(self.norm(self.fc(x.flatten(1)))))
 
 
-INVERSION = re.compile(r"linalg\.|cholesky|\beigh|eigvals|\bsolve|\.inverse\(|torch\.inverse|\binv\(|pinv|\bsvd|lstsq|\bqr\(")
+INVERSION = re.compile(r"linalg\.|cholesky|\beigh|eigvals|\bsolve|\.inverse\(|torch\.inverse|\binv\(|pinv|\bsvd|lstsq"
+                       r"|\bqr\(")
 
 
 @pytest.mark.parametrize("method", ["kbfgs", "kbfgs_l"])

@@ -32,7 +32,7 @@ from ..curvature.losses import LossSpec
 from ..errors import CompileError
 from ..instrument import InstrumentedForward
 from ..plan import Plan, Shape
-from .writer import BlockVars, StateSpec, StepWriter, UseVars, helper_sources
+from .writer import BlockVars, StateSpec, StepWriter, helper_sources
 
 
 def all_finite(*tensors: Tensor) -> Tensor:

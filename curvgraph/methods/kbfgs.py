@@ -289,8 +289,8 @@ class KBFGS(Method):
         if dense and len(factors) == 1 and set(by_axis) == {-1}:
             return None, by_axis[-1]
         raise CompileError(
-            f"curvgraph: K-BFGS handles blocks with dense factors on axes (-2, -1) (dense, conv) or one dense factor on "
-            f"axis -1 (norm); block {block.name!r} ({block.kind}) has {dict(factors)}. Use method='kfac' for it."
+            f"curvgraph: K-BFGS handles blocks with dense factors on axes (-2, -1) (dense, conv) or one dense "
+            f"factor on axis -1 (norm); block {block.name!r} ({block.kind}) has {dict(factors)}. Use method='kfac' for it."
         )
 
     def _output_state(self, block: Block, factor: str) -> dict[str, StateSpec]:

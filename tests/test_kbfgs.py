@@ -221,9 +221,21 @@ def full_and_limited(memory: int):
     return opts, differences
 
 
+def two_loop_reference(S: torch.Tensor, Y: torch.Tensor, count: int, v: torch.Tensor) -> torch.Tensor:
+    """Nocedal's two-loop recursion (H_0 = I) over the last ``count`` rows of ``S``, ``Y`` (oldest first)."""
+    pairs = list(zip(S[len(S) - count:], Y[len(Y) - count:]))
+    alphas = []
+    for s, y in reversed(pairs):
+        alphas.append((s @ v) / (s @ y))
+        v = v - alphas[-1] * y
+    for (s, y), alpha in zip(pairs, reversed(alphas)):
+        v = v + s * (alpha - (y @ v) / (s @ y))
+    return v
+
+
 def test_lbfgs_with_enough_memory_equals_bfgs():
     """K-BFGS(L) with memory >= steps: the same parameters as K-BFGS after every step, and the L-BFGS
-    matrix (two-loop recursion on the identity) equals the stored BFGS H_g."""
+    matrix of the stored pairs, applied in compact form and by the two-loop recursion, equals BFGS's H_g."""
     from curvgraph.methods.kbfgs import lbfgs_apply
 
     (opt_full, opt_limited), differences = full_and_limited(memory=8)
@@ -231,16 +243,28 @@ def test_lbfgs_with_enough_memory_equals_bfgs():
     state_full, state_limited = snapshot(opt_full), snapshot(opt_limited)
     for layer in LAYERS:
         H = state_full[f"{layer}.G_inv"]
-        S, Y, count = (state_limited[f"{layer}.{k}"] for k in ("S", "Y", "count"))
+        S, Y, R_inv, count = (state_limited[f"{layer}.{k}"] for k in ("S", "Y", "R_inv", "count"))
         assert count.item() == len(differences)
-        torch.testing.assert_close(lbfgs_apply(S, Y, count, torch.eye(len(H), dtype=H.dtype)), H, rtol=1e-9, atol=1e-12)
+        eye = torch.eye(len(H), dtype=H.dtype)
+        torch.testing.assert_close(lbfgs_apply(S, Y, R_inv, eye), H, rtol=1e-9, atol=1e-12)
+        two_loop = torch.stack([two_loop_reference(S, Y, len(differences), e) for e in eye], 1)
+        torch.testing.assert_close(two_loop, H, rtol=1e-9, atol=1e-12)
 
 
 def test_lbfgs_memory_forgets():
-    """Control for the test above: with memory 2 < steps the parameters differ from K-BFGS."""
-    (_, opt_limited), differences = full_and_limited(memory=2)
-    assert snapshot(opt_limited)["0.count"].item() == 2
+    """Control for the test above: with memory 3 < steps the parameters differ from K-BFGS; after the
+    oldest pairs were dropped, the compact form still equals the two-loop recursion over the kept pairs."""
+    from curvgraph.methods.kbfgs import lbfgs_apply
+
+    (_, opt_limited), differences = full_and_limited(memory=3)
     assert differences[-1] > 1e-6, differences
+    state = snapshot(opt_limited)
+    for layer in LAYERS:
+        S, Y, R_inv = (state[f"{layer}.{k}"] for k in ("S", "Y", "R_inv"))
+        assert state[f"{layer}.count"].item() == 3
+        eye = torch.eye(S.shape[-1], dtype=S.dtype)
+        two_loop = torch.stack([two_loop_reference(S, Y, 3, e) for e in eye], 1)
+        torch.testing.assert_close(lbfgs_apply(S, Y, R_inv, eye), two_loop, rtol=1e-9, atol=1e-12)
 
 
 class GroupedCNN(nn.Module):
@@ -358,7 +382,7 @@ def test_cost_entries():
     opt = compile_ae(model, "kbfgs_l", memory=5)
     block = opt.plan.blocks[0]  # 64 -> 32 with bias: M is 32 x 65
     assert block.cost["inversion"] == 0
-    assert block.cost["precondition"] == 2 * 32 * 65 * 65 + 4 * 5 * 32 * 65
+    assert block.cost["precondition"] == 2 * 32 * 65 * 65 + 8 * 5 * 32 * 65 + 5**2 * (6 * 65 + 2 * 32)
     assert block.cost["extra_forward_backward"] == block.cost["forward_backward"]
     assert block.cost["state_bytes"] > 0
 

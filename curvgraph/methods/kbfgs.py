@@ -208,44 +208,54 @@ def curvature(s: Tensor, y: Tensor) -> Tensor:
     return (s * y).sum(-1, keepdim=True)
 
 
-def lbfgs_apply(S: Tensor, Y: Tensor, count: Tensor, V: Tensor) -> Tensor:
-    r"""The L-BFGS inverse :math:`H` (two-loop recursion, :math:`H_0 = I`) applied to the columns of ``V``.
+def lbfgs_apply(S: Tensor, Y: Tensor, R_inv: Tensor, V: Tensor) -> Tensor:
+    r"""The L-BFGS inverse :math:`H` (:math:`H_0 = I`) applied to the columns of ``V``, in compact form.
 
-    ``S``, ``Y`` are ``(..., m, o)``: the stored pairs, oldest first, of which the last
-    ``count`` (``(..., 1)``) are valid (the others contribute nothing). ``V`` is
-    ``(..., o, k)``; returns :math:`H V`, the same shape. With ``count`` pairs, :math:`H` equals
-    ``count`` :func:`bfgs_inverse_update` steps from :math:`I` with the same pairs.
+    With the pairs as the rows of ``S``, ``Y`` (``(..., m, o)``, oldest first),
+    :math:`D = \operatorname{diag}(s_i^	op y_i)` and :math:`R^{-1}` (``R_inv``, ``(..., m, m)``) the
+    inverse of the upper triangle :math:`R_{ij} = s_i^	op y_j` (:math:`i \le j`), kept up to date by
+    :func:`lbfgs_append` without any inversion (Byrd, Nocedal & Schnabel 1994):
+
+    .. math:: H V = V + S^	op R^{-	op}ig((D + Y Y^	op) P - Y Vig) - Y^	op P,
+              \qquad P = R^{-1} S V .
+
+    Unused slots hold zeros in ``S``, ``Y`` and ``R_inv`` and contribute nothing. This equals the
+    two-loop recursion, i.e. :func:`bfgs_inverse_update` applied from :math:`I` with the stored
+    pairs in order, with matrix products only. ``V`` is ``(..., o, k)``; returns the same shape.
     """
-    m = S.shape[-2]
-    valid = torch.arange(m, device=S.device) >= m - count
-    sy = (S * Y).sum(-1)
-    good = valid & (sy > 0)
-    rho = torch.where(good, 1.0 / torch.where(good, sy, torch.ones_like(sy)), torch.zeros_like(sy))
-    alphas = []
-    q = V
-    for i in range(m - 1, -1, -1):
-        alpha = rho[..., i, None] * (S[..., i, :, None] * q).sum(-2)
-        q = q - Y[..., i, :, None] * alpha[..., None, :]
-        alphas.append(alpha)
-    r = q
-    for i in range(m):
-        beta = rho[..., i, None] * (Y[..., i, :, None] * r).sum(-2)
-        r = r + S[..., i, :, None] * (alphas[m - 1 - i] - beta)[..., None, :]
-    return r
+    P = R_inv @ (S @ V)
+    D = (S * Y).sum(-1)
+    inner = D[..., None] * P + Y @ (Y.mT @ P) - Y @ V
+    return V + S.mT @ (R_inv.mT @ inner) - Y.mT @ P
 
 
-def lbfgs_append(S: Tensor, Y: Tensor, count: Tensor, s: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    r"""Append the pair ``(s, y)`` (``(..., o)``) to the memory ``S``, ``Y`` (``(..., m, o)``), dropping the oldest.
+def lbfgs_append(S: Tensor, Y: Tensor, R_inv: Tensor, count: Tensor, s: Tensor,
+                 y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    r"""Append the pair ``(s, y)`` (``(..., o)``) to the memory, dropping the oldest slot.
 
-    A pair with :math:`s^\top y \le 0` or not finite is not stored (as :func:`bfgs_inverse_update` skips it).
-    Returns the new ``S``, ``Y`` and ``count`` (``(..., 1)``, at most ``m``).
+    ``S``, ``Y`` are ``(..., m, o)``, ``R_inv`` ``(..., m, m)``, ``count`` ``(..., 1)`` (valid pairs, at
+    most ``m``). The inverse triangle follows from block elimination with one scalar division: with
+    :math:`R_\circ^{-1}` the trailing ``m-1`` block of ``R_inv`` (the inverse of the kept pairs' triangle),
+    :math:`b_i = s_i^	op y` over the kept pairs and :math:`c = 1 / s^	op y`,
+
+    .. math:: R_{+}^{-1} = egin{pmatrix} R_\circ^{-1} & -c R_\circ^{-1} b \ 0 & c \end{pmatrix}.
+
+    A pair with :math:`s^	op y \le 0` or not finite is not stored (as :func:`bfgs_inverse_update` skips it).
+    Returns the new ``S``, ``Y``, ``R_inv`` and ``count``.
     """
     sy = (s * y).sum(-1, keepdim=True)
     good = (sy > 0) & torch.isfinite(sy)
-    new_S = torch.cat([S[..., 1:, :], s[..., None, :]], -2)
+    kept_S, kept_R = S[..., 1:, :], R_inv[..., 1:, 1:]
+    c = (1.0 / torch.where(good, sy, torch.ones_like(sy)))[..., None]
+    column = -c * (kept_R @ (kept_S @ y[..., None]))
+    top = torch.cat([kept_R, column], -1)
+    bottom = torch.cat([torch.zeros_like(top[..., :1, :-1]), c], -1)
+    new_R = torch.cat([top, bottom], -2)
+    new_S = torch.cat([kept_S, s[..., None, :]], -2)
     new_Y = torch.cat([Y[..., 1:, :], y[..., None, :]], -2)
     count = torch.where(good, (count + 1).clamp_max(S.shape[-2]), count)
-    return torch.where(good[..., None], new_S, S), torch.where(good[..., None], new_Y, Y), count
+    keep = good[..., None]
+    return torch.where(keep, new_S, S), torch.where(keep, new_Y, Y), torch.where(keep, new_R, R_inv), count
 
 
 class KBFGS(Method):
@@ -400,12 +410,13 @@ class KBFGS(Method):
         """FLOPs and bytes (float32) of one step.
 
         ``precondition``: :math:`\\hat M H_a` (``2 numel(M) d_a``) and :math:`H_g \\cdot`
-        (``2 numel(M) d_g``; K-BFGS(L): ``4 m numel(M)``, the two-loop recursion over
-        ``m`` pairs). ``inversion``: 0 (nothing is inverted; there is no refresh).
+        (``2 numel(M) d_g``; K-BFGS(L), the compact form over ``m`` pairs:
+        ``8 m numel(M) + m^2 (6 d_a + 2 d_g)`` per leading index). ``inversion``: 0 (nothing
+        is inverted; there is no refresh).
         ``curvature_update`` (every statistics step): the Hessian-action BFGS update of
         ``H_a`` (about ``14 d_a^2`` per matrix: two matrix-vector products and the rank-two
         update) and the damped update of ``H_g`` (about ``10 d_g^2``; K-BFGS(L): the damping's
-        ``H y``, ``8 m d_g``). ``extra_forward_backward``: the second forward/backward at the
+        ``H y`` and the new column of ``R^{-1}``, about ``2 m^2 d_g``). ``extra_forward_backward``: the second forward/backward at the
         updated parameters, the block's own ``forward_backward`` (blocks with an output
         side; norm blocks need none). ``state_bytes``: factors, inverse factors (or pairs),
         momentum, averaged pair.
@@ -433,7 +444,8 @@ class KBFGS(Method):
 
 class KBFGSL(KBFGS):
     """K-BFGS(L): as :class:`KBFGS`, with :math:`H_g` the L-BFGS matrix of the last ``memory`` (100) damped pairs
-    (:math:`H_0 = I`), stored as fixed-size tensors ``S``, ``Y`` ``(*lead, memory, o)`` with a ``count``."""
+    (:math:`H_0 = I`), stored as fixed-size tensors ``S``, ``Y`` ``(*lead, memory, o)``, the inverse triangle
+    ``R_inv`` ``(*lead, memory, memory)`` of the compact form (:func:`lbfgs_apply`) and a ``count``."""
 
     name = "kbfgs_l"
     hyper = {**KBFGS.hyper, "memory": Hyper(100, positive_int, static=True)}
@@ -441,22 +453,25 @@ class KBFGSL(KBFGS):
     def _output_state(self, block: Block, factor: str) -> dict[str, StateSpec]:
         spec = block.factors[factor]
         memory = spec.lead + (self.options["memory"], spec.dim)
-        return {"S": StateSpec(memory), "Y": StateSpec(memory), "count": StateSpec(spec.lead + (1,))}
+        triangle = spec.lead + (self.options["memory"],) * 2
+        return {"S": StateSpec(memory), "Y": StateSpec(memory), "R_inv": StateSpec(triangle),
+                "count": StateSpec(spec.lead + (1,))}
 
     def _write_output_apply(self, w: StepWriter, b: BlockVars, out: str, matrix: str) -> str:
-        return w.call(lbfgs_apply, b.state("S"), b.state("Y"), b.state("count"), matrix)
+        return w.call(lbfgs_apply, b.state("S"), b.state("Y"), b.state("R_inv"), matrix)
 
     def _write_output_update(self, w: StepWriter, b: BlockVars, out: str, s: str, y: str) -> None:
-        Hy = w.call(lbfgs_apply, b.state("S"), b.state("Y"), b.state("count"), f"{y}[..., None]")
+        Hy = w.call(lbfgs_apply, b.state("S"), b.state("Y"), b.state("R_inv"), f"{y}[..., None]")
         w.line(f"{b.var('Hy')} = {Hy}[..., 0]")
         damped = w.call(double_damping, s, y, b.var("Hy"), w.hyper("powell"), "lam_A")
         w.line(f"{b.var('s_dd')}, {b.var('y_dd')} = {damped}")
-        names = [b.var(k) for k in ("S_new", "Y_new", "count_new")]
-        w.line(f"{', '.join(names)} = "
-               f"{w.call(lbfgs_append, b.state('S'), b.state('Y'), b.state('count'), b.var('s_dd'), b.var('y_dd'))}")
-        w.check(names[0])
-        w.check(names[1])
-        for key, name in zip(("S", "Y", "count"), names):
+        keys = ("S", "Y", "R_inv", "count")
+        names = [b.var(f"{k}_new") for k in keys]
+        call = w.call(lbfgs_append, *(b.state(k) for k in keys), b.var("s_dd"), b.var("y_dd"))
+        w.line(f"{', '.join(names)} = {call}")
+        for name in names[:3]:
+            w.check(name)
+        for key, name in zip(keys, names):
             w.commit(b.state(key), name)
 
     def _output_cost(self, block: Block, out: str) -> tuple[int, int, int]:
@@ -464,7 +479,10 @@ class KBFGSL(KBFGS):
         memory = self.options["memory"]
         numel = math.prod(block.matrix_shape)
         leads = math.prod(spec.lead)
-        return 4 * memory * numel, leads * 8 * memory * spec.dim, 2 * leads * memory * spec.dim + leads
+        columns = numel // (leads * spec.dim)
+        apply = 8 * memory * numel + leads * memory**2 * (6 * columns + 2 * spec.dim)
+        update = leads * (2 * memory**2 * spec.dim + 10 * memory * spec.dim + 2 * memory**2)  # H y, the new column
+        return apply, update, leads * (2 * memory * spec.dim + memory**2 + 1)
 
 
 register_method(KBFGS)

@@ -301,7 +301,7 @@ def test_conv_and_norm_blocks_train_without_inversion(method):
     opt = curvgraph.compile(model, (x,), method=method, backend="eager", lr=0.1, **options)
     assert {b.kind for b in opt.plan.blocks} == {"dense", "conv", "norm"}
     assert not INVERSION.search(opt.source), INVERSION.search(opt.source)
-    assert "torch.func.vjp(model, (trial_" in opt.source  # the extra forward/backward at the new parameters
+    assert "torch.func.vjp(model, trial, probes" in opt.source  # the extra forward/backward at the new parameters
     losses = [opt.step(x, y).item() for _ in range(15)]
     assert opt.skipped_steps == 0
     assert losses[-1] < 0.7 * losses[0], losses
@@ -392,6 +392,17 @@ def test_options_and_errors():
         compile_ae(autoencoder(), "kbfgs_l", memory=0)
     with pytest.raises(curvgraph.ConfigError, match="memory"):
         compile_ae(autoencoder(), "kbfgs", memory=3)  # K-BFGS keeps a dense H_g: no memory option
+
+
+def test_bfloat16_model():
+    """A bf16 model: factors and inverse factors in float32, the extra pass at bf16 parameters; it trains."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 4)).to(torch.bfloat16)
+    x, y = torch.randn(10, 6, dtype=torch.bfloat16), torch.randint(0, 4, (10,))
+    opt = curvgraph.compile(model, (x,), method="kbfgs", backend="eager", lr=0.1)
+    losses = [opt.step(x, y).item() for _ in range(8)]
+    assert opt.skipped_steps == 0 and losses[-1] < 0.9 * losses[0], losses
+    assert opt.state_dict()["state"]["0.G_inv"].dtype == torch.float32
 
 
 def test_kind_without_example_rows_is_a_compile_error(monkeypatch):

@@ -32,7 +32,7 @@ from ..curvature.losses import LossSpec
 from ..errors import CompileError
 from ..instrument import InstrumentedForward
 from ..plan import Plan, Shape
-from .writer import BlockVars, StateSpec, StepWriter, UseVars, helper_sources
+from .writer import BlockVars, StateSpec, StepWriter, helper_sources
 
 
 def all_finite(*tensors: Tensor) -> Tensor:
@@ -89,10 +89,10 @@ def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, 
     for b in blocks:
         b.factors = {f: b.var(f) for f in b.block.factors}
         b.batch_factors = {f: b.var(f"{f}_batch") for f in b.block.factors}
-        b.uses = [UseVars(tuple(f"acts[{activation_index[n]}]" for n in u.inputs),
-                          tuple(f"samples[{probe_index[n]}]" for n in u.outputs)) for u in b.block.uses]
-        b.gradient_uses = [UseVars(use.inputs, tuple(f"out_grads[{probe_index[n]}]" for n in u.outputs))
-                           for use, u in zip(b.uses, b.block.uses)]
+        b.use_indices = [(tuple(activation_index[n] for n in u.inputs), tuple(probe_index[n] for n in u.outputs))
+                         for u in b.block.uses]
+        b.uses = b.uses_of("acts", "samples")
+        b.gradient_uses = b.uses_of("acts", "out_grads")
 
     state: dict[str, StateSpec] = {}
     for b in blocks:

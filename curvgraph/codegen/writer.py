@@ -62,6 +62,10 @@ class BlockVars:
     must assign: the block matrix moves by ``-direction`` (the method applies its own
     step size). ``kind`` is the block's kind (e.g. ``b.kind.write_split(w, b, expr)``
     turns a block-matrix expression into parameter-shaped tensors).
+    ``use_indices`` holds, per use, the positions of its layer inputs in the model's
+    activations (``acts``) and of its outputs in the probes (whose cotangents are the
+    output gradients); :meth:`uses_of` builds a use's :class:`UseVars` from any pass's
+    tuples, e.g. those of an extra forward/backward at other parameters.
     """
 
     block: Block
@@ -71,6 +75,13 @@ class BlockVars:
     batch_factors: dict[str, str] = field(default_factory=dict)
     uses: list[UseVars] = field(default_factory=list)
     gradient_uses: list[UseVars] = field(default_factory=list)
+    use_indices: list[tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+
+    def uses_of(self, acts: str, grads: str) -> list[UseVars]:
+        """Each use's layer inputs read from the tuple expression ``acts`` (a pass's activations, ordered like the
+        step's ``acts``) and output vectors from ``grads`` (ordered like ``probes``, e.g. a pass's probe cotangents)."""
+        return [UseVars(tuple(f"{acts}[{i}]" for i in inputs), tuple(f"{grads}[{j}]" for j in outputs))
+                for inputs, outputs in self.use_indices]
 
     def state(self, key: str) -> str:
         """Expression reading the block's state entry ``key``."""

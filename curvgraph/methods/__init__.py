@@ -1,6 +1,6 @@
 """Update rules: curvature methods (one module each) and first-order fallbacks.
 
-Importing this package registers the built-in methods (K-FAC, SINGD) and fallback rules
+Importing this package registers the built-in methods (K-FAC, SINGD, K-BFGS, K-BFGS(L)) and fallback rules
 (Adam, SGD); see :mod:`curvgraph.registry`.
 """
 
@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from .base import Hyper, Method, fraction, non_negative, one_of, optional, positive
 from .fallback import Adam, FallbackRule, SGD
+from .kbfgs import KBFGS, KBFGSL
 from .kfac import KFAC
 from .singd import SINGD
 
-__all__ = ["Adam", "FallbackRule", "Hyper", "KFAC", "Method", "SGD", "SINGD", "fraction", "non_negative", "one_of",
-           "optional", "positive"]
+__all__ = ["Adam", "FallbackRule", "Hyper", "KBFGS", "KBFGSL", "KFAC", "Method", "SGD", "SINGD", "fraction",
+           "non_negative", "one_of", "optional", "positive"]

@@ -191,5 +191,21 @@ class Method(ABC):
         """``precondition``, ``inversion`` FLOPs and ``state_bytes`` of ``block``."""
 
 
+def parameter_tuple(w: StepWriter, blocks: list[BlockVars], label: str, matrices: list[str], other: str) -> str:
+    """Split each block's ``matrices`` entry into parameter-shaped tensors (variables ``<label>_<param>``)
+    and return the tuple over every trainable parameter in ``params`` order, ``other`` (formatted with
+    the parameter) for parameters in no block.
+
+    Methods use it to call the step's ``model(params, probes)`` at other parameters (an extra
+    forward or forward/backward, a trial step), e.g. with ``matrices = [P - D for each block]``
+    and ``other = "{}"`` (parameters outside every block keep their current value)."""
+    by_param: dict[str, str] = {}
+    for b, matrix in zip(blocks, matrices):
+        names = [f"{label}_{p}" for p in b.block.placeholders]
+        w.line(f"{', '.join(names)}, = {b.kind.write_split(w, b, matrix)}")
+        by_param.update(zip(b.block.placeholders, names))
+    return w.pack(by_param.get(p, other.format(p)) for p in w.params)
+
+
 def _numeric(value: object) -> bool:
     return value is None or (isinstance(value, numbers.Real) and not isinstance(value, bool))

@@ -39,7 +39,7 @@ from ..codegen.writer import BlockVars, StateSpec, StepWriter
 from ..errors import ConfigError
 from ..plan import Block
 from ..registry import register_method
-from .base import Hyper, Method, auto_or, fraction, non_negative, optional, positive
+from .base import Hyper, Method, auto_or, fraction, non_negative, optional, parameter_tuple, positive
 from .quadratic import (accepted, levenberg_marquardt, output_gram, output_jvps, parameter_gram,
                         quadratic_model_step)
 
@@ -291,8 +291,8 @@ class KFAC(Method):
         w.line("# step size and momentum from the quadratic model on this batch (Martens & Grosse 2015, sec. 7)")
         w.line(f"Delta = {w.pack('-' + b.var('V') for b in blocks)}")
         previous = w.pack(b.state("momentum") for b in blocks)
-        t_delta = _parameter_tuple(w, blocks, "t_Delta", [f"Delta[{i}]" for i in range(len(blocks))], "torch.zeros_like({})")
-        t_prev = _parameter_tuple(w, blocks, "t_prev", [b.state("momentum") for b in blocks], "torch.zeros_like({})")
+        t_delta = parameter_tuple(w, blocks, "t_Delta", [f"Delta[{i}]" for i in range(len(blocks))], "torch.zeros_like({})")
+        t_prev = parameter_tuple(w, blocks, "t_prev", [b.state("momentum") for b in blocks], "torch.zeros_like({})")
         w.line(f"J_Delta, J_prev = {w.call(output_jvps, 'model', 'params', 'probes', w.pack([t_delta, t_prev]))}")
         shift = f"(lam + {w.hyper('weight_decay')})"
         w.line(f"C = {w.call(output_gram, 'output', 'targets', '(J_Delta, J_prev)', w.ref(w.loss_fn))} + "
@@ -307,7 +307,7 @@ class KFAC(Method):
             w.line(f"{b.var('delta')} = {w.call(combine, f'Delta[{i}]', b.state('momentum'), 'alpha', 'mu')}")
         w.line("# Levenberg-Marquardt: the loss after the step on this batch against the model's prediction;")
         w.line("# a step that does not lower it is not taken")
-        trial = _parameter_tuple(w, blocks, "trial", [f"{b.var('P')} + {b.var('delta')}" for b in blocks], "{}")
+        trial = parameter_tuple(w, blocks, "trial", [f"{b.var('P')} + {b.var('delta')}" for b in blocks], "{}")
         w.line(f"new_loss = {w.ref(w.loss_fn)}(model({trial}, probes)[0], targets)")
         call = w.call(levenberg_marquardt, "lam", "new_loss", "loss", "change", self.omega, self.reject_factor,
                       w.hyper("min_damping"))
@@ -331,18 +331,6 @@ class KFAC(Method):
             "inversion": sympy.Integer(inversion),
             "state_bytes": sympy.Integer(4 * floats),
         }
-
-
-def _parameter_tuple(w: StepWriter, blocks: list[BlockVars], label: str, matrices: list[str], other: str) -> str:
-    """Split each block's ``matrices`` entry into parameter-shaped tensors (variables ``<label>_<param>``)
-    and return the tuple over every trainable parameter in ``params`` order, ``other`` (formatted with
-    the parameter) for parameters in no block."""
-    by_param: dict[str, str] = {}
-    for b, matrix in zip(blocks, matrices):
-        names = [f"{label}_{p}" for p in b.block.placeholders]
-        w.line(f"{', '.join(names)}, = {b.kind.write_split(w, b, matrix)}")
-        by_param.update(zip(b.block.placeholders, names))
-    return w.pack(by_param.get(p, other.format(p)) for p in w.params)
 
 
 def _stack(names: list[str]) -> str:

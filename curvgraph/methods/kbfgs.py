@@ -71,8 +71,13 @@ with one factor (the per-channel ``F`` of a norm block, shape ``(C, k, k)``, whi
 curvature block itself) gets Hessian-action BFGS on ``F``:
 :math:`H_F \approx (F + \lambda_A I)^{-1}` per channel with the action vector the mean of
 the kind's example rows (the channel's mean per-example gradient), and
-:math:`D = \eta \hat M H_F`; it needs no extra pass. A kind without example rows, a
-diagonal factor, or another factor layout is a :class:`~curvgraph.CompileError`.
+:math:`D = \eta \hat M H_F`; it needs no extra pass. A kind without example rows is a
+:class:`~curvgraph.CompileError`. A
+diagonal factor on the output side (axis -2: the token frequencies of an embedding, tied or
+positional block) is inverted elementwise, :math:`(A + \lambda_A)^{-1}` (a reciprocal, not a
+matrix inversion), and the dense factor on axis -1 gets Hessian-action BFGS as above; such a
+block needs no pair and no extra pass. Another factor layout is a
+:class:`~curvgraph.CompileError`.
 """
 
 from __future__ import annotations
@@ -90,7 +95,7 @@ from ..kinds.base import has_example_rows
 from ..plan import Block
 from ..registry import register_method
 from .base import Hyper, Method, fraction, non_negative, parameter_tuple, positive
-from .kfac import apply_inverse, ema, inner_product
+from .kfac import apply_inverse, damped_diagonal_inverse, ema, inner_product
 
 
 def positive_int(name: str, value: object) -> int:
@@ -293,15 +298,22 @@ class KBFGS(Method):
         """``(output-side factor or None, input-side factor)`` of ``block``; a CompileError for other layouts."""
         factors = block.factors
         by_axis = {f.axis: name for name, f in factors.items()}
-        dense = not any(f.diagonal for f in factors.values())
-        if dense and len(factors) == 2 and set(by_axis) == {-2, -1}:
+        if set(by_axis) == {-2, -1} and not factors[by_axis[-1]].diagonal:
             return by_axis[-2], by_axis[-1]
-        if dense and len(factors) == 1 and set(by_axis) == {-1}:
+        if len(factors) == 1 and set(by_axis) == {-1} and not factors[by_axis[-1]].diagonal:
             return None, by_axis[-1]
         raise CompileError(
-            f"curvgraph: K-BFGS handles blocks with dense factors on axes (-2, -1) (dense, conv) or one dense "
-            f"factor on axis -1 (norm); block {block.name!r} ({block.kind}) has {dict(factors)}. Use method='kfac' for it."
+            f"curvgraph: K-BFGS handles blocks with a dense factor on axis -1 and at most one more on axis -2 "
+            f"(dense, conv, norm, embedding); block {block.name!r} ({block.kind}) has {dict(factors)}. "
+            "Use method='kfac' for it."
         )
+
+    @staticmethod
+    def paired(block: Block) -> bool:
+        """Whether the output side is a dense factor kept by (L-)BFGS on pre-activation pairs (else: none, or a
+        diagonal factor inverted elementwise)."""
+        out, _ = KBFGS.sides(block)
+        return out is not None and not block.factors[out].diagonal
 
     def _output_state(self, block: Block, factor: str) -> dict[str, StateSpec]:
         return {f"{factor}_inv": StateSpec(block.factors[factor].shape, "eye")}
@@ -313,7 +325,7 @@ class KBFGS(Method):
         out, inp = self.sides(block)
         spec = block.factors[inp]
         state = {f"{inp}_inv": StateSpec(spec.shape, "eye"), "momentum": StateSpec(block.matrix_shape)}
-        if out is not None:
+        if self.paired(block):
             vector = block.factors[out].lead + (block.factors[out].dim,)
             state.update(self._output_state(block, out))
             state.update({"s": StateSpec(vector), "y": StateSpec(vector),
@@ -359,8 +371,12 @@ class KBFGS(Method):
             w.line(f"{b.var('Mbar')} = {w.call(ema, b.state('momentum'), b.grad, w.hyper('momentum'))}")
             w.commit(b.state("momentum"), b.var("Mbar"))
             V = w.call(apply_inverse, b.var("Mbar"), b.var("Ha"), -1, False)
-            if out is not None:
+            if self.paired(b.block):
                 V = self._write_output_apply(w, b, out, V)
+            elif out is not None:  # a diagonal output-side factor: its damped reciprocal, elementwise
+                reciprocal = w.call(damped_diagonal_inverse, b.factors[out], "lam_A",
+                                    f"torch.ones_like({b.factors[out]})")
+                V = w.call(apply_inverse, V, reciprocal, -2, True)
             w.line(f"{b.var('V')} = {V}")
             w.line(f"{b.direction} = {w.hyper('lr')} * {b.var('V')}")
         directions = w.pack(b.var("V") for b in blocks)
@@ -372,7 +388,7 @@ class KBFGS(Method):
     def _write_curvature_updates(self, w: StepWriter, blocks: list[BlockVars]) -> None:
         w.line("# K-BFGS: the inverse factors from this batch (the step above used the previous ones)")
         rows = {b.id: b.kind.write_example_rows(w, b, b.gradient_uses, f"{b.grad}.dtype", "rows") for b in blocks}
-        paired = [b for b in blocks if self.sides(b.block)[0] is not None]
+        paired = [b for b in blocks if self.paired(b.block)]
         if paired:
             w.line("# the extra forward/backward at the updated parameters, on the same batch")
             trial = parameter_tuple(w, blocks, "trial", [f"{b.var('P')} - {b.direction}" for b in blocks], "{}")
@@ -382,7 +398,7 @@ class KBFGS(Method):
         for b in blocks:
             out, inp = self.sides(b.block)
             old = rows[b.id]
-            if out is not None:
+            if self.paired(b.block):
                 new = b.kind.write_example_rows(w, b, b.uses_of("acts_new", "out_grads_new"), f"{b.grad}.dtype",
                                                 "rows_new")
                 pair = w.call(preactivation_pair, b.var("P"), f"{b.var('P')} - {b.direction}", old[inp], new[inp],
@@ -429,11 +445,13 @@ class KBFGS(Method):
         update = math.prod(spec.lead) * (14 * spec.dim**2)
         floats = sum(math.prod(f.shape) for f in block.factors.values()) + math.prod(spec.shape) + numel
         extra = sympy.Integer(0)
-        if out is not None:
+        if self.paired(block):
             p, u, f = self._output_cost(block, out)
             precondition, update = precondition + p, update + u
             floats += f + 3 * math.prod(block.factors[out].lead) * block.factors[out].dim
             extra = sympy.sympify(block.cost.get("forward_backward", 0))
+        elif out is not None:  # a diagonal output side: a reciprocal and an elementwise product
+            precondition += numel + block.factors[out].dim
         return {
             "precondition": sympy.Integer(precondition),
             "inversion": sympy.Integer(0),

@@ -102,11 +102,14 @@ def dense_example_rows(inputs: tuple[Tensor, ...], grads: tuple[Tensor, ...], bi
         batch: ``N``.
 
     Returns:
-        ``(S*N, P, out)`` and ``(N, P, in + bias)``, ``P`` the positions of all uses.
+        ``(S*N, P, out)`` and ``(N, P, in + bias)``, ``P`` the positions of all uses. Rows are
+        grouped by example when the batch is the inputs' first dim; a layer applied to a
+        sequence-first tensor (inside ``nn.MultiheadAttention``) gets rows grouped by its
+        first dim instead, which sums and means over rows do not see.
     """
-    a = torch.cat([x.to(dtype).reshape(batch, -1, x.shape[-1]) for x in inputs], 1)
-    g = torch.cat([y.to(dtype).reshape(y.shape[0], -1, y.shape[-1]) for y in grads], 1)
-    return g, with_ones_column(a, bias)
+    a_rows = [x.to(dtype).reshape(batch, -1, x.shape[-1]) for x in inputs]
+    g = torch.cat([y.to(dtype).reshape(-1, a.shape[1], y.shape[-1]) for y, a in zip(grads, a_rows)], 1)
+    return g, with_ones_column(torch.cat(a_rows, 1), bias)
 
 
 def dense_gradient_matrix(weight: Tensor, bias: Tensor | None, transposed: bool, dtype: torch.dtype) -> Tensor:

@@ -46,7 +46,7 @@ class Packed(BlockKind):
         return find_packed_blocks(self, traced, claims, sharing)
 
     def factors(self, block: Block) -> dict[str, Factor]:
-        members, c, d = sum(block.layout["members"]), block.dims["chunk"], block.dims["in"] + 1
+        members, c, d = sum(block.layout["members"]), block.dims["chunk"], block.dims["in"] + int(block.bias)
         return {"A": Factor((members, d, d), axis=-1), "G": Factor((members, c, c), axis=-2)}
 
     def cost(self, block: Block) -> dict[str, sympy.Expr]:
@@ -58,7 +58,7 @@ class Packed(BlockKind):
     def write_batch_factors(self, w: StepWriter, b: BlockVars, dtype: torch.dtype) -> None:
         members, reduce = b.block.layout["members"], b.block.sharing == "reduce"
         grads = w.pack(u.grads[0] for u in b.uses)
-        call = w.call(packed_math.packed_input_factor, self._inputs(w, b, b.uses), members, True, reduce, "batch", dtype,
+        call = w.call(packed_math.packed_input_factor, self._inputs(w, b, b.uses), members, b.block.bias, reduce, "batch", dtype,
                       b.uses[0].grads[0])
         w.line(f"{b.batch_factors['A']} = {call}")
         w.line(f"{b.batch_factors['G']} = "
@@ -68,7 +68,7 @@ class Packed(BlockKind):
                            label: str = "rows") -> dict[str, str]:
         rows = {f: b.var(f"{label}_{f}") for f in ("G", "A")}
         call = w.call(packed_math.packed_example_rows, self._inputs(w, b, uses), w.pack(u.grads[0] for u in uses),
-                      b.block.layout["members"], True, "batch", dtype)
+                      b.block.layout["members"], b.block.bias, "batch", dtype)
         w.line(f"{rows['G']}, {rows['A']} = {call}")
         return rows
 

@@ -8,8 +8,8 @@ three separate weights. Each piece is a dense layer, so the block is a stack of
 ``J`` *members* of ``c`` rows each (``c`` the greatest common divisor of the pieces'
 row counts; a piece of ``k c`` rows holds ``k`` members that share its input):
 
-* the block matrix is ``(J, c, d_in + 1)`` (``[W, b]`` per member; ``(J, c, 1)`` for a
-  bias alone);
+* the block matrix is ``(J, c, d_in + 1)`` (``[W, b]`` per member; ``(J, c, d_in)``
+  without a bias; ``(J, c, 1)`` for a bias alone);
 * per member ``j`` of the piece applied to input ``a``: :math:`A_j` is the dense input
   factor of ``a`` (:func:`curvgraph.kinds.dense.factors.dense_input_factor`; the
   constant :math:`[1]` for a bias alone, whose input is the ones column), and
@@ -52,13 +52,21 @@ def packed_grad_factor(grads: tuple[Tensor, ...], members: tuple[int, ...], redu
 def packed_example_rows(inputs: tuple[Tensor, ...], grads: tuple[Tensor, ...], members: tuple[int, ...], bias: bool,
                         batch: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     r"""Example rows ``(G rows (S*N, P, J, c), A rows (N, P, J, d_in + 1))``, zero for the members a position's piece
-    does not hold: :math:`M_{n,j} = \sum_p g_{n,p,j} \bar a_{n,p,j}^\top`."""
+    does not hold: :math:`M_{n,j} = \sum_p g_{n,p,j} \bar a_{n,p,j}^\top`.
+
+    Rows are grouped by example when the batch is the first dim of the pieces' inputs
+    (see :func:`curvgraph.kinds.dense.factors.dense_example_rows`); a bias alone groups its
+    output vectors into ``N`` rows (by example for batch-first outputs and one sample).
+    """
     total, start = sum(members), 0
     g_rows, a_rows = [], []
     for i, (g, k) in enumerate(zip(grads, members)):
-        g = g.to(dtype).reshape(g.shape[0], -1, k, g.shape[-1] // k)
-        a = (with_ones_column(inputs[i].to(dtype).reshape(batch, -1, inputs[i].shape[-1]), bias) if inputs
-             else torch.ones(batch, g.shape[1], 1, dtype=dtype))
+        if inputs:
+            a = with_ones_column(inputs[i].to(dtype).reshape(batch, -1, inputs[i].shape[-1]), bias)
+            g = g.to(dtype).reshape(-1, a.shape[1], k, g.shape[-1] // k)
+        else:  # a bias alone: its input is the constant 1 at every position
+            g = g.to(dtype).reshape(batch, -1, k, g.shape[-1] // k)
+            a = torch.ones(batch, g.shape[1], 1, dtype=dtype, device=g.device)
         pad = (0, 0, start, total - start - k)
         g_rows.append(torch.nn.functional.pad(g, pad))
         a_rows.append(torch.nn.functional.pad(a[:, :, None, :].expand(-1, -1, k, -1), pad))

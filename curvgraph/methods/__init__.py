@@ -1,6 +1,6 @@
 """Update rules: curvature methods (one module each) and first-order fallbacks.
 
-Importing this package registers the built-in method (K-FAC) and fallback rules
+Importing this package registers the built-in methods (K-FAC, EKFAC) and fallback rules
 (Adam, SGD); see :mod:`curvgraph.registry`.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 from .base import Hyper, Method, fraction, non_negative, one_of, optional, positive
 from .fallback import Adam, FallbackRule, SGD
 from .kfac import KFAC
+from .ekfac import EKFAC
 
-__all__ = ["Adam", "FallbackRule", "Hyper", "KFAC", "Method", "SGD", "fraction", "non_negative", "one_of", "optional",
+__all__ = ["Adam", "EKFAC", "FallbackRule", "Hyper", "KFAC", "Method", "SGD", "fraction", "non_negative", "one_of", "optional",
            "positive"]

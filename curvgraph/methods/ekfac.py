@@ -25,7 +25,9 @@ statistics step *after* the refresh, so a step that does both rotates by the new
 bases, and kept as a moving average with the factors' ``ema`` (``ema = 0`` on the first
 statistics step). The average runs on across refreshes (as in the paper's Algorithm 1):
 after a refresh its older terms were measured in the previous basis and fade at the
-rate ``ema``.
+rate ``ema`` (a refresh on a step without statistics, when ``factor_every`` does not
+divide ``invert_every``, uses the previous scaling in the new basis until the next
+statistics step).
 
 Generic over factor structures: a block's factors each act on one axis of its block
 matrix (leading dims are independent blocks); the rotation is applied along every

@@ -122,26 +122,58 @@ def change(before: nn.Module, after: nn.Module, kind: str, name: str) -> torch.T
     return block_matrix(kind, {k: (new[k] - old[k]).detach() for k in old}, name)
 
 
+def per_example_gradients(model: nn.Module, x, y) -> dict[str, torch.Tensor]:
+    """Each example's loss gradient :math:`\\nabla \\ell_n` by ``torch.func.vmap(grad)``, by parameter name."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def example_loss(p, xn, yn):
+        return nn.functional.cross_entropy(functional_call(model, p, (xn[None],)), yn[None])
+
+    return vmap(grad(example_loss), in_dims=(None, 0, 0))(params, x, y)
+
+
+def empirical_scaling(per_example: dict[str, torch.Tensor], kind: str, name: str,
+                      bases: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+    """The empirical Fisher's diagonal in the eigenbasis: :math:`\\frac1N \\sum_n (K^\\top \\operatorname{vec} \\nabla\\ell_n)^2`."""
+    rotated = block_matrix(kind, per_example, name, lead=1)
+    for q, axis in bases:
+        rotated = rotate(rotated, q, axis)
+    return rotated.square().mean(0)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_one_step_is_the_brute_force_ekfac_direction_empirical(float64, case):
     """Empirical Fisher: S = (1/N) sum_n (K^T vec grad l_n)^2 from per-example gradients by vmap(grad)."""
     before, after, opt, x, y = one_step(case, "empirical")
-    params = {k: v.detach() for k, v in before.named_parameters()}
-
-    def example_loss(p, xn, yn):
-        return nn.functional.cross_entropy(functional_call(before, p, (xn[None],)), yn[None])
-
-    per_example = vmap(grad(example_loss), in_dims=(None, 0, 0))(params, x, y)
+    per_example = per_example_gradients(before, x, y)
     mean = {k: v.mean(0) for k, v in per_example.items()}
     for name, kind in CASES[case][2]:
         bases = factor_bases(opt, name)
-        rotated = block_matrix(kind, per_example, name, lead=1)
-        for q, axis in bases:
-            rotated = rotate(rotated, q, axis)
-        S = rotated.square().mean(0)
+        S = empirical_scaling(per_example, kind, name, bases)
         expected = ekfac_direction(block_matrix(kind, mean, name), bases, S)
         torch.testing.assert_close(change(before, after, kind, name), -LR * expected)
         torch.testing.assert_close(opt.state_dict()["state"][f"{name}.scaling"], S)
+
+
+def test_between_refreshes_the_scaling_averages_in_the_stale_basis(float64):
+    """invert_every=2: the second step rotates by the first step's bases and averages the scaling,
+    S = ema S_1 + (1 - ema) S_2, with S_2 measured in those bases on the second batch."""
+    torch.manual_seed(6)
+    model = mlp()
+    batches = [(torch.randn(BATCH, 4), torch.randint(0, 3, (BATCH,))) for _ in range(2)]
+    opt = curvgraph.compile(model, (batches[0][0],), method="ekfac", fisher="empirical", lr=LR, momentum=0.0,
+                            kl_clip=None, damping=DAMPING, ema=0.5, invert_every=2, backend="eager")
+    opt.step(*batches[0])
+    bases = {name: factor_bases(opt, name) for name in ("0", "2")}
+    first = {name: opt.state_dict()["state"][f"{name}.scaling"] for name in ("0", "2")}
+    second = copy.deepcopy(model)
+    opt.step(*batches[1])
+    per_example = per_example_gradients(second, *batches[1])
+    mean = {k: v.mean(0) for k, v in per_example.items()}
+    for name in ("0", "2"):
+        S = 0.5 * first[name] + 0.5 * empirical_scaling(per_example, "dense", name, bases[name])
+        expected = ekfac_direction(block_matrix("dense", mean, name), bases[name], S)
+        torch.testing.assert_close(change(second, model, "dense", name), -LR * expected)
 
 
 def exact_block(model: nn.Module, kind: str, name: str, x, y) -> torch.Tensor:

@@ -142,11 +142,11 @@ def ekfac_precondition(grad: Tensor, bases: tuple[Tensor | None, ...], axes: tup
     (``None`` bases are identities)."""
     for basis, axis in zip(bases, axes):
         if basis is not None:
-            grad = apply_inverse(grad, basis, axis, False)  # every fiber x -> Q^T x
+            grad = apply_inverse(grad, basis, axis, False, False)  # every fiber x -> Q^T x
     grad = grad / (scaling + damping)
     for basis, axis in zip(bases, axes):
         if basis is not None:
-            grad = apply_inverse(grad, basis.mT, axis, False)  # x -> Q x
+            grad = apply_inverse(grad, basis.mT, axis, False, False)  # x -> Q x
     return grad
 
 

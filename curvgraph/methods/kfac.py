@@ -102,22 +102,22 @@ def damped_diagonal_inverse(factor: Tensor, shift: Tensor, previous: Tensor) -> 
     return torch.where(good, 1.0 / damped, previous)
 
 
-def apply_inverse(matrix: Tensor, inverse: Tensor, axis: int, diagonal: bool) -> Tensor:
+def apply_inverse(matrix: Tensor, inverse: Tensor, axis: int, diagonal: bool, symmetric: bool = True) -> Tensor:
     r"""``matrix`` multiplied along its (negative) ``axis`` by ``inverse``: :math:`M \times_{axis} F^{-1}`.
 
     ``matrix`` is ``lead + (d_1, ..., d_r)``; ``inverse`` is ``lead + (d, d)`` (dense) or
     ``lead + (d,)`` (diagonal) with ``d`` the size of ``axis``. Every fiber ``x`` of
     ``matrix`` along ``axis`` becomes :math:`F^{-\top} x`: for ``r = 2`` the dense cases
     are :math:`F^{-\top} M` (``axis=-2``) and :math:`M F^{-1}` (``axis=-1``), i.e.
-    :math:`F^{-1} M` and :math:`M F^{-1}` for the symmetric inverses of K-FAC (EKFAC
-    passes orthogonal eigenbases :math:`Q`, which rotate :math:`M` into
-    :math:`Q_G^\top M Q_A`).
+    :math:`F^{-1} M` and :math:`M F^{-1}` for K-FAC's symmetric inverses. ``symmetric=False``
+    (EKFAC's orthogonal eigenbases :math:`Q`, rotating :math:`M` into :math:`Q_G^\top M Q_A`)
+    transposes on the ``axis=-2`` shortcut, which the symmetric case skips.
     """
     if diagonal:
         return matrix * inverse.reshape(inverse.shape + (1,) * (-axis - 1))
     lead = inverse.shape[:-2]
     if axis == -2 and matrix.dim() == len(lead) + 2:
-        return inverse.mT @ matrix
+        return (inverse if symmetric else inverse.mT) @ matrix
     moved = matrix.movedim(axis, -1)
     product = moved.reshape(lead + (-1, inverse.shape[-1])) @ inverse
     return product.reshape(moved.shape).movedim(-1, axis)

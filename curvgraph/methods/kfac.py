@@ -102,18 +102,22 @@ def damped_diagonal_inverse(factor: Tensor, shift: Tensor, previous: Tensor) -> 
     return torch.where(good, 1.0 / damped, previous)
 
 
-def apply_inverse(matrix: Tensor, inverse: Tensor, axis: int, diagonal: bool) -> Tensor:
-    r"""``matrix`` multiplied along its (negative) ``axis`` by the symmetric ``inverse``: :math:`M \times_{axis} F^{-1}`.
+def apply_inverse(matrix: Tensor, inverse: Tensor, axis: int, diagonal: bool, symmetric: bool = True) -> Tensor:
+    r"""``matrix`` multiplied along its (negative) ``axis`` by ``inverse``: :math:`M \times_{axis} F^{-1}`.
 
     ``matrix`` is ``lead + (d_1, ..., d_r)``; ``inverse`` is ``lead + (d, d)`` (dense) or
-    ``lead + (d,)`` (diagonal) with ``d`` the size of ``axis``. For ``r = 2`` the
-    dense cases are :math:`F^{-1} M` (``axis=-2``) and :math:`M F^{-1}` (``axis=-1``).
+    ``lead + (d,)`` (diagonal) with ``d`` the size of ``axis``. Every fiber ``x`` of
+    ``matrix`` along ``axis`` becomes :math:`F^{-\top} x`: for ``r = 2`` the dense cases
+    are :math:`F^{-\top} M` (``axis=-2``) and :math:`M F^{-1}` (``axis=-1``), i.e.
+    :math:`F^{-1} M` and :math:`M F^{-1}` for K-FAC's symmetric inverses. ``symmetric=False``
+    (EKFAC's orthogonal eigenbases :math:`Q`, rotating :math:`M` into :math:`Q_G^\top M Q_A`)
+    transposes on the ``axis=-2`` shortcut, which the symmetric case skips.
     """
     if diagonal:
         return matrix * inverse.reshape(inverse.shape + (1,) * (-axis - 1))
     lead = inverse.shape[:-2]
     if axis == -2 and matrix.dim() == len(lead) + 2:
-        return inverse @ matrix
+        return (inverse if symmetric else inverse.mT) @ matrix
     moved = matrix.movedim(axis, -1)
     product = moved.reshape(lead + (-1, inverse.shape[-1])) @ inverse
     return product.reshape(moved.shape).movedim(-1, axis)
@@ -265,13 +269,19 @@ class KFAC(Method):
             for (b, f), target in zip(members, targets):
                 w.commit(b.state(f"{f}_inv"), target, when="refresh")
 
-    def write_direction(self, w, blocks: list[BlockVars]) -> None:
+    def write_preconditioned(self, w: StepWriter, blocks: list[BlockVars]) -> None:
+        """Assign every block's preconditioned gradient ``b.var('V')`` (:func:`kfac_precondition`); the
+        rest of :meth:`write_direction` (KL clipping, momentum or the quadratic model) is shared by
+        subclasses that only change this part (EKFAC)."""
         for b in blocks:
             order = sorted(b.block.factors, key=lambda f: b.block.factors[f].axis)  # rows before columns
             inverses = w.pack(b.var(f"{f}_inv") for f in order)
             axes = tuple(b.block.factors[f].axis for f in order)
             diagonal = tuple(b.block.factors[f].diagonal for f in order)
             w.line(f"{b.var('V')} = {w.call(kfac_precondition, b.grad, inverses, axes, diagonal)}")
+
+    def write_direction(self, w, blocks: list[BlockVars]) -> None:
+        self.write_preconditioned(w, blocks)
         directions = w.pack(b.var("V") for b in blocks)
         grads = w.pack(b.grad for b in blocks)
         w.line(f"inner = {w.call(inner_product, directions, grads)}")

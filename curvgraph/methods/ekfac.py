@@ -1,0 +1,259 @@
+r"""EKFAC (George et al. 2018): K-FAC's Kronecker eigenbasis with a re-estimated diagonal scaling.
+
+K-FAC approximates a block's curvature by :math:`G \otimes A = (Q_G \otimes Q_A)
+(\Lambda_G \otimes \Lambda_A) (Q_G \otimes Q_A)^\top`. EKFAC keeps the eigenbasis
+:math:`Q_G \otimes Q_A` and replaces the Kronecker product of eigenvalues by the
+diagonal of the curvature in that basis, estimated from each example's gradient
+matrix :math:`M_n`:
+
+.. math::
+    S = c \sum_n \big(Q_G^\top M_n Q_A\big)^{\odot 2}, \qquad
+    V = Q_G \Big[\big(Q_G^\top M Q_A\big) \oslash (S + \lambda)\Big] Q_A^\top ,
+
+with :math:`c` the Fisher type's scale (the same sum over the same output vectors as
+the factors, so :math:`S` is the diagonal, in the eigenbasis, of the very Fisher/GGN
+the factors approximate, and :math:`\|F - (Q_G\otimes Q_A) \operatorname{diag}(S)
+(Q_G\otimes Q_A)^\top\|_F \le \|F - G\otimes A\|_F` on the batch). The damping
+:math:`\lambda` is added to the scaling (George et al. 2018, Algorithm 1; curvlinops'
+convention), not factored as in K-FAC.
+
+Schedule. The factors are K-FAC's (the same statistics and moving averages, every
+``factor_every`` steps). Their eigenbases are refreshed every ``invert_every`` steps
+by ``torch.linalg.eigh``, batched over all factors of the same shape (diagonal factors
+have the identity basis and need none). The scaling is re-estimated on every
+statistics step *after* the refresh, so a step that does both rotates by the new
+bases, and kept as a moving average with the factors' ``ema`` (``ema = 0`` on the first
+statistics step). The average runs on across refreshes (as in the paper's Algorithm 1):
+after a refresh its older terms were measured in the previous basis and fade at the
+rate ``ema`` (a refresh on a step without statistics, when ``factor_every`` does not
+divide ``invert_every``, uses the previous scaling in the new basis until the next
+statistics step).
+
+Generic over factor structures: a block's factors each act on one axis of its block
+matrix (leading dims are independent blocks); the rotation is applied along every
+axis by that factor's basis (:func:`curvgraph.methods.kfac.apply_inverse`), and the
+per-example matrices come from the kind's *example rows*
+(:meth:`curvgraph.BlockKind.write_example_rows`): one row per factor and position,
+:math:`M_n = \sum_p \otimes_f r_{f,n,p}`. Rotating the rows instead of the matrices,
+
+* one position per example (``P = 1``: dense layers on ``(N, in)`` inputs, norm
+  blocks): :math:`S = c \sum_n \otimes_f (Q_f^\top r_{f,n})^{\odot 2}`, a matmul of
+  squared rotated rows; no per-example matrix is formed;
+* several positions (``P > 1``: convolutions, dense layers over sequences, shared
+  weights): the rotated per-example matrices :math:`\tilde M_n` must be summed over
+  positions before squaring, which materializes ``S*N`` matrices of the block's size
+  (``S*N * numel(M)`` floats in the factor dtype, ``S`` the Fisher's samples per example:
+  1 for MC/empirical, the number of classes for type-2) once per statistics step.
+
+A block whose kind has no example rows (``curvgraph.kinds.has_example_rows`` is false)
+gets the Kronecker product of its factors' eigenvalues as its scaling: K-FAC's
+curvature in its eigenbasis, damped by :math:`\lambda` on the product of the
+eigenvalues (for a single factor exactly K-FAC's rule). Everything after the
+preconditioned gradient :math:`V` -- KL clipping and momentum with a numeric ``lr``,
+or the quadratic model and Levenberg-Marquardt damping with ``lr="auto"`` (the
+default) -- is K-FAC's (:class:`~curvgraph.methods.kfac.KFAC`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import sympy
+import torch
+from torch import Tensor
+
+from ..codegen.writer import BlockVars, StateSpec, StepWriter
+from ..curvature.kronecker import example_matrices
+from ..kinds.base import has_example_rows
+from ..plan import Block
+from ..registry import KINDS, register_method
+from .kfac import KFAC, _stack, apply_inverse, ema
+
+#: FLOPs of one symmetric eigendecomposition with eigenvectors, per ``d^3`` (Golub & Van Loan's
+#: tridiagonal QR estimate, about 9 d^3; divide-and-conquer is usually cheaper).
+EIGH_FLOPS = 9
+
+
+def eigenbasis(factor: Tensor, previous_values: Tensor, previous_basis: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Eigenvalues ``(..., d)`` (ascending, clamped at 0) and orthonormal eigenvectors ``(..., d, d)`` (columns)
+    of the symmetric PSD ``factor`` ``(..., d, d)``, :math:`F = Q \operatorname{diag}(\lambda) Q^\top`,
+    batched over leading dims; keeps the previous values and basis of a matrix whose result is not finite."""
+    values, vectors = torch.linalg.eigh(factor)
+    good = torch.isfinite(vectors).all(-1).all(-1) & torch.isfinite(values).all(-1)
+    values = torch.where(good[..., None], values.clamp_min(0), previous_values)
+    return values, torch.where(good[..., None, None], vectors, previous_basis)
+
+
+def rotate_rows(rows: Tensor, basis: Tensor | None) -> Tensor:
+    r"""Example rows ``(R, P, *lead, d)`` in the eigenbasis: :math:`Q^\top r` for each row, ``basis`` ``lead + (d, d)``
+    (``None``: a diagonal factor, the identity basis)."""
+    if basis is None:
+        return rows
+    lead = basis.dim() - 2
+    flat = rows.flatten(0, 1).movedim(0, lead)  # (*lead, R*P, d): one batched matmul per leading index
+    return (flat @ basis).movedim(lead, 0).reshape(rows.shape)
+
+
+def eigenbasis_scaling(rows: tuple[Tensor, ...], bases: tuple[Tensor | None, ...], batch: int,
+                       scale: Tensor) -> Tensor:
+    r"""The diagonal of the Fisher in the Kronecker eigenbasis: :math:`S = c \sum_n \tilde M_n^{\odot 2}`.
+
+    Args:
+        rows: a block's example rows in axis order (rows first), each ``(R_f, P, *lead, d_f)``
+            with ``R_f`` = ``N`` or ``S*N`` (:meth:`curvgraph.BlockKind.write_example_rows`).
+        bases: each factor's eigenbasis ``lead + (d_f, d_f)``, or ``None`` (diagonal factor).
+        batch: ``N``.
+        scale: the Fisher type's :math:`c`.
+
+    Returns:
+        ``lead + (d_1, ..., d_k)``. With ``P = 1`` it is a contraction of the squared rotated rows
+        over examples (:math:`c \sum_n \otimes_f (Q_f^\top r_{f,n})^{\odot 2}`, no per-example
+        matrix); with ``P > 1`` the rotated per-example matrices
+        :math:`\tilde M_n = \sum_p \otimes_f Q_f^\top r_{f,n,p}` are formed (``S*N`` of them).
+    """
+    rotated = tuple(rotate_rows(r, q) for r, q in zip(rows, bases))
+    if rotated[0].shape[1] != 1:
+        return example_matrices(rotated, batch).square().sum(0) * scale
+    samples = max(r.shape[0] for r in rotated) // batch
+    lead = "abcdefgh"[: rotated[0].dim() - 3]
+    letters = "ijkl"[: len(rotated)]
+    squared = [(r[:, 0] * r[:, 0]).reshape((-1, batch) + r.shape[2:]) for r in rotated]
+    squared = [s.expand((samples,) + s.shape[1:]) for s in squared]
+    terms = ",".join(f"sn{lead}{x}" for x in letters)
+    return torch.einsum(f"{terms}->{lead}{letters}", *squared) * scale
+
+
+def kronecker_eigenvalues(values: tuple[Tensor, ...], axes: tuple[int, ...]) -> Tensor:
+    r"""K-FAC's curvature in its eigenbasis: :math:`S_{\dots, i_1, \dots, i_r} = \prod_f \lambda_{f, i_f}` (per
+    leading index), from each factor's eigenvalues ``lead + (d_f,)`` on its (negative) ``axis``."""
+    rank = max(-a for a in axes)
+    total = None
+    for v, axis in zip(values, axes):
+        shape = v.shape[:-1] + (1,) * (rank + axis) + v.shape[-1:] + (1,) * (-axis - 1)
+        total = v.reshape(shape) if total is None else total * v.reshape(shape)
+    return total
+
+
+def ekfac_precondition(grad: Tensor, bases: tuple[Tensor | None, ...], axes: tuple[int, ...], scaling: Tensor,
+                       damping: Tensor) -> Tensor:
+    r""":math:`V = \tilde V \times_1 Q_1 \times_2 Q_2 \cdots` with :math:`\tilde V = (M \times_1 Q_1^\top \cdots)
+    \oslash (S + \lambda)`: for a dense block :math:`Q_G [(Q_G^\top M Q_A) / (S + \lambda)] Q_A^\top`
+    (``None`` bases are identities)."""
+    for basis, axis in zip(bases, axes):
+        if basis is not None:
+            grad = apply_inverse(grad, basis, axis, False, False)  # every fiber x -> Q^T x
+    grad = grad / (scaling + damping)
+    for basis, axis in zip(bases, axes):
+        if basis is not None:
+            grad = apply_inverse(grad, basis.mT, axis, False, False)  # x -> Q x
+    return grad
+
+
+class EKFAC(KFAC):
+    """EKFAC: K-FAC's factors and eigenbases, with the diagonal scaling re-estimated from per-example
+    gradients (see the module docstring). Hyper-parameters and modes are K-FAC's; ``damping`` is added
+    to the scaling."""
+
+    name = "ekfac"
+
+    def preconditioner(self, block: Block) -> tuple[str, ...]:
+        values = tuple(f"{name}_eigenvalues" for name in block.factors)
+        return values + tuple(f"{name}_basis" for name, f in block.factors.items() if not f.diagonal)
+
+    def state(self, block: Block) -> dict[str, StateSpec]:
+        """Per factor its eigenvalues (a diagonal factor's own entries at the refresh) and, for a dense one, its
+        eigenbasis; the scaling (a block-matrix-shaped average) and the momentum."""
+        state = {}
+        for name, f in block.factors.items():
+            state[f"{name}_eigenvalues"] = StateSpec(f.lead + (f.dim,), "ones")
+            if not f.diagonal:
+                state[f"{name}_basis"] = StateSpec(f.shape, "eye")
+        return {**state, "scaling": StateSpec(block.matrix_shape), "momentum": StateSpec(block.matrix_shape)}
+
+    def write_refresh(self, w: StepWriter, blocks: list[BlockVars]) -> None:
+        groups: dict[tuple[int, ...], list[tuple[BlockVars, str]]] = defaultdict(list)
+        for b in blocks:
+            for name, f in b.block.factors.items():
+                if f.diagonal:
+                    w.line(f"{b.var(name + '_eigenvalues')} = {b.factors[name]}")
+                    w.commit(b.state(f"{name}_eigenvalues"), b.var(f"{name}_eigenvalues"), when="refresh")
+                else:
+                    groups[f.shape].append((b, name))
+        for shape, members in groups.items():
+            values = [b.var(f"{f}_eigenvalues") for b, f in members]
+            bases = [b.var(f"{f}_basis") for b, f in members]
+            factors = [b.factors[f] for b, f in members]
+            old_values = [b.state(f"{f}_eigenvalues") for b, f in members]
+            old_bases = [b.state(f"{f}_basis") for b, f in members]
+            if len(members) == 1:
+                w.line(f"{values[0]}, {bases[0]} = {w.call(eigenbasis, factors[0], old_values[0], old_bases[0])}")
+            else:
+                w.line(f"# {len(members)} factors of shape {'x'.join(map(str, shape))}: one batched eigh")
+                call = w.call(eigenbasis, _stack(factors), _stack(old_values), _stack(old_bases))
+                w.line(f"{values[0]}_all, {bases[0]}_all = {call}")
+                w.line(f"{', '.join(values)} = {values[0]}_all.unbind(0)")
+                w.line(f"{', '.join(bases)} = {bases[0]}_all.unbind(0)")
+            for (b, f), value, basis in zip(members, values, bases):
+                w.commit(b.state(f"{f}_eigenvalues"), value, when="refresh")
+                w.commit(b.state(f"{f}_basis"), basis, when="refresh")
+
+    def write_preconditioned(self, w: StepWriter, blocks: list[BlockVars]) -> None:
+        """The scaling (statistics steps: after the refresh, so in this step's bases), then :math:`V`."""
+        order = {b.id: sorted(b.block.factors, key=lambda f: b.block.factors[f].axis) for b in blocks}
+
+        def bases(b: BlockVars) -> str:
+            return w.pack("None" if b.block.factors[f].diagonal else b.var(f"{f}_basis") for f in order[b.id])
+
+        corrected = [b for b in blocks if has_example_rows(b.kind)]
+        with_rows = {b.id for b in corrected}
+        if corrected:
+            with w.indent("if update_stats:", when="update_stats"):
+                w.line("# EKFAC scaling: the Fisher's diagonal in the eigenbasis, from each example's rotated gradient")
+                for b in corrected:
+                    rows = b.kind.write_example_rows(w, b, b.uses, f"{b.grad}.dtype", "ekfac_rows")
+                    batch_scaling = w.call(eigenbasis_scaling, w.pack(rows[f] for f in order[b.id]), bases(b), "batch",
+                                           "scale")
+                    w.line(f"{b.var('S')} = {w.call(ema, b.state('scaling'), batch_scaling, w.hyper('ema'))}")
+                    w.commit(b.state("scaling"), b.var("S"))
+                    w.check(b.var("S"))
+            with w.indent("else:"):
+                for b in corrected:
+                    w.line(f"{b.var('S')} = {b.state('scaling')}")
+        for b in blocks:
+            axes = tuple(b.block.factors[f].axis for f in order[b.id])
+            if b.id not in with_rows:
+                w.line(f"# {b.block.name}: kind {b.block.kind!r} has no example rows; K-FAC's eigenvalues as scaling")
+                values = w.pack(b.var(f"{f}_eigenvalues") for f in order[b.id])
+                w.line(f"{b.var('S')} = {w.call(kronecker_eigenvalues, values, axes)}")
+            call = w.call(ekfac_precondition, b.grad, bases(b), axes, b.var("S"), self._damping(w))
+            w.line(f"{b.var('V')} = {call}")
+
+    def cost(self, block: Block) -> dict[str, sympy.Expr]:
+        r"""``inversion``: one ``eigh`` per dense factor matrix, :data:`EIGH_FLOPS` ``d^3`` each;
+        ``precondition``: two rotations (``2 numel(M) d`` per dense factor each) and the division;
+        ``statistics``: the kind's factor statistics plus the scaling (per sample of the Fisher:
+        rotating the ``R`` rows, ``2 R d^2`` per dense factor, and squaring/summing the rotated
+        per-example products, about ``4 R numel(M)``, ``R`` the rows over all uses);
+        ``state_bytes``: factors, eigenvalues, eigenbases, scaling and momentum in float32."""
+        numel = math.prod(block.matrix_shape)
+        dense = [f for f in block.factors.values() if not f.diagonal]
+        precondition = 2 * sum(2 * numel * f.dim for f in dense) + 2 * numel
+        inversion = sum(EIGH_FLOPS * math.prod(f.lead) * f.dim**3 for f in dense)
+        floats = sum(math.prod(f.shape) + math.prod(f.lead) * f.dim for f in block.factors.values())
+        floats += sum(math.prod(f.shape) for f in dense) + 2 * numel
+        cost = {
+            "precondition": sympy.Integer(precondition),
+            "inversion": sympy.Integer(inversion),
+            "state_bytes": sympy.Integer(4 * floats),
+        }
+        kind = KINDS.get(block.kind)
+        if kind is not None and has_example_rows(kind):
+            rows = sympy.Add(*(u.rows for u in block.uses))
+            lead = math.prod(next(iter(block.factors.values())).lead)
+            scaling = rows * lead * (sum(2 * f.dim**2 for f in dense) + 4 * numel // lead)
+            cost["statistics"] = kind.cost(block).get("statistics", 0) + scaling
+        return cost
+
+
+register_method(EKFAC)

@@ -209,3 +209,22 @@ def parameter_tuple(w: StepWriter, blocks: list[BlockVars], label: str, matrices
 
 def _numeric(value: object) -> bool:
     return value is None or (isinstance(value, numbers.Real) and not isinstance(value, bool))
+
+
+def write_batched(w: "StepWriter", fn: Callable, inputs: list[list[str]], outputs: list[list[str]], what: str) -> None:
+    """Write ``outputs[i] = fn(*inputs[i])`` for every member ``i`` as *one* call over the stacked inputs.
+
+    For factors of one shape (``what`` names them in a comment) a single batched
+    factorization (Cholesky, ``eigh``) replaces one per factor. ``fn`` returns one tensor
+    or a tuple of ``len(outputs[i])`` tensors with the members along dim 0.
+    """
+    arity = len(outputs[0])
+    if len(inputs) == 1:
+        w.line(f"{', '.join(outputs[0])} = {w.call(fn, *inputs[0])}")
+        return
+    w.line(f"# {len(inputs)} {what}: one batched call")
+    stacked = [f"torch.stack([{', '.join(column)}])" for column in zip(*inputs)]
+    results = [f"{outputs[0][k]}_all" for k in range(arity)]
+    w.line(f"{', '.join(results)} = {w.call(fn, *stacked)}")
+    for k, result in enumerate(results):
+        w.line(f"{', '.join(out[k] for out in outputs)} = {result}.unbind(0)")

@@ -68,7 +68,8 @@ from ..curvature.kronecker import example_matrices
 from ..kinds.base import has_example_rows
 from ..plan import Block
 from ..registry import KINDS, register_method
-from .kfac import KFAC, _stack, apply_inverse, ema
+from .base import write_batched
+from .kfac import KFAC, apply_inverse, ema
 
 #: FLOPs of one symmetric eigendecomposition with eigenvectors, per ``d^3`` (Golub & Van Loan's
 #: tridiagonal QR estimate, about 9 d^3; divide-and-conquer is usually cheaper).
@@ -183,17 +184,9 @@ class EKFAC(KFAC):
         for shape, members in groups.items():
             values = [b.var(f"{f}_eigenvalues") for b, f in members]
             bases = [b.var(f"{f}_basis") for b, f in members]
-            factors = [b.factors[f] for b, f in members]
-            old_values = [b.state(f"{f}_eigenvalues") for b, f in members]
-            old_bases = [b.state(f"{f}_basis") for b, f in members]
-            if len(members) == 1:
-                w.line(f"{values[0]}, {bases[0]} = {w.call(eigenbasis, factors[0], old_values[0], old_bases[0])}")
-            else:
-                w.line(f"# {len(members)} factors of shape {'x'.join(map(str, shape))}: one batched eigh")
-                call = w.call(eigenbasis, _stack(factors), _stack(old_values), _stack(old_bases))
-                w.line(f"{values[0]}_all, {bases[0]}_all = {call}")
-                w.line(f"{', '.join(values)} = {values[0]}_all.unbind(0)")
-                w.line(f"{', '.join(bases)} = {bases[0]}_all.unbind(0)")
+            write_batched(w, eigenbasis,
+                          [[b.factors[f], b.state(f"{f}_eigenvalues"), b.state(f"{f}_basis")] for b, f in members],
+                          [list(pair) for pair in zip(values, bases)], f"factors of shape {'x'.join(map(str, shape))}")
             for (b, f), value, basis in zip(members, values, bases):
                 w.commit(b.state(f"{f}_eigenvalues"), value, when="refresh")
                 w.commit(b.state(f"{f}_basis"), basis, when="refresh")

@@ -39,7 +39,8 @@ from ..codegen.writer import BlockVars, StateSpec, StepWriter
 from ..errors import ConfigError
 from ..plan import Block
 from ..registry import register_method
-from .base import Hyper, Method, auto_or, fraction, non_negative, optional, parameter_tuple, positive
+from .base import (Hyper, Method, auto_or, fraction, non_negative, optional, parameter_tuple, positive,
+                   write_batched)
 from .quadratic import (accepted, levenberg_marquardt, output_gram, output_jvps, parameter_gram,
                         quadratic_model_step)
 
@@ -257,15 +258,8 @@ class KFAC(Method):
         for (shape, diagonal), members in groups.items():
             inverse = damped_diagonal_inverse if diagonal else damped_inverse
             targets = [b.var(f"{f}_inv") for b, f in members]
-            factors = [b.factors[f] for b, f in members]
-            shift = [shifts[b.id, f] for b, f in members]
-            previous = [b.state(f"{f}_inv") for b, f in members]
-            if len(members) == 1:
-                w.line(f"{targets[0]} = {w.call(inverse, factors[0], shift[0], previous[0])}")
-            else:
-                w.line(f"# {len(members)} factors of shape {'x'.join(map(str, shape))}: one batched inverse")
-                call = w.call(inverse, _stack(factors), _stack(shift), _stack(previous))
-                w.line(f"{', '.join(targets)} = {call}.unbind(0)")
+            write_batched(w, inverse, [[b.factors[f], shifts[b.id, f], b.state(f"{f}_inv")] for b, f in members],
+                          [[t] for t in targets], f"factors of shape {'x'.join(map(str, shape))}")
             for (b, f), target in zip(members, targets):
                 w.commit(b.state(f"{f}_inv"), target, when="refresh")
 
@@ -342,9 +336,6 @@ class KFAC(Method):
             "state_bytes": sympy.Integer(4 * floats),
         }
 
-
-def _stack(names: list[str]) -> str:
-    return f"torch.stack([{', '.join(names)}])"
 
 
 register_method(KFAC)

@@ -220,10 +220,12 @@ def curvgraph_step(model: nn.Module, x, y, loss: str = "cross_entropy",
     return (lambda: opt.step(x, y)), opt
 
 
-def flop_ratio(opt: curvgraph.CurvatureOptimizer, samples: int, factor_every: int, invert_every: int) -> float:
-    """FLOPs of the curvgraph step over FLOPs of an Adam step (forward/backward + 10 per parameter)."""
+def flop_ratio(opt: curvgraph.CurvatureOptimizer) -> float:
+    """FLOPs of the curvgraph step (its own Fisher type and schedule) over FLOPs of an Adam step (forward/backward
+    + 10 per parameter)."""
     plan = opt.plan
-    flops = plan.step_flops(samples=samples, factor_every=factor_every, invert_every=invert_every)
+    samples = {"mc": 1, "empirical": 0}.get(opt.fisher, 1)  # type-2: one per output dim (not used here)
+    flops = plan.step_flops(samples=samples, factor_every=opt.factor_every, invert_every=opt.invert_every)
     total = plan.at_example(sum(flops.values()))
     adam = plan.at_example(flops["forward_backward"]) + 10 * plan.at_example(flops["update"]) / 8
     return total / adam
@@ -238,18 +240,17 @@ def run_model(name: str, warmup: int, iters: int, repeats: int, peers: bool) -> 
     if peers:
         runners["singd"] = singd_step(make(), x, y, loss)
 
-    def ours(label: str, samples: int, factor_every: int, invert_every: int, **options) -> None:
+    def ours(label: str, **options) -> None:
         runners[label], opt = curvgraph_step(make(), x, y, work.loss, **options)
-        if samples is not None:
-            bounds[label] = flop_ratio(opt, samples, factor_every, invert_every)
+        bounds[label] = flop_ratio(opt)
 
     bounds: dict[str, float] = {}
-    ours("curvgraph", 1, 1, 10, lr=2e-3)
-    ours("curvgraph-T10", 0, 10, 10, lr=2e-3, fisher="empirical", factor_every=10, invert_every=10)
-    ours("curvgraph-auto", None, 1, 1)
-    ours("curvgraph-singd", 0, 10, 10, method="singd", lr=1e-3, T=10)
+    ours("curvgraph", lr=2e-3, invert_every=10)
+    ours("curvgraph-T10", lr=2e-3, fisher="empirical", factor_every=10, invert_every=10)
+    ours("curvgraph-auto")
+    ours("curvgraph-singd", method="singd", lr=1e-3, T=10)
     for method in METHODS:
-        ours(f"curvgraph-{method}", None, 1, 10, method=method)
+        ours(f"curvgraph-{method}", method=method)
 
     print(f"{name} (batch {len(x)}): compiling and warming up ...", flush=True)
     seconds = interleaved(runners, warmup, iters, repeats)

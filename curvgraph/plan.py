@@ -21,8 +21,18 @@ Cost keys (FLOPs unless stated):
     applying the preconditioner to the gradient;
 ``inversion``
     one refresh of the preconditioner (inverses / eigendecompositions);
+``curvature_update``
+    a method's per-statistics-step update of its preconditioner (K-BFGS's BFGS updates);
+``extra_forward_backward``
+    a method's extra pass per statistics step (K-BFGS's forward/backward at the new
+    parameters);
+``quadratic_model``
+    a method's extra passes every step (the adaptive K-FAC step's forward-mode passes
+    and trial forward);
 ``state_bytes``
     bytes of optimizer state of the block.
+
+:data:`COST_PERIODS` says how often each FLOP entry is paid.
 """
 
 from __future__ import annotations
@@ -38,6 +48,18 @@ if TYPE_CHECKING:
     from .trace import TracedModel
 
 Shape = tuple[int | sympy.Expr, ...]
+
+#: How often each FLOP cost entry is paid: every step, every statistics step (``factor_every``) or every
+#: refresh (``invert_every``). ``backward_per_sample`` is paid per Fisher sample in statistics steps.
+COST_PERIODS: dict[str, str] = {
+    "forward_backward": "step",
+    "statistics": "statistics",
+    "precondition": "step",
+    "inversion": "refresh",
+    "curvature_update": "statistics",
+    "extra_forward_backward": "statistics",
+    "quadratic_model": "step",
+}
 
 SHARING_MODES = ("expand", "reduce")
 
@@ -213,7 +235,7 @@ class Plan:
         return sum(math.prod(b.matrix_shape) for b in self.blocks)
 
     def step_flops(self, *, samples: int, factor_every: int, invert_every: int) -> dict[str, sympy.Expr]:
-        """FLOPs of one optimizer step, by component, amortizing periodic work.
+        """FLOPs of one optimizer step, by component (:data:`COST_PERIODS`), amortizing periodic work.
 
         ``samples`` is the number of extra backward passes per statistics step
         (1 for the MC Fisher, the output dimension for the type-2 Fisher, 0 for the
@@ -222,14 +244,13 @@ class Plan:
         the update itself).
         """
         block_numel = self.matrix_numel()
-        return {
-            "forward_backward": self.total("forward_backward"),
-            "statistics": self.total("statistics") / factor_every,
-            "extra_backward": samples * self.total("backward_per_sample") / factor_every,
-            "precondition": self.total("precondition"),
-            "inversion": self.total("inversion") / invert_every,
-            "update": sympy.Integer(8 * (block_numel + self.fallback_numel)),
-        }
+        divisor = {"step": 1, "statistics": factor_every, "refresh": invert_every}
+        flops = {key: self.total(key) / divisor[period] for key, period in COST_PERIODS.items()
+                 if key in ("forward_backward", "statistics", "precondition", "inversion")
+                 or any(key in b.cost for b in self.blocks)}
+        flops["extra_backward"] = samples * self.total("backward_per_sample") / factor_every
+        flops["update"] = sympy.Integer(8 * (block_numel + self.fallback_numel))
+        return flops
 
     def block_flops(self, block: Block) -> sympy.Expr:
         """Forward/backward + statistics + preconditioning FLOPs of ``block`` with readable size names."""

@@ -325,16 +325,21 @@ class KFAC(Method):
     def cost(self, block: Block) -> dict[str, sympy.Expr]:
         """Preconditioning ``2 numel(M) d`` per dense factor and ``numel(M)`` per diagonal one
         (``2 (o^2 i + o i^2)`` for a dense block), inversion ``d^3`` per dense factor matrix
-        and ``d`` per diagonal one, state: factors, inverses and momentum in float32."""
+        and ``d`` per diagonal one, state: factors, inverses and momentum in float32. With ``lr="auto"``,
+        ``quadratic_model``: the two forward-mode passes (about two forwards each) and the trial forward,
+        five forwards or ``5/3`` of the layer's forward/backward, every step."""
         numel = math.prod(block.matrix_shape)
         precondition = sum(numel * (1 if f.diagonal else 2 * f.dim) for f in block.factors.values())
         inversion = sum(math.prod(f.lead) * (f.dim if f.diagonal else f.dim**3) for f in block.factors.values())
         floats = 2 * sum(math.prod(f.shape) for f in block.factors.values()) + numel
-        return {
+        cost = {
             "precondition": sympy.Integer(precondition),
             "inversion": sympy.Integer(inversion),
             "state_bytes": sympy.Integer(4 * floats),
         }
+        if self.adaptive:  # two forward-mode passes (about two forwards each) and the trial forward
+            cost["quadratic_model"] = 5 * sympy.sympify(block.cost.get("forward_backward", 0)) / 3
+        return cost
 
 
 

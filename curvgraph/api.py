@@ -27,6 +27,7 @@ OPTIONS: dict[str, Any] = {
     "fallback_lr": None,
     "backend": "inductor",
     "seed": None,
+    "progress": True,
 }
 
 
@@ -72,6 +73,8 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
             * ``backend``: a ``torch.compile`` backend (``"inductor"``) or ``"eager"``
               to run the generated step without compiling it;
             * ``seed``: seed of the optimizer's own generator for MC sampling.
+            * ``progress``: say on stderr when ``torch.compile`` compiles a variant of the step
+              (statistics or not, refresh or not) and how long it took (default ``True``).
 
     Returns:
         A :class:`~curvgraph.CurvatureOptimizer`.
@@ -126,4 +129,5 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
         factor_every=settings["factor_every"], invert_every=settings["invert_every"], backend=backend,
         inputs=traced.inputs, output_ndim=len(forward.output_shape),
         constants=[traced.constants[c] for c in forward.constants], seed=settings["seed"],
+        progress=settings["progress"],
     )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import time
 import warnings
 from typing import Any
 
@@ -47,7 +49,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                  namespace: dict[str, Any], *, method: Method, fallback: FallbackRule, loss: LossSpec, fisher: str,
                  hyper: dict[str, Any], fallback_hyper: dict[str, Any], factor_every: int, invert_every: int,
                  backend: str, inputs: list[InputSpec], output_ndim: int, constants: list[Tensor],
-                 seed: int | None) -> None:
+                 seed: int | None, progress: bool = False) -> None:
         self.model = model
         self.plan = plan
         self.source = generated.source
@@ -81,6 +83,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
         self._generated = generated
         self._seed = seed
+        self._progress = progress and backend != "eager"
+        self._compiled_variants: set[tuple[bool, bool]] = set()
         self._runner = StepRunner(
             compiled_step(namespace["step"], backend), namespace["noise_shape"],
             {key: (spec.shape, spec.init, spec.dtype or generated.factor_dtype) for key, spec in generated.state.items()},
@@ -112,6 +116,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         batch = as_input_tuple(inputs, "inputs")
         self._check_batch(batch, targets)
         params, frozen, buffers = model_tensors(self.model, self._params, self._frozen_names, self._buffer_names)
+        variant = self._runner.schedule()
+        announce = self._progress and variant not in self._compiled_variants
+        if announce:
+            print(f"curvgraph: compiling the step for {self.plan.model_name} (statistics: {'yes' if variant[0] else 'no'}, "
+                  f"refresh: {'yes' if variant[1] else 'no'}; one graph per combination the schedule uses) ...",
+                  file=sys.stderr, flush=True)
+            start = time.perf_counter()
         try:
             loss, ok = self._runner.run(params, frozen, buffers, self._constants, batch, targets, self._hyper_values)
         except torch._dynamo.exc.TorchDynamoException as exc:
@@ -120,6 +131,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
                 "Pass backend='eager' to curvgraph.compile to run the same step without torch.compile."
             ) from exc
+        if announce:
+            self._compiled_variants.add(variant)
+            print(f"curvgraph: compiled and ran in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
         if not ok:
             warnings.warn(
                 f"curvgraph: step {self._runner.step_count} skipped: the loss ({loss.item():.4g}) or the update is not "

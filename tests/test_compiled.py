@@ -112,3 +112,18 @@ def test_a_new_batch_size_compiles_nothing(runs):
         opt.step(torch.randn(n, 2, 6, generator=g), torch.randint(0, 4, (n,), generator=g))
     assert counters["stats"]["unique_graphs"] == before
     assert opt.skipped_steps == 0
+
+
+def test_compiling_a_variant_is_announced_once(capsys):
+    """The first step of each schedule variant says on stderr that it compiles, and how long it took."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = curvgraph.compile(model, (torch.randn(5, 3),), backend="aot_eager", lr=0.01, invert_every=1)
+    opt.step(torch.randn(5, 3), torch.randint(0, 2, (5,)))
+    err = capsys.readouterr().err
+    assert "curvgraph: compiling the step for Sequential (statistics: yes, refresh: yes" in err
+    assert "compiled and ran in" in err
+    opt.step(torch.randn(6, 3), torch.randint(0, 2, (6,)))
+    assert "compiling" not in capsys.readouterr().err
+    quiet = curvgraph.compile(model, (torch.randn(5, 3),), backend="aot_eager", progress=False)
+    quiet.step(torch.randn(5, 3), torch.randint(0, 2, (5,)))
+    assert "compiling" not in capsys.readouterr().err

@@ -140,8 +140,10 @@ def diagonal_matrix(flat: Tensor, d: int, spec: tuple) -> Tensor:
 
 def diagonal_inner(flat: Tensor, x: Tensor | None, d: int, spec: tuple) -> Tensor:
     r""":math:`\operatorname{diag}(K^\top X K) = k^2 \odot \operatorname{diag}(X)` for diagonal ``K = diag(k)``
-    (:math:`k^2` if ``x`` is None)."""
-    return flat * flat if x is None else flat * flat * x.diagonal(dim1=-2, dim2=-1)
+    (:math:`k^2` if ``x`` is None; ``x`` a matrix ``(..., d, d)`` or a diagonal factor stored as ``(..., d)``)."""
+    if x is None:
+        return flat * flat
+    return flat * flat * (x if x.dim() == flat.dim() else x.diagonal(dim1=-2, dim2=-1))
 
 
 def diagonal_product(left: Tensor, right: Tensor, d: int, spec: tuple) -> Tensor:
@@ -454,9 +456,10 @@ def singd_descent(k: Tensor, k_m: Tensor, m: Tensor, lr_cov: Tensor, normalize: 
     return k - beta.to(m.dtype)[..., None] * k_m
 
 
-def factor_matrix(factor: Tensor, diagonal: bool, dtype: torch.dtype) -> Tensor:
-    """A kind's factor as a dense ``(..., d, d)`` matrix (a diagonal factor is stored as a vector) in ``dtype``."""
-    return torch.diag_embed(factor).to(dtype) if diagonal else factor.to(dtype)
+def factor_matrix(factor: Tensor, dtype: torch.dtype) -> Tensor:
+    """A kind's factor in ``dtype``: a dense ``(..., d, d)`` matrix, or a diagonal factor's vector ``(..., d)`` as
+    stored (its side always has the diagonal structure, which reads the vector; a ``V x V`` matrix is never formed)."""
+    return factor.to(dtype)
 
 
 def columns_along(matrix: Tensor, axis: int, lead: int) -> Tensor:
@@ -593,8 +596,9 @@ class SINGD(Method):
                                    f"block {block.name} ({block.kind}) has factor {name} on axis {f.axis}. "
                                    "Use method='kfac'.")
             index = 0 if f.axis == -1 else 1
-            sides.append(_Side(name, "KC"[index], f.axis, f.dim, f.lead, f.diagonal, structure(structures[index]),
-                               dtypes[index]))
+            # a diagonal curvature factor (an embedding's token frequencies) gets a diagonal preconditioner factor
+            chosen = structure("diagonal") if f.diagonal else structure(structures[index])
+            sides.append(_Side(name, "KC"[index], f.axis, f.dim, f.lead, f.diagonal, chosen, dtypes[index]))
         if len({s.axis for s in sides}) != len(sides):
             raise CompileError(f"curvgraph: block {block.name} ({block.kind}) has two factors on one axis; SINGD needs "
                                "at most one per axis. Use method='kfac'.")
@@ -631,7 +635,7 @@ class SINGD(Method):
                 k, eye = b.var(f"{s.key}_full"), b.var(f"eye_{s.key}")
                 w.line(f"{eye} = {w.call(st.identity, b.state(s.key), s.dim, st.spec)}")
                 w.line(f"{k} = {w.call(identity_plus, b.state(s.key), eye)}")
-                x = w.call(factor_matrix, b.factors[s.factor], s.diagonal, f"{k}.dtype")
+                x = w.call(factor_matrix, b.factors[s.factor], f"{k}.dtype")
                 w.line(f"{b.var('H_' + s.key)} = {w.call(st.inner, k, x, s.dim, st.spec)}")
                 w.line(f"{b.var('gram_' + s.key)} = {w.call(st.inner, k, None, s.dim, st.spec)}")
                 terms[s.key] = (b.var("H_" + s.key), b.var("gram_" + s.key), eye)

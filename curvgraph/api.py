@@ -110,8 +110,8 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
     if not isinstance(backend, str):
         raise ConfigError(f"curvgraph: backend must be a string ('inductor', 'eager', ...), got {backend!r}.")
 
-    traced = trace(model, inputs)
     block_kinds = dict(registry.KINDS)
+    traced = trace(model, inputs, lambda m: next((r for k in block_kinds.values() if (r := k.substitute(m)) is not None), None))
     plan = build_plan(traced, block_kinds.values(), settings["kfac_approx"], traced.example_sizes(inputs))
     for block in plan.blocks:
         block.cost.update(rule.cost(block))

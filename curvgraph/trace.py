@@ -24,7 +24,7 @@ import os
 import traceback
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import sympy
 import torch
@@ -128,21 +128,53 @@ def module_path(node: torch.fx.Node) -> str:
     return path.removeprefix("L['self'].").removeprefix("L__self__")
 
 
-def trace(model: nn.Module, example_inputs: tuple[Tensor, ...]) -> TracedModel:
+#: ``module -> replacement or None``: a module to capture in place of one of the model's submodules.
+Substitute = Callable[[nn.Module], "nn.Module | None"]
+
+
+def trace(model: nn.Module, example_inputs: tuple[Tensor, ...], substitute: Substitute | None = None) -> TracedModel:
     """Capture ``model`` called on ``example_inputs`` as a :class:`TracedModel`.
 
     The model is exported in training mode (the mode the generated step runs it in)
-    and its previous mode is restored afterwards. Raises :class:`TraceError` naming the
-    module and source line when the model cannot be captured, and
-    :class:`ConfigError` when the model fails on the example inputs.
+    and its previous mode is restored afterwards. ``substitute`` (from the block kinds,
+    see :meth:`curvgraph.kinds.base.BlockKind.substitute`) may return, for a submodule,
+    a module computing the same function on the **same** Parameters (e.g. a recurrent
+    module unrolled over time); it is captured in the submodule's place, and the model
+    is restored afterwards. Raises :class:`TraceError` naming the module and source line
+    when the model cannot be captured, and :class:`ConfigError` when the model fails on
+    the example inputs.
     """
     was_training = model.training
     model.train()
     try:
-        program = _export(model, example_inputs)
+        with _substituted(model, substitute):
+            program = _export(model, example_inputs)
     finally:
         model.train(was_training)
     return _from_program(model, program, example_inputs)
+
+
+@contextlib.contextmanager
+def _substituted(model: nn.Module, substitute: Substitute | None) -> Iterator[None]:
+    """Swap every submodule ``m`` with ``substitute(m)`` (when not ``None``) for the duration of the block."""
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    replacements: dict[int, nn.Module | None] = {}
+    if substitute is not None:
+        for parent in list(model.modules()):
+            for name, child in list(parent._modules.items()):
+                if child is None:
+                    continue
+                if id(child) not in replacements:
+                    replacements[id(child)] = substitute(child)
+                if replacements[id(child)] is not None:
+                    swapped.append((parent, name, child))
+    try:
+        for parent, name, child in swapped:
+            parent._modules[name] = replacements[id(child)]
+        yield
+    finally:
+        for parent, name, child in swapped:
+            parent._modules[name] = child
 
 
 def _export(model: nn.Module, example_inputs: tuple[Tensor, ...]) -> ExportedProgram:

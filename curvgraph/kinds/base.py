@@ -74,6 +74,14 @@ class BlockKind(ABC):
         dims = ", ".join(f"{k}={v}" for k, v in block.dims.items())
         return f"{self.name} {dims}" if dims else self.name
 
+    def substitute(self, module: torch.nn.Module) -> torch.nn.Module | None:
+        """A module to capture in place of ``module`` (same function, same Parameters), or ``None`` (the default).
+
+        Lets a kind turn a module that export keeps opaque (``nn.LSTM`` becomes one
+        ``aten.lstm`` op) into ops its pass matches; the model itself is not changed.
+        """
+        return None
+
     @property
     def passes(self) -> tuple[BlockPass, ...]:
         """The kind's block passes in the order they run: one, named after the kind, by default."""

@@ -15,7 +15,7 @@ from .methods.base import positive
 from .optimizer import CurvatureOptimizer
 from .passes import build_plan
 from .registry import resolve_fallback, resolve_method
-from .trace import as_input_tuple, trace
+from .trace import as_input_tuple, resolve_batch_dims, trace
 
 #: Options of :func:`compile` that are not hyper-parameters of the method.
 OPTIONS: dict[str, Any] = {
@@ -27,6 +27,7 @@ OPTIONS: dict[str, Any] = {
     "fallback_lr": None,
     "backend": "inductor",
     "seed": None,
+    "batch_dim": None,
 }
 
 
@@ -47,7 +48,7 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
     Args:
         model: the model; its own parameters are updated in place by ``step``.
         example_inputs: a batch of the model's positional inputs (a tensor or a tuple),
-            batch first. Sizes the model does not pin (batch size, sequence length)
+            batch first unless ``batch_dim`` says otherwise. Sizes the model does not pin (batch size, sequence length)
             stay symbolic: later batches may differ in them.
         loss: ``"cross_entropy"``, ``"mse"``, ``"bce_with_logits"`` or an instance of
             ``nn.CrossEntropyLoss``/``nn.MSELoss``/``nn.BCEWithLogitsLoss`` (mean reduction).
@@ -71,7 +72,11 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
               ``fallback_lr`` (Adam 1e-3, SGD 1e-2);
             * ``backend``: a ``torch.compile`` backend (``"inductor"``) or ``"eager"``
               to run the generated step without compiling it;
-            * ``seed``: seed of the optimizer's own generator for MC sampling.
+            * ``seed``: seed of the optimizer's own generator for MC sampling;
+            * ``batch_dim``: where the batch is in the inputs: an int, or one int (or
+              ``None``) per input, e.g. ``batch_dim=1`` for time-major ``(T, N, F)``
+              inputs of ``nn.LSTM``; by default inferred from the graph (the input dim
+              whose size is the output's dim 0), else 0. The output is batch first.
 
     Returns:
         A :class:`~curvgraph.CurvatureOptimizer`.
@@ -112,18 +117,20 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
 
     block_kinds = dict(registry.KINDS)
     traced = trace(model, inputs, lambda m: next((r for k in block_kinds.values() if (r := k.substitute(m)) is not None), None))
+    resolve_batch_dims(traced, settings["batch_dim"])
     plan = build_plan(traced, block_kinds.values(), settings["kfac_approx"], traced.example_sizes(inputs))
     for block in plan.blocks:
         block.cost.update(rule.cost(block))
     forward = instrument(traced, plan)
     param_dtype = next((p.dtype for p in model.parameters() if p.requires_grad), torch.float32)
-    generated = codegen.generate(plan, forward, traced.dims, block_kinds, rule, fallback, loss_spec, fisher, param_dtype)
+    generated = codegen.generate(plan, forward, traced.dims, block_kinds, rule, fallback, loss_spec, fisher, param_dtype,
+                                 batch=traced.batch)
     namespace = codegen.load(generated)
     return CurvatureOptimizer(
         model, plan, forward, generated, namespace,
         method=rule, fallback=fallback, loss=loss_spec, fisher=fisher,
         hyper=hyper, fallback_hyper=fallback_hyper,
         factor_every=settings["factor_every"], invert_every=settings["invert_every"], backend=backend,
-        inputs=traced.inputs, output_ndim=len(forward.output_shape),
+        inputs=traced.inputs, batch_dims=traced.batch_dims, output_ndim=len(forward.output_shape),
         constants=[traced.constants[c] for c in forward.constants], seed=settings["seed"],
     )

@@ -1,0 +1,239 @@
+"""Recurrent networks: unrolled forms, rnn blocks, time-independent factors, time-major inputs."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import jacrev
+
+import curvgraph
+from curvgraph.errors import InputError
+from curvgraph.kinds.rnn.unrolled import unrolled_form
+from helpers import exact_ggn_block, make_targets
+
+MODULES = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
+
+
+def _flat(result, lstm: bool) -> torch.Tensor:
+    out, state = result
+    return torch.cat([out.flatten()] + [s.flatten() for s in (state if lstm else (state,))])
+
+
+@pytest.mark.parametrize("kind", MODULES)
+def test_unrolled_forms_match_the_modules(kind):
+    """Outputs, final states and parameter gradients of the unrolled form equal nn.RNN/LSTM/GRU's (float32, 1e-6)."""
+    torch.manual_seed(0)
+    lstm = kind == "lstm"
+    for layers, bi, batch_first, bias, h0 in itertools.product((1, 2), (False, True), (False, True), (False, True),
+                                                              (False, True)):
+        module = MODULES[kind](3, 4, num_layers=layers, bidirectional=bi, batch_first=batch_first, bias=bias)
+        unrolled = unrolled_form(module)
+        assert dict(unrolled.named_parameters()).keys() == dict(module.named_parameters()).keys()
+        assert all(p is q for p, q in zip(unrolled.parameters(), module.parameters()))  # the same Parameters
+        x = torch.randn(2, 5, 3) if batch_first else torch.randn(5, 2, 3)
+        args = (x,)
+        if h0:
+            h = torch.randn(layers * (1 + bi), 2, 4)
+            args = (x, (h, torch.randn_like(h)) if lstm else h)
+        ours, theirs = _flat(unrolled(*args), lstm), _flat(module(*args), lstm)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+        weights = torch.randn_like(ours)
+        g_ours = torch.autograd.grad((ours * weights).sum(), list(module.parameters()))
+        g_theirs = torch.autograd.grad((theirs * weights).sum(), list(module.parameters()))
+        for a, b in zip(g_ours, g_theirs):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_unrolled_lstm_with_projection_and_cells_and_unbatched_inputs():
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 4, num_layers=2, proj_size=2, bidirectional=True)
+    x = torch.randn(5, 2, 3)
+    torch.testing.assert_close(_flat(unrolled_form(lstm)(x), True), _flat(lstm(x), True), rtol=0, atol=1e-6)
+    gru = nn.GRU(3, 4)
+    torch.testing.assert_close(_flat(unrolled_form(gru)(x[:, 0]), False), _flat(gru(x[:, 0]), False), rtol=0, atol=1e-6)
+    for cell in (nn.RNNCell(3, 4, nonlinearity="relu"), nn.LSTMCell(3, 4), nn.GRUCell(3, 4, bias=False)):
+        h = torch.randn(2, 4)
+        state = (h, torch.randn_like(h)) if isinstance(cell, nn.LSTMCell) else h
+        ours, theirs = unrolled_form(cell)(x[0], state), cell(x[0], state)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+class Classifier(nn.Module):
+    """A recurrent module over (N, T, F) or (T, N, F) inputs, a linear head on the last output."""
+
+    def __init__(self, kind: str = "gru", features: int = 3, hidden: int = 4, classes: int = 3, h0: bool = False,
+                 **options) -> None:
+        super().__init__()
+        self.rnn = MODULES[kind](features, hidden, **options)
+        self.head = nn.Linear(hidden * (1 + self.rnn.bidirectional), classes)
+        self.lstm = kind == "lstm"
+        if h0:  # a fixed initial state, so that W_hh sees nonzero inputs at the first step
+            shape = (self.rnn.num_layers * (1 + self.rnn.bidirectional), 1, hidden)
+            self.register_buffer("h0", torch.randn(shape))
+
+    def forward(self, x):
+        args = (x,)
+        if hasattr(self, "h0"):
+            h = self.h0.expand(-1, x.shape[0 if self.rnn.batch_first else 1], -1).contiguous()
+            args = (x, (h, torch.zeros_like(h)) if self.lstm else h)
+        out, _ = self.rnn(*args)
+        return self.head(out[:, -1] if self.rnn.batch_first else out[-1])
+
+
+def batch_factors(model, x, y, loss="cross_entropy", fisher="type2", **options):
+    """The factors of one batch (``ema=0``) and the optimizer."""
+    opt = curvgraph.compile(model, (x,), loss=loss, fisher=fisher, ema=0.0, backend="eager", **options)
+    opt.step(x, y)
+    return opt.factors(), opt
+
+
+def test_plan_has_one_block_per_recurrent_weight_with_gates_and_steps():
+    model = Classifier("lstm", num_layers=2, bidirectional=True, batch_first=True)
+    opt = curvgraph.compile(model, (torch.randn(4, 6, 3),), backend="eager")
+    rnn = [b for b in opt.plan.blocks if b.kind == "rnn"]
+    names = {p for b in rnn for p in b.params}
+    assert names == {f"rnn.{n}" for n, _ in model.rnn.named_parameters()}  # every recurrent parameter is in an rnn block
+    assert len(rnn) == 8 and not opt.plan.fallback_params
+    for b in rnn:
+        assert len(b.uses) == 6 and b.dims["steps"] == 6 and b.dims["gates"] == 4 and b.bias
+        assert "4 gates, T=6" in opt.plan.kinds["rnn"].label(b) and opt.plan.kinds["rnn"].label(b) in str(opt.plan)
+    gru = curvgraph.compile(Classifier("gru", bias=False), (torch.randn(5, 2, 3),), backend="eager").plan
+    assert [b.dims["gates"] for b in gru.blocks if b.kind == "rnn"] == [3, 3]
+    assert all(not b.bias for b in gru.blocks if b.kind == "rnn")
+    plain = curvgraph.compile(Classifier("rnn"), (torch.randn(5, 2, 3),), backend="eager").plan
+    assert [b.dims["gates"] for b in plain.blocks if b.kind == "rnn"] == [1, 1]
+
+
+class CellLoop(nn.Module):
+    """A cell applied at every step of the user's own loop."""
+
+    def __init__(self, cell: nn.Module) -> None:
+        super().__init__()
+        self.cell, self.head = cell, nn.Linear(4, 3)
+
+    def forward(self, x):
+        state = None
+        for t in range(x.shape[1]):
+            state = self.cell(x[:, t], state)
+        return self.head(state[0] if isinstance(state, tuple) else state)
+
+
+@pytest.mark.parametrize("cell", [nn.RNNCell, nn.LSTMCell, nn.GRUCell])
+def test_a_cell_in_a_user_loop_is_one_block_per_weight_with_T_uses(cell):
+    torch.manual_seed(0)
+    model = CellLoop(cell(3, 4))
+    x, y = torch.randn(4, 5, 3), torch.randint(0, 3, (4,))
+    opt = curvgraph.compile(model, (x,), backend="eager")
+    blocks = {b.name: b for b in opt.plan.blocks if b.kind == "rnn"}
+    assert set(blocks) == {"cell.weight_ih", "cell.weight_hh"}
+    assert all(len(b.uses) == 5 and b.dims["gates"] == {nn.RNNCell: 1, nn.LSTMCell: 4, nn.GRUCell: 3}[cell]
+               for b in blocks.values())
+    before = opt.step(x, y)
+    for _ in range(5):
+        loss = opt.step(x, y)
+    assert loss < before
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+@pytest.mark.parametrize("kind", MODULES)
+def test_type2_factors_are_the_exact_ggn_for_one_step_and_one_example(float64, kind, loss):
+    """With T = 1 and one example each rnn block's kron(G, A) is its exact GGN block (nn's own module as reference)."""
+    torch.manual_seed(0)
+    model = Classifier(kind, h0=True, batch_first=True)
+    x = torch.randn(1, 1, 3)
+    y = make_targets(loss, (1, 3))
+    reference = copy.deepcopy(model)
+    factors, opt = batch_factors(model, x, y, loss=loss)
+    for b in opt.plan.blocks:
+        if b.kind != "rnn":
+            continue
+        exact = exact_ggn_block(reference, loss, x, y, b.params[0], b.params[1])
+        torch.testing.assert_close(torch.kron(factors[b.name]["G"], factors[b.name]["A"]), exact, rtol=1e-9, atol=1e-12)
+
+
+def gru_reference(model: Classifier, x: torch.Tensor, probes: dict[str, torch.Tensor]):
+    """An independent GRU loop (batch first, one layer) with zero probes added to every step's
+    ``W_ih x_t + b_ih`` and ``W_hh h_{t-1} + b_hh``; returns the logits and the layer inputs per weight."""
+    p = dict(model.rnn.named_parameters())
+    h = torch.zeros(x.shape[0], model.rnn.hidden_size, dtype=x.dtype)
+    inputs = {"weight_ih_l0": [], "weight_hh_l0": []}
+    for t in range(x.shape[1]):
+        inputs["weight_ih_l0"].append(x[:, t])
+        inputs["weight_hh_l0"].append(h)
+        gi = x[:, t] @ p["weight_ih_l0"].T + p["bias_ih_l0"] + probes["weight_ih_l0"][t]
+        gh = h @ p["weight_hh_l0"].T + p["bias_hh_l0"] + probes["weight_hh_l0"][t]
+        r = torch.sigmoid(gi[:, :4] + gh[:, :4])
+        z = torch.sigmoid(gi[:, 4:8] + gh[:, 4:8])
+        n = torch.tanh(gi[:, 8:] + r * gh[:, 8:])
+        h = (1 - z) * n + z * h
+    return model.head(h), inputs
+
+
+@pytest.mark.parametrize("fisher", ["type2", "empirical"])
+def test_time_independent_factors_equal_a_brute_force_sum_over_time(float64, fisher):
+    r"""``A = mean_{n,t} ā ā^T``, ``G = (1/N) Σ_{n,t} J_{nt}^T H_n J_{nt}`` (type-2) or
+    ``(1/N) Σ_{n,t} (J_{nt}^T ∇ℓ_n)(J_{nt}^T ∇ℓ_n)^T`` (empirical), by a plain loop over time."""
+    torch.manual_seed(0)
+    model = Classifier("gru", batch_first=True)
+    n, steps = 3, 4
+    x, y = torch.randn(n, steps, 3), torch.randint(0, 3, (n,))
+    reference = copy.deepcopy(model)
+    factors, opt = batch_factors(model, x, y, fisher=fisher)
+    zeros = {k: torch.zeros(steps, n, 12) for k in ("weight_ih_l0", "weight_hh_l0")}
+    with torch.no_grad():
+        logits, inputs = gru_reference(reference, x, zeros)
+        torch.testing.assert_close(logits, Classifier.forward(reference, x))
+    probs = logits.softmax(-1)
+    for weight, acts in inputs.items():
+        jac = jacrev(lambda q: gru_reference(reference, x, {**zeros, weight: q})[0])(zeros[weight])  # (N, C, T, N, 12)
+        g_ref = torch.zeros(12, 12)
+        for i in range(n):
+            hess = torch.diag(probs[i]) - torch.outer(probs[i], probs[i])
+            grad = probs[i] - F.one_hot(y[i], 3)
+            for t in range(steps):
+                j = jac[i, :, t, i]  # (C, 12)
+                g_ref += (j.T @ hess @ j if fisher == "type2" else torch.outer(j.T @ grad, j.T @ grad)) / n
+        a = torch.cat([torch.stack(acts).reshape(-1, acts[0].shape[-1]), torch.ones(n * steps, 1)], 1)
+        a_ref = a.T @ a / (n * steps)
+        torch.testing.assert_close(factors[f"rnn.{weight}"]["A"], a_ref)
+        torch.testing.assert_close(factors[f"rnn.{weight}"]["G"], g_ref)
+
+
+def test_time_major_inputs_batch_dim_is_inferred_and_can_be_set():
+    torch.manual_seed(0)
+    model = Classifier("lstm")  # batch_first=False: inputs (T, N, F)
+    x, y = torch.randn(11, 16, 3), torch.randint(0, 3, (16,))
+    opt = curvgraph.compile(model, (x,), backend="eager")
+    assert "batch = inputs[0].shape[1]" in opt.source and "N=16" in str(opt.plan)
+    first = opt.step(x, y)
+    opt.step(torch.randn(11, 7, 3), y[:7])  # another batch size
+    with pytest.raises(InputError, match="batch_dim"):
+        opt.step(x, y[:5])
+    with pytest.raises(InputError, match=r"compiled for shape \(11, '\*', 3\)"):
+        opt.step(torch.randn(12, 16, 3), y)  # another sequence length: recompile
+    same = Classifier("lstm")
+    same.load_state_dict(copy.deepcopy(opt.model.state_dict()))
+    explicit = curvgraph.compile(same, (x,), backend="eager", batch_dim=1)
+    assert "batch = inputs[0].shape[1]" in explicit.source
+    assert first.item() > 0
+    with pytest.raises(curvgraph.ConfigError, match="batch_dim"):
+        curvgraph.compile(Classifier("lstm"), (x,), backend="eager", batch_dim=(1, 0))
+
+
+def test_time_major_and_batch_first_give_the_same_step(float64):
+    """The same model on the same data laid out (T, N, F) or (N, T, F): equal factors."""
+    torch.manual_seed(0)
+    first = Classifier("lstm", batch_first=True, num_layers=2)
+    second = Classifier("lstm", batch_first=False, num_layers=2)
+    second.load_state_dict(first.state_dict())
+    x, y = torch.randn(5, 4, 3), torch.randint(0, 3, (5,))
+    f1, _ = batch_factors(first, x, y)
+    f2, _ = batch_factors(second, x.transpose(0, 1).contiguous(), y)
+    for name in f1:
+        for k in f1[name]:
+            torch.testing.assert_close(f1[name][k], f2[name][k])

@@ -237,3 +237,19 @@ def test_time_major_and_batch_first_give_the_same_step(float64):
     for name in f1:
         for k in f1[name]:
             torch.testing.assert_close(f1[name][k], f2[name][k])
+
+
+def test_gru_on_mnist1d_beats_adam_in_test_accuracy():
+    """The example's GRU classifier (hidden 32) after 150 steps of 64: curvgraph's defaults reach a higher test
+    accuracy than Adam at the better of two learning rates, same initialization and batches."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "examples" / "mnist1d_gru.py"
+    spec = importlib.util.spec_from_file_location("mnist1d_gru", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    results = example.compare(150, batch=64, hidden=32, seed=1, backend="eager", adam_lrs=(1e-2, 3e-2))
+    adam = max(v for k, v in results.items() if k.startswith("adam"))
+    assert results["skipped"] == 0
+    assert results["curvgraph"] > adam + 0.05, results

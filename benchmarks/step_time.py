@@ -179,8 +179,13 @@ def interleaved(steps: dict[str, Callable[[], object]], warmup: int, iters: int,
 
 
 def adam_compiled(model: nn.Module, x, y, loss: Callable = F.cross_entropy) -> Callable[[], object]:
-    """Forward, backward and Adam (lr 1e-3) in one torch.compile'd graph (buffers updated in place)."""
-    step = compiled_adam_step(model, loss=loss)
+    """Forward, backward and Adam (lr 1e-3) in one torch.compile'd graph (buffers updated in place).
+
+    Dynamo cannot compile ``nn.LSTM``/``nn.GRU``/``nn.RNN``; such modules run as their unrolled
+    forms (the same function and Parameters, :func:`curvgraph.kinds.rnn.unrolled.unrolled_copy`)."""
+    from curvgraph.kinds.rnn.unrolled import unrolled_copy
+
+    step = compiled_adam_step(unrolled_copy(model), loss=loss)
     return lambda: step(x, y)
 
 

@@ -253,3 +253,66 @@ def test_gru_on_mnist1d_beats_adam_in_test_accuracy():
     adam = max(v for k, v in results.items() if k.startswith("adam"))
     assert results["skipped"] == 0
     assert results["curvgraph"] > adam + 0.05, results
+
+
+def test_unrolled_copy_shares_parameters_and_computes_the_same():
+    from curvgraph.kinds.rnn.unrolled import UnrolledRNN, unrolled_copy
+
+    torch.manual_seed(0)
+    model = Classifier("lstm", num_layers=2)
+    twin = unrolled_copy(model)
+    assert isinstance(twin.rnn, UnrolledRNN) and isinstance(model.rnn, nn.LSTM)
+    assert all(p is q for p, q in zip(twin.parameters(), model.parameters()))
+    x = torch.randn(5, 2, 3)
+    torch.testing.assert_close(twin(x), model(x), rtol=0, atol=1e-6)
+
+
+def test_lag_moments_are_the_plain_loop_sums(float64):
+    from curvgraph.kinds.rnn.temporal import lag_moments
+
+    torch.manual_seed(0)
+    steps = tuple(torch.randn(3, 4) for _ in range(5))
+    m0, m1 = lag_moments(steps, True, torch.float64)
+    bar = [torch.cat([s, torch.ones(3, 1)], 1) for s in steps]
+    r0 = sum(torch.outer(b[n], b[n]) for b in bar for n in range(3)) / 15
+    r1 = sum(torch.outer(bar[t][n], bar[t + 1][n]) for t in range(4) for n in range(3)) / 12
+    torch.testing.assert_close(m0, r0)
+    torch.testing.assert_close(m1, r1)
+
+
+def test_option1_inverse_is_the_inverse_of_the_summed_chain_covariance(float64):
+    r"""Option 1 in closed form (eigenbases, zeta) against its definition built densely: V_0 = G_0 ⊗ A_0,
+    Ψ = V_1 V_0^{-1} with V_1 = sym(G_1) ⊗ sym(A_1), F = Σ_{t,s} V_{|t-s|}, V_d = Ψ^d V_0; solve F x = vec(M)."""
+    from curvgraph.kinds.rnn.temporal import option1_precondition
+
+    torch.manual_seed(0)
+
+    def spd(d):
+        q = torch.randn(d, d)
+        return q @ q.T + d * torch.eye(d)
+
+    def lag(m0, scale):  # a lag-1 moment whose whitened form has eigenvalues in (-1, 1)
+        c = torch.linalg.cholesky(m0)
+        s = torch.randn(m0.shape)
+        s = (s + s.T) / 2
+        s = scale * s / torch.linalg.matrix_norm(s, 2)
+        return c @ s @ c.T + 0.01 * torch.randn(m0.shape)  # plus an antisymmetric-ish part option 1 drops
+
+    a0, g0 = spd(4), spd(3)
+    a1, g1 = lag(a0, 0.7), lag(g0, 0.5)
+    steps = 6
+    grad = torch.randn(3, 4)
+    v0 = torch.kron(g0, a0)
+    v1 = torch.kron((g1 + g1.T) / 2, (a1 + a1.T) / 2)
+    psi = v1 @ torch.linalg.inv(v0)
+    fisher = torch.zeros(12, 12)
+    for t in range(steps):
+        for s in range(steps):
+            v = torch.linalg.matrix_power(psi, abs(t - s)) @ v0
+            fisher += v if s >= t else v.T
+    reference = torch.linalg.solve(fisher, grad.flatten()).reshape(3, 4)
+    torch.testing.assert_close(option1_precondition(grad, a0, a1, g0, g1, steps), reference)
+    # no correlation between steps: the time-independent (expand) K-FAC inverse of T V_0
+    expand = torch.linalg.inv(g0) @ grad @ torch.linalg.inv(a0) / steps
+    zero = torch.zeros(4, 4), torch.zeros(3, 3)
+    torch.testing.assert_close(option1_precondition(grad, a0, zero[0], g0, zero[1], steps), expand)

@@ -180,3 +180,18 @@ def unrolled_form(module: nn.Module) -> nn.Module | None:
     if type(module) in (nn.RNNCell, nn.LSTMCell, nn.GRUCell):
         return UnrolledCell(module)
     return None
+
+
+def unrolled_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose recurrent modules and cells are their unrolled forms, sharing ``model``'s
+    Parameters and buffers (e.g. to ``torch.compile`` a first-order step, which dynamo cannot do for ``nn.LSTM``)."""
+    import copy
+
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    twin = copy.deepcopy(model, memo=dict(shared))
+    for parent in list(twin.modules()):
+        for name, child in list(parent._modules.items()):
+            replacement = unrolled_form(child) if child is not None else None
+            if replacement is not None:
+                parent._modules[name] = replacement
+    return twin

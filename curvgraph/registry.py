@@ -56,11 +56,11 @@ def register_block_kind(kind: "BlockKind", *, replace: bool = False, before: str
 
     if not isinstance(kind, BlockKind):
         raise ConfigError(f"curvgraph: register_block_kind needs a curvgraph.BlockKind instance, got {kind!r}.")
+    if before is not None and (before not in KINDS or before == kind.name):
+        raise ConfigError(f"curvgraph: register_block_kind(before={before!r}): no other block kind of that name is "
+                          f"registered; registered: {sorted(KINDS)}.")
     _register(KINDS, "block kind", kind.name, kind, replace)
     if before is not None:
-        if before not in KINDS:
-            raise ConfigError(f"curvgraph: register_block_kind(before={before!r}): no block kind of that name is "
-                              f"registered; registered: {sorted(KINDS)}.")
         order = list(KINDS)
         order.remove(kind.name)
         order.insert(order.index(before), kind.name)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import curvgraph
-from curvgraph.demo import load_mnist1d
+from curvgraph.demo import batches, load_mnist1d
 
 
 class GRUClassifier(nn.Module):
@@ -37,16 +37,6 @@ class GRUClassifier(nn.Module):
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     with torch.no_grad():
         return (model(x).argmax(-1) == y).float().mean().item()
-
-
-def batches(n: int, batch: int, steps: int, seed: int) -> list[torch.Tensor]:
-    """``steps`` index batches of epochs of seeded permutations."""
-    g = torch.Generator().manual_seed(seed)
-    out: list[torch.Tensor] = []
-    while len(out) < steps:
-        perm = torch.randperm(n, generator=g)
-        out += [perm[i: i + batch] for i in range(0, n - batch + 1, batch)]
-    return out[:steps]
 
 
 def compare(steps: int, batch: int = 100, hidden: int = 64, seed: int = 0, backend: str = "inductor",

@@ -316,3 +316,35 @@ def test_option1_inverse_is_the_inverse_of_the_summed_chain_covariance(float64):
     expand = torch.linalg.inv(g0) @ grad @ torch.linalg.inv(a0) / steps
     zero = torch.zeros(4, 4), torch.zeros(3, 3)
     torch.testing.assert_close(option1_precondition(grad, a0, zero[0], g0, zero[1], steps), expand)
+
+
+def test_register_block_kind_before_puts_its_passes_first():
+    from curvgraph import registry
+
+    class Probe(curvgraph.BlockKind):
+        name = "probe_kind"
+
+        def find(self, traced, claims, sharing):
+            return []
+
+        factors = cost = write_batch_factors = write_matrix = write_split = None
+
+    assert list(registry.KINDS)[:2] == ["rnn", "dense"]
+    try:
+        curvgraph.register_block_kind(Probe(), before="dense")
+        assert list(registry.KINDS)[:3] == ["rnn", "probe_kind", "dense"]
+        with pytest.raises(curvgraph.ConfigError, match="no block kind"):
+            curvgraph.register_block_kind(Probe(), replace=True, before="nonexistent")
+    finally:
+        curvgraph.unregister_block_kind("probe_kind")
+    assert "probe_kind" not in registry.KINDS
+
+
+def test_singd_runs_on_rnn_blocks():
+    torch.manual_seed(0)
+    model = Classifier("gru", batch_first=True)
+    x, y = torch.randn(8, 4, 3), torch.randint(0, 3, (8,))
+    opt = curvgraph.compile(model, (x,), method="singd", backend="eager")
+    assert {b.kind for b in opt.plan.blocks} == {"rnn", "dense"}
+    losses = [opt.step(x, y).item() for _ in range(10)]
+    assert losses[-1] < losses[0]

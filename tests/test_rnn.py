@@ -333,7 +333,7 @@ def test_register_block_kind_before_puts_its_passes_first():
     try:
         curvgraph.register_block_kind(Probe(), before="dense")
         assert list(registry.KINDS)[:3] == ["rnn", "probe_kind", "dense"]
-        with pytest.raises(curvgraph.ConfigError, match="no block kind"):
+        with pytest.raises(curvgraph.ConfigError, match="no other block kind"):
             curvgraph.register_block_kind(Probe(), replace=True, before="nonexistent")
     finally:
         curvgraph.unregister_block_kind("probe_kind")

@@ -348,3 +348,50 @@ def test_singd_runs_on_rnn_blocks():
     assert {b.kind for b in opt.plan.blocks} == {"rnn", "dense"}
     losses = [opt.step(x, y).item() for _ in range(10)]
     assert losses[-1] < losses[0]
+
+
+def test_option1_in_the_step_uses_brute_force_lag_moments_and_its_formula(float64):
+    r"""``temporal="option1"``: the lag-1 states equal a plain loop over time (``A_lag = mean x̄_t x̄_{t+1}^T``,
+    ``G_lag = T/(T-1) (1/N) Σ_{n,t} J_{nt}^T H_n J_{n,t+1}``, type-2), and the first update is
+    ``-lr · option1_precondition(M, A + s_A I, A_lag, (G + s_G I)/T, G_lag/T, T)`` with K-FAC's damping shifts."""
+    from curvgraph.kinds.rnn.temporal import option1_precondition
+    from curvgraph.methods.kfac import factored_damping
+
+    torch.manual_seed(0)
+    model = Classifier("gru", batch_first=True)
+    n, steps, lr, damping = 3, 4, 0.1, 1e-2
+    x, y = torch.randn(n, steps, 3), torch.randint(0, 3, (n,))
+    reference = copy.deepcopy(model)
+    opt = curvgraph.compile(model, (x,), fisher="type2", temporal="option1", lr=lr, momentum=0.0, kl_clip=None,
+                            damping=damping, invert_every=1, backend="eager")
+    assert "option1_apply" in opt.source and "kfac(temporal='option1')" in opt.source.replace('"', "'")
+    opt.step(x, y)
+    state, factors = opt._state, opt.factors()
+    zeros = {k: torch.zeros(steps, n, 12) for k in ("weight_ih_l0", "weight_hh_l0")}
+    with torch.no_grad():
+        logits, inputs = gru_reference(reference, x, zeros)
+    probs = logits.softmax(-1)
+    loss = F.cross_entropy(Classifier.forward(reference, x), y)
+    grads = dict(zip((k for k, _ in reference.named_parameters()),
+                     torch.autograd.grad(loss, list(reference.parameters()))))
+    for weight, acts in inputs.items():
+        name = f"rnn.{weight}"
+        jac = jacrev(lambda q: gru_reference(reference, x, {**zeros, weight: q})[0])(zeros[weight])
+        g_lag = torch.zeros(12, 12)
+        for i in range(n):
+            hess = torch.diag(probs[i]) - torch.outer(probs[i], probs[i])
+            for t in range(steps - 1):
+                g_lag += jac[i, :, t, i].T @ hess @ jac[i, :, t + 1, i] * steps / ((steps - 1) * n)
+        bar = [torch.cat([a, torch.ones(n, 1)], 1) for a in acts]
+        a_lag = sum(bar[t].T @ bar[t + 1] for t in range(steps - 1)) / ((steps - 1) * n)
+        torch.testing.assert_close(state[f"{name}.A_lag"], a_lag)
+        torch.testing.assert_close(state[f"{name}.G_lag"], g_lag)
+        a, g = factors[name]["A"], factors[name]["G"]
+        shift_a, shift_g = factored_damping((a, g), (False, False), torch.tensor(damping))
+        grad = torch.cat([grads[name], grads[name.replace("weight", "bias")][:, None]], 1)
+        direction = option1_precondition(grad, a + shift_a * torch.eye(4 if "ih" in weight else 5), a_lag,
+                                         (g + shift_g * torch.eye(12)) / steps, g_lag / steps, steps)
+        new = torch.cat([model.get_parameter(name), model.get_parameter(name.replace("weight", "bias"))[:, None]], 1)
+        old = torch.cat([reference.get_parameter(name), reference.get_parameter(name.replace("weight", "bias"))[:, None]],
+                        1)
+        torch.testing.assert_close(new.detach(), old.detach() - lr * direction)

@@ -9,7 +9,7 @@ built-in kinds.
 from __future__ import annotations
 
 from . import dense, rnn, conv, norm, embedding, position, packed, tied  # noqa: F401 -- registration order is pass order (rnn registers itself before dense)
-from .base import (BlockKind, BlockPass, block_name, has_example_rows, layer_use, matrix_shape, new_block,
+from .base import (BlockKind, BlockPass, block_name, has_example_rows, has_lag_moments, layer_use, matrix_shape, new_block,
                    weight_and_bias)
 
-__all__ = ["BlockKind", "BlockPass", "block_name", "has_example_rows", "layer_use", "matrix_shape", "new_block", "weight_and_bias"]
+__all__ = ["BlockKind", "BlockPass", "block_name", "has_example_rows", "has_lag_moments", "layer_use", "matrix_shape", "new_block", "weight_and_bias"]

@@ -141,6 +141,12 @@ class BlockKind(ABC):
             "implement it or choose a method that uses the factors only (e.g. 'kfac')."
         )
 
+    def write_lag_moments(self, w: "StepWriter", b: "BlockVars", dtype: torch.dtype) -> dict[str, str]:
+        """Optional (kinds whose uses are time steps): lines assigning this batch's lag-1 moments, one
+        variable per factor name, shaped and normalized like the factors (see
+        :func:`curvgraph.kinds.rnn.temporal.rnn_lag_factors`); used by temporal approximations."""
+        raise CompileError(f"curvgraph: block kind {self.name!r} has no lag moments (no temporal approximation).")
+
     @abstractmethod
     def write_matrix(self, w: "StepWriter", b: "BlockVars", tensors: Sequence[str], dtype: torch.dtype) -> str:
         """The expression of the block matrix ``M`` built from ``tensors`` (one expression per
@@ -160,6 +166,11 @@ class BlockKind(ABC):
 def has_example_rows(kind: BlockKind) -> bool:
     """Whether ``kind`` defines :meth:`BlockKind.write_example_rows` (methods that need it check at compile time)."""
     return type(kind).write_example_rows is not BlockKind.write_example_rows
+
+
+def has_lag_moments(kind: BlockKind) -> bool:
+    """Whether ``kind`` defines :meth:`BlockKind.write_lag_moments` (blocks over time steps)."""
+    return type(kind).write_lag_moments is not BlockKind.write_lag_moments
 
 
 def block_name(weight_name: str) -> str:

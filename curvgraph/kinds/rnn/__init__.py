@@ -19,7 +19,9 @@ statistics, example rows, block matrix and cost are the dense kind's
   :math:`G = c\sum_{n,t} g_{n,t} g_{n,t}^\top`; ``F ≈ G ⊗ A`` assumes the per-step
   weight gradients :math:`g_t \bar a_t^\top` are uncorrelated across steps (exact for ``T = 1``);
 * ``reduce`` (``kfac_approx="reduce"``): inputs averaged and gradients summed over steps
-  per example first.
+  per example first;
+* ``temporal="option1"`` (K-FAC): the chain-structured approximation of Martens, Ba &
+  Johnson (2018), option 1, from the lag-1 moments as well (:mod:`.temporal`).
 
 The plan row shows each block's role (input, recurrent, projection), its gate count
 (1 RNN, 3 GRU, 4 LSTM) and its sequence length ``T``.
@@ -30,9 +32,11 @@ from __future__ import annotations
 from collections import defaultdict
 
 import sympy
+import torch
 from torch import nn
 from torch.fx import Node
 
+from ...codegen.writer import BlockVars, StepWriter
 from ...passes.graph_utils import aten, depends_on, ndim, weight_view
 from ...passes.ledger import Claims
 from ...plan import Block
@@ -40,6 +44,7 @@ from ...registry import register_block_kind
 from ...trace import TracedModel, symbolic_shape
 from ..base import layer_use, new_block
 from ..dense import Dense, _foreign_users, _shared_bias
+from . import temporal
 from .unrolled import UNROLLED, unrolled_form
 
 _UNROLLED_TYPES = {f"{c.__module__}.{c.__qualname__}" for c in UNROLLED}
@@ -64,6 +69,13 @@ class Rnn(Dense):
 
     def find(self, traced: TracedModel, claims: Claims, sharing: str) -> list[Block]:
         return find_rnn_blocks(self, traced, claims, sharing)
+
+    def write_lag_moments(self, w: StepWriter, b: BlockVars, dtype: torch.dtype) -> dict[str, str]:
+        acts, grads = w.pack(u.inputs[0] for u in b.uses), w.pack(u.grads[0] for u in b.uses)
+        lags = {f: b.var(f"{f}_lag_batch") for f in ("A", "G")}
+        call = w.call(temporal.rnn_lag_factors, acts, grads, b.block.bias, "examples", "scale", dtype)
+        w.line(f"{lags['A']}, {lags['G']} = {call}")
+        return lags
 
 
 def _in_unrolled(node: Node) -> bool:

@@ -1,9 +1,10 @@
 r"""The chain-structured temporal approximation of Martens, Ba & Johnson (2018), "option 1".
 
-Status: the math below is implemented and tested (``tests/test_rnn.py``) as plain torch
-functions; it is **not yet selectable in the generated step** (the step uses the
-time-independent ``expand`` factors of :mod:`curvgraph.kinds.rnn`). Wiring it in needs
-a method-side hook: the preconditioner is not a Kronecker product of per-axis factors.
+Selected with ``curvgraph.compile(..., temporal="option1")`` (K-FAC): rnn blocks then keep
+EMAs of the lag-1 moments besides ``A`` and ``G`` (:func:`rnn_lag_factors`), a refresh
+computes the preconditioner's bases (:func:`option1_basis`) and every step applies it
+(:func:`option1_apply`); other blocks are unchanged. The default, ``"expand"``, is the
+time-independent approximation.
 
 Model. For one sequence, the gradient of a recurrent block is :math:`\sum_t w_t` with
 :math:`w_t = \operatorname{vec}(g_t \bar a_t^\top)` (row-major; ``kron(G, A)`` order).
@@ -95,10 +96,49 @@ def option1_precondition(grad: Tensor, a0: Tensor, a1: Tensor, g0: Tensor, g1: T
         steps: the sequence length ``T``.
         eps: eigenvalues of :math:`\hat\Psi_A, \hat\Psi_G` are clamped to ``[-(1 - eps), 1 - eps]``.
     """
+    return option1_apply(grad, *chain_basis(a0, a1, g0, g1, steps, eps))
+
+
+def chain_basis(a0: Tensor, a1: Tensor, g0: Tensor, g1: Tensor, steps: int, eps: float = 1e-3
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    r"""``(L, R, S)`` with :math:`F^{-1}\operatorname{vec}(M) = \operatorname{vec}(L ((L^\top M R) \odot S) R^\top)`:
+    :math:`L = G_0^{-1/2} U_G`, :math:`R = A_0^{-1/2} U_A`, :math:`S = 1/\zeta_T(\psi_G \psi_A^\top)`
+    (arguments as in :func:`option1_precondition`)."""
     a_isqrt, g_isqrt = _sym_power(a0, -0.5), _sym_power(g0, -0.5)
     psi_a, u_a = torch.linalg.eigh(a_isqrt @ (0.5 * (a1 + a1.T)) @ a_isqrt)
     psi_g, u_g = torch.linalg.eigh(g_isqrt @ (0.5 * (g1 + g1.T)) @ g_isqrt)
     psi_a, psi_g = psi_a.clamp(-1 + eps, 1 - eps), psi_g.clamp(-1 + eps, 1 - eps)
-    left, right = g_isqrt @ u_g, a_isqrt @ u_a
-    core = (left.T @ grad @ right) / zeta(torch.outer(psi_g, psi_a), steps)
-    return left @ core @ right.T
+    return g_isqrt @ u_g, a_isqrt @ u_a, 1.0 / zeta(torch.outer(psi_g, psi_a), steps)
+
+
+def option1_basis(a: Tensor, g: Tensor, a_lag: Tensor, g_lag: Tensor, shift_a: Tensor, shift_g: Tensor,
+                  steps: int, previous: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    r"""The step's refresh: :func:`chain_basis` for curvgraph's expand factors ``A``, ``G`` (:math:`G \otimes A = T V_0`)
+    damped by ``shift_a``/``shift_g`` (K-FAC's factored Tikhonov shifts), and their lag-1 moments in the same
+    normalization: :math:`V_0 = (G + s_G I)/T \otimes (A + s_A I)`, :math:`V_1 = G_{lag}/T \otimes A_{lag}`.
+    Keeps ``previous`` if the result is not finite."""
+    eye_a = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    eye_g = torch.eye(g.shape[-1], dtype=g.dtype, device=g.device)
+    new = chain_basis(a + shift_a * eye_a, a_lag, (g + shift_g * eye_g) / steps, g_lag / steps, steps)
+    good = torch.stack([torch.isfinite(t).all() for t in new]).all()
+    return tuple(torch.where(good, n, p) for n, p in zip(new, previous))  # type: ignore[return-value]
+
+
+def option1_apply(grad: Tensor, left: Tensor, right: Tensor, scale: Tensor) -> Tensor:
+    r""":math:`L\,((L^\top M R) \odot S)\,R^\top`: option 1's inverse applied to the block matrix ``grad``."""
+    return left @ ((left.T @ grad @ right) * scale) @ right.T
+
+
+def rnn_lag_factors(inputs: tuple[Tensor, ...], grads: tuple[Tensor, ...], bias: bool, examples: int,
+                    scale: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    r"""This batch's lag-1 moments ``(A_lag, G_lag)`` of an rnn block in the normalization of its expand
+    factors (:mod:`curvgraph.kinds.dense.factors`): :math:`A_{lag} = M_1(\bar a)` and
+    :math:`G_{lag} = c\,R\,T\,M_1(g)` (so that :math:`G = c\,R\,T\,M_0(g)`), ``R = examples`` rows per step.
+
+    ``inputs``/``grads``: the block's uses (one per step) in graph order, which is time order (reversed for a
+    ``_reverse`` weight; the symmetric part option 1 uses is the same).
+    """
+    a_lag = lag_moments(inputs, bias, dtype)[1]
+    g_rows = tuple(g.reshape(-1, g.shape[-1]) for g in grads)
+    g_lag = lag_moments(g_rows, False, dtype)[1] * scale * examples * len(grads)
+    return a_lag, g_lag

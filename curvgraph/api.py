@@ -58,7 +58,9 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
 
             * ``lr`` (0.002), ``momentum`` (0.9), ``weight_decay`` (0), ``damping``
               (1e-3, factored Tikhonov), ``ema`` (0.95; factor decay, ``0`` keeps
-              only the last batch), ``kl_clip`` (1e-3; ``None`` disables): K-FAC's,
+              only the last batch), ``kl_clip`` (1e-3; ``None`` disables),
+              ``temporal`` (``"expand"``; ``"option1"``: the chain-structured
+              approximation of Martens, Ba & Johnson 2018 for rnn blocks): K-FAC's,
               see :mod:`curvgraph.methods.kfac` and ``docs/getting-started.md`` for
               why these defaults;
             * ``fisher``: ``"mc"`` (one label sampled from the model's predictive

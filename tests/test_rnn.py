@@ -49,6 +49,7 @@ def test_unrolled_forms_match_the_modules(kind):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:LSTM with projections")
 def test_unrolled_lstm_with_projection_and_cells_and_unbatched_inputs():
     torch.manual_seed(0)
     lstm = nn.LSTM(3, 4, num_layers=2, proj_size=2, bidirectional=True)
@@ -395,3 +396,20 @@ def test_option1_in_the_step_uses_brute_force_lag_moments_and_its_formula(float6
         old = torch.cat([reference.get_parameter(name), reference.get_parameter(name.replace("weight", "bias"))[:, None]],
                         1)
         torch.testing.assert_close(new.detach(), old.detach() - lr * direction)
+
+
+def test_temporal_checkpoint_and_exported_step_continue_identically(tmp_path):
+    """A time-major LSTM with temporal='option1': state_dict round trip and the exported module resume bitwise."""
+    torch.manual_seed(0)
+    model = Classifier("lstm")
+    batches = [(torch.randn(4, 6, 3), torch.randint(0, 3, (6,))) for _ in range(6)]
+    opt = curvgraph.compile(model, (batches[0][0],), backend="eager", temporal="option1", invert_every=2, seed=0)
+    for x, y in batches[:3]:
+        opt.step(x, y)
+    twin = copy.deepcopy(model)
+    trainer = curvgraph.load_step(opt.export(tmp_path / "rnn_step.py"), twin)
+    trainer.load_state_dict(opt.state_dict())
+    for x, y in batches[3:]:
+        assert torch.equal(opt.step(x, y), trainer.step(x, y))
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -114,6 +114,8 @@ def resolve_batch_dims(traced: TracedModel, batch_dim: int | Sequence[int | None
                                               {s.name for s in traced.inputs})):
             shape = symbolic_shape(node)
             hits = [d for d, e in enumerate(shape) if symbol is not None and e == symbol]
+            if 0 in hits:  # batch first, the default, where it fits
+                hits = [0]
             if len(hits) > 1:
                 raise ConfigError(
                     f"curvgraph: cannot tell which dim of input '{spec.name}' {tuple(shape)} is the batch (dims {hits} have "

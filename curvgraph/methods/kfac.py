@@ -231,6 +231,11 @@ class KFAC(Method):
             stored = f"{w.state('kfac.damping')}[0]"
             w.line(f"lam = torch.where({stored} > 0, {stored}, {w.hyper('damping')})")
 
+    def describe_options(self) -> str:
+        """As :meth:`Method.describe_options`, leaving out ``temporal`` at its default (``"expand"``)."""
+        shown = {k: v for k, v in self.options.items() if not (k == "temporal" and v == "expand")}
+        return f"({', '.join(f'{k}={v!r}' for k, v in shown.items())})" if shown else ""
+
     def _damping(self, w: StepWriter) -> str:
         return "lam" if self.adaptive else w.hyper("damping")
 

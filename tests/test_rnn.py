@@ -413,3 +413,13 @@ def test_temporal_checkpoint_and_exported_step_continue_identically(tmp_path):
         assert torch.equal(opt.step(x, y), trainer.step(x, y))
     for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections")
+def test_lstm_projection_is_an_rnn_block_too():
+    model = Classifier("lstm", hidden=6, num_layers=2, proj_size=4)
+    model.head = nn.Linear(4, 3)
+    opt = curvgraph.compile(model, (torch.randn(4, 5, 3),), backend="eager")
+    roles = {b.name: (b.layout["role"], b.dims["gates"], b.dims["steps"]) for b in opt.plan.blocks if b.kind == "rnn"}
+    assert roles["rnn.weight_hr_l0"] == ("projection", 1, 4) and roles["rnn.weight_hh_l1"] == ("recurrent", 4, 4)
+    assert len(roles) == 6 and not opt.plan.fallback_params

@@ -423,3 +423,9 @@ def test_lstm_projection_is_an_rnn_block_too():
     roles = {b.name: (b.layout["role"], b.dims["gates"], b.dims["steps"]) for b in opt.plan.blocks if b.kind == "rnn"}
     assert roles["rnn.weight_hr_l0"] == ("projection", 1, 4) and roles["rnn.weight_hh_l1"] == ("recurrent", 4, 4)
     assert len(roles) == 6 and not opt.plan.fallback_params
+
+
+def test_temporal_needs_expand_factors():
+    with pytest.raises(curvgraph.ConfigError, match="kfac_approx='expand'"):
+        curvgraph.compile(Classifier("rnn"), (torch.randn(4, 2, 3),), backend="eager", temporal="option1",
+                          kfac_approx="reduce")

@@ -245,7 +245,11 @@ class KFAC(Method):
         from ..kinds.base import has_lag_moments
 
         kind = KINDS.get(block.kind)
-        return self.options.get("temporal") == "option1" and kind is not None and has_lag_moments(kind)
+        temporal = self.options.get("temporal") == "option1" and kind is not None and has_lag_moments(kind)
+        if temporal and block.sharing == "reduce":
+            raise ConfigError(f"curvgraph: temporal='option1' builds on the expand factors; block {block.name!r} has "
+                              "kfac_approx='reduce'. Use kfac_approx='expand' (the default) or temporal='expand'.")
+        return temporal
 
     def preconditioner(self, block: Block) -> tuple[str, ...]:
         if self.temporal(block):

@@ -15,7 +15,7 @@ from .methods.base import positive
 from .optimizer import CurvatureOptimizer
 from .passes import build_plan
 from .registry import resolve_fallback, resolve_method
-from .trace import as_input_tuple, trace
+from .trace import as_input_tuple, resolve_batch_dims, trace
 
 #: Options of :func:`compile` that are not hyper-parameters of the method.
 OPTIONS: dict[str, Any] = {
@@ -28,6 +28,7 @@ OPTIONS: dict[str, Any] = {
     "backend": "inductor",
     "seed": None,
     "progress": True,
+    "batch_dim": None,
 }
 
 
@@ -48,7 +49,7 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
     Args:
         model: the model; its own parameters are updated in place by ``step``.
         example_inputs: a batch of the model's positional inputs (a tensor or a tuple),
-            batch first. Sizes the model does not pin (batch size, sequence length)
+            batch first unless ``batch_dim`` says otherwise. Sizes the model does not pin (batch size, sequence length)
             stay symbolic: later batches may differ in them.
         loss: ``"cross_entropy"``, ``"mse"``, ``"bce_with_logits"`` or an instance of
             ``nn.CrossEntropyLoss``/``nn.MSELoss``/``nn.BCEWithLogitsLoss`` (mean reduction).
@@ -58,7 +59,9 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
 
             * ``lr`` (0.002), ``momentum`` (0.9), ``weight_decay`` (0), ``damping``
               (1e-3, factored Tikhonov), ``ema`` (0.95; factor decay, ``0`` keeps
-              only the last batch), ``kl_clip`` (1e-3; ``None`` disables): K-FAC's,
+              only the last batch), ``kl_clip`` (1e-3; ``None`` disables),
+              ``temporal`` (``"expand"``; ``"option1"``: the chain-structured
+              approximation of Martens, Ba & Johnson 2018 for rnn blocks): K-FAC's,
               see :mod:`curvgraph.methods.kfac` and ``docs/getting-started.md`` for
               why these defaults;
             * ``fisher``: ``"mc"`` (one label sampled from the model's predictive
@@ -72,9 +75,13 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
               ``fallback_lr`` (Adam 1e-3, SGD 1e-2);
             * ``backend``: a ``torch.compile`` backend (``"inductor"``) or ``"eager"``
               to run the generated step without compiling it;
-            * ``seed``: seed of the optimizer's own generator for MC sampling.
+            * ``seed``: seed of the optimizer's own generator for MC sampling;
             * ``progress``: say on stderr when ``torch.compile`` compiles a variant of the step
-              (statistics or not, refresh or not) and how long it took (default ``True``).
+              (statistics or not, refresh or not) and how long it took (default ``True``);
+            * ``batch_dim``: where the batch is in the inputs: an int, or one int (or
+              ``None``) per input, e.g. ``batch_dim=1`` for time-major ``(T, N, F)``
+              inputs of ``nn.LSTM``; by default inferred from the graph (the input dim
+              whose size is the output's dim 0), else 0. The output is batch first.
 
     Returns:
         A :class:`~curvgraph.CurvatureOptimizer`.
@@ -113,21 +120,23 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
     if not isinstance(backend, str):
         raise ConfigError(f"curvgraph: backend must be a string ('inductor', 'eager', ...), got {backend!r}.")
 
-    traced = trace(model, inputs)
     block_kinds = dict(registry.KINDS)
+    traced = trace(model, inputs, lambda m: next((r for k in block_kinds.values() if (r := k.substitute(m)) is not None), None))
+    resolve_batch_dims(traced, settings["batch_dim"])
     plan = build_plan(traced, block_kinds.values(), settings["kfac_approx"], traced.example_sizes(inputs))
     for block in plan.blocks:
         block.cost.update(rule.cost(block))
     forward = instrument(traced, plan)
     param_dtype = next((p.dtype for p in model.parameters() if p.requires_grad), torch.float32)
-    generated = codegen.generate(plan, forward, traced.dims, block_kinds, rule, fallback, loss_spec, fisher, param_dtype)
+    generated = codegen.generate(plan, forward, traced.dims, block_kinds, rule, fallback, loss_spec, fisher, param_dtype,
+                                 batch=traced.batch)
     namespace = codegen.load(generated)
     return CurvatureOptimizer(
         model, plan, forward, generated, namespace,
         method=rule, fallback=fallback, loss=loss_spec, fisher=fisher,
         hyper=hyper, fallback_hyper=fallback_hyper,
         factor_every=settings["factor_every"], invert_every=settings["invert_every"], backend=backend,
-        inputs=traced.inputs, output_ndim=len(forward.output_shape),
+        inputs=traced.inputs, batch_dims=traced.batch_dims, output_ndim=len(forward.output_shape),
         constants=[traced.constants[c] for c in forward.constants], seed=settings["seed"],
         progress=settings["progress"],
     )

@@ -49,7 +49,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                  namespace: dict[str, Any], *, method: Method, fallback: FallbackRule, loss: LossSpec, fisher: str,
                  hyper: dict[str, Any], fallback_hyper: dict[str, Any], factor_every: int, invert_every: int,
                  backend: str, inputs: list[InputSpec], output_ndim: int, constants: list[Tensor],
-                 seed: int | None, progress: bool = False) -> None:
+                 seed: int | None, progress: bool = False, batch_dims: tuple[int | None, ...] = ()) -> None:
         self.model = model
         self.plan = plan
         self.source = generated.source
@@ -62,6 +62,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.backend = backend
         self._forward = forward
         self._inputs = inputs
+        self._batch_dims = tuple(batch_dims) or (0,) * len(inputs)
         self._output_ndim = output_ndim
         self._constants = tuple(constants)
         self._params = [model.get_parameter(forward.names[p]) for p in forward.params]
@@ -169,9 +170,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 )
         if not isinstance(targets, Tensor):
             raise InputError(f"curvgraph: targets must be a tensor, got {type(targets).__name__}.")
-        problem = self.loss.check_targets(targets, self._output_ndim, batch[0].shape[0])
+        sizes = {(i, d): int(t.shape[d]) for i, (t, d) in enumerate(zip(batch, self._batch_dims)) if d is not None}
+        where = ", ".join(f"dim {d} of input '{self._inputs[i].name}'" for i, d in sizes)
+        hint = (f" The batch is taken from {where}; if that is wrong, pass batch_dim= to curvgraph.compile (an int, or "
+                "one per input, e.g. batch_dim=1 for time-major (T, N, F) inputs).")
+        if len(set(sizes.values())) > 1:
+            raise InputError(f"curvgraph: the inputs disagree on the batch size ({', '.join(map(str, sizes.values()))})."
+                             + hint)
+        problem = self.loss.check_targets(targets, self._output_ndim, next(iter(sizes.values())))
         if problem:
-            raise InputError(f"curvgraph: bad targets: {problem}.")
+            raise InputError(f"curvgraph: bad targets: {problem}." + (hint if "examples" in problem else ""))
 
     # ------------------------------------------------------------------ inspection
     def factors(self) -> dict[str, dict[str, Tensor]]:

@@ -266,8 +266,10 @@ class Plan:
         return self.at_example(self.block_flops(block).subs(self._by_name()))
 
     def __str__(self) -> str:
-        rows = [("block", "kind", "pass", "params", "uses", "sharing", "factors", "state", "workspace", "FLOPs/step")]
+        rows = [("block", "kind", "layer", "pass", "params", "uses", "sharing", "factors", "state", "workspace",
+                 "FLOPs/step")]
         for b in self.blocks:
+            kind = (self.kinds or {}).get(b.kind)
             factors = " ".join(f"{k}:{'x'.join(map(str, f.shape))}{'(diag)' if f.diagonal else ''}"
                                for k, f in b.factors.items())
             workspace = b.cost.get("workspace_bytes")
@@ -275,6 +277,7 @@ class Plan:
                 (
                     b.name,
                     b.kind,
+                    kind.label(b) if kind is not None else "-",
                     b.found_by,
                     ", ".join(b.params),
                     str(len(b.uses)),

@@ -38,13 +38,16 @@ def _register(table: dict, what: str, name: object, entry: object, replace: bool
     table[name] = entry
 
 
-def register_block_kind(kind: "BlockKind", *, replace: bool = False) -> "BlockKind":
+def register_block_kind(kind: "BlockKind", *, replace: bool = False, before: str | None = None) -> "BlockKind":
     """Add a block kind; its passes run after those of the kinds registered before it.
 
     Args:
         kind: an instance of a :class:`curvgraph.BlockKind` subclass.
         replace: replace a registered kind of the same name (keeping its place in the
             pass order) instead of raising.
+        before: the name of a registered kind whose passes this kind's passes must
+            precede (e.g. a kind that claims some linear layers before the dense pass
+            takes them all); by default the new kind's passes run last.
 
     Returns:
         ``kind``.
@@ -53,7 +56,17 @@ def register_block_kind(kind: "BlockKind", *, replace: bool = False) -> "BlockKi
 
     if not isinstance(kind, BlockKind):
         raise ConfigError(f"curvgraph: register_block_kind needs a curvgraph.BlockKind instance, got {kind!r}.")
+    if before is not None and (before not in KINDS or before == kind.name):
+        raise ConfigError(f"curvgraph: register_block_kind(before={before!r}): no other block kind of that name is "
+                          f"registered; registered: {sorted(KINDS)}.")
     _register(KINDS, "block kind", kind.name, kind, replace)
+    if before is not None:
+        order = list(KINDS)
+        order.remove(kind.name)
+        order.insert(order.index(before), kind.name)
+        entries = dict(KINDS)
+        KINDS.clear()
+        KINDS.update((name, entries[name]) for name in order)
     return kind
 
 

@@ -24,7 +24,7 @@ import os
 import traceback
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import sympy
 import torch
@@ -73,6 +73,10 @@ class TracedModel:
     output_index: int
     buffer_updates: dict[str, int]
     dims: dict[sympy.Symbol, tuple[int, int]] = field(default_factory=dict)
+    #: Where the batch is: ``(input index, dim)`` of the input whose size the step calls ``batch``.
+    batch: tuple[int, int] = (0, 0)
+    #: The batch dim of every input (``None``: the input has no batch dim).
+    batch_dims: tuple[int | None, ...] = ()
 
     def returned(self, index: int) -> torch.fx.Node:
         """The node at position ``index`` of the graph's output (valid across rewrites)."""
@@ -87,12 +91,57 @@ class TracedModel:
         """Readable names of the symbolic sizes: ``N`` for the batch, ``<input>_<dim>`` else."""
         names = {}
         for symbol, (index, dim) in self.dims.items():
-            names[symbol] = "N" if (index, dim) == (0, 0) else f"{self.inputs[index].name}_{dim}"
+            names[symbol] = "N" if (index, dim) == self.batch else f"{self.inputs[index].name}_{dim}"
         return names
 
     def example_sizes(self, example_inputs: Sequence[Tensor]) -> dict[sympy.Symbol, int]:
         """The value of every symbolic size for the given inputs."""
         return {s: int(example_inputs[i].shape[d]) for s, (i, d) in self.dims.items()}
+
+
+def resolve_batch_dims(traced: TracedModel, batch_dim: int | Sequence[int | None] | None) -> None:
+    """Set ``traced.batch_dims`` and ``traced.batch`` from the ``batch_dim`` option, or infer them.
+
+    ``batch_dim`` is an int (the same dim of every input), a tuple with one entry per
+    input (``None``: that input has no batch dim), or ``None``: inferred. The inference
+    takes the model output's dim 0 as the batch (curvgraph's losses need batch-first
+    outputs); when that size is symbolic, each input's batch dim is the one with the
+    same symbol (e.g. dim 1 of a time-major ``(T, N, F)`` input of an unrolled RNN,
+    whose ``T`` is static). Otherwise every input is batch first. Raises
+    :class:`ConfigError` for an invalid option or an ambiguous inference.
+    """
+    n = len(traced.inputs)
+    if batch_dim is None:
+        out = symbolic_shape(traced.output)
+        symbol = out[0] if out and isinstance(out[0], sympy.Symbol) else None
+        dims: list[int | None] = []
+        for spec, node in zip(traced.inputs, (p for p in traced.graph.nodes if p.op == "placeholder" and p.name in
+                                              {s.name for s in traced.inputs})):
+            shape = symbolic_shape(node)
+            hits = [d for d, e in enumerate(shape) if symbol is not None and e == symbol]
+            if 0 in hits:  # batch first, the default, where it fits
+                hits = [0]
+            if len(hits) > 1:
+                raise ConfigError(
+                    f"curvgraph: cannot tell which dim of input '{spec.name}' {tuple(shape)} is the batch (dims {hits} have "
+                    "the output's batch size); pass batch_dim= to curvgraph.compile (an int, or one per input).")
+            dims.append(hits[0] if hits else (0 if len(shape) else None))
+    else:
+        given = (batch_dim,) * n if isinstance(batch_dim, int) else tuple(batch_dim)
+        if len(given) != n or any(d is not None and (not isinstance(d, int) or isinstance(d, bool)) for d in given):
+            raise ConfigError(f"curvgraph: batch_dim must be an int or a tuple of {n} ints/None (one per input), got "
+                              f"{batch_dim!r}.")
+        dims = []
+        for spec, d in zip(traced.inputs, given):
+            if d is not None and not -len(spec.shape) <= d < len(spec.shape):
+                raise ConfigError(f"curvgraph: batch_dim {d} is out of range for input '{spec.name}' with "
+                                  f"{len(spec.shape)} dims.")
+            dims.append(None if d is None else d % len(spec.shape))
+    first = next((i for i, d in enumerate(dims) if d is not None), None)
+    if first is None:
+        raise ConfigError("curvgraph: no input has a batch dim; pass batch_dim= to curvgraph.compile.")
+    traced.batch_dims = tuple(dims)
+    traced.batch = (first, dims[first])
 
 
 def as_input_tuple(inputs: Any, what: str) -> tuple[Tensor, ...]:
@@ -133,21 +182,53 @@ def module_path(node: torch.fx.Node) -> str:
     return path.removeprefix("L['self'].").removeprefix("L__self__")
 
 
-def trace(model: nn.Module, example_inputs: tuple[Tensor, ...]) -> TracedModel:
+#: ``module -> replacement or None``: a module to capture in place of one of the model's submodules.
+Substitute = Callable[[nn.Module], "nn.Module | None"]
+
+
+def trace(model: nn.Module, example_inputs: tuple[Tensor, ...], substitute: Substitute | None = None) -> TracedModel:
     """Capture ``model`` called on ``example_inputs`` as a :class:`TracedModel`.
 
     The model is exported in training mode (the mode the generated step runs it in)
-    and its previous mode is restored afterwards. Raises :class:`TraceError` naming the
-    module and source line when the model cannot be captured, and
-    :class:`ConfigError` when the model fails on the example inputs.
+    and its previous mode is restored afterwards. ``substitute`` (from the block kinds,
+    see :meth:`curvgraph.kinds.base.BlockKind.substitute`) may return, for a submodule,
+    a module computing the same function on the **same** Parameters (e.g. a recurrent
+    module unrolled over time); it is captured in the submodule's place, and the model
+    is restored afterwards. Raises :class:`TraceError` naming the module and source line
+    when the model cannot be captured, and :class:`ConfigError` when the model fails on
+    the example inputs.
     """
     was_training = model.training
     model.train()
     try:
-        program = _export(model, example_inputs)
+        with _substituted(model, substitute):
+            program = _export(model, example_inputs)
     finally:
         model.train(was_training)
     return _from_program(model, program, example_inputs)
+
+
+@contextlib.contextmanager
+def _substituted(model: nn.Module, substitute: Substitute | None) -> Iterator[None]:
+    """Swap every submodule ``m`` with ``substitute(m)`` (when not ``None``) for the duration of the block."""
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    replacements: dict[int, nn.Module | None] = {}
+    if substitute is not None:
+        for parent in list(model.modules()):
+            for name, child in list(parent._modules.items()):
+                if child is None:
+                    continue
+                if id(child) not in replacements:
+                    replacements[id(child)] = substitute(child)
+                if replacements[id(child)] is not None:
+                    swapped.append((parent, name, child))
+    try:
+        for parent, name, child in swapped:
+            parent._modules[name] = replacements[id(child)]
+        yield
+    finally:
+        for parent, name, child in swapped:
+            parent._modules[name] = child
 
 
 def _export(model: nn.Module, example_inputs: tuple[Tensor, ...]) -> ExportedProgram:

@@ -76,7 +76,7 @@ def shape_code(shape: Shape, dims: dict[sympy.Symbol, tuple[int, int]]) -> str:
 
 def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, tuple[int, int]],
              kinds: Mapping[str, "BlockKind"], method: "Method", fallback: "FallbackRule", loss: LossSpec, fisher: str,
-             param_dtype: torch.dtype) -> GeneratedStep:
+             param_dtype: torch.dtype, batch: tuple[int, int] = (0, 0)) -> GeneratedStep:
     """Write the step module for ``plan`` with ``method`` and return its source.
 
     ``kinds`` maps each block's ``kind`` to the registered kind that writes its statistics
@@ -110,7 +110,7 @@ def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, 
     if blocks:
         state.update(method.global_state())
 
-    _write_forward_backward(w, forward, dims, loss)
+    _write_forward_backward(w, forward, dims, loss, batch)
     if blocks:
         _write_gradient_matrices(w, blocks, factor_dtype)
         method.write_prologue(w, blocks)
@@ -150,8 +150,9 @@ def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, 
     return GeneratedStep(source=source, state=state, factor_dtype=factor_dtype)
 
 
-def _write_forward_backward(w: StepWriter, forward: InstrumentedForward, dims, loss: LossSpec) -> None:
-    w.line("batch = inputs[0].shape[0]")
+def _write_forward_backward(w: StepWriter, forward: InstrumentedForward, dims, loss: LossSpec,
+                            batch: tuple[int, int] = (0, 0)) -> None:
+    w.line(f"batch = inputs[{batch[0]}].shape[{batch[1]}]")
     if forward.probes:
         w.line("probes = (")
         for probe in forward.probes:

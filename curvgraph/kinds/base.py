@@ -74,6 +74,14 @@ class BlockKind(ABC):
         dims = ", ".join(f"{k}={v}" for k, v in block.dims.items())
         return f"{self.name} {dims}" if dims else self.name
 
+    def substitute(self, module: torch.nn.Module) -> torch.nn.Module | None:
+        """A module to capture in place of ``module`` (same function, same Parameters), or ``None`` (the default).
+
+        Lets a kind turn a module that export keeps opaque (``nn.LSTM`` becomes one
+        ``aten.lstm`` op) into ops its pass matches; the model itself is not changed.
+        """
+        return None
+
     @property
     def passes(self) -> tuple[BlockPass, ...]:
         """The kind's block passes in the order they run: one, named after the kind, by default."""
@@ -133,6 +141,12 @@ class BlockKind(ABC):
             "implement it or choose a method that uses the factors only (e.g. 'kfac')."
         )
 
+    def write_lag_moments(self, w: "StepWriter", b: "BlockVars", dtype: torch.dtype) -> dict[str, str]:
+        """Optional (kinds whose uses are time steps): lines assigning this batch's lag-1 moments, one
+        variable per factor name, shaped and normalized like the factors (see
+        :func:`curvgraph.kinds.rnn.temporal.rnn_lag_factors`); used by temporal approximations."""
+        raise CompileError(f"curvgraph: block kind {self.name!r} has no lag moments (no temporal approximation).")
+
     @abstractmethod
     def write_matrix(self, w: "StepWriter", b: "BlockVars", tensors: Sequence[str], dtype: torch.dtype) -> str:
         """The expression of the block matrix ``M`` built from ``tensors`` (one expression per
@@ -152,6 +166,11 @@ class BlockKind(ABC):
 def has_example_rows(kind: BlockKind) -> bool:
     """Whether ``kind`` defines :meth:`BlockKind.write_example_rows` (methods that need it check at compile time)."""
     return type(kind).write_example_rows is not BlockKind.write_example_rows
+
+
+def has_lag_moments(kind: BlockKind) -> bool:
+    """Whether ``kind`` defines :meth:`BlockKind.write_lag_moments` (blocks over time steps)."""
+    return type(kind).write_lag_moments is not BlockKind.write_lag_moments
 
 
 def block_name(weight_name: str) -> str:

@@ -24,6 +24,11 @@ leading dims (groups, channels) are independent blocks. A block with one factor 
 per-channel ``F`` of a norm block, which is the curvature block itself) gets plain
 Tikhonov damping, :math:`V = (F + \lambda I)^{-1} M`; with ``n`` factors the damping is
 split as :math:`\lambda^{1/n} t_i / (\prod_j t_j)^{1/n}` (:func:`factored_damping`).
+
+``temporal="option1"`` (static) gives blocks over time steps (kinds with lag moments: the
+rnn blocks) the chain-structured approximation of Martens, Ba & Johnson (2018), option 1,
+instead of ``G^{-1} M A^{-1}``: see :mod:`curvgraph.kinds.rnn.temporal` (the factors are
+damped by the same shifts first). Other blocks are unchanged.
 """
 
 from __future__ import annotations
@@ -38,8 +43,9 @@ from torch import Tensor
 from ..codegen.writer import BlockVars, StateSpec, StepWriter
 from ..errors import ConfigError
 from ..plan import Block
-from ..registry import register_method
-from .base import (Hyper, Method, auto_or, fraction, non_negative, optional, parameter_tuple, positive,
+from ..kinds.rnn.temporal import option1_apply, option1_basis
+from ..registry import KINDS, register_method
+from .base import (Hyper, Method, auto_or, fraction, non_negative, one_of, optional, parameter_tuple, positive,
                    write_batched)
 from .quadratic import (accepted, levenberg_marquardt, output_gram, output_jvps, parameter_gram,
                         quadratic_model_step)
@@ -182,6 +188,7 @@ class KFAC(Method):
         "kl_clip": Hyper(1e-3, optional(positive)),
         "min_damping": Hyper(1e-6, positive),
         "max_momentum": Hyper(0.95, fraction),
+        "temporal": Hyper("expand", one_of("expand", "option1"), static=True),
     }
     #: The Levenberg-Marquardt factor: the paper's (19/20)^T1 with T1 = 1 (rho is measured every step).
     omega = 19 / 20
@@ -220,18 +227,46 @@ class KFAC(Method):
         return {"kfac.damping": StateSpec((1,))} if self.adaptive else {}
 
     def write_prologue(self, w: StepWriter, blocks: list[BlockVars]) -> None:
+        for b in blocks:
+            if self.temporal(b.block):  # the lag moments' EMAs (updated in place on statistics steps)
+                for f in ("A", "G"):
+                    w.line(f"{b.var(f + '_lag')} = {b.state(f + '_lag')}")
         if self.adaptive:
             w.line("# adaptive damping: the value the last step left (the initial damping before the first step)")
             stored = f"{w.state('kfac.damping')}[0]"
             w.line(f"lam = torch.where({stored} > 0, {stored}, {w.hyper('damping')})")
 
+    def describe_options(self) -> str:
+        """As :meth:`Method.describe_options`, leaving out ``temporal`` at its default (``"expand"``)."""
+        shown = {k: v for k, v in self.options.items() if not (k == "temporal" and v == "expand")}
+        return f"({', '.join(f'{k}={v!r}' for k, v in shown.items())})" if shown else ""
+
     def _damping(self, w: StepWriter) -> str:
         return "lam" if self.adaptive else w.hyper("damping")
 
+    def temporal(self, block: Block) -> bool:
+        """Whether ``block`` gets the temporal approximation (``temporal="option1"`` and a kind over time steps
+        with lag moments, :func:`curvgraph.kinds.has_lag_moments`: the rnn blocks)."""
+        from ..kinds.base import has_lag_moments
+
+        kind = KINDS.get(block.kind)
+        temporal = self.options.get("temporal") == "option1" and kind is not None and has_lag_moments(kind)
+        if temporal and block.sharing == "reduce":
+            raise ConfigError(f"curvgraph: temporal='option1' builds on the expand factors; block {block.name!r} has "
+                              "kfac_approx='reduce'. Use kfac_approx='expand' (the default) or temporal='expand'.")
+        return temporal
+
     def preconditioner(self, block: Block) -> tuple[str, ...]:
+        if self.temporal(block):
+            return ("left", "right", "scale")
         return tuple(f"{f}_inv" for f in block.factors)
 
     def state(self, block: Block) -> dict[str, StateSpec]:
+        if self.temporal(block):
+            a, g = block.factors["A"].shape, block.factors["G"].shape
+            return {"A_lag": StateSpec(a), "G_lag": StateSpec(g), "left": StateSpec(g, "eye"),
+                    "right": StateSpec(a, "eye"), "scale": StateSpec(block.matrix_shape, "ones"),
+                    "momentum": StateSpec(block.matrix_shape)}
         inverses = {f"{name}_inv": StateSpec(f.shape, "ones" if f.diagonal else "eye") for name, f in block.factors.items()}
         return {**inverses, "momentum": StateSpec(block.matrix_shape)}
 
@@ -241,6 +276,12 @@ class KFAC(Method):
                 w.line(f"{b.factors[f]} = {w.call(ema, b.state(f), b.batch_factors[f], w.hyper('ema'))}")
                 w.commit(b.state(f), b.factors[f], when="update_stats")
                 w.check(b.factors[f], when="update_stats")
+            if self.temporal(b.block):
+                lags = b.kind.write_lag_moments(w, b, f"{b.factors['A']}.dtype")  # the factors' dtype
+                for f, batch in lags.items():
+                    w.line(f"{b.var(f + '_lag')} = {w.call(ema, b.state(f + '_lag'), batch, w.hyper('ema'))}")
+                    w.commit(b.state(f + "_lag"), b.var(f + "_lag"), when="update_stats")
+                    w.check(b.var(f + "_lag"), when="update_stats")
 
     def write_refresh(self, w, blocks: list[BlockVars]) -> None:
         shifts: dict[tuple[str, str], str] = {}
@@ -253,6 +294,15 @@ class KFAC(Method):
             shifts.update({(b.id, f): t for f, t in zip(names, targets)})
         groups: dict[tuple[tuple[int, ...], bool], list[tuple[BlockVars, str]]] = defaultdict(list)
         for b in blocks:
+            if self.temporal(b.block):
+                keys = self.preconditioner(b.block)
+                call = w.call(option1_basis, b.factors["A"], b.factors["G"], b.var("A_lag"), b.var("G_lag"),
+                              shifts[b.id, "A"], shifts[b.id, "G"], b.block.dims["steps"],
+                              w.pack(b.state(k) for k in keys))
+                w.line(f"{', '.join(b.var(k) for k in keys)} = {call}")
+                for k in keys:
+                    w.commit(b.state(k), b.var(k), when="refresh")
+                continue
             for name, f in b.block.factors.items():
                 groups[f.shape, f.diagonal].append((b, name))
         for (shape, diagonal), members in groups.items():
@@ -268,6 +318,10 @@ class KFAC(Method):
         rest of :meth:`write_direction` (KL clipping, momentum or the quadratic model) is shared by
         subclasses that only change this part (EKFAC)."""
         for b in blocks:
+            if self.temporal(b.block):
+                call = w.call(option1_apply, b.grad, *(b.var(k) for k in self.preconditioner(b.block)))
+                w.line(f"{b.var('V')} = {call}")
+                continue
             order = sorted(b.block.factors, key=lambda f: b.block.factors[f].axis)  # rows before columns
             inverses = w.pack(b.var(f"{f}_inv") for f in order)
             axes = tuple(b.block.factors[f].axis for f in order)
@@ -332,6 +386,10 @@ class KFAC(Method):
         precondition = sum(numel * (1 if f.diagonal else 2 * f.dim) for f in block.factors.values())
         inversion = sum(math.prod(f.lead) * (f.dim if f.diagonal else f.dim**3) for f in block.factors.values())
         floats = 2 * sum(math.prod(f.shape) for f in block.factors.values()) + numel
+        if self.temporal(block):  # option 1: L^T M R and L (.) R^T; two inverse roots and two eigh; lags, bases, scale
+            precondition *= 2
+            inversion = 2 * inversion
+            floats += sum(math.prod(f.shape) for f in block.factors.values()) + numel
         cost = {
             "precondition": sympy.Integer(precondition),
             "inversion": sympy.Integer(inversion),
@@ -340,7 +398,6 @@ class KFAC(Method):
         if self.adaptive:  # two forward-mode passes (about two forwards each) and the trial forward
             cost["quadratic_model"] = 5 * sympy.sympify(block.cost.get("forward_backward", 0)) / 3
         return cost
-
 
 
 register_method(KFAC)

@@ -1,5 +1,5 @@
 """Every registered method trains every built-in block kind: dense, conv (grouped), norm, embedding,
-position, packed and tied blocks, in two small models, at the method's defaults.
+position, packed, tied and rnn blocks, in three small models, at the method's defaults.
 
 Proves that no method rejects or mis-shapes a kind: each step is finite, every block's
 parameters move, and the loss falls over a few steps on a fixed batch.
@@ -41,11 +41,23 @@ def conv_model() -> nn.Module:
                          nn.Linear(4 * 4 * 4, 3))
 
 
+class GRUClassifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(3, 5, batch_first=True)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(self.gru(x)[0][:, -1])
+
+
 CASES = {
     "tokens": (TokenModel, lambda g: torch.randint(0, V, (6, T), generator=g), lambda g: torch.randint(0, V, (6, T), generator=g),
                "token_cross_entropy", {"emb": "tied", "pos": "position", "in_proj": "packed", "norm": "norm", "mlp": "dense"}),
     "conv": (conv_model, lambda g: torch.randn(6, 2, 4, 4, generator=g), lambda g: torch.randint(0, 3, (6,), generator=g),
              "cross_entropy", {"0": "conv", "1": "norm", "4": "dense"}),
+    "rnn": (GRUClassifier, lambda g: torch.randn(6, 4, 3, generator=g), lambda g: torch.randint(0, 3, (6,), generator=g),
+            "cross_entropy", {"gru.weight_ih_l0": "rnn", "gru.weight_hh_l0": "rnn", "head": "dense"}),
 }
 
 

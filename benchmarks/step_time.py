@@ -256,18 +256,26 @@ def flop_ratio(opt: curvgraph.CurvatureOptimizer) -> float:
     return total / adam
 
 
-def run_model(name: str, warmup: int, iters: int, repeats: int, peers: bool) -> dict:
+def run_model(name: str, warmup: int, iters: int, repeats: int, peers: bool, only: set[str] | None = None) -> dict:
+    """Time every runner (or those in ``only``; ``adam-compiled`` always, the baseline) on model ``name``."""
     work = MODELS[name]
     x, y = work.batch(torch.Generator().manual_seed(0))
     torch.manual_seed(0)
     make, loss = work.make, work.loss_fn
-    runners = {"adam-compiled": adam_compiled(make(), x, y, loss), "adam-eager": adam_eager(make(), x, y, loss)}
-    if peers:
+
+    def wanted(label: str) -> bool:
+        return only is None or label in only or label == "adam-compiled"
+
+    runners = {"adam-compiled": adam_compiled(make(), x, y, loss)}
+    if wanted("adam-eager"):
+        runners["adam-eager"] = adam_eager(make(), x, y, loss)
+    if peers and wanted("singd"):
         runners["singd"] = singd_step(make(), x, y, loss)
 
     def ours(label: str, **options) -> None:
-        runners[label], opt = curvgraph_step(make(), x, y, work.loss, **options)
-        bounds[label] = flop_ratio(opt)
+        if wanted(label):
+            runners[label], opt = curvgraph_step(make(), x, y, work.loss, **options)
+            bounds[label] = flop_ratio(opt)
 
     bounds: dict[str, float] = {}
     ours("curvgraph", lr=2e-3, invert_every=10)
@@ -306,12 +314,9 @@ def table(results: dict) -> str:
             lines.append(f"{name:<24} {label:<15} {row['ms_per_step']:>9.2f} {row['ratio_to_adam_compiled']:>17.2f} {extra}"
                          f" {row.get('first_step_s', float('nan')):>13.1f}")
         rows = result["rows"]
-        if "singd" in rows:
-            lines.append(f"{'':<24} curvgraph-T10 / singd = {rows['curvgraph-T10']['ms_per_step'] / rows['singd']['ms_per_step']:.2f}")
-            lines.append(f"{'':<24} curvgraph-singd / singd = "
-                         f"{rows['curvgraph-singd']['ms_per_step'] / rows['singd']['ms_per_step']:.2f}")
-        lines.append(f"{'':<24} curvgraph-auto / curvgraph = "
-                     f"{rows['curvgraph-auto']['ms_per_step'] / rows['curvgraph']['ms_per_step']:.2f}")
+        for ours, theirs in (("curvgraph-T10", "singd"), ("curvgraph-singd", "singd"), ("curvgraph-auto", "curvgraph")):
+            if ours in rows and theirs in rows:
+                lines.append(f"{'':<24} {ours} / {theirs} = {rows[ours]['ms_per_step'] / rows[theirs]['ms_per_step']:.2f}")
     return "\n".join(lines)
 
 
@@ -323,11 +328,14 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20, help="steps per timing (a multiple of 10: whole T=10 cycles)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-peers", action="store_true", help="skip singd")
+    parser.add_argument("--runners", nargs="*", default=None,
+                        help="time only these runners (labels as in the table; adam-compiled is always timed)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "step_time.json"))
     args = parser.parse_args()
     names = [n for n in MODELS if n in args.models or n.split("-")[0] in args.models]
 
-    results = {n: run_model(n, args.warmup, args.iters, args.repeats, not args.no_peers) for n in names}
+    only = set(args.runners) if args.runners is not None else None
+    results = {n: run_model(n, args.warmup, args.iters, args.repeats, not args.no_peers, only) for n in names}
     print()
     print(table(results))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

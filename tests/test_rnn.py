@@ -250,7 +250,12 @@ def test_gru_on_mnist1d_beats_adam_in_test_accuracy():
     spec = importlib.util.spec_from_file_location("mnist1d_gru", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    results = example.compare(150, batch=64, hidden=32, seed=1, backend="eager", adam_lrs=(1e-2, 3e-2))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a fixed reduction order: the 150-step trajectories are sensitive to rounding
+    try:
+        results = example.compare(150, batch=64, hidden=32, seed=1, backend="eager", adam_lrs=(1e-2, 3e-2))
+    finally:
+        torch.set_num_threads(threads)
     adam = max(v for k, v in results.items() if k.startswith("adam"))
     assert results["skipped"] == 0
     assert results["curvgraph"] > adam + 0.05, results

@@ -23,7 +23,10 @@ def attention_math_form(graph: Graph, params: set[str]) -> int:
 
     The math form is softmax(q kᵀ · s + mask) v written with matmuls (forward- and
     reverse-differentiable, and decomposed by Inductor like any other op); its second
-    output (the attention weights) is unused. Returns the number of rewritten nodes.
+    output (the attention weights) is unused. The fused kernels return their output in
+    the query's memory layout, which ``view`` ops after them may rely on; the math form's
+    output is contiguous, so those views become ``reshape`` (:func:`_reshape_views_of`).
+    Returns the number of rewritten nodes.
     """
     count = 0
     for node in list(graph.nodes):

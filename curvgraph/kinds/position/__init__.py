@@ -15,7 +15,6 @@ is not matched yet and goes to the fallback.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import sympy

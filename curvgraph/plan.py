@@ -172,6 +172,52 @@ class Block:
         return {name: factor.shape for name, factor in self.factors.items()}
 
 
+@dataclass(frozen=True)
+class GroupMember:
+    """One member of a :class:`BlockGroup`: a layer of the group and the curvature blocks of its parameters.
+
+    Attributes:
+        role: the member's role in the group, e.g. ``"q"``, ``"k"``, ``"v"``, ``"out"``.
+        layer: the graph node of the member's layer (a use's output node).
+        blocks: the blocks whose parameters the layer applies (usually one; a separate
+            weight and a packed bias give two).
+        part: ``(index, count)`` when the member is one of ``count`` equal parts of its
+            layer's output (a fused q|k|v projection), else ``None``.
+    """
+
+    role: str
+    layer: str
+    blocks: tuple[str, ...]
+    part: tuple[int, int] | None = None
+
+    def __str__(self) -> str:
+        part = f" [part {self.part[0] + 1}/{self.part[1]}]" if self.part is not None else ""
+        return f"{self.role}={' & '.join(self.blocks)}{part}"
+
+
+@dataclass(frozen=True)
+class BlockGroup:
+    """Blocks that form one larger layer, e.g. the projections of an attention layer (:mod:`curvgraph.passes.attention`).
+
+    A group is descriptive: its members keep their own blocks' curvature (block-diagonal
+    across members); the plan lists it so that the layer's structure is visible.
+
+    Attributes:
+        kind: what the group is, e.g. ``"attention"``.
+        name: the module path of the layer's core (or the core node's name).
+        core: the graph node of the core (e.g. the attention op).
+        members: the members in role order.
+    """
+
+    kind: str
+    name: str
+    core: str
+    members: tuple[GroupMember, ...]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name}: " + ", ".join(map(str, self.members))
+
+
 @dataclass
 class Plan:
     """The blocks of a model, its first-order fallback parameters, and their costs.
@@ -187,6 +233,7 @@ class Plan:
         fallback_numel: number of entries of the fallback parameters.
         matches: block pass name -> number of blocks it claimed, in the order the
             passes ran (each block's ``found_by`` names its pass).
+        groups: blocks that form larger layers (attention layers' projections).
         rewrites: normalization pass name -> number of nodes it rewrote.
         traced: the captured model whose (normalized) graph the blocks refer to, for
             drawings (:func:`curvgraph.visualize`); ``None`` for a plan built by hand.
@@ -203,6 +250,7 @@ class Plan:
     size_names: dict[sympy.Symbol, str] = field(default_factory=dict)
     fallback_numel: int = 0
     matches: dict[str, int] = field(default_factory=dict)
+    groups: list[BlockGroup] = field(default_factory=list)
     rewrites: dict[str, int] = field(default_factory=dict)
     traced: "TracedModel | None" = field(default=None, repr=False, compare=False)
     kinds: dict[str, "BlockKind"] = field(default_factory=dict, repr=False, compare=False)
@@ -302,6 +350,9 @@ class Plan:
             lines.extend(f"  {p}: {self.fallback_reasons.get(p, '')}" for p in self.fallback_params)
         if self.frozen_params:
             lines.append(f"frozen (requires_grad=False): {', '.join(self.frozen_params)}")
+        if self.groups:
+            lines.append(f"block groups ({len(self.groups)}):")
+            lines.extend(f"  {g}" for g in self.groups)
         if self.matches:
             lines.append("block passes (matches): " + ", ".join(f"{n} {c}" for n, c in self.matches.items()))
         if any(self.rewrites.values()):

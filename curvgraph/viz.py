@@ -5,7 +5,8 @@ op and its output shape (symbolic sizes by their readable names, ``N`` the batch
 every curvature block as a cluster around its parameters and layer ops, filled with
 its kind's colour and labelled with its kind's description, its factor shapes, its
 optimizer-state memory and its FLOPs per step from the plan's cost model (at the
-example sizes). Parameters no pass matched are drawn as *fallback* clusters with the
+example sizes); a block that is a member of a group (an attention layer's projections,
+:attr:`curvgraph.plan.Plan.groups`) names the group and its roles in it. Parameters no pass matched are drawn as *fallback* clusters with the
 reason. Colours and descriptions belong to the block kinds
 (:attr:`curvgraph.BlockKind.color`, :meth:`curvgraph.BlockKind.label`), so a kind
 registered later draws without changes here.
@@ -25,6 +26,7 @@ registered later draws without changes here.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import os
@@ -101,6 +103,7 @@ def visualize(target: "CurvatureOptimizer | Plan", path: str | os.PathLike) -> s
 
         graph = to_networkx(plan)
         graph.graph["blocks"] = [_block_record(c) for c in clusters(plan)]
+        graph.graph["groups"] = [dataclasses.asdict(g) for g in plan.groups]
         text = json.dumps(nx.node_link_data(graph, edges="edges"), indent=1) + "\n"
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -187,6 +190,12 @@ def clusters(plan: Plan) -> list[Cluster]:
     nodes = drawn_nodes(plan)
     owner: dict[str, str] = {}
     result = []
+    roles: dict[str, list[str]] = {}  # block -> the groups it is a member of, with its roles
+    for group in plan.groups:
+        for block_name in dict.fromkeys(b for m in group.members for b in m.blocks):
+            members = ", ".join(m.role + (f" {m.part[0] + 1}/{m.part[1]}" if m.part else "")
+                                for m in group.members if block_name in m.blocks)
+            roles.setdefault(block_name, []).append(f"{group.kind} {group.name}: {members}")
     for i, block in enumerate(plan.blocks):
         derived = set(block.placeholders)  # the parameters and their views (transposes, reshapes)
         for node in nodes:
@@ -200,7 +209,7 @@ def clusters(plan: Plan) -> list[Cluster]:
         factors = ", ".join(f"{k} {'x'.join(map(str, f.shape))}{' (diag)' if f.diagonal else ''}"
                             for k, f in block.factors.items())
         memory, flops = plan.block_state_bytes(block), plan.block_step_flops(block)
-        title = "\n".join([f"{block.name}: {description}", f"factors {factors}",
+        title = "\n".join([f"{block.name}: {description}", *roles.get(block.name, []), f"factors {factors}",
                            f"state {human(memory, 'B')}, {human(flops, '')}FLOPs/step"])
         result.append(Cluster(f"cluster_{i}", block.name, block.kind, kind.color if kind is not None else "#d9d9d9",
                               title, members, block.params, factors, memory, flops, block.found_by, ""))

@@ -12,6 +12,7 @@ curvlinops in tests/test_factors.py).
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import curvgraph
+from curvgraph import viz
 from attention_models import D, T, V, CrossAttention, DecoderSeq, EncoderLM, GPTBlock, LinearOnlyAttention
 from helpers import curvlinops_factors
 
@@ -47,6 +49,22 @@ EXPECTED = {
 }
 
 
+#: The attention groups of each model: (group name or None, members as role=block(s) [part]).
+GROUPS = {
+    EncoderLM: [("layer.self_attn", ["q=layer.self_attn.in_proj_weight [part 1/3]", "k=layer.self_attn.in_proj_weight [part 2/3]",
+                                     "v=layer.self_attn.in_proj_weight [part 3/3]", "out=layer.self_attn.out_proj"])],
+    GPTBlock: [(None, ["q=qkv [part 1/3]", "k=qkv [part 2/3]", "v=qkv [part 3/3]", "out=proj"])],
+    DecoderSeq: [("layer.self_attn", ["q=layer.self_attn.in_proj_weight [part 1/3]", "k=layer.self_attn.in_proj_weight [part 2/3]",
+                                      "v=layer.self_attn.in_proj_weight [part 3/3]", "out=layer.self_attn.out_proj"]),
+                 ("layer.multihead_attn", ["q=layer.multihead_attn.in_proj_weight",
+                                           "k=layer.multihead_attn.in_proj_weight [part 1/2]",
+                                           "v=layer.multihead_attn.in_proj_weight [part 2/2]",
+                                           "out=layer.multihead_attn.out_proj"])],
+    CrossAttention: [("attn", ["q=attn.q_proj_weight & attn.in_proj_bias", "k=attn.in_proj_bias & attn.k_proj_weight",
+                               "v=attn.in_proj_bias & attn.v_proj_weight", "out=attn.out_proj"])],
+}
+
+
 @pytest.fixture(scope="module")
 def compiled():
     """One eager-compiled optimizer per model class, shared by the tests of this module."""
@@ -68,6 +86,33 @@ def test_every_parameter_is_in_a_curvature_block(compiled, model_cls):
     assert opt.plan.fallback_params == (), opt.plan.fallback_reasons
     if model_cls in EXPECTED:
         assert [f"{b.name}:{b.kind}" for b in opt.plan.blocks] == EXPECTED[model_cls]
+
+
+@pytest.mark.parametrize("model_cls", [EncoderLM, GPTBlock, DecoderSeq, CrossAttention], ids=lambda m: m.__name__)
+def test_attention_groups_name_every_projection(compiled, model_cls, tmp_path):
+    """Each attention core's q, k, v and out projections are found, with the part of a fused projection each is."""
+    plan = compiled(model_cls).plan
+    assert len(plan.groups) == len(GROUPS[model_cls])
+    for group, (name, members) in zip(plan.groups, GROUPS[model_cls]):
+        assert [str(m) for m in group.members] == members
+        assert name is None or group.name == name  # a core in the model's own forward has no module path
+    assert all(g.kind == "attention" for g in plan.groups)
+    assert "block groups" in str(plan)
+    if model_cls is EncoderLM:  # drawings name the group and the roles in each member block's cluster
+        assert "attention layer.self_attn: q 1/3, k 2/3, v 3/3" in viz.to_dot(plan)
+        with open(curvgraph.visualize(plan, tmp_path / "plan.json")) as f:
+            (group,) = json.load(f)["graph"]["groups"]
+        assert group["name"] == "layer.self_attn" and [m["role"] for m in group["members"]] == ["q", "k", "v", "out"]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-sdpa", "separate-softmax"])
+def test_attention_group_of_linear_only_attention(fused):
+    """The sdpa core and the hand-written softmax(q kᵀ / √d) v core give the same roles."""
+    plan = curvgraph.compile(LinearOnlyAttention(fused), (torch.randn(2, T, D),), backend="eager").plan
+    (group,) = plan.groups
+    expected = (["q=qkv [part 1/3]", "k=qkv [part 2/3]", "v=qkv [part 3/3]"] if fused else ["q=q", "k=k", "v=v"]) + ["out=out"]
+    assert [str(m) for m in group.members] == expected
+    assert {m.layer for m in group.members} <= {n for b in plan.blocks for u in b.uses for n in u.outputs}
 
 
 @pytest.mark.parametrize("model_cls", [EncoderLM, GPTBlock, DecoderSeq, CrossAttention], ids=lambda m: m.__name__)

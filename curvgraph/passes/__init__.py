@@ -20,10 +20,14 @@ from .. import registry
 from ..errors import ConfigError
 from ..plan import SHARING_MODES, Plan
 from ..trace import TracedModel
+from .attention import find_attention_groups
 from .forms import GRAPH_REWRITES
 from .ledger import Claims
 
 Rewrite = Callable[[Graph, set[str]], int]
+
+#: The group passes :func:`build_plan` runs after the block passes: ``(traced, blocks) -> groups``.
+GROUP_PASSES = (find_attention_groups,)
 
 
 def normalize(graph: Graph, params: set[str], rewrites: Sequence[Rewrite] | None = None) -> dict[str, int]:
@@ -84,6 +88,7 @@ def build_plan(traced: TracedModel, kinds: Iterable = (), sharing: str = "expand
         reasons[name] = claims.reasons.get(node.name) or _default_reason(node)
     order = {node.name: i for i, node in enumerate(traced.graph.nodes)}
     blocks.sort(key=lambda b: min(order[n] for u in b.uses for n in u.outputs))
+    groups = [group for find_groups in GROUP_PASSES for group in find_groups(traced, blocks)]
     return Plan(
         model_name=traced.model_name,
         blocks=blocks,
@@ -94,6 +99,7 @@ def build_plan(traced: TracedModel, kinds: Iterable = (), sharing: str = "expand
         size_names=traced.dim_names(),
         fallback_numel=numel,
         matches=matches,
+        groups=groups,
         rewrites=rewrites,
         traced=traced,
         kinds={kind.name: kind for kind in kinds},

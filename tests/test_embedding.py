@@ -108,3 +108,46 @@ def test_one_position_factors_are_the_exact_ggn():
     opt.step(x, y)
     factors = opt.factors()["pos"]
     torch.testing.assert_close(torch.kron(torch.diag(factors["A"]), factors["G"]), exact)
+
+
+class ClassToken(nn.Module):
+    """ViT-style: ``k`` learned tokens concatenated in front of the patch sequence, read back at position 0."""
+
+    def __init__(self, k: int = 1) -> None:
+        super().__init__()
+        self.cls = nn.Parameter(0.1 * torch.randn(1, k, D))
+        self.mix = nn.Linear(D, D)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1)
+        h = torch.tanh(self.mix(h))
+        return self.head(h[:, 0] + h.mean(1))  # position 0 and every position depend on the token
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_class_token_is_a_position_block_read_at_the_first_k_rows(k):
+    torch.manual_seed(0)
+    model = ClassToken(k).double()
+    x = torch.randn(4, 5, D, dtype=torch.float64)
+    opt = curvgraph.compile(model, (x,), backend="eager", lr=0.1)
+    block = opt.plan.block("cls")
+    assert block.kind == "position" and opt.plan.fallback_params == ()
+    assert block.factors["A"] == curvgraph.Factor((k,), axis=-2, diagonal=True) and block.matrix_shape == (k, D)
+    assert "prepended tokens" in str(opt.plan)
+    before = model.cls.detach().clone()
+    opt.step(x, torch.randint(0, 3, (4,)))
+    torch.testing.assert_close(opt.factors()["cls"]["A"], torch.full((k,), 1.0 / k, dtype=torch.float64))
+    assert not torch.equal(model.cls, before) and opt.skipped_steps == 0
+
+
+def test_class_token_factors_are_the_exact_ggn():
+    """One token (k = 1): ``kron(A, G)`` with the type-2 Fisher is the token's exact GGN, over a batch."""
+    torch.manual_seed(0)
+    model = ClassToken().double()
+    x, y = torch.randn(3, 4, D, dtype=torch.float64), torch.tensor([2, 0, 1])
+    exact = exact_ggn(model, "cross_entropy", x, y, model.cls.detach().flatten(), lambda t: {"cls": t.reshape(1, 1, D)})
+    opt = curvgraph.compile(model, (x,), fisher="type2", backend="eager", lr=0.1)
+    opt.step(x, y)
+    factors = opt.factors()["cls"]
+    torch.testing.assert_close(torch.kron(torch.diag(factors["A"]), factors["G"]), exact)

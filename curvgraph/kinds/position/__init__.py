@@ -9,8 +9,14 @@ frequencies (:math:`1/T` for each read position, axis -2 over the ``T_max`` rows
 position's output vector; a factor per position would cost ``T_max`` inversions).
 The table's block matrix is ``pos`` viewed as ``(T_max, d)``.
 
-A class token concatenated in front of the sequence (``cat([cls.expand(N, -1, -1), h], 1)``)
-is not matched yet and goes to the fallback.
+Class tokens concatenated in front of the sequence, ``cat([cls.expand(N, -1, -1), h], 1)``
+with a trainable ``cls`` of shape ``(1, k, d)`` (ViT's class token; ``k > 1`` register
+tokens), are the same: a table of ``k`` rows read at the first ``k`` positions of every
+example's output ``(N, k + T, d)``, so ``A`` is :math:`1/k` per row and ``G`` the factor of the
+output vectors at those positions. For ``k = 1`` and the type-2 Fisher ``kron(G, A)`` is
+the token's exact GGN block. In both forms the statistics read the output vectors at
+positions ``[:, :rows]`` (every position of an added table, the first ``k`` of a
+concatenation).
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ class Position(BlockKind):
     color = "#dadaeb"
 
     def label(self, block: Block) -> str:
-        return f"positional table {block.dims['positions']} x {block.dims['features']}"
+        what = "prepended tokens" if block.layout["prepended"] else "positional table"
+        return f"{what} {block.dims['positions']} x {block.dims['features']}"
 
     def find(self, traced: TracedModel, claims: Claims, sharing: str) -> list[Block]:
         return find_position_blocks(self, traced, claims)
@@ -53,18 +60,23 @@ class Position(BlockKind):
         d = block.dims["features"]
         return {"forward_backward": 2 * rows * d, "statistics": 2 * rows * d**2, "backward_per_sample": sympy.Integer(0)}
 
+    @staticmethod
+    def _read(b: BlockVars, uses: Sequence[UseVars]) -> list[str]:
+        """The output vectors of each use at the positions the table is read at."""
+        return [f"{u.grads[0]}[:, :{b.block.dims['positions']}]" for u in uses]
+
     def write_batch_factors(self, w: StepWriter, b: BlockVars, dtype: torch.dtype) -> None:
-        grads = w.pack(u.grads[0] for u in b.uses)
-        output = f"{b.uses[0].grads[0]}[:batch]"
+        grads = w.pack(self._read(b, b.uses))
+        output = f"{self._read(b, b.uses)[0]}[:batch]"
         w.line(f"{b.batch_factors['A']} = "
                f"{w.call(embedding_math.position_frequencies, output, b.block.dims['positions'], dtype)}")
         w.line(f"{b.batch_factors['G']} = {w.call(dense_math.dense_grad_factor, grads, False, 'examples', 'scale', dtype)}")
 
     def write_example_rows(self, w: StepWriter, b: BlockVars, uses: Sequence[UseVars], dtype: torch.dtype,
                            label: str = "rows") -> dict[str, str]:
-        grads = w.pack(u.grads[0] for u in uses)
+        grads = w.pack(self._read(b, uses))
         rows = {f: b.var(f"{label}_{f}") for f in ("A", "G")}
-        call = w.call(embedding_math.position_example_rows, f"{uses[0].grads[0]}[:batch]", grads,
+        call = w.call(embedding_math.position_example_rows, f"{self._read(b, uses)[0]}[:batch]", grads,
                       b.block.dims["positions"], "batch", dtype)
         w.line(f"{rows['A']}, {rows['G']} = {call}")
         return rows
@@ -96,8 +108,23 @@ def _read_positions(param: Node) -> Node | None:
     return user if isinstance(other, Node) and ndim(other) == 3 else None
 
 
+def _prepended(param: Node) -> Node | None:
+    """The ``cat([param.expand(N, -1, -1), h], 1)`` that puts ``param`` in front of a sequence; ``None`` otherwise."""
+    if len(param.users) != 1:
+        return None
+    (expand,) = param.users
+    if expand.target is not aten.expand.default or len(expand.users) != 1:
+        return None
+    (cat,) = expand.users
+    if cat.target is not aten.cat.default or cat.args[0][0] is not expand or sum(a is expand for a in cat.args[0]) != 1:
+        return None
+    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    return cat if ndim(cat) == 3 and dim in (1, -2) else None
+
+
 def find_position_blocks(kind: BlockKind, traced: TracedModel, claims: Claims) -> list[Block]:
-    """Position blocks: a trainable ``(1, T_max, d)`` table (or ``(T_max, d)``) added to a ``(N, T, d)`` stream."""
+    """Position blocks: a trainable ``(1, T_max, d)`` table added to a ``(N, T, d)`` stream, or ``(1, k, d)`` tokens
+    concatenated in front of it."""
     params = set(traced.params)
     trainable = depends_on(traced.graph, params)
     blocks = []
@@ -107,13 +134,14 @@ def find_position_blocks(kind: BlockKind, traced: TracedModel, claims: Claims) -
         shape = tuple(int(s) for s in node.meta["val"].shape)
         if not (len(shape) == 3 and shape[0] == 1):
             continue
-        add = _read_positions(node)
-        if add is None:
+        add, cat = _read_positions(node), _prepended(node)
+        if add is None and cat is None:
             continue
-        output_shape = symbolic_shape(add)
-        use = layer_use([], [add], sympy.Mul(*output_shape[:2]), trainable)
+        output = add if add is not None else cat
+        rows = sympy.Mul(*symbolic_shape(add)[:2]) if add is not None else symbolic_shape(cat)[0] * shape[1]
+        use = layer_use([], [output], rows, trainable)
         blocks.append(new_block(traced, kind, (node,), [use], {"positions": shape[1], "features": shape[2]},
-                                layout={"shape": shape}))
+                                layout={"shape": shape, "prepended": cat is not None}))
     return blocks
 
 

@@ -123,7 +123,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             print(f"curvgraph: compiling the step for {self.plan.model_name} (statistics: {'yes' if variant[0] else 'no'}, "
                   f"refresh: {'yes' if variant[1] else 'no'}; one graph per combination the schedule uses) ...",
                   file=sys.stderr, flush=True)
-            start = time.perf_counter()
+            start, graphs = time.perf_counter(), torch._dynamo.utils.counters["stats"]["unique_graphs"]
         try:
             loss, ok = self._runner.run(params, frozen, buffers, self._constants, batch, targets, self._hyper_values)
         except torch._dynamo.exc.TorchDynamoException as exc:
@@ -134,7 +134,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             ) from exc
         if announce:
             self._compiled_variants.add(variant)
-            print(f"curvgraph: compiled and ran in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+            compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
+            what = "compiled and ran" if compiled else "ran (a graph compiled before fits; nothing compiled)"
+            print(f"curvgraph: {what} in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
         if not ok:
             warnings.warn(
                 f"curvgraph: step {self._runner.step_count} skipped: the loss ({loss.item():.4g}) or the update is not "

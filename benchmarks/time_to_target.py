@@ -152,6 +152,13 @@ def char_transformer() -> nn.Module:
     return CharTransformer(len(ALPHABET) + 1, 64, 4, 2, 64)
 
 
+def mnist1d_gru() -> nn.Module:
+    """``examples/mnist1d_gru.py``'s GRU classifier, hidden 32 (40 steps of one feature)."""
+    from mnist1d_gru import GRUClassifier
+
+    return GRUClassifier(32)
+
+
 SUITE: dict[str, Task] = {
     "mnist1d-mlp": Task(gelu_mlp, mnist1d, "cross_entropy", 100, 1200, 40),
     "mnist1d-cnn": Task(mnist1d_cnn, mnist1d, "cross_entropy", 100, 1200, 40),
@@ -160,6 +167,7 @@ SUITE: dict[str, Task] = {
     "digits-layernorm-mlp": Task(layernorm_mlp, digits, "cross_entropy", 64, 560, 28),
     "mnist1d-wide-mlp": Task(wide_mlp, mnist1d, "cross_entropy", 500, 240, 8),
     "char-transformer": Task(char_transformer, char_windows, "token_cross_entropy", 32, 320, 16),
+    "mnist1d-gru": Task(mnist1d_gru, mnist1d, "cross_entropy", 100, 400, 20),
 }
 
 LOSSES = {"cross_entropy": F.cross_entropy, "bce_with_logits": F.binary_cross_entropy_with_logits,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -12,10 +12,10 @@ from .curvature.losses import check_fisher, resolve_loss
 from .errors import ConfigError
 from .instrument import instrument
 from .methods.base import positive
-from .optimizer import CurvatureOptimizer
+from .optimizer import Captured, CurvatureOptimizer
 from .passes import build_plan
 from .registry import resolve_fallback, resolve_method
-from .trace import as_input_tuple, resolve_batch_dims, trace
+from .trace import flatten_inputs, resolve_batch_dims, trace
 
 #: Options of :func:`compile` that are not hyper-parameters of the method.
 OPTIONS: dict[str, Any] = {
@@ -29,12 +29,13 @@ OPTIONS: dict[str, Any] = {
     "seed": None,
     "progress": True,
     "batch_dim": None,
+    "output": None,
 }
 
 
 def compile(  # noqa: A001 -- the public name, like torch.compile
     model: nn.Module,
-    example_inputs: Tensor | tuple[Tensor, ...],
+    example_inputs: Tensor | tuple[Tensor, ...] | Mapping[str, Tensor] | None = None,
     loss: str | nn.Module = "cross_entropy",
     method: str = "kfac",
     **options: Any,
@@ -93,7 +94,8 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"curvgraph: model must be an nn.Module, got {type(model).__name__}.")
-    inputs = as_input_tuple(example_inputs, "example_inputs")
+    if example_inputs is not None:
+        flatten_inputs(example_inputs, "example_inputs")  # checked before the other arguments
     loss_spec = resolve_loss(loss)
     method_class = resolve_method(method)
     unknown = set(options) - set(OPTIONS) - set(method_class.hyper)
@@ -121,22 +123,26 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
         raise ConfigError(f"curvgraph: backend must be a string ('inductor', 'eager', ...), got {backend!r}.")
 
     block_kinds = dict(registry.KINDS)
-    traced = trace(model, inputs, lambda m: next((r for k in block_kinds.values() if (r := k.substitute(m)) is not None), None))
-    resolve_batch_dims(traced, settings["batch_dim"])
-    plan = build_plan(traced, block_kinds.values(), settings["kfac_approx"], traced.example_sizes(inputs))
-    for block in plan.blocks:
-        block.cost.update(rule.cost(block))
-    forward = instrument(traced, plan)
-    param_dtype = next((p.dtype for p in model.parameters() if p.requires_grad), torch.float32)
-    generated = codegen.generate(plan, forward, traced.dims, block_kinds, rule, fallback, loss_spec, fisher, param_dtype,
-                                 batch=traced.batch)
-    namespace = codegen.load(generated)
-    return CurvatureOptimizer(
-        model, plan, forward, generated, namespace,
-        method=rule, fallback=fallback, loss=loss_spec, fisher=fisher,
-        hyper=hyper, fallback_hyper=fallback_hyper,
-        factor_every=settings["factor_every"], invert_every=settings["invert_every"], backend=backend,
-        inputs=traced.inputs, batch_dims=traced.batch_dims, output_ndim=len(forward.output_shape),
-        constants=[traced.constants[c] for c in forward.constants], seed=settings["seed"],
-        progress=settings["progress"],
+
+    def capture(inputs: tuple[Tensor, ...], keys: tuple[str, ...] | None) -> Captured:
+        traced = trace(model, inputs, lambda m: next((r for k in block_kinds.values() if (r := k.substitute(m)) is not None), None),
+                       keys=keys, output=settings["output"])
+        resolve_batch_dims(traced, settings["batch_dim"])
+        plan = build_plan(traced, block_kinds.values(), settings["kfac_approx"], traced.example_sizes(inputs))
+        for block in plan.blocks:
+            block.cost.update(rule.cost(block))
+        forward = instrument(traced, plan)
+        param_dtype = next((p.dtype for p in model.parameters() if p.requires_grad), torch.float32)
+        generated = codegen.generate(plan, forward, traced.dims, block_kinds, rule, fallback, loss_spec, fisher,
+                                     param_dtype, batch=traced.batch)
+        return Captured(plan, forward, generated, codegen.load(generated), traced.inputs, keys, traced.batch_dims,
+                        [traced.constants[c] for c in forward.constants])
+
+    opt = CurvatureOptimizer(
+        model, capture, method=rule, fallback=fallback, loss=loss_spec, fisher=fisher, hyper=hyper,
+        fallback_hyper=fallback_hyper, factor_every=settings["factor_every"], invert_every=settings["invert_every"],
+        backend=backend, seed=settings["seed"], progress=settings["progress"],
     )
+    if example_inputs is not None:
+        opt.capture(example_inputs)
+    return opt

@@ -111,7 +111,7 @@ def _header(opt: "CurvatureOptimizer", digest: str, stem: str, pt_name: str | No
         "",
         f"model: {plan.model_name}; trainable parameters: {params or 'none'}",
         f"inputs: {inputs} ('*' = any size)",
-        f"method: {opt.method.name}{opt.method.describe_options()}, fisher={opt.fisher}, loss={opt.loss.name}, "
+        f"method: {opt.method.name}{opt.method.describe_options()}, fisher={opt.fisher}, loss={opt.loss.description}, "
         f"fallback={opt.fallback.name}",
         f"schedule: factor_every={opt.factor_every}, invert_every={opt.invert_every}; backend={opt.backend}, "
         f"seed={opt._seed}",

@@ -11,6 +11,7 @@ from . import codegen, kinds, methods, registry  # noqa: F401 -- importing kinds
 from .curvature.losses import check_fisher, resolve_loss
 from .errors import ConfigError
 from .instrument import instrument
+from .leaf import leaf_modules_of
 from .methods.base import positive
 from .optimizer import Captured, CurvatureOptimizer
 from .passes import build_plan
@@ -30,6 +31,7 @@ OPTIONS: dict[str, Any] = {
     "progress": True,
     "batch_dim": None,
     "output": None,
+    "leaf_modules": None,
 }
 
 
@@ -122,11 +124,15 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
     if not isinstance(backend, str):
         raise ConfigError(f"curvgraph: backend must be a string ('inductor', 'eager', ...), got {backend!r}.")
 
+    leaves = leaf_modules_of(model, settings["leaf_modules"])
+    if leaves and backend != "eager":
+        raise ConfigError(f"curvgraph: leaf modules {list(leaves)} run eagerly inside the step, which torch.compile "
+                          "cannot compile through yet; pass backend='eager' with leaf_modules.")
     block_kinds = dict(registry.KINDS)
 
     def capture(inputs: tuple[Tensor, ...], keys: tuple[str, ...] | None) -> Captured:
         traced = trace(model, inputs, lambda m: next((r for k in block_kinds.values() if (r := k.substitute(m)) is not None), None),
-                       keys=keys, output=settings["output"])
+                       keys=keys, output=settings["output"], leaves=leaves)
         resolve_batch_dims(traced, settings["batch_dim"])
         plan = build_plan(traced, block_kinds.values(), settings["kfac_approx"], traced.example_sizes(inputs))
         for block in plan.blocks:

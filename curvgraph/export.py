@@ -50,6 +50,9 @@ def export(opt: "CurvatureOptimizer", path: str | os.PathLike) -> str:
     Large constants go to ``path`` with the suffix ``.pt`` (only if there are any).
     """
     path = os.fspath(path)
+    if "from curvgraph.leaf import" in opt.source:
+        raise ConfigError("curvgraph: this step calls leaf modules (leaf_modules=), which run the live model's "
+                          "modules; it cannot be exported to a standalone file.")
     if not path.endswith(".py"):
         raise ConfigError(f"curvgraph: export writes a Python module; give a path ending in .py, got {path!r}.")
     stem = os.path.splitext(os.path.basename(path))[0]

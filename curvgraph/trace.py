@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
+from . import leaf
 from .errors import ConfigError, CurvgraphError, TraceError
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -314,7 +315,8 @@ Substitute = Callable[[nn.Module], "nn.Module | None"]
 
 
 def trace(model: nn.Module, example_inputs: tuple[Tensor, ...], substitute: Substitute | None = None, *,
-          keys: Sequence[str] | None = None, output: OutputSelector = None) -> TracedModel:
+          keys: Sequence[str] | None = None, output: OutputSelector = None,
+          leaves: Mapping[str, nn.Module] | None = None) -> TracedModel:
     """Capture ``model`` called on ``example_inputs`` as a :class:`TracedModel`.
 
     The model is called as ``model(*example_inputs)``, or ``model(**dict(zip(keys,
@@ -326,18 +328,52 @@ def trace(model: nn.Module, example_inputs: tuple[Tensor, ...], substitute: Subs
     :meth:`curvgraph.kinds.base.BlockKind.substitute`) may return, for a submodule,
     a module computing the same function on the **same** Parameters (e.g. a recurrent
     module unrolled over time); it is captured in the submodule's place, and the model
-    is restored afterwards. Raises :class:`TraceError` naming the module and source line
-    when the model cannot be captured, and :class:`ConfigError` when the model fails on
-    the example inputs or ``output`` picks no tensor.
+    is restored afterwards. ``leaves`` (path -> submodule, see :mod:`curvgraph.leaf`)
+    are captured as one opaque call each. Raises :class:`TraceError` naming the module
+    and source line when the model cannot be captured, and :class:`ConfigError` when
+    the model fails on the example inputs or ``output`` picks no tensor.
     """
+    keys = tuple(keys) if keys else None
+    shells = {id(module): leaf.LeafShell(module, leaf.register(name, module)) for name, module in (leaves or {}).items()}
+    inside = {id(m) for module in (leaves or {}).values() for m in module.modules()}
+
+    def replace(module: nn.Module) -> nn.Module | None:
+        if id(module) in shells:
+            return shells[id(module)]
+        return None if id(module) in inside or substitute is None else substitute(module)
+
     was_training = model.training
     model.train()
     try:
-        with _substituted(model, substitute), _picking_output(model, output):
-            program = _export(model, example_inputs, tuple(keys) if keys else None)
+        if shells:
+            _record_leaf_calls(model, example_inputs, keys, [s.key for s in shells.values()], list(leaves.values()))
+        with _substituted(model, replace), _picking_output(model, output):
+            program = _export(model, example_inputs, keys)
     finally:
         model.train(was_training)
+    leaf.retarget(program.graph_module.graph)
     return _from_program(model, program, example_inputs)
+
+
+def _record_leaf_calls(model: nn.Module, inputs: tuple[Tensor, ...], keys: tuple[str, ...] | None,
+                       leaf_keys: Sequence[str], modules: Sequence[nn.Module]) -> None:
+    """Call ``model`` once eagerly to record its leaf modules' shapes; buffers and the RNG are restored."""
+    hooks = [m.register_forward_hook(leaf.recording_hook(key), with_kwargs=True) for key, m in zip(leaf_keys, modules)]
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            arguments = _arguments(inputs, keys, dynamic=False)
+            model(*arguments["args"], **arguments.get("kwargs", {}))
+    except CurvgraphError:
+        raise
+    except Exception as exc:  # translated, never swallowed
+        raise _translate_export_error(model, inputs, keys, exc) from exc
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for buffer, saved in buffers:
+            buffer.copy_(saved)
 
 
 @contextlib.contextmanager
@@ -433,10 +469,15 @@ def _translate_export_error(model: nn.Module, example_inputs: tuple[Tensor, ...]
     if where:
         location += f" at {where}"
     if any(key in names or key in str(exc)[:2000] for key in _UNTRACEABLE):
+        leaf_hint = ("" if module_name in (None, "<root>") else
+                     f" Or keep the module opaque: curvgraph.compile(..., leaf_modules=['{module_name}'], "
+                     "backend='eager') runs it eagerly inside the step and trains its parameters with the "
+                     "first-order fallback.")
         return TraceError(
             f"curvgraph could not capture {type(model).__name__} as one graph: {location}: {reason}\n"
-            "Python control flow that depends on tensor values cannot be traced. Rewrite it "
-            "with tensor ops (torch.where, masking) or torch.cond, or move it out of forward()."
+            "Python control flow that depends on tensor values (or a call torch.export does not support) cannot be "
+            "traced. Rewrite it with tensor ops (torch.where, masking) or torch.cond, or move it out of forward()."
+            + leaf_hint
         )
     return ConfigError(
         f"curvgraph: {type(model).__name__} failed on example_inputs [{describe_inputs(example_inputs, keys)}] in "

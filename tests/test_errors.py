@@ -108,6 +108,7 @@ def test_untraceable_model_names_module_and_line(capfd):
     assert "module 'inner'" in message
     assert "test_errors.py" in message and "if h.sum() > 0:" in message
     assert "torch.where" in message
+    assert "leaf_modules=['inner']" in message  # the other option: keep the module opaque
     assert "Traceback" not in capfd.readouterr().err  # export's own dumps are not printed
 
 

@@ -31,6 +31,7 @@ from .._version import __version__
 from ..curvature.losses import LossSpec
 from ..errors import CompileError
 from ..instrument import InstrumentedForward
+from ..leaf import leaf_call
 from ..plan import Plan, Shape
 from .writer import BlockVars, StateSpec, StepWriter, helper_sources
 
@@ -298,9 +299,12 @@ def _global_imports(globals_: dict[str, object], source: str) -> list[str]:
     for name in sorted(globals_):
         if not re.search(rf"\b{re.escape(name)}\b", source):
             continue
-        if name not in _KNOWN_GLOBALS:
+        if globals_[name] is leaf_call:  # a leaf module: the step calls the live module (not exportable)
+            lines.append(f"from curvgraph.leaf import leaf_call as {name}")
+        elif name in _KNOWN_GLOBALS:
+            lines.append(_KNOWN_GLOBALS[name])
+        else:
             raise CompileError(f"curvgraph: the captured graph refers to {name!r}, which the generated module cannot import.")
-        lines.append(_KNOWN_GLOBALS[name])
     return lines
 
 

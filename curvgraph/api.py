@@ -49,13 +49,32 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
     backward also yield every block's Kronecker-factor statistics, and a step for this
     architecture is generated and compiled with ``torch.compile``.
 
+    Without ``example_inputs`` (``curvgraph.compile(model, loss=...)``) nothing is captured
+    yet: as with ``torch.compile(model)``, the capture happens at the first
+    ``opt.step(inputs, targets)``, from that batch. ``opt.param_groups`` exist from the
+    start (``[0]``: curvature, holding every trainable parameter until the capture moves
+    the unmatched ones to ``[1]``: fallback, in place), so schedulers and edits made
+    before the first step apply; ``opt.plan`` prints "nothing captured yet";
+    ``opt.load_state_dict`` loads the hyper-parameters at once and the step state at the
+    capture (see :class:`~curvgraph.CurvatureOptimizer`).
+
     Args:
         model: the model; its own parameters are updated in place by ``step``.
-        example_inputs: a batch of the model's positional inputs (a tensor or a tuple),
-            batch first unless ``batch_dim`` says otherwise. Sizes the model does not pin (batch size, sequence length)
-            stay symbolic: later batches may differ in them.
-        loss: ``"cross_entropy"``, ``"mse"``, ``"bce_with_logits"`` or an instance of
-            ``nn.CrossEntropyLoss``/``nn.MSELoss``/``nn.BCEWithLogitsLoss`` (mean reduction).
+        example_inputs: a batch of the model's inputs: a tensor or a tuple (positional,
+            ``model(*inputs)``), or a dict of tensors (keyword, ``model(**inputs)``, the
+            Hugging Face convention; ``step`` then takes dicts with the same keys), batch
+            first unless ``batch_dim`` says otherwise. Sizes the model does not pin
+            (batch size, sequence length) stay symbolic: later batches may differ in
+            them. ``None``: captured at the first ``step``.
+        loss: ``"cross_entropy"`` (classes on dim 1 of the prediction: ``(N, C)``,
+            ``(N, C, d1, ...)``, or flattened rows ``(N*T, C)`` with targets ``(N*T,)``),
+            ``"token_cross_entropy"`` (classes last: logits ``(N, T, V)``, targets
+            ``(N, T)``), ``"mse"``, ``"bce_with_logits"`` or an instance of
+            ``nn.CrossEntropyLoss``/``nn.MSELoss``/``nn.BCEWithLogitsLoss`` with
+            ``reduction="mean"`` or ``"sum"``. The factors approximate the curvature of
+            this loss: with ``"sum"`` it is ``K`` times the mean's (``numel`` for MSE and
+            BCE), so a step with ``damping=d`` is the mean loss's step with ``d / K``
+            (``docs/conventions.md``).
         method: the update rule, a registered method's name: ``"kfac"`` or ``"singd"`` (options in
             ``docs/methods.md``; see ``curvgraph.register_method`` to add one).
         **options: hyper-parameters of the method and compile options:
@@ -84,15 +103,28 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
             * ``batch_dim``: where the batch is in the inputs: an int, or one int (or
               ``None``) per input, e.g. ``batch_dim=1`` for time-major ``(T, N, F)``
               inputs of ``nn.LSTM``; by default inferred from the graph (the input dim
-              whose size is the output's dim 0), else 0. The output is batch first.
+              whose size is the output's dim 0), else 0. The output is batch first;
+              its leading dim may also be batch x positions (flattened rows ``(N*T, V)``);
+            * ``output``: which part of what the model returns is the prediction the
+              loss sees: a key or attribute name (``"logits"`` of a Hugging Face
+              ``ModelOutput`` or a dict), an int index (a tuple with caches), or a
+              callable applied to the return value; needed when it is not a tensor;
+            * ``leaf_modules``: submodules to keep opaque (module names such as
+              ``"encoder.layer.0"``, or ``nn.Module`` subclasses): each is captured as
+              one call that runs it eagerly inside the step, e.g. for Python control flow
+              that ``torch.export`` cannot trace; their parameters train with the
+              fallback on exact gradients; needs ``backend="eager"`` (see :mod:`curvgraph.leaf`).
 
     Returns:
         A :class:`~curvgraph.CurvatureOptimizer`.
 
     Raises:
-        ConfigError: an invalid argument, or the model fails on ``example_inputs``.
+        ConfigError: an invalid argument, the model fails on ``example_inputs``, or
+            ``output`` picks no tensor from what it returns (the message lists it).
         TraceError: the model cannot be captured as one graph (the message names the
-            module and source line).
+            module and source line, and offers ``leaf_modules``).
+
+    Without ``example_inputs``, the same errors come from the first ``step``.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"curvgraph: model must be an nn.Module, got {type(model).__name__}.")

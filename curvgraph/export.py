@@ -159,6 +159,7 @@ def _spec(opt: "CurvatureOptimizer") -> str:
         ("frozen", _literal(tuple(forward.names[p] for p in forward.frozen)), "requires_grad=False"),
         ("buffers", _literal(tuple(forward.names[b] for b in forward.buffers)), None),
         ("inputs", str(len(forward.inputs)), "number of input tensors"),
+        ("keys", _literal(opt._captured.keys), "their names for keyword inputs (a dict: model(**inputs)), else None"),
         ("dynamic_dims", _literal(tuple(spec.symbolic_dims for spec in opt._inputs)),
          "per input, the dims the graph keeps symbolic (marked dynamic for torch.compile)"),
         ("state", _mapping(state, 8), "key: (shape, initialization, dtype)"),

@@ -390,3 +390,19 @@ def test_rejected_batches_change_nothing():
         assert torch.equal(value, state["state"][key]), key
     opt.step(x2[:3], y2[:3])  # a smaller batch than the example's: the batch size is symbolic
     opt.step(x, torch.where(y == 0, -100, y))  # ignored targets are in range
+
+
+def test_exported_step_takes_keyword_inputs_like_the_optimizer(tmp_path):
+    torch.manual_seed(8)
+    model = KeywordLM("dict")
+    twin = copy.deepcopy(model)
+    batch, targets = lm_batch()
+    opt = curvgraph.compile(model, batch, loss="token_cross_entropy", output="logits", backend="eager", seed=2)
+    exported = curvgraph.load_step(opt.export(tmp_path / "keyword_step.py"), twin, seed=2)
+    for seed in range(2):
+        batch, targets = lm_batch(seed=seed)
+        torch.testing.assert_close(exported.step(dict(reversed(batch.items())), targets), opt.step(batch, targets),
+                                   rtol=0, atol=0)
+    assert same_params(model, twin)
+    with pytest.raises(ValueError, match=r"takes a dict with keys \['input_ids', 'attention_mask'\]"):
+        exported.step((batch["input_ids"], batch["attention_mask"]), targets)

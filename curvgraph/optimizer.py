@@ -53,6 +53,13 @@ class Captured:
 Capture = Callable[[tuple[Tensor, ...], "tuple[str, ...] | None"], Captured]
 
 
+def not_captured(model_name: str, what: str) -> NotCapturedError:
+    """The error for asking for ``what`` before ``model_name`` is captured."""
+    return NotCapturedError(f"curvgraph: {what} needs the captured model, and nothing is captured yet: {model_name} "
+                            "is captured at the first step(inputs, targets). Pass example_inputs to curvgraph.compile "
+                            "to capture it now.")
+
+
 class NotCapturedPlan:
     """``opt.plan`` before the model is captured: it prints as such, and any attribute raises
     :class:`~curvgraph.NotCapturedError`."""
@@ -67,9 +74,7 @@ class NotCapturedPlan:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
-        raise NotCapturedError(f"curvgraph: opt.plan.{name}: nothing is captured yet; {self._model_name} is captured "
-                               "at the first step(inputs, targets). Pass example_inputs to curvgraph.compile to "
-                               "capture it now.")
+        raise not_captured(self._model_name, f"opt.plan.{name}")
 
 
 class CurvatureOptimizer(torch.optim.Optimizer):
@@ -140,9 +145,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _require_capture(self, what: str) -> Captured:
         if self._captured is None:
-            raise NotCapturedError(f"curvgraph: {what} needs the captured model, and nothing is captured yet: "
-                                   f"{type(self.model).__name__} is captured at the first step(inputs, targets). Pass "
-                                   "example_inputs to curvgraph.compile to capture it now.")
+            raise not_captured(type(self.model).__name__, what)
         return self._captured
 
     def capture(self, inputs: Tensor | tuple[Tensor, ...] | Mapping[str, Tensor]) -> None:

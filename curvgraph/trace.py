@@ -147,7 +147,8 @@ def resolve_batch_dims(traced: TracedModel, batch_dim: int | Sequence[int | None
     traced.batch = (first, dims[first])
 
 
-def flatten_inputs(inputs: Any, what: str, error: type[CurvgraphError] = ConfigError) -> tuple[tuple[Tensor, ...], tuple[str, ...] | None]:
+def flatten_inputs(inputs: Any, what: str,
+                   error: type[CurvgraphError] = ConfigError) -> tuple[tuple[Tensor, ...], tuple[str, ...] | None]:
     """A batch as a tuple of tensors, and its keys when it is passed by keyword.
 
     ``inputs`` is a tensor or a non-empty tuple/list of tensors (the model's positional
@@ -249,7 +250,8 @@ def _output_hint(returned: Any) -> str:
         names = [n for n, v in _fields(returned) if isinstance(v, Tensor)]
         if names:
             best = "logits" if "logits" in names else names[0]
-            return f" Pick the prediction with curvgraph.compile(..., output={best!r}) (a key/attribute name, an index or a callable)."
+            return (f" Pick the prediction with curvgraph.compile(..., output={best!r}) (a key/attribute name, an index "
+                    "or a callable).")
     if isinstance(returned, (tuple, list)) and any(isinstance(v, Tensor) for v in returned):
         first = next(i for i, v in enumerate(returned) if isinstance(v, Tensor))
         return f" Pick the prediction with curvgraph.compile(..., output={first}) (an index, a key/attribute name or a callable)."
@@ -279,7 +281,9 @@ def describe_value(value: Any, depth: int = 0) -> str:
         return f"{type(value).__name__} {{{items}}}"
     if isinstance(value, (tuple, list)):
         return f"a {type(value).__name__} of {len(value)} [{', '.join(describe_value(v, depth + 1) for v in value)}]"
-    return f"{type(value).__name__} {value!r}" if value is None or isinstance(value, (int, float, str, bool)) else type(value).__name__
+    if value is None or isinstance(value, (int, float, str, bool)):
+        return f"{type(value).__name__} {value!r}"
+    return type(value).__name__
 
 
 def _hint(d: int | torch.SymInt) -> int | str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -11,11 +11,12 @@ from . import codegen, kinds, methods, registry  # noqa: F401 -- importing kinds
 from .curvature.losses import check_fisher, resolve_loss
 from .errors import ConfigError
 from .instrument import instrument
+from .leaf import leaf_modules_of
 from .methods.base import positive
-from .optimizer import CurvatureOptimizer
+from .optimizer import Captured, CurvatureOptimizer
 from .passes import build_plan
 from .registry import resolve_fallback, resolve_method
-from .trace import as_input_tuple, resolve_batch_dims, trace
+from .trace import flatten_inputs, resolve_batch_dims, trace
 
 #: Options of :func:`compile` that are not hyper-parameters of the method.
 OPTIONS: dict[str, Any] = {
@@ -29,12 +30,14 @@ OPTIONS: dict[str, Any] = {
     "seed": None,
     "progress": True,
     "batch_dim": None,
+    "output": None,
+    "leaf_modules": None,
 }
 
 
 def compile(  # noqa: A001 -- the public name, like torch.compile
     model: nn.Module,
-    example_inputs: Tensor | tuple[Tensor, ...],
+    example_inputs: Tensor | tuple[Tensor, ...] | Mapping[str, Tensor] | None = None,
     loss: str | nn.Module = "cross_entropy",
     method: str = "kfac",
     **options: Any,
@@ -46,13 +49,32 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
     backward also yield every block's Kronecker-factor statistics, and a step for this
     architecture is generated and compiled with ``torch.compile``.
 
+    Without ``example_inputs`` (``curvgraph.compile(model, loss=...)``) nothing is captured
+    yet: as with ``torch.compile(model)``, the capture happens at the first
+    ``opt.step(inputs, targets)``, from that batch. ``opt.param_groups`` exist from the
+    start (``[0]``: curvature, holding every trainable parameter until the capture moves
+    the unmatched ones to ``[1]``: fallback, in place), so schedulers and edits made
+    before the first step apply; ``opt.plan`` prints "nothing captured yet";
+    ``opt.load_state_dict`` loads the hyper-parameters at once and the step state at the
+    capture (see :class:`~curvgraph.CurvatureOptimizer`).
+
     Args:
         model: the model; its own parameters are updated in place by ``step``.
-        example_inputs: a batch of the model's positional inputs (a tensor or a tuple),
-            batch first unless ``batch_dim`` says otherwise. Sizes the model does not pin (batch size, sequence length)
-            stay symbolic: later batches may differ in them.
-        loss: ``"cross_entropy"``, ``"mse"``, ``"bce_with_logits"`` or an instance of
-            ``nn.CrossEntropyLoss``/``nn.MSELoss``/``nn.BCEWithLogitsLoss`` (mean reduction).
+        example_inputs: a batch of the model's inputs: a tensor or a tuple (positional,
+            ``model(*inputs)``), or a dict of tensors (keyword, ``model(**inputs)``, the
+            Hugging Face convention; ``step`` then takes dicts with the same keys), batch
+            first unless ``batch_dim`` says otherwise. Sizes the model does not pin
+            (batch size, sequence length) stay symbolic: later batches may differ in
+            them. ``None``: captured at the first ``step``.
+        loss: ``"cross_entropy"`` (classes on dim 1 of the prediction: ``(N, C)``,
+            ``(N, C, d1, ...)``, or flattened rows ``(N*T, C)`` with targets ``(N*T,)``),
+            ``"token_cross_entropy"`` (classes last: logits ``(N, T, V)``, targets
+            ``(N, T)``), ``"mse"``, ``"bce_with_logits"`` or an instance of
+            ``nn.CrossEntropyLoss``/``nn.MSELoss``/``nn.BCEWithLogitsLoss`` with
+            ``reduction="mean"`` or ``"sum"``. The factors approximate the curvature of
+            this loss: with ``"sum"`` it is ``K`` times the mean's (``numel`` for MSE and
+            BCE), so a step with ``damping=d`` is the mean loss's step with ``d / K``
+            (``docs/conventions.md``).
         method: the update rule, a registered method's name: ``"kfac"`` or ``"singd"`` (options in
             ``docs/methods.md``; see ``curvgraph.register_method`` to add one).
         **options: hyper-parameters of the method and compile options:
@@ -81,19 +103,33 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
             * ``batch_dim``: where the batch is in the inputs: an int, or one int (or
               ``None``) per input, e.g. ``batch_dim=1`` for time-major ``(T, N, F)``
               inputs of ``nn.LSTM``; by default inferred from the graph (the input dim
-              whose size is the output's dim 0), else 0. The output is batch first.
+              whose size is the output's dim 0), else 0. The output is batch first;
+              its leading dim may also be batch x positions (flattened rows ``(N*T, V)``);
+            * ``output``: which part of what the model returns is the prediction the
+              loss sees: a key or attribute name (``"logits"`` of a Hugging Face
+              ``ModelOutput`` or a dict), an int index (a tuple with caches), or a
+              callable applied to the return value; needed when it is not a tensor;
+            * ``leaf_modules``: submodules to keep opaque (module names such as
+              ``"encoder.layer.0"``, or ``nn.Module`` subclasses): each is captured as
+              one call that runs it eagerly inside the step, e.g. for Python control flow
+              that ``torch.export`` cannot trace; their parameters train with the
+              fallback on exact gradients; needs ``backend="eager"`` (see :mod:`curvgraph.leaf`).
 
     Returns:
         A :class:`~curvgraph.CurvatureOptimizer`.
 
     Raises:
-        ConfigError: an invalid argument, or the model fails on ``example_inputs``.
+        ConfigError: an invalid argument, the model fails on ``example_inputs``, or
+            ``output`` picks no tensor from what it returns (the message lists it).
         TraceError: the model cannot be captured as one graph (the message names the
-            module and source line).
+            module and source line, and offers ``leaf_modules``).
+
+    Without ``example_inputs``, the same errors come from the first ``step``.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"curvgraph: model must be an nn.Module, got {type(model).__name__}.")
-    inputs = as_input_tuple(example_inputs, "example_inputs")
+    if example_inputs is not None:
+        flatten_inputs(example_inputs, "example_inputs")  # checked before the other arguments
     loss_spec = resolve_loss(loss)
     method_class = resolve_method(method)
     unknown = set(options) - set(OPTIONS) - set(method_class.hyper)
@@ -120,23 +156,31 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
     if not isinstance(backend, str):
         raise ConfigError(f"curvgraph: backend must be a string ('inductor', 'eager', ...), got {backend!r}.")
 
+    leaves = leaf_modules_of(model, settings["leaf_modules"])
+    if leaves and backend != "eager":
+        raise ConfigError(f"curvgraph: leaf modules {list(leaves)} run eagerly inside the step, which torch.compile "
+                          "cannot compile through yet; pass backend='eager' with leaf_modules.")
     block_kinds = dict(registry.KINDS)
-    traced = trace(model, inputs, lambda m: next((r for k in block_kinds.values() if (r := k.substitute(m)) is not None), None))
-    resolve_batch_dims(traced, settings["batch_dim"])
-    plan = build_plan(traced, block_kinds.values(), settings["kfac_approx"], traced.example_sizes(inputs))
-    for block in plan.blocks:
-        block.cost.update(rule.cost(block))
-    forward = instrument(traced, plan)
-    param_dtype = next((p.dtype for p in model.parameters() if p.requires_grad), torch.float32)
-    generated = codegen.generate(plan, forward, traced.dims, block_kinds, rule, fallback, loss_spec, fisher, param_dtype,
-                                 batch=traced.batch)
-    namespace = codegen.load(generated)
-    return CurvatureOptimizer(
-        model, plan, forward, generated, namespace,
-        method=rule, fallback=fallback, loss=loss_spec, fisher=fisher,
-        hyper=hyper, fallback_hyper=fallback_hyper,
-        factor_every=settings["factor_every"], invert_every=settings["invert_every"], backend=backend,
-        inputs=traced.inputs, batch_dims=traced.batch_dims, output_ndim=len(forward.output_shape),
-        constants=[traced.constants[c] for c in forward.constants], seed=settings["seed"],
-        progress=settings["progress"],
+
+    def capture(inputs: tuple[Tensor, ...], keys: tuple[str, ...] | None) -> Captured:
+        traced = trace(model, inputs, lambda m: next((r for k in block_kinds.values() if (r := k.substitute(m)) is not None), None),
+                       keys=keys, output=settings["output"], leaves=leaves)
+        resolve_batch_dims(traced, settings["batch_dim"])
+        plan = build_plan(traced, block_kinds.values(), settings["kfac_approx"], traced.example_sizes(inputs))
+        for block in plan.blocks:
+            block.cost.update(rule.cost(block))
+        forward = instrument(traced, plan)
+        param_dtype = next((p.dtype for p in model.parameters() if p.requires_grad), torch.float32)
+        generated = codegen.generate(plan, forward, traced.dims, block_kinds, rule, fallback, loss_spec, fisher,
+                                     param_dtype, batch=traced.batch)
+        return Captured(plan, forward, generated, codegen.load(generated), traced.inputs, keys, traced.batch_dims,
+                        [traced.constants[c] for c in forward.constants])
+
+    opt = CurvatureOptimizer(
+        model, capture, method=rule, fallback=fallback, loss=loss_spec, fisher=fisher, hyper=hyper,
+        fallback_hyper=fallback_hyper, factor_every=settings["factor_every"], invert_every=settings["invert_every"],
+        backend=backend, seed=settings["seed"], progress=settings["progress"],
     )
+    if example_inputs is not None:
+        opt.capture(example_inputs)
+    return opt

@@ -24,6 +24,11 @@ class InputError(CurvgraphError, ValueError):
     """A batch passed to ``step`` does not match what the step was compiled for."""
 
 
+class NotCapturedError(CurvgraphError, RuntimeError):
+    """Something that needs the captured model (the plan, the generated source, the factors) was asked for
+    before it was captured: without ``example_inputs``, that happens at the first ``step``."""
+
+
 class PlanError(CurvgraphError):
     """The block passes produced an inconsistent plan (e.g. two passes claimed one parameter)."""
 

@@ -50,6 +50,9 @@ def export(opt: "CurvatureOptimizer", path: str | os.PathLike) -> str:
     Large constants go to ``path`` with the suffix ``.pt`` (only if there are any).
     """
     path = os.fspath(path)
+    if "from curvgraph.leaf import" in opt.source:
+        raise ConfigError("curvgraph: this step calls leaf modules (leaf_modules=), which run the live model's "
+                          "modules; it cannot be exported to a standalone file.")
     if not path.endswith(".py"):
         raise ConfigError(f"curvgraph: export writes a Python module; give a path ending in .py, got {path!r}.")
     stem = os.path.splitext(os.path.basename(path))[0]
@@ -111,7 +114,7 @@ def _header(opt: "CurvatureOptimizer", digest: str, stem: str, pt_name: str | No
         "",
         f"model: {plan.model_name}; trainable parameters: {params or 'none'}",
         f"inputs: {inputs} ('*' = any size)",
-        f"method: {opt.method.name}{opt.method.describe_options()}, fisher={opt.fisher}, loss={opt.loss.name}, "
+        f"method: {opt.method.name}{opt.method.describe_options()}, fisher={opt.fisher}, loss={opt.loss.description}, "
         f"fallback={opt.fallback.name}",
         f"schedule: factor_every={opt.factor_every}, invert_every={opt.invert_every}; backend={opt.backend}, "
         f"seed={opt._seed}",
@@ -156,6 +159,7 @@ def _spec(opt: "CurvatureOptimizer") -> str:
         ("frozen", _literal(tuple(forward.names[p] for p in forward.frozen)), "requires_grad=False"),
         ("buffers", _literal(tuple(forward.names[b] for b in forward.buffers)), None),
         ("inputs", str(len(forward.inputs)), "number of input tensors"),
+        ("keys", _literal(opt._captured.keys), "their names for keyword inputs (a dict: model(**inputs)), else None"),
         ("dynamic_dims", _literal(tuple(spec.symbolic_dims for spec in opt._inputs)),
          "per input, the dims the graph keeps symbolic (marked dynamic for torch.compile)"),
         ("state", _mapping(state, 8), "key: (shape, initialization, dtype)"),

@@ -6,23 +6,75 @@ import os
 import sys
 import time
 import warnings
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from .codegen import GeneratedStep
 from .curvature.losses import LossSpec
-from .errors import CompileError, ConfigError, InputError, NonFiniteStepWarning
+from .errors import CompileError, ConfigError, InputError, NonFiniteStepWarning, NotCapturedError
 from .instrument import InstrumentedForward
 from .methods.base import Method
 from .methods.fallback import FallbackRule
 from .plan import Plan
 from .runtime import StepRunner, compiled_step, model_tensors
-from .trace import InputSpec, as_input_tuple
+from .trace import InputSpec, flatten_inputs
 
 # Inductor itself triggers this deprecation notice while compiling the step; users cannot act on it.
 warnings.filterwarnings("ignore", message="`torch._prims_common.check` is deprecated", category=FutureWarning)
+
+
+@dataclass
+class Captured:
+    """What capturing the model on a batch produced (see :func:`curvgraph.compile`).
+
+    Attributes:
+        plan, forward, generated: the plan, the instrumented forward and the generated step.
+        namespace: the executed step module (``step``, ``noise_shape``, ...).
+        inputs: the user inputs the step takes, in order.
+        keys: their names when the model is called by keyword (``model(**batch)``), else ``None``.
+        batch_dims: the batch dim of every input (``None``: no batch dim).
+        constants: the model's lifted constants, in ``forward.constants`` order.
+    """
+
+    plan: Plan
+    forward: InstrumentedForward
+    generated: GeneratedStep
+    namespace: dict[str, Any]
+    inputs: list[InputSpec]
+    keys: tuple[str, ...] | None
+    batch_dims: tuple[int | None, ...]
+    constants: list[Tensor]
+
+
+#: ``(inputs, keys) -> Captured``: captures the model on a batch (``keys`` for keyword inputs).
+Capture = Callable[[tuple[Tensor, ...], "tuple[str, ...] | None"], Captured]
+
+
+def not_captured(model_name: str, what: str) -> NotCapturedError:
+    """The error for asking for ``what`` before ``model_name`` is captured."""
+    return NotCapturedError(f"curvgraph: {what} needs the captured model, and nothing is captured yet: {model_name} "
+                            "is captured at the first step(inputs, targets). Pass example_inputs to curvgraph.compile "
+                            "to capture it now.")
+
+
+class NotCapturedPlan:
+    """``opt.plan`` before the model is captured: it prints as such, and any attribute raises
+    :class:`~curvgraph.NotCapturedError`."""
+
+    def __init__(self, model_name: str) -> None:
+        self._model_name = model_name
+
+    def __repr__(self) -> str:
+        return (f"curvgraph plan for {self._model_name}: nothing captured yet (the model is captured at the first "
+                "step(inputs, targets), from that batch; pass example_inputs to curvgraph.compile to capture it now)")
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise not_captured(self._model_name, f"opt.plan.{name}")
 
 
 class CurvatureOptimizer(torch.optim.Optimizer):
@@ -30,29 +82,33 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     Created by :func:`curvgraph.compile`. ``step(inputs, targets)`` runs forward,
     backward, curvature statistics, preconditioning and the update of the model's own
-    parameters in place, and returns the loss (a detached 0-d tensor).
+    parameters in place, and returns the loss (a detached 0-d tensor). Without
+    ``example_inputs``, the model is captured (and the step generated) at the first
+    ``step``, from that batch, as ``torch.compile(model)`` compiles at the first call;
+    :attr:`captured` says whether that happened.
 
-    Parameter groups: ``param_groups[0]`` holds the parameters of the curvature blocks
-    and the method's hyper-parameters (``lr``, ``damping``, ...); a second group holds the
-    fallback parameters with the fallback rule's hyper-parameters (its ``lr`` is the
-    ``fallback_lr`` of :func:`curvgraph.compile`). Both are read at every step, so
-    ``torch.optim.lr_scheduler`` schedulers work, and changing a value needs no
-    recompilation.
+    Parameter groups: ``param_groups[0]`` (``"role": "curvature"``) holds the parameters
+    of the curvature blocks and the method's hyper-parameters (``lr``, ``damping``, ...);
+    ``param_groups[1]`` (``"role": "fallback"``) holds the fallback parameters with the
+    fallback rule's hyper-parameters (its ``lr`` is the ``fallback_lr`` of
+    :func:`curvgraph.compile`); either may be empty. Both exist from construction:
+    before the model is captured, the curvature group holds every trainable parameter
+    and the fallback group none; the capture moves the parameters no pass matched to
+    the fallback group, in place, so the group dicts -- with any value you or a
+    ``torch.optim.lr_scheduler`` set in them -- and their indices stay. Both are read at
+    every step, so schedulers work, and changing a value needs no recompilation.
 
     Attributes:
-        plan: the :class:`~curvgraph.Plan` the step was generated for.
+        plan: the :class:`~curvgraph.Plan` the step was generated for (before the
+            capture, an object that prints "nothing captured yet").
         source: Python source of the generated step module.
         skipped_steps: how many steps were skipped because they were not finite.
     """
 
-    def __init__(self, model: nn.Module, plan: Plan, forward: InstrumentedForward, generated: GeneratedStep,
-                 namespace: dict[str, Any], *, method: Method, fallback: FallbackRule, loss: LossSpec, fisher: str,
-                 hyper: dict[str, Any], fallback_hyper: dict[str, Any], factor_every: int, invert_every: int,
-                 backend: str, inputs: list[InputSpec], output_ndim: int, constants: list[Tensor],
-                 seed: int | None, progress: bool = False, batch_dims: tuple[int | None, ...] = ()) -> None:
+    def __init__(self, model: nn.Module, capture: Capture, *, method: Method, fallback: FallbackRule, loss: LossSpec,
+                 fisher: str, hyper: dict[str, Any], fallback_hyper: dict[str, Any], factor_every: int,
+                 invert_every: int, backend: str, seed: int | None, progress: bool = False) -> None:
         self.model = model
-        self.plan = plan
-        self.source = generated.source
         self.method = method
         self.fallback = fallback
         self.loss = loss
@@ -60,61 +116,115 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.factor_every = factor_every
         self.invert_every = invert_every
         self.backend = backend
-        self._forward = forward
-        self._inputs = inputs
-        self._batch_dims = tuple(batch_dims) or (0,) * len(inputs)
-        self._output_ndim = output_ndim
-        self._constants = tuple(constants)
-        self._params = [model.get_parameter(forward.names[p]) for p in forward.params]
-        self._frozen_names = [forward.names[p] for p in forward.frozen]
-        self._buffer_names = [forward.names[b] for b in forward.buffers]
-
-        named = dict(zip(forward.params, self._params))
-        curvature = [named[p] for b in plan.blocks for p in b.placeholders]
-        in_blocks = {p for b in plan.blocks for p in b.placeholders}
-        fallback_params = [named[p] for p in forward.params if p not in in_blocks]
-        groups = []
-        if curvature:
-            groups.append({"params": curvature, "role": "curvature", **hyper})
-        if fallback_params:
-            groups.append({"params": fallback_params, "role": "fallback", **fallback_hyper})
-        if not groups:
-            raise ConfigError(f"curvgraph: {plan.model_name} has no trainable parameters used by its forward pass.")
-        super().__init__(groups, {})
-
-        self._generated = generated
+        self._capture_fn = capture
+        self._captured: Captured | None = None
+        self._pending_state: dict[str, Any] | None = None
         self._seed = seed
         self._progress = progress and backend != "eager"
         self._compiled_variants: set[tuple[bool, bool]] = set()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if not trainable:
+            raise ConfigError(f"curvgraph: {type(model).__name__} has no trainable parameters (requires_grad=True).")
+        super().__init__([{"params": trainable, "role": "curvature", **hyper},
+                          {"params": [], "role": "fallback", **fallback_hyper}], {})
+
+    @property
+    def captured(self) -> bool:
+        """Whether the model is captured (at :func:`curvgraph.compile` with ``example_inputs``, else at the first step)."""
+        return self._captured is not None
+
+    @property
+    def plan(self) -> Plan | NotCapturedPlan:
+        """The :class:`~curvgraph.Plan` of the captured model (a :class:`NotCapturedPlan` before the capture)."""
+        return self._captured.plan if self._captured is not None else NotCapturedPlan(type(self.model).__name__)
+
+    @property
+    def source(self) -> str:
+        """Python source of the generated step module."""
+        return self._require_capture("opt.source").generated.source
+
+    def _require_capture(self, what: str) -> Captured:
+        if self._captured is None:
+            raise not_captured(type(self.model).__name__, what)
+        return self._captured
+
+    def capture(self, inputs: Tensor | tuple[Tensor, ...] | Mapping[str, Tensor]) -> None:
+        """Capture the model on a batch of ``inputs`` and generate its step (what the first :meth:`step` does
+        when :func:`curvgraph.compile` got no ``example_inputs``). Raises if it is captured already."""
+        if self._captured is not None:
+            raise ConfigError(f"curvgraph: {type(self.model).__name__} is captured already; compile anew to capture "
+                              "it on other inputs.")
+        batch, keys = flatten_inputs(inputs, "example_inputs")
+        captured = self._capture_fn(batch, keys)
+        forward = captured.forward
+        params = [self.model.get_parameter(forward.names[p]) for p in forward.params]
+        if not params:
+            raise ConfigError(f"curvgraph: {captured.plan.model_name} has no trainable parameters used by its forward "
+                              "pass.")
+        in_blocks = {p for b in captured.plan.blocks for p in b.placeholders}
+        named = dict(zip(forward.params, params))
+        self.param_groups[0]["params"] = [named[p] for b in captured.plan.blocks for p in b.placeholders]
+        self.param_groups[1]["params"] = [named[p] for p in forward.params if p not in in_blocks]
+        self._params = params
+        self._forward = forward
+        self._generated = captured.generated
+        self._inputs = captured.inputs
+        self._constants = tuple(captured.constants)
+        self._frozen_names = [forward.names[p] for p in forward.frozen]
+        self._buffer_names = [forward.names[b] for b in forward.buffers]
+        generated = captured.generated
         self._runner = StepRunner(
-            compiled_step(namespace["step"], backend), namespace["noise_shape"],
+            compiled_step(captured.namespace["step"], self.backend), captured.namespace["noise_shape"],
             {key: (spec.shape, spec.init, spec.dtype or generated.factor_dtype) for key, spec in generated.state.items()},
-            loss.noise if fisher == "mc" else None, factor_every, invert_every, self._params[0].device,
-            generated.factor_dtype, seed, tuple(spec.symbolic_dims for spec in inputs))
+            self.loss.noise if self.fisher == "mc" else None, self.factor_every, self.invert_every, params[0].device,
+            generated.factor_dtype, self._seed, tuple(spec.symbolic_dims for spec in captured.inputs))
+        self._captured = captured
+        pending, self._pending_state = self._pending_state, None
+        if pending is not None:
+            problem = self._runner.check_state_dict(pending)
+            if problem:
+                raise ConfigError(f"curvgraph: the state_dict loaded before the capture does not fit the captured step "
+                                  f"({problem}); it was not loaded.")
+            self._runner.load_state_dict(pending)
 
     @property
     def skipped_steps(self) -> int:
         """How many steps were skipped because they were not finite."""
-        return self._runner.skipped_steps
+        return self._runner.skipped_steps if self._captured is not None else 0
 
     @property
     def _state(self) -> dict[str, Tensor]:
+        self._require_capture("the optimizer state")
         return self._runner.state
 
     # ------------------------------------------------------------------ stepping
-    def step(self, inputs: Tensor | tuple[Tensor, ...], targets: Tensor) -> Tensor:  # type: ignore[override]
+    def step(self, inputs: Tensor | tuple[Tensor, ...] | Mapping[str, Tensor], targets: Tensor) -> Tensor:  # type: ignore[override]
         """One training step on a batch; returns the batch loss (before the update).
 
         Args:
-            inputs: the model's positional input(s): a tensor or a tuple of tensors,
-                batch first, shaped like the example inputs up to symbolic sizes.
-            targets: class indices (cross-entropy) or a tensor shaped like the output.
+            inputs: the model's inputs: a tensor or a tuple of tensors (positional,
+                ``model(*inputs)``) or a dict of tensors (keyword, ``model(**inputs)``), as
+                the example inputs were, shaped like them up to symbolic sizes (batch
+                first unless ``batch_dim`` said otherwise). Without example inputs, the
+                first batch is captured.
+            targets: what the loss compares the prediction with: class indices
+                (``cross_entropy``: the prediction's shape without dim 1;
+                ``token_cross_entropy``: without its last dim) or a float tensor shaped
+                like the prediction (``mse``, ``bce_with_logits``).
 
-        A step whose loss, factors or update are not finite changes nothing (parameters,
-        buffers, optimizer state) and emits a :class:`~curvgraph.NonFiniteStepWarning`;
+        Raises :class:`~curvgraph.InputError` for a batch the step does not take (wrong
+        number, names, shapes, dtypes or device of the inputs or targets, an empty batch,
+        class indices out of range on the CPU), before anything changes. A step whose
+        loss, factors or update are not finite changes nothing (parameters, buffers,
+        optimizer state) and emits a :class:`~curvgraph.NonFiniteStepWarning`;
         :attr:`skipped_steps` counts them.
         """
-        batch = as_input_tuple(inputs, "inputs")
+        batch, keys = flatten_inputs(inputs, "inputs", InputError)
+        if not isinstance(targets, Tensor):
+            raise InputError(f"curvgraph: targets must be a tensor, got {type(targets).__name__}.")
+        if self._captured is None:
+            self.capture(inputs)
+        batch = self._arrange(batch, keys)
         self._check_batch(batch, targets)
         params, frozen, buffers = model_tensors(self.model, self._params, self._frozen_names, self._buffer_names)
         variant = self._runner.schedule()
@@ -157,38 +267,72 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 values.update(self.fallback.hyper(group))
         return values
 
+    def _arrange(self, batch: tuple[Tensor, ...], keys: tuple[str, ...] | None) -> tuple[Tensor, ...]:
+        """The batch's tensors in the captured inputs' order (keyword inputs matched by name)."""
+        expected = self._captured.keys
+        names = ", ".join(expected or (s.name for s in self._inputs))
+        if expected is None:
+            if keys is not None:
+                raise InputError(f"curvgraph: the step was captured for positional inputs ({names}), got a dict with keys "
+                                 f"{list(keys)}; pass a tensor or a tuple, or compile with a dict of example inputs.")
+            if len(batch) != len(self._inputs):
+                raise InputError(f"curvgraph: the step was compiled for {len(self._inputs)} input(s) ({names}), "
+                                 f"got {len(batch)}.")
+            return batch
+        if keys is None:
+            raise InputError(f"curvgraph: the step was captured for keyword inputs ({names}): pass a dict with these "
+                             "keys, as model(**inputs) takes them.")
+        given = dict(zip(keys, batch))
+        missing, extra = [k for k in expected if k not in given], [k for k in keys if k not in expected]
+        if missing or extra:
+            raise InputError(f"curvgraph: the step was captured for keyword inputs ({names}); the batch "
+                             + (f"lacks {missing}" if missing else "") + (" and " if missing and extra else "")
+                             + (f"has unexpected {extra}" if extra else "")
+                             + ". Pass the same keys at every step (targets go in the second argument of step).")
+        return tuple(given[k] for k in expected)
+
     def _check_batch(self, batch: tuple[Tensor, ...], targets: Tensor) -> None:
-        if len(batch) != len(self._inputs):
-            raise InputError(f"curvgraph: the step was compiled for {len(self._inputs)} input(s) "
-                             f"({', '.join(s.name for s in self._inputs)}), got {len(batch)}.")
-        for tensor, spec in zip(batch, self._inputs):
+        """Raise :class:`InputError` for a batch the step cannot take; changes nothing."""
+        device = self._runner.device
+        for tensor, spec, dim in zip(batch, self._inputs, self._captured.batch_dims):
             fixed = all(s is None or s == t for s, t in zip(spec.shape, tensor.shape))
             if tensor.dim() != len(spec.shape) or not fixed or tensor.dtype != spec.dtype:
                 expected = tuple("*" if s is None else s for s in spec.shape)
+                pinned = (" A size of 1 in the example inputs is pinned by torch.export: capture with a batch of 2 or "
+                          "more to keep it symbolic." if dim is not None and spec.shape[dim] == 1 else "")
                 raise InputError(
                     f"curvgraph: input '{spec.name}' has shape {tuple(tensor.shape)} and dtype {tensor.dtype}; the step "
                     f"was compiled for shape {expected} ('*' = any size) and dtype {spec.dtype}. Recompile with "
-                    "example inputs of the new shape if this is intended."
+                    "example inputs of the new shape if this is intended." + pinned
                 )
-        if not isinstance(targets, Tensor):
-            raise InputError(f"curvgraph: targets must be a tensor, got {type(targets).__name__}.")
-        sizes = {(i, d): int(t.shape[d]) for i, (t, d) in enumerate(zip(batch, self._batch_dims)) if d is not None}
+            if tensor.device != device:
+                raise InputError(f"curvgraph: input '{spec.name}' is on {tensor.device}, the model's parameters on "
+                                 f"{device}; move the batch to {device}.")
+        if targets.device != device:
+            raise InputError(f"curvgraph: targets are on {targets.device}, the model's parameters on {device}; move "
+                             f"them to {device}.")
+        sizes = {(i, d): int(t.shape[d]) for i, (t, d) in enumerate(zip(batch, self._captured.batch_dims)) if d is not None}
         where = ", ".join(f"dim {d} of input '{self._inputs[i].name}'" for i, d in sizes)
         hint = (f" The batch is taken from {where}; if that is wrong, pass batch_dim= to curvgraph.compile (an int, or "
                 "one per input, e.g. batch_dim=1 for time-major (T, N, F) inputs).")
         if len(set(sizes.values())) > 1:
             raise InputError(f"curvgraph: the inputs disagree on the batch size ({', '.join(map(str, sizes.values()))})."
                              + hint)
-        problem = self.loss.check_targets(targets, self._output_ndim, next(iter(sizes.values())))
+        if 0 in sizes.values():
+            raise InputError("curvgraph: the batch is empty (0 examples); skip it instead of stepping on it." + hint)
+        output_shape = tuple(self._runner.noise_shape(batch))
+        problem = self.loss.check_targets(targets, output_shape)
         if problem:
-            raise InputError(f"curvgraph: bad targets: {problem}." + (hint if "examples" in problem else ""))
+            other_batch = targets.dim() > 0 and output_shape and targets.shape[0] != output_shape[0]
+            raise InputError(f"curvgraph: bad targets: {problem}." + (hint if other_batch else ""))
 
     # ------------------------------------------------------------------ inspection
     def factors(self) -> dict[str, dict[str, Tensor]]:
         """Block name -> ``{"A": ..., "G": ...}`` (each kind's factors, ``{"F": ...}`` for norm blocks): copies.
 
-        ``torch.kron(G, A)`` approximates the curvature block of the batch-mean loss
-        w.r.t. ``torch.cat([W, b[:, None]], 1).flatten()`` (see ``docs/conventions.md``).
+        ``torch.kron(G, A)`` approximates the curvature block of the loss (of the batch-mean
+        loss; ``reduction="sum"``: of the sum) w.r.t.
+        ``torch.cat([W, b[:, None]], 1).flatten()`` (see ``docs/conventions.md``).
         """
         return {b.name: {f: self._state[f"{b.name}.{f}"].clone() for f in b.factors} for b in self.plan.blocks}
 
@@ -205,27 +349,39 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """
         from .export import export
 
+        self._require_capture("export()")
         return export(self, path)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """Everything needed to continue identically: state tensors, hyper-parameters, counters, RNG."""
-        return {
-            "method": self.method.name,
-            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
-            **self._runner.state_dict(),
-        }
+        """Everything needed to continue identically: state tensors, hyper-parameters, counters, RNG.
+
+        Before the capture there is no step state yet: the dict holds the method and the
+        hyper-parameters only (and the state of a :meth:`load_state_dict` waiting for the capture).
+        """
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
+        if self._captured is None:
+            return {**(self._pending_state or {}), "method": self.method.name, "param_groups": groups}
+        return {"method": self.method.name, "param_groups": groups, **self._runner.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        """Load a :meth:`state_dict` of an optimizer compiled for the same model and method."""
+        """Load a :meth:`state_dict` of an optimizer compiled for the same model and method.
+
+        Before the capture, the hyper-parameters are loaded at once and the step state
+        when the model is captured (it is checked against the captured step then).
+        """
         if state_dict.get("method") != self.method.name:
             raise ConfigError(f"curvgraph: state_dict is for method {state_dict.get('method')!r}, this optimizer runs "
                               f"{self.method.name!r}.")
-        problem = self._runner.check_state_dict(state_dict)
-        if problem:
-            raise ConfigError(f"curvgraph: {problem}.")
         if len(state_dict["param_groups"]) != len(self.param_groups):
             raise ConfigError("curvgraph: state_dict has a different number of parameter groups.")
-        self._runner.load_state_dict(state_dict)
+        if "state" in state_dict:  # else: saved before its optimizer captured anything, hyper-parameters only
+            if self._captured is None:
+                self._pending_state = dict(state_dict)
+            else:
+                problem = self._runner.check_state_dict(state_dict)
+                if problem:
+                    raise ConfigError(f"curvgraph: {problem}.")
+                self._runner.load_state_dict(state_dict)
         for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
             group.update(saved_group)

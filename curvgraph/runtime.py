@@ -206,6 +206,7 @@ class ExportedStep:
         self._frozen_names = list(spec["frozen"])
         self._buffer_names = list(spec["buffers"])
         self.n_inputs = spec["inputs"]
+        self.keys = spec["keys"]
         device = self._params[0].device
         self.constants = tuple(c.to(device) for c in constants)
         self.runner = StepRunner(compiled_step(step, backend), noise_shape, spec["state"], spec["noise"],
@@ -215,8 +216,17 @@ class ExportedStep:
     def _hyper_values(self, first_statistics: bool) -> dict[str, float]:
         return {**self.hyper, **self.first_statistics} if first_statistics else self.hyper
 
-    def step(self, inputs: Tensor | tuple[Tensor, ...], targets: Tensor) -> Tensor:
-        """One training step on a batch; returns the batch loss (before the update)."""
+    def step(self, inputs: Tensor | tuple[Tensor, ...] | Mapping[str, Tensor], targets: Tensor) -> Tensor:
+        """One training step on a batch (a dict with the same keys if the model takes keyword inputs);
+        returns the batch loss (before the update)."""
+        if (self.keys is None) == hasattr(inputs, "keys"):  # a mapping (this file imports torch alone)
+            raise ValueError(f"this step takes {'a dict with keys ' + str(list(self.keys)) if self.keys else 'tensors'}"
+                             f", got {type(inputs).__name__}")
+        if self.keys is not None:
+            missing = [k for k in self.keys if k not in inputs]
+            if missing:
+                raise ValueError(f"this step takes a dict with keys {list(self.keys)}; {missing} missing")
+            inputs = tuple(inputs[k] for k in self.keys)
         batch = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
         if len(batch) != self.n_inputs:
             raise ValueError(f"this step takes {self.n_inputs} input tensor(s), got {len(batch)}")

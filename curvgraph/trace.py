@@ -18,13 +18,15 @@ turns those into shape code, the plan into cost expressions.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import io
 import logging
 import os
 import traceback
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import sympy
 import torch
@@ -32,7 +34,8 @@ from torch import Tensor, nn
 from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
-from .errors import ConfigError, TraceError
+from . import leaf
+from .errors import ConfigError, CurvgraphError, TraceError
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -144,17 +147,38 @@ def resolve_batch_dims(traced: TracedModel, batch_dim: int | Sequence[int | None
     traced.batch = (first, dims[first])
 
 
-def as_input_tuple(inputs: Any, what: str) -> tuple[Tensor, ...]:
-    """Normalize ``inputs`` (a tensor or a tuple/list of tensors) to a tuple of tensors."""
+def flatten_inputs(inputs: Any, what: str,
+                   error: type[CurvgraphError] = ConfigError) -> tuple[tuple[Tensor, ...], tuple[str, ...] | None]:
+    """A batch as a tuple of tensors, and its keys when it is passed by keyword.
+
+    ``inputs`` is a tensor or a non-empty tuple/list of tensors (the model's positional
+    inputs: ``model(*inputs)``), or a non-empty mapping of names to tensors (its keyword
+    inputs: ``model(**inputs)``, the Hugging Face convention; a ``BatchEncoding`` works).
+    Returns ``(tensors, None)`` for positional inputs and ``(tensors, keys)`` in the
+    mapping's order for keyword inputs. Raises ``error`` (naming ``what``) otherwise.
+    """
     if isinstance(inputs, Tensor):
-        return (inputs,)
+        return (inputs,), None
     if isinstance(inputs, (tuple, list)) and inputs and all(isinstance(t, Tensor) for t in inputs):
-        return tuple(inputs)
-    raise ConfigError(
-        f"curvgraph: {what} must be a tensor or a non-empty tuple of tensors, got "
-        f"{type(inputs).__name__}{'' if not isinstance(inputs, (tuple, list)) else ' of ' + ', '.join(type(t).__name__ for t in inputs)}. "
-        "Pass the model's positional inputs, e.g. example_inputs=(torch.randn(32, 40),)."
+        return tuple(inputs), None
+    if isinstance(inputs, Mapping) and inputs and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in inputs.items()):
+        return tuple(inputs.values()), tuple(inputs)
+    if isinstance(inputs, Mapping):
+        got = ", ".join(f"{k!r}: {type(v).__name__}" for k, v in inputs.items()) or "nothing"
+        raise error(f"curvgraph: {what} by keyword must map names to tensors, got {{{got}}}. Bind other arguments in "
+                    "the model (e.g. a wrapper module or functools.partial of its forward).")
+    contents = "" if not isinstance(inputs, (tuple, list)) else " of " + (", ".join(type(t).__name__ for t in inputs) or "nothing")
+    raise error(
+        f"curvgraph: {what} must be a tensor, a non-empty tuple of tensors (positional inputs) or a dict of tensors "
+        f"(keyword inputs, model(**batch)), got {type(inputs).__name__}{contents}. E.g. "
+        "example_inputs=(torch.randn(32, 40),) or example_inputs={'input_ids': ids, 'attention_mask': mask}."
     )
+
+
+def describe_inputs(inputs: Sequence[Tensor], keys: Sequence[str] | None = None) -> str:
+    """``(8, 30) torch.float32, ...``, or ``input_ids=(8, 16) torch.int64, ...`` for keyword inputs."""
+    names = [f"{k}=" for k in keys] if keys else [""] * len(inputs)
+    return ", ".join(f"{n}{tuple(t.shape)} {t.dtype}" for n, t in zip(names, inputs))
 
 
 def symbolic_shape(node: torch.fx.Node) -> tuple[int | sympy.Expr, ...]:
@@ -182,30 +206,178 @@ def module_path(node: torch.fx.Node) -> str:
     return path.removeprefix("L['self'].").removeprefix("L__self__")
 
 
+#: Which part of the model's return value is the prediction the loss sees: a key or
+#: attribute name (``"logits"``), an index, or a callable applied to the return value.
+OutputSelector = str | int | Callable[[Any], Tensor] | None
+
+
+def select_output(returned: Any, output: Any, model_name: str) -> Tensor:
+    """The prediction in ``returned`` (what the model's forward returned), picked by ``output``.
+
+    ``output`` is ``None`` (the model returns the prediction tensor itself), a key of a
+    returned mapping or an attribute name (a Hugging Face ``ModelOutput``, a dataclass,
+    a named tuple), an int index into a returned tuple/list (or into a mapping's
+    values), or a callable ``returned -> Tensor``. Raises :class:`ConfigError` that
+    names ``output`` and lists what the model returned when it does not pick a tensor.
+    """
+    try:
+        if output is None:
+            picked = returned
+        elif callable(output):
+            picked = output(returned)
+        elif isinstance(output, int) and not isinstance(output, bool):
+            picked = (list(returned.values()) if isinstance(returned, Mapping) else returned)[output]
+        elif isinstance(output, str):
+            picked = returned[output] if isinstance(returned, Mapping) else getattr(returned, output)
+        else:
+            raise ConfigError(f"curvgraph: output must be a key or attribute name, an int index or a callable, got "
+                              f"{output!r}.")
+    except (KeyError, AttributeError, IndexError, TypeError) as exc:
+        raise ConfigError(f"curvgraph: output={output!r} picks nothing from what {model_name} returned "
+                          f"({type(exc).__name__}: {exc}); it returned {describe_value(returned)}.{_output_hint(returned)}"
+                          ) from exc
+    if not isinstance(picked, Tensor):
+        what = (f"{model_name} returned {describe_value(picked)}" if output is None else
+                f"output={output!r} picks {describe_value(picked)} from what {model_name} returned, "
+                f"{describe_value(returned)}")
+        raise ConfigError(f"curvgraph: the loss needs one prediction tensor, but {what}.{_output_hint(returned)}")
+    return picked
+
+
+def _output_hint(returned: Any) -> str:
+    """Which ``output=`` would pick a tensor from ``returned``."""
+    if isinstance(returned, Mapping) or dataclasses.is_dataclass(returned) or _is_named_tuple(returned):
+        names = [n for n, v in _fields(returned) if isinstance(v, Tensor)]
+        if names:
+            best = "logits" if "logits" in names else names[0]
+            return (f" Pick the prediction with curvgraph.compile(..., output={best!r}) (a key/attribute name, an index "
+                    "or a callable).")
+    if isinstance(returned, (tuple, list)) and any(isinstance(v, Tensor) for v in returned):
+        first = next(i for i, v in enumerate(returned) if isinstance(v, Tensor))
+        return f" Pick the prediction with curvgraph.compile(..., output={first}) (an index, a key/attribute name or a callable)."
+    return " Pass output= to curvgraph.compile: a key/attribute name, an index or a callable that returns the prediction."
+
+
+def _is_named_tuple(value: Any) -> bool:
+    return isinstance(value, tuple) and hasattr(value, "_fields")
+
+
+def _fields(value: Any) -> list[tuple[str, Any]]:
+    if isinstance(value, Mapping):
+        return list(value.items())
+    if _is_named_tuple(value):
+        return list(zip(value._fields, value))
+    return [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)]
+
+
+def describe_value(value: Any, depth: int = 0) -> str:
+    """A short description of a (possibly nested) return value: types, keys and tensor shapes."""
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(_hint(d) for d in value.shape)}"
+    if depth > 1:
+        return type(value).__name__
+    if isinstance(value, Mapping) or dataclasses.is_dataclass(value) or _is_named_tuple(value):
+        items = ", ".join(f"{n!r}: {describe_value(v, depth + 1)}" for n, v in _fields(value))
+        return f"{type(value).__name__} {{{items}}}"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)} [{', '.join(describe_value(v, depth + 1) for v in value)}]"
+    if value is None or isinstance(value, (int, float, str, bool)):
+        return f"{type(value).__name__} {value!r}"
+    return type(value).__name__
+
+
+def _hint(d: int | torch.SymInt) -> int | str:
+    """A size as the example's int (a symbolic size's hint during export)."""
+    if isinstance(d, torch.SymInt):
+        hint = d.node.hint
+        return int(hint) if hint is not None else str(d)
+    return int(d)
+
+
+@contextlib.contextmanager
+def _picking_output(model: nn.Module, output: Any) -> Iterator[None]:
+    """Make ``model.forward`` return the prediction :func:`select_output` picks, for the duration of the block."""
+    forward = model.forward
+    own = "forward" in model.__dict__
+
+    @functools.wraps(forward)
+    def picked(*args: Any, **kwargs: Any) -> Tensor:
+        return select_output(forward(*args, **kwargs), output, type(model).__name__)
+
+    model.forward = picked
+    try:
+        yield
+    finally:
+        if own:
+            model.forward = forward
+        else:
+            del model.forward
+
+
 #: ``module -> replacement or None``: a module to capture in place of one of the model's submodules.
 Substitute = Callable[[nn.Module], "nn.Module | None"]
 
 
-def trace(model: nn.Module, example_inputs: tuple[Tensor, ...], substitute: Substitute | None = None) -> TracedModel:
+def trace(model: nn.Module, example_inputs: tuple[Tensor, ...], substitute: Substitute | None = None, *,
+          keys: Sequence[str] | None = None, output: OutputSelector = None,
+          leaves: Mapping[str, nn.Module] | None = None) -> TracedModel:
     """Capture ``model`` called on ``example_inputs`` as a :class:`TracedModel`.
 
-    The model is exported in training mode (the mode the generated step runs it in)
-    and its previous mode is restored afterwards. ``substitute`` (from the block kinds,
-    see :meth:`curvgraph.kinds.base.BlockKind.substitute`) may return, for a submodule,
+    The model is called as ``model(*example_inputs)``, or ``model(**dict(zip(keys,
+    example_inputs)))`` when ``keys`` names keyword inputs; the graph's user inputs are
+    in that order. ``output`` picks the prediction from what the model returns (see
+    :func:`select_output`). The model is exported in training mode (the mode the
+    generated step runs it in) and its previous mode is restored afterwards.
+    ``substitute`` (from the block kinds, see
+    :meth:`curvgraph.kinds.base.BlockKind.substitute`) may return, for a submodule,
     a module computing the same function on the **same** Parameters (e.g. a recurrent
     module unrolled over time); it is captured in the submodule's place, and the model
-    is restored afterwards. Raises :class:`TraceError` naming the module and source line
-    when the model cannot be captured, and :class:`ConfigError` when the model fails on
-    the example inputs.
+    is restored afterwards. ``leaves`` (path -> submodule, see :mod:`curvgraph.leaf`)
+    are captured as one opaque call each. Raises :class:`TraceError` naming the module
+    and source line when the model cannot be captured, and :class:`ConfigError` when
+    the model fails on the example inputs or ``output`` picks no tensor.
     """
+    keys = tuple(keys) if keys else None
+    shells = {id(module): leaf.LeafShell(module, leaf.register(name, module)) for name, module in (leaves or {}).items()}
+    inside = {id(m) for module in (leaves or {}).values() for m in module.modules()}
+
+    def replace(module: nn.Module) -> nn.Module | None:
+        if id(module) in shells:
+            return shells[id(module)]
+        return None if id(module) in inside or substitute is None else substitute(module)
+
     was_training = model.training
     model.train()
     try:
-        with _substituted(model, substitute):
-            program = _export(model, example_inputs)
+        if shells:
+            _record_leaf_calls(model, example_inputs, keys, [s.key for s in shells.values()], list(leaves.values()))
+        with _substituted(model, replace), _picking_output(model, output):
+            program = _export(model, example_inputs, keys)
     finally:
         model.train(was_training)
+    leaf.retarget(program.graph_module.graph)
     return _from_program(model, program, example_inputs)
+
+
+def _record_leaf_calls(model: nn.Module, inputs: tuple[Tensor, ...], keys: tuple[str, ...] | None,
+                       leaf_keys: Sequence[str], modules: Sequence[nn.Module]) -> None:
+    """Call ``model`` once eagerly to record its leaf modules' shapes; buffers and the RNG are restored."""
+    hooks = [m.register_forward_hook(leaf.recording_hook(key), with_kwargs=True) for key, m in zip(leaf_keys, modules)]
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            arguments = _arguments(inputs, keys, dynamic=False)
+            model(*arguments["args"], **arguments.get("kwargs", {}))
+    except CurvgraphError:
+        raise
+    except Exception as exc:  # translated, never swallowed
+        raise _translate_export_error(model, inputs, keys, exc) from exc
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for buffer, saved in buffers:
+            buffer.copy_(saved)
 
 
 @contextlib.contextmanager
@@ -231,26 +403,38 @@ def _substituted(model: nn.Module, substitute: Substitute | None) -> Iterator[No
             parent._modules[name] = child
 
 
-def _export(model: nn.Module, example_inputs: tuple[Tensor, ...]) -> ExportedProgram:
-    dynamic = tuple({d: Dim.AUTO for d in range(t.dim())} for t in example_inputs)
+def _export(model: nn.Module, example_inputs: tuple[Tensor, ...], keys: tuple[str, ...] | None) -> ExportedProgram:
     inputs = tuple(t.detach() for t in example_inputs)
     try:
         with _quiet_export():
-            program = torch.export.export(model, inputs, dynamic_shapes=dynamic)
+            program = torch.export.export(model, **_arguments(inputs, keys, dynamic=True))
             return program.run_decompositions({})
+    except CurvgraphError:  # ours, raised from the model's call (e.g. the output selection): already worded
+        raise
     except Exception as exc:  # translated below, never swallowed
         failure = exc
-    raise _translate_export_error(model, example_inputs, _with_static_sizes(model, inputs, failure)) from failure
+    raise _translate_export_error(model, example_inputs, keys, _with_static_sizes(model, inputs, keys, failure)) from failure
 
 
-def _with_static_sizes(model: nn.Module, inputs: tuple[Tensor, ...], exc: Exception) -> Exception:
+def _arguments(inputs: tuple[Tensor, ...], keys: tuple[str, ...] | None, dynamic: bool) -> dict[str, Any]:
+    """The ``args``/``kwargs`` (and, if ``dynamic``, ``dynamic_shapes``: every dim ``Dim.AUTO``) of ``torch.export.export``."""
+    shapes = tuple({d: Dim.AUTO for d in range(t.dim())} for t in inputs)
+    if keys is None:
+        arguments: dict[str, Any] = {"args": inputs}
+    else:
+        arguments, shapes = {"args": (), "kwargs": dict(zip(keys, inputs))}, dict(zip(keys, shapes))
+    return {**arguments, "dynamic_shapes": shapes} if dynamic else arguments
+
+
+def _with_static_sizes(model: nn.Module, inputs: tuple[Tensor, ...], keys: tuple[str, ...] | None,
+                       exc: Exception) -> Exception:
     """The same failure with concrete sizes in its message (a static export), if it fails the same way.
 
     The inputs are cloned: export remembers the symbolic sizes it gave a tensor object.
     """
     try:
         with _quiet_export():
-            torch.export.export(model, tuple(t.clone() for t in inputs))
+            torch.export.export(model, **_arguments(tuple(t.clone() for t in inputs), keys, dynamic=False))
     except Exception as static_exc:  # only used to word the error
         if type(static_exc) is type(exc):
             return static_exc
@@ -276,7 +460,8 @@ def _quiet_export() -> Iterator[None]:
 _UNTRACEABLE = ("data-dependent", "Dynamic control flow", "Unsupported", "GuardOnDataDependent")
 
 
-def _translate_export_error(model: nn.Module, example_inputs: tuple[Tensor, ...], exc: Exception) -> Exception:
+def _translate_export_error(model: nn.Module, example_inputs: tuple[Tensor, ...], keys: tuple[str, ...] | None,
+                            exc: Exception) -> Exception:
     module_name, where = _locate(model, exc)
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     names = type(exc).__name__ + " " + " ".join(c.__name__ for c in type(exc).__mro__)
@@ -288,16 +473,20 @@ def _translate_export_error(model: nn.Module, example_inputs: tuple[Tensor, ...]
     if where:
         location += f" at {where}"
     if any(key in names or key in str(exc)[:2000] for key in _UNTRACEABLE):
+        leaf_hint = ("" if module_name in (None, "<root>") else
+                     f" Or keep the module opaque: curvgraph.compile(..., leaf_modules=['{module_name}'], "
+                     "backend='eager') runs it eagerly inside the step and trains its parameters with the "
+                     "first-order fallback.")
         return TraceError(
             f"curvgraph could not capture {type(model).__name__} as one graph: {location}: {reason}\n"
-            "Python control flow that depends on tensor values cannot be traced. Rewrite it "
-            "with tensor ops (torch.where, masking) or torch.cond, or move it out of forward()."
+            "Python control flow that depends on tensor values (or a call torch.export does not support) cannot be "
+            "traced. Rewrite it with tensor ops (torch.where, masking) or torch.cond, or move it out of forward()."
+            + leaf_hint
         )
-    shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in example_inputs)
     return ConfigError(
-        f"curvgraph: {type(model).__name__} failed on example_inputs [{shapes}] in {location}: "
-        f"{type(exc).__name__}: {reason}\n"
-        "Check that example_inputs are the model's positional inputs with the shapes and "
+        f"curvgraph: {type(model).__name__} failed on example_inputs [{describe_inputs(example_inputs, keys)}] in "
+        f"{location}: {type(exc).__name__}: {reason}\n"
+        "Check that example_inputs are the model's inputs (positional: a tuple; keyword: a dict) with the shapes and "
         "dtypes it expects (a batch of real data works)."
     )
 
@@ -378,13 +567,12 @@ def _from_program(model: nn.Module, program: ExportedProgram, example_inputs: tu
                 f"curvgraph: {type(model).__name__} produces a graph output of kind {spec.kind.name} "
                 f"('{node}'); curvgraph supports models that return one tensor and update buffers only."
             )
-    if len(user_outputs) != 1 or not isinstance(user_outputs[0].meta.get("val"), Tensor):
-        raise ConfigError(
-            f"curvgraph: {type(model).__name__} returns {len(user_outputs)} outputs; the loss needs "
-            "exactly one tensor. Wrap the model so that forward() returns the prediction tensor only."
-        )
+    if len(user_outputs) != 1 or not isinstance(user_outputs[0].meta.get("val"), Tensor):  # select_output returns one
+        raise TraceError(f"curvgraph: the captured graph of {type(model).__name__} has {len(user_outputs)} outputs "
+                         "instead of the one prediction tensor; please report this model.")
     if not user_outputs[0].meta["val"].is_floating_point():
-        raise ConfigError(f"curvgraph: {type(model).__name__} returns a non-floating-point tensor; the loss needs float predictions.")
+        raise ConfigError(f"curvgraph: the prediction of {type(model).__name__} is a {user_outputs[0].meta['val'].dtype} "
+                          "tensor; the loss needs float predictions (pick another with output=).")
 
     dims: dict[sympy.Symbol, tuple[int, int]] = {}
     for index, spec in enumerate(inputs):

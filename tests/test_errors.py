@@ -25,7 +25,7 @@ X = torch.randn(8, 40)
     [
         ("hinge", "unsupported loss 'hinge'"),
         (nn.L1Loss(), "unsupported loss L1Loss"),
-        (nn.CrossEntropyLoss(reduction="sum"), "reduction='sum'"),
+        (nn.CrossEntropyLoss(reduction="none"), "reduction=.none."),
         (nn.CrossEntropyLoss(label_smoothing=0.1), "label smoothing"),
     ],
 )
@@ -75,7 +75,7 @@ def test_model_must_return_one_tensor():
         def forward(self, x):
             return self.fc(x), x
 
-    with pytest.raises(curvgraph.ConfigError, match="exactly one tensor"):
+    with pytest.raises(curvgraph.ConfigError, match=r"one prediction tensor, but Two returned a tuple of 2 .*output=0"):
         curvgraph.compile(Two(), (torch.randn(3, 4),), backend="eager")
 
 
@@ -108,19 +108,8 @@ def test_untraceable_model_names_module_and_line(capfd):
     assert "module 'inner'" in message
     assert "test_errors.py" in message and "if h.sum() > 0:" in message
     assert "torch.where" in message
+    assert "leaf_modules=['inner']" in message  # the other option: keep the module opaque
     assert "Traceback" not in capfd.readouterr().err  # export's own dumps are not printed
-
-
-def test_step_input_errors():
-    opt = curvgraph.compile(mlp(), (X,), backend="eager")
-    with pytest.raises(curvgraph.InputError, match=r"input 'input' has shape \(8, 30\)"):
-        opt.step(torch.randn(8, 30), torch.randint(0, 10, (8,)))
-    with pytest.raises(curvgraph.InputError, match="compiled for 1 input"):
-        opt.step((X, X), torch.randint(0, 10, (8,)))
-    with pytest.raises(curvgraph.InputError, match="integer class indices"):
-        opt.step(X, torch.rand(8))
-    with pytest.raises(curvgraph.InputError, match="targets hold 5 examples"):
-        opt.step(X, torch.randint(0, 10, (5,)))
 
 
 def test_non_finite_batch_is_skipped_and_changes_nothing():

@@ -132,7 +132,7 @@ def test_fallback_rules_match_torch_optim(float64, rule, reference):
     twin = copy.deepcopy(model)
     ids = torch.randn(5, 3, 4)
     opt = curvgraph.compile(model, (ids,), loss="mse", fallback=rule, fallback_lr=0.05, backend="eager")
-    opt.param_groups[0]["weight_decay"] = 0.01
+    opt.param_groups[1]["weight_decay"] = 0.01  # the fallback group (the curvature group is empty)
     ref = reference(twin.parameters())
     assert opt.plan.blocks == [] and opt.plan.fallback_params == ("0.scale", "1.weight")
     for _ in range(4):

@@ -30,6 +30,15 @@ output space to backpropagate, one set per Fisher type:
     gradient of ``L`` the loss backward already computes (no extra backward). This
     matches curvlinops' ``FisherType.EMPIRICAL``.
 
+With ``reduction="sum"`` the step's loss is :math:`s L`, with :math:`s = K` for
+cross-entropy and :math:`s = KC` (``output.numel()``) for MSE and BCE, whose sum runs
+over every entry. Its gradient and its curvature are :math:`s` times the mean's, so
+the factors are scaled with it: ``G`` gets the scale :math:`s/K` instead of
+:math:`1/K` (``mc``, ``type2``) and :math:`c/s^2 \cdot s = c/s` on the gradients of the
+summed loss (``empirical``), and ``kron(G, A)`` approximates the curvature of the sum.
+A step with damping :math:`\lambda` then takes the step of the mean loss with damping
+:math:`\lambda / s` (for K-FAC's factored damping too, whose split follows the traces).
+
 The functions in this module are plain torch code; the code generator copies the ones
 a step needs into the step's source.
 """
@@ -37,7 +46,7 @@ a step needs into the step's source.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -57,6 +66,11 @@ IGNORE_INDEX = -100
 def cross_entropy_loss(output: Tensor, target: Tensor) -> Tensor:
     """Mean cross-entropy over the targets that are not ``IGNORE_INDEX``; classes along dim 1 of ``output``."""
     return F.cross_entropy(output, target)
+
+
+def cross_entropy_sum_loss(output: Tensor, target: Tensor) -> Tensor:
+    """Summed cross-entropy over the targets that are not ``IGNORE_INDEX``; classes along dim 1 of ``output``."""
+    return F.cross_entropy(output, target, reduction="sum")
 
 
 def cross_entropy_counted(target: Tensor) -> Tensor:
@@ -101,6 +115,11 @@ def token_cross_entropy_loss(output: Tensor, target: Tensor) -> Tensor:
     return cross_entropy_loss(output.movedim(-1, 1), target)
 
 
+def token_cross_entropy_sum_loss(output: Tensor, target: Tensor) -> Tensor:
+    """Summed cross-entropy with classes along the *last* dim of ``output``."""
+    return cross_entropy_sum_loss(output.movedim(-1, 1), target)
+
+
 def token_cross_entropy_terms(output: Tensor, target: Tensor) -> Tensor:
     """Number of loss terms: every token whose target is not ignored."""
     return cross_entropy_terms(output.movedim(-1, 1), target)
@@ -120,6 +139,11 @@ def token_cross_entropy_type2(output: Tensor, target: Tensor) -> Tensor:
 def mse_loss(output: Tensor, target: Tensor) -> Tensor:
     """Mean squared error over all entries."""
     return F.mse_loss(output, target)
+
+
+def mse_sum_loss(output: Tensor, target: Tensor) -> Tensor:
+    """Summed squared error over all entries."""
+    return F.mse_loss(output, target, reduction="sum")
 
 
 def feature_terms(output: Tensor, target: Tensor) -> int:
@@ -155,6 +179,11 @@ def bce_loss(output: Tensor, target: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(output, target)
 
 
+def bce_sum_loss(output: Tensor, target: Tensor) -> Tensor:
+    """Summed binary cross-entropy with logits over all entries."""
+    return F.binary_cross_entropy_with_logits(output, target, reduction="sum")
+
+
 def bce_mc(output: Tensor, target: Tensor, noise: Tensor) -> Tensor:
     r""":math:`(\sigma(f) - \hat y)/\sqrt C` with :math:`\hat y \sim \mathrm{Bernoulli}(\sigma(f))` from uniform ``noise``."""
     prob = output.detach().sigmoid()
@@ -174,7 +203,7 @@ def bce_type2(output: Tensor, target: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class LossSpec:
-    """A supported loss: its functions and what its targets must look like.
+    r"""A supported loss: its functions and what its targets must look like.
 
     Attributes:
         name: a key of :data:`LOSSES`.
@@ -190,6 +219,11 @@ class LossSpec:
             instead of tensors shaped like the output.
         class_dim: the output's class dim (class targets only): 1, or -1 for logits
             ``(N, T, V)`` of a language model.
+        sum_loss: ``(output, target) -> scalar``, the same loss with ``reduction="sum"``.
+        sum_scale: ``(output, target) -> s`` with ``sum_loss = s * loss``: ``K`` for
+            cross-entropy, ``output.numel()`` for MSE and BCE (they average over features too).
+        reduction: ``"mean"`` (``loss`` is the step's loss) or ``"sum"`` (``sum_loss`` is;
+            the curvature is scaled by ``sum_scale`` with it, see :attr:`objective`).
     """
 
     name: str
@@ -200,43 +234,89 @@ class LossSpec:
     type2: Callable[[Tensor], Tensor]
     noise: str
     class_targets: bool
+    sum_loss: Callable[[Tensor, Tensor], Tensor]
+    sum_scale: Callable[[Tensor, Tensor], Tensor | int]
     class_dim: int = 1
+    reduction: str = "mean"
 
-    def check_targets(self, targets: Tensor, output_ndim: int, batch: int) -> str | None:
-        """What is wrong with ``targets`` for a batch of ``batch`` examples, or ``None``."""
+    @property
+    def objective(self) -> Callable[[Tensor, Tensor], Tensor]:
+        """The loss the step minimizes: :attr:`loss`, or :attr:`sum_loss` with ``reduction="sum"``."""
+        return self.sum_loss if self.reduction == "sum" else self.loss
+
+    @property
+    def description(self) -> str:
+        """The name, with the reduction when it is not the mean."""
+        return self.name if self.reduction == "mean" else f"{self.name}(reduction={self.reduction!r})"
+
+    def target_shape(self, output_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape the targets must have for a prediction of ``output_shape``."""
+        if not self.class_targets:
+            return output_shape
+        dim = self.class_dim % len(output_shape)
+        return output_shape[:dim] + output_shape[dim + 1:]
+
+    def check_targets(self, targets: Tensor, output_shape: tuple[int, ...]) -> str | None:
+        """What is wrong with ``targets`` for a prediction of ``output_shape``, or ``None``.
+
+        Checks the dtype, the shape (the loss's layout) and, for class indices on the
+        CPU (where it costs no device synchronization), that every index is a class or
+        ``IGNORE_INDEX``.
+        """
         if self.class_targets:
             if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
                 return f"{self.name} needs integer class indices, got dtype {targets.dtype}"
-            if targets.dim() != output_ndim - 1:
-                where = "last" if self.class_dim == -1 else "dim-1"
-                return (f"{self.name} needs targets with {output_ndim - 1} dim(s) (the output without its {where} class "
-                        f"dim), got shape {tuple(targets.shape)}")
+            layout = ("the prediction without its last (class) dim" if self.class_dim == -1 else
+                      "the prediction without its class dim 1")
+        elif not targets.is_floating_point():
+            return f"{self.name} needs floating-point targets shaped like the prediction, got dtype {targets.dtype}"
         else:
-            if not targets.is_floating_point():
-                return f"{self.name} needs floating-point targets shaped like the output, got dtype {targets.dtype}"
-            if targets.dim() != output_ndim:
-                return f"{self.name} needs targets shaped like the output ({output_ndim} dims), got shape {tuple(targets.shape)}"
-        if targets.dim() and targets.shape[0] != batch:
-            return f"targets hold {targets.shape[0]} examples but the inputs hold {batch}"
+            layout = "the prediction's shape"
+        expected = self.target_shape(output_shape)
+        if tuple(targets.shape) != expected:
+            return (f"{self.name} needs targets of shape {expected} ({layout}; the prediction is {output_shape}), got "
+                    f"{tuple(targets.shape)}{self._layout_hint(tuple(targets.shape), output_shape)}")
+        if self.class_targets and targets.device.type == "cpu" and targets.numel():
+            classes = output_shape[self.class_dim]
+            bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= classes))
+            if bad.any():
+                return (f"class index {int(targets[bad][0])} is out of range for {classes} classes (dim "
+                        f"{self.class_dim % len(output_shape)} of the prediction {output_shape}; {IGNORE_INDEX} marks "
+                        "an ignored target)")
         return None
+
+    def _layout_hint(self, shape: tuple[int, ...], output_shape: tuple[int, ...]) -> str:
+        """A hint when targets of ``shape`` fit another loss's layout or are the right targets reshaped."""
+        others = {name: spec for name, spec in LOSSES.items() if spec.class_targets == self.class_targets}
+        for name, spec in others.items():
+            if name != self.name and len(output_shape) > 2 and spec.target_shape(output_shape) == shape:
+                return (f". These targets fit loss='{name}' (classes on "
+                        f"{'the last dim' if spec.class_dim == -1 else 'dim 1'} of the prediction)")
+        if math.prod(shape) == math.prod(self.target_shape(output_shape)):
+            return f"; if they are in the prediction's order, pass targets.reshape{self.target_shape(output_shape)}"
+        return ""
 
 
 LOSSES = {
     "cross_entropy": LossSpec("cross_entropy", cross_entropy_loss, cross_entropy_terms, cross_entropy_empirical_scale,
-                              cross_entropy_mc, cross_entropy_type2, "uniform", True),
+                              cross_entropy_mc, cross_entropy_type2, "uniform", True, cross_entropy_sum_loss,
+                              cross_entropy_terms),
     "token_cross_entropy": LossSpec("token_cross_entropy", token_cross_entropy_loss, token_cross_entropy_terms,
                                     token_cross_entropy_terms, token_cross_entropy_mc, token_cross_entropy_type2,
-                                    "uniform", True, class_dim=-1),
-    "mse": LossSpec("mse", mse_loss, feature_terms, feature_empirical_scale, mse_mc, mse_type2, "normal", False),
+                                    "uniform", True, token_cross_entropy_sum_loss, token_cross_entropy_terms,
+                                    class_dim=-1),
+    "mse": LossSpec("mse", mse_loss, feature_terms, feature_empirical_scale, mse_mc, mse_type2, "normal", False,
+                    mse_sum_loss, feature_empirical_scale),
     "bce_with_logits": LossSpec("bce_with_logits", bce_loss, feature_terms, feature_empirical_scale, bce_mc,
-                                bce_type2, "uniform", False),
+                                bce_type2, "uniform", False, bce_sum_loss, feature_empirical_scale),
 }
 
 _MODULES = {nn.CrossEntropyLoss: "cross_entropy", nn.MSELoss: "mse", nn.BCEWithLogitsLoss: "bce_with_logits"}
+REDUCTIONS = ("mean", "sum")
 
 
 def resolve_loss(loss: object) -> LossSpec:
-    """The :class:`LossSpec` for a loss name or a default-configured loss module."""
+    """The :class:`LossSpec` for a loss name or a default-configured loss module (``reduction`` ``"mean"`` or ``"sum"``)."""
     if isinstance(loss, str):
         if loss in LOSSES:
             return LOSSES[loss]
@@ -245,10 +325,10 @@ def resolve_loss(loss: object) -> LossSpec:
     name = _MODULES.get(type(loss))
     if name is None:
         raise ConfigError(f"curvgraph: unsupported loss {type(loss).__name__}; use one of {sorted(LOSSES)} or an instance "
-                          "of nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss (mean reduction).")
-    if loss.reduction != "mean":
-        raise ConfigError(f"curvgraph: {type(loss).__name__}(reduction={loss.reduction!r}) is not supported; the factors "
-                          "approximate the curvature of the batch-mean loss, so use reduction='mean'.")
+                          "of nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss (mean or sum reduction).")
+    if loss.reduction not in REDUCTIONS:
+        raise ConfigError(f"curvgraph: {type(loss).__name__}(reduction={loss.reduction!r}) is not supported; the step "
+                          "needs a scalar loss: use reduction='mean' or 'sum'.")
     options = {
         "weight": getattr(loss, "weight", None),
         "pos_weight": getattr(loss, "pos_weight", None),
@@ -256,7 +336,7 @@ def resolve_loss(loss: object) -> LossSpec:
     if any(v is not None for v in options.values()) or getattr(loss, "label_smoothing", 0.0) or getattr(loss, "ignore_index", IGNORE_INDEX) != IGNORE_INDEX:
         raise ConfigError(f"curvgraph: {type(loss).__name__} with class weights, pos_weight, label smoothing or a "
                           "custom ignore_index is not supported yet; use the default-configured loss.")
-    return LOSSES[name]
+    return replace(LOSSES[name], reduction=loss.reduction)
 
 
 def check_fisher(fisher: str) -> str:

@@ -18,6 +18,7 @@ from torch.fx import Graph
 
 from .. import registry
 from ..errors import ConfigError
+from ..leaf import is_leaf_call, leaf_name
 from ..plan import SHARING_MODES, Plan
 from ..trace import TracedModel
 from .attention import find_attention_groups
@@ -109,5 +110,8 @@ def build_plan(traced: TracedModel, kinds: Iterable = (), sharing: str = "expand
 def _default_reason(node) -> str:
     if not node.users:
         return "not used by the forward pass"
+    leaves = sorted({leaf_name(u.args[0]) for u in node.users if is_leaf_call(u)})
+    if leaves:
+        return f"in leaf module {', '.join(map(repr, leaves))} (leaf_modules=): run as one opaque call"
     users = sorted({f"{u.target}" for u in node.users})
     return f"used by {', '.join(users)}; no curvature pass matches it"

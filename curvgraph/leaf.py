@@ -1,0 +1,231 @@
+"""Leaf modules: submodules kept opaque in the captured graph (``leaf_modules=`` of :func:`curvgraph.compile`).
+
+A module that ``torch.export`` cannot capture (Python control flow on tensor values,
+calls it does not support) or that the passes should not see is captured as **one
+call**, ``leaf_call(key, params, inputs)``, instead of its ops:
+
+* at capture, the module is swapped for a :class:`LeafShell` (the same Parameters
+  and buffers under the same names) whose forward is the custom op
+  ``curvgraph::leaf``; its fake implementation gives the output's shape from the
+  shapes of one eager call on the example inputs (each output size that equals an
+  input size follows that input's symbolic size);
+* after capture the op is retargeted to :func:`leaf_call`, which runs the module
+  eagerly on the step's parameter tensors (``torch.func.functional_call``) inside a
+  ``torch.autograd.Function`` whose backward is ``torch.func.vjp`` of the same call:
+  the generated step's ``torch.func`` transforms differentiate through it, so the
+  leaf's parameters get exact gradients and train with the first-order fallback.
+
+Leaf modules take positional tensors and return one tensor; their buffers are read,
+not updated, by the step. A step with leaf modules runs with ``backend="eager"`` only
+(``torch.compile`` cannot trace ``torch.func`` transforms through an eager call) and
+cannot be exported to a file (it calls the live module).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .errors import ConfigError
+
+
+@dataclass
+class _Leaf:
+    """A registered leaf module: the module, its tensors' names, and one call's shapes."""
+
+    module: "weakref.ref[nn.Module]"
+    name: str
+    tensors: tuple[str, ...]  # parameter names, then buffer names, relative to the module
+    params: int  # how many of ``tensors`` are parameters
+    input_shapes: tuple[tuple[int, ...], ...] = ()
+    output_shape: tuple[int, ...] = ()
+    output_dtype: torch.dtype = torch.float32
+
+
+_LEAVES: dict[str, _Leaf] = {}
+
+
+def leaf_modules_of(model: nn.Module, spec: Iterable[str | type] | None) -> dict[str, nn.Module]:
+    """The submodules ``spec`` names (module paths or ``nn.Module`` subclasses), by path; outermost only.
+
+    Raises :class:`ConfigError` for a name that is not a submodule, a type no submodule
+    has, the root model, or anything else.
+    """
+    if spec is None:
+        return {}
+    if isinstance(spec, (str, type)):
+        spec = [spec]
+    spec = list(spec)
+    names = [s for s in spec if isinstance(s, str)]
+    types = tuple(s for s in spec if isinstance(s, type) and issubclass(s, nn.Module))
+    if len(names) + len(types) != len(spec):
+        raise ConfigError(f"curvgraph: leaf_modules must list module names (e.g. 'encoder.layer.0') or nn.Module "
+                          f"subclasses, got {spec!r}.")
+    modules = dict(model.named_modules())
+    unknown = [n for n in names if n not in modules or n == ""]
+    if unknown:
+        raise ConfigError(f"curvgraph: leaf_modules names {unknown}, which are not submodules of "
+                          f"{type(model).__name__}; its submodules are {[n for n in modules if n][:20]}.")
+    leaves: dict[str, nn.Module] = {}
+    for name, module in modules.items():
+        if name and (name in names or isinstance(module, types)):
+            if not any(name.startswith(outer + ".") for outer in leaves):
+                leaves[name] = module
+    missing = [t.__name__ for t in types if not any(isinstance(m, t) for m in leaves.values())]
+    if missing:
+        raise ConfigError(f"curvgraph: leaf_modules lists {missing}, but {type(model).__name__} has no such submodule.")
+    return leaves
+
+
+def register(name: str, module: nn.Module) -> str:
+    """Register ``module`` (at path ``name``) as a leaf; returns its key in the captured graph."""
+    for key in [k for k, leaf in _LEAVES.items() if leaf.module() is None]:
+        del _LEAVES[key]
+    params = tuple(n for n, _ in module.named_parameters())
+    key = f"{name}@{id(module):x}"
+    _LEAVES[key] = _Leaf(weakref.ref(module), name, params + tuple(n for n, _ in module.named_buffers()), len(params))
+    return key
+
+
+def leaf_name(key: str) -> str:
+    """The module path of the leaf with ``key``."""
+    return key.rsplit("@", 1)[0]
+
+
+def recording_hook(key: str) -> Callable[..., None]:
+    """A forward hook (``with_kwargs=True``) recording the shapes of a call of the leaf with ``key``.
+
+    Raises :class:`ConfigError` for a call the leaf op cannot stand for (keyword or
+    non-tensor arguments, a return value that is not one tensor).
+    """
+
+    def record(module: nn.Module, inputs: tuple[Any, ...], kwargs: Mapping[str, Any], output: Any) -> None:
+        leaf = _LEAVES[key]
+        if kwargs or not all(isinstance(t, Tensor) for t in inputs):
+            got = [type(a).__name__ for a in inputs] + [f"{k}=" for k in kwargs]
+            raise ConfigError(f"curvgraph: leaf module '{leaf.name}' is called with {got}; a leaf module takes "
+                              "positional tensors only. Mark a module around it as the leaf instead.")
+        if not isinstance(output, Tensor):
+            raise ConfigError(f"curvgraph: leaf module '{leaf.name}' returns {type(output).__name__}; a leaf module "
+                              "returns one tensor. Mark a module around it as the leaf instead.")
+        leaf.input_shapes = tuple(tuple(t.shape) for t in inputs)
+        leaf.output_shape, leaf.output_dtype = tuple(output.shape), output.dtype
+
+    return record
+
+
+def _module(key: str) -> _Leaf:
+    leaf = _LEAVES.get(key)
+    if leaf is None or leaf.module() is None:
+        raise RuntimeError(f"curvgraph: leaf module {leaf_name(key)!r} no longer exists; compile the model again.")
+    return leaf
+
+
+def _call(key: str, tensors: tuple[Tensor, ...], inputs: tuple[Tensor, ...]) -> Tensor:
+    leaf = _module(key)
+    return functional_call(leaf.module(), dict(zip(leaf.tensors, tensors)), inputs)
+
+
+@torch.library.custom_op("curvgraph::leaf", mutates_args=())
+def leaf_op(key: str, tensors: list[Tensor], inputs: list[Tensor]) -> Tensor:
+    """The leaf module ``key`` on its ``tensors`` (parameters, then buffers) and ``inputs``: the op export captures."""
+    return _call(key, tuple(tensors), tuple(inputs)).clone()
+
+
+@leaf_op.register_fake
+def _leaf_fake(key: str, tensors: list[Tensor], inputs: list[Tensor]) -> Tensor:
+    """The output of the recorded shape; a size equal to an input size of the recorded call follows that input."""
+    leaf = _module(key)
+    shape = []
+    for k, size in enumerate(leaf.output_shape):
+        matches = sorted(((i, d) for i, s in enumerate(leaf.input_shapes) for d, n in enumerate(s) if n == size),
+                         key=lambda match: match[1] != k)  # the same dim first
+        shape.append(inputs[matches[0][0]].shape[matches[0][1]] if matches else size)
+    return inputs[0].new_empty(shape, dtype=leaf.output_dtype)
+
+
+class _LeafCall(torch.autograd.Function):
+    """The leaf module run eagerly, differentiable under ``torch.func`` transforms: its backward is
+    ``torch.func.vjp`` and its forward-mode derivative ``torch.func.jvp`` of the same call (parameters,
+    buffers and floating-point inputs are differentiated; integer inputs are not)."""
+
+    @staticmethod
+    def forward(key: str, *tensors: Tensor) -> Tensor:  # type: ignore[override]
+        count = len(_module(key).tensors)
+        return _call(key, tensors[:count], tensors[count:])
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        ctx.key = inputs[0]
+        ctx.save_for_backward(*inputs[1:])
+        ctx.save_for_forward(*inputs[1:])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        call, primals, floats, count = _differentiable(ctx.key, ctx.saved_tensors)
+        _, pull = torch.func.vjp(call, *primals)
+        tensor_grads, float_grads = pull(grad)
+        input_grads: list[Tensor | None] = [None] * (len(ctx.saved_tensors) - count)
+        for i, g in zip(floats, float_grads):
+            input_grads[i] = g
+        return (None, *tensor_grads, *input_grads)
+
+    @staticmethod
+    def jvp(ctx: Any, _key: None, *tangents: Tensor | None) -> Tensor:  # type: ignore[override]
+        call, primals, floats, count = _differentiable(ctx.key, ctx.saved_tensors)
+        zero = [torch.zeros_like(t) if d is None else d for d, t in zip(tangents, ctx.saved_tensors)]
+        return torch.func.jvp(call, primals, (tuple(zero[:count]), tuple(zero[count + i] for i in floats)))[1]
+
+
+def _differentiable(key: str, saved: tuple[Tensor, ...]) -> tuple[Callable[..., Tensor], tuple[tuple[Tensor, ...], ...],
+                                                                  list[int], int]:
+    """``(call, primals, floats, count)``: the leaf as a function of its tensors and floating-point inputs,
+    its primal values, the positions of those inputs, and how many tensors (parameters, buffers) it has."""
+    count = len(_module(key).tensors)
+    tensors, inputs = saved[:count], saved[count:]
+    floats = [i for i, t in enumerate(inputs) if t.is_floating_point()]
+
+    def call(tensors: tuple[Tensor, ...], differentiable: tuple[Tensor, ...]) -> Tensor:
+        full = list(inputs)
+        for i, t in zip(floats, differentiable):
+            full[i] = t
+        return _call(key, tensors, tuple(full))
+
+    return call, (tuple(tensors), tuple(inputs[i] for i in floats)), floats, count
+
+
+def leaf_call(key: str, tensors: list[Tensor], inputs: list[Tensor]) -> Tensor:
+    """What the generated step calls for a leaf module: :class:`_LeafCall` (the op captured at trace time)."""
+    return _LeafCall.apply(key, *tensors, *inputs)
+
+
+def is_leaf_call(node: torch.fx.Node) -> bool:
+    """Whether ``node`` calls a leaf module (after :func:`retarget`)."""
+    return node.op == "call_function" and node.target is leaf_call
+
+
+def retarget(graph: torch.fx.Graph) -> None:
+    """Make the graph's ``curvgraph::leaf`` ops call :func:`leaf_call` (differentiable under ``torch.func``)."""
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.curvgraph.leaf.default:
+            node.target = leaf_call
+
+
+class LeafShell(nn.Module):
+    """Captured in place of a leaf module: the same Parameters, buffers and submodules (shared), one op as forward."""
+
+    def __init__(self, module: nn.Module, key: str) -> None:
+        super().__init__()
+        self._parameters, self._buffers, self._modules = module._parameters, module._buffers, module._modules
+        self.key = key
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        leaf = _module(self.key)
+        tensors = [self.get_parameter(n) for n in leaf.tensors[:leaf.params]]
+        tensors += [self.get_buffer(n) for n in leaf.tensors[leaf.params:]]
+        return leaf_op(self.key, tensors, list(inputs))

@@ -1,0 +1,111 @@
+"""Leaf modules (``leaf_modules=``): kept opaque in the captured graph, run eagerly inside the step,
+their parameters trained by the first-order fallback with exact gradients.
+
+Reference: ``torch.optim.Adam`` on a copy of the model (plain autograd through the
+untraceable module).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import curvgraph
+
+
+class DataDependent(nn.Module):
+    """Python control flow on a tensor value: torch.export cannot capture it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if h.sum() > 0:
+            return torch.tanh(h)
+        return -h
+
+
+class Outer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = DataDependent()
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.inner(x))
+
+
+@pytest.mark.parametrize("leaves", [["inner"], [DataDependent], "inner"])
+@pytest.mark.parametrize("fisher", ["mc", "type2"])
+def test_leaf_parameters_take_the_fallback_step_with_exact_gradients(leaves, fisher):
+    torch.manual_seed(0)
+    model = Outer()
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    opt = curvgraph.compile(model, (x,), leaf_modules=leaves, fisher=fisher, fallback_lr=0.01, backend="eager")
+    assert [b.name for b in opt.plan.blocks] == ["head"]
+    assert opt.plan.fallback_params == ("inner.fc.weight", "inner.fc.bias")
+    assert "in leaf module 'inner' (leaf_modules=)" in str(opt.plan)
+    adam = torch.optim.Adam(twin.inner.parameters(), lr=0.01)
+    before = copy.deepcopy(model.inner.state_dict())
+    loss = opt.step(x, y)
+    reference = nn.functional.cross_entropy(twin(x), y)
+    reference.backward()
+    adam.step()
+    torch.testing.assert_close(loss, reference.detach())
+    for name, value in model.inner.state_dict().items():
+        assert not torch.equal(value, before[name]), name  # the leaf's parameters moved
+        torch.testing.assert_close(value, twin.inner.state_dict()[name])  # by Adam's step on the exact gradient
+    assert not torch.equal(model.head.weight, twin.head.weight)  # the head took the K-FAC step
+    opt.step(torch.randn(9, 4), torch.randint(0, 3, (9,)))  # the leaf's output follows the batch size
+
+
+def test_leaf_with_integer_inputs_inside_a_keyword_model():
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.head = nn.Linear(4, 10)
+
+        def forward(self, input_ids):
+            return self.head(self.emb(input_ids))
+
+    torch.manual_seed(1)
+    model = Tokens()
+    ids, y = torch.randint(0, 10, (2, 7)), torch.randint(0, 10, (2, 7))
+    opt = curvgraph.compile(model, {"input_ids": ids}, loss="token_cross_entropy", leaf_modules=["emb"],
+                            backend="eager")
+    before = model.emb.weight.clone()
+    opt.step({"input_ids": ids}, y)
+    assert opt.plan.fallback_params == ("emb.weight",)
+    changed = (model.emb.weight != before).any(1)
+    assert torch.equal(changed, torch.isin(torch.arange(10), ids))  # the rows looked up, and only those
+
+
+def test_leaf_module_errors():
+    x = torch.randn(5, 4)
+    with pytest.raises(curvgraph.ConfigError, match=r"leaf_modules names \['innr'\], which are not submodules .*'inner'"):
+        curvgraph.compile(Outer(), (x,), leaf_modules=["innr"], backend="eager")
+    with pytest.raises(curvgraph.ConfigError, match=r"lists \['Conv2d'\], but Outer has no such submodule"):
+        curvgraph.compile(Outer(), (x,), leaf_modules=[nn.Conv2d], backend="eager")
+    with pytest.raises(curvgraph.ConfigError, match="pass backend='eager' with leaf_modules"):
+        curvgraph.compile(Outer(), (x,), leaf_modules=["inner"])
+    opt = curvgraph.compile(Outer(), (x,), leaf_modules=["inner"], backend="eager")
+    with pytest.raises(curvgraph.ConfigError, match="cannot be exported"):
+        opt.export("never.py")
+
+    class KeywordCall(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = DataDependent()
+
+        def forward(self, x):
+            return self.inner(x=x)
+
+    with pytest.raises(curvgraph.ConfigError, match=r"leaf module 'inner' is called with \['x='\]; .*positional tensors"):
+        curvgraph.compile(KeywordCall(), (x,), leaf_modules=["inner"], backend="eager")

@@ -21,13 +21,28 @@ LOSSES = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss,
           "token_cross_entropy": lambda out, y: F.cross_entropy(out.flatten(0, 1), y.flatten())}
 
 
-def training_loss(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], targets: torch.Tensor, loss: str) -> float:
+def predict(model: torch.nn.Module, inputs, output=None) -> torch.Tensor:
+    """The model's prediction on positional (tuple) or keyword (dict) inputs, picked as ``output=`` would."""
+    result = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+    if output is None:
+        return result
+    return result[output] if isinstance(output, int) or isinstance(result, dict) else getattr(result, output)
+
+
+def training_loss(model: torch.nn.Module, inputs, targets: torch.Tensor, loss: str, output=None) -> float:
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        value = LOSSES[loss](model(*inputs), targets).item()
+        value = LOSSES[loss](predict(model, inputs, output), targets).item()
     model.train(was_training)
     return value
+
+
+def select(inputs, rows: torch.Tensor, batch_dim: int):
+    """The rows ``rows`` of every input (a tuple or a dict of tensors)."""
+    if isinstance(inputs, dict):
+        return {k: v.index_select(batch_dim, rows) for k, v in inputs.items()}
+    return tuple(x.index_select(batch_dim, rows) for x in inputs)
 
 
 @pytest.mark.parametrize("name", list(ZOO))
@@ -41,11 +56,11 @@ def test_zoo_model_compiles_covers_and_trains(name):
     g = torch.Generator().manual_seed(2)
     order = torch.cat([torch.randperm(examples, generator=g) for _ in range(32 * 50 // examples + 1)])
 
-    def batch(i: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    def batch(i: int):
         rows = order[32 * i: 32 * (i + 1)]
-        return tuple(x.index_select(batch_dim, rows) for x in inputs), targets[rows]
+        return select(inputs, rows, batch_dim), targets[rows]
 
-    opt = curvgraph.compile(model, batch(0)[0], loss=case.loss, backend="eager", seed=0)
+    opt = curvgraph.compile(model, batch(0)[0], loss=case.loss, backend="eager", seed=0, output=case.output)
     plan = opt.plan
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
@@ -55,11 +70,11 @@ def test_zoo_model_compiles_covers_and_trains(name):
     assert all(plan.fallback_reasons.get(p) for p in plan.fallback_params)
     assert set(plan.frozen_params) == frozen
 
-    initial = training_loss(model, inputs, targets, case.loss)
+    initial = training_loss(model, inputs, targets, case.loss, case.output)
     losses = []
     for i in range(50):
         x, y = batch(i)
         opt.step(x, y)
         if i % 5 == 4:
-            losses.append(training_loss(model, inputs, targets, case.loss))
+            losses.append(training_loss(model, inputs, targets, case.loss, case.output))
     assert losses[-1] < initial and max(losses) <= 1.5 * initial, (initial, losses)

@@ -20,11 +20,16 @@ EXAMPLES, CLASSES, VOCAB, LENGTH = 96, 5, 13, 8
 
 @dataclass
 class Case:
-    """A zoo entry: ``make()`` the model, ``data(g)`` the training set ``(inputs tuple, targets)``, the loss."""
+    """A zoo entry: ``make()`` the model, ``data(g)`` the training set ``(inputs, targets)``, the loss.
+
+    ``inputs`` is a tuple of positional inputs or a dict of keyword inputs; ``output``
+    picks the prediction from a structured return (``curvgraph.compile``'s ``output=``).
+    """
 
     make: Callable[[], nn.Module]
-    data: Callable[[torch.Generator], tuple[tuple[Tensor, ...], Tensor]]
+    data: Callable[[torch.Generator], tuple[tuple[Tensor, ...] | dict[str, Tensor], Tensor]]
     loss: str = "cross_entropy"
+    output: str | int | None = None
 
 
 # ---------------------------------------------------------------------- data
@@ -331,6 +336,64 @@ class RegressionLayerNorm(nn.Module):
         return self.net(x)
 
 
+def keyword_tokens(g: torch.Generator) -> tuple[dict[str, Tensor], Tensor]:
+    """Hugging Face style: ``input_ids`` and an ``attention_mask`` with padding at the end of some rows."""
+    (x,), y = tokens(g)
+    mask = (torch.arange(LENGTH)[None] < torch.randint(LENGTH // 2, LENGTH + 1, (EXAMPLES, 1), generator=g)).long()
+    return {"input_ids": x, "attention_mask": mask}, torch.where(mask.bool(), y, -100)
+
+
+@dataclass
+class CausalLMOutput:
+    """A stand-in for a Hugging Face ``ModelOutput``: logits and the attention layers' key/value caches."""
+
+    logits: Tensor
+    past_key_values: tuple[Tensor, ...]
+
+
+class KeywordLM(nn.Module):
+    """``model(input_ids=..., attention_mask=...)`` returning a structured output, as Hugging Face models do."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, d)
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, VOCAB)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.embed(input_ids)
+        t = input_ids.shape[1]
+        causal = torch.ones(t, t, dtype=torch.bool, device=h.device).triu(1)
+        a, _ = self.attn(h, h, h, attn_mask=causal, key_padding_mask=attention_mask == 0, need_weights=False)
+        h = self.norm(h + a)
+        return CausalLMOutput(self.head(h), (h.detach(),))
+
+
+class TupleOutput(nn.Module):
+    """Returns ``(logits, features)``; the prediction is item 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Sequential(nn.Linear(16, 32), nn.Tanh()), nn.Linear(32, CLASSES)
+
+    def forward(self, x):
+        features = self.body(x)
+        return self.head(features), features
+
+
+class DictOutput(nn.Module):
+    """Returns ``{"logits": ..., "aux": ...}``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 6, 3), nn.Linear(6, CLASSES)
+
+    def forward(self, x):
+        h = F.relu(self.conv(x)).mean((2, 3))
+        return {"logits": self.head(h), "aux": h.norm(dim=1)}
+
+
 ZOO: dict[str, Case] = {
     "residual-mlp": Case(ResidualMLP, vectors(16)),
     "skip-cnn": Case(SkipCNN, images(3, 8)),
@@ -347,4 +410,7 @@ ZOO: dict[str, Case] = {
     "two-inputs": Case(TwoInputs, two_inputs),
     "einsum": Case(EinsumModel, vectors(16)),
     "regression-layernorm": Case(RegressionLayerNorm, regression, "mse"),
+    "keyword-inputs-structured-output": Case(KeywordLM, keyword_tokens, "token_cross_entropy", output="logits"),
+    "tuple-output": Case(TupleOutput, vectors(16), output=0),
+    "dict-output": Case(DictOutput, images(3, 8), output="logits"),
 }

@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=list(ZOO), choices=list(ZOO))
     parser.add_argument("--backend", default="inductor")
     args = parser.parse_args()
-    print(f"{"model":<34} {'in blocks':>9} {'initial':>8} {'curvgraph':>9} {'AdamW best':>10} {'(lr)':>7} "
+    print(f"{'model':<34} {'in blocks':>9} {'initial':>8} {'curvgraph':>9} {'AdamW best':>10} {'(lr)':>7} "
           f"{'first step s':>12}")
     for name in args.models:
         ours = run_curvgraph(name, args.backend)

@@ -274,7 +274,7 @@ def test_unrolled_copy_shares_parameters_and_computes_the_same():
 
 
 def test_lag_moments_are_the_plain_loop_sums(float64):
-    from curvgraph.kinds.rnn.temporal import lag_moments
+    from curvgraph.curvature.temporal import lag_moments
 
     torch.manual_seed(0)
     steps = tuple(torch.randn(3, 4) for _ in range(5))
@@ -289,7 +289,7 @@ def test_lag_moments_are_the_plain_loop_sums(float64):
 def test_option1_inverse_is_the_inverse_of_the_summed_chain_covariance(float64):
     r"""Option 1 in closed form (eigenbases, zeta) against its definition built densely: V_0 = G_0 ⊗ A_0,
     Ψ = V_1 V_0^{-1} with V_1 = sym(G_1) ⊗ sym(A_1), F = Σ_{t,s} V_{|t-s|}, V_d = Ψ^d V_0; solve F x = vec(M)."""
-    from curvgraph.kinds.rnn.temporal import option1_precondition
+    from curvgraph.curvature.temporal import option1_precondition
 
     torch.manual_seed(0)
 
@@ -360,7 +360,7 @@ def test_option1_in_the_step_uses_brute_force_lag_moments_and_its_formula(float6
     r"""``temporal="option1"``: the lag-1 states equal a plain loop over time (``A_lag = mean x̄_t x̄_{t+1}^T``,
     ``G_lag = T/(T-1) (1/N) Σ_{n,t} J_{nt}^T H_n J_{n,t+1}``, type-2), and the first update is
     ``-lr · option1_precondition(M, A + s_A I, A_lag, (G + s_G I)/T, G_lag/T, T)`` with K-FAC's damping shifts."""
-    from curvgraph.kinds.rnn.temporal import option1_precondition
+    from curvgraph.curvature.temporal import option1_precondition
     from curvgraph.methods.kfac import factored_damping
 
     torch.manual_seed(0)

@@ -144,7 +144,7 @@ class BlockKind(ABC):
     def write_lag_moments(self, w: "StepWriter", b: "BlockVars", dtype: torch.dtype) -> dict[str, str]:
         """Optional (kinds whose uses are time steps): lines assigning this batch's lag-1 moments, one
         variable per factor name, shaped and normalized like the factors (see
-        :func:`curvgraph.kinds.rnn.temporal.rnn_lag_factors`); used by temporal approximations."""
+        :func:`curvgraph.curvature.temporal.rnn_lag_factors`); used by temporal approximations."""
         raise CompileError(f"curvgraph: block kind {self.name!r} has no lag moments (no temporal approximation).")
 
     @abstractmethod

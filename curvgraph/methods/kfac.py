@@ -27,7 +27,7 @@ split as :math:`\lambda^{1/n} t_i / (\prod_j t_j)^{1/n}` (:func:`factored_dampin
 
 ``temporal="option1"`` (static) gives blocks over time steps (kinds with lag moments: the
 rnn blocks) the chain-structured approximation of Martens, Ba & Johnson (2018), option 1,
-instead of ``G^{-1} M A^{-1}``: see :mod:`curvgraph.kinds.rnn.temporal` (the factors are
+instead of ``G^{-1} M A^{-1}``: see :mod:`curvgraph.curvature.temporal` (the factors are
 damped by the same shifts first). Other blocks are unchanged.
 """
 
@@ -43,7 +43,7 @@ from torch import Tensor
 from ..codegen.writer import BlockVars, StateSpec, StepWriter
 from ..errors import ConfigError
 from ..plan import Block
-from ..kinds.rnn.temporal import option1_apply, option1_basis
+from ..curvature.temporal import option1_apply, option1_basis
 from ..registry import KINDS, register_method
 from .base import (Hyper, Method, auto_or, fraction, non_negative, one_of, optional, parameter_tuple, positive,
                    write_batched)

@@ -21,7 +21,7 @@ statistics, example rows, block matrix and cost are the dense kind's
 * ``reduce`` (``kfac_approx="reduce"``): inputs averaged and gradients summed over steps
   per example first;
 * ``temporal="option1"`` (K-FAC): the chain-structured approximation of Martens, Ba &
-  Johnson (2018), option 1, from the lag-1 moments as well (:mod:`.temporal`).
+  Johnson (2018), option 1, from the lag-1 moments as well (:mod:`curvgraph.curvature.temporal`).
 
 The plan row shows each block's role (input, recurrent, projection), its gate count
 (1 RNN, 3 GRU, 4 LSTM) and its sequence length ``T``.
@@ -37,6 +37,7 @@ from torch import nn
 from torch.fx import Node
 
 from ...codegen.writer import BlockVars, StepWriter
+from ...curvature import temporal
 from ...passes.graph_utils import aten, depends_on, ndim, weight_view
 from ...passes.ledger import Claims
 from ...plan import Block
@@ -44,7 +45,6 @@ from ...registry import register_block_kind
 from ...trace import TracedModel, symbolic_shape
 from ..base import layer_use, new_block
 from ..dense import Dense, _foreign_users, _shared_bias
-from . import temporal
 from .unrolled import UNROLLED, unrolled_form
 
 _UNROLLED_TYPES = {f"{c.__module__}.{c.__qualname__}" for c in UNROLLED}

@@ -484,9 +484,9 @@ def _translate_export_error(model: nn.Module, example_inputs: tuple[Tensor, ...]
             + leaf_hint
         )
     return ConfigError(
-        f"curvgraph: {type(model).__name__} failed on example_inputs [{describe_inputs(example_inputs, keys)}] in "
-        f"{location}: {type(exc).__name__}: {reason}\n"
-        "Check that example_inputs are the model's inputs (positional: a tuple; keyword: a dict) with the shapes and "
+        f"curvgraph: {type(model).__name__} failed on the inputs it was captured from (compile's example_inputs, or "
+        f"the first batch given to step) [{describe_inputs(example_inputs, keys)}] in {location}: {type(exc).__name__}: {reason}\n"
+        "Check that they are the model's inputs (positional: a tuple; keyword: a dict) with the shapes and "
         "dtypes it expects (a batch of real data works)."
     )
 

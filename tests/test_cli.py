@@ -87,7 +87,7 @@ def test_missing_factory_exits_2_with_one_line(model_file):
     (["{file}:mlp", "--input-shape", "0,12"], "bad --input-shape '0,12'"),
     (["{file}:not_a_model", "--input-shape", "32,12"], "returned int, not an nn.Module"),
     (["{file}:mlp", "--input-shape", "32,12", "--option", "dampin=1"], "unknown option(s) ['dampin']"),
-    (["{file}:mlp", "--input-shape", "32,5"], "Sequential failed on example_inputs"),
+    (["{file}:mlp", "--input-shape", "32,5"], "Sequential failed on the inputs it was captured from"),
 ])
 def test_bad_arguments_exit_2_with_one_line(model_file, capsys, args, message):
     assert main(["inspect", *(a.format(file=model_file) for a in args)]) == 2

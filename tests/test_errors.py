@@ -56,7 +56,7 @@ def test_unknown_method():
 
 
 def test_wrong_example_inputs_name_the_module():
-    with pytest.raises(curvgraph.ConfigError, match=r"example_inputs \[\(8, 30\) torch.float32\] in module '0' \(Linear\)") as info:
+    with pytest.raises(curvgraph.ConfigError, match=r"first batch given to step\) \[\(8, 30\) torch.float32\] in module '0' \(Linear\)") as info:
         curvgraph.compile(mlp(), (torch.randn(8, 30),), backend="eager")
     assert "[8, 30]" in str(info.value) and not re.search(r"\bs\d+\b", str(info.value))  # sizes, not symbols
 

@@ -315,7 +315,7 @@ class Plan:
 
     def __str__(self) -> str:
         rows = [("block", "kind", "layer", "pass", "params", "uses", "sharing", "factors", "state", "workspace",
-                 "FLOPs/step")]
+                 "FLOPs/step", "FLOPs/refresh")]
         for b in self.blocks:
             kind = (self.kinds or {}).get(b.kind)
             factors = " ".join(f"{k}:{'x'.join(map(str, f.shape))}{'(diag)' if f.diagonal else ''}"
@@ -334,6 +334,7 @@ class Plan:
                     human(self.block_state_bytes(b), "B"),
                     human(self.at_example(workspace), "B") if workspace is not None else "-",
                     human(self.block_step_flops(b), ""),
+                    human(self.at_example(b.cost["inversion"]), "") if "inversion" in b.cost else "-",
                 )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -357,7 +358,8 @@ class Plan:
             lines.append("block passes (matches): " + ", ".join(f"{n} {c}" for n, c in self.matches.items()))
         if any(self.rewrites.values()):
             lines.append("normalization rewrites: " + ", ".join(f"{n} {c}" for n, c in self.rewrites.items() if c))
-        lines.append("FLOPs/step = forward+backward + factor statistics + preconditioning; workspace = what the")
+        lines.append("FLOPs/step = forward+backward + factor statistics + preconditioning; FLOPs/refresh = one")
+        lines.append("refresh of the preconditioner (every invert_every steps); workspace = what the")
         lines.append("statistics materialize (e.g. convolution patches). As expressions in the input sizes:")
         lines.extend(f"  {b.name}: {self.block_flops(b)}" for b in self.blocks)
         return "\n".join(lines)

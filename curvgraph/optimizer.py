@@ -328,13 +328,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ inspection
     def factors(self) -> dict[str, dict[str, Tensor]]:
-        """Block name -> ``{"A": ..., "G": ...}`` (each kind's factors, ``{"F": ...}`` for norm blocks): copies.
+        """Block name -> ``{"A": ..., "G": ...}`` (the factors the method keeps, ``{"F": ...}`` for norm blocks): copies.
 
         ``torch.kron(G, A)`` approximates the curvature block of the loss (of the batch-mean
         loss; ``reduction="sum"``: of the sum) w.r.t.
         ``torch.cat([W, b[:, None]], 1).flatten()`` (see ``docs/conventions.md``).
         """
-        return {b.name: {f: self._state[f"{b.name}.{f}"].clone() for f in b.factors} for b in self.plan.blocks}
+        return {b.name: {f: self._state[f"{b.name}.{f}"].clone() for f in self.method.factors_kept(b)}
+                for b in self.plan.blocks}
 
     # ------------------------------------------------------------------ ahead of time
     def export(self, path: str | os.PathLike) -> str:

@@ -97,8 +97,8 @@ def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, 
 
     state: dict[str, StateSpec] = {}
     for b in blocks:
-        for f, shape in b.block.factor_shapes.items():
-            state[b.key(f)] = StateSpec(shape)
+        for f in method.factors_kept(b.block):
+            state[b.key(f)] = StateSpec(b.block.factor_shapes[f])
         state.update({b.key(k): spec for k, spec in method.state(b.block).items()})
 
     fallback_params = [p for p in forward.params if all(p not in b.block.placeholders for b in blocks)]
@@ -122,8 +122,8 @@ def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, 
             method.write_statistics(w, blocks)
         with w.indent("else:"):
             for b in blocks:
-                for f, var in b.factors.items():
-                    w.line(f"{var} = {b.state(f)}")
+                for f in method.factors_kept(b.block):
+                    w.line(f"{b.factors[f]} = {b.state(f)}")
         if any(method.preconditioner(b.block) for b in blocks):
             with w.indent("if refresh:", when="refresh"):
                 method.write_refresh(w, blocks)

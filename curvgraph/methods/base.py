@@ -170,9 +170,14 @@ class Method(ABC):
     def preconditioner(self, block: Block) -> tuple[str, ...]:
         """State entries of ``block`` that ``write_refresh`` recomputes (read from the state otherwise)."""
 
+    def factors_kept(self, block: Block) -> tuple[str, ...]:
+        """The factors of ``block`` the method reads, kept in the state and averaged in ``write_statistics``
+        (all of them by default; a method that maintains a side by other means leaves it out)."""
+        return tuple(block.factors)
+
     @abstractmethod
     def state(self, block: Block) -> dict[str, StateSpec]:
-        """State tensors of ``block`` besides the factors (which are always kept)."""
+        """State tensors of ``block`` besides the factors of :meth:`factors_kept` (which are always kept)."""
 
     @abstractmethod
     def write_statistics(self, w: "StepWriter", blocks: list["BlockVars"]) -> None:

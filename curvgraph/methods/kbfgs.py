@@ -318,6 +318,12 @@ class KBFGS(Method):
     def _output_state(self, block: Block, factor: str) -> dict[str, StateSpec]:
         return {f"{factor}_inv": StateSpec(block.factors[factor].shape, "eye")}
 
+    def factors_kept(self, block: Block) -> tuple[str, ...]:
+        """The input-side factor, and a diagonal output-side one (inverted elementwise); a dense output side is
+        kept by BFGS on pre-activation pairs, not from its factor."""
+        out, inp = self.sides(block)
+        return (inp,) if self.paired(block) or out is None else (out, inp)
+
     def preconditioner(self, block: Block) -> tuple[str, ...]:
         return ()
 
@@ -339,7 +345,7 @@ class KBFGS(Method):
                 raise CompileError(
                     f"curvgraph: K-BFGS needs each block's example rows; block kind {b.kind.name!r} (block "
                     f"{b.block.name!r}) does not define write_example_rows(). Implement it, or use method='kfac'.")
-            for f in b.factors:
+            for f in self.factors_kept(b.block):
                 w.line(f"{b.factors[f]} = {w.call(ema, b.state(f), b.batch_factors[f], w.hyper('ema'))}")
                 w.commit(b.state(f), b.factors[f], when="update_stats")
                 w.check(b.factors[f], when="update_stats")
@@ -435,15 +441,15 @@ class KBFGS(Method):
         update) and the damped update of ``H_g`` (about ``10 d_g^2``; K-BFGS(L): the damping's
         ``H y`` and the new column of ``R^{-1}``, about ``2 m^2 d_g``). ``extra_forward_backward``: the second forward/backward at the
         updated parameters, the block's own ``forward_backward`` (blocks with an output
-        side; norm blocks need none). ``state_bytes``: factors, inverse factors (or pairs),
-        momentum, averaged pair.
+        side; norm blocks need none). ``state_bytes``: the factors kept (:meth:`factors_kept`),
+        inverse factors (or pairs), momentum, averaged pair.
         """
         out, inp = self.sides(block)
         numel = math.prod(block.matrix_shape)
         spec = block.factors[inp]
         precondition = 2 * numel * spec.dim
         update = math.prod(spec.lead) * (14 * spec.dim**2)
-        floats = sum(math.prod(f.shape) for f in block.factors.values()) + math.prod(spec.shape) + numel
+        floats = sum(math.prod(block.factors[f].shape) for f in self.factors_kept(block)) + math.prod(spec.shape) + numel
         extra = sympy.Integer(0)
         if self.paired(block):
             p, u, f = self._output_cost(block, out)

@@ -39,3 +39,9 @@ class CompileError(CurvgraphError):
 
 class NonFiniteStepWarning(RuntimeWarning):
     """A step produced a non-finite loss or update and was skipped."""
+
+
+class DegenerateBlockWarning(RuntimeWarning):
+    """A curvature block degenerated in a step (a factor that could not be inverted, statistics that are not
+    finite); the message names the block and what the step did instead. Warned once per block and cause;
+    :meth:`curvgraph.CurvatureOptimizer.diagnostics` counts every occurrence."""

@@ -169,6 +169,8 @@ def _spec(opt: "CurvatureOptimizer") -> str:
         ("factor_dtype", _literal(generated.factor_dtype), None),
         ("hyper", _mapping(hyper, 8), "the step's hyper-parameters"),
         ("first_statistics", _mapping(first, 8), "overrides until the first statistics step succeeded"),
+        ("degenerations", _lines(tuple(d.describe() for d in generated.degenerations), 8),
+         "what each of the step's degenerate flags reports (warned once each)"),
     ]
     lines = ["SPEC = {"]
     for key, value, comment in entries:
@@ -219,6 +221,14 @@ def _literal(value: object) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(map(_literal, value)) + "]"
     raise TypeError(f"no literal for {type(value).__name__}")
+
+
+def _lines(values: tuple[object, ...], indent: int) -> str:
+    """A tuple literal with one item per line."""
+    if not values:
+        return "()"
+    pad = " " * indent
+    return "(\n" + "".join(f"{pad}{_literal(v)},\n" for v in values) + " " * (indent - 4) + ")"
 
 
 def _mapping(values: dict[str, object], indent: int) -> str:

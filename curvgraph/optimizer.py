@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .codegen import GeneratedStep
 from .curvature.losses import LossSpec
-from .errors import CompileError, ConfigError, InputError, NonFiniteStepWarning, NotCapturedError
+from .errors import CompileError, ConfigError, DegenerateBlockWarning, InputError, NonFiniteStepWarning, NotCapturedError
 from .instrument import InstrumentedForward
 from .methods.base import Method
 from .methods.fallback import FallbackRule
@@ -247,6 +247,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
             what = "compiled and ran" if compiled else "ran (a graph compiled before fits; nothing compiled)"
             print(f"curvgraph: {what} in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+        self._warn_degenerate()
         if not ok:
             warnings.warn(
                 f"curvgraph: step {self._runner.step_count} skipped: the loss ({loss.item():.4g}) or the update is not "
@@ -256,6 +257,18 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 stacklevel=3,  # past torch.optim's step wrapper, to the caller
             )
         return loss
+
+    def _warn_degenerate(self) -> None:
+        """One :class:`~curvgraph.DegenerateBlockWarning` for each block and cause the last step raised for the
+        first time."""
+        for i in self._runner.new_degenerate:
+            warnings.warn(
+                f"curvgraph: step {self._runner.step_count}: {self._generated.degenerations[i].describe()}. "
+                "Warned once; opt.diagnostics() counts every step. If it persists, raise damping or check the "
+                "scale of the inputs.",
+                DegenerateBlockWarning,
+                stacklevel=4,  # past _warn_degenerate, step and torch.optim's step wrapper, to the caller
+            )
 
     def _hyper_values(self, first_statistics: bool) -> dict[str, float]:
         """The step's hyper-parameters as floats, read from ``param_groups``."""
@@ -336,6 +349,28 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """
         return {b.name: {f: self._state[f"{b.name}.{f}"].clone() for f in self.method.factors_kept(b)}
                 for b in self.plan.blocks}
+
+    def diagnostics(self) -> dict[str, dict[str, Any]]:
+        """Block name -> ``{"kind": ..., "degenerate": {cause: steps}, "last_degenerate_step": step or None}``.
+
+        A block *degenerates* in a step when its method could not invert or decompose
+        one of its factors (rank-deficient, all-zero or badly scaled statistics: the step
+        then keeps the previous inverse, the identity before the first success, see
+        ``docs/conventions.md``) or when its statistics of the batch are not finite (the
+        step is skipped). ``degenerate`` maps each cause that occurred to the number of
+        steps it occurred in; steps count from 1. The first occurrence of each cause warns
+        with :class:`~curvgraph.DegenerateBlockWarning`.
+        """
+        report: dict[str, dict[str, Any]] = {b.name: {"kind": b.kind, "degenerate": {}, "last_degenerate_step": None}
+                                             for b in self.plan.blocks}
+        runner = self._runner
+        for degeneration, steps, last in zip(self._generated.degenerations, runner.degenerate_steps,
+                                             runner.last_degenerate):
+            if steps:
+                entry = report[degeneration.block]
+                entry["degenerate"][degeneration.message] = steps
+                entry["last_degenerate_step"] = max(last, entry["last_degenerate_step"] or 0)
+        return report
 
     # ------------------------------------------------------------------ ahead of time
     def export(self, path: str | os.PathLike) -> str:

@@ -66,7 +66,7 @@ class StepRunner:
 
     Args:
         step: the generated ``step(params, frozen, buffers, constants, inputs, targets,
-            state, hyper, noise, update_stats, refresh) -> (loss, ok)``, compiled or not.
+            state, hyper, noise, update_stats, refresh) -> (loss, ok, degenerate)``, compiled or not.
         noise_shape: the generated ``noise_shape(inputs)`` (the model output's shape).
         state: state key -> ``(shape, init, dtype)`` (see :func:`initial_state`).
         noise: ``"uniform"`` or ``"normal"``: the Monte-Carlo Fisher's noise
@@ -83,6 +83,11 @@ class StepRunner:
     succeeded; a refresh every ``invert_every`` steps and until one succeeded, but
     never before any statistics exist. A step that is not finite (``ok`` false)
     changes nothing but the step counter and :attr:`skipped_steps`.
+
+    Degenerate blocks: the step's ``degenerate`` flags (one per way a block can
+    degenerate, in the generator's order) are counted in :attr:`degenerate_steps`;
+    :attr:`last_degenerate` holds the step number (1-based) each flag was last raised at and
+    :attr:`new_degenerate` the flags the last step raised for the first time (to warn once).
     """
 
     def __init__(self, step: Callable, noise_shape: Callable, state: Mapping[str, tuple[tuple[int, ...], str, torch.dtype]],
@@ -103,6 +108,9 @@ class StepRunner:
         self.skipped_steps = 0
         self.factors_ready = False
         self.refreshed = False
+        self.degenerate_steps: list[int] = []
+        self.last_degenerate: list[int | None] = []
+        self.new_degenerate: list[int] = []
         self._hyper_values: dict[str, float] = {}
         self._hyper_tensors: dict[str, Tensor] = {}
 
@@ -140,9 +148,10 @@ class StepRunner:
         noise = self.sample_noise(batch) if self.noise is not None and update_stats else None
         mark_dynamic(batch, self.dynamic_dims, targets, noise)
         hyper = self.hyper(hyper_values(not self.factors_ready))
-        loss, ok = self.step_fn(tuple(params), tuple(frozen), tuple(buffers), tuple(constants), batch, targets,
-                                self.state, hyper, noise, update_stats, refresh)
+        loss, ok, degenerate = self.step_fn(tuple(params), tuple(frozen), tuple(buffers), tuple(constants), batch,
+                                            targets, self.state, hyper, noise, update_stats, refresh)
         self.step_count += 1
+        self._record_degenerate(degenerate)
         ok = bool(ok)
         if ok:
             self.factors_ready |= update_stats
@@ -150,6 +159,16 @@ class StepRunner:
         else:
             self.skipped_steps += 1
         return loss, ok
+
+    def _record_degenerate(self, degenerate: Tensor) -> None:
+        flags = degenerate.tolist()
+        if len(self.degenerate_steps) != len(flags):
+            self.degenerate_steps, self.last_degenerate = [0] * len(flags), [None] * len(flags)
+        self.new_degenerate = [i for i, raised in enumerate(flags) if raised and not self.degenerate_steps[i]]
+        for i, raised in enumerate(flags):
+            if raised:
+                self.degenerate_steps[i] += 1
+                self.last_degenerate[i] = self.step_count
 
     def state_dict(self) -> dict[str, Any]:
         """The state tensors (copies), counters and the generator state."""
@@ -160,6 +179,8 @@ class StepRunner:
             "factors_ready": self.factors_ready,
             "refreshed": self.refreshed,
             "generator": self.generator.get_state(),
+            "degenerate_steps": list(self.degenerate_steps),
+            "last_degenerate": list(self.last_degenerate),
         }
 
     def check_state_dict(self, state_dict: Mapping[str, Any]) -> str | None:
@@ -183,6 +204,9 @@ class StepRunner:
         self.factors_ready = state_dict["factors_ready"]
         self.refreshed = state_dict["refreshed"]
         self.generator.set_state(state_dict["generator"])
+        self.degenerate_steps = list(state_dict.get("degenerate_steps", []))
+        self.last_degenerate = list(state_dict.get("last_degenerate", []))
+        self.new_degenerate = []
 
 
 class ExportedStep:
@@ -207,6 +231,7 @@ class ExportedStep:
         self._buffer_names = list(spec["buffers"])
         self.n_inputs = spec["inputs"]
         self.keys = spec["keys"]
+        self.degenerations = tuple(spec.get("degenerations", ()))
         device = self._params[0].device
         self.constants = tuple(c.to(device) for c in constants)
         self.runner = StepRunner(compiled_step(step, backend), noise_shape, spec["state"], spec["noise"],
@@ -232,6 +257,8 @@ class ExportedStep:
             raise ValueError(f"this step takes {self.n_inputs} input tensor(s), got {len(batch)}")
         params, frozen, buffers = model_tensors(self.model, self._params, self._frozen_names, self._buffer_names)
         loss, ok = self.runner.run(params, frozen, buffers, self.constants, batch, targets, self._hyper_values)
+        for i in self.runner.new_degenerate:
+            warnings.warn(f"step {self.runner.step_count}: {self.degenerations[i]}", RuntimeWarning, stacklevel=2)
         if not ok:
             warnings.warn(f"step {self.runner.step_count} skipped: the loss ({loss.item():.4g}) or the update is "
                           "not finite; parameters, buffers and optimizer state are unchanged.", RuntimeWarning,

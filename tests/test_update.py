@@ -179,6 +179,7 @@ def test_failed_factorization_keeps_the_previous_inverse():
 
     factor = torch.stack([torch.diag(torch.tensor([-5.0, 1.0, 1.0])), torch.eye(3)])
     previous = torch.full((2, 3, 3), 7.0)
-    inverse = damped_inverse(factor, torch.tensor([0.0, 1.0]), previous)
+    inverse, failed = damped_inverse(factor, torch.tensor([0.0, 1.0]), previous)
     torch.testing.assert_close(inverse[0], previous[0])
     torch.testing.assert_close(inverse[1], torch.eye(3) / 2)
+    assert failed.tolist() == [True, False]

@@ -10,7 +10,11 @@ The source is a self-contained module that needs torch alone:
 * ``step(...)``: straight-line code over the model's blocks -- forward and backward
   with ``torch.func.vjp``, the Fisher's extra backward, factor statistics, batched
   preconditioner refresh, preconditioning, the parameter update and a non-finite guard
-  that leaves every tensor unchanged when the step is not finite.
+  that leaves every tensor unchanged when the step is not finite. It returns
+  ``(loss, ok, degenerate)``: ``degenerate`` holds one bool per
+  :class:`~curvgraph.codegen.writer.Degeneration` (:attr:`GeneratedStep.degenerations`),
+  true when that block degenerated in this step (a factor of the batch that is not
+  finite, a factor its method could not invert or decompose).
 
 ``step`` takes two static flags, ``update_stats`` and ``refresh``; ``torch.compile``
 specializes one graph per combination that the schedule uses.
@@ -33,12 +37,17 @@ from ..errors import CompileError
 from ..instrument import InstrumentedForward
 from ..leaf import leaf_call
 from ..plan import Plan, Shape
-from .writer import BlockVars, StateSpec, StepWriter, helper_sources
+from .writer import BlockVars, Degeneration, StateSpec, StepWriter, helper_sources
 
 
 def all_finite(*tensors: Tensor) -> Tensor:
     """Whether every entry of every tensor is finite (a 0-d bool tensor)."""
     return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+
+
+def not_finite(tensor: Tensor) -> Tensor:
+    """Whether some entry of ``tensor`` is not finite (a 0-d bool tensor)."""
+    return ~torch.isfinite(tensor).all()
 
 
 def commit_(target: Tensor, value: Tensor, ok: Tensor) -> None:
@@ -48,11 +57,15 @@ def commit_(target: Tensor, value: Tensor, ok: Tensor) -> None:
 
 @dataclass
 class GeneratedStep:
-    """The generated module source and what the optimizer needs to run it."""
+    """The generated module source and what the optimizer needs to run it.
+
+    ``degenerations[i]`` is what the step's ``degenerate[i]`` flag reports.
+    """
 
     source: str
     state: dict[str, StateSpec] = field(default_factory=dict)
     factor_dtype: torch.dtype = torch.float32
+    degenerations: list[Degeneration] = field(default_factory=list)
 
 
 def shape_code(shape: Shape, dims: dict[sympy.Symbol, tuple[int, int]]) -> str:
@@ -119,6 +132,9 @@ def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, 
             _write_fisher(w, loss, fisher)
             for b in blocks:
                 b.kind.write_batch_factors(w, b, factor_dtype)
+                for f, var in b.batch_factors.items():
+                    w.flag(b.block, f"factor {f} of the batch is not finite (the layer's inputs or output gradients "
+                           f"overflow {factor_dtype}); the step was skipped", w.call(not_finite, var))
             method.write_statistics(w, blocks)
         with w.indent("else:"):
             for b in blocks:
@@ -148,7 +164,8 @@ def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, 
     _write_commits(w)
 
     source = _assemble(plan, forward, dims, method, fallback, loss, fisher, w)
-    return GeneratedStep(source=source, state=state, factor_dtype=factor_dtype)
+    return GeneratedStep(source=source, state=state, factor_dtype=factor_dtype,
+                         degenerations=[degeneration for _, degeneration, _ in w.flags])
 
 
 def _write_forward_backward(w: StepWriter, forward: InstrumentedForward, dims, loss: LossSpec,
@@ -237,7 +254,23 @@ def _write_commits(w: StepWriter) -> None:
             with w.indent(f"if {flag}:"):
                 for target, value in commits:
                     w.line(f"{w.call(commit_, target, value, 'ok')}")
-    w.line("return loss.detach(), ok")
+    _write_degenerate(w)
+    w.line("return loss.detach(), ok, degenerate")
+
+
+def _write_degenerate(w: StepWriter) -> None:
+    """``degenerate``: one bool per flag, false where the flag's branch did not run in this step."""
+    w.line()
+    w.line("# degenerate blocks (see GeneratedStep.degenerations), reported whether or not the step was taken")
+    no = "torch.zeros((), dtype=torch.bool, device=loss.device)"
+    flags = [value if when is None else f"({value} if {when} else {no})" for when, _, value in w.flags]
+    if not flags:
+        w.line("degenerate = torch.zeros(0, dtype=torch.bool, device=loss.device)")
+        return
+    w.line("degenerate = torch.stack([")
+    for (_, degeneration, _), flag in zip(w.flags, flags):
+        w.line(f"    {flag},  # {degeneration.block}: {degeneration.message.split(';')[0]}")
+    w.line("])")
 
 
 def _unpack(names) -> str:
@@ -255,8 +288,8 @@ def _assemble(plan: Plan, forward: InstrumentedForward, dims, method: "Method", 
         f"blocks: {', '.join(f'{b.name} ({b.kind} {b.dims})' for b in plan.blocks) or 'none'}",
         f"fallback parameters: {', '.join(plan.fallback_params) or 'none'}",
         "",
-        "Runs with torch alone. step(...) returns (loss, ok); ok is False when the step was",
-        "not finite and nothing was changed.",
+        "Runs with torch alone. step(...) returns (loss, ok, degenerate); ok is False when the",
+        "step was not finite and nothing was changed; degenerate flags the blocks that degenerated.",
         '"""',
         "",
         "from __future__ import annotations",

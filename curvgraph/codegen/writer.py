@@ -41,6 +41,24 @@ class StateSpec:
 
 
 @dataclass(frozen=True)
+class Degeneration:
+    """One way a block can degenerate in a step, reported by the step's ``degenerate`` flags.
+
+    ``message`` says what happened and what the step did instead, for a warning and
+    :meth:`curvgraph.CurvatureOptimizer.diagnostics`, e.g. ``"factor A could not be
+    inverted ...; kept the previous inverse"``.
+    """
+
+    block: str
+    kind: str
+    message: str
+
+    def describe(self) -> str:
+        """``"block '<name>' (<kind>): <message>"``."""
+        return f"block '{self.block}' ({self.kind}): {self.message}"
+
+
+@dataclass(frozen=True)
 class UseVars:
     """Expressions, in the generated step, of one use's layer inputs ``a`` and of the
     backpropagated output vectors ``g`` of its outputs (statistics steps only)."""
@@ -124,6 +142,7 @@ class StepWriter:
         self.helpers: dict[Callable, str] = {}
         self.commits: list[tuple[str | None, str, str]] = []
         self.checks: list[tuple[str | None, str]] = []
+        self.flags: list[tuple[str | None, Degeneration, str]] = []
         self._when: str | None = None
         self._idents: dict[str, str] = {}
 
@@ -175,6 +194,16 @@ class StepWriter:
     def check(self, value: str, when: str | None = None) -> None:
         """Make the step's ``ok`` require ``value`` to be finite (a tensor expression)."""
         self.checks.append((when or self._when, value))
+
+    def flag(self, block: Block, message: str, value: str, when: str | None = None) -> None:
+        """Report that ``block`` degenerated when ``value`` (a 0-d bool tensor expression) is true.
+
+        The step returns one flag per call (false in steps whose branch did not run);
+        the optimizer counts them per block and warns the first time each one is
+        raised. ``message`` says what failed and what the step did instead (kept the
+        previous inverse, skipped the step, ...).
+        """
+        self.flags.append((when or self._when, Degeneration(block.name, block.kind, message), value))
 
     def ident(self, name: str) -> str:
         """A Python identifier for ``name``, unique within this step."""

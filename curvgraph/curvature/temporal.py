@@ -51,6 +51,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ...curvature.linalg import stable_eigh
+
 
 def lag_moments(steps: tuple[Tensor, ...], bias: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     r"""``(M_0, M_1)``: :math:`M_0 = \operatorname{mean}_{n,t} \bar x_{n,t}\bar x_{n,t}^\top`,
@@ -80,7 +82,7 @@ def zeta(x: Tensor, steps: int) -> Tensor:
 
 def _sym_power(m: Tensor, power: float) -> Tensor:
     """``m ** power`` for a symmetric positive definite ``m`` by its eigendecomposition."""
-    values, vectors = torch.linalg.eigh(m)
+    values, vectors, _ = stable_eigh(m)
     return (vectors * values.clamp_min(torch.finfo(m.dtype).tiny) ** power) @ vectors.T
 
 
@@ -105,23 +107,24 @@ def chain_basis(a0: Tensor, a1: Tensor, g0: Tensor, g1: Tensor, steps: int, eps:
     :math:`L = G_0^{-1/2} U_G`, :math:`R = A_0^{-1/2} U_A`, :math:`S = 1/\zeta_T(\psi_G \psi_A^\top)`
     (arguments as in :func:`option1_precondition`)."""
     a_isqrt, g_isqrt = _sym_power(a0, -0.5), _sym_power(g0, -0.5)
-    psi_a, u_a = torch.linalg.eigh(a_isqrt @ (0.5 * (a1 + a1.T)) @ a_isqrt)
-    psi_g, u_g = torch.linalg.eigh(g_isqrt @ (0.5 * (g1 + g1.T)) @ g_isqrt)
+    psi_a, u_a, _ = stable_eigh(a_isqrt @ (0.5 * (a1 + a1.T)) @ a_isqrt)
+    psi_g, u_g, _ = stable_eigh(g_isqrt @ (0.5 * (g1 + g1.T)) @ g_isqrt)
     psi_a, psi_g = psi_a.clamp(-1 + eps, 1 - eps), psi_g.clamp(-1 + eps, 1 - eps)
     return g_isqrt @ u_g, a_isqrt @ u_a, 1.0 / zeta(torch.outer(psi_g, psi_a), steps)
 
 
 def option1_basis(a: Tensor, g: Tensor, a_lag: Tensor, g_lag: Tensor, shift_a: Tensor, shift_g: Tensor,
-                  steps: int, previous: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+                  steps: int, previous: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     r"""The step's refresh: :func:`chain_basis` for curvgraph's expand factors ``A``, ``G`` (:math:`G \otimes A = T V_0`)
     damped by ``shift_a``/``shift_g`` (K-FAC's factored Tikhonov shifts), and their lag-1 moments in the same
     normalization: :math:`V_0 = (G + s_G I)/T \otimes (A + s_A I)`, :math:`V_1 = G_{lag}/T \otimes A_{lag}`.
-    Keeps ``previous`` if the result is not finite."""
+    Returns ``(L, R, S, failed)``: ``previous`` and ``failed`` true if an input or the result is not finite
+    (the decompositions never raise: :func:`~curvgraph.curvature.linalg.stable_eigh`)."""
     eye_a = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
     eye_g = torch.eye(g.shape[-1], dtype=g.dtype, device=g.device)
     new = chain_basis(a + shift_a * eye_a, a_lag, (g + shift_g * eye_g) / steps, g_lag / steps, steps)
-    good = torch.stack([torch.isfinite(t).all() for t in new]).all()
-    return tuple(torch.where(good, n, p) for n, p in zip(new, previous))  # type: ignore[return-value]
+    good = torch.stack([torch.isfinite(t).all() for t in new + (a, g, a_lag, g_lag)]).all()
+    return tuple(torch.where(good, n, p) for n, p in zip(new, previous)) + (~good,)  # type: ignore[return-value]
 
 
 def option1_apply(grad: Tensor, left: Tensor, right: Tensor, scale: Tensor) -> Tensor:

@@ -65,6 +65,7 @@ from torch import Tensor
 
 from ..codegen.writer import BlockVars, StateSpec, StepWriter
 from ..curvature.kronecker import example_matrices
+from ..curvature.linalg import stable_eigh
 from ..kinds.base import has_example_rows
 from ..plan import Block
 from ..registry import KINDS, register_method
@@ -76,14 +77,15 @@ from .kfac import KFAC, apply_inverse, ema
 EIGH_FLOPS = 9
 
 
-def eigenbasis(factor: Tensor, previous_values: Tensor, previous_basis: Tensor) -> tuple[Tensor, Tensor]:
+def eigenbasis(factor: Tensor, previous_values: Tensor, previous_basis: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     r"""Eigenvalues ``(..., d)`` (ascending, clamped at 0) and orthonormal eigenvectors ``(..., d, d)`` (columns)
     of the symmetric PSD ``factor`` ``(..., d, d)``, :math:`F = Q \operatorname{diag}(\lambda) Q^\top`,
-    batched over leading dims; keeps the previous values and basis of a matrix whose result is not finite."""
-    values, vectors = torch.linalg.eigh(factor)
-    good = torch.isfinite(vectors).all(-1).all(-1) & torch.isfinite(values).all(-1)
+    batched over leading dims, and ``failed`` (shape ``...``): the matrices whose factor or result is not
+    finite, which keep the previous values and basis (:func:`~curvgraph.curvature.linalg.stable_eigh`:
+    never raises)."""
+    values, vectors, good = stable_eigh(factor)
     values = torch.where(good[..., None], values.clamp_min(0), previous_values)
-    return values, torch.where(good[..., None, None], vectors, previous_basis)
+    return values, torch.where(good[..., None, None], vectors, previous_basis), ~good
 
 
 def rotate_rows(rows: Tensor, basis: Tensor | None) -> Tensor:
@@ -184,12 +186,16 @@ class EKFAC(KFAC):
         for shape, members in groups.items():
             values = [b.var(f"{f}_eigenvalues") for b, f in members]
             bases = [b.var(f"{f}_basis") for b, f in members]
+            failed = [b.var(f"{f}_failed") for b, f in members]
             write_batched(w, eigenbasis,
                           [[b.factors[f], b.state(f"{f}_eigenvalues"), b.state(f"{f}_basis")] for b, f in members],
-                          [list(pair) for pair in zip(values, bases)], f"factors of shape {'x'.join(map(str, shape))}")
-            for (b, f), value, basis in zip(members, values, bases):
+                          [list(triple) for triple in zip(values, bases, failed)],
+                          f"factors of shape {'x'.join(map(str, shape))}")
+            for (b, f), value, basis, fail in zip(members, values, bases, failed):
                 w.commit(b.state(f"{f}_eigenvalues"), value, when="refresh")
                 w.commit(b.state(f"{f}_basis"), basis, when="refresh")
+                w.flag(b.block, f"factor {f} could not be decomposed (not finite, or eigh failed); kept the previous "
+                       "eigenbasis and eigenvalues (the identity and ones before the first success)", f"{fail}.any()")
 
     def write_preconditioned(self, w: StepWriter, blocks: list[BlockVars]) -> None:
         """The scaling (statistics steps: after the refresh, so in this step's bases), then :math:`V`."""

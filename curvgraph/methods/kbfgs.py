@@ -380,8 +380,11 @@ class KBFGS(Method):
             if self.paired(b.block):
                 V = self._write_output_apply(w, b, out, V)
             elif out is not None:  # a diagonal output-side factor: its damped reciprocal, elementwise
-                reciprocal = w.call(damped_diagonal_inverse, b.factors[out], "lam_A",
-                                    f"torch.ones_like({b.factors[out]})")
+                reciprocal, failed = b.var(f"{out}_reciprocal"), b.var(f"{out}_failed")
+                call = w.call(damped_diagonal_inverse, b.factors[out], "lam_A", f"torch.ones_like({b.factors[out]})")
+                w.line(f"{reciprocal}, {failed} = {call}")
+                w.flag(b.block, f"factor {out} could not be inverted at its damping (an entry is not positive and "
+                       "finite); used ones (no preconditioning) on that side", f"{failed}.any()")
                 V = w.call(apply_inverse, V, reciprocal, -2, True)
             w.line(f"{b.var('V')} = {V}")
             w.line(f"{b.direction} = {w.hyper('lr')} * {b.var('V')}")

@@ -84,13 +84,16 @@ def factored_damping(factors: tuple[Tensor, ...], diagonal: tuple[bool, ...], da
     return tuple(root * (m.log() - log_geometric_mean).exp() for m in means)
 
 
-def damped_inverse(factor: Tensor, shift: Tensor, previous: Tensor) -> Tensor:
+def damped_inverse(factor: Tensor, shift: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
     r""":math:`(F + s I)^{-1}` by Cholesky, batched over leading dims; keeps ``previous`` where it fails.
 
     Args:
         factor: symmetric PSD matrices ``(..., d, d)``.
         shift: damping ``s`` per matrix, shape ``(...)``.
         previous: the inverses to keep where the factorization fails or is not finite.
+
+    Returns:
+        The inverses ``(..., d, d)`` and ``failed`` (shape ``...``): where ``previous`` was kept.
     """
     eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
     chol, info = torch.linalg.cholesky_ex(factor + shift[..., None, None] * eye)
@@ -98,15 +101,16 @@ def damped_inverse(factor: Tensor, shift: Tensor, previous: Tensor) -> Tensor:
     # a failed factorization can leave a zero on the diagonal, which cholesky_inverse rejects: invert I there
     inverse = torch.cholesky_inverse(torch.where(factored[..., None, None], chol, eye))
     good = factored & torch.isfinite(inverse).all(-1).all(-1)
-    return torch.where(good[..., None, None], inverse, previous)
+    return torch.where(good[..., None, None], inverse, previous), ~good
 
 
-def damped_diagonal_inverse(factor: Tensor, shift: Tensor, previous: Tensor) -> Tensor:
+def damped_diagonal_inverse(factor: Tensor, shift: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
     r""":math:`1 / (f + s)` for diagonal factors ``(..., d)`` stored as vectors; keeps ``previous``
-    for a matrix (leading index) where an entry is not positive and finite."""
+    for a matrix (leading index) where an entry is not positive and finite. Returns the inverses
+    and ``failed`` (shape ``...``): where ``previous`` was kept."""
     damped = factor + shift[..., None]
     good = ((damped > 0) & torch.isfinite(damped)).all(-1, keepdim=True)
-    return torch.where(good, 1.0 / damped, previous)
+    return torch.where(good, 1.0 / damped, previous), ~good[..., 0]
 
 
 def apply_inverse(matrix: Tensor, inverse: Tensor, axis: int, diagonal: bool, symmetric: bool = True) -> Tensor:
@@ -299,19 +303,25 @@ class KFAC(Method):
                 call = w.call(option1_basis, b.factors["A"], b.factors["G"], b.var("A_lag"), b.var("G_lag"),
                               shifts[b.id, "A"], shifts[b.id, "G"], b.block.dims["steps"],
                               w.pack(b.state(k) for k in keys))
-                w.line(f"{', '.join(b.var(k) for k in keys)} = {call}")
+                w.line(f"{', '.join(b.var(k) for k in keys)}, {b.var('failed')} = {call}")
                 for k in keys:
                     w.commit(b.state(k), b.var(k), when="refresh")
+                w.flag(b.block, "the temporal (option 1) preconditioner could not be computed (a factor or the result "
+                       "is not finite); kept the previous one (the identity before the first success)", b.var("failed"))
                 continue
             for name, f in b.block.factors.items():
                 groups[f.shape, f.diagonal].append((b, name))
         for (shape, diagonal), members in groups.items():
             inverse = damped_diagonal_inverse if diagonal else damped_inverse
             targets = [b.var(f"{f}_inv") for b, f in members]
+            failed = [b.var(f"{f}_failed") for b, f in members]
             write_batched(w, inverse, [[b.factors[f], shifts[b.id, f], b.state(f"{f}_inv")] for b, f in members],
-                          [[t] for t in targets], f"factors of shape {'x'.join(map(str, shape))}")
-            for (b, f), target in zip(members, targets):
+                          [list(pair) for pair in zip(targets, failed)], f"factors of shape {'x'.join(map(str, shape))}")
+            for (b, f), target, fail in zip(members, targets, failed):
                 w.commit(b.state(f"{f}_inv"), target, when="refresh")
+                w.flag(b.block, f"factor {f} could not be inverted at its damping shift (Cholesky failed or the inverse "
+                       "is not finite); kept the previous inverse (the identity before the first success)",
+                       f"{fail}.any()")
 
     def write_preconditioned(self, w: StepWriter, blocks: list[BlockVars]) -> None:
         """Assign every block's preconditioned gradient ``b.var('V')`` (:func:`kfac_precondition`); the

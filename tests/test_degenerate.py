@@ -1,0 +1,184 @@
+"""Degenerate factors never crash a step, never write non-finite parameters, and are reported per block.
+
+Degenerate inputs (issue #14): the MLP of the issue on inputs of scale 1e6 (it used to raise
+``LinAlgError`` in ``cholesky_inverse``), all-zero and constant inputs, a dead ReLU layer, and
+inputs whose factors overflow float32. Every method, eager here; ``test_compiled_steps_survive``
+runs the decompositions that can raise (Cholesky, eigh) compiled.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import curvgraph
+from curvgraph.registry import METHODS
+
+STEPS = 3
+
+
+def issue_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 3))
+
+
+def dead_relu_mlp() -> nn.Module:
+    """Its ReLU is dead on negative inputs (positive weights, negative bias): the next layer sees zeros."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    with torch.no_grad():
+        model[0].weight.abs_()
+        model[0].bias.fill_(-0.1)
+    return model
+
+
+def batches(kind: str) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    make = {
+        "scale-1e6": lambda: 1e6 * torch.randn(8, 6, generator=g),
+        "zeros": lambda: torch.zeros(8, 6),
+        "constant": lambda: torch.full((8, 6), 3.0),
+        "dead-relu": lambda: -1 - torch.rand(8, 6, generator=g),
+        "overflow": lambda: 1e19 * torch.randn(8, 6, generator=g),  # x x^T overflows float32
+    }[kind]
+    return [make() for _ in range(STEPS)]
+
+
+def schedule(method: str) -> dict:
+    """Statistics and a refresh every step (SINGD's period is its ``T``)."""
+    return {"T": 1} if method == "singd" else {"invert_every": 1}
+
+
+def train(model: nn.Module, data: list[torch.Tensor], method: str, backend: str = "eager", **options):
+    """``STEPS`` steps on ``data``; returns the optimizer and the DegenerateBlockWarnings."""
+    opt = curvgraph.compile(model, (data[0],), method=method, backend=backend, progress=False, **schedule(method),
+                            **options)
+    targets = torch.randint(0, 3, (8,), generator=torch.Generator().manual_seed(2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for x in data:
+            loss = opt.step(x, targets)
+            assert torch.isfinite(loss)
+    return opt, [w for w in caught if issubclass(w.category, curvgraph.DegenerateBlockWarning)]
+
+
+def assert_finite(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all(), name
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("kind", ("scale-1e6", "zeros", "constant", "dead-relu"))
+def test_degenerate_inputs_train_with_finite_parameters(method, kind):
+    model = dead_relu_mlp() if kind == "dead-relu" else issue_mlp()
+    before = [p.clone() for p in model.parameters()]
+    opt, _ = train(model, batches(kind), method)
+    assert_finite(model)
+    assert opt.skipped_steps == 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_overflowing_statistics_skip_the_step_and_name_the_block(method):
+    """Inputs of scale 1e19 make the first layer's ``A`` overflow: every step is skipped, parameters keep their
+    values, the first layer is reported (one warning, every step counted) and its inverses keep their start."""
+    model = issue_mlp()
+    before = [p.clone() for p in model.parameters()]
+    opt, caught = train(model, batches("overflow"), method)
+    assert opt.skipped_steps == STEPS
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    report = opt.diagnostics()
+    assert report["0"]["kind"] == "dense"
+    overflow = [cause for cause in report["0"]["degenerate"] if cause.startswith("factor A of the batch is not finite")]
+    assert len(overflow) == 1 and report["0"]["degenerate"][overflow[0]] == STEPS
+    assert report["0"]["last_degenerate_step"] == STEPS
+    assert not report["4"]["degenerate"]  # the last layer's statistics are finite
+    messages = [str(w.message) for w in caught]
+    assert sum("block '0' (dense): factor A of the batch is not finite" in m for m in messages) == 1
+    assert all(m.startswith("curvgraph: step 1: block '0'") for m in messages)
+
+
+def test_failed_inverse_keeps_the_previous_one_and_warns_once():
+    """A factor that Cholesky rejects (made indefinite through the state dict, in refresh-only steps) keeps
+    the previous inverse while the block's other factor is refreshed; the block is named once."""
+    model = issue_mlp()
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    opt = curvgraph.compile(model, (x,), factor_every=10, invert_every=1, lr=0.01, backend="eager")
+    opt.step(x, y)  # statistics and the first refresh
+    state = opt.state_dict()
+    state["state"]["2.A"] = -torch.eye(65)
+    state["state"]["2.G"] = 2 * state["state"]["2.G"]
+    opt.load_state_dict(state)
+    with pytest.warns(curvgraph.DegenerateBlockWarning, match=r"block '2' \(dense\): factor A could not be inverted"):
+        opt.step(x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", curvgraph.DegenerateBlockWarning)
+        opt.step(x, y)  # the same cause again: counted, not warned
+    after = opt.state_dict()["state"]
+    assert torch.equal(after["2.A_inv"], state["state"]["2.A_inv"])
+    assert not torch.allclose(after["2.G_inv"], state["state"]["2.G_inv"])
+    assert_finite(model)
+    report = opt.diagnostics()
+    assert list(report["2"]["degenerate"].values()) == [2]
+    assert report["2"]["last_degenerate_step"] == 3
+    assert all(not entry["degenerate"] for name, entry in report.items() if name != "2")
+
+
+def test_a_first_inverse_that_fails_leaves_the_identity():
+    """Before any successful refresh the kept inverse is the initial one: the identity (documented)."""
+    model = issue_mlp()
+    opt, _ = train(model, batches("overflow"), "kfac")
+    state = opt.state_dict()["state"]
+    assert torch.equal(state["0.A_inv"], torch.eye(7))
+    assert torch.equal(state["0.G_inv"], torch.eye(64))
+
+
+def test_eigh_of_a_non_finite_factor_keeps_the_previous_basis():
+    """EKFAC's eigendecomposition of a NaN factor (a refresh-only step) neither raises nor changes the basis."""
+    model = issue_mlp()
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    opt = curvgraph.compile(model, (x,), method="ekfac", factor_every=10, invert_every=1, lr=0.01, backend="eager")
+    opt.step(x, y)
+    state = opt.state_dict()
+    state["state"]["2.G"] = torch.full((64, 64), float("nan"))
+    state["state"]["2.A"] = 2 * state["state"]["2.A"]
+    opt.load_state_dict(state)
+    with pytest.warns(curvgraph.DegenerateBlockWarning, match=r"block '2' \(dense\): factor G could not be decomposed"):
+        opt.step(x, y)
+    after = opt.state_dict()["state"]
+    assert torch.equal(after["2.G_basis"], state["state"]["2.G_basis"])
+    assert torch.equal(after["2.G_eigenvalues"], state["state"]["2.G_eigenvalues"])
+    torch.testing.assert_close(after["2.A_eigenvalues"], 2 * state["state"]["2.A_eigenvalues"])  # refreshed
+    assert_finite(model)
+
+
+def test_stable_eigh_matches_eigh_at_any_scale():
+    from curvgraph.curvature.linalg import stable_eigh
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 5, dtype=torch.float64)
+    factor = x @ x.T
+    for scale in (1e-30, 1.0, 1e30):
+        values, vectors, good = stable_eigh(scale * factor)
+        assert good
+        torch.testing.assert_close(vectors * values @ vectors.T, scale * factor, rtol=1e-10, atol=0)
+    batch = torch.stack([factor, torch.full((5, 5), float("inf")), torch.zeros(5, 5, dtype=torch.float64)])
+    values, vectors, good = stable_eigh(batch)
+    assert good.tolist() == [True, False, True]
+    assert torch.equal(values[2], torch.zeros(5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("method", ("kfac", "ekfac"))
+def test_compiled_steps_survive_overflow_and_rank_deficiency(method):
+    """Compiled (one graph: statistics and refresh every step), the Cholesky and eigh paths see factors that
+    are not finite (skipped, reported) and rank-deficient ones (trained)."""
+    model = issue_mlp()
+    data = batches("overflow")[:2] + batches("zeros")[:1]
+    opt, caught = train(model, data, method, backend="inductor")
+    assert opt.skipped_steps == 2
+    assert_finite(model)
+    assert opt.diagnostics()["0"]["degenerate"]
+    assert caught

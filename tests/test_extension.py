@@ -47,11 +47,11 @@ def test_new_kind_is_found_and_shown_in_the_plan(registered):
     assert [(b.name, b.kind, b.found_by) for b in plan.blocks] == [("fc", "dense", "dense"), ("s", "scale", "scale"),
                                                                     ("head", "dense", "dense")]
     assert plan.matches == {"rnn": 0, "dense": 2, "conv": 0, "norm": 0, "embedding": 0, "position": 0, "packed": 0,
-                            "tied": 0, "scale": 1}
+                            "tied": 0, "bias": 0, "scale": 1}
     block = plan.block("s")
     assert block.factors["F"] == curvgraph.Factor((6,), axis=-1, diagonal=True) and block.matrix_shape == (6,)
     text = str(plan)
-    assert "block passes (matches): rnn 0, dense 2, conv 0, norm 0, embedding 0, position 0, packed 0, tied 0, scale 1" in text and "F:6(diag)" in text
+    assert "block passes (matches): rnn 0, dense 2, conv 0, norm 0, embedding 0, position 0, packed 0, tied 0, bias 0, scale 1" in text and "F:6(diag)" in text
 
 
 def test_new_kind_without_registration_falls_back():

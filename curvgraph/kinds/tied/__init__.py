@@ -5,7 +5,8 @@ lookups (the weight as table) and ``aten.linear`` nodes (the weight as ``(V, d)`
 weight: ``z = h E^T``), as in ``self.head.weight = self.emb.weight`` or
 ``h @ self.emb.weight.T``. The block accumulates every use; its factors are the
 nearest single Kronecker product to the uses' sum (:mod:`.factors`). A bias of the
-head is not part of the block (it goes to the fallback). A ``padding_idx`` row gets no
+head is not part of the block: it gets a block of its own, output side only
+(:mod:`curvgraph.kinds.bias`). A ``padding_idx`` row gets no
 gradient from the lookups but does from the head (its logit), so unlike a plain
 embedding's it is trained like every other row.
 """
@@ -86,10 +87,6 @@ def find_tied_blocks(kind: BlockKind, traced: TracedModel, claims: Claims) -> li
                  and weight not in u.args[:1] + u.args[2:]]
         if not lookups or not heads or len(lookups) + len(heads) != len(weight.users):
             continue
-        for head in heads:
-            bias = head.args[2] if len(head.args) > 2 else None
-            if isinstance(bias, Node) and bias.name in params:
-                claims.reject(bias.name, f"the bias of the tied head at node '{head.name}' is not part of the tied block")
         vocab, features = (int(s) for s in weight.meta["val"].shape)
         uses = ([layer_use([n.args[1]], [n], sympy.Mul(*symbolic_shape(n.args[1])), trainable) for n in lookups]
                 + [layer_use([n.args[0]], [n], sympy.Mul(*symbolic_shape(n.args[0])[:-1]), trainable) for n in heads])

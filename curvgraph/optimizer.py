@@ -20,7 +20,7 @@ from .methods.base import Method
 from .methods.fallback import FallbackRule
 from .plan import Plan
 from .runtime import StepRunner, compiled_step, model_tensors
-from .trace import InputSpec, flatten_inputs
+from .trace import InputSpec, flatten_inputs, mode_dependent_modules
 
 # Inductor itself triggers this deprecation notice while compiling the step; users cannot act on it.
 warnings.filterwarnings("ignore", message="`torch._prims_common.check` is deprecated", category=FutureWarning)
@@ -172,6 +172,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._constants = tuple(captured.constants)
         self._frozen_names = [forward.names[p] for p in forward.frozen]
         self._buffer_names = [forward.names[b] for b in forward.buffers]
+        self._modes = mode_dependent_modules(self.model)
+        self._requires_grad = {name: p.requires_grad for name, p in self.model.named_parameters()}
         generated = captured.generated
         self._runner = StepRunner(
             compiled_step(captured.namespace["step"], self.backend), captured.namespace["noise_shape"],
@@ -224,6 +226,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise InputError(f"curvgraph: targets must be a tensor, got {type(targets).__name__}.")
         if self._captured is None:
             self.capture(inputs)
+        self._check_model()
         batch = self._arrange(batch, keys)
         self._check_batch(batch, targets)
         params, frozen, buffers = model_tensors(self.model, self._params, self._frozen_names, self._buffer_names)
@@ -268,6 +271,30 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 "scale of the inputs.",
                 DegenerateBlockWarning,
                 stacklevel=4,  # past _warn_degenerate, step and torch.optim's step wrapper, to the caller
+            )
+
+    def _check_model(self) -> None:
+        """An :class:`~curvgraph.InputError` if a parameter was frozen or unfrozen since ``compile``, or a module whose
+        forward depends on the mode (dropout, BatchNorm, ...) is not in the mode the step was captured in."""
+        toggled = [name for name, p in self.model.named_parameters() if p.requires_grad != self._requires_grad.get(name)]
+        if toggled:
+            now = self.model.get_parameter(toggled[0]).requires_grad
+            raise InputError(
+                f"curvgraph: parameter '{toggled[0]}' has requires_grad={now} but had {not now} when the step was "
+                "compiled; which parameters train (and their blocks) is fixed at compile. Compile again after "
+                "freezing or unfreezing parameters."
+            )
+        now = mode_dependent_modules(self.model)
+        changed = [name for name, training in self._modes.items() if now.get(name, training) != training]
+        if changed:
+            name = changed[0]
+            module = type(self.model.get_submodule(name)).__name__
+            then, later = ("train", "eval") if self._modes[name] else ("eval", "train")
+            more = f" (and {len(changed) - 1} more module(s))" if len(changed) > 1 else ""
+            raise InputError(
+                f"curvgraph: the step was compiled with module '{name or '<model>'}' ({module}) in {then} mode and runs "
+                f"the graph captured in that mode, but it is in {later} mode now{more}. Call model.{then}() before "
+                f"step, or compile again with the model in {later} mode to train it that way."
             )
 
     def _hyper_values(self, first_statistics: bool) -> dict[str, float]:

@@ -326,8 +326,9 @@ def trace(model: nn.Module, example_inputs: tuple[Tensor, ...], substitute: Subs
     The model is called as ``model(*example_inputs)``, or ``model(**dict(zip(keys,
     example_inputs)))`` when ``keys`` names keyword inputs; the graph's user inputs are
     in that order. ``output`` picks the prediction from what the model returns (see
-    :func:`select_output`). The model is exported in training mode (the mode the
-    generated step runs it in) and its previous mode is restored afterwards.
+    :func:`select_output`). The model is exported in the mode each of its modules is in
+    (``module.training``): the generated step runs it in that mode (see
+    :func:`mode_dependent_modules`).
     ``substitute`` (from the block kinds, see
     :meth:`curvgraph.kinds.base.BlockKind.substitute`) may return, for a submodule,
     a module computing the same function on the **same** Parameters (e.g. a recurrent
@@ -346,17 +347,39 @@ def trace(model: nn.Module, example_inputs: tuple[Tensor, ...], substitute: Subs
             return shells[id(module)]
         return None if id(module) in inside or substitute is None else substitute(module)
 
-    was_training = model.training
-    model.train()
+    modes = {module: module.training for module in model.modules()}
     try:
         if shells:
             _record_leaf_calls(model, example_inputs, keys, [s.key for s in shells.values()], list(leaves.values()))
         with _substituted(model, replace), _picking_output(model, output):
             program = _export(model, example_inputs, keys)
     finally:
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
     leaf.retarget(program.graph_module.graph)
     return _from_program(model, program, example_inputs)
+
+
+def mode_dependent_modules(model: nn.Module) -> dict[str, bool]:
+    """Name (``""`` for the model itself) -> ``training`` of the modules of ``model`` whose forward depends on the mode.
+
+    Those are torch.nn's: dropout modules with ``p > 0``, batch and instance norms that
+    track running statistics, and ``nn.MultiheadAttention`` / recurrent modules with
+    dropout. The step runs the graph captured in the modes at the capture
+    (:func:`curvgraph.compile` with example inputs, else the first step); a custom module
+    that branches on ``self.training`` itself is captured in its mode then and cannot be
+    told apart from one that does not.
+    """
+    def dependent(module: nn.Module) -> bool:
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            return module.p > 0
+        if isinstance(module, nn.modules.batchnorm._NormBase):  # batch and instance norms
+            return module.track_running_stats
+        if isinstance(module, (nn.MultiheadAttention, nn.RNNBase)):
+            return module.dropout > 0
+        return False
+
+    return {name: m.training for name, m in model.named_modules() if dependent(m)}
 
 
 def _record_leaf_calls(model: nn.Module, inputs: tuple[Tensor, ...], keys: tuple[str, ...] | None,

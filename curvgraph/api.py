@@ -32,6 +32,7 @@ OPTIONS: dict[str, Any] = {
     "batch_dim": None,
     "output": None,
     "leaf_modules": None,
+    "autocast": None,
 }
 
 
@@ -113,7 +114,13 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
               ``"encoder.layer.0"``, or ``nn.Module`` subclasses): each is captured as
               one call that runs it eagerly inside the step, e.g. for Python control flow
               that ``torch.export`` cannot trace; their parameters train with the
-              fallback on exact gradients; needs ``backend="eager"`` (see :mod:`curvgraph.leaf`).
+              fallback on exact gradients; needs ``backend="eager"`` (see :mod:`curvgraph.leaf`);
+            * ``autocast``: ``torch.bfloat16`` or ``torch.float16`` to run the model's forward
+              (and backward) under ``torch.autocast`` on the parameters' device, as mixed-precision
+              PyTorch training does; factors, inverses and updates stay in float32 (or the
+              parameters' dtype if wider). By default the autocast dtype of an enclosing
+              ``with torch.autocast(...)`` around ``compile``, else none. ``step`` then ignores any
+              enclosing autocast and rejects one of another dtype.
 
     Returns:
         A :class:`~curvgraph.CurvatureOptimizer`.
@@ -160,11 +167,15 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
     if leaves and backend != "eager":
         raise ConfigError(f"curvgraph: leaf modules {list(leaves)} run eagerly inside the step, which torch.compile "
                           "cannot compile through yet; pass backend='eager' with leaf_modules.")
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    autocast = resolve_autocast(settings["autocast"], device.type)
     block_kinds = dict(registry.KINDS)
 
     def capture(inputs: tuple[Tensor, ...], keys: tuple[str, ...] | None) -> Captured:
-        traced = trace(model, inputs, lambda m: next((r for k in block_kinds.values() if (r := k.substitute(m)) is not None), None),
-                       keys=keys, output=settings["output"], leaves=leaves)
+        with torch.autocast(device.type, enabled=False):  # the graph in the parameters' dtypes; the step adds autocast
+            traced = trace(model, inputs,
+                           lambda m: next((r for k in block_kinds.values() if (r := k.substitute(m)) is not None), None),
+                           keys=keys, output=settings["output"], leaves=leaves)
         resolve_batch_dims(traced, settings["batch_dim"])
         plan = build_plan(traced, block_kinds.values(), settings["kfac_approx"], traced.example_sizes(inputs))
         for block in plan.blocks:
@@ -172,15 +183,27 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
         forward = instrument(traced, plan)
         param_dtype = next((p.dtype for p in model.parameters() if p.requires_grad), torch.float32)
         generated = codegen.generate(plan, forward, traced.dims, block_kinds, rule, fallback, loss_spec, fisher,
-                                     param_dtype, batch=traced.batch)
+                                     param_dtype, batch=traced.batch, autocast=autocast)
         return Captured(plan, forward, generated, codegen.load(generated), traced.inputs, keys, traced.batch_dims,
                         [traced.constants[c] for c in forward.constants])
 
     opt = CurvatureOptimizer(
         model, capture, method=rule, fallback=fallback, loss=loss_spec, fisher=fisher, hyper=hyper,
         fallback_hyper=fallback_hyper, factor_every=settings["factor_every"], invert_every=settings["invert_every"],
-        backend=backend, seed=settings["seed"], progress=settings["progress"],
+        backend=backend, seed=settings["seed"], progress=settings["progress"], autocast=autocast,
     )
     if example_inputs is not None:
         opt.capture(example_inputs)
     return opt
+
+
+def resolve_autocast(value: object, device_type: str) -> tuple[str, torch.dtype] | None:
+    """``(device_type, dtype)`` for the ``autocast`` option: ``value``, or the enclosing ``torch.autocast``'s dtype
+    on ``device_type`` when ``value`` is ``None`` and one is active; ``None`` for no autocast."""
+    if value is None:
+        if not torch.is_autocast_enabled(device_type):
+            return None
+        value = torch.get_autocast_dtype(device_type)
+    if value not in (torch.bfloat16, torch.float16):
+        raise ConfigError(f"curvgraph: autocast must be torch.bfloat16, torch.float16 or None, got {value!r}.")
+    return device_type, value

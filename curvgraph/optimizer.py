@@ -107,7 +107,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def __init__(self, model: nn.Module, capture: Capture, *, method: Method, fallback: FallbackRule, loss: LossSpec,
                  fisher: str, hyper: dict[str, Any], fallback_hyper: dict[str, Any], factor_every: int,
-                 invert_every: int, backend: str, seed: int | None, progress: bool = False) -> None:
+                 invert_every: int, backend: str, seed: int | None, progress: bool = False,
+                 autocast: tuple[str, torch.dtype] | None = None) -> None:
         self.model = model
         self.method = method
         self.fallback = fallback
@@ -116,6 +117,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.factor_every = factor_every
         self.invert_every = invert_every
         self.backend = backend
+        self.autocast = autocast
         self._capture_fn = capture
         self._captured: Captured | None = None
         self._pending_state: dict[str, Any] | None = None
@@ -274,8 +276,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             )
 
     def _check_model(self) -> None:
-        """An :class:`~curvgraph.InputError` if a parameter was frozen or unfrozen since ``compile``, or a module whose
-        forward depends on the mode (dropout, BatchNorm, ...) is not in the mode the step was captured in."""
+        """An :class:`~curvgraph.InputError` if a parameter was frozen or unfrozen since ``compile``, an enclosing
+        ``torch.autocast`` differs from compile's ``autocast``, or a module whose forward depends on the mode
+        (dropout, BatchNorm, ...) is not in the mode the step was captured in."""
         toggled = [name for name, p in self.model.named_parameters() if p.requires_grad != self._requires_grad.get(name)]
         if toggled:
             now = self.model.get_parameter(toggled[0]).requires_grad
@@ -283,6 +286,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 f"curvgraph: parameter '{toggled[0]}' has requires_grad={now} but had {not now} when the step was "
                 "compiled; which parameters train (and their blocks) is fixed at compile. Compile again after "
                 "freezing or unfreezing parameters."
+            )
+        device = self._params[0].device.type
+        if torch.is_autocast_enabled(device) and (device, torch.get_autocast_dtype(device)) != self.autocast:
+            compiled = f"autocast={self.autocast[1]}" if self.autocast else "no autocast"
+            raise InputError(
+                f"curvgraph: step is called inside torch.autocast(dtype={torch.get_autocast_dtype(device)}), but the step "
+                f"was compiled with {compiled}; its precision is fixed at compile. Compile inside the autocast context "
+                "(or pass autocast= to curvgraph.compile), or call step outside it."
             )
         now = mode_dependent_modules(self.model)
         changed = [name for name, training in self._modes.items() if now.get(name, training) != training]

@@ -148,8 +148,9 @@ class StepRunner:
         noise = self.sample_noise(batch) if self.noise is not None and update_stats else None
         mark_dynamic(batch, self.dynamic_dims, targets, noise)
         hyper = self.hyper(hyper_values(not self.factors_ready))
-        loss, ok, degenerate = self.step_fn(tuple(params), tuple(frozen), tuple(buffers), tuple(constants), batch,
-                                            targets, self.state, hyper, noise, update_stats, refresh)
+        with torch.autocast(self.device.type, enabled=False):  # the step sets its own precision (compile's autocast)
+            loss, ok, degenerate = self.step_fn(tuple(params), tuple(frozen), tuple(buffers), tuple(constants), batch,
+                                                targets, self.state, hyper, noise, update_stats, refresh)
         self.step_count += 1
         self._record_degenerate(degenerate)
         ok = bool(ok)

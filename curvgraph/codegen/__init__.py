@@ -90,11 +90,15 @@ def shape_code(shape: Shape, dims: dict[sympy.Symbol, tuple[int, int]]) -> str:
 
 def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, tuple[int, int]],
              kinds: Mapping[str, "BlockKind"], method: "Method", fallback: "FallbackRule", loss: LossSpec, fisher: str,
-             param_dtype: torch.dtype, batch: tuple[int, int] = (0, 0)) -> GeneratedStep:
+             param_dtype: torch.dtype, batch: tuple[int, int] = (0, 0),
+             autocast: tuple[str, torch.dtype] | None = None) -> GeneratedStep:
     """Write the step module for ``plan`` with ``method`` and return its source.
 
     ``kinds`` maps each block's ``kind`` to the registered kind that writes its statistics
-    and block matrix.
+    and block matrix. ``autocast`` ``(device_type, dtype)``: every call of the model (the
+    forward of the step and any extra pass a method makes) runs under
+    ``torch.autocast(device_type, dtype)``, its output cast back to ``param_dtype``; the
+    loss, the statistics and the update run outside it, factors in ``float32`` or wider.
     """
     factor_dtype = torch.promote_types(param_dtype, torch.float32)
     w = StepWriter(forward.params, loss.objective)
@@ -124,7 +128,7 @@ def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, 
     if blocks:
         state.update(method.global_state())
 
-    _write_forward_backward(w, forward, dims, loss, batch)
+    _write_forward_backward(w, forward, dims, loss, batch, param_dtype, autocast)
     if blocks:
         _write_gradient_matrices(w, blocks, factor_dtype)
         method.write_prologue(w, blocks)
@@ -169,7 +173,8 @@ def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, 
 
 
 def _write_forward_backward(w: StepWriter, forward: InstrumentedForward, dims, loss: LossSpec,
-                            batch: tuple[int, int] = (0, 0)) -> None:
+                            batch: tuple[int, int], param_dtype: torch.dtype,
+                            autocast: tuple[str, torch.dtype] | None) -> None:
     w.line(f"batch = inputs[{batch[0]}].shape[{batch[1]}]")
     if forward.probes:
         w.line("probes = (")
@@ -179,8 +184,15 @@ def _write_forward_backward(w: StepWriter, forward: InstrumentedForward, dims, l
     else:
         w.line("probes = ()")
     w.line()
+    call = "forward(*params, *frozen, *buffers, *constants, *probes, *inputs)"
     with w.indent("def model(params, probes):"):
-        w.line("return forward(*params, *frozen, *buffers, *constants, *probes, *inputs)")
+        if autocast is None:
+            w.line(f"return {call}")
+        else:
+            w.line(f"# mixed precision: the model under autocast, its output back in {param_dtype}")
+            with w.indent(f"with torch.autocast({autocast[0]!r}, dtype={autocast[1]}):"):
+                w.line(f"output, aux = {call}")
+            w.line(f"return output.to({param_dtype}), aux")
     w.line()
     w.line("output, backprop, (new_buffers, acts) = torch.func.vjp(model, params, probes, has_aux=True)")
     w.line(f"d_output, loss = torch.func.grad_and_value({w.ref(loss.objective)})(output, targets)")

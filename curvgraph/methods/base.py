@@ -208,7 +208,8 @@ def parameter_tuple(w: StepWriter, blocks: list[BlockVars], label: str, matrices
     for b, matrix in zip(blocks, matrices):
         names = [f"{label}_{p}" for p in b.block.placeholders]
         w.line(f"{', '.join(names)}, = {b.kind.write_split(w, b, matrix)}")
-        by_param.update(zip(b.block.placeholders, names))
+        # in the parameters' dtype (the block matrices are in the factor dtype, wider for bf16/fp16 parameters)
+        by_param.update((p, f"{name}.to({p}.dtype)") for p, name in zip(b.block.placeholders, names))
     return w.pack(by_param.get(p, other.format(p)) for p in w.params)
 
 

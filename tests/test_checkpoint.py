@@ -1,13 +1,16 @@
-"""state_dict -> fresh optimizer -> load_state_dict continues exactly like the original."""
+"""state_dict -> fresh optimizer -> load_state_dict continues exactly like the original, for every method,
+through a file; checkpoints of another method or architecture are rejected."""
 
 from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
 import curvgraph
+from curvgraph.registry import METHODS
 
 
 def model() -> nn.Module:
@@ -57,3 +60,59 @@ def test_fresh_optimizer_does_not_continue_identically():
     resumed = model()
     resumed.load_state_dict(checkpoint["model"])
     assert run(compile_(resumed), data[4:]) != losses
+
+
+def method_options(method: str) -> dict:
+    """The MC Fisher everywhere (its noise comes from the optimizer's generator), a refresh every 2 steps."""
+    return {"T": 2} if method == "singd" else {"invert_every": 2}
+
+
+def compile_for(method: str, m: nn.Module) -> curvgraph.CurvatureOptimizer:
+    return curvgraph.compile(m, (torch.randn(10, 6),), method=method, fisher="mc", seed=7, backend="eager",
+                             **method_options(method))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_checkpoint_file_resumes_bit_for_bit(tmp_path, method):
+    """3 steps, torch.save, a fresh model and optimizer from torch.load(weights_only=True), 3 more steps: the same
+    losses and parameters, bit for bit, as 6 uninterrupted steps (the MC sampler's generator included)."""
+    data = batches(6)
+    uninterrupted = model()
+    opt = compile_for(method, uninterrupted)
+    expected = run(opt, data)
+
+    first = model()
+    opt = compile_for(method, first)
+    losses = run(opt, data[:3])
+    torch.save({"model": first.state_dict(), "opt": opt.state_dict()}, tmp_path / "checkpoint.pt")
+    del first, opt
+
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    resumed = model()
+    resumed.load_state_dict(checkpoint["model"])
+    opt = compile_for(method, resumed)
+    opt.load_state_dict(checkpoint["opt"])
+    losses += run(opt, data[3:])
+    assert losses == expected
+    for a, b in zip(uninterrupted.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_checkpoint_of_another_method_is_rejected(method):
+    others = sorted(set(METHODS) - {method})
+    saved = compile_for(others[0], model())
+    saved.step(*batches(1)[0])
+    opt = compile_for(method, model())
+    with pytest.raises(curvgraph.ConfigError, match=rf"state_dict is for method '{others[0]}', this optimizer runs "
+                                                    rf"'{method}'"):
+        opt.load_state_dict(saved.state_dict())
+
+
+def test_a_checkpoint_of_another_architecture_is_rejected():
+    """Same block names, other widths: the first mismatching state entry is named."""
+    saved = compile_for("kfac", model()).state_dict()
+    torch.manual_seed(0)
+    wider = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.LayerNorm(9), nn.Linear(9, 4))
+    with pytest.raises(curvgraph.ConfigError, match=r"state '0\.G' has shape \(8, 8\) in the state_dict, \(9, 9\) here"):
+        compile_for("kfac", wider).load_state_dict(saved)

@@ -133,7 +133,7 @@ def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, 
         _write_gradient_matrices(w, blocks, factor_dtype)
         method.write_prologue(w, blocks)
         with w.indent("if update_stats:", when="update_stats"):
-            _write_fisher(w, loss, fisher)
+            _write_fisher(w, loss, fisher, factor_dtype)
             for b in blocks:
                 b.kind.write_batch_factors(w, b, factor_dtype)
                 for f, var in b.batch_factors.items():
@@ -214,21 +214,24 @@ def _write_gradient_matrices(w: StepWriter, blocks: list[BlockVars], dtype: torc
         w.line(f"{b.grad} = {grad} + {w.hyper('weight_decay')} * {kind.write_decayed(w, b, b.var('P'))}")
 
 
-def _write_fisher(w: StepWriter, loss: LossSpec, fisher: str) -> None:
+def _write_fisher(w: StepWriter, loss: LossSpec, fisher: str, dtype: torch.dtype) -> None:
+    """The Fisher type's output vectors ``samples``, its scale ``c`` (a 0-d tensor in the factor ``dtype``: the
+    number of loss terms is an integer (tensor), whose reciprocal would have the *default* dtype) and ``examples``."""
     w.line(f"# output-space vectors of the {fisher} Fisher, pulled back through the model")
+    one = f"torch.ones((), dtype={dtype}, device=output.device)"
     if fisher == "mc":
         w.line(f"_, samples = backprop({w.call(loss.mc, 'output', 'targets', 'noise')})")
-        w.line(f"scale = 1.0 / {w.call(loss.terms, 'output', 'targets')}")
+        w.line(f"scale = {one} / {w.call(loss.terms, 'output', 'targets')}")
         w.line("examples = batch")
     elif fisher == "type2":
         w.line(f"columns = {w.call(loss.type2, 'output', 'targets')}")
         w.line("_, samples = torch.func.vmap(backprop)(columns)")
         w.line("samples = tuple(s.flatten(0, 1) for s in samples)")
-        w.line(f"scale = 1.0 / {w.call(loss.terms, 'output', 'targets')}")
+        w.line(f"scale = {one} / {w.call(loss.terms, 'output', 'targets')}")
         w.line("examples = columns.shape[0] * batch")
     else:
         w.line("samples = out_grads")
-        w.line(f"scale = {w.call(loss.empirical_scale, 'output', 'targets')}")
+        w.line(f"scale = {one} * {w.call(loss.empirical_scale, 'output', 'targets')}")
         w.line("examples = batch")
     if loss.reduction == "sum":  # the curvature of the sum is sum_scale times the mean's; the empirical
         # Fisher's gradients (of the sum) carry sum_scale once already, their outer products twice

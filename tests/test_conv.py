@@ -129,7 +129,8 @@ class Functional(nn.Module):
 def test_conv_plan_shapes_costs_and_sharing():
     plan = curvgraph.compile(Functional(), (torch.randn(4, 1, 10),), backend="eager").plan
     blocks = {b.name: b for b in plan.blocks}
-    assert sorted(blocks) == ["first", "head", "shared"]
+    assert sorted(blocks) == ["first", "head", "odd.bias", "shared"]  # odd.weight's foreign use leaves its bias alone
+    assert blocks["odd.bias"].kind == "bias"
     shared = blocks["shared"]
     assert shared.kind == "conv" and len(shared.uses) == 2 and shared.params == ("shared",)
     assert shared.factor_shapes == {"A": (9, 9), "G": (3, 3)}

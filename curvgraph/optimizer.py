@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from .codegen import GeneratedStep
 from .curvature.losses import LossSpec
-from .errors import CompileError, ConfigError, DegenerateBlockWarning, InputError, NonFiniteStepWarning, NotCapturedError
+from .errors import (CompileError, ConfigError, DegenerateBlockWarning, InputError, NonFiniteStepWarning,
+                     NotCapturedError)
 from .instrument import InstrumentedForward
 from .methods.base import Method
 from .methods.fallback import FallbackRule

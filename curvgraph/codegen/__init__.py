@@ -138,7 +138,7 @@ def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, 
                 b.kind.write_batch_factors(w, b, factor_dtype)
                 for f, var in b.batch_factors.items():
                     w.flag(b.block, f"factor {f} of the batch is not finite (the layer's inputs or output gradients "
-                           f"overflow {factor_dtype}); the step was skipped", w.call(not_finite, var))
+                           f"are not finite, or overflow {factor_dtype}); the step was skipped", w.call(not_finite, var))
             method.write_statistics(w, blocks)
         with w.indent("else:"):
             for b in blocks:

@@ -51,7 +51,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ...curvature.linalg import stable_eigh
+from .linalg import stable_eigh
 
 
 def lag_moments(steps: tuple[Tensor, ...], bias: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

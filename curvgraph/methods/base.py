@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 import sympy
+from torch import Tensor
 
 from ..codegen.writer import StateSpec
 from ..errors import ConfigError
@@ -207,10 +208,16 @@ def parameter_tuple(w: StepWriter, blocks: list[BlockVars], label: str, matrices
     by_param: dict[str, str] = {}
     for b, matrix in zip(blocks, matrices):
         names = [f"{label}_{p}" for p in b.block.placeholders]
-        w.line(f"{', '.join(names)}, = {b.kind.write_split(w, b, matrix)}")
-        # in the parameters' dtype (the block matrices are in the factor dtype, wider for bf16/fp16 parameters)
-        by_param.update((p, f"{name}.to({p}.dtype)") for p, name in zip(b.block.placeholders, names))
+        split = b.kind.write_split(w, b, matrix)
+        w.line(f"{', '.join(names)}, = {w.call(cast_like, split, w.pack(b.block.placeholders))}")
+        by_param.update(zip(b.block.placeholders, names))
     return w.pack(by_param.get(p, other.format(p)) for p in w.params)
+
+
+def cast_like(tensors: tuple[Tensor, ...], like: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Each of ``tensors`` in the dtype of the matching tensor of ``like``: parameter-shaped pieces of a block matrix
+    (kept in the factor dtype, wider than bf16/fp16 parameters) back in their parameters' dtypes."""
+    return tuple(t.to(p.dtype) for t, p in zip(tensors, like))
 
 
 def _numeric(value: object) -> bool:

@@ -136,7 +136,8 @@ def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, 
             _write_fisher(w, loss, fisher, factor_dtype)
             for b in blocks:
                 b.kind.write_batch_factors(w, b, factor_dtype)
-                for f, var in b.batch_factors.items():
+                for f in method.factors_kept(b.block):  # the factors the method checks: not finite, no step
+                    var = b.batch_factors[f]
                     w.flag(b.block, f"factor {f} of the batch is not finite (the layer's inputs or output gradients "
                            f"are not finite, or overflow {factor_dtype}); the step was skipped", w.call(not_finite, var))
             method.write_statistics(w, blocks)

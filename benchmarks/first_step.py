@@ -48,23 +48,12 @@ def child(model_name: str, runner: str) -> None:
     import torch
 
     sys.path.insert(0, HERE)
-    import curvgraph
-    from step_time import MODELS, compiled_adam_step
+    from step_time import first_period
 
-    workload = MODELS[model_name]
-    torch.manual_seed(0)
-    model = workload.make()
-    x, y = workload.batch(torch.Generator().manual_seed(0))
     start = time.perf_counter()
-    if runner == "adamw":
-        step = compiled_adam_step(model, 1e-3, workload.loss_fn)
-        calls = 2
-    else:
-        opt = curvgraph.compile(model, (x,), loss=workload.loss, progress=False)
-        step = opt.step
-        calls = opt._runner.invert_every + 1
+    step, calls, _ = first_period(model_name, None if runner == "adamw" else {})
     for _ in range(calls):
-        step(x, y)
+        step()
     seconds = time.perf_counter() - start
     phases = torch._dynamo.utils.compile_times(repr="csv", aggregate=True)
     print(json.dumps({"seconds": seconds, "calls": calls, "phases": dict(zip(*phases)) if phases else {}}))

@@ -34,30 +34,18 @@ def resident_kib(field: str) -> int:
 
 
 def child(model_name: str, runner: str) -> None:
-    import torch
-
     sys.path.insert(0, HERE)
-    import curvgraph
-    from step_time import MODELS, compiled_adam_step
+    from step_time import first_period
 
-    workload = MODELS[model_name]
-    torch.manual_seed(0)
-    model = workload.make()
-    x, y = workload.batch(torch.Generator().manual_seed(0))
-    state_bytes = 0.0
-    if runner == "adamw":
-        step, period = compiled_adam_step(model, 1e-3, workload.loss_fn), 2
-    else:
-        opt = curvgraph.compile(model, (x,), loss=workload.loss, progress=False, **json.loads(runner))
-        step, period = opt.step, opt._runner.invert_every + 1
-        state_bytes = sum(opt.plan.block_state_bytes(b) for b in opt.plan.blocks)
+    step, period, opt = first_period(model_name, None if runner == "adamw" else json.loads(runner))
+    state_bytes = sum(opt.plan.block_state_bytes(b) for b in opt.plan.blocks) if opt is not None else 0.0
     for _ in range(period):
-        step(x, y)
+        step()
     before = resident_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     for _ in range(period):
-        step(x, y)
+        step()
     print(json.dumps({"before_mib": before / 1024, "peak_mib": resident_kib("VmHWM") / 1024,
                       "state_mib": state_bytes / 2**20}))
 

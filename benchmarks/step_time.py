@@ -189,6 +189,21 @@ def adam_compiled(model: nn.Module, x, y, loss: Callable = F.cross_entropy) -> C
     return lambda: step(x, y)
 
 
+def first_period(model_name: str, options: dict | None) -> tuple[Callable[[], object], int, curvgraph.CurvatureOptimizer | None]:
+    """A fresh model of workload ``model_name`` (seed 0) and its step on one fixed batch, ``step()``: a compiled AdamW
+    step for ``options=None``, else curvgraph compiled with ``options``. Also the number of calls that runs every
+    variant of the step once (AdamW: 2; curvgraph: one schedule period, ``invert_every + 1``) and the optimizer."""
+    workload = MODELS[model_name]
+    torch.manual_seed(0)
+    model = workload.make()
+    x, y = workload.batch(torch.Generator().manual_seed(0))
+    if options is None:
+        adam = compiled_adam_step(model, 1e-3, workload.loss_fn)
+        return (lambda: adam(x, y)), 2, None
+    opt = curvgraph.compile(model, (x,), loss=workload.loss, progress=False, **options)
+    return (lambda: opt.step(x, y)), opt._runner.invert_every + 1, opt
+
+
 def compiled_adam_step(model: nn.Module, lr: float = 1e-3, loss: Callable = F.cross_entropy) -> Callable:
     """``step(x, y) -> loss``: forward, backward and ``torch.optim.Adam``'s update of ``model``'s own
     parameters in one ``torch.compile``'d graph (buffers, e.g. BatchNorm statistics, updated in place)."""

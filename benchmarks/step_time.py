@@ -179,13 +179,8 @@ def interleaved(steps: dict[str, Callable[[], object]], warmup: int, iters: int,
 
 
 def adam_compiled(model: nn.Module, x, y, loss: Callable = F.cross_entropy) -> Callable[[], object]:
-    """Forward, backward and Adam (lr 1e-3) in one torch.compile'd graph (buffers updated in place).
-
-    Dynamo cannot compile ``nn.LSTM``/``nn.GRU``/``nn.RNN``; such modules run as their unrolled
-    forms (the same function and Parameters, :func:`curvgraph.kinds.rnn.unrolled.unrolled_copy`)."""
-    from curvgraph.kinds.rnn.unrolled import unrolled_copy
-
-    step = compiled_adam_step(unrolled_copy(model), loss=loss)
+    """Forward, backward and Adam (lr 1e-3) in one torch.compile'd graph (:func:`compiled_adam_step`)."""
+    step = compiled_adam_step(model, loss=loss)
     return lambda: step(x, y)
 
 
@@ -206,7 +201,13 @@ def first_period(model_name: str, options: dict | None) -> tuple[Callable[[], ob
 
 def compiled_adam_step(model: nn.Module, lr: float = 1e-3, loss: Callable = F.cross_entropy) -> Callable:
     """``step(x, y) -> loss``: forward, backward and ``torch.optim.Adam``'s update of ``model``'s own
-    parameters in one ``torch.compile``'d graph (buffers, e.g. BatchNorm statistics, updated in place)."""
+    parameters in one ``torch.compile``'d graph (buffers, e.g. BatchNorm statistics, updated in place).
+
+    Dynamo cannot compile ``nn.LSTM``/``nn.GRU``/``nn.RNN``; such modules run as their unrolled
+    forms (the same function and Parameters, :func:`curvgraph.kinds.rnn.unrolled.unrolled_copy`)."""
+    from curvgraph.kinds.rnn.unrolled import unrolled_copy
+
+    model = unrolled_copy(model)
     params = {n: p.detach() for n, p in model.named_parameters()}
     buffers = dict(model.named_buffers())
     exp_avg = {n: torch.zeros_like(p) for n, p in params.items()}

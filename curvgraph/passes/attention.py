@@ -34,15 +34,15 @@ from torch.fx import Node
 
 from ..plan import Block, BlockGroup, GroupMember
 from ..trace import TracedModel, module_path
+from .forms import SHAPE_OPS
 from .graph_utils import aten
 
 #: Ops that move a tensor's elements without computing (walked through in both directions).
-LAYOUT_OPS = frozenset({
-    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default, aten.transpose.int,
-    aten.t.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.default, aten.expand.default,
-    aten.clone.default, aten.contiguous.default, aten.alias.default, aten.flatten.using_ints,
-    aten.unflatten.int, aten.dropout.default, aten.native_dropout.default, aten._to_copy.default,
-})
+LAYOUT_OPS = frozenset(SHAPE_OPS) | {
+    aten._unsafe_view.default, aten.t.default, aten.squeeze.default, aten.contiguous.default, aten.alias.default,
+    aten.flatten.using_ints, aten.unflatten.int, aten.dropout.default, aten.native_dropout.default,
+    aten._to_copy.default,
+}
 #: Ops that take one part of a fused projection's output: ``select(x, dim, i)`` and the items of a split.
 SPLITS = frozenset({aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int})
 #: Elementwise ops between the score product and the softmax (scaling, masking, biases).
@@ -108,8 +108,8 @@ def _cores(traced: TracedModel) -> Iterator[tuple[Node, tuple[Node, Node, Node],
 
 
 def _walk_up(node: object, through: frozenset) -> Node | None:
-    """The first node above ``node`` (itself included) that is not in ``through``, following the first tensor argument
-    that is not a constant mask (an operand computed from the graph's inputs)."""
+    """The first node above ``node`` (itself included) that is not in ``through``, following each op's first operand
+    computed by the graph (an op's ``call_function`` argument, not a placeholder or a constant)."""
     while isinstance(node, Node) and node.op == "call_function" and node.target in through:
         operands = [a for a in node.args if isinstance(a, Node) and a.op == "call_function"]
         if not operands:

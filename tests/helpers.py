@@ -9,6 +9,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacrev
 
+import curvgraph
+
 LOSS_MODULES = {
     "cross_entropy": nn.CrossEntropyLoss,
     "mse": nn.MSELoss,
@@ -80,3 +82,16 @@ def curvlinops_factors(model: nn.Module, loss: str, x: Tensor, y: Tensor, fisher
     )
     kfac.compute_kronecker_factors()
     return kfac._input_covariances, kfac._gradient_covariances
+
+
+def assert_export_resumes(opt, model: nn.Module, batches, path):
+    """``opt``'s exported step, loaded on a copy of ``model`` with ``opt``'s state, continues bitwise as ``opt`` does:
+    the same losses on ``batches`` and the same model state after them. Returns the exported step."""
+    twin = copy.deepcopy(model)
+    trainer = curvgraph.load_step(opt.export(path), twin)
+    trainer.load_state_dict(opt.state_dict())
+    for x, y in batches:
+        assert torch.equal(opt.step(x, y), trainer.step(x, y))
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        assert torch.equal(a, b), name
+    return trainer

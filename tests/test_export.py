@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import curvgraph
+from helpers import assert_export_resumes
 
 # A model with every kind of tensor the export must carry: dense and norm blocks, a
 # fallback parameter (Adam state), BatchNorm buffers, a small and a large lifted constant.
@@ -112,13 +113,7 @@ def test_optimizer_checkpoint_continues_in_the_exported_module(netmod, tmp_path)
     data = netmod.batches(10)
     for x, y in data[:5]:
         opt.step(x, y)
-    twin = copy.deepcopy(model)
-    trainer = curvgraph.load_step(opt.export(tmp_path / "resume_step.py"), twin)
-    trainer.load_state_dict(opt.state_dict())
-    for x, y in data[5:]:
-        assert torch.equal(opt.step(x, y), trainer.step(x, y))
-    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
-        assert torch.equal(a, b), name
+    trainer = assert_export_resumes(opt, model, data[5:], tmp_path / "resume_step.py")
     other = curvgraph.compile(netmod.make(), (data[0][0],), method="kfac", **{**OPTIONS, "fallback": "sgd"})
     with pytest.raises(ValueError, match="does not match"):
         trainer.load_state_dict(other.state_dict())

@@ -14,7 +14,7 @@ from torch.func import jacrev
 import curvgraph
 from curvgraph.errors import InputError
 from curvgraph.kinds.rnn.unrolled import unrolled_form
-from helpers import exact_ggn_block, make_targets
+from helpers import assert_export_resumes, exact_ggn_block, make_targets
 
 MODULES = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 
@@ -411,13 +411,7 @@ def test_temporal_checkpoint_and_exported_step_continue_identically(tmp_path):
     opt = curvgraph.compile(model, (batches[0][0],), backend="eager", temporal="option1", invert_every=2, seed=0)
     for x, y in batches[:3]:
         opt.step(x, y)
-    twin = copy.deepcopy(model)
-    trainer = curvgraph.load_step(opt.export(tmp_path / "rnn_step.py"), twin)
-    trainer.load_state_dict(opt.state_dict())
-    for x, y in batches[3:]:
-        assert torch.equal(opt.step(x, y), trainer.step(x, y))
-    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
-        assert torch.equal(a, b), name
+    assert_export_resumes(opt, model, batches[3:], tmp_path / "rnn_step.py")
 
 
 @pytest.mark.filterwarnings("ignore:LSTM with projections")

@@ -124,7 +124,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._pending_state: dict[str, Any] | None = None
         self._seed = seed
         self._progress = progress and backend != "eager"
-        self._compiled_variants: set[tuple[bool, bool]] = set()
+        self._compiled_variants: set[bool] = set()
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
             raise ConfigError(f"curvgraph: {type(model).__name__} has no trainable parameters (requires_grad=True).")
@@ -233,11 +233,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         batch = self._arrange(batch, keys)
         self._check_batch(batch, targets)
         params, frozen, buffers = model_tensors(self.model, self._params, self._frozen_names, self._buffer_names)
-        variant = self._runner.schedule()
+        variant, _ = self._runner.schedule()  # the refresh is a branch inside the graph: no variant of its own
         announce = self._progress and variant not in self._compiled_variants
         if announce:
-            print(f"curvgraph: compiling the step for {self.plan.model_name} (statistics: {'yes' if variant[0] else 'no'}, "
-                  f"refresh: {'yes' if variant[1] else 'no'}; one graph per combination the schedule uses) ...",
+            print(f"curvgraph: compiling the step for {self.plan.model_name} (statistics: {'yes' if variant else 'no'}; "
+                  "one graph with statistics and one without, as the schedule uses them) ...",
                   file=sys.stderr, flush=True)
             start, graphs = time.perf_counter(), torch._dynamo.utils.counters["stats"]["unique_graphs"]
         try:

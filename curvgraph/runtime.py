@@ -32,10 +32,21 @@ def initial_state(shape: tuple[int, ...], init: str, dtype: torch.dtype, device:
 
 
 def compiled_step(fn: Callable, backend: str) -> Callable:
-    """``fn`` compiled with ``torch.compile`` as one graph, or ``fn`` itself for ``backend="eager"``."""
+    """``fn`` compiled with ``torch.compile`` as one graph, or ``fn`` itself for ``backend="eager"``.
+
+    The compiled step takes its last argument, the ``refresh`` flag, as a 0-d bool
+    tensor: the predicate of the step's ``torch.cond``, so steps with and without a
+    refresh run one graph (a Python bool would specialize the graph on it).
+    """
     if backend == "eager":
         return fn
-    return torch.compile(fn, backend=backend, fullgraph=True)
+    compiled = torch.compile(fn, backend=backend, fullgraph=True)
+
+    def step(*args: Any) -> Any:
+        *rest, refresh = args
+        return compiled(*rest, torch.tensor(refresh))
+
+    return step
 
 
 def model_tensors(model: nn.Module, params: Sequence[Tensor], frozen: Sequence[str],

@@ -1,4 +1,5 @@
-"""The torch.compile'd step: one graph per schedule variant, identical to the eager step."""
+"""The torch.compile'd step: one graph with statistics and one without (the refresh a branch of each),
+identical to the eager step."""
 
 from __future__ import annotations
 
@@ -108,9 +109,26 @@ def test_a_new_batch_size_compiles_nothing(runs):
     model, opt, _, _ = runs["inductor"]
     before = counters["stats"]["unique_graphs"]
     g = torch.Generator().manual_seed(2)
-    for n in (7, 13, 3):  # steps 8, 9, 10: the (stats, no refresh), (no stats, refresh), (stats, no refresh) variants
+    for n in (7, 13, 3):  # steps 8, 9, 10: with statistics, without (and a refresh), with
         opt.step(torch.randn(n, 2, 6, generator=g), torch.randint(0, 4, (n,), generator=g))
     assert counters["stats"]["unique_graphs"] == before
+    assert opt.skipped_steps == 0
+
+
+def test_the_refresh_is_a_branch_not_a_graph():
+    """All four (statistics, refresh) combinations of a schedule compile two graphs, not four: the refresh is a
+    ``torch.cond`` branch inside the graphs with and without statistics."""
+    from torch._dynamo.utils import counters
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = curvgraph.compile(model, (torch.randn(5, 3),), backend="aot_eager", progress=False, **FIXED)
+    before = counters["stats"]["unique_graphs"]
+    schedule = []
+    for _ in range(7):
+        schedule.append(opt._runner.schedule())
+        opt.step(torch.randn(5, 3), torch.randint(0, 2, (5,)))
+    assert set(schedule) == {(True, True), (True, False), (False, True), (False, False)}
+    assert counters["stats"]["unique_graphs"] - before == 2
     assert opt.skipped_steps == 0
 
 
@@ -120,7 +138,7 @@ def test_compiling_a_variant_is_announced_once(capsys):
     opt = curvgraph.compile(model, (torch.randn(5, 3),), backend="aot_eager", lr=0.01, invert_every=1)
     opt.step(torch.randn(5, 3), torch.randint(0, 2, (5,)))
     err = capsys.readouterr().err
-    assert "curvgraph: compiling the step for Sequential (statistics: yes, refresh: yes" in err
+    assert "curvgraph: compiling the step for Sequential (statistics: yes; one graph" in err
     assert "compiled and ran in" in err
     opt.step(torch.randn(6, 3), torch.randint(0, 2, (6,)))
     assert "compiling" not in capsys.readouterr().err

@@ -16,8 +16,10 @@ The source is a self-contained module that needs torch alone:
   true when that block degenerated in this step (a factor of the batch that is not
   finite, a factor its method could not invert or decompose).
 
-``step`` takes two static flags, ``update_stats`` and ``refresh``; ``torch.compile``
-specializes one graph per combination that the schedule uses.
+``step`` takes two flags: ``update_stats``, a Python bool on which ``torch.compile``
+specializes (one graph with statistics, one without, as the schedule uses them), and
+``refresh``, the predicate of a ``torch.cond`` around the preconditioner refresh: a
+0-d bool tensor keeps both branches in one graph, a Python bool (eager) runs one.
 """
 
 from __future__ import annotations
@@ -48,6 +50,27 @@ def all_finite(*tensors: Tensor) -> Tensor:
 def not_finite(tensor: Tensor) -> Tensor:
     """Whether some entry of ``tensor`` is not finite (a 0-d bool tensor)."""
     return ~torch.isfinite(tensor).all()
+
+
+def packed_copies(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """``tensors`` flattened and concatenated into new memory, one 1-d tensor per dtype (in order of first use).
+
+    What a ``torch.cond`` branch returns: both branches must return new tensors of one
+    layout, never their inputs or views of them. (A plain ``clone`` is not enough:
+    Inductor drops a clone of a view whose sizes and strides match, e.g. one member of an
+    ``unbind``, and the branch would return a view at an offset.) :func:`unpacked_like`
+    undoes it.
+    """
+    dtypes = list(dict.fromkeys(t.dtype for t in tensors))
+    return tuple(torch.cat([t.reshape(-1) for t in tensors if t.dtype == dtype]) for dtype in dtypes)
+
+
+def unpacked_like(packed: tuple[Tensor, ...], like: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """The tensors :func:`packed_copies` packed, as views of ``packed`` shaped like ``like`` (same dtypes, same order)."""
+    dtypes = list(dict.fromkeys(t.dtype for t in like))
+    pieces = {dtype: iter(torch.split(flat, [t.numel() for t in like if t.dtype == dtype]))
+              for dtype, flat in zip(dtypes, packed)}
+    return tuple(next(pieces[t.dtype]).view(t.shape) for t in like)
 
 
 def commit_(target: Tensor, value: Tensor, ok: Tensor) -> None:
@@ -146,12 +169,7 @@ def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, 
                 for f in method.factors_kept(b.block):
                     w.line(f"{b.factors[f]} = {b.state(f)}")
         if any(method.preconditioner(b.block) for b in blocks):
-            with w.indent("if refresh:", when="refresh"):
-                method.write_refresh(w, blocks)
-            with w.indent("else:"):
-                for b in blocks:
-                    for key in method.preconditioner(b.block):
-                        w.line(f"{b.var(key)} = {b.state(key)}")
+            _write_refresh(w, method, blocks)
         w.line()
         w.line("# preconditioned directions")
         method.write_direction(w, blocks)
@@ -239,6 +257,58 @@ def _write_fisher(w: StepWriter, loss: LossSpec, fisher: str, dtype: torch.dtype
         w.line(f"scale = scale {'/' if fisher == 'empirical' else '*'} {w.call(loss.sum_scale, 'output', 'targets')}")
 
 
+def _write_refresh(w: StepWriter, method: "Method", blocks: list[BlockVars]) -> None:
+    """The preconditioner refresh as one ``torch.cond(refresh, refreshed, kept, ())``.
+
+    ``refreshed`` runs the method's :meth:`~curvgraph.methods.base.Method.write_refresh`
+    and returns each block's preconditioner entries (and any other value a refresh
+    commits) with its degenerate flags; ``kept`` returns the same entries as the state
+    holds them and no flags. A 0-d bool tensor ``refresh`` keeps both branches in one
+    compiled graph (no second graph for steps without a refresh); a Python bool (eager)
+    runs one branch. Branch outputs may not alias the state they read and must share
+    their layout, so both branches return packed copies (:func:`packed_copies`). The
+    refresh's commits, checks and flags become unconditional reads of the outputs (in
+    ``kept`` steps a commit writes back the value the state holds).
+    """
+    w.line("# preconditioner refresh, one branch of a torch.cond (one compiled graph whether or not it runs)")
+    outputs: dict[str, str] = {}  # the name bound after the cond -> its value in ``kept`` (a state entry)
+    for b in blocks:
+        outputs.update({b.var(key): b.state(key) for key in method.preconditioner(b.block)})
+    with w.indent("def refreshed():", when="refresh"):
+        method.write_refresh(w, blocks)
+        refreshed = list(outputs)
+        renames: dict[str, str] = {}
+        for i, (when, target, value) in enumerate(w.commits):
+            if when != "refresh":
+                continue
+            if value not in outputs and value not in renames:  # an expression: bound to a new name after the cond
+                renames[value] = f"refreshed_{len(renames)}"
+                outputs[renames[value]] = target
+                refreshed.append(value)
+            name = renames.get(value, value)
+            if outputs[name] != target:
+                raise CompileError(f"curvgraph: {method.name}'s refresh commits {value} to {target}, but {value} "
+                                   f"holds {outputs[name]} in steps without a refresh.")
+            w.commits[i] = (None, target, name)
+        for i, (when, value) in enumerate(w.checks):
+            if when == "refresh":
+                if renames.get(value, value) not in outputs:
+                    raise CompileError(f"curvgraph: {method.name}'s refresh checks {value}, which it neither commits "
+                                       "nor returns as a preconditioner entry.")
+                w.checks[i] = (None, renames.get(value, value))
+        flags = [i for i, (when, _, _) in enumerate(w.flags) if when == "refresh"]
+        stacked = f"torch.stack([{', '.join(w.flags[i][2] for i in flags)}])" if flags else \
+            "torch.zeros(0, dtype=torch.bool, device=loss.device)"
+        w.line(f"return {w.call(packed_copies, *refreshed)}, {stacked}")
+    for k, i in enumerate(flags):
+        w.flags[i] = (None, w.flags[i][1], f"refresh_flags[{k}]")
+    with w.indent("def kept():"):
+        w.line(f"return {w.call(packed_copies, *outputs.values())}, "
+               f"torch.zeros({len(flags)}, dtype=torch.bool, device=loss.device)")
+    w.line("packed, refresh_flags = torch.cond(refresh, refreshed, kept, ())")
+    w.line(f"{_unpack(outputs)} = {w.call(unpacked_like, 'packed', w.pack(outputs.values()))}")
+
+
 def _write_updates(w: StepWriter, blocks: list[BlockVars]) -> None:
     for b in blocks:
         new = [f"new_{p}" for p in b.block.placeholders]
@@ -254,22 +324,17 @@ def _write_commits(w: StepWriter) -> None:
     w.line("# commit: every tensor changes only if the whole step is finite (the checks below imply it)")
     always = list(dict.fromkeys(["loss"] + [v for when, v in w.checks if when is None]))
     w.line(f"ok = {w.call(all_finite, *always)}")
-    for flag in ("update_stats", "refresh"):
-        values = list(dict.fromkeys(v for when, v in w.checks if when == flag))
-        if values:
-            with w.indent(f"if {flag}:"):
-                w.line(f"ok = ok & {w.call(all_finite, *values)}")
-    for flag in (None, "update_stats", "refresh"):
-        commits = [(t, v) for when, t, v in w.commits if when == flag]
-        if not commits:
-            continue
-        if flag is None:
-            for target, value in commits:
+    stats_checks = list(dict.fromkeys(v for when, v in w.checks if when == "update_stats"))
+    if stats_checks:  # (the refresh's checks are unconditional, see _write_refresh)
+        with w.indent("if update_stats:"):
+            w.line(f"ok = ok & {w.call(all_finite, *stats_checks)}")
+    for target, value in [(t, v) for when, t, v in w.commits if when is None]:
+        w.line(f"{w.call(commit_, target, value, 'ok')}")
+    stats_commits = [(t, v) for when, t, v in w.commits if when == "update_stats"]
+    if stats_commits:
+        with w.indent("if update_stats:"):
+            for target, value in stats_commits:
                 w.line(f"{w.call(commit_, target, value, 'ok')}")
-        else:
-            with w.indent(f"if {flag}:"):
-                for target, value in commits:
-                    w.line(f"{w.call(commit_, target, value, 'ok')}")
     _write_degenerate(w)
     w.line("return loss.detach(), ok, degenerate")
 
@@ -323,7 +388,7 @@ def _assemble(plan: Plan, forward: InstrumentedForward, dims, method: "Method", 
     noise_body = f"    return {shape_code(forward.output_shape, dims)}"
     parts.append(f'def noise_shape(inputs):\n    """Shape of the model output for ``inputs``."""\n{noise_body}')
     signature = ("def step(params, frozen, buffers, constants, inputs, targets, state, hyper, noise,\n"
-                 "         update_stats: bool, refresh: bool):")
+                 "         update_stats: bool, refresh: bool | Tensor):")
     doc = (
         '    """Forward, backward, curvature statistics, preconditioning and update, in place.\n\n'
         "    params/frozen/buffers/constants: the model's tensors in ``forward``'s order;\n"

@@ -59,8 +59,7 @@ parameters. :math:`H_g` starts at :math:`I`; :math:`H_a` starts at the scalar
 :math:`I / (\operatorname{tr}(A)/d + \lambda_A)` on the first statistics step (the authors
 start from :math:`(A+\lambda_A I)^{-1}`, an inversion). The inverse factors, the pairs and
 the extra forward/backward are updated in statistics steps (``factor_every``; every step
-by default, as in the paper); ``invert_every`` plays no role (with ``torch.compile``,
-``invert_every=1`` spares the step's second specialization on the unused ``refresh`` flag).
+by default, as in the paper); ``invert_every`` plays no role.
 In the extra pass, parameters in no block (the first-order fallback's) keep their values
 from before the step. The generator still accumulates every factor a kind declares, so
 the output factor ``G`` is kept in the state though K-BFGS never reads it;

@@ -3,7 +3,8 @@
 Degenerate inputs (issue #14): the MLP of the issue on inputs of scale 1e6 (it used to raise
 ``LinAlgError`` in ``cholesky_inverse``), all-zero and constant inputs, a dead ReLU layer, and
 inputs whose factors overflow float32. Every method, eager here; ``test_compiled_steps_survive``
-runs the decompositions that can raise (Cholesky, eigh) compiled.
+runs the decompositions that can raise (Cholesky, eigh) compiled. SINGD, which inverts nothing,
+names a factor update that is not finite and keeps the previous factor.
 """
 
 from __future__ import annotations
@@ -153,6 +154,34 @@ def test_eigh_of_a_non_finite_factor_keeps_the_previous_basis():
     assert torch.equal(after["2.G_eigenvalues"], state["state"]["2.G_eigenvalues"])
     torch.testing.assert_close(after["2.A_eigenvalues"], 2 * state["state"]["2.A_eigenvalues"])  # refreshed
     assert_finite(model)
+
+
+def test_singd_keeps_a_factor_whose_update_is_not_finite_and_names_it():
+    """A SINGD factor update that is not finite (a NaN momentum ``m_K``, through the state dict) keeps the block's
+    previous ``K`` and ``m_K`` while its ``C`` updates and the step is taken; the block is named once."""
+    model = issue_mlp()
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    opt = curvgraph.compile(model, (x,), method="singd", T=1, backend="eager")
+    opt.step(x, y)
+    state = opt.state_dict()
+    state["state"]["2.m_K"] = torch.full_like(state["state"]["2.m_K"], float("nan"))
+    opt.load_state_dict(state)
+    before = [p.clone() for p in model.parameters()]
+    with pytest.warns(curvgraph.DegenerateBlockWarning,
+                      match=r"block '2' \(dense\): preconditioner factor K \(on A\) or its momentum m_K is not finite"):
+        opt.step(x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", curvgraph.DegenerateBlockWarning)
+        opt.step(x, y)  # the same cause again: counted, not warned
+    after = opt.state_dict()["state"]
+    assert torch.equal(after["2.K"], state["state"]["2.K"])
+    assert not torch.equal(after["2.C"], state["state"]["2.C"])
+    assert opt.skipped_steps == 0
+    assert_finite(model)
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    report = opt.diagnostics()
+    assert list(report["2"]["degenerate"].values()) == [2]
+    assert all(not entry["degenerate"] for name, entry in report.items() if name != "2")
 
 
 def test_stable_eigh_matches_eigh_at_any_scale():

@@ -674,7 +674,8 @@ class SINGD(Method):
                 kept = w.call(finite_or_previous, f"{descent} - {eye}", m, *(b.state(key) for key in keys))
                 w.line(f"{b.var(s.key)}, {m}, {failed} = {kept}")
                 w.flag(b.block, f"preconditioner factor {s.key} (on {s.factor}) or its momentum m_{s.key} is not finite "
-                       f"after the update (it overflows); kept the previous {s.key} and m_{s.key}", f"{failed}.any()")
+                       f"after the update (it overflows, or m_{s.key} was not finite); kept the previous {s.key} and "
+                       f"m_{s.key}", f"{failed}.any()")
                 for key in keys:
                     w.commit(b.state(key), b.var(key), when="refresh")
 

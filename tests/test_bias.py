@@ -170,9 +170,18 @@ FROZEN_SCALE_NORMS = {
 
 
 def test_a_frozen_norm_scale_leaves_its_shift_a_bias_block():
-    """The shift is a ``bias`` block (one factor ``G``), the scale is listed frozen, nothing falls back."""
+    """The shift is a ``bias`` block (one factor ``G``), the scale is listed frozen, nothing falls back; the
+    BatchNorm's running statistics still follow PyTorch's."""
     torch.manual_seed(6)
-    opt = curvgraph.compile(FROZEN_SCALE_NORMS["batchnorm"][0](), (torch.randn(4, 2, 7),), backend="eager")
+    model = FROZEN_SCALE_NORMS["batchnorm"][0]()
+    x = torch.randn(4, 2, 7)
+    opt = curvgraph.compile(model, (x,), backend="eager")
+    shadow = copy.deepcopy(model[1])
+    with torch.no_grad():
+        shadow(model[0](x))
+    opt.step(x, torch.randint(0, 3, (4,)))
+    torch.testing.assert_close(model[1].running_mean, shadow.running_mean)
+    torch.testing.assert_close(model[1].running_var, shadow.running_var)
     plan = opt.plan
     assert [(b.name, b.kind, b.params) for b in plan.blocks] == [("0", "conv", ("0.weight", "0.bias")),
                                                                  ("1.bias", "bias", ("1.bias",)),

@@ -185,7 +185,9 @@ def test_singd_keeps_a_factor_whose_update_is_not_finite_and_names_it():
     assert all(not entry["degenerate"] for name, entry in report.items() if name != "2")
 
 
-KBFGS_PAIR_SKIPPED = {"kbfgs": "the BFGS update of G_inv was skipped", "kbfgs_l": "the damped pre-activation pair was not stored"}
+#: How each K-BFGS variant says that the update of its output side was skipped.
+KBFGS_PAIR_SKIPPED = {"kbfgs": "the BFGS update of G_inv was skipped",
+                      "kbfgs_l": "the damped pre-activation pair was not stored"}
 
 
 @pytest.mark.parametrize("method", sorted(KBFGS_PAIR_SKIPPED))

@@ -447,9 +447,9 @@ class KBFGS(Method):
             w.line(f"{target}, {skipped} = {call}")
             w.check(target)
             w.commit(b.state(f"{inp}_inv"), target)
-            w.flag(b.block, f"the Hessian-action BFGS update of {inp}_inv was skipped: s'y is not positive (the action, "
-                   f"the mean {inp} row, is zero: e.g. all-zero inputs to a layer without bias) or the update is not "
-                   f"finite; kept the previous {inp}_inv", f"{skipped}.any()")
+            w.flag(b.block, f"the Hessian-action BFGS update of {inp}_inv was skipped: s'y is not positive (the "
+                   f"action, the mean {inp} row, is zero: e.g. all-zero inputs to a layer without bias) or the update "
+                   f"is not finite; kept the previous {inp}_inv", f"{skipped}.any()")
 
     # ------------------------------------------------------------------ cost
     def _output_cost(self, block: Block, out: str) -> tuple[int, int, int]:

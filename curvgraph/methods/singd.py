@@ -460,8 +460,9 @@ def singd_descent(k: Tensor, k_m: Tensor, m: Tensor, lr_cov: Tensor, normalize: 
 
 
 def finite_or_previous(k: Tensor, m: Tensor, previous_k: Tensor, previous_m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    r"""The updated ``K - I`` and ``m_K`` (storage ``(..., size)``), except for every matrix (leading index) where either
-    is not finite: there both keep their ``previous`` values. Returns them and ``failed`` ``(...)``, where they were kept.
+    r"""The updated ``K - I`` and ``m_K`` (storage ``(..., size)``), except for every matrix (leading index) where
+    either is not finite: there both keep their ``previous`` values. Returns them and ``failed`` ``(...)``, where they
+    were kept.
 
     The update :math:`K - \beta_1 K m_K` overflows where :math:`K^\top A K` does (inputs of a huge scale, a ``K``
     grown large) or where ``m_K`` already is not finite.
@@ -673,9 +674,9 @@ class SINGD(Method):
                 keys, failed = (s.key, f"m_{s.key}"), b.var(f"{s.key}_failed")
                 kept = w.call(finite_or_previous, f"{descent} - {eye}", m, *(b.state(key) for key in keys))
                 w.line(f"{b.var(s.key)}, {m}, {failed} = {kept}")
-                w.flag(b.block, f"preconditioner factor {s.key} (on {s.factor}) or its momentum m_{s.key} is not finite "
-                       f"after the update (it overflows, or m_{s.key} was not finite); kept the previous {s.key} and "
-                       f"m_{s.key}", f"{failed}.any()")
+                w.flag(b.block, f"preconditioner factor {s.key} (on {s.factor}) or its momentum m_{s.key} is not "
+                       f"finite after the update (it overflows, or m_{s.key} was not finite); kept the previous "
+                       f"{s.key} and m_{s.key}", f"{failed}.any()")
                 for key in keys:
                     w.commit(b.state(key), b.var(key), when="refresh")
 

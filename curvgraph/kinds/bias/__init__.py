@@ -24,9 +24,9 @@ over the layer's output vectors (channel dims moved last and flattened), summed 
 
 It is the bias block of the dense/conv block's ``kron(G, A)`` (whose ones column gives the
 bias corner :math:`A_{\text{bias}} = 1`); for a norm's shift it adds the cross-channel terms to the norm block's
-per-channel ``F`` of the shift (its diagonal with ``kfac_approx="reduce"``). For a bias applied once per example (outputs ``(N, out)``) or with
-``kfac_approx="reduce"`` at a single use, :math:`g_n = J_{b,n}^\top s` and ``G`` with the type-2 Fisher is exactly
-the GGN of the batch-mean loss w.r.t. the bias.
+per-channel ``F`` of the shift (its diagonal with ``kfac_approx="reduce"``). For a bias applied once per example
+(outputs ``(N, out)``) or with ``kfac_approx="reduce"`` at a single use, :math:`g_n = J_{b,n}^\top s` and ``G`` with
+the type-2 Fisher is exactly the GGN of the batch-mean loss w.r.t. the bias.
 """
 
 from __future__ import annotations

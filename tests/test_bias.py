@@ -1,4 +1,5 @@
-"""The ``bias`` kind: a trainable bias whose weight is frozen (or in another block) gets an output-side block ``G``.
+"""The ``bias`` kind: a trainable bias whose weight is frozen (or in another block) gets an output-side block ``G``;
+so does the shift of a normalization layer whose scale is frozen.
 
 References: the exact GGN of the bias (torch.func), and the bias corner of the dense block's
 ``kron(G, A)`` when the weight is trainable too.
@@ -132,3 +133,113 @@ def test_every_method_trains_bias_blocks(method):
     losses = [opt.step(x, y).item() for _ in range(8)]
     assert losses[-1] < losses[0], losses
     assert torch.equal(model[0].weight, frozen[0]) and torch.equal(model[2].weight, frozen[1])
+
+
+def frozen_scale(norm: nn.Module) -> nn.Module:
+    norm.weight.requires_grad_(False)
+    return norm
+
+
+class HandRMSNormWithBias(nn.Module):
+    """``x * rsqrt(mean(x^2) + eps) * w + b`` written by hand."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.1 * torch.randn(features))
+        self.bias = nn.Parameter(0.1 * torch.randn(features))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight + self.bias
+
+
+#: Models whose norm layer ``1`` has a frozen scale and a trainable shift, with an input shape and the shift's size.
+FROZEN_SCALE_NORMS = {
+    "layernorm": (lambda: nn.Sequential(nn.Linear(4, 5), frozen_scale(nn.LayerNorm(5)), nn.Tanh(), nn.Linear(5, 3)),
+                  (6, 4), 5),
+    "layernorm-sequence": (lambda: nn.Sequential(nn.Linear(4, 5), frozen_scale(nn.LayerNorm(5)), nn.Tanh(),
+                                                 nn.Flatten(), nn.Linear(15, 3)), (6, 3, 4), 5),
+    "layernorm-2d": (lambda: nn.Sequential(nn.Conv1d(2, 3, 3), frozen_scale(nn.LayerNorm([3, 5])), nn.Tanh(),
+                                           nn.Flatten(), nn.Linear(15, 3)), (6, 2, 7), 15),
+    "batchnorm": (lambda: nn.Sequential(nn.Conv1d(2, 3, 3), frozen_scale(nn.BatchNorm1d(3)), nn.Tanh(), nn.Flatten(),
+                                        nn.Linear(15, 3)), (6, 2, 7), 3),
+    "groupnorm": (lambda: nn.Sequential(nn.Conv2d(2, 4, 2), frozen_scale(nn.GroupNorm(2, 4)), nn.ReLU(), nn.Flatten(),
+                                        nn.Linear(36, 3)), (6, 2, 4, 4), 4),
+    "rmsnorm-handwritten": (lambda: nn.Sequential(nn.Linear(4, 5), frozen_scale(HandRMSNormWithBias(5)), nn.Tanh(),
+                                                  nn.Linear(5, 3)), (6, 4), 5),
+}
+
+
+def test_a_frozen_norm_scale_leaves_its_shift_a_bias_block():
+    """The shift is a ``bias`` block (one factor ``G``), the scale is listed frozen, nothing falls back; the
+    BatchNorm's running statistics still follow PyTorch's."""
+    torch.manual_seed(6)
+    model = FROZEN_SCALE_NORMS["batchnorm"][0]()
+    x = torch.randn(4, 2, 7)
+    opt = curvgraph.compile(model, (x,), backend="eager")
+    shadow = copy.deepcopy(model[1])
+    with torch.no_grad():
+        shadow(model[0](x))
+    opt.step(x, torch.randint(0, 3, (4,)))
+    torch.testing.assert_close(model[1].running_mean, shadow.running_mean)
+    torch.testing.assert_close(model[1].running_var, shadow.running_var)
+    plan = opt.plan
+    assert [(b.name, b.kind, b.params) for b in plan.blocks] == [("0", "conv", ("0.weight", "0.bias")),
+                                                                 ("1.bias", "bias", ("1.bias",)),
+                                                                 ("4", "dense", ("4.weight", "4.bias"))]
+    assert plan.block("1.bias").factors == {"G": curvgraph.Factor((3, 3), axis=-1)}
+    assert plan.fallback_params == () and plan.frozen_params == ("1.weight",)
+    assert "bias 3 (output side only)" in str(plan)
+
+
+@pytest.mark.parametrize("loss", ("cross_entropy", "mse"))
+@pytest.mark.parametrize("case", FROZEN_SCALE_NORMS)
+def test_norm_shift_factor_is_the_exact_ggn_of_the_shift(float64, case, loss):
+    """With ``kfac_approx="reduce"`` (one position per example where there are no others) the type-2 ``G`` of the
+    shift is its exact GGN, cross-channel terms included."""
+    torch.manual_seed(7)
+    make, shape, size = FROZEN_SCALE_NORMS[case]
+    model = make()
+    x = torch.randn(shape)
+    y = make_targets(loss, (shape[0], 3))
+    reference = copy.deepcopy(model)
+    for module in reference.modules():  # the same batch statistics, but no buffer updates inside torch.func
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.track_running_stats = False
+    factors, opt = batch_factors(model, x, y, loss, kfac_approx="reduce")
+    assert opt.plan.block("1.bias").kind == "bias" and opt.plan.fallback_params == ()
+    assert factors["1.bias"]["G"].shape == (size, size)
+    exact = exact_ggn(reference, loss, x, y, reference[1].bias.detach().flatten(),
+                      lambda theta: {"1.bias": theta.reshape(reference[1].bias.shape)})
+    torch.testing.assert_close(factors["1.bias"]["G"], exact, rtol=1e-10, atol=1e-12)
+
+
+def test_a_multi_dim_shift_moves_by_the_damped_solve(float64):
+    """K-FAC's step on a LayerNorm shift over two dims: ``-lr (G + damping I)^{-1} g`` on the flattened shift,
+    reshaped back; the frozen scale does not move."""
+    torch.manual_seed(8)
+    model = FROZEN_SCALE_NORMS["layernorm-2d"][0]()
+    x, y = torch.randn(6, 2, 7), torch.randint(0, 3, (6,))
+    before = copy.deepcopy(model)
+    lr, damping = 0.5, 0.03
+    opt = curvgraph.compile(model, (x,), fisher="type2", ema=0.0, momentum=0.0, kl_clip=None, lr=lr, damping=damping,
+                            backend="eager")
+    opt.step(x, y)
+    nn.functional.cross_entropy(before(x), y).backward()
+    G = opt.factors()["1.bias"]["G"]
+    expected = torch.linalg.solve(G + damping * torch.eye(15), before[1].bias.grad.flatten()).reshape(3, 5)
+    torch.testing.assert_close((model[1].bias - before[1].bias).detach(), -lr * expected)
+    assert torch.equal(model[1].weight, before[1].weight)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_trains_a_norm_shift(method):
+    """A shift over two dims (LayerNorm over ``(3, 5)``), its scale frozen, trains with every method."""
+    torch.manual_seed(9)
+    model = FROZEN_SCALE_NORMS["layernorm-2d"][0]()
+    scale, shift = model[1].weight.clone(), model[1].bias.clone()
+    x, y = torch.randn(16, 2, 7), torch.randint(0, 3, (16,))
+    opt = curvgraph.compile(model, (x,), method=method, backend="eager")
+    losses = [opt.step(x, y).item() for _ in range(8)]
+    assert losses[-1] < losses[0], losses
+    assert opt.skipped_steps == 0 and not torch.equal(model[1].bias, shift)
+    assert torch.equal(model[1].weight, scale)

@@ -3,7 +3,9 @@
 Degenerate inputs (issue #14): the MLP of the issue on inputs of scale 1e6 (it used to raise
 ``LinAlgError`` in ``cholesky_inverse``), all-zero and constant inputs, a dead ReLU layer, and
 inputs whose factors overflow float32. Every method, eager here; ``test_compiled_steps_survive``
-runs the decompositions that can raise (Cholesky, eigh) compiled.
+runs the decompositions that can raise (Cholesky, eigh) compiled. SINGD and K-BFGS, which invert
+nothing, name the updates they could not make (a factor update that is not finite, a zero or
+non-finite curvature pair) and keep the previous state.
 """
 
 from __future__ import annotations
@@ -152,6 +154,107 @@ def test_eigh_of_a_non_finite_factor_keeps_the_previous_basis():
     assert torch.equal(after["2.G_basis"], state["state"]["2.G_basis"])
     assert torch.equal(after["2.G_eigenvalues"], state["state"]["2.G_eigenvalues"])
     torch.testing.assert_close(after["2.A_eigenvalues"], 2 * state["state"]["2.A_eigenvalues"])  # refreshed
+    assert_finite(model)
+
+
+def test_singd_keeps_a_factor_whose_update_is_not_finite_and_names_it():
+    """A SINGD factor update that is not finite (a NaN momentum ``m_K``, through the state dict) keeps the block's
+    previous ``K`` and ``m_K`` while its ``C`` updates and the step is taken; the block is named once."""
+    model = issue_mlp()
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    opt = curvgraph.compile(model, (x,), method="singd", T=1, backend="eager")
+    opt.step(x, y)
+    state = opt.state_dict()
+    state["state"]["2.m_K"] = torch.full_like(state["state"]["2.m_K"], float("nan"))
+    opt.load_state_dict(state)
+    before = [p.clone() for p in model.parameters()]
+    with pytest.warns(curvgraph.DegenerateBlockWarning,
+                      match=r"block '2' \(dense\): preconditioner factor K \(on A\) or its momentum m_K is not finite"):
+        opt.step(x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", curvgraph.DegenerateBlockWarning)
+        opt.step(x, y)  # the same cause again: counted, not warned
+    after = opt.state_dict()["state"]
+    assert torch.equal(after["2.K"], state["state"]["2.K"])
+    assert not torch.equal(after["2.C"], state["state"]["2.C"])
+    assert opt.skipped_steps == 0
+    assert_finite(model)
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    report = opt.diagnostics()
+    assert list(report["2"]["degenerate"].values()) == [2]
+    assert all(not entry["degenerate"] for name, entry in report.items() if name != "2")
+
+
+#: How each K-BFGS variant says that the update of its output side was skipped.
+KBFGS_PAIR_SKIPPED = {"kbfgs": "the BFGS update of G_inv was skipped",
+                      "kbfgs_l": "the damped pre-activation pair was not stored"}
+
+
+@pytest.mark.parametrize("method", sorted(KBFGS_PAIR_SKIPPED))
+def test_kbfgs_names_a_saturated_layer_whose_pair_is_zero(method):
+    """Inputs of scale 1e6 saturate the first tanh: that layer's outputs do not change and its gradients vanish, so its
+    pre-activation pair is zero and the update of its output side is skipped, every step; the other layers train."""
+    model = issue_mlp()
+    opt, caught = train(model, batches("scale-1e6"), method)
+    assert_finite(model)
+    assert opt.skipped_steps == 0
+    report = opt.diagnostics()
+    causes = [c for c in report["0"]["degenerate"] if c.startswith(KBFGS_PAIR_SKIPPED[method])]
+    assert len(causes) == 1 and report["0"]["degenerate"][causes[0]] == STEPS
+    assert not report["2"]["degenerate"] and not report["4"]["degenerate"]
+    assert len(caught) == 1
+    assert str(caught[0].message).startswith(f"curvgraph: step 1: block '0' (dense): {KBFGS_PAIR_SKIPPED[method]}")
+    assert torch.equal(opt.state_dict()["state"]["0.s"], torch.zeros(64))  # the averaged pair: zero
+
+
+@pytest.mark.parametrize("method", sorted(KBFGS_PAIR_SKIPPED))
+def test_kbfgs_names_a_zero_action_and_keeps_the_input_side(method):
+    """All-zero inputs to a layer without bias: the Hessian-action vector (the mean input) is zero, so ``A_inv``
+    keeps its start (``I / damping_A`` after the first statistics step) and the block is named."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16, bias=False), nn.Tanh(), nn.Linear(16, 3))
+    opt, caught = train(model, batches("zeros"), method)
+    assert_finite(model)
+    report = opt.diagnostics()
+    causes = list(report["0"]["degenerate"])
+    assert len(causes) == 1 and causes[0].startswith("the Hessian-action BFGS update of A_inv was skipped")
+    assert report["0"]["degenerate"][causes[0]] == STEPS and not report["2"]["degenerate"]
+    start = torch.eye(6) / opt.param_groups[0]["damping"] ** 0.5
+    torch.testing.assert_close(opt.state_dict()["state"]["0.A_inv"], start)
+    assert len(caught) == 1 and str(caught[0].message).startswith(f"curvgraph: step 1: block '0' (dense): {causes[0]}")
+
+
+class LogFeatures(nn.Module):
+    """``head(log(fc(x)))`` with ``fc(x) = 0.05`` at the start: a step that drives ``fc(x)`` below zero makes the next
+    forward (K-BFGS's extra pass at the updated parameters) NaN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.head = nn.Linear(6, 4), nn.Linear(4, 3)
+        with torch.no_grad():
+            self.fc.weight.zero_()
+            self.fc.bias.fill_(0.05)
+
+    def forward(self, x):
+        return self.head(torch.log(self.fc(x)))
+
+
+@pytest.mark.parametrize("method", sorted(KBFGS_PAIR_SKIPPED))
+def test_kbfgs_keeps_its_pairs_when_the_extra_pass_is_not_finite(method):
+    """The extra forward/backward at the updated parameters is NaN: no pair is averaged in (the pair state stays
+    finite instead of turning NaN for good), the output sides keep their start and both blocks are named."""
+    torch.manual_seed(0)
+    model = LogFeatures()
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    opt = curvgraph.compile(model, (x,), method=method, lr=1.0, backend="eager")
+    with pytest.warns(curvgraph.DegenerateBlockWarning, match=KBFGS_PAIR_SKIPPED[method]):
+        assert torch.isfinite(opt.step(x, y))
+    assert not torch.isfinite(torch.log(model.fc(x))).all()  # the premise: the step left log's domain
+    state = opt.state_dict()["state"]
+    for block in ("fc", "head"):
+        assert torch.equal(state[f"{block}.s"], torch.zeros(4 if block == "fc" else 3))
+        assert torch.equal(state[f"{block}.y"], torch.zeros_like(state[f"{block}.s"]))
+        assert any(c.startswith(KBFGS_PAIR_SKIPPED[method]) for c in opt.diagnostics()[block]["degenerate"])
     assert_finite(model)
 
 

@@ -77,6 +77,13 @@ positional block) is inverted elementwise, :math:`(A + \lambda_A)^{-1}` (a recip
 matrix inversion), and the dense factor on axis -1 gets Hessian-action BFGS as above; such a
 block needs no pair and no extra pass. Another factor layout is a
 :class:`~curvgraph.CompileError`.
+
+**Degenerate blocks.** An update whose pair has :math:`s^\top y \le 0` (after the damping:
+a zero pair, e.g. a saturated layer whose outputs do not change, or a zero action vector)
+or whose result is not finite is skipped: the inverse factor keeps its previous value, per
+leading index, and the step reports the block degenerate
+(:meth:`curvgraph.CurvatureOptimizer.diagnostics`). A pair that is not finite (an extra
+forward/backward that overflowed) is not averaged in either.
 """
 
 from __future__ import annotations
@@ -115,7 +122,7 @@ def initial_inverse(factor: Tensor, shift: Tensor, stored: Tensor, first: Tensor
     return torch.where(first > 0, eye / scale[..., None, None], stored)
 
 
-def bfgs_inverse_update(H: Tensor, s: Tensor, y: Tensor) -> Tensor:
+def bfgs_inverse_update(H: Tensor, s: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     r"""The BFGS update of an inverse Hessian approximation, batched over leading dims.
 
     .. math:: H^{+} = (I - \rho s y^\top) H (I - \rho y s^\top) + \rho s s^\top
@@ -124,7 +131,8 @@ def bfgs_inverse_update(H: Tensor, s: Tensor, y: Tensor) -> Tensor:
 
     ``H`` is ``(..., d, d)`` symmetric, ``s`` and ``y`` are ``(..., d)``. Where
     :math:`s^\top y` is not positive (a zero pair) or the result is not finite, ``H`` is
-    kept. The result is symmetrized against rounding.
+    kept. The result is symmetrized against rounding. Returns it and ``skipped`` ``(...)``:
+    where ``H`` was kept.
     """
     sy = (s * y).sum(-1)
     good = sy > 0
@@ -136,15 +144,16 @@ def bfgs_inverse_update(H: Tensor, s: Tensor, y: Tensor) -> Tensor:
     new = H + (rho * rho * yHy + rho)[..., None, None] * outer_ss - rho[..., None, None] * (cross + cross.mT)
     new = (new + new.mT) / 2
     keep = good & torch.isfinite(new).all(-1).all(-1)
-    return torch.where(keep[..., None, None], new, H)
+    return torch.where(keep[..., None, None], new, H), ~keep
 
 
-def hessian_action_update(H: Tensor, factor: Tensor, shift: Tensor, action: Tensor) -> Tensor:
+def hessian_action_update(H: Tensor, factor: Tensor, shift: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
     r"""Hessian-action BFGS towards :math:`(F + \lambda I)^{-1}`: :math:`s = H u`, :math:`y = F s + \lambda s`.
 
     ``H`` and ``factor`` are ``(..., d, d)``, ``action`` :math:`u` is ``(..., d)`` (the mean
     layer input, or the mean example row), ``shift`` :math:`\lambda` is 0-d. Returns
-    :func:`bfgs_inverse_update` ``(H, s, y)``; :math:`s^\top y \ge \lambda s^\top s > 0` unless :math:`u = 0`.
+    :func:`bfgs_inverse_update` ``(H, s, y)`` (the new ``H`` and where it was kept);
+    :math:`s^\top y \ge \lambda s^\top s > 0` unless :math:`u = 0`.
     """
     s = matvec(H, action)
     y = matvec(factor, s) + shift * s
@@ -207,6 +216,13 @@ def preactivation_pair(matrix: Tensor, new_matrix: Tensor, inputs: Tensor, new_i
     return after - before, new_grads.sum((0, 1)) - grads.sum((0, 1))
 
 
+def finite_pair(s: Tensor, y: Tensor, previous_s: Tensor, previous_y: Tensor) -> tuple[Tensor, Tensor]:
+    """The averaged pair ``(s, y)``, ``(*lead, o)`` each, with the ``previous`` one kept for every leading index where
+    either is not finite: a pair from an extra forward/backward that overflowed is not averaged in."""
+    good = (torch.isfinite(s) & torch.isfinite(y)).all(-1, keepdim=True)
+    return torch.where(good, s, previous_s), torch.where(good, y, previous_y)
+
+
 def curvature(s: Tensor, y: Tensor) -> Tensor:
     r""":math:`s^\top y` per leading index, shape ``(*lead, 1)`` (a diagnostic: negative for an indefinite pair)."""
     return (s * y).sum(-1, keepdim=True)
@@ -234,7 +250,7 @@ def lbfgs_apply(S: Tensor, Y: Tensor, R_inv: Tensor, V: Tensor) -> Tensor:
 
 
 def lbfgs_append(S: Tensor, Y: Tensor, R_inv: Tensor, count: Tensor, s: Tensor,
-                 y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                 y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     r"""Append the pair ``(s, y)`` (``(..., o)``) to the memory, dropping the oldest slot.
 
     ``S``, ``Y`` are ``(..., m, o)``, ``R_inv`` ``(..., m, m)``, ``count`` ``(..., 1)`` (valid pairs, at
@@ -245,7 +261,7 @@ def lbfgs_append(S: Tensor, Y: Tensor, R_inv: Tensor, count: Tensor, s: Tensor,
     .. math:: R_{+}^{-1} = egin{pmatrix} R_\circ^{-1} & -c R_\circ^{-1} b \ 0 & c \end{pmatrix}.
 
     A pair with :math:`s^	op y \le 0` or not finite is not stored (as :func:`bfgs_inverse_update` skips it).
-    Returns the new ``S``, ``Y``, ``R_inv`` and ``count``.
+    Returns the new ``S``, ``Y``, ``R_inv``, ``count`` and ``skipped`` (``(..., 1)``: where the pair was not stored).
     """
     sy = (s * y).sum(-1, keepdim=True)
     good = (sy > 0) & torch.isfinite(sy)
@@ -259,7 +275,7 @@ def lbfgs_append(S: Tensor, Y: Tensor, R_inv: Tensor, count: Tensor, s: Tensor,
     new_Y = torch.cat([Y[..., 1:, :], y[..., None, :]], -2)
     count = torch.where(good, (count + 1).clamp_max(S.shape[-2]), count)
     keep = good[..., None]
-    return torch.where(keep, new_S, S), torch.where(keep, new_Y, Y), torch.where(keep, new_R, R_inv), count
+    return torch.where(keep, new_S, S), torch.where(keep, new_Y, Y), torch.where(keep, new_R, R_inv), count, ~good
 
 
 class KBFGS(Method):
@@ -362,10 +378,14 @@ class KBFGS(Method):
         w.line(f"{b.var('Hy')} = {w.call(matvec, H, y)}")
         damped = w.call(double_damping, s, y, b.var("Hy"), w.hyper("powell"), "lam_A")
         w.line(f"{b.var('s_dd')}, {b.var('y_dd')} = {damped}")
-        target = b.var(f"{out}_inv_new")
-        w.line(f"{target} = {w.call(bfgs_inverse_update, H, b.var('s_dd'), b.var('y_dd'))}")
+        target, skipped = b.var(f"{out}_inv_new"), b.var(f"{out}_skipped")
+        w.line(f"{target}, {skipped} = {w.call(bfgs_inverse_update, H, b.var('s_dd'), b.var('y_dd'))}")
         w.check(target)
         w.commit(H, target)
+        w.flag(b.block, f"the BFGS update of {out}_inv was skipped: the damped pre-activation pair is zero or not "
+               "finite (the layer's outputs did not change, or the extra forward/backward at the updated parameters "
+               f"is not finite); kept the previous {out}_inv (and, where the pair is not finite, the previous pair "
+               "average)", f"{skipped}.any()")
 
     def write_direction(self, w: StepWriter, blocks: list[BlockVars]) -> None:
         w.line(f"lam_A = {w.hyper('damping')}.sqrt()  # lambda_A = mu_2 = sqrt(damping)")
@@ -414,14 +434,21 @@ class KBFGS(Method):
                 w.line(f"{b.var('s_raw')}, {b.var('y_raw')} = {pair}")
                 for key in ("s", "y"):
                     w.line(f"{b.var(key)} = {w.call(ema, b.state(key), b.var(key + '_raw'), w.hyper('pair_ema'))}")
-                    w.commit(b.state(key), b.var(key))
-                w.commit(b.state("curvature"), w.call(curvature, b.var("s"), b.var("y")))
+                kept = [b.var("s_kept"), b.var("y_kept")]
+                w.line(f"{', '.join(kept)} = {w.call(finite_pair, b.var('s'), b.var('y'), b.state('s'), b.state('y'))}")
+                for key, value in zip(("s", "y"), kept):
+                    w.commit(b.state(key), value)
+                w.commit(b.state("curvature"), w.call(curvature, *kept))
                 self._write_output_update(w, b, out, b.var("s"), b.var("y"))
-            target = b.var(f"{inp}_inv_new")
+            target, skipped = b.var(f"{inp}_inv_new"), b.var(f"{inp}_skipped")
             action = w.call(row_mean, old[inp])
-            w.line(f"{target} = {w.call(hessian_action_update, b.var('Ha'), b.factors[inp], 'lam_A', action)}")
+            call = w.call(hessian_action_update, b.var("Ha"), b.factors[inp], "lam_A", action)
+            w.line(f"{target}, {skipped} = {call}")
             w.check(target)
             w.commit(b.state(f"{inp}_inv"), target)
+            w.flag(b.block, f"the Hessian-action BFGS update of {inp}_inv was skipped: s'y is not positive (the "
+                   f"action, the mean {inp} row, is zero: e.g. all-zero inputs to a layer without bias) or the update "
+                   f"is not finite; kept the previous {inp}_inv", f"{skipped}.any()")
 
     # ------------------------------------------------------------------ cost
     def _output_cost(self, block: Block, out: str) -> tuple[int, int, int]:
@@ -493,13 +520,16 @@ class KBFGSL(KBFGS):
         damped = w.call(double_damping, s, y, b.var("Hy"), w.hyper("powell"), "lam_A")
         w.line(f"{b.var('s_dd')}, {b.var('y_dd')} = {damped}")
         keys = ("S", "Y", "R_inv", "count")
-        names = [b.var(f"{k}_new") for k in keys]
+        names, skipped = [b.var(f"{k}_new") for k in keys], b.var("pair_skipped")
         call = w.call(lbfgs_append, *(b.state(k) for k in keys), b.var("s_dd"), b.var("y_dd"))
-        w.line(f"{', '.join(names)} = {call}")
+        w.line(f"{', '.join(names)}, {skipped} = {call}")
         for name in names[:3]:
             w.check(name)
         for key, name in zip(keys, names):
             w.commit(b.state(key), name)
+        w.flag(b.block, "the damped pre-activation pair was not stored: it is zero or not finite (the layer's outputs "
+               "did not change, or the extra forward/backward at the updated parameters is not finite); kept the "
+               "previous pairs (and, where the pair is not finite, the previous pair average)", f"{skipped}.any()")
 
     def _output_cost(self, block: Block, out: str) -> tuple[int, int, int]:
         spec = block.factors[out]

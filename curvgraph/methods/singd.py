@@ -76,7 +76,10 @@ SINGD: its ``K`` (``structures[0]``) with the missing side taken as the 1x1 iden
 + \lambda \Pi(K^\top K) - I)`, :math:`V = M K K^\top` per channel. The generated
 source says which rule every block gets.
 
-No matrix is inverted or decomposed anywhere in the step.
+No matrix is inverted or decomposed anywhere in the step. Where an update of ``K`` (or ``C``)
+or of its momentum is not finite (per matrix: per group or channel), both keep their
+previous values, the step goes on with them and reports the block degenerate
+(:meth:`curvgraph.CurvatureOptimizer.diagnostics`).
 """
 
 from __future__ import annotations
@@ -456,6 +459,18 @@ def singd_descent(k: Tensor, k_m: Tensor, m: Tensor, lr_cov: Tensor, normalize: 
     return k - beta.to(m.dtype)[..., None] * k_m
 
 
+def finite_or_previous(k: Tensor, m: Tensor, previous_k: Tensor, previous_m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    r"""The updated ``K - I`` and ``m_K`` (storage ``(..., size)``), except for every matrix (leading index) where
+    either is not finite: there both keep their ``previous`` values. Returns them and ``failed`` ``(...)``, where they
+    were kept.
+
+    The update :math:`K - \beta_1 K m_K` overflows where :math:`K^\top A K` does (inputs of a huge scale, a ``K``
+    grown large) or where ``m_K`` already is not finite.
+    """
+    good = torch.isfinite(k).all(-1) & torch.isfinite(m).all(-1)
+    return torch.where(good[..., None], k, previous_k), torch.where(good[..., None], m, previous_m), ~good
+
+
 def factor_matrix(factor: Tensor, dtype: torch.dtype) -> Tensor:
     """A kind's factor in ``dtype``: a dense ``(..., d, d)`` matrix, or a diagonal factor's vector ``(..., d)`` as
     stored (its side always has the diagonal structure, which reads the vector; a ``V x V`` matrix is never formed)."""
@@ -656,10 +671,14 @@ class SINGD(Method):
                 w.line(f"{m} = {call}")
                 product = w.call(st.product, k, m, s.dim, st.spec)
                 descent = w.call(singd_descent, k, product, m, w.hyper("lr_cov"), normalize)
-                w.line(f"{b.var(s.key)} = {descent} - {eye}")
-                for key in (s.key, f"m_{s.key}"):
+                keys, failed = (s.key, f"m_{s.key}"), b.var(f"{s.key}_failed")
+                kept = w.call(finite_or_previous, f"{descent} - {eye}", m, *(b.state(key) for key in keys))
+                w.line(f"{b.var(s.key)}, {m}, {failed} = {kept}")
+                w.flag(b.block, f"preconditioner factor {s.key} (on {s.factor}) or its momentum m_{s.key} is not "
+                       f"finite after the update (it overflows, or m_{s.key} was not finite); kept the previous "
+                       f"{s.key} and m_{s.key}", f"{failed}.any()")
+                for key in keys:
                     w.commit(b.state(key), b.var(key), when="refresh")
-                    w.check(b.var(key), when="refresh")
 
     def write_direction(self, w: StepWriter, blocks: list[BlockVars]) -> None:
         for b in blocks:

@@ -58,7 +58,9 @@ _FORMS = {f.target: f for f in NORM_FORMS}
 
 
 def split_norm_affine(graph: Graph, params: set[str]) -> int:
-    """``norm(x, w, b)`` -> ``norm(x, None, None) * w + b`` for trainable ``w``; returns rewrite count."""
+    """``norm(x, w, b)`` -> ``norm(x, None, None) * w + b`` for trainable ``w``, and ``norm(x, w, None) + b`` for a
+    trainable ``b`` whose ``w`` is not (frozen, a constant or absent: the shift alone is then a ``bias`` block, see
+    :mod:`curvgraph.kinds.bias`); returns the rewrite count."""
     count = 0
     for node in list(graph.nodes):
         form = _FORMS.get(node.target) if node.op == "call_function" else None
@@ -66,24 +68,25 @@ def split_norm_affine(graph: Graph, params: set[str]) -> int:
             continue
         args = schema_args(node)
         weight, bias = args.get("weight"), args.get("bias")
-        if not (isinstance(weight, Node) and weight.name in params):
+        scaled = isinstance(weight, Node) and weight.name in params
+        if not (scaled or isinstance(bias, Node) and bias.name in params):
             continue
         normalized = _normalized_output(node, form)
         if normalized is None:
             continue
-        set_schema_arg(node, "weight", None)
-        if bias is not None:
-            set_schema_arg(node, "bias", None)
         anchor = normalized.next
         rank = ndim(normalized)
         view = [1, -1] + [1] * (rank - 2) if form.channels_first else None
-        scale = insert_call(graph, anchor, aten.view.default, (weight, view)) if view else weight
-        result = insert_call(graph, anchor, aten.mul.Tensor, (normalized, scale), meta_from=normalized)
+        inserted = [normalized]  # the chain normalized -> (* w) -> (+ b); the old users read its end
+        if scaled:
+            set_schema_arg(node, "weight", None)
+            scale = insert_call(graph, anchor, aten.view.default, (weight, view)) if view else weight
+            inserted.append(insert_call(graph, anchor, aten.mul.Tensor, (normalized, scale), meta_from=normalized))
         if bias is not None:
+            set_schema_arg(node, "bias", None)
             shift = insert_call(graph, anchor, aten.view.default, (bias, view)) if view else bias
-            result = insert_call(graph, anchor, aten.add.Tensor, (result, shift), meta_from=normalized)
-        normalized.replace_all_uses_with(result, delete_user_cb=lambda user: user.target is not aten.mul.Tensor
-                                         or user.args[1] is not scale)
+            inserted.append(insert_call(graph, anchor, aten.add.Tensor, (inserted[-1], shift), meta_from=normalized))
+        normalized.replace_all_uses_with(inserted[-1], delete_user_cb=lambda user: user is not inserted[1])
         count += 1
     return count
 
@@ -217,6 +220,17 @@ def _norm_form_of(node: Node) -> NormForm | None:
         return form if form is not None and form.output == node.args[1] else None
     form = _FORMS.get(node.target)
     return form if form is not None and form.output is None else None
+
+
+def scaled_norm(node: object) -> NormForm | None:
+    """The form of the normalization whose output ``node`` is, directly or times a scale (``x_hat * w`` or
+    ``w * x_hat``, whatever ``w`` is): the ``h`` of a shift ``h + b`` that is a normalization layer's."""
+    if not isinstance(node, Node):
+        return None
+    form = _norm_form_of(node)
+    if form is None and node.target is aten.mul.Tensor and len(node.args) == 2:
+        form = next((f for f in (_norm_form_of(a) for a in node.args if isinstance(a, Node)) if f is not None), None)
+    return form
 
 
 def _unview(node: object) -> object:

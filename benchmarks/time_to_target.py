@@ -61,6 +61,7 @@ CONFIGS: dict[str, dict] = {
     "auto": {"lr": "auto", "momentum": "auto"},
     "auto-empirical": {"lr": "auto", "momentum": "auto", "fisher": "empirical"},
     "auto-T5": {"lr": "auto", "momentum": "auto", "invert_every": 5},
+    "reduce": {"kfac_approx": "reduce"},  # KFAC-reduce statistics for weight sharing (conv: averaged patches)
     "singd": {"method": "singd"},
     "ekfac": {"method": "ekfac"},
     "kbfgs": {"method": "kbfgs"},

@@ -57,7 +57,8 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
     the unmatched ones to ``[1]``: fallback, in place), so schedulers and edits made
     before the first step apply; ``opt.plan`` prints "nothing captured yet";
     ``opt.load_state_dict`` loads the hyper-parameters at once and the step state at the
-    capture (see :class:`~curvgraph.CurvatureOptimizer`).
+    capture (see :class:`~curvgraph.CurvatureOptimizer`). The model is captured in the
+    train/eval modes its modules are in then, and again at the first step in other modes.
 
     Args:
         model: the model; its own parameters are updated in place by ``step``.

@@ -5,12 +5,13 @@ BERT for sequence classification (token types, a pooler) and LLaMA (rotary posit
 RMSNorm, grouped-query attention, SwiGLU) are called by keyword (``model(**batch)``)
 with a padded ``attention_mask``, return a ``ModelOutput`` whose ``logits`` the loss
 sees (``output="logits"``), and run with their defaults: ``sdpa`` attention and, for the
-LMs, ``use_cache=True``. References: the model's own eager forward, and its
-training loss on the whole data set.
+LMs, ``use_cache=True``; they are trained in train mode and then stepped in eval mode.
+References: the model's own eager forward, and its training loss on the whole data set.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import pytest
@@ -92,11 +93,21 @@ def model_loss(model: nn.Module, inputs: dict[str, Tensor], targets: Tensor) -> 
     return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=-100)
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_model_captures_at_the_first_step_covers_every_parameter_and_trains(name):
+@dataclass
+class Trained:
+    """A model trained for 12 steps in train mode (the default) by an optimizer that captured it at the first step."""
+
+    model: nn.Module
+    opt: curvgraph.CurvatureOptimizer
+    initial: float  # the training loss (whole data set, eval mode) before and after
+    final: float
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def trained(request) -> tuple[str, Trained]:
+    name = request.param
     torch.manual_seed(0)
-    make, _, _, kinds = CASES[name]
-    model = make()
+    model = CASES[name][0]()
     inputs, targets = case_data(name, torch.Generator().manual_seed(1))
     opt = curvgraph.compile(model, backend="eager", seed=0, lr=1e-2, damping=1e-2, **options(name))
     assert not opt.captured
@@ -112,24 +123,28 @@ def test_model_captures_at_the_first_step_covers_every_parameter_and_trains(name
         rows = slice(16 * (i % 3), 16 * (i % 3 + 1))
         opt.step({k: v[rows] for k, v in inputs.items()}, targets[rows])
     assert opt.captured and model.training
-    assert_plan_covers(opt.plan, model)
-    assert not opt.plan.fallback_params  # every parameter of these models has a curvature block
-    assert {b.name: b.kind for b in opt.plan.blocks if b.name in kinds} == kinds
-    assert training_loss() < 0.6 * initial
+    return name, Trained(model, opt, initial, training_loss())
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_step_loss_is_the_models_loss_with_padding_and_new_sizes(name):
-    """In eval mode (no dropout) the step's loss, before its update, is the model's own: the captured graph is the
-    model, attention mask and positions included, for batches of other sizes and sequence lengths too."""
-    torch.manual_seed(0)
-    model = CASES[name][0]().eval()
+def test_model_captures_at_the_first_step_covers_every_parameter_and_trains(trained):
+    name, run = trained
+    assert_plan_covers(run.opt.plan, run.model)
+    assert not run.opt.plan.fallback_params  # every parameter of these models has a curvature block
+    kinds = CASES[name][3]
+    assert {b.name: b.kind for b in run.opt.plan.blocks if b.name in kinds} == kinds
+    assert run.final < 0.6 * run.initial
+
+
+def test_in_eval_mode_the_step_loss_is_the_models_loss_with_padding_and_new_sizes(trained):
+    """After ``model.eval()`` (no dropout: deterministic) the step's loss, before its update, is the model's own: the
+    graph captured in eval mode is the model, attention mask and positions included, for batches of other sizes and
+    sequence lengths too."""
+    name, run = trained
+    run.model.eval()
     g = torch.Generator().manual_seed(2)
-    inputs, targets = case_data(name, g, n=4)
-    opt = curvgraph.compile(model, inputs, backend="eager", lr=1e-2, **options(name))
-    for batch, y in [(inputs, targets), case_data(name, g, n=3, length=9), case_data(name, g, n=5, length=LENGTH)]:
-        expected = model_loss(model, batch, y)
-        torch.testing.assert_close(opt.step(batch, y), expected, rtol=1e-5, atol=1e-6)
+    for batch, y in [case_data(name, g, n=4), case_data(name, g, n=3, length=9), case_data(name, g, n=5)]:
+        expected = model_loss(run.model, batch, y)
+        torch.testing.assert_close(run.opt.step(batch, y), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_a_model_output_without_output_names_the_logits():

@@ -495,8 +495,8 @@ def _translate_export_error(model: nn.Module, example_inputs: tuple[Tensor, ...]
         location += f" at {where}"
     if any(key in names or key in str(exc)[:2000] for key in _UNTRACEABLE):
         leaf_hint = ("" if module_name in (None, "<root>") else
-                     f" Or keep the module opaque: curvgraph.compile(..., leaf_modules=['{module_name}'], "
-                     "backend='eager') runs it eagerly inside the step and trains its parameters with the "
+                     f" Or keep the module opaque: curvgraph.compile(..., leaf_modules=['{module_name}']) "
+                     "runs it eagerly inside the step and trains its parameters with the "
                      "first-order fallback.")
         return TraceError(
             f"curvgraph could not capture {type(model).__name__} as one graph: {location}: {reason}\n"

@@ -57,7 +57,8 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
     the unmatched ones to ``[1]``: fallback, in place), so schedulers and edits made
     before the first step apply; ``opt.plan`` prints "nothing captured yet";
     ``opt.load_state_dict`` loads the hyper-parameters at once and the step state at the
-    capture (see :class:`~curvgraph.CurvatureOptimizer`).
+    capture (see :class:`~curvgraph.CurvatureOptimizer`). The model is captured in the
+    train/eval modes its modules are in then, and again at the first step in other modes.
 
     Args:
         model: the model; its own parameters are updated in place by ``step``.
@@ -114,7 +115,8 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
               ``"encoder.layer.0"``, or ``nn.Module`` subclasses): each is captured as
               one call that runs it eagerly inside the step, e.g. for Python control flow
               that ``torch.export`` cannot trace; their parameters train with the
-              fallback on exact gradients; needs ``backend="eager"`` (see :mod:`curvgraph.leaf`);
+              fallback on exact gradients; the compiled step calls them as opaque ops (see
+              :mod:`curvgraph.leaf`);
             * ``autocast``: ``torch.bfloat16`` or ``torch.float16`` to run the model's forward
               (and backward) under ``torch.autocast`` on the parameters' device, as mixed-precision
               PyTorch training does; factors, inverses and updates stay in float32 (or the
@@ -164,9 +166,6 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
         raise ConfigError(f"curvgraph: backend must be a string ('inductor', 'eager', ...), got {backend!r}.")
 
     leaves = leaf_modules_of(model, settings["leaf_modules"])
-    if leaves and backend != "eager":
-        raise ConfigError(f"curvgraph: leaf modules {list(leaves)} run eagerly inside the step, which torch.compile "
-                          "cannot compile through yet; pass backend='eager' with leaf_modules.")
     device = next(iter(model.parameters()), torch.empty(0)).device
     autocast = resolve_autocast(settings["autocast"], device.type)
     block_kinds = dict(registry.KINDS)

@@ -9,23 +9,26 @@ call**, ``leaf_call(key, params, inputs)``, instead of its ops:
   ``curvgraph::leaf``; its fake implementation gives the output's shape from the
   shapes of one eager call on the example inputs (each output size that equals an
   input size follows that input's symbolic size);
-* after capture the op is retargeted to :func:`leaf_call`, which runs the module
-  eagerly on the step's parameter tensors (``torch.func.functional_call``) inside a
-  ``torch.autograd.Function`` whose backward is ``torch.func.vjp`` of the same call:
+* after capture the op is retargeted to :func:`leaf_call`, a ``torch.autograd.Function``
+  around the same op whose backward and forward-mode derivative are the ops
+  ``curvgraph::leaf_vjp`` and ``curvgraph::leaf_jvp`` (``torch.func.vjp`` / ``jvp`` of the
+  module run eagerly on the step's parameter tensors, ``torch.func.functional_call``):
   the generated step's ``torch.func`` transforms differentiate through it, so the
   leaf's parameters get exact gradients and train with the first-order fallback.
 
+``torch.compile`` keeps the three ops opaque (``leaf_call`` is ``allow_in_graph``: AOT
+autograd traces the Function with the ops' fake implementations), so a step with leaf
+modules compiles as one graph with any backend; the ops run the module eagerly, with
+the dispatcher as plain eager code has it (a compiled graph calls them below autograd).
 Leaf modules take positional tensors and return one tensor; their buffers are read,
-not updated, by the step. A step with leaf modules runs with ``backend="eager"`` only
-(``torch.compile`` cannot trace ``torch.func`` transforms through an eager call) and
-cannot be exported to a file (it calls the live module).
+not updated, by the step, which cannot be exported to a file (it calls the live module).
 """
 
 from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -131,10 +134,27 @@ def _call(key: str, tensors: tuple[Tensor, ...], inputs: tuple[Tensor, ...]) -> 
     return functional_call(leaf.module(), dict(zip(leaf.tensors, tensors)), inputs)
 
 
+#: The dispatcher's thread-local key sets of plain eager code (taken at import).
+_EAGER_DISPATCH = (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set())
+_AUTOCAST_KEYS = [key for name, key in torch._C.DispatchKey.__members__.items() if name.startswith("Autocast")]
+
+
+def _eager() -> Any:
+    """A context in which the dispatcher is as in plain eager code, autocast as it is now: a compiled step calls the
+    leaf ops below autograd and ``torch.func``, where the module's own differentiation (``torch.func.vjp``/``jvp``)
+    would record nothing."""
+    include, exclude = _EAGER_DISPATCH
+    now = torch._C._dispatch_tls_local_exclude_set()
+    for key in _AUTOCAST_KEYS:
+        exclude = exclude.add(key) if now.has(key) else exclude.remove(key)
+    return torch._C._ForceDispatchKeyGuard(include, exclude)
+
+
 @torch.library.custom_op("curvgraph::leaf", mutates_args=())
 def leaf_op(key: str, tensors: list[Tensor], inputs: list[Tensor]) -> Tensor:
     """The leaf module ``key`` on its ``tensors`` (parameters, then buffers) and ``inputs``: the op export captures."""
-    return _call(key, tuple(tensors), tuple(inputs)).clone()
+    with _eager():
+        return _call(key, tuple(tensors), tuple(inputs)).clone()
 
 
 @leaf_op.register_fake
@@ -149,15 +169,68 @@ def _leaf_fake(key: str, tensors: list[Tensor], inputs: list[Tensor]) -> Tensor:
     return inputs[0].new_empty(shape, dtype=leaf.output_dtype)
 
 
+@torch.library.custom_op("curvgraph::leaf_vjp", mutates_args=())
+def leaf_vjp(key: str, tensors: list[Tensor], inputs: list[Tensor], grad: Tensor) -> list[Tensor]:
+    """The gradients of the leaf's output (with output gradient ``grad``) w.r.t. its ``tensors`` and its
+    floating-point ``inputs``, in that order."""
+    with _eager():
+        call, primals = _differentiable(key, tensors, inputs)
+        _, pull = torch.func.vjp(call, *primals)
+        tensor_grads, input_grads = pull(grad)
+        return [g.clone() for g in (*tensor_grads, *input_grads)]
+
+
+@leaf_vjp.register_fake
+def _leaf_vjp_fake(key: str, tensors: list[Tensor], inputs: list[Tensor], grad: Tensor) -> list[Tensor]:
+    return [torch.empty_like(t) for t in tensors] + [torch.empty_like(t) for t in inputs if t.is_floating_point()]
+
+
+@torch.library.custom_op("curvgraph::leaf_jvp", mutates_args=())
+def leaf_jvp(key: str, tensors: list[Tensor], inputs: list[Tensor], tangents: list[Tensor]) -> Tensor:
+    """The forward-mode derivative of the leaf's output along ``tangents`` (of its ``tensors``, then of its
+    floating-point ``inputs``)."""
+    with _eager():
+        call, primals = _differentiable(key, tensors, inputs)
+        count = len(tensors)
+        return torch.func.jvp(call, primals, (tuple(tangents[:count]), tuple(tangents[count:])))[1].clone()
+
+
+@leaf_jvp.register_fake
+def _leaf_jvp_fake(key: str, tensors: list[Tensor], inputs: list[Tensor], tangents: list[Tensor]) -> Tensor:
+    return _leaf_fake(key, tensors, inputs)
+
+
+def _one_call_per_element(op: Callable[..., Any]) -> Callable[..., Any]:
+    """A ``torch.vmap`` rule for the leaf op ``op``: one call per batch element, stacked (the module is a black box;
+    e.g. the exact GGN pulls one output direction at a time back through it)."""
+
+    def select(arg: Any, dim: Any, index: int) -> Any:
+        if isinstance(arg, list):
+            return [select(a, d, index) for a, d in zip(arg, dim)]
+        return arg if dim is None else arg.select(dim, index)
+
+    def rule(info: Any, in_dims: tuple[Any, ...], *args: Any) -> tuple[Any, Any]:
+        results = [op(*(select(a, d, b) for a, d in zip(args, in_dims))) for b in range(info.batch_size)]
+        if isinstance(results[0], Tensor):
+            return torch.stack(results), 0
+        return [torch.stack(r) for r in zip(*results)], [0] * len(results[0])
+
+    return rule
+
+
+for _op in (leaf_op, leaf_vjp, leaf_jvp):
+    _op.register_vmap(_one_call_per_element(_op))
+
+
 class _LeafCall(torch.autograd.Function):
-    """The leaf module run eagerly, differentiable under ``torch.func`` transforms: its backward is
-    ``torch.func.vjp`` and its forward-mode derivative ``torch.func.jvp`` of the same call (parameters,
-    buffers and floating-point inputs are differentiated; integer inputs are not)."""
+    """The leaf op, differentiable under ``torch.func`` transforms: its backward is :func:`leaf_vjp` and its
+    forward-mode derivative :func:`leaf_jvp` (parameters, buffers and floating-point inputs are differentiated;
+    integer inputs are not)."""
 
     @staticmethod
     def forward(key: str, *tensors: Tensor) -> Tensor:  # type: ignore[override]
         count = len(_module(key).tensors)
-        return _call(key, tensors[:count], tensors[count:])
+        return leaf_op(key, list(tensors[:count]), list(tensors[count:]))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
@@ -167,28 +240,34 @@ class _LeafCall(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        call, primals, floats, count = _differentiable(ctx.key, ctx.saved_tensors)
-        _, pull = torch.func.vjp(call, *primals)
-        tensor_grads, float_grads = pull(grad)
-        input_grads: list[Tensor | None] = [None] * (len(ctx.saved_tensors) - count)
-        for i, g in zip(floats, float_grads):
+        count = len(_module(ctx.key).tensors)
+        tensors, inputs = list(ctx.saved_tensors[:count]), list(ctx.saved_tensors[count:])
+        grads = leaf_vjp(ctx.key, tensors, inputs, grad)
+        input_grads: list[Tensor | None] = [None] * len(inputs)
+        for i, g in zip(_floats(inputs), grads[count:]):
             input_grads[i] = g
-        return (None, *tensor_grads, *input_grads)
+        return (None, *grads[:count], *input_grads)
 
     @staticmethod
     def jvp(ctx: Any, _key: None, *tangents: Tensor | None) -> Tensor:  # type: ignore[override]
-        call, primals, floats, count = _differentiable(ctx.key, ctx.saved_tensors)
-        zero = [torch.zeros_like(t) if d is None else d for d, t in zip(tangents, ctx.saved_tensors)]
-        return torch.func.jvp(call, primals, (tuple(zero[:count]), tuple(zero[count + i] for i in floats)))[1]
+        count = len(_module(ctx.key).tensors)
+        saved = ctx.saved_tensors
+        zero = [torch.zeros_like(t) if d is None else d for d, t in zip(tangents, saved)]
+        floats = _floats(saved[count:])
+        return leaf_jvp(ctx.key, list(saved[:count]), list(saved[count:]),
+                        zero[:count] + [zero[count + i] for i in floats])
 
 
-def _differentiable(key: str, saved: tuple[Tensor, ...]) -> tuple[Callable[..., Tensor], tuple[tuple[Tensor, ...], ...],
-                                                                  list[int], int]:
-    """``(call, primals, floats, count)``: the leaf as a function of its tensors and floating-point inputs,
-    its primal values, the positions of those inputs, and how many tensors (parameters, buffers) it has."""
-    count = len(_module(key).tensors)
-    tensors, inputs = saved[:count], saved[count:]
-    floats = [i for i, t in enumerate(inputs) if t.is_floating_point()]
+def _floats(inputs: Sequence[Tensor]) -> list[int]:
+    """The positions of the floating-point (differentiated) inputs."""
+    return [i for i, t in enumerate(inputs) if t.is_floating_point()]
+
+
+def _differentiable(key: str, tensors: Sequence[Tensor], inputs: Sequence[Tensor]
+                    ) -> tuple[Callable[..., Tensor], tuple[tuple[Tensor, ...], ...]]:
+    """``(call, primals)``: the leaf as a function of its tensors (parameters, buffers) and floating-point inputs, and
+    their values."""
+    floats = _floats(inputs)
 
     def call(tensors: tuple[Tensor, ...], differentiable: tuple[Tensor, ...]) -> Tensor:
         full = list(inputs)
@@ -196,11 +275,13 @@ def _differentiable(key: str, saved: tuple[Tensor, ...]) -> tuple[Callable[..., 
             full[i] = t
         return _call(key, tensors, tuple(full))
 
-    return call, (tuple(tensors), tuple(inputs[i] for i in floats)), floats, count
+    return call, (tuple(tensors), tuple(inputs[i] for i in floats))
 
 
+@torch._dynamo.allow_in_graph
 def leaf_call(key: str, tensors: list[Tensor], inputs: list[Tensor]) -> Tensor:
-    """What the generated step calls for a leaf module: :class:`_LeafCall` (the op captured at trace time)."""
+    """What the generated step calls for a leaf module: :class:`_LeafCall` (the op captured at trace time), one
+    opaque call in a compiled step."""
     return _LeafCall.apply(key, *tensors, *inputs)
 
 

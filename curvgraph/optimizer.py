@@ -21,7 +21,7 @@ from .methods.base import Method
 from .methods.fallback import FallbackRule
 from .plan import Plan
 from .runtime import StepRunner, compiled_step, model_tensors
-from .trace import InputSpec, flatten_inputs, mode_dependent_modules
+from .trace import InputSpec, describe_modes, flatten_inputs, modes_of
 
 # Inductor itself triggers this deprecation notice while compiling the step; users cannot act on it.
 warnings.filterwarnings("ignore", message="`torch._prims_common.check` is deprecated", category=FutureWarning)
@@ -88,6 +88,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     ``step``, from that batch, as ``torch.compile(model)`` compiles at the first call;
     :attr:`captured` says whether that happened.
 
+    Train and eval mode: each step runs the model in the modes its modules are in when it is
+    called (dropout, BatchNorm, ... as in PyTorch; the parameters are updated in either
+    mode). The first step in modes not seen yet captures the model again, from that batch;
+    all captures share the optimizer state, and a capture whose generated step is the same
+    shares its compiled graph too (see :meth:`capture`).
+
     Parameter groups: ``param_groups[0]`` (``"role": "curvature"``) holds the parameters
     of the curvature blocks and the method's hyper-parameters (``lr``, ``damping``, ...);
     ``param_groups[1]`` (``"role": "fallback"``) holds the fallback parameters with the
@@ -120,11 +126,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.backend = backend
         self.autocast = autocast
         self._capture_fn = capture
-        self._captured: Captured | None = None
+        self._captured: Captured | None = None  # the capture of the modes the last step (or capture) ran in
+        self._captures: dict[tuple[bool, ...], Captured] = {}  # by the modules' modes (modes_of)
+        self._steps: dict[str, Callable] = {}  # generated source -> its step, compiled once for all modes
         self._pending_state: dict[str, Any] | None = None
         self._seed = seed
         self._progress = progress and backend != "eager"
-        self._compiled_variants: set[bool] = set()
+        self._compiled_variants: set[tuple[str, bool]] = set()  # (generated source, statistics)
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
             raise ConfigError(f"curvgraph: {type(model).__name__} has no trainable parameters (requires_grad=True).")
@@ -138,12 +146,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     @property
     def plan(self) -> Plan | NotCapturedPlan:
-        """The :class:`~curvgraph.Plan` of the captured model (a :class:`NotCapturedPlan` before the capture)."""
+        """The :class:`~curvgraph.Plan` of the captured model (a :class:`NotCapturedPlan` before the capture); of the
+        train/eval modes the last step ran in when the model was captured in several."""
         return self._captured.plan if self._captured is not None else NotCapturedPlan(type(self.model).__name__)
 
     @property
     def source(self) -> str:
-        """Python source of the generated step module."""
+        """Python source of the generated step module (of the modes the last step ran in)."""
         return self._require_capture("opt.source").generated.source
 
     def _require_capture(self, what: str) -> Captured:
@@ -152,38 +161,49 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return self._captured
 
     def capture(self, inputs: Tensor | tuple[Tensor, ...] | Mapping[str, Tensor]) -> None:
-        """Capture the model on a batch of ``inputs`` and generate its step (what the first :meth:`step` does
-        when :func:`curvgraph.compile` got no ``example_inputs``). Raises if it is captured already."""
-        if self._captured is not None:
-            raise ConfigError(f"curvgraph: {type(self.model).__name__} is captured already; compile anew to capture "
-                              "it on other inputs.")
+        """Capture the model on a batch of ``inputs``, in the train/eval modes its modules are in now, and generate its
+        step: what the first :meth:`step` in these modes does when they are not captured yet. Raises
+        :class:`~curvgraph.ConfigError` if they are.
+
+        The first capture sorts the parameters into blocks and the fallback and creates the
+        optimizer state; a capture in other modes (a graph with dropout off, BatchNorm on its
+        running statistics, ...) shares them, and must find the same blocks.
+        """
+        modes = modes_of(self.model)
+        if modes in self._captures:
+            raise ConfigError(f"curvgraph: {type(self.model).__name__} is captured already in these modes "
+                              f"({describe_modes(self.model)}); compile anew to capture it on other inputs.")
         batch, keys = flatten_inputs(inputs, "example_inputs")
         captured = self._capture_fn(batch, keys)
         forward = captured.forward
-        params = [self.model.get_parameter(forward.names[p]) for p in forward.params]
-        if not params:
+        if not forward.params:
             raise ConfigError(f"curvgraph: {captured.plan.model_name} has no trainable parameters used by its forward "
                               "pass.")
-        in_blocks = {p for b in captured.plan.blocks for p in b.placeholders}
-        named = dict(zip(forward.params, params))
-        self.param_groups[0]["params"] = [named[p] for b in captured.plan.blocks for p in b.placeholders]
-        self.param_groups[1]["params"] = [named[p] for p in forward.params if p not in in_blocks]
-        self._params = params
-        self._forward = forward
-        self._generated = captured.generated
-        self._inputs = captured.inputs
-        self._constants = tuple(captured.constants)
-        self._frozen_names = [forward.names[p] for p in forward.frozen]
-        self._buffer_names = [forward.names[b] for b in forward.buffers]
-        self._modes = mode_dependent_modules(self.model)
-        self._requires_grad = {name: p.requires_grad for name, p in self.model.named_parameters()}
         generated = captured.generated
+        state = {key: (spec.shape, spec.init, spec.dtype or generated.factor_dtype) for key, spec in generated.state.items()}
+        if self._captured is None:
+            self._create_state(captured, state)
+        else:
+            self._check_same_step(captured, state)
+        if generated.source not in self._steps:
+            self._steps[generated.source] = compiled_step(captured.namespace["step"], self.backend)
+        self._captures[modes] = captured
+        self._use(captured)
+
+    def _create_state(self, captured: Captured, state: dict[str, tuple[tuple[int, ...], str, torch.dtype]]) -> None:
+        """Sort the parameters into the curvature and fallback groups (in place) and create the step's runner and state
+        for the first capture; load a :meth:`load_state_dict` that waited for it."""
+        forward, plan = captured.forward, captured.plan
+        named = {p: self.model.get_parameter(forward.names[p]) for p in forward.params}
+        in_blocks = {p for b in plan.blocks for p in b.placeholders}
+        self.param_groups[0]["params"] = [named[p] for b in plan.blocks for p in b.placeholders]
+        self.param_groups[1]["params"] = [named[p] for p in forward.params if p not in in_blocks]
+        self._requires_grad = {name: p.requires_grad for name, p in self.model.named_parameters()}
+        self._state_spec = state
         self._runner = StepRunner(
-            compiled_step(captured.namespace["step"], self.backend), captured.namespace["noise_shape"],
-            {key: (spec.shape, spec.init, spec.dtype or generated.factor_dtype) for key, spec in generated.state.items()},
-            self.loss.noise if self.fisher == "mc" else None, self.factor_every, self.invert_every, params[0].device,
-            generated.factor_dtype, self._seed, tuple(spec.symbolic_dims for spec in captured.inputs))
-        self._captured = captured
+            captured.namespace["step"], captured.namespace["noise_shape"], state,
+            self.loss.noise if self.fisher == "mc" else None, self.factor_every, self.invert_every,
+            named[forward.params[0]].device, captured.generated.factor_dtype, self._seed)
         pending, self._pending_state = self._pending_state, None
         if pending is not None:
             problem = self._runner.check_state_dict(pending)
@@ -191,6 +211,40 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 raise ConfigError(f"curvgraph: the state_dict loaded before the capture does not fit the captured step "
                                   f"({problem}); it was not loaded.")
             self._runner.load_state_dict(pending)
+
+    def _check_same_step(self, captured: Captured, state: dict[str, tuple[tuple[int, ...], str, torch.dtype]]) -> None:
+        """A :class:`~curvgraph.ConfigError` unless ``captured`` (the model in other modes) has the blocks, fallback
+        parameters and state of the first capture, which it shares."""
+        first = next(iter(self._captures.values())).plan
+
+        def layout(plan: Plan) -> tuple[object, ...]:
+            return tuple((b.name, b.kind, b.params) for b in plan.blocks), tuple(plan.fallback_params)
+
+        def blocks(plan: Plan) -> list[str]:
+            return [f"{b.name} ({b.kind})" for b in plan.blocks]
+
+        if layout(captured.plan) != layout(first) or state != self._state_spec:
+            raise ConfigError(
+                f"curvgraph: {captured.plan.model_name} in its current modes ({describe_modes(self.model)}) captures to "
+                f"other blocks or optimizer state than when it was first captured (blocks now {blocks(captured.plan)}, "
+                f"then {blocks(first)}; fallback now {list(captured.plan.fallback_params)}, then "
+                f"{list(first.fallback_params)}). The optimizer state is shared between train and eval modes; switch "
+                "the modules back, or compile a separate optimizer for these modes."
+            )
+
+    def _use(self, captured: Captured) -> None:
+        """Make ``captured`` the graph :meth:`step` runs (the state stays)."""
+        forward = captured.forward
+        self._captured = captured
+        self._params = [self.model.get_parameter(forward.names[p]) for p in forward.params]
+        self._forward = forward
+        self._generated = captured.generated
+        self._inputs = captured.inputs
+        self._constants = tuple(captured.constants)
+        self._frozen_names = [forward.names[p] for p in forward.frozen]
+        self._buffer_names = [forward.names[b] for b in forward.buffers]
+        self._runner.use(self._steps[captured.generated.source], captured.namespace["noise_shape"],
+                         tuple(spec.symbolic_dims for spec in captured.inputs))
 
     @property
     def skipped_steps(self) -> int:
@@ -227,18 +281,22 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         batch, keys = flatten_inputs(inputs, "inputs", InputError)
         if not isinstance(targets, Tensor):
             raise InputError(f"curvgraph: targets must be a tensor, got {type(targets).__name__}.")
-        if self._captured is None:
-            self.capture(inputs)
         self._check_model()
+        modes = modes_of(self.model)
+        if modes not in self._captures:
+            self.capture(inputs)
+        elif self._captures[modes] is not self._captured:
+            self._use(self._captures[modes])
         batch = self._arrange(batch, keys)
         self._check_batch(batch, targets)
         params, frozen, buffers = model_tensors(self.model, self._params, self._frozen_names, self._buffer_names)
-        variant, _ = self._runner.schedule()  # the refresh is a branch inside the graph: no variant of its own
+        # the refresh is a branch inside the graph: no variant of its own
+        variant = (self._generated.source, self._runner.schedule()[0])
         announce = self._progress and variant not in self._compiled_variants
         if announce:
-            print(f"curvgraph: compiling the step for {self.plan.model_name} (statistics: {'yes' if variant else 'no'}; "
-                  "one graph with statistics and one without, as the schedule uses them) ...",
-                  file=sys.stderr, flush=True)
+            print(f"curvgraph: compiling the step for {self.plan.model_name} in {describe_modes(self.model)} "
+                  f"(statistics: {'yes' if variant[1] else 'no'}; one graph with statistics and one without, as the "
+                  "schedule uses them) ...", file=sys.stderr, flush=True)
             start, graphs = time.perf_counter(), torch._dynamo.utils.counters["stats"]["unique_graphs"]
         try:
             loss, ok = self._runner.run(params, frozen, buffers, self._constants, batch, targets, self._hyper_values)
@@ -277,10 +335,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             )
 
     def _check_model(self) -> None:
-        """An :class:`~curvgraph.InputError` if a parameter was frozen or unfrozen since ``compile``, an enclosing
-        ``torch.autocast`` differs from compile's ``autocast``, or a module whose forward depends on the mode
-        (dropout, BatchNorm, ...) is not in the mode the step was captured in."""
-        toggled = [name for name, p in self.model.named_parameters() if p.requires_grad != self._requires_grad.get(name)]
+        """An :class:`~curvgraph.InputError` if a parameter was frozen or unfrozen since the capture, or an enclosing
+        ``torch.autocast`` differs from compile's ``autocast``."""
+        toggled = [name for name, p in self.model.named_parameters()
+                   if self._captured is not None and p.requires_grad != self._requires_grad.get(name)]
         if toggled:
             now = self.model.get_parameter(toggled[0]).requires_grad
             raise InputError(
@@ -288,25 +346,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 "compiled; which parameters train (and their blocks) is fixed at compile. Compile again after "
                 "freezing or unfreezing parameters."
             )
-        device = self._params[0].device.type
+        device = next(p for group in self.param_groups for p in group["params"]).device.type
         if torch.is_autocast_enabled(device) and (device, torch.get_autocast_dtype(device)) != self.autocast:
             compiled = f"autocast={self.autocast[1]}" if self.autocast else "no autocast"
             raise InputError(
                 f"curvgraph: step is called inside torch.autocast(dtype={torch.get_autocast_dtype(device)}), but the step "
                 f"was compiled with {compiled}; its precision is fixed at compile. Compile inside the autocast context "
                 "(or pass autocast= to curvgraph.compile), or call step outside it."
-            )
-        now = mode_dependent_modules(self.model)
-        changed = [name for name, training in self._modes.items() if now.get(name, training) != training]
-        if changed:
-            name = changed[0]
-            module = type(self.model.get_submodule(name)).__name__
-            then, later = ("train", "eval") if self._modes[name] else ("eval", "train")
-            more = f" (and {len(changed) - 1} more module(s))" if len(changed) > 1 else ""
-            raise InputError(
-                f"curvgraph: the step was compiled with module '{name or '<model>'}' ({module}) in {then} mode and runs "
-                f"the graph captured in that mode, but it is in {later} mode now{more}. Call model.{then}() before "
-                f"step, or compile again with the model in {later} mode to train it that way."
             )
 
     def _hyper_values(self, first_statistics: bool) -> dict[str, float]:

@@ -104,9 +104,7 @@ class StepRunner:
     def __init__(self, step: Callable, noise_shape: Callable, state: Mapping[str, tuple[tuple[int, ...], str, torch.dtype]],
                  noise: str | None, factor_every: int, invert_every: int, device: torch.device,
                  factor_dtype: torch.dtype, seed: int | None, dynamic_dims: Sequence[Sequence[int]] = ()) -> None:
-        self.step_fn = step
-        self.dynamic_dims = tuple(tuple(d) for d in dynamic_dims)
-        self.noise_shape = noise_shape
+        self.use(step, noise_shape, dynamic_dims)
         self.noise = noise
         self.factor_every = factor_every
         self.invert_every = invert_every
@@ -124,6 +122,14 @@ class StepRunner:
         self.new_degenerate: list[int] = []
         self._hyper_values: dict[str, float] = {}
         self._hyper_tensors: dict[str, Tensor] = {}
+
+    def use(self, step: Callable, noise_shape: Callable, dynamic_dims: Sequence[Sequence[int]] = ()) -> None:
+        """Run ``step`` (with its ``noise_shape`` and its inputs' ``dynamic_dims``) from now on: another graph of the
+        same step, such as the model captured in other train/eval modes. The state, schedule, counters and generator
+        stay: the two graphs must take the same state."""
+        self.step_fn = step
+        self.noise_shape = noise_shape
+        self.dynamic_dims = tuple(tuple(d) for d in dynamic_dims)
 
     def schedule(self) -> tuple[bool, bool]:
         """``(update_stats, refresh)`` for the next step."""

@@ -327,8 +327,7 @@ def trace(model: nn.Module, example_inputs: tuple[Tensor, ...], substitute: Subs
     example_inputs)))`` when ``keys`` names keyword inputs; the graph's user inputs are
     in that order. ``output`` picks the prediction from what the model returns (see
     :func:`select_output`). The model is exported in the mode each of its modules is in
-    (``module.training``): the generated step runs it in that mode (see
-    :func:`mode_dependent_modules`).
+    (``module.training``): the generated step runs it in that mode (see :func:`modes_of`).
     ``substitute`` (from the block kinds, see
     :meth:`curvgraph.kinds.base.BlockKind.substitute`) may return, for a submodule,
     a module computing the same function on the **same** Parameters (e.g. a recurrent
@@ -360,26 +359,25 @@ def trace(model: nn.Module, example_inputs: tuple[Tensor, ...], substitute: Subs
     return _from_program(model, program, example_inputs)
 
 
-def mode_dependent_modules(model: nn.Module) -> dict[str, bool]:
-    """Name (``""`` for the model itself) -> ``training`` of the modules of ``model`` whose forward depends on the mode.
+def modes_of(model: nn.Module) -> tuple[bool, ...]:
+    """``training`` of every module of ``model``, in ``model.modules()`` order: what the captured graph depends on.
 
-    Those are torch.nn's: dropout modules with ``p > 0``, batch and instance norms that
-    track running statistics, and ``nn.MultiheadAttention`` / recurrent modules with
-    dropout. The step runs the graph captured in the modes at the capture
-    (:func:`curvgraph.compile` with example inputs, else the first step); a custom module
-    that branches on ``self.training`` itself is captured in its mode then and cannot be
-    told apart from one that does not.
+    Dropout, BatchNorm and any module that branches on ``self.training`` are captured
+    in the mode they are in, so a step runs the graph captured in these modes
+    (:meth:`curvgraph.CurvatureOptimizer.step` captures the model again in modes it has not
+    seen). Modes that do not change the graph give the same generated step, compiled once.
     """
-    def dependent(module: nn.Module) -> bool:
-        if isinstance(module, nn.modules.dropout._DropoutNd):
-            return module.p > 0
-        if isinstance(module, nn.modules.batchnorm._NormBase):  # batch and instance norms
-            return module.track_running_stats
-        if isinstance(module, (nn.MultiheadAttention, nn.RNNBase)):
-            return module.dropout > 0
-        return False
+    return tuple(module.training for module in model.modules())
 
-    return {name: m.training for name, m in model.named_modules() if dependent(m)}
+
+def describe_modes(model: nn.Module) -> str:
+    """``"train mode"``, ``"eval mode"``, or which modules are in which mode when they differ (for messages)."""
+    modes = {name: module.training for name, module in model.named_modules()}
+    if len(set(modes.values())) == 1:
+        return "train mode" if model.training else "eval mode"
+    odd = [name or "<model>" for name, training in modes.items() if training != model.training]
+    listed = ", ".join(f"'{name}'" for name in odd[:3]) + (f" and {len(odd) - 3} more" if len(odd) > 3 else "")
+    return f"{'train' if model.training else 'eval'} mode, {listed} in {'eval' if model.training else 'train'} mode"
 
 
 def _record_leaf_calls(model: nn.Module, inputs: tuple[Tensor, ...], keys: tuple[str, ...] | None,
@@ -497,8 +495,8 @@ def _translate_export_error(model: nn.Module, example_inputs: tuple[Tensor, ...]
         location += f" at {where}"
     if any(key in names or key in str(exc)[:2000] for key in _UNTRACEABLE):
         leaf_hint = ("" if module_name in (None, "<root>") else
-                     f" Or keep the module opaque: curvgraph.compile(..., leaf_modules=['{module_name}'], "
-                     "backend='eager') runs it eagerly inside the step and trains its parameters with the "
+                     f" Or keep the module opaque: curvgraph.compile(..., leaf_modules=['{module_name}']) "
+                     "runs it eagerly inside the step and trains its parameters with the "
                      "first-order fallback.")
         return TraceError(
             f"curvgraph could not capture {type(model).__name__} as one graph: {location}: {reason}\n"

@@ -84,6 +84,18 @@ def curvlinops_factors(model: nn.Module, loss: str, x: Tensor, y: Tensor, fisher
     return kfac._input_covariances, kfac._gradient_covariances
 
 
+def assert_plan_covers(plan, model: nn.Module) -> None:
+    """Every trainable parameter of ``model`` is in exactly one curvature block or in the fallback with a reason, and
+    every frozen one is listed as frozen."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    in_blocks = [p for b in plan.blocks for p in b.params]
+    assert len(in_blocks) == len(set(in_blocks)) and set(in_blocks) | set(plan.fallback_params) == trainable
+    assert not set(in_blocks) & set(plan.fallback_params)
+    assert all(plan.fallback_reasons.get(p) for p in plan.fallback_params)
+    assert set(plan.frozen_params) == frozen
+
+
 def assert_export_resumes(opt, model: nn.Module, batches, path):
     """``opt``'s exported step, loaded on a copy of ``model`` with ``opt``'s state, continues bitwise as ``opt`` does:
     the same losses on ``batches`` and the same model state after them. Returns the exported step."""

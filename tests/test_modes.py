@@ -1,10 +1,12 @@
 """Train/eval mode and frozen parameters behave as in PyTorch.
 
-The step runs the graph captured in the modes the modules were in at ``compile``: train mode
+The step runs the model in the modes its modules are in when it is called: train mode
 (the default) applies dropout and BatchNorm's batch statistics and updates its running
 statistics; eval mode turns dropout off and normalizes with the running statistics, which it
-leaves alone. A mode-dependent module in another mode at ``step``, or a parameter frozen or
-unfrozen since ``compile``, is a clear error instead of a silent mismatch.
+leaves alone. The model is captured once per set of modes it is stepped in; the captures
+share the optimizer state (one schedule, one checkpoint) and, when the modes do not change
+the graph, the compiled step. A parameter frozen or unfrozen since the capture is a clear
+error instead of a silent mismatch.
 """
 
 from __future__ import annotations
@@ -55,12 +57,108 @@ def test_eval_mode_step_is_the_eval_forward_and_keeps_running_statistics():
     assert not model.training
 
 
-def test_a_mode_change_since_compile_is_an_error_and_switching_back_works():
+def eval_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The model's own loss in eval mode (its mode is left as it was)."""
+    reference = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        return F.cross_entropy(reference(x), y)
+
+
+def counting_captures(opt) -> list[int]:
+    """Count the optimizer's captures of the model (one entry each)."""
+    captures, capture = [], opt._capture_fn
+    opt._capture_fn = lambda *args: captures.append(1) or capture(*args)
+    return captures
+
+
+def test_the_step_follows_model_eval_and_model_train_after_the_capture():
+    model = model_with_modes()
+    x, y = batch()
+    opt = curvgraph.compile(model, (x,), backend="eager")
+    captures = counting_captures(opt)
+    bn = model[1]
+    opt.step(x, y)
+    model.eval()
+    running, weight = (bn.running_mean.clone(), bn.running_var.clone()), model[0].weight.clone()
+    expected = eval_loss(model, x, y)
+    assert torch.equal(opt.step(x, y), expected)  # dropout off (p=0.5), running statistics: the eval graph
+    assert torch.equal(bn.running_mean, running[0]) and torch.equal(bn.running_var, running[1])
+    assert not torch.equal(model[0].weight, weight)  # a step in eval mode still trains
+    assert not model.training and captures == [1]
+    model.train()
+    opt.step(x, y)
+    assert not torch.equal(bn.running_mean, running[0])  # the train graph again: batch statistics, running update
+    model.eval()
+    expected = eval_loss(model, x, y)
+    assert torch.equal(opt.step(x, y), expected)
+    assert captures == [1] and opt.state_dict()["step_count"] == 4  # one capture per modes, one schedule
+
+
+def test_the_modes_share_the_optimizer_state_and_its_checkpoint():
+    model = model_with_modes()
+    x, y = batch()
+    opt = curvgraph.compile(model, (x,), backend="eager", seed=0)
+    opt.step(x, y)
+    after_train = opt.factors()["4"]["A"]
+    model.eval()
+    opt.step(x, y)
+    assert not torch.equal(opt.factors()["4"]["A"], after_train)  # the eval step updated the same factors
+    saved, twin = opt.state_dict(), copy.deepcopy(model).train()
+    resumed = curvgraph.compile(twin, (x,), backend="eager")
+    resumed.load_state_dict(saved)
+    for mode in ("train", "eval"):  # the state saved in eval mode continues in both modes, in both optimizers
+        getattr(model, mode)(), getattr(twin, mode)()
+        losses = []
+        for optimizer in (opt, resumed):
+            torch.manual_seed(5)  # the same dropout masks
+            losses.append(optimizer.step(x, y))
+        assert torch.equal(*losses)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
+
+
+def test_modes_that_do_not_change_the_graph_share_its_step():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 3))
+    x, y = batch()
+    opt = curvgraph.compile(model, (x,), backend="eager")
+    model.eval()
+    assert torch.isfinite(opt.step(x, y))
+    assert len(opt._captures) == 2 and len(opt._steps) == 1  # captured in eval mode too, the same step: compiled once
+
+
+def test_capture_in_the_current_modes_and_again_is_an_error():
     model = model_with_modes()
     x, y = batch()
     opt = curvgraph.compile(model, (x,), backend="eager")
     model.eval()
-    with pytest.raises(curvgraph.InputError, match=r"module '1' \(BatchNorm1d\) in train mode .* Call model.train\(\)"):
+    opt.capture(x)
+    expected = eval_loss(model, x, y)
+    assert torch.equal(opt.step(x, y), expected)
+    with pytest.raises(curvgraph.ConfigError, match=r"captured already in these modes \(eval mode\)"):
+        opt.capture(x)
+
+
+class ExtraInTraining(nn.Module):
+    """A layer that only runs in train mode (its parameters have no block in eval mode)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.extra, self.head = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        return self.head(self.extra(h) if self.training else h)
+
+
+def test_modes_whose_graph_has_other_blocks_are_an_error_naming_them():
+    torch.manual_seed(4)
+    model = ExtraInTraining()
+    x, y = batch()
+    opt = curvgraph.compile(model, (x,), backend="eager")
+    model.eval()
+    model.head.train()
+    with pytest.raises(curvgraph.ConfigError, match=r"in its current modes \(eval mode, 'head' in train mode\) captures "
+                                                    r"to other blocks .*then \['body \(dense\)', 'extra"):
         opt.step(x, y)
     model.train()
     assert torch.isfinite(opt.step(x, y))

@@ -132,6 +132,36 @@ def test_shorter_sequence_and_batch_work(compiled):
     assert torch.isfinite(loss) and opt.skipped_steps == 0
 
 
+class BoolMaskAttention(nn.Module):
+    """``F.scaled_dot_product_attention`` with a boolean mask (``True``: attend), causal and key padding, the way
+    Hugging Face models build it from an ``attention_mask``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.qkv, self.head = nn.Embedding(V, D), nn.Linear(D, 3 * D), nn.Linear(D, V)
+
+    def forward(self, tokens, attention_mask):
+        x = self.emb(tokens)
+        n, t, d = x.shape
+        q, k, v = (z.view(n, t, 2, d // 2).transpose(1, 2) for z in self.qkv(x).split(d, -1))
+        mask = torch.ones(t, t, dtype=torch.bool).tril() & attention_mask.bool()[:, None, None, :]
+        return self.head(x + F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(n, t, d))
+
+
+def test_a_boolean_attention_mask_masks_in_the_step():
+    """The step's loss is the model's: a boolean mask excludes the keys it marks ``False`` (its math form adds
+    ``-inf`` there, as the fused op does, not the mask's 0/1 values)."""
+    torch.manual_seed(0)
+    model = BoolMaskAttention()
+    tokens = _tokens()
+    padding = (torch.arange(T) < torch.tensor([[T], [T - 3], [2], [T - 1]])).long()
+    targets = torch.randint(0, V, tokens.shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = F.cross_entropy(model(tokens, padding).flatten(0, 1), targets.flatten())
+    opt = curvgraph.compile(model, (tokens, padding), loss="token_cross_entropy", backend="eager")
+    torch.testing.assert_close(opt.step((tokens, padding), targets), expected)
+
+
 class PackedCross(nn.Module):
     """Cross-attention with one packed ``(3D, D)`` in-projection split ``[q; kv]`` between the query and the memory."""
 

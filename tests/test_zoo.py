@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import curvgraph
+from helpers import assert_plan_covers
 from zoo import ZOO
 
 LOSSES = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss,
@@ -61,14 +62,7 @@ def test_zoo_model_compiles_covers_and_trains(name):
         return select(inputs, rows, batch_dim), targets[rows]
 
     opt = curvgraph.compile(model, batch(0)[0], loss=case.loss, backend="eager", seed=0, output=case.output)
-    plan = opt.plan
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    in_blocks = [p for b in plan.blocks for p in b.params]
-    assert len(in_blocks) == len(set(in_blocks)) and set(in_blocks) | set(plan.fallback_params) == trainable
-    assert not set(in_blocks) & set(plan.fallback_params)
-    assert all(plan.fallback_reasons.get(p) for p in plan.fallback_params)
-    assert set(plan.frozen_params) == frozen
+    assert_plan_covers(opt.plan, model)
 
     initial = training_loss(model, inputs, targets, case.loss, case.output)
     losses = []

@@ -8,8 +8,10 @@ their composite form, which computes the same function from differentiable ops.
 
 from __future__ import annotations
 
+import math
 import operator
 
+import torch
 from torch.fx import Graph, Node
 
 from .graph_utils import aten, insert_call, schema_args
@@ -26,6 +28,8 @@ def attention_math_form(graph: Graph, params: set[str]) -> int:
     output (the attention weights) is unused. The fused kernels return their output in
     the query's memory layout, which ``view`` ops after them may rely on; the math form's
     output is contiguous, so those views become ``reshape`` (:func:`_reshape_views_of`).
+    A boolean ``mask`` (``True``: attend) becomes the additive mask the fused op makes of it
+    (:func:`_additive_mask`): the math form adds its mask to the scores as it is.
     Returns the number of rewritten nodes.
     """
     count = 0
@@ -33,8 +37,11 @@ def attention_math_form(graph: Graph, params: set[str]) -> int:
         if node.op != "call_function" or node.target not in FUSED_ATTENTION:
             continue
         args = schema_args(node)
+        mask = args["attn_mask"]
+        if isinstance(mask, Node) and mask.meta["val"].dtype == torch.bool:
+            mask = _additive_mask(graph, node, mask, args["query"].meta["val"].dtype)
         math_node = insert_call(graph, node, aten._scaled_dot_product_attention_math.default,
-                                (args["query"], args["key"], args["value"], args["attn_mask"], args["dropout_p"],
+                                (args["query"], args["key"], args["value"], mask, args["dropout_p"],
                                  args["is_causal"]))
         math_node.kwargs = {"scale": args["scale"], "enable_gqa": args["enable_gqa"]}
         output = insert_call(graph, node, operator.getitem, (math_node, 0), meta_from=node)
@@ -43,6 +50,19 @@ def attention_math_form(graph: Graph, params: set[str]) -> int:
         _reshape_views_of(output)
         count += 1
     return count
+
+
+def _additive_mask(graph: Graph, attention: Node, mask: Node, dtype: torch.dtype) -> Node:
+    """Nodes before ``attention`` that turn the boolean ``mask`` into ``0`` where it is ``True`` and ``-inf`` where it is
+    ``False``, in ``dtype``: what ``scaled_dot_product_attention`` does to a boolean mask before its math kernel."""
+    zeros = insert_call(graph, attention, aten.zeros_like.default, (mask,), meta_from=attention)
+    zeros.kwargs = {"dtype": dtype}
+    blocked = insert_call(graph, attention, aten.logical_not.default, (mask,), meta_from=attention)
+    additive = insert_call(graph, attention, aten.masked_fill.Scalar, (zeros, blocked, -math.inf), meta_from=attention)
+    value = mask.meta["val"]  # a fake tensor: ops on it give the new nodes' shapes
+    zeros.meta["val"], blocked.meta["val"] = value.to(dtype), value.logical_not()
+    additive.meta["val"] = zeros.meta["val"]
+    return additive
 
 
 #: Ops that only rearrange their first argument's elements.

@@ -1,0 +1,154 @@
+"""Real Hugging Face models, built tiny from their configs (nothing is downloaded), driven the way users drive them.
+
+GPT-2 (a tied embedding/head, learned positions, LayerNorm, ``Conv1D`` projections),
+BERT for sequence classification (token types, a pooler) and LLaMA (rotary positions,
+RMSNorm, grouped-query attention, SwiGLU) are called by keyword (``model(**batch)``)
+with a padded ``attention_mask``, return a ``ModelOutput`` whose ``logits`` the loss
+sees (``output="logits"``), and run with their defaults: ``sdpa`` attention and, for the
+LMs, ``use_cache=True``; they are trained in train mode and then stepped in eval mode.
+References: the model's own eager forward, and its training loss on the whole data set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import curvgraph
+from helpers import assert_plan_covers
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, LENGTH, EXAMPLES, CLASSES = 50, 12, 48, 3
+
+
+def gpt2() -> nn.Module:
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def llama() -> nn.Module:
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+                                      bos_token_id=0, eos_token_id=0)
+    return transformers.LlamaForCausalLM(config)
+
+
+def bert() -> nn.Module:
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=16, num_labels=CLASSES)
+    return transformers.BertForSequenceClassification(config)
+
+
+def sequences(g: torch.Generator, n: int = EXAMPLES, length: int = LENGTH) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """Arithmetic sequences mod ``VOCAB`` with a stride of 1, 2 or 3, padded at the end of some rows.
+
+    Returns the keyword inputs (``input_ids``, ``attention_mask``, ``token_type_ids``),
+    the next tokens (``-100`` on padding: ignored) and a class per row (its first token mod ``CLASSES``).
+    """
+    stride = torch.randint(1, CLASSES + 1, (n, 1), generator=g)
+    tokens = (torch.randint(0, VOCAB, (n, 1), generator=g) + stride * torch.arange(length + 1)) % VOCAB
+    mask = (torch.arange(length)[None] < torch.randint(length // 2, length + 1, (n, 1), generator=g)).long()
+    mask[0] = 1  # one full row: the padding is a real mask
+    inputs = {"input_ids": tokens[:, :-1], "attention_mask": mask, "token_type_ids": torch.zeros_like(mask)}
+    return inputs, torch.where(mask.bool(), tokens[:, 1:], -100), tokens[:, 0] % CLASSES
+
+
+#: name -> (model, input keys it takes, "lm" (next tokens, token_cross_entropy) or "classes" (cross_entropy),
+#: the kind of some of its blocks)
+CASES: dict[str, tuple[Callable[[], nn.Module], tuple[str, ...], str, dict[str, str]]] = {
+    "gpt2": (gpt2, ("input_ids", "attention_mask"), "lm",
+             {"transformer.wte": "tied", "transformer.wpe": "embedding", "transformer.h.0.attn.c_attn": "dense",
+              "transformer.h.0.ln_1": "norm"}),
+    "llama": (llama, ("input_ids", "attention_mask"), "lm",
+              {"model.embed_tokens": "embedding", "model.layers.0.self_attn.k_proj": "dense",
+               "model.layers.0.input_layernorm": "norm", "lm_head": "dense"}),
+    "bert": (bert, ("input_ids", "attention_mask", "token_type_ids"), "classes",
+             {"bert.embeddings.token_type_embeddings": "embedding", "bert.pooler.dense": "dense",
+              "bert.embeddings.LayerNorm": "norm", "classifier": "dense"}),
+}
+
+
+def case_data(name: str, g: torch.Generator, n: int = EXAMPLES, length: int = LENGTH) -> tuple[dict[str, Tensor], Tensor]:
+    """The inputs ``name`` takes and its targets."""
+    _, keys, task, _ = CASES[name]
+    inputs, next_tokens, classes = sequences(g, n, length)
+    return {k: inputs[k] for k in keys}, next_tokens if task == "lm" else classes
+
+
+def options(name: str) -> dict[str, str]:
+    return {"loss": "token_cross_entropy" if CASES[name][2] == "lm" else "cross_entropy", "output": "logits"}
+
+
+def model_loss(model: nn.Module, inputs: dict[str, Tensor], targets: Tensor) -> Tensor:
+    """The loss of the model's own eager forward (no gradients)."""
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=-100)
+
+
+@dataclass
+class Trained:
+    """A model trained for 12 steps in train mode (the default) by an optimizer that captured it at the first step."""
+
+    model: nn.Module
+    opt: curvgraph.CurvatureOptimizer
+    initial: float  # the training loss (whole data set, eval mode) before and after
+    final: float
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def trained(request) -> tuple[str, Trained]:
+    name = request.param
+    torch.manual_seed(0)
+    model = CASES[name][0]()
+    inputs, targets = case_data(name, torch.Generator().manual_seed(1))
+    opt = curvgraph.compile(model, backend="eager", seed=0, lr=1e-2, damping=1e-2, **options(name))
+    assert not opt.captured
+
+    def training_loss() -> float:
+        model.eval()
+        value = model_loss(model, inputs, targets).item()
+        model.train()
+        return value
+
+    initial = training_loss()
+    for i in range(12):
+        rows = slice(16 * (i % 3), 16 * (i % 3 + 1))
+        opt.step({k: v[rows] for k, v in inputs.items()}, targets[rows])
+    assert opt.captured and model.training
+    return name, Trained(model, opt, initial, training_loss())
+
+
+def test_model_captures_at_the_first_step_covers_every_parameter_and_trains(trained):
+    name, run = trained
+    assert_plan_covers(run.opt.plan, run.model)
+    assert not run.opt.plan.fallback_params  # every parameter of these models has a curvature block
+    kinds = CASES[name][3]
+    assert {b.name: b.kind for b in run.opt.plan.blocks if b.name in kinds} == kinds
+    assert run.final < 0.6 * run.initial
+
+
+def test_in_eval_mode_the_step_loss_is_the_models_loss_with_padding_and_new_sizes(trained):
+    """After ``model.eval()`` (no dropout: deterministic) the step's loss, before its update, is the model's own: the
+    graph captured in eval mode is the model, attention mask and positions included, for batches of other sizes and
+    sequence lengths too."""
+    name, run = trained
+    run.model.eval()
+    g = torch.Generator().manual_seed(2)
+    for batch, y in [case_data(name, g, n=4), case_data(name, g, n=3, length=9), case_data(name, g, n=5)]:
+        expected = model_loss(run.model, batch, y)
+        torch.testing.assert_close(run.opt.step(batch, y), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_output_without_output_names_the_logits():
+    torch.manual_seed(0)
+    inputs, targets = case_data("llama", torch.Generator().manual_seed(3), n=4)
+    with pytest.raises(curvgraph.ConfigError, match=r"CausalLMOutputWithPast \{'logits'.*output='logits'"):
+        curvgraph.compile(llama(), inputs, loss="token_cross_entropy", backend="eager")

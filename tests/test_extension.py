@@ -184,6 +184,19 @@ def test_registering_a_taken_name_needs_replace():
         curvgraph.register_method(type("NoDecay", (DiagonalFisher,), {"name": "no_decay", "hyper": {}}))
 
 
+def test_a_method_state_entry_named_like_a_factor_is_an_error():
+    """A method's state entry and a kind's factor of one name would share one state key and one variable."""
+    clashing = type("Clashing", (DiagonalFisher,), {"name": "clashing",
+                                                  "state": lambda self, block: {"A": curvgraph.StateSpec((1,))}})
+    curvgraph.register_method(clashing)
+    try:
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        with pytest.raises(curvgraph.CompileError, match=r"method 'clashing' names state entries \['A'\] of block '0'"):
+            curvgraph.compile(model, (torch.randn(5, 3),), method="clashing", backend="eager")
+    finally:
+        curvgraph.unregister_method("clashing")
+
+
 def ema(total, new, weight):
     """A weighted running sum, named like K-FAC's ``ema`` helper on purpose."""
     return total + weight * new

@@ -95,4 +95,4 @@ def test_stored_factors_are_the_nearest_kronecker_of_the_two_uses():
     y1 = g_lookup.T @ g_lookup / counted
     x1 = torch.bincount(x.flatten(), minlength=V).double() / counted
     expected = brute_force_nearest((x1, x2), (y1, y2))
-    torch.testing.assert_close(torch.kron(torch.diag(f["R"]), f["C"]), expected, rtol=1e-6, atol=1e-10)
+    torch.testing.assert_close(torch.kron(torch.diag(f["R"]), f["F"]), expected, rtol=1e-6, atol=1e-10)

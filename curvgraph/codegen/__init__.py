@@ -137,9 +137,14 @@ def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, 
 
     state: dict[str, StateSpec] = {}
     for b in blocks:
+        method_state = method.state(b.block)
+        if clash := sorted(set(method_state) & set(b.block.factors)):
+            raise CompileError(f"curvgraph: method {method.name!r} names state entries {clash} of block "
+                               f"{b.block.name!r} like the factors of its kind {b.block.kind!r}; the step reads both "
+                               "from one state key and one variable. Rename the method's entries or the kind's factors.")
         for f in method.factors_kept(b.block):
             state[b.key(f)] = StateSpec(b.block.factor_shapes[f])
-        state.update({b.key(k): spec for k, spec in method.state(b.block).items()})
+        state.update({b.key(k): spec for k, spec in method_state.items()})
 
     fallback_params = [p for p in forward.params if all(p not in b.block.placeholders for b in blocks)]
     param_names = forward.names

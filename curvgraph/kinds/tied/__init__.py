@@ -30,7 +30,7 @@ from . import factors as tied_math
 
 
 class Tied(BlockKind):
-    """Tied embedding / head ``E (V, d)``: a diagonal token-side factor ``R`` (axis -2) and ``C`` over the features."""
+    """Tied embedding / head ``E (V, d)``: a diagonal token-side factor ``R`` (axis -2) and ``F`` over the features."""
 
     name = "tied"
     color = "#9e9ac8"
@@ -43,7 +43,7 @@ class Tied(BlockKind):
 
     def factors(self, block: Block) -> dict[str, Factor]:
         vocab, d = block.dims["vocab"], block.dims["features"]
-        return {"R": Factor((vocab,), axis=-2, diagonal=True), "C": Factor((d, d), axis=-1)}
+        return {"R": Factor((vocab,), axis=-2, diagonal=True), "F": Factor((d, d), axis=-1)}
 
     def cost(self, block: Block) -> dict[str, sympy.Expr]:
         return tied_math.cost(block)
@@ -57,13 +57,13 @@ class Tied(BlockKind):
     def write_batch_factors(self, w: StepWriter, b: BlockVars, dtype: torch.dtype) -> None:
         call = w.call(tied_math.tied_factors, *self._parts(w, b, b.uses), b.block.dims["vocab"], "batch", "examples",
                       "scale", dtype)
-        w.line(f"{b.batch_factors['R']}, {b.batch_factors['C']} = {call}")
+        w.line(f"{b.batch_factors['R']}, {b.batch_factors['F']} = {call}")
 
     def write_example_rows(self, w: StepWriter, b: BlockVars, uses: Sequence[UseVars], dtype: torch.dtype,
                            label: str = "rows") -> dict[str, str]:
-        rows = {f: b.var(f"{label}_{f}") for f in ("R", "C")}
+        rows = {f: b.var(f"{label}_{f}") for f in ("R", "F")}
         call = w.call(tied_math.tied_example_rows, *self._parts(w, b, uses), b.block.dims["vocab"], "batch", dtype)
-        w.line(f"{rows['R']}, {rows['C']} = {call}")
+        w.line(f"{rows['R']}, {rows['F']} = {call}")
         return rows
 
     def write_matrix(self, w: StepWriter, b: BlockVars, tensors: Sequence[str], dtype: torch.dtype) -> str:

@@ -16,10 +16,10 @@ of that sum by *one* Kronecker product in the Frobenius norm (Van Loan & Pitsian
 and ``a`` the top eigenvector of :math:`QP` normalized to :math:`a^\top P a = 1`,
 
 .. math:: R = \sum_i a_i X_i \quad(\text{diagonal, axis -2}),\qquad
-          C = \sum_j (Pa)_j\, Y_j \quad(d \times d,\ \text{axis -1}).
+          F = \sum_j (Pa)_j\, Y_j \quad(d \times d,\ \text{axis -1}).
 
 ``P`` and ``Q`` have non-negative entries (inner products of PSD matrices), so ``a`` is
-non-negative (Perron-Frobenius) and ``R``, ``C`` are PSD; with one use the result is
+non-negative (Perron-Frobenius) and ``R``, ``F`` are PSD; with one use the result is
 that use's own ``X ⊗ Y``.
 """
 
@@ -35,7 +35,7 @@ from ..embedding.factors import token_frequencies
 
 
 def nearest_kronecker(xs: tuple[Tensor, ...], ys: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
-    r"""``(R, C)`` with :math:`R \otimes C` the Frobenius-nearest Kronecker product to :math:`\sum_i X_i \otimes Y_i`.
+    r"""``(R, F)`` with :math:`R \otimes F` the Frobenius-nearest Kronecker product to :math:`\sum_i X_i \otimes Y_i`.
 
     ``xs`` are diagonal factors stored as vectors ``(V,)``, ``ys`` dense ``(d, d)``; see the module docstring.
     """
@@ -53,7 +53,7 @@ def nearest_kronecker(xs: tuple[Tensor, ...], ys: tuple[Tensor, ...]) -> tuple[T
 def tied_factors(indices: tuple[Tensor, ...], lookup_grads: tuple[Tensor, ...], head_inputs: tuple[Tensor, ...],
                  head_grads: tuple[Tensor, ...], vocab: int, batch: int, examples: int, scale: Tensor,
                  dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """This batch's ``(R, C)`` from the lookups' token ids and output vectors and the heads' inputs and output vectors."""
+    """This batch's ``(R, F)`` from the lookups' token ids and output vectors and the heads' inputs and output vectors."""
     x1 = token_frequencies(indices, vocab, dtype)
     y1 = dense_grad_factor(lookup_grads, False, examples, scale, dtype)
     x2 = sum(g.to(dtype).reshape(-1, vocab).square().sum(0) for g in head_grads) * scale

@@ -175,15 +175,6 @@ def test_compile_keeps_each_modules_mode():
     assert torch.equal(model[1].running_mean, running)
 
 
-def test_a_model_without_mode_dependent_modules_steps_in_either_mode():
-    torch.manual_seed(2)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 3))
-    x, y = batch()
-    opt = curvgraph.compile(model, (x,), backend="eager")
-    model.eval()
-    assert torch.isfinite(opt.step(x, y))
-
-
 def test_freezing_a_parameter_after_compile_is_an_error_and_a_new_compile_respects_it():
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))

@@ -54,6 +54,16 @@ def schedule(method: str) -> dict:
     return {"T": 1} if method == "singd" else {"invert_every": 1}
 
 
+def step_twice_warned_once(opt: curvgraph.CurvatureOptimizer, x: torch.Tensor, y: torch.Tensor, match: str) -> None:
+    """Two steps on ``(x, y)``: the first warns a DegenerateBlockWarning matching ``match``, the second (the same
+    cause again) is counted but not warned."""
+    with pytest.warns(curvgraph.DegenerateBlockWarning, match=match):
+        opt.step(x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", curvgraph.DegenerateBlockWarning)
+        opt.step(x, y)
+
+
 def train(model: nn.Module, data: list[torch.Tensor], method: str, backend: str = "eager", **options):
     """``STEPS`` steps on ``data``; returns the optimizer and the DegenerateBlockWarnings."""
     opt = curvgraph.compile(model, (data[0],), method=method, backend=backend, progress=False, **schedule(method),
@@ -114,11 +124,7 @@ def test_failed_inverse_keeps_the_previous_one_and_warns_once():
     state["state"]["2.A"] = -torch.eye(65)
     state["state"]["2.G"] = 2 * state["state"]["2.G"]
     opt.load_state_dict(state)
-    with pytest.warns(curvgraph.DegenerateBlockWarning, match=r"block '2' \(dense\): factor A could not be inverted"):
-        opt.step(x, y)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", curvgraph.DegenerateBlockWarning)
-        opt.step(x, y)  # the same cause again: counted, not warned
+    step_twice_warned_once(opt, x, y, r"block '2' \(dense\): factor A could not be inverted")
     after = opt.state_dict()["state"]
     assert torch.equal(after["2.A_inv"], state["state"]["2.A_inv"])
     assert not torch.allclose(after["2.G_inv"], state["state"]["2.G_inv"])
@@ -168,12 +174,8 @@ def test_singd_keeps_a_factor_whose_update_is_not_finite_and_names_it():
     state["state"]["2.m_K"] = torch.full_like(state["state"]["2.m_K"], float("nan"))
     opt.load_state_dict(state)
     before = [p.clone() for p in model.parameters()]
-    with pytest.warns(curvgraph.DegenerateBlockWarning,
-                      match=r"block '2' \(dense\): preconditioner factor K \(on A\) or its momentum m_K is not finite"):
-        opt.step(x, y)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", curvgraph.DegenerateBlockWarning)
-        opt.step(x, y)  # the same cause again: counted, not warned
+    step_twice_warned_once(opt, x, y,
+                           r"block '2' \(dense\): preconditioner factor K \(on A\) or its momentum m_K is not finite")
     after = opt.state_dict()["state"]
     assert torch.equal(after["2.K"], state["state"]["2.K"])
     assert not torch.equal(after["2.C"], state["state"]["2.C"])

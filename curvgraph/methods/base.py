@@ -20,7 +20,7 @@ The step the generator writes is, for every block::
     M       = gradient matrix of the block (+ weight decay)        [generator, per kind]
     if update_stats:  batch factors                                  [kind]
                       method.write_statistics(...)  -> factors       [method]
-    if refresh:       method.write_refresh(...)     -> preconditioner
+    torch.cond(refresh, method.write_refresh(...), kept)  -> preconditioner
     method.write_direction(...)   -> D, with  M_param <- M_param - D          [method]
 """
 
@@ -186,7 +186,15 @@ class Method(ABC):
 
     @abstractmethod
     def write_refresh(self, w: "StepWriter", blocks: list["BlockVars"]) -> None:
-        """Recompute the preconditioners from the factors (inside ``if refresh:``)."""
+        """Recompute the preconditioners from the factors, every ``invert_every`` steps.
+
+        The lines go into the body of a nested function, the true branch of a ``torch.cond``
+        (:func:`curvgraph.codegen._write_refresh`): the step sees, after it, the block's
+        :meth:`preconditioner` entries as variables ``b.var(key)`` (the state's values in
+        steps without a refresh) and the values the refresh commits; its other locals stay
+        in the branch. Commits of a refresh go to state entries (read back from the state
+        in steps without one), and its checks name committed values.
+        """
 
     @abstractmethod
     def write_direction(self, w: "StepWriter", blocks: list["BlockVars"]) -> None:

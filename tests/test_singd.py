@@ -318,12 +318,13 @@ def test_options_are_checked():
 
 @pytest.fixture(scope="module")
 def compiled_and_eager():
-    """The same 4 SINGD steps with torch.compile and eager (float64, hierarchical and block-diagonal sides)."""
+    """The same 4 SINGD steps with torch.compile and eager (float64, hierarchical and block-diagonal sides), each
+    updating K and C (T=1: one compiled graph, the slowest compile of the suite otherwise)."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
         data = batches("cnn", 4)
-        hyper = dict(HYPER, structures=("hierarchical2_3", "block3diagonal"))
+        hyper = dict(HYPER, T=1, structures=("hierarchical2_3", "block3diagonal"))
         runs = []
         for backend in ("inductor", "eager"):
             model = cnn()

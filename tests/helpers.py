@@ -107,3 +107,13 @@ def assert_export_resumes(opt, model: nn.Module, batches, path):
     for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
         assert torch.equal(a, b), name
     return trainer
+
+
+def reference_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` for ``torch.func`` references: its BatchNorms use the same batch statistics but update no
+    running buffers (a buffer update inside ``torch.func`` is not allowed)."""
+    reference = copy.deepcopy(model)
+    for module in reference.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.track_running_stats = False
+    return reference

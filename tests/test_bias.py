@@ -15,7 +15,7 @@ from torch import nn
 
 import curvgraph
 from curvgraph.registry import METHODS
-from helpers import exact_ggn, make_targets
+from helpers import exact_ggn, make_targets, reference_copy
 
 LOSSES = ("cross_entropy", "mse", "bce_with_logits")
 
@@ -201,10 +201,7 @@ def test_norm_shift_factor_is_the_exact_ggn_of_the_shift(float64, case, loss):
     model = make()
     x = torch.randn(shape)
     y = make_targets(loss, (shape[0], 3))
-    reference = copy.deepcopy(model)
-    for module in reference.modules():  # the same batch statistics, but no buffer updates inside torch.func
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.track_running_stats = False
+    reference = reference_copy(model)
     factors, opt = batch_factors(model, x, y, loss, kfac_approx="reduce")
     assert opt.plan.block("1.bias").kind == "bias" and opt.plan.fallback_params == ()
     assert factors["1.bias"]["G"].shape == (size, size)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import curvgraph
-from helpers import exact_ggn, make_targets
+from helpers import exact_ggn, make_targets, reference_copy
 
 
 def bn_cnn() -> nn.Module:
@@ -74,10 +74,7 @@ def test_norm_factor_is_the_exact_per_channel_ggn_block(float64, case, loss):
     model = make()
     x = torch.randn(shape)
     y = make_targets(loss, (shape[0], 4))
-    reference = copy.deepcopy(model)
-    for module in reference.modules():  # same batch statistics, but no buffer updates inside torch.func
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.track_running_stats = False
+    reference = reference_copy(model)
     opt = curvgraph.compile(model, (x,), loss=loss, fisher="type2", ema=0.0, backend="eager")
     opt.step(x, y)
     block = opt.plan.block(name)

@@ -232,11 +232,11 @@ def lbfgs_apply(S: Tensor, Y: Tensor, R_inv: Tensor, V: Tensor) -> Tensor:
     r"""The L-BFGS inverse :math:`H` (:math:`H_0 = I`) applied to the columns of ``V``, in compact form.
 
     With the pairs as the rows of ``S``, ``Y`` (``(..., m, o)``, oldest first),
-    :math:`D = \operatorname{diag}(s_i^	op y_i)` and :math:`R^{-1}` (``R_inv``, ``(..., m, m)``) the
-    inverse of the upper triangle :math:`R_{ij} = s_i^	op y_j` (:math:`i \le j`), kept up to date by
+    :math:`D = \operatorname{diag}(s_i^\top y_i)` and :math:`R^{-1}` (``R_inv``, ``(..., m, m)``) the
+    inverse of the upper triangle :math:`R_{ij} = s_i^\top y_j` (:math:`i \le j`), kept up to date by
     :func:`lbfgs_append` without any inversion (Byrd, Nocedal & Schnabel 1994):
 
-    .. math:: H V = V + S^	op R^{-	op}ig((D + Y Y^	op) P - Y Vig) - Y^	op P,
+    .. math:: H V = V + S^\top R^{-\top}\big((D + Y Y^\top) P - Y V\big) - Y^\top P,
               \qquad P = R^{-1} S V .
 
     Unused slots hold zeros in ``S``, ``Y`` and ``R_inv`` and contribute nothing. This equals the
@@ -256,11 +256,11 @@ def lbfgs_append(S: Tensor, Y: Tensor, R_inv: Tensor, count: Tensor, s: Tensor,
     ``S``, ``Y`` are ``(..., m, o)``, ``R_inv`` ``(..., m, m)``, ``count`` ``(..., 1)`` (valid pairs, at
     most ``m``). The inverse triangle follows from block elimination with one scalar division: with
     :math:`R_\circ^{-1}` the trailing ``m-1`` block of ``R_inv`` (the inverse of the kept pairs' triangle),
-    :math:`b_i = s_i^	op y` over the kept pairs and :math:`c = 1 / s^	op y`,
+    :math:`b_i = s_i^\top y` over the kept pairs and :math:`c = 1 / s^\top y`,
 
-    .. math:: R_{+}^{-1} = egin{pmatrix} R_\circ^{-1} & -c R_\circ^{-1} b \ 0 & c \end{pmatrix}.
+    .. math:: R_{+}^{-1} = \begin{pmatrix} R_\circ^{-1} & -c R_\circ^{-1} b \\ 0 & c \end{pmatrix}.
 
-    A pair with :math:`s^	op y \le 0` or not finite is not stored (as :func:`bfgs_inverse_update` skips it).
+    A pair with :math:`s^\top y \le 0` or not finite is not stored (as :func:`bfgs_inverse_update` skips it).
     Returns the new ``S``, ``Y``, ``R_inv``, ``count`` and ``skipped`` (``(..., 1)``: where the pair was not stored).
     """
     sy = (s * y).sum(-1, keepdim=True)

@@ -181,12 +181,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                               "pass.")
         generated = captured.generated
         state = {key: (spec.shape, spec.init, spec.dtype or generated.factor_dtype) for key, spec in generated.state.items()}
-        if self._captured is None:
-            self._create_state(captured, state)
-        else:
+        if self._captured is not None:
             self._check_same_step(captured, state)
         if generated.source not in self._steps:
             self._steps[generated.source] = compiled_step(captured.namespace["step"], self.backend)
+        if self._captured is None:
+            self._create_state(captured, state)
         self._captures[modes] = captured
         self._use(captured)
 
@@ -201,7 +201,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._requires_grad = {name: p.requires_grad for name, p in self.model.named_parameters()}
         self._state_spec = state
         self._runner = StepRunner(
-            captured.namespace["step"], captured.namespace["noise_shape"], state,
+            self._steps[captured.generated.source], captured.namespace["noise_shape"], state,
             self.loss.noise if self.fisher == "mc" else None, self.factor_every, self.invert_every,
             named[forward.params[0]].device, captured.generated.factor_dtype, self._seed)
         pending, self._pending_state = self._pending_state, None

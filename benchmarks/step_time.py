@@ -69,16 +69,19 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))  #
 METHODS = [m for m in ("ekfac", "kbfgs", "kbfgs_l") if m in curvgraph.registry.METHODS]
 
 class Residual(nn.Module):
-    """conv-BN-ReLU-conv-BN plus the input, then ReLU (a ResNet basic block)."""
+    """conv-BN-ReLU-conv-BN plus the shortcut, then ReLU (a ResNet basic block). The shortcut is the input,
+    or a strided 1x1 convolution and BN where the block changes the channels or the resolution."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, out: int | None = None, stride: int = 1) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
-                                  nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-                                  nn.BatchNorm2d(channels))
+        out = out or channels
+        self.body = nn.Sequential(nn.Conv2d(channels, out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(out),
+                                  nn.ReLU(), nn.Conv2d(out, out, 3, padding=1, bias=False), nn.BatchNorm2d(out))
+        self.shortcut = (nn.Sequential(nn.Conv2d(channels, out, 1, stride=stride, bias=False), nn.BatchNorm2d(out))
+                         if out != channels or stride != 1 else nn.Identity())
 
     def forward(self, x):
-        return torch.relu(x + self.body(x))
+        return torch.relu(self.shortcut(x) + self.body(x))
 
 
 def small_resnet() -> nn.Module:
@@ -89,6 +92,17 @@ def small_resnet() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(), Residual(16),
                          *down(16, 32), Residual(32), *down(32, 64), Residual(64), nn.AdaptiveAvgPool2d(1),
                          nn.Flatten(), nn.Linear(64, 10))
+
+
+def resnet18() -> nn.Module:
+    """ResNet-18 for 32x32x3 inputs (He et al. 2016, the CIFAR stem: one 3x3 convolution, no pooling): stages of
+    64-128-256-512 channels, two basic blocks each, the last three starting at stride 2; 11.2M parameters."""
+    stages, c_in = [], 64
+    for i, width in enumerate((64, 128, 256, 512)):
+        stages += [Residual(c_in, width, 1 if i == 0 else 2), Residual(width)]
+        c_in = width
+    return nn.Sequential(nn.Conv2d(3, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(), *stages,
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 10))
 
 
 @dataclass(frozen=True)
@@ -148,6 +162,7 @@ MODELS: dict[str, Workload] = {
                               nn.Tanh(), nn.Linear(128, 10)),
         classification(128, (128,))),
     "resnet-32x32x3": Workload(small_resnet, classification(128, (3, 32, 32))),
+    "resnet18-32x32x3": Workload(resnet18, classification(32, (3, 32, 32))),
     "char-transformer-4x256": Workload(char_transformer, char_batch, "token_cross_entropy"),
     # hidden 256, sequence 40, batch 64: curvgraph unrolls the LSTM (rnn blocks with 40 uses); the
     # adam-eager row is eager nn.LSTM (cuDNN on a GPU) + torch.optim.Adam

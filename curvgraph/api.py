@@ -12,9 +12,11 @@ from .curvature.losses import check_fisher, resolve_loss
 from .errors import ConfigError
 from .instrument import instrument
 from .leaf import leaf_modules_of
-from .methods.base import positive
+from .methods.base import Method, positive
 from .optimizer import Captured, CurvatureOptimizer
 from .passes import build_plan
+from .passes.split import max_dim_for_memory, split_factors
+from .plan import Plan
 from .registry import resolve_fallback, resolve_method
 from .trace import flatten_inputs, resolve_batch_dims, trace
 
@@ -22,6 +24,8 @@ from .trace import flatten_inputs, resolve_batch_dims, trace
 OPTIONS: dict[str, Any] = {
     "fisher": "mc",
     "kfac_approx": "expand",
+    "max_factor_dim": None,
+    "max_factor_memory": None,
     "factor_every": 1,
     "invert_every": 10,
     "fallback": "adam",
@@ -92,6 +96,12 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
               distribution; the default unless the method names another, e.g.
               SINGD's ``"empirical"``), ``"empirical"`` or ``"type2"`` (exact GGN);
             * ``kfac_approx``: ``"expand"`` or ``"reduce"`` for weight sharing;
+            * ``max_factor_dim``: split every dense or conv factor wider than this into
+              diagonal blocks of at most this size (``None``, the default: never), which cuts
+              its memory, statistics and refresh (see :mod:`curvgraph.passes.split`); K-FAC only;
+            * ``max_factor_memory``: a budget in bytes for the curvature state (factors,
+              inverses, momentum; the plan's ``state`` column): the largest ``max_factor_dim``
+              that fits it is chosen (the smaller of the two if both are given);
             * ``factor_every`` (1), ``invert_every`` (10): statistics and inversion
               periods in steps;
             * ``fallback``: ``"adam"`` or ``"sgd"`` (or a registered rule's name) for
@@ -165,6 +175,11 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
     if not isinstance(backend, str):
         raise ConfigError(f"curvgraph: backend must be a string ('inductor', 'eager', ...), got {backend!r}.")
 
+    max_dim = settings["max_factor_dim"]
+    if max_dim is not None and (isinstance(max_dim, bool) or not isinstance(max_dim, int) or max_dim < 1):
+        raise ConfigError(f"curvgraph: max_factor_dim must be a positive integer or None, got {max_dim!r}.")
+    if settings["max_factor_memory"] is not None:
+        positive("max_factor_memory", settings["max_factor_memory"])
     leaves = leaf_modules_of(model, settings["leaf_modules"])
     device = next(iter(model.parameters()), torch.empty(0)).device
     autocast = resolve_autocast(settings["autocast"], device.type)
@@ -177,6 +192,9 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
                            keys=keys, output=settings["output"], leaves=leaves)
         resolve_batch_dims(traced, settings["batch_dim"])
         plan = build_plan(traced, block_kinds.values(), settings["kfac_approx"], traced.example_sizes(inputs))
+        max_dim = factor_dim_limit(plan, rule, settings["max_factor_dim"], settings["max_factor_memory"])
+        if max_dim is not None:
+            split_factors(plan, max_dim, rule)
         for block in plan.blocks:
             block.cost.update(rule.cost(block))
         forward = instrument(traced, plan)
@@ -194,6 +212,20 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
     if example_inputs is not None:
         opt.capture(example_inputs)
     return opt
+
+
+def factor_dim_limit(plan: Plan, method: Method, max_dim: int | None, max_memory: float | None) -> int | None:
+    """The ``max_factor_dim`` to split ``plan``'s factors at: ``max_dim``, or the largest that keeps ``method``'s
+    curvature state within ``max_memory`` bytes, or the smaller of the two; ``None`` for no split."""
+    limits = [] if max_dim is None else [max_dim]
+    if max_memory is not None:
+        def state_bytes(p: Plan) -> float:
+            return sum(p.at_example(method.cost(b).get("state_bytes", 0)) for b in p.blocks)
+
+        fitting = max_dim_for_memory(plan, max_memory, state_bytes)
+        if fitting is not None:
+            limits.append(fitting)
+    return min(limits, default=None)
 
 
 def resolve_autocast(value: object, device_type: str) -> tuple[str, torch.dtype] | None:

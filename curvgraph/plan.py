@@ -100,26 +100,63 @@ class Factor:
     (block-diagonal across groups or channels): ``kron(G, A)`` for ``G`` on axis
     ``-2`` and ``A`` on axis ``-1``.
 
+    A dense factor may be **block-diagonal** (:func:`split_factor`): its ``d x d`` matrix
+    is approximated by ``k`` diagonal blocks of ``b = ceil(d / k)`` rows each (the axis
+    cut into consecutive slices, the last one zero-padded to ``b``), which the generated
+    step computes, inverts and applies without ever forming the ``d x d`` matrix.
+
     Attributes:
         shape: the stored shape: ``lead + (d, d)`` for a dense factor,
-            ``lead + (d,)`` for a diagonal one (stored as a vector).
+            ``lead + (d,)`` for a diagonal one (stored as a vector),
+            ``lead + (k, b, b)`` for a block-diagonal one.
         axis: the axis of ``M`` the factor acts on (negative).
         diagonal: the factor is a diagonal matrix.
+        split_dim: ``d`` of a block-diagonal factor (``None`` for the others, whose ``d``
+            is the last stored dim).
     """
 
     shape: tuple[int, ...]
     axis: int
     diagonal: bool = False
+    split_dim: int | None = None
 
     @property
     def dim(self) -> int:
         """Size ``d`` of the matrix axis the factor acts on."""
-        return self.shape[-1]
+        return self.shape[-1] if self.split_dim is None else self.split_dim
+
+    @property
+    def blocks(self) -> int:
+        """The number ``k`` of diagonal blocks (1 unless split)."""
+        return 1 if self.split_dim is None else self.shape[-3]
+
+    @property
+    def block_dim(self) -> int:
+        """Size ``b`` of each diagonal block (``d`` unless split; 1 for a diagonal factor)."""
+        return 1 if self.diagonal else self.shape[-1]
+
+    @property
+    def label(self) -> str:
+        """The stored shape for tables and drawings: ``64x64``, ``64(diag)``, ``9x512x512(split 4608)``."""
+        structure = "(diag)" if self.diagonal else "" if self.split_dim is None else f"(split {self.split_dim})"
+        return "x".join(map(str, self.shape)) + structure
 
     @property
     def lead(self) -> tuple[int, ...]:
         """The leading (block-diagonal) dims: groups, channels, or ``()``."""
-        return self.shape[:-1] if self.diagonal else self.shape[:-2]
+        if self.diagonal:
+            return self.shape[:-1]
+        return self.shape[:-2] if self.split_dim is None else self.shape[:-3]
+
+
+def split_factor(factor: Factor, max_dim: int) -> Factor:
+    """``factor`` as ``ceil(d / max_dim)`` diagonal blocks of (nearly) equal size at most ``max_dim``;
+    ``factor`` itself if it is diagonal, already split, or ``d <= max_dim``."""
+    if factor.diagonal or factor.split_dim is not None or factor.dim <= max_dim:
+        return factor
+    blocks = -(-factor.dim // max_dim)
+    size = -(-factor.dim // blocks)
+    return Factor(factor.lead + (blocks, size, size), factor.axis, split_dim=factor.dim)
 
 
 @dataclass
@@ -318,8 +355,7 @@ class Plan:
                  "FLOPs/step", "FLOPs/refresh")]
         for b in self.blocks:
             kind = (self.kinds or {}).get(b.kind)
-            factors = " ".join(f"{k}:{'x'.join(map(str, f.shape))}{'(diag)' if f.diagonal else ''}"
-                               for k, f in b.factors.items())
+            factors = " ".join(f"{k}:{f.label}" for k, f in b.factors.items())
             workspace = b.cost.get("workspace_bytes")
             rows.append(
                 (

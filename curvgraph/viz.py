@@ -206,8 +206,7 @@ def clusters(plan: Plan) -> list[Cluster]:
         owner.update({n: block.name for n in members})
         kind = plan.kinds.get(block.kind) or registry.KINDS.get(block.kind)
         description = kind.label(block) if kind is not None else block.kind
-        factors = ", ".join(f"{k} {'x'.join(map(str, f.shape))}{' (diag)' if f.diagonal else ''}"
-                            for k, f in block.factors.items())
+        factors = ", ".join(f"{k} {f.label}" for k, f in block.factors.items())
         memory, flops = plan.block_state_bytes(block), plan.block_step_flops(block)
         title = "\n".join([f"{block.name}: {description}", *roles.get(block.name, []), f"factors {factors}",
                            f"state {human(memory, 'B')}, {human(flops, '')}FLOPs/step"])

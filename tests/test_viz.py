@@ -111,7 +111,7 @@ def test_a_kind_draws_itself(opt):
         finally:
             curvgraph.unregister_block_kind("scale")
         (scale,) = [c for c in parse_dot(viz.to_dot(plan)).values() if c.get("label", "").startswith("s:")]
-        assert scale["color"] == color and scale["label"].startswith(label) and "F 4 (diag)" in scale["label"]
+        assert scale["color"] == color and scale["label"].startswith(label) and "F 4(diag)" in scale["label"]
 
 
 @needs_dot

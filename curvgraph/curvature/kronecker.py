@@ -9,7 +9,10 @@ factors are then
           G_j = c \sum_r g_{r,j} g_{r,j}^\top
 
 per group ``j``, with :math:`\bar a = [a, 1]` when the block holds a bias. Results are
-``(g, d + bias, d + bias)`` and ``(g, o, o)``.
+``(g, d + bias, d + bias)`` and ``(g, o, o)``; with ``blocks = k > 1`` only the ``k``
+diagonal blocks of each (a block-diagonal factor, :func:`curvgraph.plan.split_factor`):
+``(g, k, b, b)`` with ``b = ceil(D / k)``, ``D`` the full size, the features cut into
+consecutive slices of ``b`` and the last slice padded with zero features.
 """
 
 from __future__ import annotations
@@ -18,14 +21,26 @@ import torch
 from torch import Tensor
 
 
-def input_moment(rows: tuple[Tensor, ...], bias: bool, dtype: torch.dtype) -> Tensor:
-    r""":math:`\frac1R \sum_r \bar a_r \bar a_r^\top` per group over the rows of every tensor in ``rows`` (each ``(R_u, g, d)``).
+def block_rows(rows: Tensor, blocks: int) -> Tensor:
+    """``rows`` ``(R, g, D)`` as ``(R, g, k, b)``: ``k = blocks`` consecutive slices of ``b = ceil(D / k)`` features,
+    the last padded with zeros."""
+    size = -(-rows.shape[-1] // blocks)
+    padded = torch.nn.functional.pad(rows, (0, blocks * size - rows.shape[-1]))
+    return padded.reshape(rows.shape[:-1] + (blocks, size))
 
-    The ones column of :math:`\bar a` is not materialized: its row and column are the
-    column sums of ``a`` and its corner is ``R``.
+
+def input_moment(rows: tuple[Tensor, ...], bias: bool, dtype: torch.dtype, blocks: int = 1) -> Tensor:
+    r""":math:`\frac1R \sum_r \bar a_r \bar a_r^\top` per group over the rows of every tensor in ``rows`` (each ``(R_u, g, d)``);
+    its ``blocks`` diagonal blocks ``(g, k, b, b)`` when ``blocks > 1``.
+
+    The ones column of :math:`\bar a` is not materialized for a full factor: its row and
+    column are the column sums of ``a`` and its corner is ``R``.
     """
     rows = tuple(r.to(dtype) for r in rows)
     count = sum(r.shape[0] for r in rows)
+    if blocks > 1:
+        split = [block_rows(with_ones_column(r, bias), blocks) for r in rows]
+        return sum(torch.einsum("rgki,rgkj->gkij", r, r) for r in split) / count
     moment = sum(torch.einsum("rgi,rgj->gij", r, r) for r in rows)
     if bias:
         total = sum(r.sum(0) for r in rows)
@@ -34,8 +49,12 @@ def input_moment(rows: tuple[Tensor, ...], bias: bool, dtype: torch.dtype) -> Te
     return moment / count
 
 
-def output_moment(rows: tuple[Tensor, ...], scale: Tensor, dtype: torch.dtype) -> Tensor:
-    r""":math:`c \sum_r g_r g_r^\top` per group over the rows of every tensor in ``rows`` (each ``(R_u, g, o)``)."""
+def output_moment(rows: tuple[Tensor, ...], scale: Tensor, dtype: torch.dtype, blocks: int = 1) -> Tensor:
+    r""":math:`c \sum_r g_r g_r^\top` per group over the rows of every tensor in ``rows`` (each ``(R_u, g, o)``);
+    its ``blocks`` diagonal blocks ``(g, k, b, b)`` when ``blocks > 1``."""
+    if blocks > 1:
+        split = [block_rows(r.to(dtype), blocks) for r in rows]
+        return sum(torch.einsum("rgki,rgkj->gkij", r, r) for r in split) * scale
     return sum(torch.einsum("rgi,rgj->gij", r.to(dtype), r.to(dtype)) for r in rows) * scale
 
 

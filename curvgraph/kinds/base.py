@@ -8,7 +8,9 @@ A :class:`BlockKind` subclass owns
   calls :meth:`BlockKind.find`): FX matching that returns :class:`~curvgraph.plan.Block`\ s
   built with :func:`new_block`;
 * its **factor structure** (:meth:`BlockKind.factors`): which factors the block has,
-  their shapes, the block-matrix axis each acts on, dense or diagonal;
+  their shapes, the block-matrix axis each acts on, dense or diagonal; with
+  :attr:`BlockKind.splits_factors` its statistics also honour block-diagonal factors
+  (``max_factor_dim``);
 * its **statistics** in the generated step (:meth:`BlockKind.write_batch_factors`):
   this batch's estimate of every factor from the layer inputs ``a`` and output
   gradients ``g`` of each use;
@@ -68,6 +70,9 @@ class BlockKind(ABC):
     rewrites: tuple[Callable[[Graph, set[str]], int], ...] = ()
     #: Fill colour of the kind's blocks in drawings (a Graphviz / CSS colour).
     color: str = "#d9d9d9"
+    #: Whether :meth:`write_batch_factors` computes a block-diagonal factor (``Factor.blocks > 1``,
+    #: :func:`curvgraph.plan.split_factor`) as its diagonal blocks; only such kinds' factors are split.
+    splits_factors: bool = False
 
     def label(self, block: Block) -> str:
         """A one-line description of ``block`` for drawings and tables: the kind and its dims by default."""

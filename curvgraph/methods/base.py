@@ -127,6 +127,8 @@ class Method(ABC):
     hyper: dict[str, Hyper] = {}
     #: The Fisher type used when ``compile`` gets no ``fisher=`` (``None``: compile's default, ``"mc"``).
     default_fisher: str | None = None
+    #: Whether the method handles block-diagonal factors (``Factor.blocks > 1``, ``max_factor_dim``).
+    splits_factors: bool = False
 
     def __init__(self, **options: Any) -> None:
         """``options``: the validated static hyper-parameters."""

@@ -159,6 +159,7 @@ class EKFAC(KFAC):
     to the scaling."""
 
     name = "ekfac"
+    splits_factors = False  # the eigenvalue correction is per entry of the full eigenbasis
 
     def preconditioner(self, block: Block) -> tuple[str, ...]:
         values = tuple(f"{name}_eigenvalues" for name in block.factors)

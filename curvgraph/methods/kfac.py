@@ -56,7 +56,8 @@ def ema(old: Tensor, new: Tensor, decay: Tensor) -> Tensor:
     return old * decay + new * (1 - decay)
 
 
-def factored_damping(factors: tuple[Tensor, ...], diagonal: tuple[bool, ...], damping: Tensor) -> tuple[Tensor, ...]:
+def factored_damping(factors: tuple[Tensor, ...], diagonal: tuple[bool, ...], damping: Tensor,
+                     split_dims: tuple[int | None, ...] | None = None) -> tuple[Tensor, ...]:
     r"""Shifts added to each factor so that their Kronecker product is damped by about :math:`\lambda`.
 
     With :math:`t_i` the mean eigenvalue of factor ``i`` (trace over dimension, per
@@ -67,21 +68,35 @@ def factored_damping(factors: tuple[Tensor, ...], diagonal: tuple[bool, ...], da
     :math:`\lambda` itself.
 
     Args:
-        factors: the factors, dense ``(..., d, d)`` or diagonal ``(..., d)``.
+        factors: the factors, dense ``(..., d, d)``, diagonal ``(..., d)`` or block-diagonal
+            ``(..., k, b, b)``.
         diagonal: which factors are diagonal.
         damping: :math:`\lambda`, a 0-d tensor.
+        split_dims: per factor, ``d`` of a block-diagonal factor (its trace is over all blocks,
+            divided by ``d``, not by the zero-padded ``k b``), else ``None``; all ``None`` if omitted.
 
     Returns:
-        One shift per factor, shaped like the factors' leading dims.
+        One shift per factor, shaped like the factor's batch of matrices: the leading dims,
+        and ``k`` after them for a block-diagonal factor (each block gets the factor's shift).
     """
-    if len(factors) == 1:
+    split_dims = split_dims or (None,) * len(factors)
+    if len(factors) == 1 and split_dims[0] is None:
         lead = factors[0].shape[:-1] if diagonal[0] else factors[0].shape[:-2]
         return (damping.expand(lead),)
     tiny = torch.finfo(factors[0].dtype).tiny
-    means = [(f if d else f.diagonal(dim1=-2, dim2=-1)).mean(-1).clamp_min(tiny) for f, d in zip(factors, diagonal)]
+    means = []
+    for f, diag, split in zip(factors, diagonal, split_dims):
+        if diag:
+            means.append(f.mean(-1))
+        elif split is None:
+            means.append(f.diagonal(dim1=-2, dim2=-1).mean(-1))
+        else:
+            means.append(f.diagonal(dim1=-2, dim2=-1).sum((-2, -1)) / split)
+    means = [m.clamp_min(tiny) for m in means]
     log_geometric_mean = sum(m.log() for m in means) / len(means)
     root = damping ** (1.0 / len(factors))
-    return tuple(root * (m.log() - log_geometric_mean).exp() for m in means)
+    shifts = [root * (m.log() - log_geometric_mean).exp() for m in means]
+    return tuple(s if split is None else s[..., None].expand(f.shape[:-2]) for s, f, split in zip(shifts, factors, split_dims))
 
 
 def damped_inverse(factor: Tensor, shift: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
@@ -113,19 +128,31 @@ def damped_diagonal_inverse(factor: Tensor, shift: Tensor, previous: Tensor) -> 
     return torch.where(good, 1.0 / damped, previous), ~good[..., 0]
 
 
-def apply_inverse(matrix: Tensor, inverse: Tensor, axis: int, diagonal: bool, symmetric: bool = True) -> Tensor:
+def apply_inverse(matrix: Tensor, inverse: Tensor, axis: int, diagonal: bool, symmetric: bool = True,
+                  split: bool = False) -> Tensor:
     r"""``matrix`` multiplied along its (negative) ``axis`` by ``inverse``: :math:`M \times_{axis} F^{-1}`.
 
-    ``matrix`` is ``lead + (d_1, ..., d_r)``; ``inverse`` is ``lead + (d, d)`` (dense) or
-    ``lead + (d,)`` (diagonal) with ``d`` the size of ``axis``. Every fiber ``x`` of
-    ``matrix`` along ``axis`` becomes :math:`F^{-\top} x`: for ``r = 2`` the dense cases
-    are :math:`F^{-\top} M` (``axis=-2``) and :math:`M F^{-1}` (``axis=-1``), i.e.
+    ``matrix`` is ``lead + (d_1, ..., d_r)``; ``inverse`` is ``lead + (d, d)`` (dense),
+    ``lead + (d,)`` (diagonal) or ``lead + (k, b, b)`` (``split``: block-diagonal,
+    :func:`curvgraph.plan.split_factor`, ``k b >= d``) with ``d`` the size of ``axis``. Every
+    fiber ``x`` of ``matrix`` along ``axis`` becomes :math:`F^{-\top} x`: for ``r = 2`` the
+    dense cases are :math:`F^{-\top} M` (``axis=-2``) and :math:`M F^{-1}` (``axis=-1``), i.e.
     :math:`F^{-1} M` and :math:`M F^{-1}` for K-FAC's symmetric inverses. ``symmetric=False``
     (EKFAC's orthogonal eigenbases :math:`Q`, rotating :math:`M` into :math:`Q_G^\top M Q_A`)
-    transposes on the ``axis=-2`` shortcut, which the symmetric case skips.
+    transposes on the ``axis=-2`` shortcut, which the symmetric case skips. A block-diagonal
+    inverse multiplies each fiber's consecutive slices of ``b`` by their own block (the fiber
+    zero-padded to ``k b`` first, the padding dropped after).
     """
     if diagonal:
         return matrix * inverse.reshape(inverse.shape + (1,) * (-axis - 1))
+    if split:
+        lead, (blocks, size) = inverse.shape[:-3], inverse.shape[-3:-1]
+        moved = matrix.movedim(axis, -1)
+        d = moved.shape[-1]
+        padded = torch.nn.functional.pad(moved, (0, blocks * size - d))
+        sliced = padded.reshape(lead + (-1, blocks, size)).transpose(-3, -2)  # lead + (k, fibers, b)
+        product = (sliced @ inverse).transpose(-3, -2).reshape(padded.shape)[..., :d]
+        return product.movedim(-1, axis)
     lead = inverse.shape[:-2]
     if axis == -2 and matrix.dim() == len(lead) + 2:
         return (inverse if symmetric else inverse.mT) @ matrix
@@ -135,12 +162,13 @@ def apply_inverse(matrix: Tensor, inverse: Tensor, axis: int, diagonal: bool, sy
 
 
 def kfac_precondition(grad: Tensor, inverses: tuple[Tensor, ...], axes: tuple[int, ...],
-                      diagonal: tuple[bool, ...]) -> Tensor:
+                      diagonal: tuple[bool, ...], split: tuple[bool, ...] | None = None) -> Tensor:
     r""":math:`V = M \times_1 F_1^{-1} \times_2 F_2^{-1} \cdots`: the inverse of the Kronecker product of
     the factors applied to the block matrix, e.g. :math:`G^{-1} M A^{-1}`, i.e.
-    :math:`(G \otimes A)^{-1} \operatorname{vec}(M)` in row-major vec order."""
-    for inverse, axis, diag in zip(inverses, axes, diagonal):
-        grad = apply_inverse(grad, inverse, axis, diag)
+    :math:`(G \otimes A)^{-1} \operatorname{vec}(M)` in row-major vec order (``split``: which inverses
+    are block-diagonal, see :func:`apply_inverse`)."""
+    for inverse, axis, diag, blocked in zip(inverses, axes, diagonal, split or (False,) * len(inverses)):
+        grad = apply_inverse(grad, inverse, axis, diag, split=blocked)
     return grad
 
 
@@ -183,6 +211,7 @@ class KFAC(Method):
     """
 
     name = "kfac"
+    splits_factors = True
     hyper = {
         "lr": Hyper("auto", auto_or(positive)),
         "momentum": Hyper("auto", auto_or(fraction)),
@@ -293,7 +322,9 @@ class KFAC(Method):
             names = list(b.factors)
             targets = [b.var(f"shift_{f}") for f in names]
             diagonal = tuple(b.block.factors[f].diagonal for f in names)
-            call = w.call(factored_damping, w.pack(b.factors[f] for f in names), diagonal, self._damping(w))
+            split_dims = tuple(b.block.factors[f].split_dim for f in names)
+            call = w.call(factored_damping, w.pack(b.factors[f] for f in names), diagonal, self._damping(w),
+                          split_dims if any(d is not None for d in split_dims) else None)
             w.line(f"{', '.join(targets)}, = {call}")
             shifts.update({(b.id, f): t for f, t in zip(names, targets)})
         groups: dict[tuple[tuple[int, ...], bool], list[tuple[BlockVars, str]]] = defaultdict(list)
@@ -336,7 +367,9 @@ class KFAC(Method):
             inverses = w.pack(b.var(f"{f}_inv") for f in order)
             axes = tuple(b.block.factors[f].axis for f in order)
             diagonal = tuple(b.block.factors[f].diagonal for f in order)
-            w.line(f"{b.var('V')} = {w.call(kfac_precondition, b.grad, inverses, axes, diagonal)}")
+            split = tuple(b.block.factors[f].split_dim is not None for f in order)
+            call = w.call(kfac_precondition, b.grad, inverses, axes, diagonal, split if any(split) else None)
+            w.line(f"{b.var('V')} = {call}")
 
     def write_direction(self, w, blocks: list[BlockVars]) -> None:
         self.write_preconditioned(w, blocks)
@@ -387,14 +420,15 @@ class KFAC(Method):
             w.commit(b.state("momentum"), f"-{b.direction}")
 
     def cost(self, block: Block) -> dict[str, sympy.Expr]:
-        """Preconditioning ``2 numel(M) d`` per dense factor and ``numel(M)`` per diagonal one
-        (``2 (o^2 i + o i^2)`` for a dense block), inversion ``d^3`` per dense factor matrix
-        and ``d`` per diagonal one, state: factors, inverses and momentum in float32. With ``lr="auto"``,
+        """Preconditioning ``2 numel(M) d`` per dense factor (``2 numel(M) b`` when split into blocks of
+        ``b``) and ``numel(M)`` per diagonal one (``2 (o^2 i + o i^2)`` for a dense block), inversion
+        ``d^3`` per dense factor matrix (``k b^3`` when split) and ``d`` per diagonal one, state: factors, inverses and momentum in float32. With ``lr="auto"``,
         ``quadratic_model``: the two forward-mode passes (about two forwards each) and the trial forward,
         five forwards or ``5/3`` of the layer's forward/backward, every step."""
         numel = math.prod(block.matrix_shape)
-        precondition = sum(numel * (1 if f.diagonal else 2 * f.dim) for f in block.factors.values())
-        inversion = sum(math.prod(f.lead) * (f.dim if f.diagonal else f.dim**3) for f in block.factors.values())
+        precondition = sum(numel * (1 if f.diagonal else 2 * f.block_dim) for f in block.factors.values())
+        inversion = sum(math.prod(f.lead) * (f.dim if f.diagonal else f.blocks * f.block_dim**3)
+                        for f in block.factors.values())
         floats = 2 * sum(math.prod(f.shape) for f in block.factors.values()) + numel
         if self.temporal(block):  # option 1: L^T M R and L (.) R^T; two inverse roots and two eigh; lags, bases, scale
             precondition *= 2

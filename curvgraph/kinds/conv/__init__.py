@@ -43,6 +43,7 @@ class Conv(BlockKind):
 
     name = "conv"
     color = "#a1d99b"
+    splits_factors = True
 
     def label(self, block: Block) -> str:
         shape, layout = block.layout["weight_shape"], block.layout
@@ -65,10 +66,11 @@ class Conv(BlockKind):
         layout, reduce = b.block.layout, b.block.sharing == "reduce"
         acts, grads = w.pack(u.inputs[0] for u in b.uses), w.pack(u.grads[0] for u in b.uses)
         geometry = [layout[k] for k in ("kernel", "stride", "padding", "dilation", "groups")]
-        w.line(f"{b.batch_factors['A']} = "
-               f"{w.call(conv_math.conv_input_factor, acts, *geometry, b.block.bias, reduce, 'batch', dtype)}")
-        w.line(f"{b.batch_factors['G']} = "
-               f"{w.call(conv_math.conv_grad_factor, grads, layout['groups'], reduce, 'examples', 'scale', dtype)}")
+        blocks = {f: b.block.factors[f].blocks for f in ("A", "G")}
+        a = w.call(conv_math.conv_input_factor, acts, *geometry, b.block.bias, reduce, "batch", dtype, blocks["A"])
+        g = w.call(conv_math.conv_grad_factor, grads, layout["groups"], reduce, "examples", "scale", dtype, blocks["G"])
+        w.line(f"{b.batch_factors['A']} = {a}")
+        w.line(f"{b.batch_factors['G']} = {g}")
 
     def write_example_rows(self, w: StepWriter, b: BlockVars, uses: Sequence[UseVars], dtype: torch.dtype,
                            label: str = "rows") -> dict[str, str]:

@@ -54,21 +54,24 @@ def conv_patches(x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], pa
 
 def conv_input_factor(inputs: tuple[Tensor, ...], kernel: tuple[int, ...], stride: tuple[int, ...],
                       padding: tuple[tuple[int, int], ...], dilation: tuple[int, ...], groups: int, bias: bool,
-                      reduce: bool, batch: int, dtype: torch.dtype) -> Tensor:
-    """Input factor ``A`` of one batch: ``(d, d)``, or ``(groups, d, d)`` with ``d = C_in/groups * K + bias``."""
+                      reduce: bool, batch: int, dtype: torch.dtype, blocks: int = 1) -> Tensor:
+    """Input factor ``A`` of one batch: ``(d, d)``, or ``(groups, d, d)`` with ``d = C_in/groups * K + bias``;
+    ``blocks = k > 1``: its ``k`` diagonal blocks ``(k, b, b)`` or ``(groups, k, b, b)``
+    (:func:`curvgraph.plan.split_factor`)."""
     patches = [conv_patches(x.to(dtype), kernel, stride, padding, dilation) for x in inputs]
     patches = [p.reshape(batch, p.shape[1], groups, -1) for p in patches]
     if reduce:
         rows = (torch.cat(patches, 1).mean(1),)
     else:
         rows = tuple(p.reshape(-1, groups, p.shape[-1]) for p in patches)
-    factor = input_moment(rows, bias, dtype)
+    factor = input_moment(rows, bias, dtype, blocks)
     return factor[0] if groups == 1 else factor
 
 
 def conv_grad_factor(grads: tuple[Tensor, ...], groups: int, reduce: bool, examples: int, scale: Tensor,
-                     dtype: torch.dtype) -> Tensor:
-    """Output-gradient factor ``G``: ``(o, o)`` or ``(groups, o, o)`` with ``o = C_out/groups``.
+                     dtype: torch.dtype, blocks: int = 1) -> Tensor:
+    """Output-gradient factor ``G``: ``(o, o)`` or ``(groups, o, o)`` with ``o = C_out/groups``
+    (``blocks = k > 1``: its ``k`` diagonal blocks, as for :func:`conv_input_factor`).
 
     ``grads`` are ``(S*N, C_out, *spatial)`` output gradients of each use.
     """
@@ -77,7 +80,7 @@ def conv_grad_factor(grads: tuple[Tensor, ...], groups: int, reduce: bool, examp
         rows = (sum(g.sum(1) for g in per_example),)
     else:
         rows = tuple(g.reshape(-1, groups, g.shape[-1]) for g in per_example)
-    factor = output_moment(rows, scale, dtype)
+    factor = output_moment(rows, scale, dtype, blocks)
     return factor[0] if groups == 1 else factor
 
 
@@ -118,7 +121,8 @@ def cost(block) -> dict[str, sympy.Expr]:
     """FLOPs of a convolution block in the symbolic sizes; ``R`` = examples x output positions.
 
     Per group a dense layer on ``R`` rows: forward/backward ``(4 + 2) R in out`` (no input
-    gradient for a first layer), statistics ``2 R (in+1)^2 + 2 R out^2``, an extra
+    gradient for a first layer), statistics ``2 R (in+1)^2 + 2 R out^2`` (``2 R d b`` for a
+    factor split into blocks of ``b``), an extra
     backward ``2 R in out``; ``workspace_bytes`` is the batch of patches the statistics
     materialize (4 bytes per float).
     """
@@ -126,10 +130,10 @@ def cost(block) -> dict[str, sympy.Expr]:
     rows = sympy.Add(*(u.rows for u in block.uses))
     grad_rows = sympy.Add(*(u.rows for u in block.uses if u.input_grad))
     n_in, n_out = block.dims["in"], block.dims["out"]
-    d_in, d_out = n_in + int(block.bias), n_out
+    a, g = block.factors["A"], block.factors["G"]
     return {
         "forward_backward": groups * (4 * rows + 2 * grad_rows) * n_in * n_out,
-        "statistics": groups * 2 * rows * (d_in**2 + d_out**2),
+        "statistics": groups * 2 * rows * (a.dim * a.block_dim + g.dim * g.block_dim),
         "backward_per_sample": groups * 2 * grad_rows * n_in * n_out,
         "workspace_bytes": 4 * rows * groups * n_in,
     }

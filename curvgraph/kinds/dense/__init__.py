@@ -35,6 +35,7 @@ class Dense(BlockKind):
 
     name = "dense"
     rewrites = LINEAR_PASSES
+    splits_factors = True
     color = "#9ecae1"
 
     def label(self, block: Block) -> str:
@@ -54,8 +55,11 @@ class Dense(BlockKind):
     def write_batch_factors(self, w: StepWriter, b: BlockVars, dtype: torch.dtype) -> None:
         reduce = b.block.sharing == "reduce"
         acts, grads = w.pack(u.inputs[0] for u in b.uses), w.pack(u.grads[0] for u in b.uses)
-        w.line(f"{b.batch_factors['A']} = {w.call(dense_math.dense_input_factor, acts, b.block.bias, reduce, 'batch', dtype)}")
-        w.line(f"{b.batch_factors['G']} = {w.call(dense_math.dense_grad_factor, grads, reduce, 'examples', 'scale', dtype)}")
+        blocks = {f: b.block.factors[f].blocks for f in ("A", "G")}
+        w.line(f"{b.batch_factors['A']} = "
+               f"{w.call(dense_math.dense_input_factor, acts, b.block.bias, reduce, 'batch', dtype, blocks['A'])}")
+        w.line(f"{b.batch_factors['G']} = "
+               f"{w.call(dense_math.dense_grad_factor, grads, reduce, 'examples', 'scale', dtype, blocks['G'])}")
 
     def write_example_rows(self, w: StepWriter, b: BlockVars, uses: Sequence[UseVars], dtype: torch.dtype,
                            label: str = "rows") -> dict[str, str]:

@@ -47,7 +47,8 @@ from torch import Tensor
 from ...curvature.kronecker import input_moment, output_moment, with_ones_column
 
 
-def dense_input_factor(inputs: tuple[Tensor, ...], bias: bool, reduce: bool, batch: int, dtype: torch.dtype) -> Tensor:
+def dense_input_factor(inputs: tuple[Tensor, ...], bias: bool, reduce: bool, batch: int, dtype: torch.dtype,
+                       blocks: int = 1) -> Tensor:
     r"""Input factor ``A`` of one batch from the layer inputs of every use.
 
     Args:
@@ -56,20 +57,22 @@ def dense_input_factor(inputs: tuple[Tensor, ...], bias: bool, reduce: bool, bat
         reduce: KFAC-reduce (average over positions per example) instead of expand.
         batch: the number of examples ``N``.
         dtype: dtype of the factor (float32 or wider).
+        blocks: ``k > 1``: only ``k`` diagonal blocks (:func:`curvgraph.plan.split_factor`).
 
     Returns:
         ``A`` of shape ``(in + bias, in + bias)``:
-        :math:`\frac1R \sum_r \bar a_r \bar a_r^\top` over the ``R`` rows.
+        :math:`\frac1R \sum_r \bar a_r \bar a_r^\top` over the ``R`` rows; ``(k, b, b)`` when split.
     """
     d = inputs[0].shape[-1]
     if reduce:
         rows = (torch.cat([a.to(dtype).reshape(batch, -1, d) for a in inputs], 1).mean(1)[:, None, :],)
     else:
         rows = tuple(a.reshape(-1, 1, d) for a in inputs)
-    return input_moment(rows, bias, dtype)[0]
+    return input_moment(rows, bias, dtype, blocks)[0]
 
 
-def dense_grad_factor(grads: tuple[Tensor, ...], reduce: bool, examples: int, scale: Tensor, dtype: torch.dtype) -> Tensor:
+def dense_grad_factor(grads: tuple[Tensor, ...], reduce: bool, examples: int, scale: Tensor, dtype: torch.dtype,
+                      blocks: int = 1) -> Tensor:
     r"""Output-gradient factor ``G`` of one batch: :math:`c \sum g g^\top`.
 
     Args:
@@ -79,16 +82,17 @@ def dense_grad_factor(grads: tuple[Tensor, ...], reduce: bool, examples: int, sc
         examples: ``S * N``, the number of leading rows that are examples.
         scale: the Fisher type's scale ``c`` (a 0-d tensor).
         dtype: dtype of the factor.
+        blocks: ``k > 1``: only ``k`` diagonal blocks (:func:`curvgraph.plan.split_factor`).
 
     Returns:
-        ``G`` of shape ``(out, out)``.
+        ``G`` of shape ``(out, out)``; ``(k, b, b)`` when split.
     """
     d = grads[0].shape[-1]
     if reduce:
         rows = (sum(g.to(dtype).reshape(examples, -1, d).sum(1) for g in grads)[:, None, :],)
     else:
         rows = tuple(g.reshape(-1, 1, d) for g in grads)
-    return output_moment(rows, scale, dtype)[0]
+    return output_moment(rows, scale, dtype, blocks)[0]
 
 
 def dense_example_rows(inputs: tuple[Tensor, ...], grads: tuple[Tensor, ...], bias: bool, batch: int,
@@ -133,15 +137,16 @@ def cost(block) -> dict[str, sympy.Expr]:
 
     ``R`` is the total number of input rows over all uses. Forward and backward are
     three ``R x in x out`` products (6 R in out), two where the input needs no
-    gradient; the statistics are ``2 R (in+1)^2 + 2 R out^2``; an extra backward needs
-    the input gradient only (``2 R in out``, nothing for a first layer).
+    gradient; the statistics are ``2 R (in+1)^2 + 2 R out^2`` (``2 R d b`` for a factor split into
+    blocks of ``b``); an extra backward needs the input gradient only (``2 R in out``, nothing for a
+    first layer).
     """
     rows = sympy.Add(*(u.rows for u in block.uses))
     grad_rows = sympy.Add(*(u.rows for u in block.uses if u.input_grad))
-    d_in, d_out = block.factors["A"].dim, block.factors["G"].dim
+    a, g = block.factors["A"], block.factors["G"]
     n_in, n_out = block.dims["in"], block.dims["out"]
     return {
         "forward_backward": (4 * rows + 2 * grad_rows) * n_in * n_out,
-        "statistics": 2 * rows * (d_in**2 + d_out**2),
+        "statistics": 2 * rows * (a.dim * a.block_dim + g.dim * g.block_dim),
         "backward_per_sample": 2 * grad_rows * n_in * n_out,
     }

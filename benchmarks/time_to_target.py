@@ -62,6 +62,7 @@ CONFIGS: dict[str, dict] = {
     "auto-empirical": {"lr": "auto", "momentum": "auto", "fisher": "empirical"},
     "auto-T5": {"lr": "auto", "momentum": "auto", "invert_every": 5},
     "reduce": {"kfac_approx": "reduce"},  # KFAC-reduce statistics for weight sharing (conv: averaged patches)
+    "split64": {"max_factor_dim": 64},  # block-diagonal factors of at most 64 (what the split costs in progress)
     "singd": {"method": "singd"},
     "ekfac": {"method": "ekfac"},
     "kbfgs": {"method": "kbfgs"},

@@ -240,6 +240,12 @@ def matrix_shape(factors: dict[str, Factor]) -> tuple[int, ...]:
     return leads.pop() + tuple(sizes)
 
 
+def split_blocks(block: Block) -> dict[str, tuple[int, ...]]:
+    """Per factor, the trailing ``blocks`` argument of a statistics function that honours split factors:
+    ``(k,)`` for a factor split into ``k`` diagonal blocks, ``()`` otherwise (the generated call keeps its default)."""
+    return {name: (f.blocks,) if f.blocks > 1 else () for name, f in block.factors.items()}
+
+
 def weight_and_bias(b: "BlockVars", tensors: Sequence[str]) -> tuple[str, str | None]:
     """``(weight, bias or None)`` of a block whose placeholders are a weight and an optional bias."""
     return tensors[0], (tensors[1] if b.block.bias else None)

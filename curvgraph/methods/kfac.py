@@ -323,8 +323,8 @@ class KFAC(Method):
             targets = [b.var(f"shift_{f}") for f in names]
             diagonal = tuple(b.block.factors[f].diagonal for f in names)
             split_dims = tuple(b.block.factors[f].split_dim for f in names)
-            call = w.call(factored_damping, w.pack(b.factors[f] for f in names), diagonal, self._damping(w),
-                          split_dims if any(d is not None for d in split_dims) else None)
+            split = (split_dims,) if any(d is not None for d in split_dims) else ()  # omitted unless a factor is split
+            call = w.call(factored_damping, w.pack(b.factors[f] for f in names), diagonal, self._damping(w), *split)
             w.line(f"{', '.join(targets)}, = {call}")
             shifts.update({(b.id, f): t for f, t in zip(names, targets)})
         groups: dict[tuple[tuple[int, ...], bool], list[tuple[BlockVars, str]]] = defaultdict(list)
@@ -368,7 +368,7 @@ class KFAC(Method):
             axes = tuple(b.block.factors[f].axis for f in order)
             diagonal = tuple(b.block.factors[f].diagonal for f in order)
             split = tuple(b.block.factors[f].split_dim is not None for f in order)
-            call = w.call(kfac_precondition, b.grad, inverses, axes, diagonal, split if any(split) else None)
+            call = w.call(kfac_precondition, b.grad, inverses, axes, diagonal, *((split,) if any(split) else ()))
             w.line(f"{b.var('V')} = {call}")
 
     def write_direction(self, w, blocks: list[BlockVars]) -> None:

@@ -24,7 +24,7 @@ from ...passes.ledger import Claims
 from ...plan import Block, Factor
 from ...registry import register_block_kind
 from ...trace import TracedModel, symbolic_shape
-from ..base import BlockKind, layer_use, new_block, weight_and_bias
+from ..base import BlockKind, layer_use, new_block, split_blocks, weight_and_bias
 from . import factors as conv_math
 
 CONV_OPS: dict[object, int | None] = {
@@ -66,9 +66,9 @@ class Conv(BlockKind):
         layout, reduce = b.block.layout, b.block.sharing == "reduce"
         acts, grads = w.pack(u.inputs[0] for u in b.uses), w.pack(u.grads[0] for u in b.uses)
         geometry = [layout[k] for k in ("kernel", "stride", "padding", "dilation", "groups")]
-        blocks = {f: b.block.factors[f].blocks for f in ("A", "G")}
-        a = w.call(conv_math.conv_input_factor, acts, *geometry, b.block.bias, reduce, "batch", dtype, blocks["A"])
-        g = w.call(conv_math.conv_grad_factor, grads, layout["groups"], reduce, "examples", "scale", dtype, blocks["G"])
+        blocks = split_blocks(b.block)
+        a = w.call(conv_math.conv_input_factor, acts, *geometry, b.block.bias, reduce, "batch", dtype, *blocks["A"])
+        g = w.call(conv_math.conv_grad_factor, grads, layout["groups"], reduce, "examples", "scale", dtype, *blocks["G"])
         w.line(f"{b.batch_factors['A']} = {a}")
         w.line(f"{b.batch_factors['G']} = {g}")
 

@@ -25,7 +25,7 @@ from ...passes.ledger import Claims
 from ...plan import Block, Factor
 from ...registry import register_block_kind
 from ...trace import TracedModel, symbolic_shape
-from ..base import BlockKind, layer_use, new_block, weight_and_bias
+from ..base import BlockKind, layer_use, new_block, split_blocks, weight_and_bias
 from . import factors as dense_math
 from .forms import LINEAR_PASSES
 
@@ -55,11 +55,11 @@ class Dense(BlockKind):
     def write_batch_factors(self, w: StepWriter, b: BlockVars, dtype: torch.dtype) -> None:
         reduce = b.block.sharing == "reduce"
         acts, grads = w.pack(u.inputs[0] for u in b.uses), w.pack(u.grads[0] for u in b.uses)
-        blocks = {f: b.block.factors[f].blocks for f in ("A", "G")}
+        blocks = split_blocks(b.block)
         w.line(f"{b.batch_factors['A']} = "
-               f"{w.call(dense_math.dense_input_factor, acts, b.block.bias, reduce, 'batch', dtype, blocks['A'])}")
+               f"{w.call(dense_math.dense_input_factor, acts, b.block.bias, reduce, 'batch', dtype, *blocks['A'])}")
         w.line(f"{b.batch_factors['G']} = "
-               f"{w.call(dense_math.dense_grad_factor, grads, reduce, 'examples', 'scale', dtype, blocks['G'])}")
+               f"{w.call(dense_math.dense_grad_factor, grads, reduce, 'examples', 'scale', dtype, *blocks['G'])}")
 
     def write_example_rows(self, w: StepWriter, b: BlockVars, uses: Sequence[UseVars], dtype: torch.dtype,
                            label: str = "rows") -> dict[str, str]:

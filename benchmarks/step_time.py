@@ -315,6 +315,9 @@ def run_model(name: str, warmup: int, iters: int, repeats: int, peers: bool, onl
     ours("curvgraph-auto-split512", max_factor_dim=512)  # block-diagonal factors of at most 512 (ResNet-18's 4608s)
     ours("curvgraph-auto-split256", max_factor_dim=256)
     ours("curvgraph-split256", lr=2e-3, invert_every=10, max_factor_dim=256)
+    ours("curvgraph-auto-every2", conv_stats_every=2)  # conv input factors from every second position per dim
+    ours("curvgraph-auto-split256-every2", max_factor_dim=256, conv_stats_every=2)
+    ours("curvgraph-split256-every2", lr=2e-3, invert_every=10, max_factor_dim=256, conv_stats_every=2)
     ours("curvgraph-singd", method="singd", lr=1e-3, T=10)
     for method in METHODS:
         ours(f"curvgraph-{method}", method=method)

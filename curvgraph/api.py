@@ -12,10 +12,11 @@ from .curvature.losses import check_fisher, resolve_loss
 from .errors import ConfigError
 from .instrument import instrument
 from .leaf import leaf_modules_of
-from .methods.base import Method, positive
+from .methods.base import Method, positive, positive_int
 from .optimizer import Captured, CurvatureOptimizer
 from .passes import build_plan
 from .passes.split import max_dim_for_memory, split_factors
+from .passes.subsample import subsample_positions
 from .plan import Plan
 from .registry import resolve_fallback, resolve_method
 from .trace import flatten_inputs, resolve_batch_dims, trace
@@ -26,6 +27,7 @@ OPTIONS: dict[str, Any] = {
     "kfac_approx": "expand",
     "max_factor_dim": None,
     "max_factor_memory": None,
+    "conv_stats_every": 1,
     "factor_every": 1,
     "invert_every": 10,
     "fallback": "adam",
@@ -99,6 +101,9 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
             * ``max_factor_dim``: split every dense or conv factor wider than this into
               diagonal blocks of at most this size (``None``, the default: never), which cuts
               its memory, statistics and refresh (see :mod:`curvgraph.passes.split`); K-FAC only;
+            * ``conv_stats_every``: compute each convolution's input factor ``A`` from every
+              ``s``-th output position along each spatial dim only (1, the default: all;
+              spatial subsampling, ``s^r`` times fewer patches; see :mod:`curvgraph.passes.subsample`);
             * ``max_factor_memory``: a budget in bytes for the curvature state (factors,
               inverses, momentum; the plan's ``state`` column): the largest ``max_factor_dim``
               that fits it is chosen (the smaller of the two if both are given);
@@ -175,11 +180,11 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
     if not isinstance(backend, str):
         raise ConfigError(f"curvgraph: backend must be a string ('inductor', 'eager', ...), got {backend!r}.")
 
-    max_dim = settings["max_factor_dim"]
-    if max_dim is not None and (isinstance(max_dim, bool) or not isinstance(max_dim, int) or max_dim < 1):
-        raise ConfigError(f"curvgraph: max_factor_dim must be a positive integer or None, got {max_dim!r}.")
+    if settings["max_factor_dim"] is not None:
+        positive_int("max_factor_dim", settings["max_factor_dim"])
     if settings["max_factor_memory"] is not None:
         positive("max_factor_memory", settings["max_factor_memory"])
+    positive_int("conv_stats_every", settings["conv_stats_every"])
     leaves = leaf_modules_of(model, settings["leaf_modules"])
     device = next(iter(model.parameters()), torch.empty(0)).device
     autocast = resolve_autocast(settings["autocast"], device.type)
@@ -192,6 +197,8 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
                            keys=keys, output=settings["output"], leaves=leaves)
         resolve_batch_dims(traced, settings["batch_dim"])
         plan = build_plan(traced, block_kinds.values(), settings["kfac_approx"], traced.example_sizes(inputs))
+        if settings["conv_stats_every"] > 1:
+            subsample_positions(plan, settings["conv_stats_every"])
         max_dim = factor_dim_limit(plan, rule, settings["max_factor_dim"], settings["max_factor_memory"])
         if max_dim is not None:
             split_factors(plan, max_dim, rule)

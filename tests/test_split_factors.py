@@ -114,12 +114,13 @@ def test_split_step_is_the_block_diagonal_natural_gradient(float64):
 
 
 def test_compiled_split_step_matches_eager():
+    """Also with the conv input factor from every second position (``conv_stats_every``), sharing the compile."""
     torch.manual_seed(2)
     model = conv_net()
     x, y = torch.randn(8, 4, 5, 5), torch.randint(0, 3, (8,))
     models = {backend: copy.deepcopy(model) for backend in ("eager", "inductor")}
     opts = {backend: curvgraph.compile(m, (x,), backend=backend, max_factor_dim=5, invert_every=2, progress=False,
-                                       seed=0) for backend, m in models.items()}
+                                       seed=0, conv_stats_every=2) for backend, m in models.items()}
     for _ in range(3):
         losses = {backend: float(opt.step(x, y)) for backend, opt in opts.items()}
         assert losses["eager"] == pytest.approx(losses["inductor"], rel=1e-4)

@@ -73,6 +73,9 @@ class BlockKind(ABC):
     #: Whether :meth:`write_batch_factors` computes a block-diagonal factor (``Factor.blocks > 1``,
     #: :func:`curvgraph.plan.split_factor`) as its diagonal blocks; only such kinds' factors are split.
     splits_factors: bool = False
+    #: Whether :meth:`write_batch_factors` honours ``block.layout["stats_every"] = s``: the input factor from
+    #: every ``s``-th position along each spatial dim (``conv_stats_every``); only such kinds' blocks get it.
+    subsamples_positions: bool = False
 
     def label(self, block: Block) -> str:
         """A one-line description of ``block`` for drawings and tables: the kind and its dims by default."""

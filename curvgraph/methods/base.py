@@ -49,6 +49,13 @@ def positive(name: str, value: object) -> float:
     return float(value)
 
 
+def positive_int(name: str, value: object) -> int:
+    """An integer >= 1."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"curvgraph: {name} must be a positive integer, got {value!r}.")
+    return int(value)
+
+
 def non_negative(name: str, value: object) -> float:
     """A number >= 0."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value >= 0:

@@ -89,7 +89,6 @@ forward/backward that overflowed) is not averaged in either.
 from __future__ import annotations
 
 import math
-import numbers
 
 import sympy
 import torch
@@ -100,15 +99,8 @@ from ..errors import CompileError, ConfigError
 from ..kinds.base import has_example_rows
 from ..plan import Block
 from ..registry import register_method
-from .base import Hyper, Method, fraction, non_negative, parameter_tuple, positive
+from .base import Hyper, Method, fraction, non_negative, parameter_tuple, positive, positive_int
 from .kfac import apply_inverse, damped_diagonal_inverse, ema, inner_product
-
-
-def positive_int(name: str, value: object) -> int:
-    """An integer >= 1."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"curvgraph: {name} must be a positive integer, got {value!r}.")
-    return int(value)
 
 
 def initial_inverse(factor: Tensor, shift: Tensor, stored: Tensor, first: Tensor) -> Tensor:

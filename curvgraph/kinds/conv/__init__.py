@@ -44,6 +44,7 @@ class Conv(BlockKind):
     name = "conv"
     color = "#a1d99b"
     splits_factors = True
+    subsamples_positions = True
 
     def label(self, block: Block) -> str:
         shape, layout = block.layout["weight_shape"], block.layout
@@ -66,8 +67,9 @@ class Conv(BlockKind):
         layout, reduce = b.block.layout, b.block.sharing == "reduce"
         acts, grads = w.pack(u.inputs[0] for u in b.uses), w.pack(u.grads[0] for u in b.uses)
         geometry = [layout[k] for k in ("kernel", "stride", "padding", "dilation", "groups")]
-        blocks = split_blocks(b.block)
-        a = w.call(conv_math.conv_input_factor, acts, *geometry, b.block.bias, reduce, "batch", dtype, *blocks["A"])
+        blocks, every = split_blocks(b.block), layout.get("stats_every", 1)
+        subsample = (*(blocks["A"] or (1,)), every) if every > 1 else blocks["A"]  # trailing (blocks, every) arguments
+        a = w.call(conv_math.conv_input_factor, acts, *geometry, b.block.bias, reduce, "batch", dtype, *subsample)
         g = w.call(conv_math.conv_grad_factor, grads, layout["groups"], reduce, "examples", "scale", dtype, *blocks["G"])
         w.line(f"{b.batch_factors['A']} = {a}")
         w.line(f"{b.batch_factors['G']} = {g}")

@@ -54,11 +54,14 @@ def conv_patches(x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], pa
 
 def conv_input_factor(inputs: tuple[Tensor, ...], kernel: tuple[int, ...], stride: tuple[int, ...],
                       padding: tuple[tuple[int, int], ...], dilation: tuple[int, ...], groups: int, bias: bool,
-                      reduce: bool, batch: int, dtype: torch.dtype, blocks: int = 1) -> Tensor:
+                      reduce: bool, batch: int, dtype: torch.dtype, blocks: int = 1, every: int = 1) -> Tensor:
     """Input factor ``A`` of one batch: ``(d, d)``, or ``(groups, d, d)`` with ``d = C_in/groups * K + bias``;
     ``blocks = k > 1``: its ``k`` diagonal blocks ``(k, b, b)`` or ``(groups, k, b, b)``
-    (:func:`curvgraph.plan.split_factor`)."""
-    patches = [conv_patches(x.to(dtype), kernel, stride, padding, dilation) for x in inputs]
+    (:func:`curvgraph.plan.split_factor`). ``every = s > 1``: from the patches of every ``s``-th output
+    position along each spatial dim only (spatial subsampling: ``s^r`` times fewer patches; the
+    mean over them estimates the mean over all positions)."""
+    strided = tuple(st * every for st in stride)
+    patches = [conv_patches(x.to(dtype), kernel, strided, padding, dilation) for x in inputs]
     patches = [p.reshape(batch, p.shape[1], groups, -1) for p in patches]
     if reduce:
         rows = (torch.cat(patches, 1).mean(1),)
@@ -124,16 +127,18 @@ def cost(block) -> dict[str, sympy.Expr]:
     gradient for a first layer), statistics ``2 R (in+1)^2 + 2 R out^2`` (``2 R d b`` for a
     factor split into blocks of ``b``), an extra
     backward ``2 R in out``; ``workspace_bytes`` is the batch of patches the statistics
-    materialize (4 bytes per float).
+    materialize (4 bytes per float). With ``layout["stats_every"] = s`` (spatial subsampling) ``A``'s
+    rows and the patches are about ``R / s^r``.
     """
     groups = block.dims["groups"]
     rows = sympy.Add(*(u.rows for u in block.uses))
     grad_rows = sympy.Add(*(u.rows for u in block.uses if u.input_grad))
     n_in, n_out = block.dims["in"], block.dims["out"]
     a, g = block.factors["A"], block.factors["G"]
+    a_rows = rows / block.layout.get("stats_every", 1) ** len(block.layout["kernel"])  # spatial subsampling of A
     return {
         "forward_backward": groups * (4 * rows + 2 * grad_rows) * n_in * n_out,
-        "statistics": groups * 2 * rows * (a.dim * a.block_dim + g.dim * g.block_dim),
+        "statistics": groups * 2 * (a_rows * a.dim * a.block_dim + rows * g.dim * g.block_dim),
         "backward_per_sample": groups * 2 * grad_rows * n_in * n_out,
-        "workspace_bytes": 4 * rows * groups * n_in,
+        "workspace_bytes": 4 * a_rows * groups * n_in,
     }

@@ -53,7 +53,8 @@ def live_tensor_bytes() -> int:
     seen: dict[int, int] = {}
     for obj in gc.get_objects():
         try:
-            if not isinstance(obj, torch.Tensor) or isinstance(obj, FakeTensor) or obj.device.type != "cpu" or obj.is_sparse:
+            if (not isinstance(obj, torch.Tensor) or isinstance(obj, FakeTensor) or obj.device.type != "cpu"
+                    or obj.is_sparse):
                 continue
             storage = obj.untyped_storage()
             seen[storage.data_ptr()] = storage.nbytes()

@@ -75,8 +75,9 @@ class Residual(nn.Module):
     def __init__(self, channels: int, out: int | None = None, stride: int = 1) -> None:
         super().__init__()
         out = out or channels
-        self.body = nn.Sequential(nn.Conv2d(channels, out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(out),
-                                  nn.ReLU(), nn.Conv2d(out, out, 3, padding=1, bias=False), nn.BatchNorm2d(out))
+        self.body = nn.Sequential(nn.Conv2d(channels, out, 3, stride=stride, padding=1, bias=False),
+                                  nn.BatchNorm2d(out), nn.ReLU(), nn.Conv2d(out, out, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(out))
         self.shortcut = (nn.Sequential(nn.Conv2d(channels, out, 1, stride=stride, bias=False), nn.BatchNorm2d(out))
                          if out != channels or stride != 1 else nn.Identity())
 

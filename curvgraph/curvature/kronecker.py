@@ -30,8 +30,8 @@ def block_rows(rows: Tensor, blocks: int) -> Tensor:
 
 
 def input_moment(rows: tuple[Tensor, ...], bias: bool, dtype: torch.dtype, blocks: int = 1) -> Tensor:
-    r""":math:`\frac1R \sum_r \bar a_r \bar a_r^\top` per group over the rows of every tensor in ``rows`` (each ``(R_u, g, d)``);
-    its ``blocks`` diagonal blocks ``(g, k, b, b)`` when ``blocks > 1``.
+    r""":math:`\frac1R \sum_r \bar a_r \bar a_r^\top` per group over the rows of every tensor in ``rows``
+    (each ``(R_u, g, d)``); its ``blocks`` diagonal blocks ``(g, k, b, b)`` when ``blocks > 1``.
 
     The ones column of :math:`\bar a` is not materialized for a full factor: its row and
     column are the column sums of ``a`` and its corner is ``R``.

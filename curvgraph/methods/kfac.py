@@ -96,7 +96,8 @@ def factored_damping(factors: tuple[Tensor, ...], diagonal: tuple[bool, ...], da
     log_geometric_mean = sum(m.log() for m in means) / len(means)
     root = damping ** (1.0 / len(factors))
     shifts = [root * (m.log() - log_geometric_mean).exp() for m in means]
-    return tuple(s if split is None else s[..., None].expand(f.shape[:-2]) for s, f, split in zip(shifts, factors, split_dims))
+    return tuple(s if split is None else s[..., None].expand(f.shape[:-2])
+                 for s, f, split in zip(shifts, factors, split_dims))
 
 
 def damped_inverse(factor: Tensor, shift: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
@@ -422,7 +423,8 @@ class KFAC(Method):
     def cost(self, block: Block) -> dict[str, sympy.Expr]:
         """Preconditioning ``2 numel(M) d`` per dense factor (``2 numel(M) b`` when split into blocks of
         ``b``) and ``numel(M)`` per diagonal one (``2 (o^2 i + o i^2)`` for a dense block), inversion
-        ``d^3`` per dense factor matrix (``k b^3`` when split) and ``d`` per diagonal one, state: factors, inverses and momentum in float32. With ``lr="auto"``,
+        ``d^3`` per dense factor matrix (``k b^3`` when split) and ``d`` per diagonal one, state: factors,
+        inverses and momentum in float32. With ``lr="auto"``,
         ``quadratic_model``: the two forward-mode passes (about two forwards each) and the trial forward,
         five forwards or ``5/3`` of the layer's forward/backward, every step."""
         numel = math.prod(block.matrix_shape)

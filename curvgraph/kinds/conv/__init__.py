@@ -70,7 +70,8 @@ class Conv(BlockKind):
         blocks, every = split_blocks(b.block), layout.get("stats_every", 1)
         subsample = (*(blocks["A"] or (1,)), every) if every > 1 else blocks["A"]  # trailing (blocks, every) arguments
         a = w.call(conv_math.conv_input_factor, acts, *geometry, b.block.bias, reduce, "batch", dtype, *subsample)
-        g = w.call(conv_math.conv_grad_factor, grads, layout["groups"], reduce, "examples", "scale", dtype, *blocks["G"])
+        g = w.call(conv_math.conv_grad_factor, grads, layout["groups"], reduce, "examples", "scale", dtype,
+                   *blocks["G"])
         w.line(f"{b.batch_factors['A']} = {a}")
         w.line(f"{b.batch_factors['G']} = {g}")
 

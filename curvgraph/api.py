@@ -101,12 +101,12 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
             * ``max_factor_dim``: split every dense or conv factor wider than this into
               diagonal blocks of at most this size (``None``, the default: never), which cuts
               its memory, statistics and refresh (see :mod:`curvgraph.passes.split`); K-FAC only;
-            * ``conv_stats_every``: compute each convolution's input factor ``A`` from every
-              ``s``-th output position along each spatial dim only (1, the default: all;
-              spatial subsampling, ``s^r`` times fewer patches; see :mod:`curvgraph.passes.subsample`);
             * ``max_factor_memory``: a budget in bytes for the curvature state (factors,
               inverses, momentum; the plan's ``state`` column): the largest ``max_factor_dim``
               that fits it is chosen (the smaller of the two if both are given);
+            * ``conv_stats_every``: compute each convolution's input factor ``A`` from every
+              ``s``-th output position along each spatial dim only (1, the default: all;
+              spatial subsampling, ``s^r`` times fewer patches; see :mod:`curvgraph.passes.subsample`);
             * ``factor_every`` (1), ``invert_every`` (10): statistics and inversion
               periods in steps;
             * ``fallback``: ``"adam"`` or ``"sgd"`` (or a registered rule's name) for

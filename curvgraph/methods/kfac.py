@@ -43,6 +43,7 @@ from torch import Tensor
 from ..codegen.writer import BlockVars, StateSpec, StepWriter
 from ..errors import ConfigError
 from ..plan import Block
+from ..curvature.kronecker import block_rows
 from ..curvature.temporal import option1_apply, option1_basis
 from ..registry import KINDS, register_method
 from .base import (Hyper, Method, auto_or, fraction, non_negative, one_of, optional, parameter_tuple, positive,
@@ -149,11 +150,9 @@ def apply_inverse(matrix: Tensor, inverse: Tensor, axis: int, diagonal: bool, sy
     if split:
         lead, (blocks, size) = inverse.shape[:-3], inverse.shape[-3:-1]
         moved = matrix.movedim(axis, -1)
-        d = moved.shape[-1]
-        padded = torch.nn.functional.pad(moved, (0, blocks * size - d))
-        sliced = padded.reshape(lead + (-1, blocks, size)).transpose(-3, -2)  # lead + (k, fibers, b)
-        product = (sliced @ inverse).transpose(-3, -2).reshape(padded.shape)[..., :d]
-        return product.movedim(-1, axis)
+        sliced = block_rows(moved, blocks).reshape(lead + (-1, blocks, size)).transpose(-3, -2)  # lead + (k, fibers, b)
+        product = (sliced @ inverse).transpose(-3, -2).reshape(moved.shape[:-1] + (blocks * size,))
+        return product[..., :moved.shape[-1]].movedim(-1, axis)
     lead = inverse.shape[:-2]
     if axis == -2 and matrix.dim() == len(lead) + 2:
         return (inverse if symmetric else inverse.mT) @ matrix

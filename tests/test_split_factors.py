@@ -164,3 +164,19 @@ def test_methods_without_block_diagonal_factors_say_so(method):
 def test_max_factor_dim_must_be_a_positive_integer(value):
     with pytest.raises(ConfigError, match="max_factor_dim must be a positive integer"):
         curvgraph.compile(nn.Linear(3, 2), (torch.randn(2, 3),), backend="eager", max_factor_dim=value)
+
+
+def test_exported_split_step_matches_the_optimizer(tmp_path):
+    from curvgraph.export import load_step
+
+    torch.manual_seed(3)
+    model = conv_net()
+    copy_ = copy.deepcopy(model)
+    x, y = torch.randn(8, 4, 5, 5), torch.randint(0, 3, (8,))
+    opt = curvgraph.compile(model, (x,), backend="eager", max_factor_dim=5, conv_stats_every=2, progress=False,
+                            seed=0)
+    opt.export(tmp_path / "split_step.py")
+    exported = load_step(tmp_path / "split_step.py", copy_, backend="eager", seed=0)
+    for _ in range(3):
+        assert torch.equal(opt.step(x, y), exported.step(x, y))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), copy_.parameters()))

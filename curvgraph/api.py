@@ -12,12 +12,11 @@ from .curvature.losses import check_fisher, resolve_loss
 from .errors import ConfigError
 from .instrument import instrument
 from .leaf import leaf_modules_of
-from .methods.base import Method, positive, positive_int
+from .methods.base import positive, positive_int
 from .optimizer import Captured, CurvatureOptimizer
 from .passes import build_plan
-from .passes.split import max_dim_for_memory, split_factors
+from .passes.split import factor_dim_limit, split_factors
 from .passes.subsample import subsample_positions
-from .plan import Plan
 from .registry import resolve_fallback, resolve_method
 from .trace import flatten_inputs, resolve_batch_dims, trace
 
@@ -219,20 +218,6 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
     if example_inputs is not None:
         opt.capture(example_inputs)
     return opt
-
-
-def factor_dim_limit(plan: Plan, method: Method, max_dim: int | None, max_memory: float | None) -> int | None:
-    """The ``max_factor_dim`` to split ``plan``'s factors at: ``max_dim``, or the largest that keeps ``method``'s
-    curvature state within ``max_memory`` bytes, or the smaller of the two; ``None`` for no split."""
-    limits = [] if max_dim is None else [max_dim]
-    if max_memory is not None:
-        def state_bytes(p: Plan) -> float:
-            return sum(p.at_example(method.cost(b).get("state_bytes", 0)) for b in p.blocks)
-
-        fitting = max_dim_for_memory(plan, max_memory, state_bytes)
-        if fitting is not None:
-            limits.append(fitting)
-    return min(limits, default=None)
 
 
 def resolve_autocast(value: object, device_type: str) -> tuple[str, torch.dtype] | None:

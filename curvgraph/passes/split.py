@@ -17,68 +17,82 @@ recomputes those blocks' costs. Only methods that apply block-diagonal inverses
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
-from ..plan import Plan, split_factor
+from ..plan import Block, Plan, split_factor
 
 if TYPE_CHECKING:
     from ..methods.base import Method
 
 
+def split_block(plan: Plan, block: Block, max_dim: int) -> Block:
+    """``block`` with every dense factor wider than ``max_dim`` split (:func:`curvgraph.plan.split_factor`) and its
+    kind's cost recomputed: a new :class:`~curvgraph.plan.Block`, or ``block`` itself where nothing splits (or its
+    kind does not split factors)."""
+    kind = plan.kinds[block.kind]
+    if not kind.splits_factors:
+        return block
+    factors = {name: split_factor(f, max_dim) for name, f in block.factors.items()}
+    if factors == block.factors:
+        return block
+    split = replace(block, factors=factors)
+    split.cost = kind.cost(split)
+    return split
+
+
 def split_factors(plan: Plan, max_dim: int, method: "Method") -> int:
     """Split every dense factor wider than ``max_dim`` of a block whose kind splits factors into
-    ``ceil(d / max_dim)`` diagonal blocks; recompute the kind's cost of each block changed.
+    ``ceil(d / max_dim)`` diagonal blocks (:func:`split_block`), in place.
 
-    Returns the number of factors split. Raises :class:`~curvgraph.ConfigError` if one
+    Returns the number of blocks split. Raises :class:`~curvgraph.ConfigError` if one
     would be split and ``method`` cannot apply block-diagonal factors.
     """
     count = 0
-    for block in plan.blocks:
-        kind = plan.kinds[block.kind]
-        if not kind.splits_factors:
-            continue
-        factors = {name: split_factor(f, max_dim) for name, f in block.factors.items()}
-        changed = sum(factors[name] is not f for name, f in block.factors.items())
-        if not changed:
+    for i, block in enumerate(plan.blocks):
+        split = split_block(plan, block, max_dim)
+        if split is block:
             continue
         if not method.splits_factors:
             raise ConfigError(
                 f"curvgraph: max_factor_dim={max_dim} would split the factors of block {block.name!r} into diagonal "
                 f"blocks, which method {method.name!r} does not support; use method='kfac', or a max_factor_dim of at "
                 f"least {max(f.dim for f in block.factors.values() if not f.diagonal)}.")
-        block.factors = factors
-        block.cost = kind.cost(block)
-        count += changed
+        block.factors, block.cost = split.factors, split.cost
+        count += 1
     return count
 
 
-def max_dim_for_memory(plan: Plan, budget: float, state_bytes: Callable[[Plan], float]) -> int | None:
-    """The largest ``max_factor_dim`` (``None``: no split needed) whose split plan keeps ``state_bytes(plan)``,
-    the curvature state in bytes, within ``budget``; a :class:`~curvgraph.ConfigError` if even blocks of one
-    feature do not fit.
+def state_bytes(plan: Plan, blocks: list[Block], method: "Method") -> float:
+    """The curvature state of ``blocks`` under ``method`` (its cost's ``state_bytes``), in bytes at the example sizes."""
+    return sum(plan.at_example(method.cost(b).get("state_bytes", 0)) for b in blocks)
+
+
+def max_dim_for_memory(plan: Plan, budget: float, method: "Method") -> int | None:
+    """The largest ``max_factor_dim`` (``None``: no split needed) whose split plan keeps ``method``'s curvature
+    state within ``budget`` bytes; a :class:`~curvgraph.ConfigError` if even blocks of one feature do not fit.
 
     The candidates are the factor sizes present and the powers of two below the largest; the plan is not
-    changed (each candidate is tried on a copy of the factors).
+    changed (each candidate is tried on split copies of the blocks).
     """
-    if state_bytes(plan) <= budget:
+    if state_bytes(plan, plan.blocks, method) <= budget:
         return None
     splittable = [f.dim for b in plan.blocks if plan.kinds[b.kind].splits_factors
                   for f in b.factors.values() if not f.diagonal]
     largest = max(splittable, default=1)
-    candidates = sorted(set(splittable) | {2**i for i in range(largest.bit_length())}, reverse=True)
-    originals = {id(b): (b.factors, b.cost) for b in plan.blocks}
-    try:
-        for candidate in candidates:
-            for b in plan.blocks:
-                b.factors, b.cost = originals[id(b)]
-                if plan.kinds[b.kind].splits_factors:
-                    b.factors = {name: split_factor(f, candidate) for name, f in b.factors.items()}
-                    b.cost = dict(plan.kinds[b.kind].cost(b))
-            if state_bytes(plan) <= budget:
-                return candidate
-    finally:
-        for b in plan.blocks:
-            b.factors, b.cost = originals[id(b)]
+    for candidate in sorted(set(splittable) | {2**i for i in range(largest.bit_length())}, reverse=True):
+        if state_bytes(plan, [split_block(plan, b, candidate) for b in plan.blocks], method) <= budget:
+            return candidate
     raise ConfigError(f"curvgraph: max_factor_memory={budget:.3g} bytes is less than the curvature state needs even "
                       f"with every splittable factor split into blocks of 1; raise it.")
+
+
+def factor_dim_limit(plan: Plan, method: "Method", max_dim: int | None, max_memory: float | None) -> int | None:
+    """The ``max_factor_dim`` to split ``plan``'s factors at: ``max_dim``, or the largest that keeps ``method``'s
+    curvature state within ``max_memory`` bytes (:func:`max_dim_for_memory`), or the smaller of the two; ``None``
+    for no split."""
+    limits = [] if max_dim is None else [max_dim]
+    if max_memory is not None and (fitting := max_dim_for_memory(plan, max_memory, method)) is not None:
+        limits.append(fitting)
+    return min(limits, default=None)

@@ -87,8 +87,10 @@ def main() -> None:
             rows[(name, runner)] = (cold, warm)
             print(f"{name} {runner}: cold {cold['seconds']:.1f} s, warm {warm['seconds']:.1f} s ({cold['calls']} calls)",
                   flush=True)
-            print("   cold, seconds in: " + ", ".join(f"{label} {sum(float(cold['phases'].get(k) or 0) for k in keys):.1f}"
-                                                 for label, keys in PHASES.items()), flush=True)
+            for label, run in (("cold", cold), ("warm", warm)):
+                print(f"   {label}, seconds in: " + ", ".join(
+                    f"{phase} {sum(float(run['phases'].get(k) or 0) for k in keys):.1f}" for phase, keys in PHASES.items()),
+                    flush=True)
     print(f"\n{'model':<26} {'cold s':>8} {'warm s':>8} {'cold x AdamW':>13} {'warm x AdamW':>13}")
     for name in args.models:
         (adam_cold, adam_warm), (ours_cold, ours_warm) = rows[(name, "adamw")], rows[(name, "curvgraph")]

@@ -63,6 +63,8 @@ CONFIGS: dict[str, dict] = {
     "auto-T5": {"lr": "auto", "momentum": "auto", "invert_every": 5},
     "reduce": {"kfac_approx": "reduce"},  # KFAC-reduce statistics for weight sharing (conv: averaged patches)
     "split64": {"max_factor_dim": 64},  # block-diagonal factors of at most 64 (what the split costs in progress)
+    "split128": {"max_factor_dim": 128},
+    "split256": {"max_factor_dim": 256},
     "every2": {"conv_stats_every": 2},  # conv input factors from every second position along each spatial dim
     "singd": {"method": "singd"},
     "ekfac": {"method": "ekfac"},

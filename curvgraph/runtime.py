@@ -37,15 +37,38 @@ def compiled_step(fn: Callable, backend: str) -> Callable:
     The compiled step takes its last argument, the ``refresh`` flag, as a 0-d bool
     tensor: the predicate of the step's ``torch.cond``, so steps with and without a
     refresh run one graph (a Python bool would specialize the graph on it).
+
+    While the step runs, the calls that ``torch.cond`` and ``torch.func`` leave in the
+    captured graph are marked cacheable for Inductor's FX graph
+    cache and AOT autograd's cache (``unsafe_marked_cacheable_functions``, keyed by the
+    torch version), which otherwise bypass every graph that holds one: a second process
+    compiling the same step then loads the compiled graph instead of tracing and
+    lowering it again. Neither kind of call hides behaviour from the caches' keys: the
+    branches of ``torch.cond`` are submodules of the graph module, whose code is part of
+    the key, and the ``torch.func`` calls only enter and leave transform levels.
     """
     if backend == "eager":
         return fn
+    import torch._inductor.config as inductor_config
+
     compiled = torch.compile(fn, backend=backend, fullgraph=True)
     flags = (torch.tensor(False), torch.tensor(True))  # made once: the step runs every few milliseconds
+    # what the step's graph calls that torch 2.13's compile caches do not know to be safe: the
+    # torch.cond higher-order op and the transform-level calls of torch.func.jvp/vmap
+    calls = ["torch.ops.higher_order.cond"] + [f"torch._functorch.predispatch.{name}" for name in (
+        "_add_batch_dim", "_remove_batch_dim", "_vmap_increment_nesting", "_vmap_decrement_nesting", "_make_dual",
+        "_unpack_dual", "_jvp_increment_nesting", "_jvp_decrement_nesting", "_unwrap_for_grad", "_enter_dual_level",
+        "_exit_dual_level")]
+    cacheable = dict.fromkeys(calls, torch.__version__)
 
     def step(*args: Any) -> Any:
         *rest, refresh = args
-        return compiled(*rest, flags[refresh])
+        saved = inductor_config.unsafe_marked_cacheable_functions
+        inductor_config.unsafe_marked_cacheable_functions = {**saved, **cacheable}
+        try:
+            return compiled(*rest, flags[refresh])
+        finally:
+            inductor_config.unsafe_marked_cacheable_functions = saved
 
     return step
 

@@ -145,3 +145,47 @@ def test_compiling_a_variant_is_announced_once(capsys):
     quiet = curvgraph.compile(model, (torch.randn(5, 3),), backend="aot_eager", progress=False)
     quiet.step(torch.randn(5, 3), torch.randint(0, 2, (5,)))
     assert "compiling" not in capsys.readouterr().err
+
+
+def test_a_second_compile_loads_the_cached_graphs(adaptive_runs):
+    """Warm start: compiling the same step again (as a new process would, after ``torch._dynamo.reset()``) loads
+    the graphs with statistics and without from AOT autograd's cache, which torch 2.13 bypasses for graphs with a
+    ``torch.cond`` or ``torch.func.jvp`` unless the step marks them cacheable, and the loaded step trains the
+    same as the compiled one."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    before = dict(counters["aot_autograd"])
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # as adaptive_runs, whose graphs the cache holds
+    try:
+        model = make_model()
+        opt = curvgraph.compile(model, (torch.randn(10, 2, 6),), seed=0, progress=False)
+        losses = [opt.step(x, y).item() for x, y in data()]
+    finally:
+        torch.set_default_dtype(previous)
+    hits = counters["aot_autograd"]["autograd_cache_hit"] - before.get("autograd_cache_hit", 0)
+    bypasses = counters["aot_autograd"]["autograd_cache_bypass"] - before.get("autograd_cache_bypass", 0)
+    assert (hits, bypasses) == (2, 0)
+    assert losses == adaptive_runs["inductor"][2]
+
+
+def test_the_cache_key_holds_the_branches():
+    """Marking ``torch.cond`` cacheable is safe: two steps that differ only inside a branch are two cache entries,
+    and each computes its own branch."""
+    from curvgraph.runtime import compiled_step
+
+    def doubled(x, refresh):
+        return torch.cond(refresh, lambda: x * 2, lambda: x + 1, ())
+
+    def tripled(x, refresh):
+        return torch.cond(refresh, lambda: x * 3, lambda: x + 1, ())
+
+    from torch._dynamo.utils import counters
+
+    x = torch.arange(4.0)
+    for fn, factor in ((doubled, 2), (tripled, 3), (doubled, 2)):
+        torch._dynamo.reset()
+        hits = counters["aot_autograd"]["autograd_cache_hit"]
+        torch.testing.assert_close(compiled_step(fn, "inductor")(x, True), x * factor, rtol=0, atol=0)
+    assert counters["aot_autograd"]["autograd_cache_hit"] == hits + 1  # the second `doubled` is loaded

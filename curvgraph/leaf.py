@@ -21,11 +21,13 @@ autograd traces the Function with the ops' fake implementations), so a step with
 modules compiles as one graph with any backend; the ops run the module eagerly, with
 the dispatcher as plain eager code has it (a compiled graph calls them below autograd).
 Leaf modules take positional tensors and return one tensor; their buffers are read,
-not updated, by the step, which cannot be exported to a file (it calls the live module).
+not updated, by the step (in training mode :func:`register` warns), which cannot be
+exported to a file (it calls the live module).
 """
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -90,6 +92,12 @@ def register(name: str, module: nn.Module) -> str:
     for key in [k for k, leaf in _LEAVES.items() if leaf.module() is None]:
         del _LEAVES[key]
     params = tuple(n for n, _ in module.named_parameters())
+    buffers = [n for n, _ in module.named_buffers()]
+    if buffers and module.training:
+        warnings.warn(f"curvgraph: leaf module '{name}' has buffers ({', '.join(buffers[:4])}"
+                      f"{', ...' if len(buffers) > 4 else ''}); the step reads them but never updates them, so "
+                      "running statistics (e.g. BatchNorm's) keep their current values. Leave such submodules "
+                      "outside the leaf module if they should be updated.", UserWarning, stacklevel=2)
     key = f"{name}@{id(module):x}"
     _LEAVES[key] = _Leaf(weakref.ref(module), name, params + tuple(n for n, _ in module.named_buffers()), len(params))
     return key
@@ -130,7 +138,10 @@ def _module(key: str) -> _Leaf:
 
 
 def _call(key: str, tensors: tuple[Tensor, ...], inputs: tuple[Tensor, ...]) -> Tensor:
+    """The leaf module on ``tensors`` and ``inputs``; its buffers as copies, so that a forward that updates them in
+    place (BatchNorm in training mode) changes neither the model's buffers nor a tensor ``torch.func`` transforms."""
     leaf = _module(key)
+    tensors = tensors[:leaf.params] + tuple(t.clone() for t in tensors[leaf.params:])
     return functional_call(leaf.module(), dict(zip(leaf.tensors, tensors)), inputs)
 
 
@@ -171,8 +182,8 @@ def _leaf_fake(key: str, tensors: list[Tensor], inputs: list[Tensor]) -> Tensor:
 
 @torch.library.custom_op("curvgraph::leaf_vjp", mutates_args=())
 def leaf_vjp(key: str, tensors: list[Tensor], inputs: list[Tensor], grad: Tensor) -> list[Tensor]:
-    """The gradients of the leaf's output (with output gradient ``grad``) w.r.t. its ``tensors`` and its
-    floating-point ``inputs``, in that order."""
+    """The gradients of the leaf's output (with output gradient ``grad``) w.r.t. its floating-point parameters
+    (the first of its ``tensors``) and its floating-point ``inputs``, in that order (:func:`_differentiated`)."""
     with _eager():
         call, primals = _differentiable(key, tensors, inputs)
         _, pull = torch.func.vjp(call, *primals)
@@ -182,16 +193,17 @@ def leaf_vjp(key: str, tensors: list[Tensor], inputs: list[Tensor], grad: Tensor
 
 @leaf_vjp.register_fake
 def _leaf_vjp_fake(key: str, tensors: list[Tensor], inputs: list[Tensor], grad: Tensor) -> list[Tensor]:
-    return [torch.empty_like(t) for t in tensors] + [torch.empty_like(t) for t in inputs if t.is_floating_point()]
+    everything = (*tensors, *inputs)
+    return [torch.empty_like(everything[i]) for i in _differentiated(key, everything)]
 
 
 @torch.library.custom_op("curvgraph::leaf_jvp", mutates_args=())
 def leaf_jvp(key: str, tensors: list[Tensor], inputs: list[Tensor], tangents: list[Tensor]) -> Tensor:
-    """The forward-mode derivative of the leaf's output along ``tangents`` (of its ``tensors``, then of its
-    floating-point ``inputs``)."""
+    """The forward-mode derivative of the leaf's output along ``tangents`` (of its floating-point parameters,
+    then of its floating-point ``inputs``: :func:`_differentiated`)."""
     with _eager():
         call, primals = _differentiable(key, tensors, inputs)
-        count = len(tensors)
+        count = len(primals[0])
         return torch.func.jvp(call, primals, (tuple(tangents[:count]), tuple(tangents[count:])))[1].clone()
 
 
@@ -224,8 +236,8 @@ for _op in (leaf_op, leaf_vjp, leaf_jvp):
 
 class _LeafCall(torch.autograd.Function):
     """The leaf op, differentiable under ``torch.func`` transforms: its backward is :func:`leaf_vjp` and its
-    forward-mode derivative :func:`leaf_jvp` (parameters, buffers and floating-point inputs are differentiated;
-    integer inputs are not)."""
+    forward-mode derivative :func:`leaf_jvp` (floating-point parameters and inputs are differentiated; buffers
+    and integer inputs are not)."""
 
     @staticmethod
     def forward(key: str, *tensors: Tensor) -> Tensor:  # type: ignore[override]
@@ -241,41 +253,51 @@ class _LeafCall(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         count = len(_module(ctx.key).tensors)
-        tensors, inputs = list(ctx.saved_tensors[:count]), list(ctx.saved_tensors[count:])
-        grads = leaf_vjp(ctx.key, tensors, inputs, grad)
-        input_grads: list[Tensor | None] = [None] * len(inputs)
-        for i, g in zip(_floats(inputs), grads[count:]):
-            input_grads[i] = g
-        return (None, *grads[:count], *input_grads)
+        saved = ctx.saved_tensors
+        grads: list[Tensor | None] = [None] * len(saved)
+        for i, g in zip(_differentiated(ctx.key, saved), leaf_vjp(ctx.key, list(saved[:count]), list(saved[count:]),
+                                                                    grad)):
+            grads[i] = g
+        return (None, *grads)
 
     @staticmethod
     def jvp(ctx: Any, _key: None, *tangents: Tensor | None) -> Tensor:  # type: ignore[override]
         count = len(_module(ctx.key).tensors)
         saved = ctx.saved_tensors
         zero = [torch.zeros_like(t) if d is None else d for d, t in zip(tangents, saved)]
-        floats = _floats(saved[count:])
         return leaf_jvp(ctx.key, list(saved[:count]), list(saved[count:]),
-                        zero[:count] + [zero[count + i] for i in floats])
+                        [zero[i] for i in _differentiated(ctx.key, saved)])
 
 
-def _floats(inputs: Sequence[Tensor]) -> list[int]:
-    """The positions of the floating-point (differentiated) inputs."""
-    return [i for i, t in enumerate(inputs) if t.is_floating_point()]
+def _differentiated(key: str, tensors: Sequence[Tensor]) -> list[int]:
+    """The positions in ``tensors`` (the leaf's parameters, its buffers, then its inputs) that the leaf ops
+    differentiate: the floating-point parameters and inputs."""
+    leaf = _module(key)
+    buffers = range(leaf.params, len(leaf.tensors))
+    return [i for i, t in enumerate(tensors) if t.is_floating_point() and i not in buffers]
 
 
 def _differentiable(key: str, tensors: Sequence[Tensor], inputs: Sequence[Tensor]
                     ) -> tuple[Callable[..., Tensor], tuple[tuple[Tensor, ...], ...]]:
-    """``(call, primals)``: the leaf as a function of its tensors (parameters, buffers) and floating-point inputs, and
-    their values."""
-    floats = _floats(inputs)
+    """``(call, primals)``: the leaf as a function of its floating-point parameters and inputs, and their values
+    (:func:`_differentiated`); buffers and integer inputs are held fixed."""
+    count = len(tensors)
+    positions = _differentiated(key, (*tensors, *inputs))
+    float_tensors, float_inputs = [i for i in positions if i < count], [i - count for i in positions if i >= count]
 
-    def call(tensors: tuple[Tensor, ...], differentiable: tuple[Tensor, ...]) -> Tensor:
-        full = list(inputs)
-        for i, t in zip(floats, differentiable):
-            full[i] = t
-        return _call(key, tensors, tuple(full))
+    def call(differentiable_tensors: tuple[Tensor, ...], differentiable_inputs: tuple[Tensor, ...]) -> Tensor:
+        return _call(key, _with(tensors, float_tensors, differentiable_tensors),
+                     _with(inputs, float_inputs, differentiable_inputs))
 
-    return call, (tuple(tensors), tuple(inputs[i] for i in floats))
+    return call, (tuple(tensors[i] for i in float_tensors), tuple(inputs[i] for i in float_inputs))
+
+
+def _with(values: Sequence[Tensor], positions: Sequence[int], replacements: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """``values`` with the entries at ``positions`` replaced by ``replacements``."""
+    full = list(values)
+    for i, t in zip(positions, replacements):
+        full[i] = t
+    return tuple(full)
 
 
 @torch._dynamo.allow_in_graph

@@ -107,6 +107,43 @@ def test_leaf_with_integer_inputs_inside_a_keyword_model():
     assert torch.equal(changed, torch.isin(torch.arange(10), ids))  # the rows looked up, and only those
 
 
+class NormalizedFeatures(nn.Module):
+    """BatchNorm (float running statistics, an integer batch counter, both updated in place in training mode)
+    before a linear layer, with a data-dependent branch: it has to be a leaf."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(4)
+        self.fc = nn.Linear(4, 6)
+
+    def forward(self, x):
+        h = self.fc(self.norm(x))
+        return torch.tanh(h) if h.sum() > 0 else -h
+
+
+def test_leaf_with_buffers_updated_in_place_trains_with_exact_gradients_and_leaves_the_buffers_alone():
+    """A leaf's buffers are read, never written, and never differentiated: an integer buffer cannot be, and
+    BatchNorm's in-place update of its running statistics would mutate a tensor the step's transforms capture.
+    Compiling says so; the leaf's parameters still take Adam's step on the exact gradient."""
+    torch.manual_seed(0)
+    model = nn.Sequential(NormalizedFeatures(), nn.Linear(6, 3))
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    buffers = copy.deepcopy(dict(model[0].named_buffers()))
+    with pytest.warns(UserWarning, match=r"leaf module '0' has buffers \(norm.running_mean, norm.running_var, "
+                                         r"norm.num_batches_tracked\); the step reads them but never updates them"):
+        opt = curvgraph.compile(model, (x,), leaf_modules=["0"], fallback_lr=0.01, backend="eager")
+        loss = opt.step(x, y)
+    reference = nn.functional.cross_entropy(twin(x), y)  # batch statistics in training mode, as the step's forward
+    reference.backward()
+    torch.optim.Adam(twin[0].parameters(), lr=0.01).step()
+    torch.testing.assert_close(loss, reference.detach())
+    for name, value in model[0].named_parameters():
+        torch.testing.assert_close(value, dict(twin[0].named_parameters())[name], msg=name)
+    assert all(torch.equal(buffers[name], value) for name, value in model[0].named_buffers())
+    assert int(model[0].norm.num_batches_tracked) == 0 and int(twin[0].norm.num_batches_tracked) == 1
+
+
 def test_leaf_module_errors():
     x = torch.randn(5, 4)
     with pytest.raises(curvgraph.ConfigError, match=r"leaf_modules names \['innr'\], which are not submodules .*'inner'"):

@@ -61,6 +61,7 @@ CONFIGS: dict[str, dict] = {
     "auto": {"lr": "auto", "momentum": "auto"},
     "auto-empirical": {"lr": "auto", "momentum": "auto", "fisher": "empirical"},
     "auto-T5": {"lr": "auto", "momentum": "auto", "invert_every": 5},
+    "T1": {"invert_every": 1},  # the preconditioner refreshed every step
     "reduce": {"kfac_approx": "reduce"},  # KFAC-reduce statistics for weight sharing (conv: averaged patches)
     "split64": {"max_factor_dim": 64},  # block-diagonal factors of at most 64 (what the split costs in progress)
     "split128": {"max_factor_dim": 128},

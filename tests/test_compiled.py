@@ -189,3 +189,60 @@ def test_the_cache_key_holds_the_branches():
         hits = counters["aot_autograd"]["autograd_cache_hit"]
         torch.testing.assert_close(compiled_step(fn, "inductor")(x, True), x * factor, rtol=0, atol=0)
     assert counters["aot_autograd"]["autograd_cache_hit"] == hits + 1  # the second `doubled` is loaded
+
+
+def cache_refusals(model: nn.Module, inputs: tuple, targets: torch.Tensor, **options) -> list[str]:
+    """What torch 2.13's compile caches would refuse in the compiled step of ``model``: the calls AOT autograd's
+    cache does not know to be safe (in Dynamo's graph) and the higher-order ops the FX graph cache does not store
+    (in AOT autograd's graph, e.g. ``with_effects`` around the error check of ``torch.linalg.cholesky``). Traces
+    with Dynamo and AOT autograd only (no Inductor): a backend that checks each graph and runs it as it is."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.backends.registry import register_backend
+    from torch._functorch._aot_autograd import autograd_cache
+
+    refusals: list[str] = []
+
+    def nodes(gm: torch.fx.GraphModule):
+        return [n for m in gm.modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes]
+
+    def after_aot(gm: torch.fx.GraphModule, _):
+        refusals.extend(f"FX graph cache: {n.target.name()}" for n in nodes(gm)
+                        if isinstance(n.target, torch._ops.HigherOrderOperator) and not n.target.cacheable())
+        return gm.forward
+
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        for n in nodes(gm):
+            try:
+                autograd_cache.check_node_safe(n)
+            except autograd_cache.BypassAOTAutogradCache as e:
+                refusals.append(f"AOT autograd cache: {e}")
+        return aot_autograd(fw_compiler=after_aot)(gm, example_inputs)
+
+    name = f"curvgraph_cache_check_{id(backend):x}"  # a backend is a registered name (curvgraph takes strings)
+    register_backend(name=name)(backend)
+    opt = curvgraph.compile(model, inputs, backend=name, progress=False, **options)
+    opt.step(*inputs, targets)
+    return refusals
+
+
+class TinyTiedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(11, 4), nn.Linear(4, 4)
+
+    def forward(self, tokens):
+        return torch.tanh(self.fc(self.emb(tokens))) @ self.emb.weight.T
+
+
+@pytest.mark.parametrize("case", ["kfac", "ekfac", "tied"])
+def test_nothing_in_the_step_keeps_it_out_of_the_compile_caches(case):
+    """Every warm start loads the step only if neither cache refuses any of its graphs: the adaptive K-FAC step
+    (``torch.cond``, ``torch.func.jvp``), EKFAC's eigendecompositions, the tied kind's nearest Kronecker product."""
+    torch.manual_seed(0)
+    if case == "tied":
+        model, inputs, targets = TinyTiedLM(), (torch.randint(0, 11, (3, 5)),), torch.randint(0, 11, (3, 5))
+        options = dict(loss="token_cross_entropy")
+    else:
+        model, inputs, targets = make_model(), (torch.randn(10, 2, 6),), torch.randint(0, 4, (10,))
+        options = dict(method=case)
+    assert cache_refusals(model, inputs, targets, invert_every=1, **options) == []

@@ -43,7 +43,9 @@ def nearest_kronecker(xs: tuple[Tensor, ...], ys: tuple[Tensor, ...]) -> tuple[T
     y = torch.stack([m.flatten() for m in ys])
     p, q = x @ x.T, y @ y.T
     jitter = 1e-12 * p.diagonal().sum().clamp_min(torch.finfo(p.dtype).tiny)
-    chol = torch.linalg.cholesky(p + jitter * torch.eye(len(xs), dtype=p.dtype, device=p.device))
+    # cholesky_ex, not cholesky: no error check in the graph (a check is an effect, and torch 2.13's FX graph cache
+    # stores no graph with one); a P that is not finite gives factors that are not, which the step reports and skips
+    chol = torch.linalg.cholesky_ex(p + jitter * torch.eye(len(xs), dtype=p.dtype, device=p.device))[0]
     _, vectors = torch.linalg.eigh(chol.T @ q @ chol)
     top = vectors[:, -1] * torch.sign(vectors[:, -1].sum())
     a = torch.linalg.solve_triangular(chol.T, top[:, None], upper=True)[:, 0]

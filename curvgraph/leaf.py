@@ -92,14 +92,14 @@ def register(name: str, module: nn.Module) -> str:
     for key in [k for k, leaf in _LEAVES.items() if leaf.module() is None]:
         del _LEAVES[key]
     params = tuple(n for n, _ in module.named_parameters())
-    buffers = [n for n, _ in module.named_buffers()]
+    buffers = tuple(n for n, _ in module.named_buffers())
     if buffers and module.training:
         warnings.warn(f"curvgraph: leaf module '{name}' has buffers ({', '.join(buffers[:4])}"
                       f"{', ...' if len(buffers) > 4 else ''}); the step reads them but never updates them, so "
                       "running statistics (e.g. BatchNorm's) keep their current values. Leave such submodules "
                       "outside the leaf module if they should be updated.", UserWarning, stacklevel=2)
     key = f"{name}@{id(module):x}"
-    _LEAVES[key] = _Leaf(weakref.ref(module), name, params + tuple(n for n, _ in module.named_buffers()), len(params))
+    _LEAVES[key] = _Leaf(weakref.ref(module), name, params + buffers, len(params))
     return key
 
 

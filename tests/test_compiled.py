@@ -173,6 +173,8 @@ def test_a_second_compile_loads_the_cached_graphs(adaptive_runs):
 def test_the_cache_key_holds_the_branches():
     """Marking ``torch.cond`` cacheable is safe: two steps that differ only inside a branch are two cache entries,
     and each computes its own branch."""
+    from torch._dynamo.utils import counters
+
     from curvgraph.runtime import compiled_step
 
     def doubled(x, refresh):
@@ -180,8 +182,6 @@ def test_the_cache_key_holds_the_branches():
 
     def tripled(x, refresh):
         return torch.cond(refresh, lambda: x * 3, lambda: x + 1, ())
-
-    from torch._dynamo.utils import counters
 
     x = torch.arange(4.0)
     for fn, factor in ((doubled, 2), (tripled, 3), (doubled, 2)):

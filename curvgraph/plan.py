@@ -182,6 +182,8 @@ class Block:
             channel layout of a norm layer, whether a weight is stored transposed).
         cost: sympy cost expressions, keys as in this module's docstring.
         found_by: the name of the pass that claimed the block.
+        example_rows: the rows of all uses (``sum(u.rows for u in uses)``) at the example
+            inputs, where known: methods choose between equal computations by it.
     """
 
     name: str
@@ -197,6 +199,12 @@ class Block:
     layout: dict[str, object] = field(default_factory=dict)
     cost: dict[str, sympy.Expr] = field(default_factory=dict)
     found_by: str = ""
+    example_rows: int | None = None
+
+    @property
+    def rows(self) -> sympy.Expr:
+        """The rows of all uses, symbolic: the input vectors the parameters are applied to."""
+        return sympy.Add(*(u.rows for u in self.uses))
 
     @property
     def shared(self) -> bool:

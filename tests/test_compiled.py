@@ -13,14 +13,16 @@ from torch import nn
 import curvgraph
 
 SCHEDULE = dict(factor_every=2, invert_every=3)  # steps 0..6 use all four (stats, refresh) variants
-FIXED = dict(lr=0.002, **SCHEDULE)  # the fixed-step mode
+FIXED = dict(lr=0.002, weight_decay=1e-3, **SCHEDULE)  # the fixed-step mode
 
 
 def make_model() -> nn.Module:
-    """Every block kind: conv, norm (BatchNorm with running statistics, LayerNorm), dense."""
+    """Every block kind: conv, norm (BatchNorm with running statistics, LayerNorm), dense. The first dense layer
+    is wider than the batch: K-FAC preconditions its gradient from the rows (adaptive runs, no weight decay) or
+    as a matrix (fixed runs, with weight decay), the two branches of a ``torch.cond``."""
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.BatchNorm1d(4), nn.Tanh(), nn.Flatten(),
-                         nn.Linear(4 * 6, 8), nn.LayerNorm(8), nn.Linear(8, 4))
+                         nn.Linear(4 * 6, 32), nn.LayerNorm(32), nn.Linear(32, 4))
 
 
 def data():
@@ -66,6 +68,7 @@ def adaptive_runs():
 def test_plan_has_every_block_kind(runs):
     _, opt, _, _ = runs["inductor"]
     assert [b.kind for b in opt.plan.blocks] == ["conv", "norm", "dense", "norm", "dense"]
+    assert [opt.method.from_rows(b) for b in opt.plan.blocks] == [False, False, True, False, False]
 
 
 @pytest.mark.parametrize("fixture", ("runs", "adaptive_runs"))

@@ -22,7 +22,7 @@ def natural_gradients(model: nn.Sequential, x, y, factors, damping: float, weigh
     nn.functional.cross_entropy(model(x), y).backward()
     directions = {}
     for name in factors:
-        layer = model[int(name)]
+        layer = model.get_submodule(name)
         grad = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], 1)
         param = torch.cat([layer.weight, layer.bias[:, None]], 1).detach()
         M = grad + weight_decay * param
@@ -35,7 +35,7 @@ def natural_gradients(model: nn.Sequential, x, y, factors, damping: float, weigh
 
 
 def block_change(after: nn.Sequential, before: nn.Sequential, name: str) -> torch.Tensor:
-    a, b = after[int(name)], before[int(name)]
+    a, b = after.get_submodule(name), before.get_submodule(name)
     return torch.cat([a.weight - b.weight, (a.bias - b.bias)[:, None]], 1).detach()
 
 
@@ -101,6 +101,62 @@ def test_stale_inverses_are_used_between_refreshes(float64):
     stale = natural_gradients(second, *batches[1], first_factors, 0.05, 0.0)
     for name, (V, _) in stale.items():
         torch.testing.assert_close(block_change(model, second, name), -0.2 * V)
+
+
+class WideOverPositions(nn.Module):
+    """``inner`` applied at two positions of every example: at a batch of two it has fewer gradient rows than
+    features, like ``out`` (K-FAC then preconditions both from their rows, :func:`curvgraph.methods.kfac.rows_precondition`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.out = nn.Linear(6, 12), nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.inner(x)).mean(1))
+
+
+@pytest.mark.parametrize("weight_decay", (0.0, 0.01))  # 0: from the rows; not 0: the matrix branch of the torch.cond
+def test_step_from_gradient_rows_is_the_damped_kronecker_natural_gradient(float64, weight_decay):
+    torch.manual_seed(4)
+    model = WideOverPositions()
+    x, y = torch.randn(2, 2, 6), torch.randint(0, 3, (2,))
+    before = copy.deepcopy(model)
+    lr, damping = 0.3, 0.02
+    opt = curvgraph.compile(model, (x,), fisher="type2", ema=0.0, momentum=0.0, kl_clip=None, lr=lr,
+                            damping=damping, weight_decay=weight_decay, backend="eager")
+    assert [opt.method.from_rows(b) for b in opt.plan.blocks] == [True, True]
+    opt.step(x, y)
+    expected = natural_gradients(before, x, y, opt.factors(), damping, weight_decay)
+    for name, (V, _) in expected.items():
+        torch.testing.assert_close(block_change(model, before, name), -lr * V)
+
+
+@pytest.mark.parametrize("structure", ("dense", "diagonal", "split"))
+def test_rows_precondition_equals_the_matrix_products(float64, structure):
+    """:func:`rows_precondition` on the rows of ``M = sum_r g_r a_r^T`` against :func:`kfac_precondition` on ``M``,
+    for dense, diagonal and block-diagonal (split) inverses."""
+    from curvgraph.methods.kfac import kfac_precondition, rows_precondition
+
+    torch.manual_seed(5)
+    g, a = torch.randn(3, 2, 7), torch.randn(3, 2, 10)  # (N, P, d): six rows
+    M = torch.einsum("npo,npi->oi", g, a)
+
+    def spd(d):
+        x = torch.randn(d, d)
+        return x @ x.T + torch.eye(d)
+
+    if structure == "dense":
+        inverses = (spd(7), spd(10))
+    elif structure == "diagonal":
+        inverses = (torch.rand(7) + 0.5, torch.rand(10) + 0.5)
+    else:
+        inverses = (torch.stack([spd(4), spd(4)]), torch.stack([spd(5), spd(5)]))  # 7 -> 2 x 4 (padded), 10 -> 2 x 5
+    diagonal = (structure == "diagonal",) * 2
+    split = (structure == "split",) * 2
+    expected = kfac_precondition(M, inverses, (-2, -1), diagonal, split)
+    torch.testing.assert_close(rows_precondition((g, a), inverses, diagonal, split), expected)
+    if structure == "dense":  # and against the Kronecker product itself
+        torch.testing.assert_close(expected.flatten(), torch.kron(*inverses) @ M.flatten())
 
 
 class ElementwiseScale(nn.Module):

@@ -76,6 +76,10 @@ class BlockKind(ABC):
     #: Whether :meth:`write_batch_factors` honours ``block.layout["stats_every"] = s``: the input factor from
     #: every ``s``-th position along each spatial dim (``conv_stats_every``); only such kinds' blocks get it.
     subsamples_positions: bool = False
+    #: Whether :meth:`write_example_rows` with the loss gradients only reshapes the layer's inputs and output
+    #: gradients (nothing the size of a patch matrix or a one-hot is formed): a method may then precondition the
+    #: gradient from its rows where that is cheaper (K-FAC, :func:`curvgraph.methods.kfac.rows_precondition`).
+    cheap_example_rows: bool = False
 
     def label(self, block: Block) -> str:
         """A one-line description of ``block`` for drawings and tables: the kind and its dims by default."""

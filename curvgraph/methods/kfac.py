@@ -25,6 +25,14 @@ per-channel ``F`` of a norm block, which is the curvature block itself) gets pla
 Tikhonov damping, :math:`V = (F + \lambda I)^{-1} M`; with ``n`` factors the damping is
 split as :math:`\lambda^{1/n} t_i / (\prod_j t_j)^{1/n}` (:func:`factored_damping`).
 
+A dense layer with fewer gradient rows ``R`` (examples x positions, over all uses) than
+features, e.g. the deep autoencoder's ``1000``-wide layers at batch 100, has a gradient of
+rank at most ``R``: :math:`M = \sum_r g_r \bar a_r^\top` (loss output gradients times layer
+inputs), and :math:`V = \sum_r (G^{-1} g_r)(A^{-1} \bar a_r)^\top` costs
+``2 R (o^2 + i^2 + o i)`` FLOPs instead of ``2 o i (o + i)`` (:func:`rows_precondition`). The
+step uses it for the blocks where the plan's rows at the example inputs make it cheaper
+(:meth:`KFAC.from_rows`), while weight decay (which makes ``M`` full rank) is 0.
+
 ``temporal="option1"`` (static) gives blocks over time steps (kinds with lag moments: the
 rnn blocks) the chain-structured approximation of Martens, Ba & Johnson (2018), option 1,
 instead of ``G^{-1} M A^{-1}``: see :mod:`curvgraph.curvature.temporal` (the factors are
@@ -172,6 +180,34 @@ def kfac_precondition(grad: Tensor, inverses: tuple[Tensor, ...], axes: tuple[in
     return grad
 
 
+def rows_precondition(rows: tuple[Tensor, Tensor], inverses: tuple[Tensor, Tensor], diagonal: tuple[bool, bool],
+                      split: tuple[bool, bool] = (False, False)) -> Tensor:
+    r""":math:`V = G^{-1} M A^{-1}` for a gradient given by its rows, :math:`M = \sum_r g_r \bar a_r^\top`.
+
+    :math:`V = \sum_r (G^{-1} g_r)(A^{-1} \bar a_r)^\top = L^\top R`, where the ``R`` rows of
+    ``L`` (``R x o``) and of ``R`` (``R x i``) are the rows preconditioned one by one: the same
+    matrix as :func:`kfac_precondition` (up to rounding) in ``2 R (o^2 + i^2 + o i)`` FLOPs
+    instead of ``2 o i (o + i)``, fewer when there are fewer rows than about ``2/3`` of the
+    features (a wide layer at a small batch).
+
+    Args:
+        rows: the rows of each factor in axis order (rows first), ``(N, P, d_f)`` each, as
+            :meth:`curvgraph.BlockKind.write_example_rows` gives them for the loss gradients.
+        inverses: ``(G^{-1}, A^{-1})``, dense ``(d, d)``, diagonal ``(d,)`` or block-diagonal
+            ``(k, b, b)`` (no leading dims).
+        diagonal, split: which inverses are diagonal or block-diagonal (:func:`apply_inverse`).
+    """
+    left, right = (apply_inverse(r.reshape(-1, r.shape[-1]), inverse, -1, diag, split=blocked)
+                   for r, inverse, diag, blocked in zip(rows, inverses, diagonal, split))
+    return left.T @ right
+
+
+def branch_predicate(flag: Tensor) -> Tensor | bool:
+    """The predicate of a ``torch.cond``: the 0-d bool tensor ``flag`` under ``torch.compile`` (one graph for both
+    branches), a Python bool when the step runs eagerly (where ``torch.cond`` would compile its branches)."""
+    return flag if torch.compiler.is_compiling() else bool(flag)
+
+
 def inner_product(directions: tuple[Tensor, ...], grads: tuple[Tensor, ...]) -> Tensor:
     r""":math:`\sum_{\text{blocks}} \langle V, M\rangle`.
 
@@ -194,6 +230,20 @@ def momentum_buffer(buffer: Tensor, direction: Tensor, scale: Tensor, momentum: 
 def combine(direction: Tensor, previous: Tensor, alpha: Tensor, mu: Tensor) -> Tensor:
     r"""The update :math:`\delta = \alpha\Delta + \mu\delta_0` of one block."""
     return alpha * direction + mu * previous
+
+
+def matrix_precondition_flops(block: Block) -> int:
+    """FLOPs of :func:`kfac_precondition` on ``block``: ``2 numel(M) b`` per dense factor (``b`` its block size,
+    ``d`` unless split), ``numel(M)`` per diagonal one."""
+    numel = math.prod(block.matrix_shape)
+    return sum(numel * (1 if f.diagonal else 2 * f.block_dim) for f in block.factors.values())
+
+
+def rows_precondition_flops(block: Block, rows: sympy.Expr | int) -> sympy.Expr | int:
+    """FLOPs of :func:`rows_precondition` on ``block`` for ``rows`` gradient rows: each factor's inverse applied to
+    the rows (``2 R d b`` dense, ``R d`` diagonal) and the product of the two ``R``-row matrices (``2 R numel(M)``)."""
+    applied = sum(f.dim if f.diagonal else 2 * f.dim * f.block_dim for f in block.factors.values())
+    return rows * (applied + 2 * math.prod(block.matrix_shape))
 
 
 class KFAC(Method):
@@ -354,22 +404,69 @@ class KFAC(Method):
                        "is not finite); kept the previous inverse (the identity before the first success)",
                        f"{fail}.any()")
 
+    def from_rows(self, block: Block) -> bool:
+        """Whether ``block``'s direction is computed from the loss gradient's rows (:func:`rows_precondition`).
+
+        It is where that is exact and cheaper: a kind with cheap example rows
+        (:attr:`curvgraph.BlockKind.cheap_example_rows`), two factors on the rows and columns
+        of the block matrix and no leading dims, not the temporal approximation, and fewer
+        FLOPs at the example inputs' rows (:attr:`curvgraph.plan.Block.example_rows`) than
+        the matrix products. The choice is fixed when the step is compiled (a batch of another
+        size gives the same result at another cost); weight decay, which makes ``M`` full rank,
+        switches the step to the matrix products while it is not 0.
+        """
+        kind = KINDS.get(block.kind)
+        factors = list(block.factors.values())
+        if (kind is None or not kind.cheap_example_rows or self.temporal(block) or block.example_rows is None
+                or sorted(f.axis for f in factors) != [-2, -1] or any(f.lead for f in factors)):
+            return False
+        return rows_precondition_flops(block, block.example_rows) < matrix_precondition_flops(block)
+
+    def _precondition_matrix(self, w: StepWriter, b: BlockVars) -> str:
+        """The call computing ``b``'s direction from its gradient matrix ``b.grad``."""
+        if self.temporal(b.block):
+            return w.call(option1_apply, b.grad, *(b.var(k) for k in self.preconditioner(b.block)))
+        order = sorted(b.block.factors, key=lambda f: b.block.factors[f].axis)  # rows before columns
+        inverses = w.pack(b.var(f"{f}_inv") for f in order)
+        axes = tuple(b.block.factors[f].axis for f in order)
+        diagonal = tuple(b.block.factors[f].diagonal for f in order)
+        split = tuple(b.block.factors[f].split_dim is not None for f in order)
+        return w.call(kfac_precondition, b.grad, inverses, axes, diagonal, *((split,) if any(split) else ()))
+
     def write_preconditioned(self, w: StepWriter, blocks: list[BlockVars]) -> None:
-        """Assign every block's preconditioned gradient ``b.var('V')`` (:func:`kfac_precondition`); the
-        rest of :meth:`write_direction` (KL clipping, momentum or the quadratic model) is shared by
-        subclasses that only change this part (EKFAC)."""
+        """Assign every block's preconditioned gradient ``b.var('V')`` (:func:`kfac_precondition`, or
+        :func:`rows_precondition` for the blocks :meth:`from_rows` picks, in a ``torch.cond`` on weight
+        decay being 0); the rest of :meth:`write_direction` (KL clipping, momentum or the quadratic
+        model) is shared by subclasses that only change this part (EKFAC)."""
+        by_rows = [b for b in blocks if self.from_rows(b.block)]
         for b in blocks:
-            if self.temporal(b.block):
-                call = w.call(option1_apply, b.grad, *(b.var(k) for k in self.preconditioner(b.block)))
+            if b not in by_rows:
+                w.line(f"{b.var('V')} = {self._precondition_matrix(w, b)}")
+        if not by_rows:
+            return
+        w.line("# layers with fewer gradient rows than features: G^-1 M A^-1 from M's rows, while weight decay is 0")
+        rows = {b.id: b.kind.write_example_rows(w, b, b.gradient_uses, f"{b.grad}.dtype", "grad_rows")
+                for b in by_rows}
+        w.line("# (the branches may not read views of one tensor: the refresh packs the inverses into one)")
+        for b in by_rows:
+            for f in b.block.factors:
+                w.line(f"{b.var(f + '_inv')} = {b.var(f + '_inv')}.clone()")
+        directions = w.pack(b.var("V") for b in by_rows)
+        with w.indent("def from_rows():"):
+            for b in by_rows:
+                order = sorted(b.block.factors, key=lambda f: b.block.factors[f].axis)
+                diagonal = tuple(b.block.factors[f].diagonal for f in order)
+                split = tuple(b.block.factors[f].split_dim is not None for f in order)
+                call = w.call(rows_precondition, w.pack(rows[b.id][f] for f in order),
+                              w.pack(b.var(f"{f}_inv") for f in order), diagonal, *((split,) if any(split) else ()))
                 w.line(f"{b.var('V')} = {call}")
-                continue
-            order = sorted(b.block.factors, key=lambda f: b.block.factors[f].axis)  # rows before columns
-            inverses = w.pack(b.var(f"{f}_inv") for f in order)
-            axes = tuple(b.block.factors[f].axis for f in order)
-            diagonal = tuple(b.block.factors[f].diagonal for f in order)
-            split = tuple(b.block.factors[f].split_dim is not None for f in order)
-            call = w.call(kfac_precondition, b.grad, inverses, axes, diagonal, *((split,) if any(split) else ()))
-            w.line(f"{b.var('V')} = {call}")
+            w.line(f"return {directions}")
+        with w.indent("def from_matrix():"):
+            for b in by_rows:
+                w.line(f"{b.var('V')} = {self._precondition_matrix(w, b)}")
+            w.line(f"return {directions}")
+        predicate = w.call(branch_predicate, f"{w.hyper('weight_decay')} == 0")
+        w.line(f"{directions[1:-1]} = torch.cond({predicate}, from_rows, from_matrix, ())")
 
     def write_direction(self, w, blocks: list[BlockVars]) -> None:
         self.write_preconditioned(w, blocks)
@@ -421,13 +518,15 @@ class KFAC(Method):
 
     def cost(self, block: Block) -> dict[str, sympy.Expr]:
         """Preconditioning ``2 numel(M) d`` per dense factor (``2 numel(M) b`` when split into blocks of
-        ``b``) and ``numel(M)`` per diagonal one (``2 (o^2 i + o i^2)`` for a dense block), inversion
+        ``b``) and ``numel(M)`` per diagonal one (``2 (o^2 i + o i^2)`` for a dense block), or
+        :func:`rows_precondition_flops` in the symbolic rows where :meth:`from_rows` holds, inversion
         ``d^3`` per dense factor matrix (``k b^3`` when split) and ``d`` per diagonal one, state: factors,
         inverses and momentum in float32. With ``lr="auto"``,
         ``quadratic_model``: the two forward-mode passes (about two forwards each) and the trial forward,
         five forwards or ``5/3`` of the layer's forward/backward, every step."""
         numel = math.prod(block.matrix_shape)
-        precondition = sum(numel * (1 if f.diagonal else 2 * f.block_dim) for f in block.factors.values())
+        precondition = rows_precondition_flops(block, block.rows) if self.from_rows(block) \
+            else matrix_precondition_flops(block)
         inversion = sum(math.prod(f.lead) * (f.dim if f.diagonal else f.blocks * f.block_dim**3)
                         for f in block.factors.values())
         floats = 2 * sum(math.prod(f.shape) for f in block.factors.values()) + numel
@@ -436,7 +535,7 @@ class KFAC(Method):
             inversion = 2 * inversion
             floats += sum(math.prod(f.shape) for f in block.factors.values()) + numel
         cost = {
-            "precondition": sympy.Integer(precondition),
+            "precondition": sympy.sympify(precondition),
             "inversion": sympy.Integer(inversion),
             "state_bytes": sympy.Integer(4 * floats),
         }

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Sequence
 
+import sympy
 from torch.fx import Graph
 
 from .. import registry
@@ -89,6 +90,9 @@ def build_plan(traced: TracedModel, kinds: Iterable = (), sharing: str = "expand
         reasons[name] = claims.reasons.get(node.name) or _default_reason(node)
     order = {node.name: i for i, node in enumerate(traced.graph.nodes)}
     blocks.sort(key=lambda b: min(order[n] for u in b.uses for n in u.outputs))
+    for block in blocks:
+        rows = sympy.sympify(block.rows).subs(sizes or {})
+        block.example_rows = int(rows) if rows.is_number else None
     groups = [group for find_groups in GROUP_PASSES for group in find_groups(traced, blocks)]
     return Plan(
         model_name=traced.model_name,

@@ -36,6 +36,7 @@ class Dense(BlockKind):
     name = "dense"
     rewrites = LINEAR_PASSES
     splits_factors = True
+    cheap_example_rows = True
     color = "#9ecae1"
 
     def label(self, block: Block) -> str:

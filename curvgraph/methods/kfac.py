@@ -422,16 +422,22 @@ class KFAC(Method):
             return False
         return rows_precondition_flops(block, block.example_rows) < matrix_precondition_flops(block)
 
-    def _precondition_matrix(self, w: StepWriter, b: BlockVars) -> str:
+    @staticmethod
+    def _inverses(w: StepWriter, b: BlockVars, suffix: str = "_inv") -> tuple[str, tuple, tuple, tuple]:
+        """``b``'s inverses (variables named factor + ``suffix``) in axis order (rows first), with their axes,
+        which are diagonal, and the trailing ``split`` argument of the apply functions (``()`` unless one is split)."""
+        order = sorted(b.block.factors, key=lambda f: b.block.factors[f].axis)
+        factors = [b.block.factors[f] for f in order]
+        split = tuple(f.split_dim is not None for f in factors)
+        return (w.pack(b.var(f + suffix) for f in order), tuple(f.axis for f in factors),
+                tuple(f.diagonal for f in factors), (split,) if any(split) else ())
+
+    def _precondition_matrix(self, w: StepWriter, b: BlockVars, suffix: str = "_inv") -> str:
         """The call computing ``b``'s direction from its gradient matrix ``b.grad``."""
         if self.temporal(b.block):
             return w.call(option1_apply, b.grad, *(b.var(k) for k in self.preconditioner(b.block)))
-        order = sorted(b.block.factors, key=lambda f: b.block.factors[f].axis)  # rows before columns
-        inverses = w.pack(b.var(f"{f}_inv") for f in order)
-        axes = tuple(b.block.factors[f].axis for f in order)
-        diagonal = tuple(b.block.factors[f].diagonal for f in order)
-        split = tuple(b.block.factors[f].split_dim is not None for f in order)
-        return w.call(kfac_precondition, b.grad, inverses, axes, diagonal, *((split,) if any(split) else ()))
+        inverses, axes, diagonal, split = self._inverses(w, b, suffix)
+        return w.call(kfac_precondition, b.grad, inverses, axes, diagonal, *split)
 
     def write_preconditioned(self, w: StepWriter, blocks: list[BlockVars]) -> None:
         """Assign every block's preconditioned gradient ``b.var('V')`` (:func:`kfac_precondition`, or
@@ -447,24 +453,23 @@ class KFAC(Method):
         w.line("# layers with fewer gradient rows than features: G^-1 M A^-1 from M's rows, while weight decay is 0")
         rows = {b.id: b.kind.write_example_rows(w, b, b.gradient_uses, f"{b.grad}.dtype", "grad_rows")
                 for b in by_rows}
-        w.line("# (the branches may not read views of one tensor: the refresh packs the inverses into one)")
+        w.line("# (copies: a branch may not read two views of one tensor, and the refresh packs the inverses into one)")
         for b in by_rows:
             for f in b.block.factors:
-                w.line(f"{b.var(f + '_inv')} = {b.var(f + '_inv')}.clone()")
+                w.line(f"{b.var(f + '_inv_copy')} = {b.var(f + '_inv')}.clone()")
         directions = w.pack(b.var("V") for b in by_rows)
+        returned = w.pack(f"{b.var('V')}.contiguous()" for b in by_rows)  # the branches' outputs must share strides
         with w.indent("def from_rows():"):
             for b in by_rows:
+                inverses, _, diagonal, split = self._inverses(w, b, "_inv_copy")
                 order = sorted(b.block.factors, key=lambda f: b.block.factors[f].axis)
-                diagonal = tuple(b.block.factors[f].diagonal for f in order)
-                split = tuple(b.block.factors[f].split_dim is not None for f in order)
-                call = w.call(rows_precondition, w.pack(rows[b.id][f] for f in order),
-                              w.pack(b.var(f"{f}_inv") for f in order), diagonal, *((split,) if any(split) else ()))
+                call = w.call(rows_precondition, w.pack(rows[b.id][f] for f in order), inverses, diagonal, *split)
                 w.line(f"{b.var('V')} = {call}")
-            w.line(f"return {directions}")
+            w.line(f"return {returned}")
         with w.indent("def from_matrix():"):
             for b in by_rows:
-                w.line(f"{b.var('V')} = {self._precondition_matrix(w, b)}")
-            w.line(f"return {directions}")
+                w.line(f"{b.var('V')} = {self._precondition_matrix(w, b, '_inv_copy')}")
+            w.line(f"return {returned}")
         predicate = w.call(branch_predicate, f"{w.hyper('weight_decay')} == 0")
         w.line(f"{directions[1:-1]} = torch.cond({predicate}, from_rows, from_matrix, ())")
 

@@ -234,8 +234,36 @@ for _op in (leaf_op, leaf_vjp, leaf_jvp):
     _op.register_vmap(_one_call_per_element(_op))
 
 
+class _LeafVjp(torch.autograd.Function):
+    """:func:`leaf_vjp`, differentiable in the output gradient ``grad``: the vector-Jacobian product is linear in it,
+    :math:`J^\top g`, so its own vector-Jacobian product maps ``w`` (one tensor per differentiated parameter and input)
+    to :math:`J w`, :func:`leaf_jvp`. That is what the adaptive step's curvature products take
+    (:func:`curvgraph.methods.quadratic.output_jvps`); derivatives in the parameters and inputs (second
+    derivatives of the module) are not provided."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(key: str, count: int, grad: Tensor, *saved: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        return tuple(leaf_vjp(key, list(saved[:count]), list(saved[count:]), grad))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        ctx.key, ctx.count = inputs[0], inputs[1]
+        ctx.save_for_backward(*inputs[3:])
+
+    @staticmethod
+    def backward(ctx: Any, *cotangents: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        saved = ctx.saved_tensors
+        differentiated = [saved[i] for i in _differentiated(ctx.key, saved)]
+        tangents = [torch.zeros_like(t) if c is None else c for c, t in zip(cotangents, differentiated)]
+        directional = leaf_jvp(ctx.key, list(saved[:ctx.count]), list(saved[ctx.count:]), tangents)
+        return (None, None, directional, *([None] * len(saved)))
+
+
 class _LeafCall(torch.autograd.Function):
-    """The leaf op, differentiable under ``torch.func`` transforms: its backward is :func:`leaf_vjp` and its
+    """The leaf op, differentiable under ``torch.func`` transforms: its backward is :func:`leaf_vjp` (itself
+    differentiable in the output gradient, :class:`_LeafVjp`) and its
     forward-mode derivative :func:`leaf_jvp` (floating-point parameters and inputs are differentiated; buffers
     and integer inputs are not)."""
 
@@ -255,8 +283,7 @@ class _LeafCall(torch.autograd.Function):
         count = len(_module(ctx.key).tensors)
         saved = ctx.saved_tensors
         grads: list[Tensor | None] = [None] * len(saved)
-        for i, g in zip(_differentiated(ctx.key, saved), leaf_vjp(ctx.key, list(saved[:count]), list(saved[count:]),
-                                                                    grad)):
+        for i, g in zip(_differentiated(ctx.key, saved), _LeafVjp.apply(ctx.key, count, grad, *saved)):
             grads[i] = g
         return (None, *grads)
 

@@ -27,7 +27,7 @@ Cost keys (FLOPs unless stated):
     a method's extra pass per statistics step (K-BFGS's forward/backward at the new
     parameters);
 ``quadratic_model``
-    a method's extra passes every step (the adaptive K-FAC step's forward-mode passes
+    a method's extra passes every step (the adaptive K-FAC step's curvature products
     and trial forward);
 ``state_bytes``
     bytes of optimizer state of the block.

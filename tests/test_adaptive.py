@@ -17,8 +17,8 @@ from curvgraph.methods.quadratic import accepted, levenberg_marquardt, quadratic
 from helpers import exact_ggn
 
 
-def mlp() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+def mlp(activation: type[nn.Module] = nn.Tanh) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(4, 5), activation(), nn.Linear(5, 3))
 
 
 def block_vector(model: nn.Sequential) -> torch.Tensor:
@@ -47,15 +47,23 @@ def preconditioned(model, x, y, factors, damping: float, weight_decay: float):
     return torch.cat(directions), torch.cat(grads)
 
 
-@pytest.mark.parametrize("seed, interior", [(11, True), (0, False)])
-def test_step_size_and_momentum_solve_the_quadratic_model_with_the_exact_ggn(float64, seed, interior):
-    """Seed 11: the joint optimum has 0 < mu < max_momentum; seed 0: its mu < 0 is clipped to 0."""
+@pytest.mark.parametrize("seed, interior, activation, products", [
+    (11, True, nn.Tanh, "output_jvps("), (0, False, nn.Tanh, "output_jvps("),
+    # hardsigmoid's backward has no derivative in torch 2.13: forward mode instead of the transposed backward
+    (11, False, nn.Hardsigmoid, "forward_mode_jvps("),
+])
+def test_step_size_and_momentum_solve_the_quadratic_model_with_the_exact_ggn(float64, seed, interior, activation,
+                                                                             products):
+    """Seed 11: the joint optimum has 0 < mu < max_momentum; seed 0: its mu < 0 is clipped to 0. The curvature
+    products ``J v`` come from the transposed backward pass, or from forward mode where the backward cannot be
+    differentiated."""
     torch.manual_seed(seed)
-    model = mlp()
+    model = mlp(activation)
     batches = [(torch.randn(7, 4), torch.randint(0, 3, (7,))) for _ in range(2)]
     wd, max_momentum = 0.01, 0.9
     opt = curvgraph.compile(model, (batches[0][0],), lr="auto", momentum="auto", fisher="type2", ema=0.0,
                             invert_every=1, weight_decay=wd, max_momentum=max_momentum, damping=0.1, backend="eager")
+    assert f"J_Delta, J_prev = {products}" in opt.source
     theta0 = block_vector(model)
     opt.step(*batches[0])
     theta1 = block_vector(model)

@@ -164,3 +164,23 @@ def test_leaf_module_errors():
 
     with pytest.raises(curvgraph.ConfigError, match=r"leaf module 'inner' is called with \['x='\]; .*positional tensors"):
         curvgraph.compile(KeywordCall(), (x,), leaf_modules=["inner"], backend="eager")
+
+
+def test_the_leaf_backward_differentiated_in_its_output_gradient_is_the_forward_mode_derivative():
+    """The adaptive step's curvature products differentiate the step's backward in its output vector
+    (:func:`curvgraph.methods.quadratic.output_jvps`); through a leaf that gives ``J v`` of the module, as forward
+    mode on the module itself does."""
+    from curvgraph.leaf import leaf_call, register
+
+    torch.manual_seed(1)
+    module = DataDependent()
+    key = register("transposed", module)
+    x = torch.randn(5, 4)
+    names = [name for name, _ in module.named_parameters()]
+    params = tuple(p.detach() for p in module.parameters())
+    output, backprop = torch.func.vjp(lambda *tensors: leaf_call(key, list(tensors), [x]), *params)
+    _, transposed = torch.func.vjp(lambda u: backprop(u), torch.zeros_like(output))
+    v = tuple(torch.randn_like(p) for p in params)
+    expected = torch.func.jvp(lambda *tensors: torch.func.functional_call(module, dict(zip(names, tensors)), (x,)),
+                              params, v)[1]
+    torch.testing.assert_close(transposed(v)[0], expected)

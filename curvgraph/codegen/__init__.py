@@ -114,7 +114,7 @@ def shape_code(shape: Shape, dims: dict[sympy.Symbol, tuple[int, int]]) -> str:
 def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, tuple[int, int]],
              kinds: Mapping[str, "BlockKind"], method: "Method", fallback: "FallbackRule", loss: LossSpec, fisher: str,
              param_dtype: torch.dtype, batch: tuple[int, int] = (0, 0),
-             autocast: tuple[str, torch.dtype] | None = None) -> GeneratedStep:
+             autocast: tuple[str, torch.dtype] | None = None, backward_differentiable: bool = False) -> GeneratedStep:
     """Write the step module for ``plan`` with ``method`` and return its source.
 
     ``kinds`` maps each block's ``kind`` to the registered kind that writes its statistics
@@ -122,9 +122,11 @@ def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, 
     forward of the step and any extra pass a method makes) runs under
     ``torch.autocast(device_type, dtype)``, its output cast back to ``param_dtype``; the
     loss, the statistics and the update run outside it, factors in ``float32`` or wider.
+    ``backward_differentiable``: the model's backward may be differentiated again
+    (:attr:`~curvgraph.codegen.writer.StepWriter.backward_differentiable`).
     """
     factor_dtype = torch.promote_types(param_dtype, torch.float32)
-    w = StepWriter(forward.params, loss.objective)
+    w = StepWriter(forward.params, loss.objective, backward_differentiable)
     probe_index, activation_index = forward.probe_index, forward.activation_index
     blocks = [BlockVars(b, w.ident(b.name), kind=kinds[b.kind]) for b in plan.blocks]
     for b in blocks:

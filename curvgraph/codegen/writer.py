@@ -131,12 +131,17 @@ class StepWriter:
     ``torch.func.vjp``, ``output``, ``targets``, ``loss``, ``hyper[name]`` (0-d tensors)
     and ``state[key]``; in statistics steps also ``samples``, ``examples``, ``scale``.
     :attr:`params` names the trainable tensors (in ``params`` order) and
-    :attr:`loss_fn` is the loss helper ``(output, targets) -> loss``.
+    :attr:`loss_fn` is the loss helper ``(output, targets) -> loss``. ``backprop`` (the
+    step's ``torch.func.vjp`` of ``model``) may be differentiated again in its output
+    vector when :attr:`backward_differentiable` is true (the capture checked that every
+    op's backward has a derivative).
     """
 
-    def __init__(self, params: list[str] | None = None, loss_fn: Callable | None = None) -> None:
+    def __init__(self, params: list[str] | None = None, loss_fn: Callable | None = None,
+                 backward_differentiable: bool = False) -> None:
         self.params = list(params or [])
         self.loss_fn = loss_fn
+        self.backward_differentiable = backward_differentiable
         self.lines: list[str] = []
         self.depth = 1
         self.helpers: dict[Callable, str] = {}

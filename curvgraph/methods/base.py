@@ -136,6 +136,10 @@ class Method(ABC):
     default_fisher: str | None = None
     #: Whether the method handles block-diagonal factors (``Factor.blocks > 1``, ``max_factor_dim``).
     splits_factors: bool = False
+    #: Whether the step differentiates the model's backward pass again (the adaptive K-FAC step's curvature
+    #: products, :func:`curvgraph.methods.quadratic.output_jvps`): the capture then checks that it can be
+    #: (:attr:`curvgraph.codegen.writer.StepWriter.backward_differentiable`).
+    differentiates_backward: bool = False
 
     def __init__(self, **options: Any) -> None:
         """``options``: the validated static hyper-parameters."""

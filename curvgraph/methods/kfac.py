@@ -56,7 +56,7 @@ from ..curvature.temporal import option1_apply, option1_basis
 from ..registry import KINDS, register_method
 from .base import (Hyper, Method, auto_or, fraction, non_negative, one_of, optional, parameter_tuple, positive,
                    write_batched)
-from .quadratic import (accepted, levenberg_marquardt, output_gram, output_jvps, parameter_gram,
+from .quadratic import (accepted, forward_mode_jvps, levenberg_marquardt, output_gram, output_jvps, parameter_gram,
                         quadratic_model_step)
 
 
@@ -285,6 +285,7 @@ class KFAC(Method):
         if options.get("momentum") == "auto" and options.get("lr") != "auto":
             raise ConfigError("curvgraph: momentum='auto' needs lr='auto' (both come from the quadratic model).")
         self.adaptive = options.get("lr") == "auto"
+        self.differentiates_backward = self.adaptive
 
     @classmethod
     def configure(cls, options: dict) -> tuple["KFAC", dict]:
@@ -496,7 +497,10 @@ class KFAC(Method):
         previous = w.pack(b.state("momentum") for b in blocks)
         t_delta = parameter_tuple(w, blocks, "t_Delta", [f"Delta[{i}]" for i in range(len(blocks))], "torch.zeros_like({})")
         t_prev = parameter_tuple(w, blocks, "t_prev", [b.state("momentum") for b in blocks], "torch.zeros_like({})")
-        w.line(f"J_Delta, J_prev = {w.call(output_jvps, 'model', 'params', 'probes', w.pack([t_delta, t_prev]))}")
+        tangents = w.pack([t_delta, t_prev])
+        jvps = (w.call(output_jvps, "backprop", "output", tangents) if w.backward_differentiable
+                else w.call(forward_mode_jvps, "model", "params", "probes", tangents))
+        w.line(f"J_Delta, J_prev = {jvps}")
         shift = f"(lam + {w.hyper('weight_decay')})"
         w.line(f"C = {w.call(output_gram, 'output', 'targets', '(J_Delta, J_prev)', w.ref(w.loss_fn))} + "
                f"{shift} * {w.call(parameter_gram, 'Delta', previous)}")
@@ -527,7 +531,7 @@ class KFAC(Method):
         :func:`rows_precondition_flops` in the symbolic rows where :meth:`from_rows` holds, inversion
         ``d^3`` per dense factor matrix (``k b^3`` when split) and ``d`` per diagonal one, state: factors,
         inverses and momentum in float32. With ``lr="auto"``,
-        ``quadratic_model``: the two forward-mode passes (about two forwards each) and the trial forward,
+        ``quadratic_model``: the two curvature products ``J v`` (about two forwards each) and the trial forward,
         five forwards or ``5/3`` of the layer's forward/backward, every step."""
         numel = math.prod(block.matrix_shape)
         precondition = rows_precondition_flops(block, block.rows) if self.from_rows(block) \
@@ -544,7 +548,7 @@ class KFAC(Method):
             "inversion": sympy.Integer(inversion),
             "state_bytes": sympy.Integer(4 * floats),
         }
-        if self.adaptive:  # two forward-mode passes (about two forwards each) and the trial forward
+        if self.adaptive:  # two curvature products J v (about two forwards each) and the trial forward
             cost["quadratic_model"] = 5 * sympy.sympify(block.cost.get("forward_backward", 0)) / 3
         return cost
 

@@ -27,14 +27,65 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..trace import select_output
 
 
-def output_jvps(model: Callable, params: tuple[Tensor, ...], probes: tuple[Tensor, ...],
-                tangents: tuple[tuple[Tensor, ...], ...]) -> tuple[Tensor, ...]:
-    r""":math:`J v` for each parameter-space direction ``v`` in ``tangents`` (forward mode, one pass each:
-    a pass vectorized over the directions with ``vmap`` fails to compile for convolutions with a
-    symbolic batch size in torch 2.13)."""
+def output_jvps(backprop: Callable, output: Tensor, tangents: tuple[tuple[Tensor, ...], ...]) -> tuple[Tensor, ...]:
+    r""":math:`J v` for each parameter-space direction ``v`` in ``tangents``, by transposing the backward pass.
+
+    ``backprop`` is the step's vector-Jacobian product of the model (``torch.func.vjp`` over the
+    parameters and the probes): :math:`u \mapsto J^\top u` on its parameter part, a linear map
+    of the output-space vector ``u`` (shaped like ``output``). The vector-Jacobian product of a
+    linear map applies its transpose, so ``vjp(u -> J^T u)`` at any ``u`` maps ``v`` to
+    :math:`J v`. Each product reuses the activations the forward saved: per layer the tangent
+    of its input and of its weight (two forwards' worth of products), where forward mode
+    (``torch.func.jvp``) would run the model again as well. The point ``u = 0`` at which the
+    map is differentiated is never used, and the compiled step drops its computation.
+    """
+    _, transposed = torch.func.vjp(lambda u: backprop(u)[0], torch.zeros_like(output))
+    return tuple(transposed(t)[0] for t in tangents)
+
+
+def forward_mode_jvps(model: Callable, params: tuple[Tensor, ...], probes: tuple[Tensor, ...],
+                      tangents: tuple[tuple[Tensor, ...], ...]) -> tuple[Tensor, ...]:
+    r""":math:`J v` for each direction in ``tangents`` by forward mode (``torch.func.jvp``, one pass each, the model
+    run again in each): what :func:`output_jvps` replaces, for models with an op whose backward has no derivative
+    (``hardsigmoid``, in torch 2.13). A pass vectorized over the directions with ``vmap`` fails to compile for
+    convolutions with a symbolic batch size in torch 2.13."""
     return tuple(torch.func.jvp(lambda p: model(p, probes)[0], (params,), (t,))[1] for t in tangents)
+
+
+def backward_is_differentiable(model: torch.nn.Module, args: tuple, kwargs: dict, output: object = None) -> bool:
+    r"""Whether the model's backward pass can be differentiated in its output vector (:func:`output_jvps`): one
+    eager forward (of the prediction ``output`` picks, :func:`curvgraph.trace.select_output`), backward and transposed backward on the example inputs (attention in its math form), on copies
+    of the model's buffers and with the random number generators restored, so nothing about the model or the random
+    streams changes.
+
+    False when that fails, e.g. where an op's backward has no derivative ("derivative for
+    aten::hardsigmoid_backward is not implemented"): the step then takes forward mode
+    (:func:`forward_mode_jvps`), which any model the step can differentiate supports.
+    """
+    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    buffers = dict(model.named_buffers())
+
+    def prediction(p: dict[str, Tensor]) -> Tensor:
+        copies = {name: b.clone() for name, b in buffers.items()}  # made inside: a train-mode forward updates them
+        returned = torch.func.functional_call(model, {**p, **copies}, args, kwargs)
+        return select_output(returned, output, type(model).__name__)
+
+    devices = [p.device for p in params.values() if p.device.type == "cuda"]
+    try:
+        # attention in its math form, as the attention pass rewrites it in the step (the fused kernels' backward
+        # has no derivative)
+        with torch.random.fork_rng(devices=devices), sdpa_kernel(SDPBackend.MATH):
+            predicted, backprop = torch.func.vjp(prediction, params)
+            _, transposed = torch.func.vjp(lambda u: backprop(u)[0], torch.zeros_like(predicted))
+            transposed({name: torch.zeros_like(p) for name, p in params.items()})
+    except Exception:  # noqa: BLE001 - any failure: forward mode, as before this check existed
+        return False
+    return True
 
 
 def output_gram(output: Tensor, targets: Tensor, directions: tuple[Tensor, ...], loss: Callable) -> Tensor:

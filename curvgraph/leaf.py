@@ -235,7 +235,7 @@ for _op in (leaf_op, leaf_vjp, leaf_jvp):
 
 
 class _LeafVjp(torch.autograd.Function):
-    """:func:`leaf_vjp`, differentiable in the output gradient ``grad``: the vector-Jacobian product is linear in it,
+    r""":func:`leaf_vjp`, differentiable in the output gradient ``grad``: the vector-Jacobian product is linear in it,
     :math:`J^\top g`, so its own vector-Jacobian product maps ``w`` (one tensor per differentiated parameter and input)
     to :math:`J w`, :func:`leaf_jvp`. That is what the adaptive step's curvature products take
     (:func:`curvgraph.methods.quadratic.output_jvps`); derivatives in the parameters and inputs (second

@@ -200,7 +200,7 @@ class EKFAC(KFAC):
 
     def write_preconditioned(self, w: StepWriter, blocks: list[BlockVars]) -> None:
         """The scaling (statistics steps: after the refresh, so in this step's bases), then :math:`V`."""
-        order = {b.id: sorted(b.block.factors, key=lambda f: b.block.factors[f].axis) for b in blocks}
+        order = {b.id: self._axis_order(b.block) for b in blocks}
 
         def bases(b: BlockVars) -> str:
             return w.pack("None" if b.block.factors[f].diagonal else b.var(f"{f}_basis") for f in order[b.id])
@@ -249,7 +249,7 @@ class EKFAC(KFAC):
         }
         kind = KINDS.get(block.kind)
         if kind is not None and has_example_rows(kind):
-            rows = sympy.Add(*(u.rows for u in block.uses))
+            rows = block.rows
             lead = math.prod(next(iter(block.factors.values())).lead)
             scaling = rows * lead * (sum(2 * f.dim**2 for f in dense) + 4 * numel // lead)
             cost["statistics"] = kind.cost(block).get("statistics", 0) + scaling

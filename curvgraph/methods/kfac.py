@@ -424,10 +424,14 @@ class KFAC(Method):
         return rows_precondition_flops(block, block.example_rows) < matrix_precondition_flops(block)
 
     @staticmethod
-    def _inverses(w: StepWriter, b: BlockVars, suffix: str = "_inv") -> tuple[str, tuple, tuple, tuple]:
+    def _axis_order(block: Block) -> list[str]:
+        """``block``'s factor names in axis order (the rows' factor first)."""
+        return sorted(block.factors, key=lambda f: block.factors[f].axis)
+
+    def _inverses(self, w: StepWriter, b: BlockVars, suffix: str = "_inv") -> tuple[str, tuple, tuple, tuple]:
         """``b``'s inverses (variables named factor + ``suffix``) in axis order (rows first), with their axes,
         which are diagonal, and the trailing ``split`` argument of the apply functions (``()`` unless one is split)."""
-        order = sorted(b.block.factors, key=lambda f: b.block.factors[f].axis)
+        order = self._axis_order(b.block)
         factors = [b.block.factors[f] for f in order]
         split = tuple(f.split_dim is not None for f in factors)
         return (w.pack(b.var(f + suffix) for f in order), tuple(f.axis for f in factors),
@@ -463,8 +467,8 @@ class KFAC(Method):
         with w.indent("def from_rows():"):
             for b in by_rows:
                 inverses, _, diagonal, split = self._inverses(w, b, "_inv_copy")
-                order = sorted(b.block.factors, key=lambda f: b.block.factors[f].axis)
-                call = w.call(rows_precondition, w.pack(rows[b.id][f] for f in order), inverses, diagonal, *split)
+                factor_rows = w.pack(rows[b.id][f] for f in self._axis_order(b.block))
+                call = w.call(rows_precondition, factor_rows, inverses, diagonal, *split)
                 w.line(f"{b.var('V')} = {call}")
             w.line(f"return {returned}")
         with w.indent("def from_matrix():"):

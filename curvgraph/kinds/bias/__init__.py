@@ -136,7 +136,7 @@ class Bias(BlockKind):
     def cost(self, block: Block) -> dict[str, sympy.Expr]:
         """Adding the bias and summing its gradient (``2 R out``), the statistics ``2 R out^2``; an extra backward
         does not pass through the bias."""
-        rows = sympy.Add(*(u.rows for u in block.uses))
+        rows = block.rows
         out = block.dims["out"]
         return {"forward_backward": 2 * rows * out, "statistics": 2 * rows * out**2,
                 "backward_per_sample": sympy.Integer(0)}

@@ -131,7 +131,7 @@ def cost(block) -> dict[str, sympy.Expr]:
     rows and the patches are about ``R / s^r``.
     """
     groups = block.dims["groups"]
-    rows = sympy.Add(*(u.rows for u in block.uses))
+    rows = block.rows
     grad_rows = sympy.Add(*(u.rows for u in block.uses if u.input_grad))
     n_in, n_out = block.dims["in"], block.dims["out"]
     a, g = block.factors["A"], block.factors["G"]

@@ -141,7 +141,7 @@ def cost(block) -> dict[str, sympy.Expr]:
     blocks of ``b``); an extra backward needs the input gradient only (``2 R in out``, nothing for a
     first layer).
     """
-    rows = sympy.Add(*(u.rows for u in block.uses))
+    rows = block.rows
     grad_rows = sympy.Add(*(u.rows for u in block.uses if u.input_grad))
     a, g = block.factors["A"], block.factors["G"]
     n_in, n_out = block.dims["in"], block.dims["out"]

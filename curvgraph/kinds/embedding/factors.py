@@ -57,7 +57,7 @@ def without_row(matrix: Tensor, row: int) -> Tensor:
 def cost(block) -> dict[str, sympy.Expr]:
     """FLOPs in the symbolic sizes; ``R`` looked-up positions: gather and scatter-add ``2 R d``, statistics
     ``R`` (counts) ``+ 2 R d^2``, no input gradient."""
-    rows = sympy.Add(*(u.rows for u in block.uses))
+    rows = block.rows
     d = block.dims["features"]
     return {"forward_backward": 2 * rows * d, "statistics": rows + 2 * rows * d**2, "backward_per_sample": sympy.Integer(0)}
 

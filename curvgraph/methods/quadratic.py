@@ -58,10 +58,12 @@ def forward_mode_jvps(model: Callable, params: tuple[Tensor, ...], probes: tuple
 
 
 def backward_is_differentiable(model: torch.nn.Module, args: tuple, kwargs: dict, output: object = None) -> bool:
-    r"""Whether the model's backward pass can be differentiated in its output vector (:func:`output_jvps`): one
-    eager forward (of the prediction ``output`` picks, :func:`curvgraph.trace.select_output`), backward and transposed backward on the example inputs (attention in its math form), on copies
-    of the model's buffers and with the random number generators restored, so nothing about the model or the random
-    streams changes.
+    r"""Whether the model's backward pass can be differentiated in its output vector (:func:`output_jvps`).
+
+    One eager forward of the prediction (picked by ``output``, :func:`curvgraph.trace.select_output`),
+    backward and transposed backward on the example inputs, attention in its math form, on copies of
+    the model's buffers and with the random number generators restored, so nothing about the model or
+    the random streams changes.
 
     False when that fails, e.g. where an op's backward has no derivative ("derivative for
     aten::hardsigmoid_backward is not implemented"): the step then takes forward mode

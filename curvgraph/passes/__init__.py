@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Sequence
 
-import sympy
 from torch.fx import Graph
 
 from .. import registry
@@ -91,7 +90,7 @@ def build_plan(traced: TracedModel, kinds: Iterable = (), sharing: str = "expand
     order = {node.name: i for i, node in enumerate(traced.graph.nodes)}
     blocks.sort(key=lambda b: min(order[n] for u in b.uses for n in u.outputs))
     for block in blocks:
-        rows = sympy.sympify(block.rows).subs(sizes or {})
+        rows = block.rows.subs(sizes or {})
         block.example_rows = int(rows) if rows.is_number else None
     groups = [group for find_groups in GROUP_PASSES for group in find_groups(traced, blocks)]
     return Plan(

@@ -24,7 +24,11 @@ The training loss on the whole training set is evaluated every ``eval_every`` st
 target with and without compilation, and these as ratios to the best Adam's. Wall
 time *without compilation* counts every step slower than 5x the run's median step at
 the median (those are the steps that compile a variant of the step); *with
-compilation* is the plain sum. Loss-versus-time and loss-versus-steps plots go to
+compilation* is the plain sum. "x FLOPs/step" is the plan's FLOP count of the curvgraph step
+over an Adam step's (forward, backward and update; ``step_time.flop_ratio``), and "x wall at
+bound" the steps ratio times it: the wall-time ratio if both steps ran at the same FLOP rate
+(where both are compute-bound, about the best this step can do at this number of steps).
+Loss-versus-time and loss-versus-steps plots go to
 ``benchmarks/results/time_to_target_<model>.png``, the figures to
 ``benchmarks/results/time_to_target.json``.
 """
@@ -49,7 +53,7 @@ import curvgraph
 from curvgraph.demo import batches
 
 sys.path.insert(0, os.path.dirname(__file__))
-from step_time import compiled_adam_step, small_resnet  # noqa: E402  (step_time adds examples/ to the path)
+from step_time import compiled_adam_step, flop_ratio, small_resnet  # noqa: E402  (step_time adds examples/ to the path)
 
 ADAM_LRS = (3e-4, 1e-3, 3e-3)
 
@@ -270,10 +274,14 @@ def run_task(name: str, configs: list[str], peers: bool = False) -> dict:
         reached = time_to(run, target)
         row = {**reached, "final_loss": run["final_loss"], "median_ms": run["median_ms"],
                "compile_s": sum(run["seconds"]) - sum(run["steady_seconds"])}
+        if label in optimizers:
+            row["flop_ratio"] = flop_ratio(optimizers[label])
         if reached["steps"] is not None:
             row["steps_ratio"] = reached["steps"] / reference["steps"]
             row["wall_ratio"] = reached["wall"] / reference["wall"]
             row["wall_steady_ratio"] = reached["wall_steady"] / reference["wall_steady"]
+            if "flop_ratio" in row:
+                row["wall_at_bound_ratio"] = row["steps_ratio"] * row["flop_ratio"]
         summary[label] = row
     return {"target": target, "best_adam": best, "summary": summary,
             "curves": {label: run["curve"] for label, run in runs.items()},
@@ -315,13 +323,14 @@ def plot(name: str, result: dict, path: str) -> None:
 
 def table(results: dict) -> str:
     header = (f"{'model':<22} {'run':<26} {'final loss':>10} {'steps':>6} {'x steps':>8} {'x wall':>7} "
-              f"{'x wall (no compile)':>20}")
+              f"{'x wall (no compile)':>20} {'x FLOPs/step':>12} {'x wall at bound':>15}")
     lines = [header, "-" * len(header)]
     for name, result in results.items():
         for label, row in result["summary"].items():
             ratio = (lambda k: f"{row[k]:.2f}" if k in row else "-")
             lines.append(f"{name:<22} {label:<26} {row['final_loss']:>10.4g} {str(row['steps'] or '-'):>6} "
-                         f"{ratio('steps_ratio'):>8} {ratio('wall_ratio'):>7} {ratio('wall_steady_ratio'):>20}")
+                         f"{ratio('steps_ratio'):>8} {ratio('wall_ratio'):>7} {ratio('wall_steady_ratio'):>20} "
+                         f"{ratio('flop_ratio'):>12} {ratio('wall_at_bound_ratio'):>15}")
     return "\n".join(lines)
 
 

@@ -245,5 +245,5 @@ _LOAD = '''def load(model, *, backend=BACKEND, seed=SEED):
     ``backend``: ``"eager"``, or the ``torch.compile`` backend the step is compiled with;
     ``seed``: seed of the Monte-Carlo noise generator (``None``: from ``torch.initial_seed()``).
     """
-    return ExportedStep(model, step=step, noise_shape=noise_shape, spec=SPEC, constants=constants(),
-                        backend=backend, seed=seed)'''
+    return ExportedStep(model, step=step, noise_shape=noise_shape, switches=switches, spec=SPEC,
+                        constants=constants(), backend=backend, seed=seed)'''

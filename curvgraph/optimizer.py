@@ -201,8 +201,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._requires_grad = {name: p.requires_grad for name, p in self.model.named_parameters()}
         self._state_spec = state
         self._runner = StepRunner(
-            self._steps[captured.generated.source], captured.namespace["noise_shape"], state,
-            self.loss.noise if self.fisher == "mc" else None, self.factor_every, self.invert_every,
+            self._steps[captured.generated.source], captured.namespace["noise_shape"], captured.namespace["switches"],
+            state, self.loss.noise if self.fisher == "mc" else None, self.factor_every, self.invert_every,
             named[forward.params[0]].device, captured.generated.factor_dtype, self._seed)
         pending, self._pending_state = self._pending_state, None
         if pending is not None:
@@ -244,7 +244,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._frozen_names = [forward.names[p] for p in forward.frozen]
         self._buffer_names = [forward.names[b] for b in forward.buffers]
         self._runner.use(self._steps[captured.generated.source], captured.namespace["noise_shape"],
-                         tuple(spec.symbolic_dims for spec in captured.inputs))
+                         captured.namespace["switches"], tuple(spec.symbolic_dims for spec in captured.inputs))
 
     @property
     def skipped_steps(self) -> int:

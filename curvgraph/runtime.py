@@ -34,9 +34,9 @@ def initial_state(shape: tuple[int, ...], init: str, dtype: torch.dtype, device:
 def compiled_step(fn: Callable, backend: str) -> Callable:
     """``fn`` compiled with ``torch.compile`` as one graph, or ``fn`` itself for ``backend="eager"``.
 
-    The compiled step takes its last argument, the ``refresh`` flag, as a 0-d bool
-    tensor: the predicate of the step's ``torch.cond``, so steps with and without a
-    refresh run one graph (a Python bool would specialize the graph on it).
+    The compiled step takes its ``refresh`` flag (the argument before the ``switches``)
+    as a 0-d bool tensor: the predicate of the step's ``torch.cond``, so steps with and
+    without a refresh run one graph (a Python bool would specialize the graph on it).
 
     While the step runs, the calls that ``torch.cond`` and ``torch.func`` leave in the
     captured graph are marked cacheable for Inductor's FX graph
@@ -62,11 +62,11 @@ def compiled_step(fn: Callable, backend: str) -> Callable:
     cacheable = dict.fromkeys(calls, torch.__version__)
 
     def step(*args: Any) -> Any:
-        *rest, refresh = args
+        *rest, refresh, switches = args
         saved = inductor_config.unsafe_marked_cacheable_functions
         inductor_config.unsafe_marked_cacheable_functions = {**saved, **cacheable}
         try:
-            return compiled(*rest, flags[refresh])
+            return compiled(*rest, flags[refresh], switches)
         finally:
             inductor_config.unsafe_marked_cacheable_functions = saved
 
@@ -101,8 +101,11 @@ class StepRunner:
 
     Args:
         step: the generated ``step(params, frozen, buffers, constants, inputs, targets,
-            state, hyper, noise, update_stats, refresh) -> (loss, ok, degenerate)``, compiled or not.
+            state, hyper, noise, update_stats, refresh, switches) -> (loss, ok, degenerate)``,
+            compiled or not.
         noise_shape: the generated ``noise_shape(inputs)`` (the model output's shape).
+        switches: the generated ``switches(hyper)`` (the step's Python bools for the
+            hyper-parameters' values).
         state: state key -> ``(shape, init, dtype)`` (see :func:`initial_state`).
         noise: ``"uniform"`` or ``"normal"``: the Monte-Carlo Fisher's noise
             (drawn in statistics steps only); ``None`` for the other Fisher types.
@@ -125,10 +128,11 @@ class StepRunner:
     :attr:`new_degenerate` the flags the last step raised for the first time (to warn once).
     """
 
-    def __init__(self, step: Callable, noise_shape: Callable, state: Mapping[str, tuple[tuple[int, ...], str, torch.dtype]],
-                 noise: str | None, factor_every: int, invert_every: int, device: torch.device,
-                 factor_dtype: torch.dtype, seed: int | None, dynamic_dims: Sequence[Sequence[int]] = ()) -> None:
-        self.use(step, noise_shape, dynamic_dims)
+    def __init__(self, step: Callable, noise_shape: Callable, switches: Callable,
+                 state: Mapping[str, tuple[tuple[int, ...], str, torch.dtype]], noise: str | None, factor_every: int,
+                 invert_every: int, device: torch.device, factor_dtype: torch.dtype, seed: int | None,
+                 dynamic_dims: Sequence[Sequence[int]] = ()) -> None:
+        self.use(step, noise_shape, switches, dynamic_dims)
         self.noise = noise
         self.factor_every = factor_every
         self.invert_every = invert_every
@@ -147,12 +151,14 @@ class StepRunner:
         self._hyper_values: dict[str, float] = {}
         self._hyper_tensors: dict[str, Tensor] = {}
 
-    def use(self, step: Callable, noise_shape: Callable, dynamic_dims: Sequence[Sequence[int]] = ()) -> None:
-        """Run ``step`` (with its ``noise_shape`` and its inputs' ``dynamic_dims``) from now on: another graph of the
-        same step, such as the model captured in other train/eval modes. The state, schedule, counters and generator
-        stay: the two graphs must take the same state."""
+    def use(self, step: Callable, noise_shape: Callable, switches: Callable,
+            dynamic_dims: Sequence[Sequence[int]] = ()) -> None:
+        """Run ``step`` (with its ``noise_shape``, ``switches`` and its inputs' ``dynamic_dims``) from now on:
+        another graph of the same step, such as the model captured in other train/eval modes. The state, schedule,
+        counters and generator stay: the two graphs must take the same state."""
         self.step_fn = step
         self.noise_shape = noise_shape
+        self.switches = switches
         self.dynamic_dims = tuple(tuple(d) for d in dynamic_dims)
 
     def schedule(self) -> tuple[bool, bool]:
@@ -188,10 +194,11 @@ class StepRunner:
         update_stats, refresh = self.schedule()
         noise = self.sample_noise(batch) if self.noise is not None and update_stats else None
         mark_dynamic(batch, self.dynamic_dims, targets, noise)
-        hyper = self.hyper(hyper_values(not self.factors_ready))
+        values = hyper_values(not self.factors_ready)
+        hyper, switches = self.hyper(values), self.switches(values)
         with torch.autocast(self.device.type, enabled=False):  # the step sets its own precision (compile's autocast)
             loss, ok, degenerate = self.step_fn(tuple(params), tuple(frozen), tuple(buffers), tuple(constants), batch,
-                                                targets, self.state, hyper, noise, update_stats, refresh)
+                                                targets, self.state, hyper, noise, update_stats, refresh, switches)
         self.step_count += 1
         self._record_degenerate(degenerate)
         ok = bool(ok)
@@ -262,7 +269,8 @@ class ExportedStep:
     method loads too (its ``param_groups`` are not read).
     """
 
-    def __init__(self, model: nn.Module, *, step: Callable, noise_shape: Callable, spec: Mapping[str, Any],
+    def __init__(self, model: nn.Module, *, step: Callable, noise_shape: Callable, switches: Callable,
+                 spec: Mapping[str, Any],
                  constants: Sequence[Tensor], backend: str, seed: int | None) -> None:
         self.model = model
         self.method = spec["method"]
@@ -276,7 +284,7 @@ class ExportedStep:
         self.degenerations = tuple(spec.get("degenerations", ()))
         device = self._params[0].device
         self.constants = tuple(c.to(device) for c in constants)
-        self.runner = StepRunner(compiled_step(step, backend), noise_shape, spec["state"], spec["noise"],
+        self.runner = StepRunner(compiled_step(step, backend), noise_shape, switches, spec["state"], spec["noise"],
                                  spec["factor_every"], spec["invert_every"], device, spec["factor_dtype"], seed,
                                  spec["dynamic_dims"])
 

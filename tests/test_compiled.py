@@ -19,7 +19,7 @@ FIXED = dict(lr=0.002, weight_decay=1e-3, **SCHEDULE)  # the fixed-step mode
 def make_model() -> nn.Module:
     """Every block kind: conv, norm (BatchNorm with running statistics, LayerNorm), dense. The first dense layer
     is wider than the batch: K-FAC preconditions its gradient from the rows (adaptive runs, no weight decay) or
-    as a matrix (fixed runs, with weight decay), the two branches of a ``torch.cond``."""
+    as a matrix (fixed runs, with weight decay), the two values of a switch the step is specialized on."""
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.BatchNorm1d(4), nn.Tanh(), nn.Flatten(),
                          nn.Linear(4 * 6, 32), nn.LayerNorm(32), nn.Linear(32, 4))
@@ -82,6 +82,31 @@ def test_compiled_step_matches_eager(request, fixture):
     for block, factors in compiled.factors().items():
         for f, value in factors.items():
             torch.testing.assert_close(value, eager.factors()[block][f], rtol=1e-4, atol=1e-6)
+
+
+def test_weight_decay_switch_compiles_each_branch_once(float64):
+    """Changing ``weight_decay`` between zero and non-zero mid-run takes the compiled step to the other branch
+    (rows or matrix products) as the eager step does, compiling it once: returning to zero reuses the first graph."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 32), nn.Tanh(), nn.Linear(32, 3))
+    x, y = torch.randn(8, 24), torch.randint(0, 3, (8,))
+    models, opts = {}, {}
+    for backend in ("inductor", "eager"):
+        models[backend] = copy.deepcopy(model)
+        opts[backend] = curvgraph.compile(models[backend], (x,), lr=0.05, kl_clip=None, factor_every=1,
+                                          invert_every=1, seed=0, backend=backend, progress=False)
+    assert opts["inductor"].method.from_rows(opts["inductor"].plan.blocks[0])
+    graphs = counters["stats"]["unique_graphs"]
+    for weight_decay in (0.0, 0.1, 0.0, 0.1):
+        for opt in opts.values():
+            opt.param_groups[0]["weight_decay"] = weight_decay
+            for _ in range(2):
+                opt.step(x, y)
+        for a, b in zip(models["inductor"].parameters(), models["eager"].parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert counters["stats"]["unique_graphs"] == graphs + 2
 
 
 @pytest.mark.parametrize("backend", ("inductor", "eager"))
@@ -180,17 +205,17 @@ def test_the_cache_key_holds_the_branches():
 
     from curvgraph.runtime import compiled_step
 
-    def doubled(x, refresh):
+    def doubled(x, refresh, switches):
         return torch.cond(refresh, lambda: x * 2, lambda: x + 1, ())
 
-    def tripled(x, refresh):
+    def tripled(x, refresh, switches):
         return torch.cond(refresh, lambda: x * 3, lambda: x + 1, ())
 
     x = torch.arange(4.0)
     for fn, factor in ((doubled, 2), (tripled, 3), (doubled, 2)):
         torch._dynamo.reset()
         hits = counters["aot_autograd"]["autograd_cache_hit"]
-        torch.testing.assert_close(compiled_step(fn, "inductor")(x, True), x * factor, rtol=0, atol=0)
+        torch.testing.assert_close(compiled_step(fn, "inductor")(x, True, ()), x * factor, rtol=0, atol=0)
     assert counters["aot_autograd"]["autograd_cache_hit"] == hits + 1  # the second `doubled` is loaded
 
 

@@ -7,6 +7,8 @@ The source is a self-contained module that needs torch alone:
   names are qualified only where two helpers share one, see :mod:`.writer`);
 * ``forward``: the instrumented FX graph of the model (:mod:`curvgraph.instrument`);
 * ``noise_shape(inputs)``: the model output's shape for a batch (MC Fisher noise);
+* ``switches(hyper)``: the step's ``switches`` for the hyper-parameters as Python floats
+  (:meth:`~curvgraph.codegen.writer.StepWriter.switch`);
 * ``step(...)``: straight-line code over the model's blocks -- forward and backward
   with ``torch.func.vjp``, the Fisher's extra backward, factor statistics, batched
   preconditioner refresh, preconditioning, the parameter update and a non-finite guard
@@ -16,10 +18,11 @@ The source is a self-contained module that needs torch alone:
   true when that block degenerated in this step (a factor of the batch that is not
   finite, a factor its method could not invert or decompose).
 
-``step`` takes two flags: ``update_stats``, a Python bool on which ``torch.compile``
-specializes (one graph with statistics, one without, as the schedule uses them), and
+``step`` takes three flags: ``update_stats``, a Python bool on which ``torch.compile``
+specializes (one graph with statistics, one without, as the schedule uses them),
 ``refresh``, the predicate of a ``torch.cond`` around the preconditioner refresh: a
-0-d bool tensor keeps both branches in one graph, a Python bool (eager) runs one.
+0-d bool tensor keeps both branches in one graph, a Python bool (eager) runs one, and
+``switches``, a tuple of Python bools (specialized on like ``update_stats``).
 """
 
 from __future__ import annotations
@@ -394,13 +397,16 @@ def _assemble(plan: Plan, forward: InstrumentedForward, dims, method: "Method", 
     parts.append(forward.source.strip())
     noise_body = f"    return {shape_code(forward.output_shape, dims)}"
     parts.append(f'def noise_shape(inputs):\n    """Shape of the model output for ``inputs``."""\n{noise_body}')
+    parts.append(f'def switches(hyper):\n    """The step\'s ``switches`` for ``hyper`` (Python floats by name)."""\n'
+                 f'    return {w.pack(w.switches)}')
     signature = ("def step(params, frozen, buffers, constants, inputs, targets, state, hyper, noise,\n"
-                 "         update_stats: bool, refresh: bool | Tensor):")
+                 "         update_stats: bool, refresh: bool | Tensor, switches: tuple[bool, ...]):")
     doc = (
         '    """Forward, backward, curvature statistics, preconditioning and update, in place.\n\n'
         "    params/frozen/buffers/constants: the model's tensors in ``forward``'s order;\n"
         "    inputs/targets: the batch; state: optimizer state by key; hyper: 0-d tensors;\n"
-        "    noise: standard uniform/normal noise shaped like the output (MC Fisher) or None.\n"
+        "    noise: standard uniform/normal noise shaped like the output (MC Fisher) or None;\n"
+        "    update_stats/refresh: this step's schedule; switches: ``switches`` of the hyper-parameters.\n"
         '    """'
     )
     parts.append("\n".join([signature, doc] + w.lines))

@@ -131,7 +131,8 @@ class StepWriter:
     ``torch.func.vjp``, ``output``, ``targets``, ``loss``, ``hyper[name]`` (0-d tensors)
     and ``state[key]``; in statistics steps also ``samples``, ``examples``, ``scale``.
     :attr:`params` names the trainable tensors (in ``params`` order) and
-    :attr:`loss_fn` is the loss helper ``(output, targets) -> loss``. ``backprop`` (the
+    :attr:`loss_fn` is the loss helper ``(output, targets) -> loss``; ``switches[i]`` is the
+    Python bool of the ``i``-th :meth:`switch`. ``backprop`` (the
     step's ``torch.func.vjp`` of ``model``) may be differentiated again in its output
     vector when :attr:`backward_differentiable` is true (the capture checked that every
     op's backward has a derivative).
@@ -148,6 +149,7 @@ class StepWriter:
         self.commits: list[tuple[str | None, str, str]] = []
         self.checks: list[tuple[str | None, str]] = []
         self.flags: list[tuple[str | None, Degeneration, str]] = []
+        self.switches: list[str] = []
         self._when: str | None = None
         self._idents: dict[str, str] = {}
 
@@ -191,6 +193,19 @@ class StepWriter:
     def state(self, key: str) -> str:
         """The expression reading state entry ``key``."""
         return f"state[{key!r}]"
+
+    def switch(self, condition: str) -> str:
+        """A Python bool for ``if`` statements in the step: ``condition``, an expression over
+        ``hyper`` holding the hyper-parameters as Python floats (e.g. ``"hyper['weight_decay'] == 0"``),
+        evaluated before each step by the generated ``switches(hyper)``.
+
+        ``torch.compile`` specializes the step on it: each value a run takes compiles its own
+        graph once, which holds only the code of that branch. For a choice that changes
+        rarely or never in a run; a value that may change every step belongs in ``hyper``.
+        """
+        if condition not in self.switches:
+            self.switches.append(condition)
+        return f"switches[{self.switches.index(condition)}]"
 
     def commit(self, target: str, value: str, when: str | None = None) -> None:
         """Write ``value`` into ``target`` at the end of the step if the step is finite."""

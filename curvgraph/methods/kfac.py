@@ -202,12 +202,6 @@ def rows_precondition(rows: tuple[Tensor, Tensor], inverses: tuple[Tensor, Tenso
     return left.T @ right
 
 
-def branch_predicate(flag: Tensor) -> Tensor | bool:
-    """The predicate of a ``torch.cond``: the 0-d bool tensor ``flag`` under ``torch.compile`` (one graph for both
-    branches), a Python bool when the step runs eagerly (where ``torch.cond`` would compile its branches)."""
-    return flag if torch.compiler.is_compiling() else bool(flag)
-
-
 def inner_product(directions: tuple[Tensor, ...], grads: tuple[Tensor, ...]) -> Tensor:
     r""":math:`\sum_{\text{blocks}} \langle V, M\rangle`.
 
@@ -414,7 +408,8 @@ class KFAC(Method):
         FLOPs at the example inputs' rows (:attr:`curvgraph.plan.Block.example_rows`) than
         the matrix products. The choice is fixed when the step is compiled (a batch of another
         size gives the same result at another cost); weight decay, which makes ``M`` full rank,
-        switches the step to the matrix products while it is not 0.
+        switches the step to the matrix products while it is not 0 (a step specialized on
+        ``weight_decay == 0``, :meth:`~curvgraph.codegen.writer.StepWriter.switch`).
         """
         kind = KINDS.get(block.kind)
         factors = list(block.factors.values())
@@ -428,55 +423,44 @@ class KFAC(Method):
         """``block``'s factor names in axis order (the rows' factor first)."""
         return sorted(block.factors, key=lambda f: block.factors[f].axis)
 
-    def _inverses(self, w: StepWriter, b: BlockVars, suffix: str = "_inv") -> tuple[str, tuple, tuple, tuple]:
-        """``b``'s inverses (variables named factor + ``suffix``) in axis order (rows first), with their axes,
+    def _inverses(self, w: StepWriter, b: BlockVars) -> tuple[str, tuple, tuple, tuple]:
+        """``b``'s inverses (variables named factor + ``_inv``) in axis order (rows first), with their axes,
         which are diagonal, and the trailing ``split`` argument of the apply functions (``()`` unless one is split)."""
         order = self._axis_order(b.block)
         factors = [b.block.factors[f] for f in order]
         split = tuple(f.split_dim is not None for f in factors)
-        return (w.pack(b.var(f + suffix) for f in order), tuple(f.axis for f in factors),
+        return (w.pack(b.var(f + "_inv") for f in order), tuple(f.axis for f in factors),
                 tuple(f.diagonal for f in factors), (split,) if any(split) else ())
 
-    def _precondition_matrix(self, w: StepWriter, b: BlockVars, suffix: str = "_inv") -> str:
+    def _precondition_matrix(self, w: StepWriter, b: BlockVars) -> str:
         """The call computing ``b``'s direction from its gradient matrix ``b.grad``."""
         if self.temporal(b.block):
             return w.call(option1_apply, b.grad, *(b.var(k) for k in self.preconditioner(b.block)))
-        inverses, axes, diagonal, split = self._inverses(w, b, suffix)
+        inverses, axes, diagonal, split = self._inverses(w, b)
         return w.call(kfac_precondition, b.grad, inverses, axes, diagonal, *split)
 
     def write_preconditioned(self, w: StepWriter, blocks: list[BlockVars]) -> None:
         """Assign every block's preconditioned gradient ``b.var('V')`` (:func:`kfac_precondition`, or
-        :func:`rows_precondition` for the blocks :meth:`from_rows` picks, in a ``torch.cond`` on weight
-        decay being 0); the rest of :meth:`write_direction` (KL clipping, momentum or the quadratic
-        model) is shared by subclasses that only change this part (EKFAC)."""
+        :func:`rows_precondition` for the blocks :meth:`from_rows` picks while weight decay is 0, a
+        :meth:`~curvgraph.codegen.writer.StepWriter.switch`); the rest of :meth:`write_direction` (KL
+        clipping, momentum or the quadratic model) is shared by subclasses that only change this part (EKFAC)."""
         by_rows = [b for b in blocks if self.from_rows(b.block)]
         for b in blocks:
             if b not in by_rows:
                 w.line(f"{b.var('V')} = {self._precondition_matrix(w, b)}")
         if not by_rows:
             return
-        w.line("# layers with fewer gradient rows than features: G^-1 M A^-1 from M's rows, while weight decay is 0")
-        rows = {b.id: b.kind.write_example_rows(w, b, b.gradient_uses, f"{b.grad}.dtype", "grad_rows")
-                for b in by_rows}
-        w.line("# (copies: a branch may not read two views of one tensor, and the refresh packs the inverses into one)")
-        for b in by_rows:
-            for f in b.block.factors:
-                w.line(f"{b.var(f + '_inv_copy')} = {b.var(f + '_inv')}.clone()")
-        directions = w.pack(b.var("V") for b in by_rows)
-        returned = w.pack(f"{b.var('V')}.contiguous()" for b in by_rows)  # the branches' outputs must share strides
-        with w.indent("def from_rows():"):
+        with w.indent(f"if {w.switch(w.hyper('weight_decay') + ' == 0')}:"):
+            w.line("# layers with fewer gradient rows than features: G^-1 M A^-1 from M's rows")
             for b in by_rows:
-                inverses, _, diagonal, split = self._inverses(w, b, "_inv_copy")
-                factor_rows = w.pack(rows[b.id][f] for f in self._axis_order(b.block))
-                call = w.call(rows_precondition, factor_rows, inverses, diagonal, *split)
+                rows = b.kind.write_example_rows(w, b, b.gradient_uses, f"{b.grad}.dtype", "grad_rows")
+                inverses, _, diagonal, split = self._inverses(w, b)
+                call = w.call(rows_precondition, w.pack(rows[f] for f in self._axis_order(b.block)), inverses,
+                              diagonal, *split)
                 w.line(f"{b.var('V')} = {call}")
-            w.line(f"return {returned}")
-        with w.indent("def from_matrix():"):
+        with w.indent("else:  # weight decay makes M full rank: the matrix products"):
             for b in by_rows:
-                w.line(f"{b.var('V')} = {self._precondition_matrix(w, b, '_inv_copy')}")
-            w.line(f"return {returned}")
-        predicate = w.call(branch_predicate, f"{w.hyper('weight_decay')} == 0")
-        w.line(f"{directions[1:-1]} = torch.cond({predicate}, from_rows, from_matrix, ())")
+                w.line(f"{b.var('V')} = {self._precondition_matrix(w, b)}")
 
     def write_direction(self, w, blocks: list[BlockVars]) -> None:
         self.write_preconditioned(w, blocks)

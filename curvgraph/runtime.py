@@ -81,6 +81,19 @@ def model_tensors(model: nn.Module, params: Sequence[Tensor], frozen: Sequence[s
             tuple(model.get_buffer(n) for n in buffers))
 
 
+def at_offset_zero(tensor: Tensor) -> Tensor:
+    """``tensor``, or a copy of it if it starts at an offset into its storage (a slice ``x[i:i + n]`` with
+    ``i > 0`` of a larger tensor).
+
+    ``torch.compile`` specializes a graph on an input's storage offset: a step compiled for a
+    batch at a non-zero offset guards on the offset being at least 2, so in a training loop
+    that slices its batches out of one tensor the first batch of the next epoch (offset 0)
+    would compile the step again. A batch copied to its own storage costs one pass over it,
+    far less than the step.
+    """
+    return tensor.clone(memory_format=torch.contiguous_format) if tensor.storage_offset() else tensor
+
+
 def mark_dynamic(batch: Sequence[Tensor], dynamic_dims: Sequence[Sequence[int]], *others: Tensor | None) -> None:
     """Mark ``dynamic_dims`` of each input, and every dim of ``others``, as dynamic for ``torch.compile``.
 
@@ -192,6 +205,7 @@ class StepRunner:
         ``first_statistics`` is true until a statistics step succeeded.
         """
         update_stats, refresh = self.schedule()
+        batch, targets = tuple(at_offset_zero(t) for t in batch), at_offset_zero(targets)
         noise = self.sample_noise(batch) if self.noise is not None and update_stats else None
         mark_dynamic(batch, self.dynamic_dims, targets, noise)
         values = hyper_values(not self.factors_ready)
@@ -336,4 +350,4 @@ class ExportedStep:
 
 
 #: What an exported module copies from here, in order.
-EXPORTED = (initial_state, compiled_step, model_tensors, mark_dynamic, StepRunner, ExportedStep)
+EXPORTED = (initial_state, compiled_step, model_tensors, at_offset_zero, mark_dynamic, StepRunner, ExportedStep)

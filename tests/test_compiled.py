@@ -109,6 +109,21 @@ def test_weight_decay_switch_compiles_each_branch_once(float64):
     assert counters["stats"]["unique_graphs"] == graphs + 2
 
 
+def test_batches_sliced_from_one_tensor_compile_once():
+    """Batches sliced out of one tensor start at different storage offsets (0 for the first slice of an epoch,
+    which comes last here, after a step compiled at another offset); the step is compiled once for all of them."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    opt = curvgraph.compile(model, (x[:8],), factor_every=1, seed=0, progress=False)
+    graphs = counters["stats"]["unique_graphs"]
+    for start in (8, 16, 24, 32, 0):
+        opt.step(x[start:start + 8], y[start:start + 8])
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+
+
 @pytest.mark.parametrize("backend", ("inductor", "eager"))
 def test_batchnorm_running_statistics_follow_pytorch(runs, backend):
     model, _, _, shadow = runs[backend]

@@ -361,17 +361,21 @@ def main() -> None:
         for name in args.models:
             export_task(name, os.path.join(args.out, f"task_{name}.npz"))
         return
+    meta = {"torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d")}
     results = {}
     for name in args.models:
         print(f"{name}:", flush=True)
+        # every model's Adam steps share one code object: without a reset, Dynamo's recompile limit (8)
+        # would end the run at the third model (three learning rates each)
+        torch._dynamo.reset()
         results[name] = run_task(name, args.configs, args.peers)
         plot(name, results[name], os.path.join(args.out, f"time_to_target_{name}.png"))
+        print(table({name: results[name]}), flush=True)
+        with open(os.path.join(args.out, "time_to_target.json"), "w") as f:  # after every model: a run may stop
+            json.dump({"meta": meta, "results": {n: {k: v for k, v in r.items() if k != "cumulative_steady"}
+                                                 for n, r in results.items()}}, f, indent=1)
     print(table(results))
-    meta = {"torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
-            "date": time.strftime("%Y-%m-%d")}
-    with open(os.path.join(args.out, "time_to_target.json"), "w") as f:
-        json.dump({"meta": meta, "results": {n: {k: v for k, v in r.items() if k != "cumulative_steady"}
-                                             for n, r in results.items()}}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -367,7 +367,7 @@ def main() -> None:
     for name in args.models:
         print(f"{name}:", flush=True)
         # every model's Adam steps share one code object: without a reset, Dynamo's recompile limit (8)
-        # would end the run at the third model (three learning rates each)
+        # ended a run of the whole suite at its sixth model
         torch._dynamo.reset()
         results[name] = run_task(name, args.configs, args.peers)
         plot(name, results[name], os.path.join(args.out, f"time_to_target_{name}.png"))

@@ -83,8 +83,7 @@ def backward_is_differentiable(model: torch.nn.Module, args: tuple, kwargs: dict
         # has no derivative)
         with torch.random.fork_rng(devices=devices), sdpa_kernel(SDPBackend.MATH):
             predicted, backprop = torch.func.vjp(prediction, params)
-            _, transposed = torch.func.vjp(lambda u: backprop(u)[0], torch.zeros_like(predicted))
-            transposed({name: torch.zeros_like(p) for name, p in params.items()})
+            output_jvps(backprop, predicted, ({name: torch.zeros_like(p) for name, p in params.items()},))
     except Exception:  # noqa: BLE001 - any failure: forward mode, as before this check existed
         return False
     return True

@@ -100,7 +100,7 @@ def test_damping_follows_the_levenberg_marquardt_rule(rho, factor):
     damping, change = torch.tensor(0.01), torch.tensor(-2.0)
     loss = torch.tensor(5.0)
     new_loss = loss + rho * change
-    updated = levenberg_marquardt(damping, new_loss, loss, change, 0.95, 2.0, torch.tensor(1e-6))
+    updated = levenberg_marquardt(damping, new_loss, loss, change, torch.tensor(0.95), 2.0, torch.tensor(1e-6))
     if rho < 0:  # the loss went up: the step is rejected and the damping doubles
         assert not accepted(new_loss, loss) and updated.item() == pytest.approx(0.02)
     else:
@@ -111,7 +111,7 @@ def test_damping_over_a_scripted_sequence_of_ratios():
     damping, loss, change = torch.tensor(1e-3), torch.tensor(1.0), torch.tensor(-0.1)
     history = []
     for rho in [0.9] * 5 + [0.5] * 3 + [0.1] * 4 + [float("nan")]:
-        damping = levenberg_marquardt(damping, loss + rho * change, loss, change, 0.95, 2.0, torch.tensor(8e-4))
+        damping = levenberg_marquardt(damping, loss + rho * change, loss, change, torch.tensor(0.95), 2.0, torch.tensor(8e-4))
         history.append(damping.item())
     expected, value = [], 1e-3
     for rho in [0.9] * 5 + [0.5] * 3 + [0.1] * 4:
@@ -122,9 +122,32 @@ def test_damping_over_a_scripted_sequence_of_ratios():
     assert min(history) == pytest.approx(8e-4)  # the floor held
 
 
+def test_damping_decay_sets_the_rules_factor():
+    """Each step multiplies the damping by ``damping_decay`` (rho > 3/4), 1, its reciprocal (rho < 1/4) or 2 (a
+    rejected step); both directions occur; a new value set between steps applies from the next step on, with
+    nothing compiled again."""
+    torch.manual_seed(1)
+    model = mlp()
+    opt = curvgraph.compile(model, (torch.randn(16, 4) * 5,), damping=1e-6, min_damping=1e-12, damping_decay=0.6,
+                            invert_every=1, backend="eager", seed=0)
+    ratios = {}
+    for decay, steps in ((0.6, 20), (0.3, 10)):
+        opt.param_groups[0]["damping_decay"] = decay
+        ratios[decay] = []
+        for _ in range(steps):
+            before = opt._state["kfac.damping"][0].item() or 1e-6
+            opt.step(torch.randn(16, 4) * 5, torch.randint(0, 3, (16,)))
+            ratios[decay].append(opt._state["kfac.damping"][0].item() / before)
+    for decay, seen in ratios.items():
+        allowed = (decay, 1.0, 1 / decay, 2.0)
+        assert all(any(r == pytest.approx(a, rel=1e-5) for a in allowed) for r in seen), (decay, seen)
+        assert any(r == pytest.approx(decay, rel=1e-5) for r in seen), (decay, seen)
+    assert any(r == pytest.approx(1 / d, rel=1e-5) for d, seen in ratios.items() for r in seen), ratios
+
+
 def test_zero_predicted_change_leaves_the_damping():
     damping = torch.tensor(0.3)
-    kept = levenberg_marquardt(damping, torch.tensor(1.0), torch.tensor(1.0), torch.tensor(0.0), 0.95, 2.0,
+    kept = levenberg_marquardt(damping, torch.tensor(1.0), torch.tensor(1.0), torch.tensor(0.0), torch.tensor(0.95), 2.0,
                                torch.tensor(1e-6))
     assert kept.item() == pytest.approx(0.3)
 

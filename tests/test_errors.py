@@ -40,6 +40,8 @@ def test_unsupported_loss(loss, match):
         ({"learning_rate": 0.1}, "unknown option"),
         ({"lr": -1.0}, "lr must be a positive number"),
         ({"momentum": 1.5}, r"momentum must be in \[0, 1\)"),
+        ({"damping_decay": 0.0}, r"damping_decay must be in \(0, 1\]"),
+        ({"damping_decay": 1.05}, r"damping_decay must be in \(0, 1\]"),
         ({"fisher": "exact"}, "fisher must be one of"),
         ({"invert_every": 0}, "invert_every must be a positive integer"),
         ({"fallback": "rmsprop"}, "fallback must be one of"),

@@ -70,6 +70,13 @@ def fraction(name: str, value: object) -> float:
     return float(value)
 
 
+def shrink_factor(name: str, value: object) -> float:
+    """A number in ``(0, 1]`` (a factor that shrinks a value, or keeps it)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 < value <= 1:
+        raise ConfigError(f"curvgraph: {name} must be in (0, 1], got {value!r}.")
+    return float(value)
+
+
 def optional(check: Callable[[str, object], Any]) -> Callable[[str, object], Any]:
     """``check``, or ``None`` (a feature that is off)."""
 

@@ -55,7 +55,7 @@ from ..curvature.kronecker import block_rows
 from ..curvature.temporal import option1_apply, option1_basis
 from ..registry import KINDS, register_method
 from .base import (Hyper, Method, auto_or, fraction, non_negative, one_of, optional, parameter_tuple, positive,
-                   write_batched)
+                   shrink_factor, write_batched)
 from .quadratic import (accepted, forward_mode_jvps, levenberg_marquardt, output_gram, output_jvps, parameter_gram,
                         quadratic_model_step)
 
@@ -247,7 +247,9 @@ class KFAC(Method):
     default with ``lr="auto"``) the momentum too, come from the quadratic model on each
     batch and the damping adapts by the Levenberg-Marquardt rule
     (:mod:`curvgraph.methods.quadratic`); ``damping`` is then the initial value,
-    ``min_damping`` its floor, ``max_momentum`` bounds the chosen momentum, ``kl_clip``
+    ``min_damping`` its floor, ``damping_decay`` the rule's factor :math:`\omega` (the paper's
+    :math:`(19/20)^{T_1}` with :math:`T_1 = 1`: :math:`\rho` is measured every step), ``max_momentum``
+    bounds the chosen momentum, ``kl_clip``
     is not used, and ``param_groups[0]["lr"]`` is 1.0, a multiplier on the model's step
     (so that ``torch.optim.lr_scheduler`` schedules still apply). With a numeric ``lr``
     the step is ``lr`` times the clipped, momentum-accumulated preconditioned gradient
@@ -264,11 +266,10 @@ class KFAC(Method):
         "ema": Hyper(0.95, fraction),
         "kl_clip": Hyper(1e-3, optional(positive)),
         "min_damping": Hyper(1e-6, positive),
+        "damping_decay": Hyper(19 / 20, shrink_factor),
         "max_momentum": Hyper(0.95, fraction),
         "temporal": Hyper("expand", one_of("expand", "option1"), static=True),
     }
-    #: The Levenberg-Marquardt factor: the paper's (19/20)^T1 with T1 = 1 (rho is measured every step).
-    omega = 19 / 20
     #: The damping's growth after a rejected step (the batch loss did not decrease).
     reject_factor = 2.0
     #: The momentum with a numeric ``lr`` when none is given.
@@ -504,7 +505,7 @@ class KFAC(Method):
         w.line("# a step that does not lower it is not taken")
         trial = parameter_tuple(w, blocks, "trial", [f"{b.var('P')} + {b.var('delta')}" for b in blocks], "{}")
         w.line(f"new_loss = {w.ref(w.loss_fn)}(model({trial}, probes)[0], targets)")
-        call = w.call(levenberg_marquardt, "lam", "new_loss", "loss", "change", self.omega, self.reject_factor,
+        call = w.call(levenberg_marquardt, "lam", "new_loss", "loss", "change", w.hyper("damping_decay"), self.reject_factor,
                       w.hyper("min_damping"))
         w.line(f"lam_next = {call}")
         w.commit(w.state("kfac.damping"), "lam_next")

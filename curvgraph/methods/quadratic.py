@@ -145,7 +145,7 @@ def accepted(new_loss: Tensor, loss: Tensor) -> Tensor:
     return torch.isfinite(new_loss) & (new_loss <= loss)
 
 
-def levenberg_marquardt(damping: Tensor, new_loss: Tensor, loss: Tensor, change: Tensor, omega: float,
+def levenberg_marquardt(damping: Tensor, new_loss: Tensor, loss: Tensor, change: Tensor, omega: Tensor,
                         reject_factor: float, min_damping: Tensor) -> Tensor:
     r"""The damping after a step: :math:`\rho = (h_\text{new} - h) / M`; :math:`\lambda\omega` if
     :math:`\rho > 3/4`, :math:`\lambda/\omega` if :math:`\rho < 1/4`, and

@@ -247,11 +247,11 @@ class KFAC(Method):
     default with ``lr="auto"``) the momentum too, come from the quadratic model on each
     batch and the damping adapts by the Levenberg-Marquardt rule
     (:mod:`curvgraph.methods.quadratic`); ``damping`` is then the initial value,
-    ``min_damping`` its floor, ``damping_decay`` the rule's factor :math:`\omega` (the paper's
-    :math:`(19/20)^{T_1}` with :math:`T_1 = 1`: :math:`\rho` is measured every step), ``max_momentum``
-    bounds the chosen momentum, ``kl_clip``
-    is not used, and ``param_groups[0]["lr"]`` is 1.0, a multiplier on the model's step
-    (so that ``torch.optim.lr_scheduler`` schedules still apply). With a numeric ``lr``
+    ``min_damping`` its floor, ``damping_decay`` the rule's factor :math:`\omega` (the
+    paper's :math:`(19/20)^{T_1}` with :math:`T_1 = 1`: :math:`\rho` is measured every
+    step), ``max_momentum`` bounds the chosen momentum, ``kl_clip`` is not used, and
+    ``param_groups[0]["lr"]`` is 1.0, a multiplier on the model's step (so that
+    ``torch.optim.lr_scheduler`` schedules still apply). With a numeric ``lr``
     the step is ``lr`` times the clipped, momentum-accumulated preconditioned gradient
     (momentum 0.9 unless given).
     """
@@ -505,8 +505,8 @@ class KFAC(Method):
         w.line("# a step that does not lower it is not taken")
         trial = parameter_tuple(w, blocks, "trial", [f"{b.var('P')} + {b.var('delta')}" for b in blocks], "{}")
         w.line(f"new_loss = {w.ref(w.loss_fn)}(model({trial}, probes)[0], targets)")
-        call = w.call(levenberg_marquardt, "lam", "new_loss", "loss", "change", w.hyper("damping_decay"), self.reject_factor,
-                      w.hyper("min_damping"))
+        call = w.call(levenberg_marquardt, "lam", "new_loss", "loss", "change", w.hyper("damping_decay"),
+                      self.reject_factor, w.hyper("min_damping"))
         w.line(f"lam_next = {call}")
         w.commit(w.state("kfac.damping"), "lam_next")
         w.line(f"taken = {w.call(accepted, 'new_loss', 'loss')}.to({blocks[0].var('delta')}.dtype)")

@@ -18,7 +18,7 @@ and :math:`H` the loss Hessian w.r.t. the output), :math:`\lambda` the damping a
 The damping follows the Levenberg-Marquardt rule on the reduction ratio
 :math:`\rho = (h(\theta + \delta) - h(\theta)) / M(\delta)` measured on the same batch:
 :math:`\lambda \leftarrow \omega\lambda` if :math:`\rho > 3/4`, :math:`\lambda/\omega` if
-:math:`\rho < 1/4` (:func:`levenberg_marquardt`).
+:math:`\rho < 1/4` (:func:`levenberg_marquardt`; :math:`\omega` is K-FAC's ``damping_decay``).
 """
 
 from __future__ import annotations

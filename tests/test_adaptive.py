@@ -111,7 +111,8 @@ def test_damping_over_a_scripted_sequence_of_ratios():
     damping, loss, change = torch.tensor(1e-3), torch.tensor(1.0), torch.tensor(-0.1)
     history = []
     for rho in [0.9] * 5 + [0.5] * 3 + [0.1] * 4 + [float("nan")]:
-        damping = levenberg_marquardt(damping, loss + rho * change, loss, change, torch.tensor(0.95), 2.0, torch.tensor(8e-4))
+        damping = levenberg_marquardt(damping, loss + rho * change, loss, change, torch.tensor(0.95), 2.0,
+                                      torch.tensor(8e-4))
         history.append(damping.item())
     expected, value = [], 1e-3
     for rho in [0.9] * 5 + [0.5] * 3 + [0.1] * 4:
@@ -124,8 +125,7 @@ def test_damping_over_a_scripted_sequence_of_ratios():
 
 def test_damping_decay_sets_the_rules_factor():
     """Each step multiplies the damping by ``damping_decay`` (rho > 3/4), 1, its reciprocal (rho < 1/4) or 2 (a
-    rejected step); both directions occur; a new value set between steps applies from the next step on, with
-    nothing compiled again."""
+    rejected step); both directions occur; a new value set between steps applies from the next step on."""
     torch.manual_seed(1)
     model = mlp()
     opt = curvgraph.compile(model, (torch.randn(16, 4) * 5,), damping=1e-6, min_damping=1e-12, damping_decay=0.6,
@@ -147,8 +147,8 @@ def test_damping_decay_sets_the_rules_factor():
 
 def test_zero_predicted_change_leaves_the_damping():
     damping = torch.tensor(0.3)
-    kept = levenberg_marquardt(damping, torch.tensor(1.0), torch.tensor(1.0), torch.tensor(0.0), torch.tensor(0.95), 2.0,
-                               torch.tensor(1e-6))
+    kept = levenberg_marquardt(damping, torch.tensor(1.0), torch.tensor(1.0), torch.tensor(0.0), torch.tensor(0.95),
+                               2.0, torch.tensor(1e-6))
     assert kept.item() == pytest.approx(0.3)
 
 

@@ -284,8 +284,7 @@ class ExportedStep:
     """
 
     def __init__(self, model: nn.Module, *, step: Callable, noise_shape: Callable, switches: Callable,
-                 spec: Mapping[str, Any],
-                 constants: Sequence[Tensor], backend: str, seed: int | None) -> None:
+                 spec: Mapping[str, Any], constants: Sequence[Tensor], backend: str, seed: int | None) -> None:
         self.model = model
         self.method = spec["method"]
         self.hyper = dict(spec["hyper"])

@@ -68,6 +68,8 @@ CONFIGS: dict[str, dict] = {
     "damping1e-5": {"damping": 1e-5},  # the adaptive mode's initial damping (Levenberg-Marquardt from there)
     "decay0.8": {"damping_decay": 0.8},  # the Levenberg-Marquardt factor omega: the damping moves 20% per step, not 5%
     "T1": {"invert_every": 1},  # the preconditioner refreshed every step
+    "stats2": {"factor_every": 2},  # factor statistics (and the Fisher's backward) every second step only
+    "stats4": {"factor_every": 4},
     "reduce": {"kfac_approx": "reduce"},  # KFAC-reduce statistics for weight sharing (conv: averaged patches)
     "split64": {"max_factor_dim": 64},  # block-diagonal factors of at most 64 (what the split costs in progress)
     "split128": {"max_factor_dim": 128},

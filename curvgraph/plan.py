@@ -63,6 +63,11 @@ COST_PERIODS: dict[str, str] = {
 
 SHARING_MODES = ("expand", "reduce")
 
+#: The printed plan suggests thinning out the factor statistics when they cost more than this many times the
+#: forward and backward pass: on the time-to-target suite every model above it reached the target sooner with
+#: ``factor_every=2`` (``docs/benchmarks.md``, "How often to update the statistics"), two of three below it did not.
+STATISTICS_HINT_RATIO = 1.2
+
 
 @dataclass(frozen=True)
 class LayerUse:
@@ -402,11 +407,33 @@ class Plan:
             lines.append("block passes (matches): " + ", ".join(f"{n} {c}" for n, c in self.matches.items()))
         if any(self.rewrites.values()):
             lines.append("normalization rewrites: " + ", ".join(f"{n} {c}" for n, c in self.rewrites.items() if c))
+        lines.extend(self._step_totals())
         lines.append("FLOPs/step = forward+backward + factor statistics + preconditioning; FLOPs/refresh = one")
         lines.append("refresh of the preconditioner (every invert_every steps); workspace = what the")
         lines.append("statistics materialize (e.g. convolution patches). As expressions in the input sizes:")
         lines.extend(f"  {b.name}: {self.block_flops(b)}" for b in self.blocks)
         return "\n".join(lines)
+
+    def _step_totals(self) -> list[str]:
+        """The lines that total FLOPs/step by component at the example sizes, as multiples of the forward and
+        backward pass, and where the factor statistics cost more than :data:`STATISTICS_HINT_RATIO` times it, the
+        options that update them less often (``factor_every``) or from fewer positions (``conv_stats_every``, for
+        kinds that subsample positions)."""
+        forward_backward = self.at_example(self.total("forward_backward"))
+        if forward_backward <= 0:
+            return []
+        statistics, precondition = (self.at_example(self.total(key)) for key in ("statistics", "precondition"))
+        lines = [f"totals at these sizes: forward+backward {human(forward_backward, '')} FLOPs, factor statistics "
+                 f"{human(statistics, '')} per statistics step ({statistics / forward_backward:.2f}x), "
+                 f"preconditioning {human(precondition, '')} ({precondition / forward_backward:.2f}x)"]
+        if statistics > STATISTICS_HINT_RATIO * forward_backward:
+            kinds = self.kinds or {}
+            positions = any(getattr(kinds.get(b.kind), "subsamples_positions", False) for b in self.blocks)
+            options = "factor_every=2 (a second compiled graph)" + (" or conv_stats_every=2" if positions else "")
+            lines.append(f"  the statistics cost more than {STATISTICS_HINT_RATIO}x the forward and backward: {options} "
+                         "makes them cheaper for a little progress per step (docs/benchmarks.md, 'How often to update "
+                         "the statistics')")
+        return lines
 
     def _by_name(self) -> dict[sympy.Symbol, sympy.Symbol]:
         return {sympy.Symbol(n, positive=True, integer=True): s for s, n in self.size_names.items()}

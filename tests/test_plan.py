@@ -138,6 +138,20 @@ def test_plan_prints_factor_shapes_and_costs():
     assert "A:41x41" in text and "G:64x64" in text and "N=32" in text
 
 
+def test_plan_totals_the_step_and_points_at_dominant_statistics():
+    # 40-64-10 at N=32, by hand: forward+backward 4*32*40*64 (first layer: no input gradient) + 6*32*64*10
+    # = 450560; statistics 2*32*(41^2 + 64^2) + 2*32*(65^2 + 10^2) = 646528, 1.43x: above the hint's 1.2
+    narrow = str(plan_of(nn.Sequential(nn.Linear(40, 64), nn.Tanh(), nn.Linear(64, 10)), torch.randn(32, 40)))
+    assert "forward+backward 451k FLOPs, factor statistics 647k per statistics step (1.43x)" in narrow
+    assert "factor_every=2" in narrow and "conv_stats_every" not in narrow
+    # 64-64-64: forward+backward (4 + 6)*32*64*64 = 1310720, statistics 2*2*32*(65^2 + 64^2) = 1065088 (0.81x)
+    square = str(plan_of(nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64)), torch.randn(32, 64)))
+    assert "(0.81x)" in square and "factor_every=2" not in square
+    # a convolution with few channels: its patches' factor dwarfs the layer; the hint names spatial subsampling too
+    conv = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 3))
+    assert "factor_every=2 (a second compiled graph) or conv_stats_every=2" in str(plan_of(conv, torch.randn(8, 4, 8, 8)))
+
+
 def test_cost_model_counts_the_layer_flops():
     plan = plan_of(nn.Sequential(nn.Linear(40, 64), nn.Tanh(), nn.Linear(64, 8)), torch.randn(32, 40))
     first, second = plan.blocks

@@ -211,7 +211,8 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
                                                                                    settings["output"])
         generated = codegen.generate(plan, forward, traced.dims, block_kinds, rule, fallback, loss_spec, fisher,
                                      param_dtype, batch=traced.batch, autocast=autocast,
-                                     backward_differentiable=transposable)
+                                     backward_differentiable=transposable,
+                                     statistics_branch=settings["factor_every"] > 1 and rule.statistics_branch)
         return Captured(plan, forward, generated, codegen.load(generated), traced.inputs, keys, traced.batch_dims,
                         [traced.constants[c] for c in forward.constants])
 

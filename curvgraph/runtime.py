@@ -66,17 +66,18 @@ def compiled_step(fn: Callable, backend: str, branch_flags: Sequence[str] = ("re
     cacheable = dict.fromkeys(calls, torch.__version__)
 
     as_tensors = tuple(name in branch_flags for name in ("update_stats", "refresh"))
+    # Inductor's layout optimization (channels-last convolution outputs) hands a branch of torch.cond a convolution's
+    # input in other strides than the branch was compiled for (torch 2.13: an assert_size_stride failure in the
+    # statistics branch of a ResNet); a step whose statistics are a branch keeps the default layouts
+    layouts = {"layout_optimization": False} if as_tensors[0] else {}
 
     def step(*args: Any) -> Any:
         *rest, update_stats, refresh, switches = args
         schedule = tuple(pair[flag] if tensor else flag
                          for flag, pair, tensor in zip((update_stats, refresh), flags, as_tensors))
-        saved = inductor_config.unsafe_marked_cacheable_functions
-        inductor_config.unsafe_marked_cacheable_functions = {**saved, **cacheable}
-        try:
+        with inductor_config.patch(unsafe_marked_cacheable_functions={
+                **inductor_config.unsafe_marked_cacheable_functions, **cacheable}, **layouts):
             return compiled(*rest, *schedule, switches)
-        finally:
-            inductor_config.unsafe_marked_cacheable_functions = saved
 
     return step
 

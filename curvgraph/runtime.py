@@ -313,8 +313,8 @@ class ExportedStep:
         device = self._params[0].device
         self.constants = tuple(c.to(device) for c in constants)
         self.runner = StepRunner(compiled_step(step, backend, branch_flags), noise_shape, switches, spec["state"],
-                                 spec["noise"], spec["factor_every"], spec["invert_every"], device, spec["factor_dtype"],
-                                 seed, spec["dynamic_dims"], branch_flags)
+                                 spec["noise"], spec["factor_every"], spec["invert_every"], device,
+                                 spec["factor_dtype"], seed, spec["dynamic_dims"], branch_flags)
 
     def _hyper_values(self, first_statistics: bool) -> dict[str, float]:
         return {**self.hyper, **self.first_statistics} if first_statistics else self.hyper

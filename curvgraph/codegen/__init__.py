@@ -196,6 +196,7 @@ def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, 
         preconditioner = {b.var(key): b.state(key) for b in blocks for key in method.preconditioner(b.block)}
         if preconditioner:
             w.line("# preconditioner refresh, one branch of a torch.cond (one compiled graph whether or not it runs)")
+
             def refresh() -> None:
                 if factors_again:  # a branch may not read two views of one tensor: it takes the packed factors
                     w.line(factors_again)
@@ -297,7 +298,8 @@ def _write_statistics(w: StepWriter, method: "Method", blocks: list[BlockVars], 
         b.kind.write_batch_factors(w, b, dtype)
         for f in method.factors_kept(b.block):  # the factors the method checks: not finite, no step
             w.flag(b.block, f"factor {f} of the batch is not finite (the layer's inputs or output gradients "
-                   f"are not finite, or overflow {dtype}); the step was skipped", w.call(not_finite, b.batch_factors[f]))
+                   f"are not finite, or overflow {dtype}); the step was skipped",
+                   w.call(not_finite, b.batch_factors[f]))
     method.write_statistics(w, blocks)
 
 
@@ -436,8 +438,9 @@ def _assemble(plan: Plan, forward: InstrumentedForward, dims, method: "Method", 
     parts.append(f'def noise_shape(inputs):\n    """Shape of the model output for ``inputs``."""\n{noise_body}')
     parts.append(f'def switches(hyper):\n    """The step\'s ``switches`` for ``hyper`` (Python floats by name)."""\n'
                  f'    return {w.pack(w.switches)}')
-    parts.append("#: The step's flags that are torch.cond predicates: pass them as 0-d bool tensors to a compiled step\n"
-                 f"#: (one graph for both values), as Python bools to run it eagerly.\nBRANCH_FLAGS = {branch_flags!r}")
+    parts.append("#: The step's flags that are torch.cond predicates: pass them as 0-d bool tensors to a compiled\n"
+                 "#: step (one graph for both values), as Python bools to run it eagerly.\n"
+                 f"BRANCH_FLAGS = {branch_flags!r}")
     stats_type = "bool | Tensor" if "update_stats" in branch_flags else "bool"
     signature = ("def step(params, frozen, buffers, constants, inputs, targets, state, hyper, noise,\n"
                  f"         update_stats: {stats_type}, refresh: bool | Tensor, switches: tuple[bool, ...]):")

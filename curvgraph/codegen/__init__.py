@@ -194,21 +194,20 @@ def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, 
         kept = {b.factors[f]: b.state(f) for b in blocks for f in method.factors_kept(b.block)}
         factors_again = None  # how a later branch binds the factors (views of one tensor) for itself
         if statistics_branch:
-            # the batch size read again for the branch: a size that the forward specialized after it was first read
-            # would be lifted into the branch as a symbol that no longer exists (torch 2.13 then fails to compile it)
-            w.line(f"batch = inputs[{batch[0]}].shape[{batch[1]}]")
             _write_fisher(w, loss, fisher, factor_dtype)  # every step: a torch.func pullback cannot run in a branch
             w.line("# factor statistics, one branch of a torch.cond (one compiled graph whether or not they run)")
             # the activations and the Fisher's vectors, packed into new memory for the branch: some are views of one
             # tensor (a gradient passed through an add to two layers, the chunks of a fused projection), and
-            # torch.cond rejects inputs that alias; the branch reads them as views of the packed copy
+            # torch.cond rejects inputs that alias; the branch reads them as views of the packed copy, and their sizes
+            # and the counts from zero-element tensors (see shape_carriers)
             w.line(f"apart, apart_shapes = {w.call(packed_copies, '*acts', '*samples')}, "
                    f"{w.call(shape_carriers, '(*acts, *samples)')}")
-            w.line("acts_count = len(acts)")
+            w.line("apart_counts, acts_count = scale.new_empty((batch, examples, 0)), len(acts)")
 
             def statistics() -> None:
                 w.line(f"acts_samples = {w.call(unpacked, 'apart', '[(c.dtype, c.shape[:-1]) for c in apart_shapes]')}")
                 w.line("acts, samples = acts_samples[:acts_count], acts_samples[acts_count:]")
+                w.line("batch, examples, _ = apart_counts.shape")
                 _write_statistics(w, method, blocks, factor_dtype)
 
             factors_again = _write_branch(w, "update_stats", ("statistics", "no_statistics"), kept, statistics,

@@ -108,9 +108,7 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
               ``s``-th output position along each spatial dim only (1, the default: all;
               spatial subsampling, ``s^r`` times fewer patches; see :mod:`curvgraph.passes.subsample`);
             * ``factor_every`` (1), ``invert_every`` (10): statistics and inversion
-              periods in steps (with ``factor_every > 1`` the statistics are a ``torch.cond``
-              branch of the one compiled graph where the method allows it, K-FAC and SINGD;
-              the Fisher's extra backward then runs in every step);
+              periods in steps;
             * ``fallback``: ``"adam"`` or ``"sgd"`` (or a registered rule's name) for
               parameters no pass matched;
               ``fallback_lr`` (Adam 1e-3, SGD 1e-2);
@@ -213,8 +211,7 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
                                                                                    settings["output"])
         generated = codegen.generate(plan, forward, traced.dims, block_kinds, rule, fallback, loss_spec, fisher,
                                      param_dtype, batch=traced.batch, autocast=autocast,
-                                     backward_differentiable=transposable,
-                                     statistics_branch=settings["factor_every"] > 1 and rule.statistics_branch)
+                                     backward_differentiable=transposable)
         return Captured(plan, forward, generated, codegen.load(generated), traced.inputs, keys, traced.batch_dims,
                         [traced.constants[c] for c in forward.constants])
 

@@ -246,4 +246,4 @@ _LOAD = '''def load(model, *, backend=BACKEND, seed=SEED):
     ``seed``: seed of the Monte-Carlo noise generator (``None``: from ``torch.initial_seed()``).
     """
     return ExportedStep(model, step=step, noise_shape=noise_shape, switches=switches, spec=SPEC,
-                        constants=constants(), backend=backend, seed=seed, branch_flags=BRANCH_FLAGS)'''
+                        constants=constants(), backend=backend, seed=seed)'''

@@ -184,8 +184,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if self._captured is not None:
             self._check_same_step(captured, state)
         if generated.source not in self._steps:
-            self._steps[generated.source] = compiled_step(captured.namespace["step"], self.backend,
-                                                          generated.branch_flags)
+            self._steps[generated.source] = compiled_step(captured.namespace["step"], self.backend)
         if self._captured is None:
             self._create_state(captured, state)
         self._captures[modes] = captured
@@ -204,8 +203,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._runner = StepRunner(
             self._steps[captured.generated.source], captured.namespace["noise_shape"], captured.namespace["switches"],
             state, self.loss.noise if self.fisher == "mc" else None, self.factor_every, self.invert_every,
-            named[forward.params[0]].device, captured.generated.factor_dtype, self._seed,
-            branch_flags=captured.generated.branch_flags)
+            named[forward.params[0]].device, captured.generated.factor_dtype, self._seed)
         pending, self._pending_state = self._pending_state, None
         if pending is not None:
             problem = self._runner.check_state_dict(pending)
@@ -292,13 +290,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         batch = self._arrange(batch, keys)
         self._check_batch(batch, targets)
         params, frozen, buffers = model_tensors(self.model, self._params, self._frozen_names, self._buffer_names)
-        # the refresh (and, in a step generated with them as a branch, the statistics) is a branch inside the graph:
-        # no variant of its own
-        branch = "update_stats" in self._generated.branch_flags
-        variant = (self._generated.source, branch or self._runner.schedule()[0])
+        # the refresh is a branch inside the graph: no variant of its own
+        variant = (self._generated.source, self._runner.schedule()[0])
         announce = self._progress and variant not in self._compiled_variants
         if announce:
-            graphs_note = ("statistics and refresh as branches of one graph" if branch else
+            graphs_note = ("statistics in every step, the refresh a branch of the graph" if self.factor_every == 1 else
                            f"statistics: {'yes' if variant[1] else 'no'}; one graph with statistics and one without, "
                            "as the schedule uses them")
             print(f"curvgraph: compiling the step for {self.plan.model_name} in {describe_modes(self.model)} "

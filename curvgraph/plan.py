@@ -429,7 +429,7 @@ class Plan:
         if statistics > STATISTICS_HINT_RATIO * forward_backward:
             kinds = self.kinds or {}
             positions = any(getattr(kinds.get(b.kind), "subsamples_positions", False) for b in self.blocks)
-            options = "factor_every=2" + (" or conv_stats_every=2" if positions else "")
+            options = "factor_every=2 (a second compiled graph)" + (" or conv_stats_every=2" if positions else "")
             lines.append(f"  the statistics cost more than {STATISTICS_HINT_RATIO}x the forward and backward: "
                          f"{options} makes them cheaper for a little progress per step (docs/benchmarks.md, 'How often "
                          "to update the statistics')")

@@ -31,14 +31,12 @@ def initial_state(shape: tuple[int, ...], init: str, dtype: torch.dtype, device:
     raise ValueError(f"curvgraph: unknown state initialization {init!r}; use 'zeros', 'ones' or 'eye'.")
 
 
-def compiled_step(fn: Callable, backend: str, branch_flags: Sequence[str] = ("refresh",)) -> Callable:
+def compiled_step(fn: Callable, backend: str) -> Callable:
     """``fn`` compiled with ``torch.compile`` as one graph, or ``fn`` itself for ``backend="eager"``.
 
-    The compiled step takes the flags named in ``branch_flags`` (the generated module's
-    ``BRANCH_FLAGS``: ``refresh``, the argument before the ``switches``, and ``update_stats``,
-    the one before it, where the statistics are a branch) as 0-d bool tensors: the predicates
-    of the step's ``torch.cond``, so steps with and without a refresh (or statistics) run one
-    graph (a Python bool would specialize the graph on it).
+    The compiled step takes its ``refresh`` flag (the argument before the ``switches``)
+    as a 0-d bool tensor: the predicate of the step's ``torch.cond``, so steps with and
+    without a refresh run one graph (a Python bool would specialize the graph on it).
 
     While the step runs, the calls that ``torch.cond`` and ``torch.func`` leave in the
     captured graph are marked cacheable for Inductor's FX graph
@@ -54,9 +52,7 @@ def compiled_step(fn: Callable, backend: str, branch_flags: Sequence[str] = ("re
     import torch._inductor.config as inductor_config
 
     compiled = torch.compile(fn, backend=backend, fullgraph=True)
-    # made once (the step runs every few milliseconds), one pair per flag: the same tensor passed as both flags
-    # would make the graph guard on their identity, and compile again when they differ
-    flags = tuple((torch.tensor(False), torch.tensor(True)) for _ in range(2))
+    flags = (torch.tensor(False), torch.tensor(True))  # made once: the step runs every few milliseconds
     # what the step's graph calls that torch 2.13's compile caches do not know to be safe: the
     # torch.cond higher-order op and the transform-level calls of torch.func.jvp/vmap
     calls = ["torch.ops.higher_order.cond"] + [f"torch._functorch.predispatch.{name}" for name in (
@@ -65,19 +61,14 @@ def compiled_step(fn: Callable, backend: str, branch_flags: Sequence[str] = ("re
         "_exit_dual_level")]
     cacheable = dict.fromkeys(calls, torch.__version__)
 
-    as_tensors = tuple(name in branch_flags for name in ("update_stats", "refresh"))
-    # a step whose statistics are a branch keeps the default layouts: Inductor's layout optimization (channels-last
-    # convolutions) made the ResNet-style CNN's step 17% slower there (238 against 199 ms at batch 64; see
-    # docs/benchmarks.md, 'How often to update the statistics')
-    layouts = {"layout_optimization": False} if as_tensors[0] else {}
-
     def step(*args: Any) -> Any:
-        *rest, update_stats, refresh, switches = args
-        schedule = tuple(pair[flag] if tensor else flag
-                         for flag, pair, tensor in zip((update_stats, refresh), flags, as_tensors))
-        with inductor_config.patch(unsafe_marked_cacheable_functions={
-                **inductor_config.unsafe_marked_cacheable_functions, **cacheable}, **layouts):
-            return compiled(*rest, *schedule, switches)
+        *rest, refresh, switches = args
+        saved = inductor_config.unsafe_marked_cacheable_functions
+        inductor_config.unsafe_marked_cacheable_functions = {**saved, **cacheable}
+        try:
+            return compiled(*rest, flags[refresh], switches)
+        finally:
+            inductor_config.unsafe_marked_cacheable_functions = saved
 
     return step
 
@@ -130,9 +121,7 @@ class StepRunner:
             hyper-parameters' values).
         state: state key -> ``(shape, init, dtype)`` (see :func:`initial_state`).
         noise: ``"uniform"`` or ``"normal"``: the Monte-Carlo Fisher's noise
-            (drawn in statistics steps only, or in every step where ``update_stats`` is one of
-            ``branch_flags``: the Fisher's backward then runs in every step); ``None`` for the
-            other Fisher types.
+            (drawn in statistics steps only); ``None`` for the other Fisher types.
         factor_every, invert_every: statistics and refresh periods in steps.
         device, factor_dtype: where the state lives and the dtype of the hyper tensors and noise.
         seed: seed of the runner's own generator (``None``: from ``torch.initial_seed()``).
@@ -140,7 +129,6 @@ class StepRunner:
             sequence length, ...). They, and every dim of the targets and the noise, are
             marked dynamic for ``torch.compile`` before each call, so that a batch of a
             new size runs the graphs already compiled instead of compiling new ones.
-        branch_flags: the step's ``BRANCH_FLAGS`` (the flags that are ``torch.cond`` predicates).
 
     The schedule: statistics every ``factor_every`` steps and until a statistics step
     succeeded; a refresh every ``invert_every`` steps and until one succeeded, but
@@ -156,9 +144,8 @@ class StepRunner:
     def __init__(self, step: Callable, noise_shape: Callable, switches: Callable,
                  state: Mapping[str, tuple[tuple[int, ...], str, torch.dtype]], noise: str | None, factor_every: int,
                  invert_every: int, device: torch.device, factor_dtype: torch.dtype, seed: int | None,
-                 dynamic_dims: Sequence[Sequence[int]] = (), branch_flags: Sequence[str] = ("refresh",)) -> None:
+                 dynamic_dims: Sequence[Sequence[int]] = ()) -> None:
         self.use(step, noise_shape, switches, dynamic_dims)
-        self.noise_every_step = "update_stats" in branch_flags
         self.noise = noise
         self.factor_every = factor_every
         self.invert_every = invert_every
@@ -219,8 +206,7 @@ class StepRunner:
         """
         update_stats, refresh = self.schedule()
         batch, targets = tuple(at_offset_zero(t) for t in batch), at_offset_zero(targets)
-        draw = update_stats or self.noise_every_step
-        noise = self.sample_noise(batch) if self.noise is not None and draw else None
+        noise = self.sample_noise(batch) if self.noise is not None and update_stats else None
         mark_dynamic(batch, self.dynamic_dims, targets, noise)
         values = hyper_values(not self.factors_ready)
         hyper, switches = self.hyper(values), self.switches(values)
@@ -298,8 +284,7 @@ class ExportedStep:
     """
 
     def __init__(self, model: nn.Module, *, step: Callable, noise_shape: Callable, switches: Callable,
-                 spec: Mapping[str, Any], constants: Sequence[Tensor], backend: str, seed: int | None,
-                 branch_flags: Sequence[str] = ("refresh",)) -> None:
+                 spec: Mapping[str, Any], constants: Sequence[Tensor], backend: str, seed: int | None) -> None:
         self.model = model
         self.method = spec["method"]
         self.hyper = dict(spec["hyper"])
@@ -312,9 +297,9 @@ class ExportedStep:
         self.degenerations = tuple(spec.get("degenerations", ()))
         device = self._params[0].device
         self.constants = tuple(c.to(device) for c in constants)
-        self.runner = StepRunner(compiled_step(step, backend, branch_flags), noise_shape, switches, spec["state"],
-                                 spec["noise"], spec["factor_every"], spec["invert_every"], device,
-                                 spec["factor_dtype"], seed, spec["dynamic_dims"], branch_flags)
+        self.runner = StepRunner(compiled_step(step, backend), noise_shape, switches, spec["state"], spec["noise"],
+                                 spec["factor_every"], spec["invert_every"], device, spec["factor_dtype"], seed,
+                                 spec["dynamic_dims"])
 
     def _hyper_values(self, first_statistics: bool) -> dict[str, float]:
         return {**self.hyper, **self.first_statistics} if first_statistics else self.hyper

@@ -1,5 +1,4 @@
-"""The torch.compile'd step: one graph, the statistics (for a schedule that skips them) and the refresh branches
-of it -- or, for a method that cannot run its statistics as a branch, one graph with statistics and one without --
+"""The torch.compile'd step: one graph with statistics and one without (the refresh a branch of each),
 identical to the eager step."""
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ import torch
 from torch import nn
 
 import curvgraph
-from curvgraph.methods.kfac import KFAC
 
 SCHEDULE = dict(factor_every=2, invert_every=3)  # steps 0..6 use all four (stats, refresh) variants
 FIXED = dict(lr=0.002, weight_decay=1e-3, **SCHEDULE)  # the fixed-step mode
@@ -160,78 +158,21 @@ def test_a_new_batch_size_compiles_nothing(runs):
     assert opt.skipped_steps == 0
 
 
-@pytest.mark.parametrize(("method", "graphs"), [("kfac", 1), ("ekfac", 2)])
-def test_statistics_and_refresh_are_branches_not_graphs(method, graphs):
-    """All four (statistics, refresh) combinations of a schedule compile one graph: the statistics and the refresh
-    are ``torch.cond`` branches in it. EKFAC writes statistics-step code of its own outside ``write_statistics``
-    (``Method.statistics_branch`` false): two graphs, with and without statistics, the refresh a branch of each."""
+def test_the_refresh_is_a_branch_not_a_graph():
+    """All four (statistics, refresh) combinations of a schedule compile two graphs, not four: the refresh is a
+    ``torch.cond`` branch inside the graphs with and without statistics."""
     from torch._dynamo.utils import counters
 
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
-    opt = curvgraph.compile(model, (torch.randn(5, 3),), backend="aot_eager", progress=False, method=method, **FIXED)
-    assert ("update_stats" in opt._generated.branch_flags) == (graphs == 1)
+    opt = curvgraph.compile(model, (torch.randn(5, 3),), backend="aot_eager", progress=False, **FIXED)
     before = counters["stats"]["unique_graphs"]
     schedule = []
     for _ in range(7):
         schedule.append(opt._runner.schedule())
         opt.step(torch.randn(5, 3), torch.randint(0, 2, (5,)))
     assert set(schedule) == {(True, True), (True, False), (False, True), (False, False)}
-    assert counters["stats"]["unique_graphs"] - before == graphs
+    assert counters["stats"]["unique_graphs"] - before == 2
     assert opt.skipped_steps == 0
-
-
-class TwoGraphKFAC(KFAC):
-    """K-FAC generated with ``if update_stats:`` sections (a graph with statistics and one without)."""
-
-    name = "kfac_two_graphs"
-    statistics_branch = False
-
-
-def test_statistics_as_a_branch_train_as_the_two_graphs_do(float64):
-    """The step with its statistics as a ``torch.cond`` branch makes the same updates, factors and preconditioner
-    as the step with an ``if update_stats:`` section, through steps with and without statistics and refreshes
-    (the empirical Fisher, so that neither draws Monte-Carlo noise; the MC Fisher's noise is drawn in every step
-    of the first, in statistics steps of the second)."""
-    curvgraph.register_method(TwoGraphKFAC)
-    try:
-        runs = {}
-        for method in ("kfac", "kfac_two_graphs"):
-            model = make_model()
-            opt = curvgraph.compile(model, (torch.randn(10, 2, 6),), method=method, fisher="empirical", seed=0,
-                                    backend="aot_eager", progress=False, **SCHEDULE)
-            losses = [opt.step(x, y).item() for x, y in data()]
-            runs[method] = (model, opt, losses)
-    finally:
-        curvgraph.unregister_method("kfac_two_graphs")
-    (branch_model, branch, branch_losses), (plain_model, plain, plain_losses) = runs.values()
-    assert "update_stats" in branch._generated.branch_flags and "update_stats" not in plain._generated.branch_flags
-    assert branch_losses == pytest.approx(plain_losses, rel=1e-10)
-    for (name, a), b in zip(branch_model.state_dict().items(), plain_model.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
-    for key, value in branch._runner.state.items():
-        torch.testing.assert_close(value, plain._runner.state[key], rtol=1e-10, atol=1e-12, msg=key)
-
-
-def test_a_transformer_compiles_its_statistics_branch():
-    """A transformer's statistics branch compiles and trains as the eager step does. Its branch reads activations
-    and Fisher vectors that are views of one tensor (``torch.cond`` rejects aliased inputs: the step packs them into
-    new memory for the branch), and its forward fixes the batch size after the step first read it (a size lifted into
-    the branch before it became a constant fails Inductor's checks: the step reads it again for the branch)."""
-    from char_transformer import ALPHABET, CharTransformer
-
-    torch.manual_seed(0)
-    model = CharTransformer(len(ALPHABET) + 1, 32, 2, 1, 16)
-    x, y = (torch.randint(0, len(ALPHABET), (8, 16)) for _ in range(2))
-    losses = {}
-    for backend in ("inductor", "eager"):
-        copied = copy.deepcopy(model)
-        opt = curvgraph.compile(copied, (x,), loss="token_cross_entropy", seed=0, backend=backend, progress=False,
-                                **SCHEDULE)
-        assert "update_stats" in opt._generated.branch_flags
-        losses[backend] = [opt.step((x,), y).item() for _ in range(7)]
-        assert opt.skipped_steps == 0
-    assert losses["inductor"] == pytest.approx(losses["eager"], rel=1e-5)
-    assert losses["eager"][-1] < losses["eager"][0]
 
 
 def test_compiling_a_variant_is_announced_once(capsys):
@@ -240,10 +181,14 @@ def test_compiling_a_variant_is_announced_once(capsys):
     opt = curvgraph.compile(model, (torch.randn(5, 3),), backend="aot_eager", lr=0.01, invert_every=1)
     opt.step(torch.randn(5, 3), torch.randint(0, 2, (5,)))
     err = capsys.readouterr().err
-    assert "curvgraph: compiling the step for Sequential in train mode (statistics: yes; one graph" in err
+    assert ("curvgraph: compiling the step for Sequential in train mode (statistics in every step, the refresh a "
+            "branch of the graph)") in err
     assert "compiled and ran in" in err
     opt.step(torch.randn(6, 3), torch.randint(0, 2, (6,)))
     assert "compiling" not in capsys.readouterr().err
+    skipping = curvgraph.compile(model, (torch.randn(5, 3),), backend="aot_eager", lr=0.01, factor_every=2)
+    skipping.step(torch.randn(5, 3), torch.randint(0, 2, (5,)))
+    assert "(statistics: yes; one graph with statistics and one without" in capsys.readouterr().err
     quiet = curvgraph.compile(model, (torch.randn(5, 3),), backend="aot_eager", progress=False)
     quiet.step(torch.randn(5, 3), torch.randint(0, 2, (5,)))
     assert "compiling" not in capsys.readouterr().err

@@ -18,21 +18,18 @@ The source is a self-contained module that needs torch alone:
   true when that block degenerated in this step (a factor of the batch that is not
   finite, a factor its method could not invert or decompose).
 
-``step`` takes three flags: ``update_stats`` and ``refresh``, and ``switches``, a tuple of
-Python bools on which ``torch.compile`` specializes. ``refresh`` is the predicate of a
-``torch.cond`` around the preconditioner refresh: a 0-d bool tensor keeps both branches in
-one graph, a Python bool (eager) runs one. ``update_stats`` is a Python bool too (one graph
-with statistics, one without, as the schedule uses them), or, in a step generated with
-``statistics_branch``, the predicate of a second ``torch.cond`` around the statistics. The
-module's ``BRANCH_FLAGS`` names the flags that are predicates.
+``step`` takes three flags: ``update_stats``, a Python bool on which ``torch.compile``
+specializes (one graph with statistics, one without, as the schedule uses them),
+``refresh``, the predicate of a ``torch.cond`` around the preconditioner refresh: a
+0-d bool tensor keeps both branches in one graph, a Python bool (eager) runs one, and
+``switches``, a tuple of Python bools (specialized on like ``update_stats``).
 """
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping
 
 import sympy
 import torch
@@ -71,24 +68,12 @@ def packed_copies(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(torch.cat([t.reshape(-1) for t in tensors if t.dtype == dtype]) for dtype in dtypes)
 
 
-def shape_carriers(tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
-    """Zero-element tensors shaped like ``tensors`` with a trailing dim of 0: how a ``torch.cond`` branch learns their
-    dtypes and sizes (to :func:`unpacked` their :func:`packed_copies`). Sizes read as ints would be lifted into the
-    branch as symbols, which torch 2.13 fails to compile once the branch itself fixes one of them to a constant."""
-    return tuple(t.new_empty((*t.shape, 0)) for t in tensors)
-
-
-def unpacked(packed: tuple[Tensor, ...], layout: Sequence[tuple[torch.dtype, Sequence[int]]]) -> tuple[Tensor, ...]:
-    """The tensors :func:`packed_copies` packed, as views of ``packed``, given each one's dtype and sizes."""
-    dtypes = list(dict.fromkeys(dtype for dtype, _ in layout))
-    pieces = {dtype: iter(torch.split(flat, [math.prod(sizes) for d, sizes in layout if d == dtype]))
-              for dtype, flat in zip(dtypes, packed)}
-    return tuple(next(pieces[dtype]).view(sizes) for dtype, sizes in layout)
-
-
-def unpacked_like(packed: tuple[Tensor, ...], like: Sequence[Tensor]) -> tuple[Tensor, ...]:
+def unpacked_like(packed: tuple[Tensor, ...], like: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     """The tensors :func:`packed_copies` packed, as views of ``packed`` shaped like ``like`` (same dtypes, same order)."""
-    return unpacked(packed, [(t.dtype, t.shape) for t in like])
+    dtypes = list(dict.fromkeys(t.dtype for t in like))
+    pieces = {dtype: iter(torch.split(flat, [t.numel() for t in like if t.dtype == dtype]))
+              for dtype, flat in zip(dtypes, packed)}
+    return tuple(next(pieces[t.dtype]).view(t.shape) for t in like)
 
 
 def commit_(target: Tensor, value: Tensor, ok: Tensor) -> None:
@@ -107,8 +92,6 @@ class GeneratedStep:
     state: dict[str, StateSpec] = field(default_factory=dict)
     factor_dtype: torch.dtype = torch.float32
     degenerations: list[Degeneration] = field(default_factory=list)
-    #: The step flags that are ``torch.cond`` predicates (the module's ``BRANCH_FLAGS``).
-    branch_flags: tuple[str, ...] = ()
 
 
 def shape_code(shape: Shape, dims: dict[sympy.Symbol, tuple[int, int]]) -> str:
@@ -134,8 +117,7 @@ def shape_code(shape: Shape, dims: dict[sympy.Symbol, tuple[int, int]]) -> str:
 def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, tuple[int, int]],
              kinds: Mapping[str, "BlockKind"], method: "Method", fallback: "FallbackRule", loss: LossSpec, fisher: str,
              param_dtype: torch.dtype, batch: tuple[int, int] = (0, 0),
-             autocast: tuple[str, torch.dtype] | None = None, backward_differentiable: bool = False,
-             statistics_branch: bool = False) -> GeneratedStep:
+             autocast: tuple[str, torch.dtype] | None = None, backward_differentiable: bool = False) -> GeneratedStep:
     """Write the step module for ``plan`` with ``method`` and return its source.
 
     ``kinds`` maps each block's ``kind`` to the registered kind that writes its statistics
@@ -145,15 +127,7 @@ def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, 
     loss, the statistics and the update run outside it, factors in ``float32`` or wider.
     ``backward_differentiable``: the model's backward may be differentiated again
     (:attr:`~curvgraph.codegen.writer.StepWriter.backward_differentiable`).
-    ``statistics_branch``: the statistics as a ``torch.cond`` branch on ``update_stats`` (for a
-    schedule that skips them, ``factor_every > 1``: one compiled graph instead of two; needs
-    :attr:`Method.statistics_branch <curvgraph.methods.base.Method.statistics_branch>`). The Fisher's
-    extra backward then runs in every step, outside the branch (``torch.cond`` cannot hold a
-    ``torch.func`` pullback in torch 2.13), and the MC Fisher's noise is drawn in every step.
     """
-    if statistics_branch and not method.statistics_branch:
-        raise CompileError(f"curvgraph: method {method.name!r} writes statistics-step code outside write_statistics; "
-                           "its statistics cannot be a torch.cond branch (Method.statistics_branch is False).")
     factor_dtype = torch.promote_types(param_dtype, torch.float32)
     w = StepWriter(forward.params, loss.objective, backward_differentiable)
     probe_index, activation_index = forward.probe_index, forward.activation_index
@@ -191,44 +165,21 @@ def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, 
     if blocks:
         _write_gradient_matrices(w, blocks, factor_dtype)
         method.write_prologue(w, blocks)
-        kept = {b.factors[f]: b.state(f) for b in blocks for f in method.factors_kept(b.block)}
-        factors_again = None  # how a later branch binds the factors (views of one tensor) for itself
-        if statistics_branch:
-            _write_fisher(w, loss, fisher, factor_dtype)  # every step: a torch.func pullback cannot run in a branch
-            w.line("# factor statistics, one branch of a torch.cond (one compiled graph whether or not they run)")
-            # the activations and the Fisher's vectors, packed into new memory for the branch: some are views of one
-            # tensor (a gradient passed through an add to two layers, the chunks of a fused projection), and
-            # torch.cond rejects inputs that alias; the branch reads them as views of the packed copy, and their sizes
-            # and the counts from zero-element tensors (see shape_carriers)
-            w.line(f"apart, apart_shapes = {w.call(packed_copies, '*acts', '*samples')}, "
-                   f"{w.call(shape_carriers, '(*acts, *samples)')}")
-            w.line("apart_counts, acts_count = scale.new_empty((batch, examples, 0)), len(acts)")
-
-            def statistics() -> None:
-                w.line(f"acts_samples = {w.call(unpacked, 'apart', '[(c.dtype, c.shape[:-1]) for c in apart_shapes]')}")
-                w.line("acts, samples = acts_samples[:acts_count], acts_samples[acts_count:]")
-                w.line("batch, examples, _ = apart_counts.shape")
-                _write_statistics(w, method, blocks, factor_dtype)
-
-            factors_again = _write_branch(w, "update_stats", ("statistics", "no_statistics"), kept, statistics,
-                                          f"{method.name}'s statistics")
-        else:
-            with w.indent("if update_stats:", when="update_stats"):
-                _write_fisher(w, loss, fisher, factor_dtype)
-                _write_statistics(w, method, blocks, factor_dtype)
-            with w.indent("else:"):
-                for value, state_entry in kept.items():
-                    w.line(f"{value} = {state_entry}")
-        preconditioner = {b.var(key): b.state(key) for b in blocks for key in method.preconditioner(b.block)}
-        if preconditioner:
-            w.line("# preconditioner refresh, one branch of a torch.cond (one compiled graph whether or not it runs)")
-
-            def refresh() -> None:
-                if factors_again:  # a branch may not read two views of one tensor: it takes the packed factors
-                    w.line(factors_again)
-                method.write_refresh(w, blocks)
-
-            _write_branch(w, "refresh", ("refreshed", "kept"), preconditioner, refresh, f"{method.name}'s refresh")
+        with w.indent("if update_stats:", when="update_stats"):
+            _write_fisher(w, loss, fisher, factor_dtype)
+            for b in blocks:
+                b.kind.write_batch_factors(w, b, factor_dtype)
+                for f in method.factors_kept(b.block):  # the factors the method checks: not finite, no step
+                    var = b.batch_factors[f]
+                    w.flag(b.block, f"factor {f} of the batch is not finite (the layer's inputs or output gradients "
+                           f"are not finite, or overflow {factor_dtype}); the step was skipped", w.call(not_finite, var))
+            method.write_statistics(w, blocks)
+        with w.indent("else:"):
+            for b in blocks:
+                for f in method.factors_kept(b.block):
+                    w.line(f"{b.factors[f]} = {b.state(f)}")
+        if any(method.preconditioner(b.block) for b in blocks):
+            _write_refresh(w, method, blocks)
         w.line()
         w.line("# preconditioned directions")
         method.write_direction(w, blocks)
@@ -245,10 +196,9 @@ def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, 
         w.commit(f"buffers[{forward.buffers.index(b)}]", f"new_buffers[{i}]")
     _write_commits(w)
 
-    branch_flags = ("update_stats", "refresh") if statistics_branch else ("refresh",)
-    source = _assemble(plan, forward, dims, method, fallback, loss, fisher, w, branch_flags)
+    source = _assemble(plan, forward, dims, method, fallback, loss, fisher, w)
     return GeneratedStep(source=source, state=state, factor_dtype=factor_dtype,
-                         degenerations=[degeneration for _, degeneration, _ in w.flags], branch_flags=branch_flags)
+                         degenerations=[degeneration for _, degeneration, _ in w.flags])
 
 
 def _write_forward_backward(w: StepWriter, forward: InstrumentedForward, dims, loss: LossSpec,
@@ -317,71 +267,56 @@ def _write_fisher(w: StepWriter, loss: LossSpec, fisher: str, dtype: torch.dtype
         w.line(f"scale = scale {'/' if fisher == 'empirical' else '*'} {w.call(loss.sum_scale, 'output', 'targets')}")
 
 
-def _write_statistics(w: StepWriter, method: "Method", blocks: list[BlockVars], dtype: torch.dtype) -> None:
-    """Each block's batch factors (its kind's statistics), a flag for each that is not finite, and the
-    method's update of the factors from them (:meth:`~curvgraph.methods.base.Method.write_statistics`)."""
-    for b in blocks:
-        b.kind.write_batch_factors(w, b, dtype)
-        for f in method.factors_kept(b.block):  # the factors the method checks: not finite, no step
-            w.flag(b.block, f"factor {f} of the batch is not finite (the layer's inputs or output gradients "
-                   f"are not finite, or overflow {dtype}); the step was skipped",
-                   w.call(not_finite, b.batch_factors[f]))
-    method.write_statistics(w, blocks)
+def _write_refresh(w: StepWriter, method: "Method", blocks: list[BlockVars]) -> None:
+    """The preconditioner refresh as one ``torch.cond(refresh, refreshed, kept, ())``.
 
-
-def _write_branch(w: StepWriter, when: str, names: tuple[str, str], outputs: dict[str, str],
-                  write_body: Callable[[], None], what: str) -> str:
-    """Lines that run only when the step flag ``when`` is true, as ``torch.cond(when, true_fn, false_fn, ())``.
-
-    ``names`` are the two branch functions'. The true branch runs ``write_body()`` (whose commits,
-    checks and flags the writer tags ``when``) and returns ``outputs`` -- the names bound after the
-    cond, each mapped to the state entry that holds its value in steps where ``when`` is false --
-    plus any other value the body commits, and its flags; the false branch returns those state
-    entries and no flags. A 0-d bool tensor ``when`` keeps both branches in one compiled graph (no
-    second graph for the steps without them); a Python bool (eager) runs one branch. Branch outputs
-    may not alias the state they read and must share their layout, so both branches return packed
-    copies (:func:`packed_copies`). The body's commits, checks and flags become unconditional reads
-    of the outputs (in steps without the branch a commit writes back the value the state holds).
-
-    Returns the line that binds the outputs: they are views of one packed tensor, which a later
-    branch may not read as several inputs (``torch.cond`` rejects inputs that alias), so a branch
-    that reads them writes this line again first.
+    ``refreshed`` runs the method's :meth:`~curvgraph.methods.base.Method.write_refresh`
+    and returns each block's preconditioner entries (and any other value a refresh
+    commits) with its degenerate flags; ``kept`` returns the same entries as the state
+    holds them and no flags. A 0-d bool tensor ``refresh`` keeps both branches in one
+    compiled graph (no second graph for steps without a refresh); a Python bool (eager)
+    runs one branch. Branch outputs may not alias the state they read and must share
+    their layout, so both branches return packed copies (:func:`packed_copies`). The
+    refresh's commits, checks and flags become unconditional reads of the outputs (in
+    ``kept`` steps a commit writes back the value the state holds).
     """
-    outputs = dict(outputs)
-    with w.indent(f"def {names[0]}():", when=when):
-        write_body()
-        returned = list(outputs)
+    w.line("# preconditioner refresh, one branch of a torch.cond (one compiled graph whether or not it runs)")
+    outputs: dict[str, str] = {}  # the name bound after the cond -> its value in ``kept`` (a state entry)
+    for b in blocks:
+        outputs.update({b.var(key): b.state(key) for key in method.preconditioner(b.block)})
+    with w.indent("def refreshed():", when="refresh"):
+        method.write_refresh(w, blocks)
+        refreshed = list(outputs)
         renames: dict[str, str] = {}
-        for i, (tag, target, value) in enumerate(w.commits):
-            if tag != when:
+        for i, (when, target, value) in enumerate(w.commits):
+            if when != "refresh":
                 continue
             if value not in outputs and value not in renames:  # an expression: bound to a new name after the cond
-                renames[value] = f"{names[0]}_{len(renames)}"
+                renames[value] = f"refreshed_{len(renames)}"
                 outputs[renames[value]] = target
-                returned.append(value)
+                refreshed.append(value)
             name = renames.get(value, value)
             if outputs[name] != target:
-                raise CompileError(f"curvgraph: {what} commits {value} to {target}, but {value} holds "
-                                   f"{outputs[name]} in steps without it.")
+                raise CompileError(f"curvgraph: {method.name}'s refresh commits {value} to {target}, but {value} "
+                                   f"holds {outputs[name]} in steps without a refresh.")
             w.commits[i] = (None, target, name)
-        for i, (tag, value) in enumerate(w.checks):
-            if tag == when:
+        for i, (when, value) in enumerate(w.checks):
+            if when == "refresh":
                 if renames.get(value, value) not in outputs:
-                    raise CompileError(f"curvgraph: {what} checks {value}, which it neither commits nor returns.")
+                    raise CompileError(f"curvgraph: {method.name}'s refresh checks {value}, which it neither commits "
+                                       "nor returns as a preconditioner entry.")
                 w.checks[i] = (None, renames.get(value, value))
-        flags = [i for i, (tag, _, _) in enumerate(w.flags) if tag == when]
+        flags = [i for i, (when, _, _) in enumerate(w.flags) if when == "refresh"]
         stacked = f"torch.stack([{', '.join(w.flags[i][2] for i in flags)}])" if flags else \
             "torch.zeros(0, dtype=torch.bool, device=loss.device)"
-        w.line(f"return {w.call(packed_copies, *returned)}, {stacked}")
+        w.line(f"return {w.call(packed_copies, *refreshed)}, {stacked}")
     for k, i in enumerate(flags):
-        w.flags[i] = (None, w.flags[i][1], f"{when}_flags[{k}]")
-    with w.indent(f"def {names[1]}():"):
+        w.flags[i] = (None, w.flags[i][1], f"refresh_flags[{k}]")
+    with w.indent("def kept():"):
         w.line(f"return {w.call(packed_copies, *outputs.values())}, "
                f"torch.zeros({len(flags)}, dtype=torch.bool, device=loss.device)")
-    w.line(f"{when}_packed, {when}_flags = torch.cond({when}, {names[0]}, {names[1]}, ())")
-    binding = f"{_unpack(outputs)} = {w.call(unpacked_like, f'{when}_packed', w.pack(outputs.values()))}"
-    w.line(binding)
-    return binding
+    w.line("packed, refresh_flags = torch.cond(refresh, refreshed, kept, ())")
+    w.line(f"{_unpack(outputs)} = {w.call(unpacked_like, 'packed', w.pack(outputs.values()))}")
 
 
 def _write_updates(w: StepWriter, blocks: list[BlockVars]) -> None:
@@ -435,7 +370,7 @@ def _unpack(names) -> str:
 
 
 def _assemble(plan: Plan, forward: InstrumentedForward, dims, method: "Method", fallback: "FallbackRule",
-              loss: LossSpec, fisher: str, w: StepWriter, branch_flags: tuple[str, ...]) -> str:
+              loss: LossSpec, fisher: str, w: StepWriter) -> str:
     header = [
         f'"""Training step generated by curvgraph {__version__} for {plan.model_name}.',
         "",
@@ -464,12 +399,8 @@ def _assemble(plan: Plan, forward: InstrumentedForward, dims, method: "Method", 
     parts.append(f'def noise_shape(inputs):\n    """Shape of the model output for ``inputs``."""\n{noise_body}')
     parts.append(f'def switches(hyper):\n    """The step\'s ``switches`` for ``hyper`` (Python floats by name)."""\n'
                  f'    return {w.pack(w.switches)}')
-    parts.append("#: The step's flags that are torch.cond predicates: pass them as 0-d bool tensors to a compiled\n"
-                 "#: step (one graph for both values), as Python bools to run it eagerly.\n"
-                 f"BRANCH_FLAGS = {branch_flags!r}")
-    stats_type = "bool | Tensor" if "update_stats" in branch_flags else "bool"
     signature = ("def step(params, frozen, buffers, constants, inputs, targets, state, hyper, noise,\n"
-                 f"         update_stats: {stats_type}, refresh: bool | Tensor, switches: tuple[bool, ...]):")
+                 "         update_stats: bool, refresh: bool | Tensor, switches: tuple[bool, ...]):")
     doc = (
         '    """Forward, backward, curvature statistics, preconditioning and update, in place.\n\n'
         "    params/frozen/buffers/constants: the model's tensors in ``forward``'s order;\n"

@@ -147,11 +147,6 @@ class Method(ABC):
     #: products, :func:`curvgraph.methods.quadratic.output_jvps`): the capture then checks that it can be
     #: (:attr:`curvgraph.codegen.writer.StepWriter.backward_differentiable`).
     differentiates_backward: bool = False
-    #: Whether every line the method writes for statistics steps comes from :meth:`write_statistics` (no
-    #: ``if update_stats:`` section of its own), so that a schedule that skips statistics (``factor_every > 1``)
-    #: can run them as a ``torch.cond`` branch: one compiled graph instead of one with and one without them
-    #: (:func:`curvgraph.codegen.generate`'s ``statistics_branch``).
-    statistics_branch: bool = True
 
     def __init__(self, **options: Any) -> None:
         """``options``: the validated static hyper-parameters."""
@@ -207,9 +202,7 @@ class Method(ABC):
 
     @abstractmethod
     def write_statistics(self, w: "StepWriter", blocks: list["BlockVars"]) -> None:
-        """Update each block's factors from its batch factors (inside ``if update_stats:``, or the true branch of
-        a ``torch.cond`` on it: see :attr:`statistics_branch`; commit and check what the step keeps with
-        ``when="update_stats"``)."""
+        """Update each block's factors from its batch factors (inside ``if update_stats:``)."""
 
     @abstractmethod
     def write_refresh(self, w: "StepWriter", blocks: list["BlockVars"]) -> None:

@@ -160,7 +160,6 @@ class EKFAC(KFAC):
 
     name = "ekfac"
     splits_factors = False  # the eigenvalue correction is per entry of the full eigenbasis
-    statistics_branch = False  # the scaling's statistics are a section of write_preconditioned
 
     def preconditioner(self, block: Block) -> tuple[str, ...]:
         values = tuple(f"{name}_eigenvalues" for name in block.factors)

@@ -280,7 +280,6 @@ class KBFGS(Method):
     """
 
     name = "kbfgs"
-    statistics_branch = False  # the BFGS updates of statistics steps are a section of write_direction
     hyper = {
         "lr": Hyper(0.3, positive),
         "momentum": Hyper(0.9, fraction),

@@ -21,6 +21,7 @@ import torch
 from torch.fx import Graph, Node
 
 from .errors import TraceError
+from .passes.forms import STEP_REWRITES
 from .plan import Plan, Shape
 from .trace import TracedModel, symbolic_shape
 
@@ -126,8 +127,11 @@ def instrument(traced: TracedModel, plan: Plan) -> InstrumentedForward:
         return probed_value.get(node, node)
 
     output = value(traced.output.name)
+    output_shape = symbolic_shape(output)
     updates = [value(traced.returned(traced.buffer_updates[b]).name) for b in traced.buffers if b in traced.buffer_updates]
     graph.output((output, (tuple(updates), tuple(value(a) for a in activations))))
+    for rewrite in STEP_REWRITES:
+        rewrite(graph)
     graph.eliminate_dead_code()
     graph.lint()
 
@@ -150,7 +154,7 @@ def instrument(traced: TracedModel, plan: Plan) -> InstrumentedForward:
         probes=probes,
         activations=activations,
         buffer_updates=[b for b in traced.buffers if b in traced.buffer_updates],
-        output_shape=symbolic_shape(output),
+        output_shape=output_shape,
     )
 
 

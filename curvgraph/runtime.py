@@ -31,6 +31,55 @@ def initial_state(shape: tuple[int, ...], init: str, dtype: torch.dtype, device:
     raise ValueError(f"curvgraph: unknown state initialization {init!r}; use 'zeros', 'ones' or 'eye'.")
 
 
+def convolution_double_backward(ggI: Tensor | None, ggW: Tensor | None, ggb: Tensor | None, gO: Tensor,
+                                 weight: Tensor, input: Tensor, stride: Sequence[int], padding: Sequence[int],
+                                 dilation: Sequence[int], transposed: bool, output_padding: Sequence[int], groups: int,
+                                 output_mask: Sequence[bool]) -> tuple[Tensor | None, ...]:
+    r"""``aten._convolution_double_backward`` from ``convolution`` and ``convolution_backward``, sizes kept symbolic.
+
+    A convolution :math:`y = \mathrm{conv}(x, W) + b` is bilinear in :math:`(x, W)`, so its
+    backward :math:`(g_O, x, W) \mapsto (g_x, g_W, g_b)` has the vector-Jacobian product, for
+    the cotangents :math:`(gg_x, gg_W, gg_b)` of its outputs,
+
+    * with respect to :math:`g_O`: :math:`\mathrm{conv}(gg_x, W) + \mathrm{conv}(x, gg_W) + gg_b`;
+    * with respect to :math:`x`: the input gradient of :math:`\mathrm{conv}(\cdot, gg_W)` at :math:`g_O`;
+    * with respect to :math:`W`: the weight gradient of :math:`\mathrm{conv}(gg_x, \cdot)` at :math:`g_O`.
+
+    torch 2.13's C++ kernel reads its tensors' sizes as plain integers, so tracing it (the
+    step's curvature products differentiate its backward pass) fixes the batch size of the
+    compiled step; this one only calls ops with symbolic sizes. ``None`` where ``output_mask``
+    is false or nothing contributes, as the kernel returns undefined tensors there.
+    """
+    args = (stride, padding, dilation, transposed, output_padding, groups)
+    ggO = None
+    if output_mask[0]:
+        terms = [torch.ops.aten.convolution(a, b, None, *args) for a, b in ((ggI, weight), (input, ggW))
+                 if a is not None and b is not None]
+        if ggb is not None:
+            terms.append(ggb.reshape((1, -1) + (1,) * (gO.dim() - 2)).expand_as(gO))
+        ggO = sum(terms[1:], terms[0]) if terms else torch.zeros_like(gO)
+    gI = gW = None
+    if output_mask[1] and ggW is not None:
+        gI = torch.ops.aten.convolution_backward(gO, input, ggW, None, *args, [True, False, False])[0]
+    if output_mask[2] and ggI is not None:
+        gW = torch.ops.aten.convolution_backward(gO, ggI, weight, None, *args, [False, True, False])[1]
+    return ggO, gI, gW
+
+
+def symbolic_double_backward() -> None:
+    """Trace ``aten._convolution_double_backward`` as :func:`convolution_double_backward` (once per process).
+
+    The Python kernel is registered for the op's ``CompositeImplicitAutograd`` key, which
+    only the tracers' Python dispatcher consults (as torch registers its own symbolic
+    decompositions): eager calls still run the C++ kernel, and a compiled step keeps its
+    batch size symbolic through the curvature products' double backward.
+    """
+    op = torch.ops.aten._convolution_double_backward.default
+    key = torch._C.DispatchKey.CompositeImplicitAutograd
+    if key not in op.py_kernels:
+        op.py_impl(key)(convolution_double_backward)
+
+
 def compiled_step(fn: Callable, backend: str) -> Callable:
     """``fn`` compiled with ``torch.compile`` as one graph, or ``fn`` itself for ``backend="eager"``.
 
@@ -50,6 +99,8 @@ def compiled_step(fn: Callable, backend: str) -> Callable:
     if backend == "eager":
         return fn
     import torch._inductor.config as inductor_config
+
+    symbolic_double_backward()
 
     compiled = torch.compile(fn, backend=backend, fullgraph=True)
     flags = (torch.tensor(False), torch.tensor(True))  # made once: the step runs every few milliseconds
@@ -349,4 +400,4 @@ class ExportedStep:
 
 
 #: What an exported module copies from here, in order.
-EXPORTED = (initial_state, compiled_step, model_tensors, at_offset_zero, mark_dynamic, StepRunner, ExportedStep)
+EXPORTED = (initial_state, convolution_double_backward, symbolic_double_backward, compiled_step, model_tensors, at_offset_zero, mark_dynamic, StepRunner, ExportedStep)

@@ -196,9 +196,10 @@ def test_compiling_a_variant_is_announced_once(capsys):
 
 def test_a_second_compile_loads_the_cached_graphs(adaptive_runs):
     """Warm start: compiling the same step again (as a new process would, after ``torch._dynamo.reset()``) loads
-    the graphs with statistics and without from AOT autograd's cache, which torch 2.13 bypasses for graphs with a
-    ``torch.cond`` or ``torch.func.jvp`` unless the step marks them cacheable, and the loaded step trains the
-    same as the compiled one."""
+    its graph from AOT autograd's cache, which torch 2.13 bypasses for graphs with a ``torch.cond`` or
+    ``torch.func.jvp`` unless the step marks them cacheable, and the loaded step trains the same as the compiled
+    one. One graph: the default schedule has statistics in every step, and the smaller last batch of
+    :func:`data` runs the same graph (its curvature products' double backward keeps the batch size symbolic)."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -213,7 +214,7 @@ def test_a_second_compile_loads_the_cached_graphs(adaptive_runs):
         torch.set_default_dtype(previous)
     hits = counters["aot_autograd"]["autograd_cache_hit"] - before.get("autograd_cache_hit", 0)
     bypasses = counters["aot_autograd"]["autograd_cache_bypass"] - before.get("autograd_cache_bypass", 0)
-    assert (hits, bypasses) == (2, 0)
+    assert (hits, bypasses) == (1, 0)
     assert losses == adaptive_runs["inductor"][2]
 
 

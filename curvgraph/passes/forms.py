@@ -4,6 +4,10 @@ The step differentiates the forward in reverse mode (gradients, statistics) and,
 the quadratic model of ``lr="auto"``, in forward mode (``torch.func.jvp``). Some fused
 kernels have no forward-mode derivative; :func:`attention_math_form` replaces them by
 their composite form, which computes the same function from differentiable ops.
+
+:data:`STEP_REWRITES` run later, on the instrumented forward only (after the blocks are
+matched on the canonical forms): they change how an op is spelled in the generated step,
+not what the passes see.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import operator
 import torch
 from torch.fx import Graph, Node
 
-from .graph_utils import aten, insert_call, schema_args
+from .graph_utils import aten, insert_call, ndim, schema_args
 
 #: Fused attention ops (no forward-mode AD on CPU): ``scaled_dot_product_attention`` dispatches to them.
 FUSED_ATTENTION = (aten.scaled_dot_product_attention.default,)
@@ -82,5 +86,140 @@ def _reshape_views_of(node: Node) -> None:
             pending.append(user)
 
 
+def bias_after_linear(graph: Graph) -> int:
+    """``aten.linear(x, W, b)`` with ``x`` not 2-D -> ``aten.linear(x, W) + b``: the same values.
+
+    Under ``torch.func`` transforms (the step differentiates its forward with
+    ``torch.func.vjp``), ``aten.linear`` with a bias decomposes through a contiguity check
+    of the functorch-wrapped input that reads its sizes as plain integers, and so fixes
+    every dim of ``x`` to the example's: the step's graph would guard on the batch size and
+    sequence length, and a batch of another size would compile the step again. Without
+    the bias (and for 2-D ``x``, which goes to ``addmm`` directly) the sizes stay symbolic.
+    Returns the number of rewritten nodes.
+    """
+    count = 0
+    for node in list(graph.nodes):
+        if (node.op != "call_function" or node.target is not aten.linear.default or len(node.args) < 3
+                or node.args[2] is None or ndim(node.args[0]) == 2):
+            continue
+        x, weight, bias = node.args
+        linear = insert_call(graph, node, aten.linear.default, (x, weight), meta_from=node)
+        biased = insert_call(graph, node, aten.add.Tensor, (linear, bias), meta_from=node)
+        node.replace_all_uses_with(biased)
+        graph.erase_node(node)
+        count += 1
+    return count
+
+
+def embedding_as_index(graph: Graph) -> int:
+    """``aten.embedding(W, i, padding_idx)`` -> ``W[i]``, with no gradient through the rows ``i == padding_idx``.
+
+    The same values and the same first derivatives. What differs is the second: the
+    curvature products of ``lr="auto"`` differentiate the backward pass, and the double
+    backward of ``aten.embedding`` (torch 2.13's ``embedding_dense_double_backward``) reads
+    the indices' sizes as plain integers, which fixes the batch size and sequence length
+    of the compiled step to the example's; indexing's double backward keeps them symbolic.
+    A ``padding_idx`` row gets no gradient from ``aten.embedding``; here the lookups of it
+    are detached (``where(i == padding_idx, W[i].detach(), W[i])``). Lookups with
+    ``scale_grad_by_freq`` or ``sparse`` stay as they are. Returns the number of rewritten nodes.
+    """
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not aten.embedding.default:
+            continue
+        args = schema_args(node)
+        if args["scale_grad_by_freq"] or args["sparse"]:
+            continue
+        weight, indices, padding_idx = args["weight"], args["indices"], args["padding_idx"]
+        rows = insert_call(graph, node, aten.index.Tensor, (weight, [indices]), meta_from=node)
+        if padding_idx >= 0:
+            value = indices.meta["val"]
+            padding = insert_call(graph, node, aten.eq.Scalar, (indices, padding_idx))
+            padding.meta["val"] = value == padding_idx
+            column = insert_call(graph, node, aten.unsqueeze.default, (padding, -1))
+            column.meta["val"] = padding.meta["val"].unsqueeze(-1)
+            fixed = insert_call(graph, node, aten.detach.default, (rows,), meta_from=node)
+            rows = insert_call(graph, node, aten.where.self, (column, fixed, rows), meta_from=node)
+        node.replace_all_uses_with(rows)
+        graph.erase_node(node)
+        count += 1
+    return count
+
+
+#: Batch norm ops of a captured graph -> ``(running statistics, training)``: the positions of
+#: ``running_mean``/``running_var`` in the arguments (``None``: no running statistics), and whether
+#: the op normalizes with the batch's statistics.
+BATCH_NORMS = {
+    aten._native_batch_norm_legit_functional.default: ((3, 4), True),
+    aten._native_batch_norm_legit_no_training.default: ((3, 4), False),
+    aten._native_batch_norm_legit.no_stats: (None, True),
+}
+
+
+def batch_norm_composite(graph: Graph) -> int:
+    r"""Batch norm ops -> the mean, variance and affine map they compute, written with reductions and pointwise ops.
+
+    Over the dims :math:`R` of ``x`` other than the channels (dim 1), in training mode
+    :math:`\mu = \mathrm{mean}_R\,x`, :math:`\sigma^2 = \mathrm{var}_R\,x` (biased) and
+    :math:`y = (x - \mu) / \sqrt{\sigma^2 + \epsilon} \cdot w + b`; the running statistics become
+    :math:`(1 - m) \bar\mu + m \mu` and :math:`(1 - m) \bar\sigma^2 + m \hat\sigma^2`, with
+    :math:`\hat\sigma^2` the unbiased variance (as ``nn.BatchNorm`` updates them). In eval mode
+    :math:`\mu, \sigma^2` are the running statistics. The op's other outputs (the saved mean and
+    inverse standard deviation) are :math:`\mu` and :math:`1/\sqrt{\sigma^2 + \epsilon}`.
+
+    The same values and first derivatives; the second derivatives differ in how they are
+    traced: torch 2.13's double backward of batch norm (``batchnorm_double_backward``) and
+    its forward-mode derivative read the input's sizes as plain integers, which fixes the
+    batch size of the compiled step to the example's. Returns the number of rewritten nodes.
+    """
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in BATCH_NORMS:
+            continue
+        running, training = BATCH_NORMS[node.target]
+        args = schema_args(node)
+        x, weight, bias, momentum, eps = args["input"], args["weight"], args["bias"], args["momentum"], args["eps"]
+        rank = ndim(x)
+        dims = [0] + list(range(2, rank))
+        channel = [-1] + [1] * (rank - 2)  # a (C,) vector shaped to broadcast over (N, C, *spatial)
+
+        def call(target, *call_args, **kwargs) -> Node:
+            new = insert_call(graph, node, target, call_args)
+            new.kwargs = kwargs
+            return new
+
+        if training:
+            var_mean = call(aten.var_mean.correction, x, dims, correction=0, keepdim=True)
+            var, mean = call(operator.getitem, var_mean, 0), call(operator.getitem, var_mean, 1)
+        else:
+            mean, var = (call(aten.reshape.default, args[name], channel) for name in ("running_mean", "running_var"))
+        rstd = call(aten.rsqrt.default, call(aten.add.Tensor, var, eps))
+        y = call(aten.mul.Tensor, call(aten.sub.Tensor, x, mean), rstd)
+        if weight is not None:
+            y = call(aten.mul.Tensor, y, call(aten.reshape.default, weight, channel))
+        if bias is not None:
+            y = call(aten.add.Tensor, y, call(aten.reshape.default, bias, channel))
+        outputs: dict[int, Node] = {0: y, 1: call(aten.reshape.default, mean, [-1]),
+                                    2: call(aten.reshape.default, rstd, [-1])}
+        if running is not None and training:
+            unbiased = call(aten.var.correction, x, dims, correction=1)
+            for index, position, batch in ((3, running[0], outputs[1]), (4, running[1], unbiased)):
+                kept = call(aten.mul.Tensor, node.args[position], 1 - momentum)
+                outputs[index] = call(aten.add.Tensor, kept, call(aten.mul.Tensor, batch, momentum))
+        for user in list(node.users):
+            if user.op != "call_function" or user.target is not operator.getitem or user.args[1] not in outputs:
+                raise AssertionError(f"curvgraph: unexpected use '{user.name}' of batch norm '{node.name}'")
+            replacement = outputs[user.args[1]]
+            replacement.meta["val"] = user.meta.get("val")
+            user.replace_all_uses_with(replacement)
+            graph.erase_node(user)
+        graph.erase_node(node)
+        count += 1
+    return count
+
+
 #: The rewrites :func:`curvgraph.passes.build_plan` runs before the kinds' own.
 GRAPH_REWRITES = (attention_math_form,)
+
+#: The rewrites :func:`curvgraph.instrument.instrument` runs on the instrumented forward: ``graph -> count``.
+STEP_REWRITES = (bias_after_linear, embedding_as_index, batch_norm_composite)

@@ -1,0 +1,192 @@
+"""The step keeps the batch size symbolic: a batch of another size runs the graph already compiled.
+
+torch 2.13 fixes the batch size of a traced graph wherever a kernel reads its tensors' sizes
+as plain integers; the step meets that in ``aten.linear`` with a bias and ``aten.embedding``
+under ``torch.func``, and in the double backward of convolution and batch norm, which the
+curvature products of ``lr="auto"`` differentiate. The step's rewrites
+(:data:`curvgraph.passes.forms.STEP_REWRITES`) and the symbolic convolution double backward
+(:func:`curvgraph.runtime.convolution_double_backward`) must compute what the ops they
+replace compute, to the second derivative: each is checked here against the op itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.fx import GraphModule
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import curvgraph
+from curvgraph.passes.forms import batch_norm_composite, bias_after_linear, embedding_as_index
+from curvgraph.runtime import convolution_double_backward
+
+aten = torch.ops.aten
+
+
+def rewritten(fn, example: tuple, rewrite) -> tuple[GraphModule, GraphModule]:
+    """``fn`` traced with symbolic sizes as it is, and with ``rewrite`` applied (which must rewrite one node)."""
+    original = make_fx(fn, tracing_mode="symbolic", pre_dispatch=True)(*example)  # keeps composite ops
+    graph = copy.deepcopy(original.graph)
+    assert rewrite(graph) == 1
+    graph.eliminate_dead_code()
+    graph.lint()
+    return original, GraphModule(original, graph)
+
+
+def derivatives(module: GraphModule, inputs: tuple, wrt: tuple[int, ...], seed: int = 0) -> list[torch.Tensor]:
+    """The outputs, their vector-Jacobian product with the inputs ``wrt`` for a random cotangent ``u``, and the
+    product of the transposed map ``u -> J^T u`` with a random ``v`` (what the step's curvature products compute)."""
+    g = torch.Generator().manual_seed(seed)
+    outputs = module(*inputs)
+    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    first = outputs[0]
+
+    def pullback(u):
+        def f(*args):
+            full = list(inputs)
+            for i, a in zip(wrt, args):
+                full[i] = a
+            out = module(*full)
+            return out[0] if isinstance(out, (tuple, list)) else out
+        _, vjp = torch.func.vjp(f, *(inputs[i] for i in wrt))
+        return vjp(u)
+
+    u = torch.randn(first.shape, generator=g, dtype=first.dtype)
+    grads = pullback(u)
+    v = tuple(torch.randn(gr.shape, generator=g, dtype=gr.dtype) for gr in grads)
+    _, transposed = torch.func.vjp(pullback, torch.zeros_like(first))
+    return [*outputs, *grads, *transposed(v)]
+
+
+def assert_same_derivatives(fn, inputs: tuple, wrt: tuple[int, ...], rewrite) -> None:
+    original, new = rewritten(fn, inputs, rewrite)
+    for got, expected in zip(derivatives(new, inputs, wrt), derivatives(original, inputs, wrt), strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+def test_linear_with_bias_on_a_3d_input():
+    inputs = tuple(torch.randn(*s, dtype=torch.float64) for s in ((4, 5, 3), (6, 3), (6,)))
+    assert_same_derivatives(lambda x, w, b: aten.linear.default(x, w, b), inputs, (0, 1, 2), bias_after_linear)
+
+
+@pytest.mark.parametrize("padding_idx", [-1, 2])
+def test_embedding_as_index(padding_idx):
+    """Same lookups and derivatives; the padding row gets no gradient, as from ``aten.embedding``."""
+    weight, indices = torch.randn(5, 3, dtype=torch.float64), torch.tensor([[0, 2, 4], [2, 1, 2]])
+    fn = lambda w, i: aten.embedding.default(w, i, padding_idx)  # noqa: E731
+    assert_same_derivatives(fn, (weight, indices), (0,), embedding_as_index)
+    _, new = rewritten(fn, (weight, indices), embedding_as_index)
+    grad = torch.func.grad(lambda w: new(w, indices).sum())(weight)
+    assert bool((grad[2] == 0).all()) == (padding_idx == 2)
+
+
+@pytest.mark.parametrize("op", ["functional", "no_training", "no_stats"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_composite(op, affine):
+    """The normalized output, the new running statistics and their first and second derivatives."""
+    g = torch.Generator().manual_seed(0)
+    x = 1.5 + 2 * torch.randn(6, 3, 4, 5, generator=g, dtype=torch.float64)
+    w, b = torch.randn(3, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
+    rm, rv = torch.randn(3, generator=g, dtype=torch.float64), 1 + torch.rand(3, generator=g, dtype=torch.float64)
+
+    def fn(x, w, b, rm, rv):
+        w, b = (w, b) if affine else (None, None)
+        if op == "functional":  # the output and the new running statistics
+            result = aten._native_batch_norm_legit_functional.default(x, w, b, rm, rv, True, 0.1, 1e-5)
+            return result[0], result[3], result[4]
+        if op == "no_training":
+            return aten._native_batch_norm_legit_no_training.default(x, w, b, rm, rv, 0.1, 1e-5)[0]
+        return aten._native_batch_norm_legit.no_stats(x, w, b, True, 0.1, 1e-5)[0]
+
+    assert_same_derivatives(fn, (x, w, b, rm, rv), (0, 1, 2) if affine else (0,), batch_norm_composite)
+
+
+# (dims, stride, padding, dilation, transposed, output_padding, groups, in channels, out channels)
+CONVOLUTIONS = [
+    (2, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, 3, 4),
+    (2, [2, 2], [1, 0], [1, 2], False, [0, 0], 2, 4, 6),
+    (1, [2], [2], [1], False, [0], 1, 2, 5),
+    (2, [2, 2], [1, 1], [1, 1], True, [1, 0], 1, 3, 4),
+    (3, [1, 1, 1], [0, 0, 0], [1, 1, 1], False, [0, 0, 0], 3, 3, 3),
+    (2, [1, 1], [1, 1], [1, 1], False, [0, 0], 4, 4, 4),
+]
+
+
+@pytest.mark.parametrize("case", CONVOLUTIONS)
+def test_convolution_double_backward_matches_the_kernel(case):
+    """Every output the mask asks for, for every combination of the cotangents present."""
+    dims, stride, padding, dilation, transposed, output_padding, groups, cin, cout = case
+    args = (stride, padding, dilation, transposed, output_padding, groups)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, cin, *[7] * dims, generator=g, dtype=torch.float64)
+    w = torch.randn(*((cin, cout // groups) if transposed else (cout, cin // groups)), *[3] * dims, generator=g,
+                    dtype=torch.float64)
+    gO = torch.randn_like(aten.convolution(x, w, None, *args))
+    cotangents = (torch.randn_like(x), torch.randn_like(w), torch.randn(gO.shape[1], generator=g, dtype=torch.float64))
+    for present in itertools.product([True, False], repeat=3):
+        given = [t if p else None for t, p in zip(cotangents, present)]
+        for mask in ([True, True, True], [True, False, False], [False, True, True]):
+            expected = aten._convolution_double_backward(*given, gO, w, x, *args, mask)
+            got = convolution_double_backward(*given, gO, w, x, *args, mask)
+            for e, r, wanted in zip(expected, got, mask):
+                if wanted and e is not None:
+                    torch.testing.assert_close(r, e)
+
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+
+
+def test_char_transformer_runs_any_batch_and_length_in_one_graph():
+    """A tied embedding, ``nn.TransformerEncoderLayer`` (3-d linears with biases) and the default mode, whose
+    curvature products differentiate the backward: batches of other sizes and shorter sequences compile nothing."""
+    from torch._dynamo.utils import counters
+
+    from char_transformer import CharTransformer
+
+    torch.manual_seed(0)
+    model = CharTransformer(20, 16, 2, 1, 12)
+    g = torch.Generator().manual_seed(0)
+
+    def batch(n: int, t: int = 12):
+        tokens = torch.randint(0, 20, (n, t + 1), generator=g)
+        return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+    x, y = batch(8)
+    opt = curvgraph.compile(model, (x,), loss="token_cross_entropy", backend="aot_eager", seed=0, progress=False)
+    assert "output_jvps(" in opt.source
+    opt.step((x,), y)
+    graphs = counters["stats"]["unique_graphs"]
+    for n, t in ((5, 12), (11, 12), (3, 7)):
+        x, y = batch(n, t)
+        assert torch.isfinite(opt.step((x,), y))
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert opt.skipped_steps == 0
+
+
+def test_conv_batchnorm_default_mode_runs_any_batch_in_one_graph():
+    """Convolutions and batch norm under the default mode (curvature products through their double backward)."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2),
+                          nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 3 * 3, 5))
+    g = torch.Generator().manual_seed(0)
+
+    def batch(n: int):
+        return torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 5, (n,), generator=g)
+
+    x, y = batch(10)
+    opt = curvgraph.compile(model, (x,), backend="aot_eager", seed=0, progress=False)
+    assert "output_jvps(" in opt.source  # the curvature products differentiate the backward
+    opt.step(x, y)
+    graphs = counters["stats"]["unique_graphs"]
+    for n in (7, 13, 4):  # below 16: at 16 torch's CPU convolution picks another backend, a guard of its own
+        assert torch.isfinite(opt.step(*batch(n)))
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert opt.skipped_steps == 0

@@ -198,8 +198,9 @@ def test_a_second_compile_loads_the_cached_graphs(adaptive_runs):
     """Warm start: compiling the same step again (as a new process would, after ``torch._dynamo.reset()``) loads
     its graph from AOT autograd's cache, which torch 2.13 bypasses for graphs with a ``torch.cond`` or
     ``torch.func.jvp`` unless the step marks them cacheable, and the loaded step trains the same as the compiled
-    one. One graph: the default schedule has statistics in every step, and the smaller last batch of
-    :func:`data` runs the same graph (its curvature products' double backward keeps the batch size symbolic)."""
+    one. Two graphs, although the default schedule has statistics in every step: the smaller last batch of
+    :func:`data` compiles the step again, as the double backward of batch norm (which the curvature products
+    differentiate) fixes the batch size in torch 2.13 (see test_symbolic_sizes.py)."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -214,7 +215,7 @@ def test_a_second_compile_loads_the_cached_graphs(adaptive_runs):
         torch.set_default_dtype(previous)
     hits = counters["aot_autograd"]["autograd_cache_hit"] - before.get("autograd_cache_hit", 0)
     bypasses = counters["aot_autograd"]["autograd_cache_bypass"] - before.get("autograd_cache_bypass", 0)
-    assert (hits, bypasses) == (1, 0)
+    assert (hits, bypasses) == (2, 0)
     assert losses == adaptive_runs["inductor"][2]
 
 

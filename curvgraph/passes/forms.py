@@ -146,80 +146,8 @@ def embedding_as_index(graph: Graph) -> int:
     return count
 
 
-#: Batch norm ops of a captured graph -> ``(running statistics, training)``: the positions of
-#: ``running_mean``/``running_var`` in the arguments (``None``: no running statistics), and whether
-#: the op normalizes with the batch's statistics.
-BATCH_NORMS = {
-    aten._native_batch_norm_legit_functional.default: ((3, 4), True),
-    aten._native_batch_norm_legit_no_training.default: ((3, 4), False),
-    aten._native_batch_norm_legit.no_stats: (None, True),
-}
-
-
-def batch_norm_composite(graph: Graph) -> int:
-    r"""Batch norm ops -> the mean, variance and affine map they compute, written with reductions and pointwise ops.
-
-    Over the dims :math:`R` of ``x`` other than the channels (dim 1), in training mode
-    :math:`\mu = \mathrm{mean}_R\,x`, :math:`\sigma^2 = \mathrm{var}_R\,x` (biased) and
-    :math:`y = (x - \mu) / \sqrt{\sigma^2 + \epsilon} \cdot w + b`; the running statistics become
-    :math:`(1 - m) \bar\mu + m \mu` and :math:`(1 - m) \bar\sigma^2 + m \hat\sigma^2`, with
-    :math:`\hat\sigma^2` the unbiased variance (as ``nn.BatchNorm`` updates them). In eval mode
-    :math:`\mu, \sigma^2` are the running statistics. The op's other outputs (the saved mean and
-    inverse standard deviation) are :math:`\mu` and :math:`1/\sqrt{\sigma^2 + \epsilon}`.
-
-    The same values and first derivatives; the second derivatives differ in how they are
-    traced: torch 2.13's double backward of batch norm (``batchnorm_double_backward``) and
-    its forward-mode derivative read the input's sizes as plain integers, which fixes the
-    batch size of the compiled step to the example's. Returns the number of rewritten nodes.
-    """
-    count = 0
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in BATCH_NORMS:
-            continue
-        running, training = BATCH_NORMS[node.target]
-        args = schema_args(node)
-        x, weight, bias, momentum, eps = args["input"], args["weight"], args["bias"], args["momentum"], args["eps"]
-        rank = ndim(x)
-        dims = [0] + list(range(2, rank))
-        channel = [-1] + [1] * (rank - 2)  # a (C,) vector shaped to broadcast over (N, C, *spatial)
-
-        def call(target, *call_args, **kwargs) -> Node:
-            new = insert_call(graph, node, target, call_args)
-            new.kwargs = kwargs
-            return new
-
-        if training:
-            var_mean = call(aten.var_mean.correction, x, dims, correction=0, keepdim=True)
-            var, mean = call(operator.getitem, var_mean, 0), call(operator.getitem, var_mean, 1)
-        else:
-            mean, var = (call(aten.reshape.default, args[name], channel) for name in ("running_mean", "running_var"))
-        rstd = call(aten.rsqrt.default, call(aten.add.Tensor, var, eps))
-        y = call(aten.mul.Tensor, call(aten.sub.Tensor, x, mean), rstd)
-        if weight is not None:
-            y = call(aten.mul.Tensor, y, call(aten.reshape.default, weight, channel))
-        if bias is not None:
-            y = call(aten.add.Tensor, y, call(aten.reshape.default, bias, channel))
-        outputs: dict[int, Node] = {0: y, 1: call(aten.reshape.default, mean, [-1]),
-                                    2: call(aten.reshape.default, rstd, [-1])}
-        if running is not None and training:
-            unbiased = call(aten.var.correction, x, dims, correction=1)
-            for index, position, batch in ((3, running[0], outputs[1]), (4, running[1], unbiased)):
-                kept = call(aten.mul.Tensor, node.args[position], 1 - momentum)
-                outputs[index] = call(aten.add.Tensor, kept, call(aten.mul.Tensor, batch, momentum))
-        for user in list(node.users):
-            if user.op != "call_function" or user.target is not operator.getitem or user.args[1] not in outputs:
-                raise AssertionError(f"curvgraph: unexpected use '{user.name}' of batch norm '{node.name}'")
-            replacement = outputs[user.args[1]]
-            replacement.meta["val"] = user.meta.get("val")
-            user.replace_all_uses_with(replacement)
-            graph.erase_node(user)
-        graph.erase_node(node)
-        count += 1
-    return count
-
-
 #: The rewrites :func:`curvgraph.passes.build_plan` runs before the kinds' own.
 GRAPH_REWRITES = (attention_math_form,)
 
 #: The rewrites :func:`curvgraph.instrument.instrument` runs on the instrumented forward: ``graph -> count``.
-STEP_REWRITES = (bias_after_linear, embedding_as_index, batch_norm_composite)
+STEP_REWRITES = (bias_after_linear, embedding_as_index)

@@ -48,7 +48,7 @@ def convolution_double_backward(ggI: Tensor | None, ggW: Tensor | None, ggb: Ten
     torch 2.13's C++ kernel reads its tensors' sizes as plain integers, so tracing it (the
     step's curvature products differentiate its backward pass) fixes the batch size of the
     compiled step; this one only calls ops with symbolic sizes. ``None`` where ``output_mask``
-    is false or nothing contributes, as the kernel returns undefined tensors there.
+    is false (autograd reads only the outputs it asks for) or where no cotangent contributes.
     """
     args = (stride, padding, dilation, transposed, output_padding, groups)
     ggO = None
@@ -400,4 +400,5 @@ class ExportedStep:
 
 
 #: What an exported module copies from here, in order.
-EXPORTED = (initial_state, convolution_double_backward, symbolic_double_backward, compiled_step, model_tensors, at_offset_zero, mark_dynamic, StepRunner, ExportedStep)
+EXPORTED = (initial_state, convolution_double_backward, symbolic_double_backward, compiled_step, model_tensors,
+            at_offset_zero, mark_dynamic, StepRunner, ExportedStep)

@@ -99,10 +99,12 @@ def bias_after_linear(graph: Graph) -> int:
     """
     count = 0
     for node in list(graph.nodes):
-        if (node.op != "call_function" or node.target is not aten.linear.default or len(node.args) < 3
-                or node.args[2] is None or ndim(node.args[0]) == 2):
+        if node.op != "call_function" or node.target is not aten.linear.default:
             continue
-        x, weight, bias = node.args
+        args = schema_args(node)
+        x, weight, bias = args["input"], args["weight"], args["bias"]
+        if bias is None or ndim(x) == 2:
+            continue
         linear = insert_call(graph, node, aten.linear.default, (x, weight), meta_from=node)
         biased = insert_call(graph, node, aten.add.Tensor, (linear, bias), meta_from=node)
         node.replace_all_uses_with(biased)

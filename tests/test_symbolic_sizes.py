@@ -23,7 +23,7 @@ from torch.fx import GraphModule
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import curvgraph
-from curvgraph.passes.forms import bias_after_linear, embedding_as_index
+from curvgraph.passes.forms import embedding_as_index, linear_as_2d
 from curvgraph.runtime import convolution_double_backward
 
 aten = torch.ops.aten
@@ -70,9 +70,20 @@ def assert_same_derivatives(fn, inputs: tuple, wrt: tuple[int, ...], rewrite) ->
         torch.testing.assert_close(got, expected)
 
 
-def test_linear_with_bias_on_a_3d_input():
-    inputs = tuple(torch.randn(*s, dtype=torch.float64) for s in ((4, 5, 3), (6, 3), (6,)))
-    assert_same_derivatives(lambda x, w, b: aten.linear.default(x, w, b), inputs, (0, 1, 2), bias_after_linear)
+@pytest.mark.parametrize("shape", [(4, 5, 3), (2, 4, 5, 3), (3,)])
+def test_linear_with_bias_on_an_input_not_2d(shape):
+    inputs = tuple(torch.randn(*s, dtype=torch.float64) for s in (shape, (6, 3), (6,)))
+    assert_same_derivatives(lambda x, w, b: aten.linear.default(x, w, b), inputs, (0, 1, 2), linear_as_2d)
+
+
+def test_linear_rewrite_keeps_the_autocast_dtype():
+    """Under autocast the bias is cast with the rest, as in ``aten.linear``: the output stays bfloat16."""
+    inputs = (torch.randn(4, 5, 3), torch.randn(6, 3), torch.randn(6))
+    original, new = rewritten(lambda x, w, b: aten.linear.default(x, w, b), inputs, linear_as_2d)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = original(*inputs), new(*inputs)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected)
 
 
 @pytest.mark.parametrize("padding_idx", [-1, 2])

@@ -86,15 +86,16 @@ def _reshape_views_of(node: Node) -> None:
             pending.append(user)
 
 
-def bias_after_linear(graph: Graph) -> int:
-    """``aten.linear(x, W, b)`` with ``x`` not 2-D -> ``aten.linear(x, W) + b``: the same values.
+def linear_as_2d(graph: Graph) -> int:
+    """``aten.linear(x, W, b)`` with ``x`` of shape ``(*lead, d)``, not 2-D -> ``linear(x.reshape(-1, d), W, b)``
+    reshaped back to ``(*lead, o)``: the same values, dtypes (under autocast too) and derivatives.
 
     Under ``torch.func`` transforms (the step differentiates its forward with
-    ``torch.func.vjp``), ``aten.linear`` with a bias decomposes through a contiguity check
-    of the functorch-wrapped input that reads its sizes as plain integers, and so fixes
-    every dim of ``x`` to the example's: the step's graph would guard on the batch size and
-    sequence length, and a batch of another size would compile the step again. Without
-    the bias (and for 2-D ``x``, which goes to ``addmm`` directly) the sizes stay symbolic.
+    ``torch.func.vjp``), ``aten.linear`` with a bias and an input that is not 2-D decomposes
+    through a contiguity check of the functorch-wrapped input that reads its sizes as plain
+    integers, and so fixes every dim of ``x`` to the example's: the step's graph would guard
+    on the batch size and sequence length, and a batch of another size would compile the
+    step again. A 2-D input goes to ``addmm`` directly, and the sizes stay symbolic.
     Returns the number of rewritten nodes.
     """
     count = 0
@@ -103,11 +104,18 @@ def bias_after_linear(graph: Graph) -> int:
             continue
         args = schema_args(node)
         x, weight, bias = args["input"], args["weight"], args["bias"]
-        if bias is None or ndim(x) == 2:
+        rank = ndim(x)
+        if bias is None or rank in (-1, 2):
             continue
-        linear = insert_call(graph, node, aten.linear.default, (x, weight), meta_from=node)
-        biased = insert_call(graph, node, aten.add.Tensor, (linear, bias), meta_from=node)
-        node.replace_all_uses_with(biased)
+        def size(tensor: Node, dim: int) -> int | Node:  # a static size as it is, a symbolic one read in the graph
+            value = tensor.meta["val"].shape[dim]
+            return value if isinstance(value, int) else insert_call(graph, node, aten.sym_size.int, (tensor, dim))
+
+        lead = [insert_call(graph, node, aten.sym_size.int, (x, i)) for i in range(rank - 1)]
+        rows = insert_call(graph, node, aten.reshape.default, (x, [-1, size(x, -1)]))
+        linear = insert_call(graph, node, aten.linear.default, (rows, weight, bias))
+        output = insert_call(graph, node, aten.reshape.default, (linear, [*lead, size(weight, 0)]), meta_from=node)
+        node.replace_all_uses_with(output)
         graph.erase_node(node)
         count += 1
     return count
@@ -152,4 +160,4 @@ def embedding_as_index(graph: Graph) -> int:
 GRAPH_REWRITES = (attention_math_form,)
 
 #: The rewrites :func:`curvgraph.instrument.instrument` runs on the instrumented forward: ``graph -> count``.
-STEP_REWRITES = (bias_after_linear, embedding_as_index)
+STEP_REWRITES = (linear_as_2d, embedding_as_index)

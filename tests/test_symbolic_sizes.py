@@ -40,28 +40,24 @@ def rewritten(fn, example: tuple, rewrite) -> tuple[GraphModule, GraphModule]:
 
 
 def derivatives(module: GraphModule, inputs: tuple, wrt: tuple[int, ...], seed: int = 0) -> list[torch.Tensor]:
-    """The outputs, their vector-Jacobian product with the inputs ``wrt`` for a random cotangent ``u``, and the
+    """The output, its vector-Jacobian product with the inputs ``wrt`` for a random cotangent ``u``, and the
     product of the transposed map ``u -> J^T u`` with a random ``v`` (what the step's curvature products compute)."""
     g = torch.Generator().manual_seed(seed)
-    outputs = module(*inputs)
-    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
-    first = outputs[0]
+    output = module(*inputs)
 
     def pullback(u):
         def f(*args):
             full = list(inputs)
             for i, a in zip(wrt, args):
                 full[i] = a
-            out = module(*full)
-            return out[0] if isinstance(out, (tuple, list)) else out
+            return module(*full)
         _, vjp = torch.func.vjp(f, *(inputs[i] for i in wrt))
         return vjp(u)
 
-    u = torch.randn(first.shape, generator=g, dtype=first.dtype)
-    grads = pullback(u)
+    grads = pullback(torch.randn(output.shape, generator=g, dtype=output.dtype))
     v = tuple(torch.randn(gr.shape, generator=g, dtype=gr.dtype) for gr in grads)
-    _, transposed = torch.func.vjp(pullback, torch.zeros_like(first))
-    return [*outputs, *grads, *transposed(v)]
+    _, transposed = torch.func.vjp(pullback, torch.zeros_like(output))
+    return [output, *grads, *transposed(v)]
 
 
 def assert_same_derivatives(fn, inputs: tuple, wrt: tuple[int, ...], rewrite) -> None:

@@ -107,18 +107,21 @@ def linear_as_2d(graph: Graph) -> int:
         rank = ndim(x)
         if bias is None or rank in (-1, 2):
             continue
-        def size(tensor: Node, dim: int) -> int | Node:  # a static size as it is, a symbolic one read in the graph
-            value = tensor.meta["val"].shape[dim]
-            return value if isinstance(value, int) else insert_call(graph, node, aten.sym_size.int, (tensor, dim))
-
-        lead = [insert_call(graph, node, aten.sym_size.int, (x, i)) for i in range(rank - 1)]
-        rows = insert_call(graph, node, aten.reshape.default, (x, [-1, size(x, -1)]))
+        lead = [_size(graph, node, x, i) for i in range(rank - 1)]
+        rows = insert_call(graph, node, aten.reshape.default, (x, [-1, _size(graph, node, x, -1)]))
         linear = insert_call(graph, node, aten.linear.default, (rows, weight, bias))
-        output = insert_call(graph, node, aten.reshape.default, (linear, [*lead, size(weight, 0)]), meta_from=node)
+        output = insert_call(graph, node, aten.reshape.default, (linear, [*lead, _size(graph, node, weight, 0)]),
+                             meta_from=node)
         node.replace_all_uses_with(output)
         graph.erase_node(node)
         count += 1
     return count
+
+
+def _size(graph: Graph, before: Node, tensor: Node, dim: int) -> int | Node:
+    """Size ``dim`` of ``tensor``: a static size as it is, a symbolic one read by a ``sym_size`` node before ``before``."""
+    value = tensor.meta["val"].shape[dim]
+    return value if isinstance(value, int) else insert_call(graph, before, aten.sym_size.int, (tensor, dim))
 
 
 def embedding_as_index(graph: Graph) -> int:

@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import functools
 import io
+import itertools
 import logging
 import os
 import traceback
@@ -33,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from . import leaf
 from .errors import ConfigError, CurvgraphError, TraceError
@@ -356,6 +358,7 @@ def trace(model: nn.Module, example_inputs: tuple[Tensor, ...], substitute: Subs
         for module, training in modes.items():
             module.training = training
     leaf.retarget(program.graph_module.graph)
+    _einsum_paths(program.graph_module.graph)
     return _from_program(model, program, example_inputs)
 
 
@@ -427,7 +430,7 @@ def _substituted(model: nn.Module, substitute: Substitute | None) -> Iterator[No
 def _export(model: nn.Module, example_inputs: tuple[Tensor, ...], keys: tuple[str, ...] | None) -> ExportedProgram:
     inputs = tuple(t.detach() for t in example_inputs)
     try:
-        with _quiet_export():
+        with _quiet_export(), _without_einsum_path_search():
             program = torch.export.export(model, **_arguments(inputs, keys, dynamic=True))
             return program.run_decompositions({})
     except CurvgraphError:  # ours, raised from the model's call (e.g. the output selection): already worded
@@ -435,6 +438,41 @@ def _export(model: nn.Module, example_inputs: tuple[Tensor, ...], keys: tuple[st
     except Exception as exc:  # translated below, never swallowed
         failure = exc
     raise _translate_export_error(model, example_inputs, keys, _with_static_sizes(model, inputs, keys, failure)) from failure
+
+
+@contextlib.contextmanager
+def _without_einsum_path_search() -> Iterator[None]:
+    """``torch.backends.opt_einsum.enabled = False`` while the model is captured (see :func:`_einsum_paths`).
+
+    Set and restored directly: ``torch.backends.opt_einsum.flags`` fails on exit where the user
+    had disabled it already (it restores a strategy along with ``enabled=False``)."""
+    enabled = torch.backends.opt_einsum.enabled
+    torch.backends.opt_einsum.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.opt_einsum.enabled = enabled
+
+
+def _einsum_paths(graph: torch.fx.Graph) -> None:
+    """Give each einsum of three or more operands the contraction order ``torch.einsum`` picks at the example sizes.
+
+    The model is captured with ``torch.backends.opt_einsum`` off: its path search reads the
+    operands' sizes as integers, which pins the batch size of the captured graph (a batch of
+    another size would be rejected). Here the path is chosen as ``torch.einsum`` chooses it
+    eagerly (``opt_einsum.contract_path`` with ``torch.backends.opt_einsum.strategy``), from the
+    example inputs' sizes, and kept for every size. Without ``opt_einsum`` installed, or with
+    ``torch.backends.opt_einsum.enabled = False``, an einsum contracts left to right, as in eager.
+    """
+    if not (torch.backends.opt_einsum.enabled and torch.backends.opt_einsum.is_available()):
+        return
+    contract_path = torch.backends.opt_einsum.get_opt_einsum().contract_path
+    for node in graph.find_nodes(op="call_function", target=torch.ops.aten.einsum.default):
+        equation, operands = node.args[:2]
+        if len(operands) > 2 and node.kwargs.get("path") is None:
+            shapes = [tuple(optimization_hint(size) for size in operand.meta["val"].shape) for operand in operands]
+            pairs = contract_path(equation, *shapes, shapes=True, optimize=torch.backends.opt_einsum.strategy)[0]
+            node.kwargs = {**node.kwargs, "path": list(itertools.chain.from_iterable(pairs))}
 
 
 def _arguments(inputs: tuple[Tensor, ...], keys: tuple[str, ...] | None, dynamic: bool) -> dict[str, Any]:

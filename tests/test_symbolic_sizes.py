@@ -3,7 +3,8 @@
 torch 2.13 fixes the batch size of a traced graph wherever a kernel reads its tensors' sizes
 as plain integers; the step meets that in ``aten.linear`` with a bias under ``torch.func``,
 and in the double backward of ``aten.embedding``, convolution and batch norm, which the
-curvature products of ``lr="auto"`` differentiate (batch norm's is not worked around). The step's rewrites
+curvature products of ``lr="auto"`` differentiate (batch norm's is not worked around); the capture meets it in
+``opt_einsum``'s path search for einsums of three or more operands. The step's rewrites
 (:data:`curvgraph.passes.forms.STEP_REWRITES`) and the symbolic convolution double backward
 (:func:`curvgraph.runtime.convolution_double_backward`) must compute what the ops they
 replace compute, to the second derivative: each is checked here against the op itself.
@@ -25,6 +26,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import curvgraph
 from curvgraph.passes.forms import embedding_as_index, linear_as_2d
 from curvgraph.runtime import convolution_double_backward
+from curvgraph.trace import trace
 
 aten = torch.ops.aten
 
@@ -161,7 +163,8 @@ def test_conv_default_mode_runs_any_batch_in_one_graph():
     Batch norm is not here: torch 2.13's double backward of batch norm still fixes the batch size (a model with
     batch norm compiles its default-mode step once per batch size). Written out as its reductions in the step,
     batch norm kept the batch size symbolic, but Inductor fused it into the convolution statistics' patch
-    kernels of a ResNet-style CNN and made its step 1.5x slower, so it was not kept."""
+    kernels of a ResNet-style CNN and made its step 1.5x slower, so it was not kept; so did its backward alone traced
+    as ops (1.4-1.5x)."""
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
@@ -181,3 +184,47 @@ def test_conv_default_mode_runs_any_batch_in_one_graph():
         assert torch.isfinite(opt.step(*batch(n)))
     assert counters["stats"]["unique_graphs"] == graphs
     assert opt.skipped_steps == 0
+
+
+class Bilinear(nn.Module):
+    """A three-operand einsum on the batch, as in the zoo's einsum model: ``torch.einsum`` picks its
+    contraction path with ``opt_einsum`` from the operands' sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 4)
+        self.form = nn.Parameter(torch.randn(3, 4, 4) / 4)
+
+    def forward(self, x):
+        z = self.embed(x)
+        return torch.einsum("ni,cij,nj->nc", z, self.form, z)
+
+
+def einsum_paths(model: nn.Module, x: torch.Tensor) -> list:
+    """The ``path`` of each einsum of more than two operands in the captured graph."""
+    return [node.kwargs.get("path") for node in trace(model, (x,)).graph.find_nodes(
+        op="call_function", target=aten.einsum.default) if len(node.args[1]) > 2]
+
+
+@pytest.mark.skipif(not torch.backends.opt_einsum.is_available(), reason="opt_einsum's path search pins the batch")
+def test_three_operand_einsum_keeps_the_batch_symbolic_and_torch_s_path(monkeypatch):
+    """Captured with opt_einsum's size-reading path search, the batch size was pinned and a batch of another size
+    rejected with an InputError; now it runs the compiled graph, contracting in the order torch.einsum picks."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = Bilinear()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 6, generator=g), torch.randint(0, 3, (12,), generator=g)
+    opt = curvgraph.compile(model, x, backend="aot_eager", seed=0, progress=False)
+    z = model.embed(x)
+    eager_path = torch.backends.opt_einsum.get_opt_einsum().contract_path(
+        "ni,cij,nj->nc", z, model.form, z, optimize=torch.backends.opt_einsum.strategy)[0]
+    assert einsum_paths(model, x) == [list(itertools.chain.from_iterable(eager_path))]
+    assert torch.isfinite(opt.step(x, y))
+    graphs = counters["stats"]["unique_graphs"]
+    for n in (7, 13, 3):
+        assert torch.isfinite(opt.step(torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)))
+    assert counters["stats"]["unique_graphs"] == graphs
+    monkeypatch.setattr(torch.backends.opt_einsum, "enabled", False)  # the user's setting: left to right, as eagerly
+    assert einsum_paths(model, x) == [None]

@@ -13,8 +13,9 @@ needs ``torch`` alone (and the standard library): no curvgraph imports.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -64,6 +65,75 @@ def convolution_double_backward(ggI: Tensor | None, ggW: Tensor | None, ggb: Ten
     if output_mask[2] and ggI is not None:
         gW = torch.ops.aten.convolution_backward(gO, ggI, weight, None, *args, [False, True, False])[1]
     return ggO, gI, gW
+
+
+def batch_norm_backward(grad_out: Tensor, input: Tensor, weight: Tensor | None, running_mean: Tensor | None,
+                        running_var: Tensor | None, save_mean: Tensor | None, save_invstd: Tensor | None, train: bool,
+                        eps: float, output_mask: Sequence[bool]) -> tuple[Tensor | None, ...]:
+    r"""``aten.native_batch_norm_backward`` from differentiable ops, so that its derivative keeps sizes symbolic.
+
+    With :math:`\hat x = (x - m)\,s` per channel (dim 1), :math:`n` the entries per channel,
+    :math:`\gamma` the weight (1 without one) and the output gradient :math:`g`:
+
+    * :math:`g_\beta = \sum g`, :math:`g_\gamma = \sum g \hat x` (sums over every dim but 1);
+    * in training, :math:`m` and :math:`s = (v + \epsilon)^{-1/2}` come from the batch's mean and
+      biased variance :math:`v`, which depend on :math:`x`:
+      :math:`g_x = \gamma s\,(g - (g_\beta + \hat x g_\gamma) / n)`;
+    * in evaluation, from the running statistics: :math:`g_x = \gamma s\, g`.
+
+    torch 2.13 differentiates the op with ``batchnorm_double_backward``, a C++ function that reads
+    its tensors' sizes as plain integers, so tracing the curvature products through it fixes the
+    batch size of the compiled step. Written as its math, with the training statistics recomputed
+    from ``input`` (``save_mean`` and ``save_invstd`` hold the same values but no derivative with
+    respect to it), the op is differentiated op by op. Half-precision inputs are computed in
+    float32, as by the kernel. ``None`` where ``output_mask`` is false.
+    """
+    dims = [d for d in range(input.dim()) if d != 1]
+    per_channel = [1, -1] + [1] * (input.dim() - 2)
+    dtype = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
+    x, g = input.to(dtype), grad_out.to(dtype)
+    if train:
+        variance, mean = torch.var_mean(x, dims, correction=0)
+        invstd = torch.rsqrt(variance + eps)
+    else:
+        mean, invstd = running_mean.to(dtype), torch.rsqrt(running_var.to(dtype) + eps)
+    normalized = (x - mean.reshape(per_channel)) * invstd.reshape(per_channel)
+    grad_bias = g.sum(dims)
+    grad_weight = (g * normalized).sum(dims)
+    if train:
+        count = x.numel() // x.shape[1]
+        g = g - (grad_bias.reshape(per_channel) + normalized * grad_weight.reshape(per_channel)) / count
+    scale = invstd if weight is None else invstd * weight.to(dtype)
+    parameter_dtype = input.dtype if weight is None else weight.dtype
+    return ((g * scale.reshape(per_channel)).to(input.dtype) if output_mask[0] else None,
+            grad_weight.to(parameter_dtype) if output_mask[1] else None,
+            grad_bias.to(parameter_dtype) if output_mask[2] else None)
+
+
+@contextlib.contextmanager
+def batch_norm_backward_as_ops(enabled: bool = True) -> Iterator[None]:
+    """While active (if ``enabled``), tracing differentiates batch norm's backward op by op (:func:`batch_norm_backward`).
+
+    :func:`batch_norm_backward` is registered as the Python kernel of
+    ``aten.native_batch_norm_backward``'s ``Autograd`` key, which only the tracers' Python
+    dispatcher consults: eager calls keep the C++ kernels. A step traced so keeps its batch size
+    symbolic through the curvature products, but runs slower (a ResNet-style CNN's step: 1.4-1.6x,
+    since Inductor fuses the backward's ops into the statistics' patch kernels), so
+    :class:`StepRunner` enables it only for a step whose inputs differ in shape from the first
+    step's: the first graph stays fixed to its batch size and fast, and a second, symbolic graph
+    serves every other batch size (a model with batch norm would otherwise compile one graph per
+    batch size, and fail at Dynamo's recompile limit).
+    """
+    op, key = torch.ops.aten.native_batch_norm_backward.default, torch._C.DispatchKey.Autograd
+    if not enabled or key in op.py_kernels:
+        yield
+        return
+    op.py_impl(key)(batch_norm_backward)
+    try:
+        yield
+    finally:
+        del op.py_kernels[key]
+        op._dispatch_cache.clear()
 
 
 def symbolic_double_backward() -> None:
@@ -214,6 +284,7 @@ class StepRunner:
         self.new_degenerate: list[int] = []
         self._hyper_values: dict[str, float] = {}
         self._hyper_tensors: dict[str, Tensor] = {}
+        self._first_shapes: tuple[torch.Size, ...] | None = None
 
     def use(self, step: Callable, noise_shape: Callable, switches: Callable,
             dynamic_dims: Sequence[Sequence[int]] = ()) -> None:
@@ -261,9 +332,23 @@ class StepRunner:
         mark_dynamic(batch, self.dynamic_dims, targets, noise)
         values = hyper_values(not self.factors_ready)
         hyper, switches = self.hyper(values), self.switches(values)
-        with torch.autocast(self.device.type, enabled=False):  # the step sets its own precision (compile's autocast)
-            loss, ok, degenerate = self.step_fn(tuple(params), tuple(frozen), tuple(buffers), tuple(constants), batch,
-                                                targets, self.state, hyper, noise, update_stats, refresh, switches)
+        shapes = tuple(t.shape for t in batch)
+        self._first_shapes = self._first_shapes or shapes
+        # the step sets its own precision (compile's autocast)
+        with torch.autocast(self.device.type, enabled=False), batch_norm_backward_as_ops(shapes != self._first_shapes):
+            try:
+                loss, ok, degenerate = self.step_fn(tuple(params), tuple(frozen), tuple(buffers), tuple(constants),
+                                                    batch, targets, self.state, hyper, noise, update_stats, refresh,
+                                                    switches)
+            except torch._dynamo.exc.FailOnRecompileLimitHit as exc:
+                raise RuntimeError(
+                    f"curvgraph: the step was compiled {torch._dynamo.config.recompile_limit} times "
+                    f"(torch._dynamo.config.recompile_limit), and inputs of shapes {[tuple(s) for s in shapes]} "
+                    "need another graph; nothing was changed. A graph is compiled for each combination of what the "
+                    "model fixes in the step: shapes (batch sizes below 16 on CPU convolutions; every batch size of "
+                    "a model whose backward has no derivative, such as hardswish), dtypes, train/eval modes. Feed "
+                    "fewer distinct shapes (e.g. drop_last=True, or pad to a few sizes) or raise "
+                    "torch._dynamo.config.recompile_limit.") from exc
         self.step_count += 1
         self._record_degenerate(degenerate)
         ok = bool(ok)
@@ -400,5 +485,6 @@ class ExportedStep:
 
 
 #: What an exported module copies from here, in order.
-EXPORTED = (initial_state, convolution_double_backward, symbolic_double_backward, compiled_step, model_tensors,
-            at_offset_zero, mark_dynamic, StepRunner, ExportedStep)
+EXPORTED = (initial_state, convolution_double_backward, batch_norm_backward, batch_norm_backward_as_ops,
+            symbolic_double_backward, compiled_step, model_tensors, at_offset_zero, mark_dynamic, StepRunner,
+            ExportedStep)

@@ -200,7 +200,8 @@ def test_a_second_compile_loads_the_cached_graphs(adaptive_runs):
     ``torch.func.jvp`` unless the step marks them cacheable, and the loaded step trains the same as the compiled
     one. Two graphs, although the default schedule has statistics in every step: the smaller last batch of
     :func:`data` compiles the step again, as the double backward of batch norm (which the curvature products
-    differentiate) fixes the batch size in torch 2.13 (see test_symbolic_sizes.py)."""
+    differentiate) fixes the batch size of the first graph in torch 2.13; the second one serves every other batch
+    size (see test_symbolic_sizes.py)."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()

@@ -3,11 +3,13 @@
 torch 2.13 fixes the batch size of a traced graph wherever a kernel reads its tensors' sizes
 as plain integers; the step meets that in ``aten.linear`` with a bias under ``torch.func``,
 and in the double backward of ``aten.embedding``, convolution and batch norm, which the
-curvature products of ``lr="auto"`` differentiate (batch norm's is not worked around); the capture meets it in
-``opt_einsum``'s path search for einsums of three or more operands. The step's rewrites
-(:data:`curvgraph.passes.forms.STEP_REWRITES`) and the symbolic convolution double backward
-(:func:`curvgraph.runtime.convolution_double_backward`) must compute what the ops they
-replace compute, to the second derivative: each is checked here against the op itself.
+curvature products of ``lr="auto"`` differentiate (batch norm's is worked around from a
+model's second graph on); the capture meets it in ``opt_einsum``'s path search for einsums
+of three or more operands. The step's rewrites (:data:`curvgraph.passes.forms.STEP_REWRITES`),
+the symbolic convolution double backward (:func:`curvgraph.runtime.convolution_double_backward`)
+and batch norm's backward traced as ops (:func:`curvgraph.runtime.batch_norm_backward_as_ops`)
+must compute what the ops they replace compute, to the second derivative: each is checked
+here against the op itself.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import curvgraph
 from curvgraph.passes.forms import embedding_as_index, linear_as_2d
-from curvgraph.runtime import convolution_double_backward
+from curvgraph.runtime import batch_norm_backward_as_ops, convolution_double_backward
 from curvgraph.trace import trace
 
 aten = torch.ops.aten
@@ -160,11 +162,11 @@ def test_char_transformer_runs_any_batch_and_length_in_one_graph():
 def test_conv_default_mode_runs_any_batch_in_one_graph():
     """Convolutions and group norm under the default mode (curvature products through their double backward).
 
-    Batch norm is not here: torch 2.13's double backward of batch norm still fixes the batch size (a model with
-    batch norm compiles its default-mode step once per batch size). Written out as its reductions in the step,
-    batch norm kept the batch size symbolic, but Inductor fused it into the convolution statistics' patch
-    kernels of a ResNet-style CNN and made its step 1.5x slower, so it was not kept; so did its backward alone traced
-    as ops (1.4-1.5x)."""
+    Batch norm is not here: torch 2.13's double backward of batch norm fixes the batch size of the first graph.
+    Written out as its reductions in the step, or with only its backward traced as ops, batch norm keeps the batch
+    size symbolic, but Inductor fuses it into the convolution statistics' patch kernels of a ResNet-style CNN and
+    the step takes 1.4-1.6x as long; so only a second graph, for every other batch size, is traced that way
+    (``test_batch_norm_default_mode_compiles_one_graph_for_every_other_batch_size``)."""
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
@@ -228,3 +230,77 @@ def test_three_operand_einsum_keeps_the_batch_symbolic_and_torch_s_path(monkeypa
     assert counters["stats"]["unique_graphs"] == graphs
     monkeypatch.setattr(torch.backends.opt_einsum, "enabled", False)  # the user's setting: left to right, as eagerly
     assert einsum_paths(model, x) == [None]
+
+
+def second_derivatives(fn, inputs: tuple, u: torch.Tensor, vs: tuple) -> tuple:
+    """The gradient of :math:`\\langle J^\\top u, v\\rangle` with respect to the inputs and ``u``: every second
+    derivative of ``fn`` that the op's double backward computes (reverse over reverse)."""
+    def inner(*args):
+        _, vjp = torch.func.vjp(fn, *args[:-1])
+        return sum((a * v).sum() for a, v in zip(vjp(args[-1]), vs))
+    return torch.func.grad(inner, argnums=tuple(range(len(inputs) + 1)))(*inputs, u)
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("shape, affine", [((7, 3), True), ((5, 3, 4), False), ((4, 3, 5, 2), True)])
+def test_batch_norm_backward_as_ops_matches_the_kernel(train, shape, affine):
+    """Traced with :func:`batch_norm_backward_as_ops`, batch norm has the C++ kernels' values, first derivatives
+    and every second derivative (the Python dispatcher, which tracers enable, is enabled here eagerly)."""
+    from torch._dispatch.python import enable_python_dispatcher
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    w, b, mean = (torch.randn(shape[1], generator=g, dtype=torch.float64) for _ in range(3))
+    var = torch.rand(shape[1], generator=g, dtype=torch.float64) + 0.5
+
+    def fn(x, w, b):
+        return torch.nn.functional.batch_norm(x, mean.clone(), var.clone(), w if affine else None,
+                                              b if affine else None, training=train, eps=1e-3)
+
+    inputs = (x, w, b)
+    u = torch.randn(shape, generator=g, dtype=torch.float64)
+    vs = tuple(torch.randn(t.shape, generator=g, dtype=torch.float64) for t in inputs)
+    expected = derivatives(fn, inputs, (0, 1, 2)), second_derivatives(fn, inputs, u, vs)
+    with enable_python_dispatcher(), batch_norm_backward_as_ops():
+        got = derivatives(fn, inputs, (0, 1, 2)), second_derivatives(fn, inputs, u, vs)
+    for got_part, expected_part in zip(got, expected):
+        for r, e in zip(got_part, expected_part, strict=True):
+            torch.testing.assert_close(r, e)
+    assert torch._C.DispatchKey.Autograd not in aten.native_batch_norm_backward.default.py_kernels
+
+
+def batch_norm_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def test_batch_norm_default_mode_compiles_one_graph_for_every_other_batch_size():
+    """Batch norm's double backward in torch 2.13 fixes the batch size: the first graph keeps it fixed (and fast),
+    one more graph, with batch norm's backward traced as ops, serves every other size."""
+    from torch._dynamo.utils import counters
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 6, generator=g), torch.randint(0, 3, (12,), generator=g)
+    opt = curvgraph.compile(batch_norm_net(), x, backend="aot_eager", seed=0, progress=False)
+    assert "output_jvps(" in opt.source
+    opt.step(x, y)
+    graphs = counters["stats"]["unique_graphs"]
+    for n in (7, 9, 12, 5, 11):
+        assert torch.isfinite(opt.step(torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)))
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+    assert opt.skipped_steps == 0
+
+
+def test_the_recompile_limit_is_a_curvgraph_error_and_changes_nothing():
+    """Past Dynamo's recompile limit the step says what needs new graphs and what to do, and the model is intact."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 6, generator=g), torch.randint(0, 3, (12,), generator=g)
+    model = batch_norm_net()
+    opt = curvgraph.compile(model, x, backend="aot_eager", seed=0, progress=False)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        opt.step(x, y)
+        before = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(RuntimeError, match=r"curvgraph: the step was compiled 1 times.*\[\(7, 6\)\].*drop_last"):
+            opt.step(x[:7], y[:7])
+    for p, saved in zip(model.parameters(), before):
+        assert torch.equal(p, saved)

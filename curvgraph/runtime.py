@@ -112,7 +112,7 @@ def batch_norm_backward(grad_out: Tensor, input: Tensor, weight: Tensor | None, 
 
 @contextlib.contextmanager
 def batch_norm_backward_as_ops(enabled: bool = True) -> Iterator[None]:
-    """While active (if ``enabled``), tracing differentiates batch norm's backward op by op (:func:`batch_norm_backward`).
+    """While active (if ``enabled``), tracing differentiates batch norm's backward as :func:`batch_norm_backward`.
 
     :func:`batch_norm_backward` is registered as the Python kernel of
     ``aten.native_batch_norm_backward``'s ``Autograd`` key, which only the tracers' Python

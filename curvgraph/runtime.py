@@ -346,7 +346,7 @@ class StepRunner:
                     f"(torch._dynamo.config.recompile_limit), and inputs of shapes {[tuple(s) for s in shapes]} "
                     "need another graph; nothing was changed. A graph is compiled for each combination of what the "
                     "model fixes in the step: shapes (batch sizes below 16 on CPU convolutions; every batch size of "
-                    "a model whose backward has no derivative, such as hardswish), dtypes, train/eval modes. Feed "
+                    "a model whose backward has no derivative), dtypes, train/eval modes. Feed "
                     "fewer distinct shapes (e.g. drop_last=True, or pad to a few sizes) or raise "
                     "torch._dynamo.config.recompile_limit.") from exc
         self.step_count += 1

@@ -28,7 +28,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
+from ..passes.forms import COMPOSITE_ACTIVATIONS
 from ..trace import select_output
 
 
@@ -52,8 +54,8 @@ def forward_mode_jvps(model: Callable, params: tuple[Tensor, ...], probes: tuple
                       tangents: tuple[tuple[Tensor, ...], ...]) -> tuple[Tensor, ...]:
     r""":math:`J v` for each direction in ``tangents`` by forward mode (``torch.func.jvp``, one pass each, the model
     run again in each): what :func:`output_jvps` replaces, for models with an op whose backward has no derivative
-    (``hardsigmoid``, in torch 2.13). A pass vectorized over the directions with ``vmap`` fails to compile for
-    convolutions with a symbolic batch size in torch 2.13."""
+    (``aten.hardsigmoid`` called as the op, in torch 2.13). A pass vectorized over the directions with ``vmap``
+    fails to compile for convolutions with a symbolic batch size in torch 2.13."""
     return tuple(torch.func.jvp(lambda p: model(p, probes)[0], (params,), (t,))[1] for t in tangents)
 
 
@@ -61,12 +63,14 @@ def backward_is_differentiable(model: torch.nn.Module, args: tuple, kwargs: dict
     r"""Whether the model's backward pass can be differentiated in its output vector (:func:`output_jvps`).
 
     One eager forward of the prediction (picked by ``output``, :func:`curvgraph.trace.select_output`),
-    backward and transposed backward on the example inputs, attention in its math form, on copies of
-    the model's buffers and with the random number generators restored, so nothing about the model or
-    the random streams changes.
+    backward and transposed backward on the example inputs, attention in its math form and the
+    activations of :data:`curvgraph.passes.forms.COMPOSITE_ACTIVATIONS` in the form the step writes
+    them in, on copies of the model's buffers and with the random number generators restored, so
+    nothing about the model or the random streams changes.
 
     False when that fails, e.g. where an op's backward has no derivative ("derivative for
-    aten::hardsigmoid_backward is not implemented"): the step then takes forward mode
+    aten::hardsigmoid_backward is not implemented", for the op called other than through
+    ``F.hardsigmoid``): the step then takes forward mode
     (:func:`forward_mode_jvps`), which any model the step can differentiate supports.
     """
     params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
@@ -81,12 +85,20 @@ def backward_is_differentiable(model: torch.nn.Module, args: tuple, kwargs: dict
     try:
         # attention in its math form, as the attention pass rewrites it in the step (the fused kernels' backward
         # has no derivative)
-        with torch.random.fork_rng(devices=devices), sdpa_kernel(SDPBackend.MATH):
+        with torch.random.fork_rng(devices=devices), sdpa_kernel(SDPBackend.MATH), _AsTheStepWritesThem():
             predicted, backprop = torch.func.vjp(prediction, params)
             output_jvps(backprop, predicted, ({name: torch.zeros_like(p) for name, p in params.items()},))
     except Exception:  # noqa: BLE001 - any failure: forward mode, as before this check existed
         return False
     return True
+
+
+class _AsTheStepWritesThem(TorchFunctionMode):
+    """Calls of the ``torch.nn.functional`` activations that the step writes another way run in that form."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        composite = COMPOSITE_ACTIVATIONS.get(func)
+        return composite(args[0]) if composite is not None else func(*args, **(kwargs or {}))
 
 
 def output_gram(output: Tensor, targets: Tensor, directions: tuple[Tensor, ...], loss: Callable) -> Tensor:

@@ -7,7 +7,9 @@ their composite form, which computes the same function from differentiable ops.
 
 :data:`STEP_REWRITES` run later, on the instrumented forward only (after the blocks are
 matched on the canonical forms): they change how an op is spelled in the generated step,
-not what the passes see.
+not what the passes see. Some keep sizes symbolic where an op's derivative fixes them; one,
+:func:`hardsigmoid_as_hardtanh`, gives an op whose backward torch cannot differentiate a form
+whose backward it can, so that the curvature products can transpose the backward pass.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import operator
 
 import torch
 from torch.fx import Graph, Node
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from .graph_utils import aten, insert_call, ndim, schema_args
 
@@ -159,8 +162,52 @@ def embedding_as_index(graph: Graph) -> int:
     return count
 
 
+def hardsigmoid_composite(x: torch.Tensor) -> torch.Tensor:
+    """``hardsigmoid(x) = min(max(x + 3, 0), 6) / 6`` as ``hardtanh(x + 3, 0, 6) / 6``, in float32 for half inputs.
+
+    The same values as the kernel (which also computes half inputs in float32) and the same
+    derivative, ``1/6`` where ``-3 < x < 3`` (``hardtanh``'s mask is strict, as
+    ``hardsigmoid_backward``'s), but twice differentiable: torch 2.13 has no derivative for
+    ``hardsigmoid_backward``. :func:`hardsigmoid_as_hardtanh` writes these ops into the step;
+    :func:`curvgraph.methods.quadratic.backward_is_differentiable` runs the model with them.
+    """
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    value = aten.div.Tensor(aten.hardtanh.default(aten.add.Tensor(x.float() if half else x, 3), 0.0, 6.0), 6)
+    return value.to(x.dtype) if half else value
+
+
+def hardsigmoid_as_hardtanh(graph: Graph) -> int:
+    """``aten.hardsigmoid(x)`` -> the ops of :func:`hardsigmoid_composite`, so that the default mode's curvature
+    products can differentiate the backward pass (instead of running the model again in forward mode, which also
+    fixes the batch size). Returns the number of rewritten nodes."""
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not aten.hardsigmoid.default:
+            continue
+        value = _inline(graph, node, hardsigmoid_composite, node.args[0])
+        value.meta.update(node.meta)
+        node.replace_all_uses_with(value)
+        graph.erase_node(node)
+        count += 1
+    return count
+
+
+def _inline(graph: Graph, before: Node, fn, x: Node) -> Node:
+    """The ATen ops of the elementwise ``fn`` applied to ``x``, inserted before ``before`` (traced on an empty tensor
+    of ``x``'s dtype: an elementwise function's ops do not depend on the shape). Returns the result's node."""
+    traced = make_fx(fn)(torch.empty(0, dtype=x.meta["val"].dtype))
+    placeholder = next(iter(traced.graph.find_nodes(op="placeholder")))
+    with graph.inserting_before(before):
+        return graph.graph_copy(traced.graph, {placeholder: x})
+
+
+#: ``torch.nn.functional`` activations whose ops the step writes another way, and the function computing
+#: them so (for eager runs that must see the model as the step runs it).
+COMPOSITE_ACTIVATIONS = {torch.nn.functional.hardsigmoid: hardsigmoid_composite}
+
+
 #: The rewrites :func:`curvgraph.passes.build_plan` runs before the kinds' own.
 GRAPH_REWRITES = (attention_math_form,)
 
 #: The rewrites :func:`curvgraph.instrument.instrument` runs on the instrumented forward: ``graph -> count``.
-STEP_REWRITES = (linear_as_2d, embedding_as_index)
+STEP_REWRITES = (linear_as_2d, embedding_as_index, hardsigmoid_as_hardtanh)

@@ -13,7 +13,7 @@ from .errors import ConfigError
 from .instrument import instrument
 from .leaf import leaf_modules_of
 from .methods.base import positive, positive_int
-from .methods.quadratic import backward_is_differentiable
+from .methods.quadratic import transposes_backward
 from .optimizer import Captured, CurvatureOptimizer
 from .passes import build_plan
 from .passes.split import factor_dim_limit, split_factors
@@ -207,8 +207,7 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
         forward = instrument(traced, plan)
         param_dtype = next((p.dtype for p in model.parameters() if p.requires_grad), torch.float32)
         args, kwargs = (inputs, {}) if keys is None else ((), dict(zip(keys, inputs)))
-        transposable = rule.differentiates_backward and backward_is_differentiable(model, args, kwargs,
-                                                                                   settings["output"])
+        transposable = rule.differentiates_backward and transposes_backward(model, args, kwargs, settings["output"])
         generated = codegen.generate(plan, forward, traced.dims, block_kinds, rule, fallback, loss_spec, fisher,
                                      param_dtype, batch=traced.batch, autocast=autocast,
                                      backward_differentiable=transposable)

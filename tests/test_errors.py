@@ -144,3 +144,28 @@ def test_state_dict_of_another_model_is_rejected():
     other = curvgraph.compile(nn.Sequential(nn.Linear(40, 10)), (X,), backend="eager")
     with pytest.raises(curvgraph.ConfigError, match="does not match"):
         opt.load_state_dict(other.state_dict())
+
+
+class RadialBasis(nn.Module):
+    """Distances to learned centres by ``torch.cdist``, which has neither a derivative of its backward nor forward
+    mode in torch 2.13."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.centers = nn.Parameter(torch.randn(5, 4))
+
+    def forward(self, x):
+        return torch.exp(-torch.cdist(x, self.centers) ** 2)
+
+
+def test_a_model_without_curvature_products_is_told_to_use_a_fixed_step_size():
+    """``lr="auto"`` needs ``J v``; where neither way to take it works, compile says so (it was torch's
+    ``NotImplementedError`` from the first step) and the fixed-step mode it recommends trains."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), RadialBasis(), nn.Linear(5, 2))
+    x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+    with pytest.raises(curvgraph.ConfigError, match=r"curvgraph: lr='auto'.*_cdist_forward.*lr=2e-3"):
+        curvgraph.compile(model, x, backend="eager", progress=False)
+    opt = curvgraph.compile(model, x, lr=2e-3, backend="eager", progress=False)
+    losses = [opt.step(x, y).item() for _ in range(5)]
+    assert losses[-1] < losses[0]

@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
+from ..errors import ConfigError
 from ..passes.forms import COMPOSITE_ACTIVATIONS
 from ..trace import select_output
 
@@ -59,19 +60,21 @@ def forward_mode_jvps(model: Callable, params: tuple[Tensor, ...], probes: tuple
     return tuple(torch.func.jvp(lambda p: model(p, probes)[0], (params,), (t,))[1] for t in tangents)
 
 
-def backward_is_differentiable(model: torch.nn.Module, args: tuple, kwargs: dict, output: object = None) -> bool:
-    r"""Whether the model's backward pass can be differentiated in its output vector (:func:`output_jvps`).
+def transposes_backward(model: torch.nn.Module, args: tuple, kwargs: dict, output: object = None) -> bool:
+    r"""How the step computes its curvature products :math:`J v`: ``True`` by differentiating the model's backward
+    pass in its output vector (:func:`output_jvps`), ``False`` by forward mode (:func:`forward_mode_jvps`).
 
     One eager forward of the prediction (picked by ``output``, :func:`curvgraph.trace.select_output`),
     backward and transposed backward on the example inputs, attention in its math form and the
     activations of :data:`curvgraph.passes.forms.COMPOSITE_ACTIVATIONS` in the form the step writes
     them in, on copies of the model's buffers and with the random number generators restored, so
-    nothing about the model or the random streams changes.
+    nothing about the model or the random streams changes. Where that fails, e.g. where an op's
+    backward has no derivative ("derivative for aten::hardsigmoid_backward is not implemented", for
+    the op called other than through ``F.hardsigmoid``), one forward-mode pass is tried the same way.
 
-    False when that fails, e.g. where an op's backward has no derivative ("derivative for
-    aten::hardsigmoid_backward is not implemented", for the op called other than through
-    ``F.hardsigmoid``): the step then takes forward mode
-    (:func:`forward_mode_jvps`), which any model the step can differentiate supports.
+    Raises:
+        ConfigError: where neither works (``torch.cdist`` has neither in torch 2.13): the
+            quadratic model of ``lr="auto"`` cannot be evaluated, a fixed step size can.
     """
     params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     buffers = dict(model.named_buffers())
@@ -82,15 +85,26 @@ def backward_is_differentiable(model: torch.nn.Module, args: tuple, kwargs: dict
         return select_output(returned, output, type(model).__name__)
 
     devices = [p.device for p in params.values() if p.device.type == "cuda"]
-    try:
-        # attention in its math form, as the attention pass rewrites it in the step (the fused kernels' backward
-        # has no derivative)
-        with torch.random.fork_rng(devices=devices), sdpa_kernel(SDPBackend.MATH), _AsTheStepWritesThem():
+    zeros = {name: torch.zeros_like(p) for name, p in params.items()}
+    # attention in its math form, as the attention pass rewrites it in the step (the fused kernels' backward
+    # has no derivative)
+    with torch.random.fork_rng(devices=devices), sdpa_kernel(SDPBackend.MATH), _AsTheStepWritesThem():
+        try:
             predicted, backprop = torch.func.vjp(prediction, params)
-            output_jvps(backprop, predicted, ({name: torch.zeros_like(p) for name, p in params.items()},))
-    except Exception:  # noqa: BLE001 - any failure: forward mode, as before this check existed
-        return False
-    return True
+            output_jvps(backprop, predicted, (zeros,))
+            return True
+        except Exception:  # noqa: BLE001 - any failure: forward mode, as before this check existed
+            pass
+        try:
+            torch.func.jvp(prediction, (params,), (zeros,))
+            return False
+        except Exception as exc:  # noqa: BLE001 - translated: neither way works
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(
+                f"curvgraph: lr='auto' evaluates a quadratic model with curvature products J v, taken from "
+                f"{type(model).__name__}'s backward pass differentiated once more or by forward mode "
+                f"(torch.func.jvp), and torch {torch.__version__} can do neither for it: {reason} Use a fixed "
+                "step size instead, e.g. lr=2e-3.") from exc
 
 
 class _AsTheStepWritesThem(TorchFunctionMode):

@@ -169,7 +169,7 @@ def hardsigmoid_composite(x: torch.Tensor) -> torch.Tensor:
     derivative, ``1/6`` where ``-3 < x < 3`` (``hardtanh``'s mask is strict, as
     ``hardsigmoid_backward``'s), but twice differentiable: torch 2.13 has no derivative for
     ``hardsigmoid_backward``. :func:`hardsigmoid_as_hardtanh` writes these ops into the step;
-    :func:`curvgraph.methods.quadratic.backward_is_differentiable` runs the model with them.
+    :func:`curvgraph.methods.quadratic.transposes_backward` runs the model with them.
     """
     half = x.dtype in (torch.float16, torch.bfloat16)
     value = aten.div.Tensor(aten.hardtanh.default(aten.add.Tensor(x.float() if half else x, 3), 0.0, 6.0), 6)

@@ -26,7 +26,7 @@ from torch.fx import GraphModule
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import curvgraph
-from curvgraph.passes.forms import embedding_as_index, hardsigmoid_as_hardtanh, linear_as_2d
+from curvgraph.passes.forms import composite_forms, embedding_as_index, linear_as_2d
 from curvgraph.runtime import batch_norm_backward_as_ops, convolution_double_backward
 from curvgraph.trace import trace
 
@@ -307,13 +307,13 @@ def test_the_recompile_limit_is_a_curvgraph_error_and_changes_nothing():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_hardsigmoid_as_hardtanh(dtype):
+def test_hardsigmoid_composite_form(dtype):
     """The kernel's values bit for bit (half inputs computed in float32, as by the kernel) and its derivative; and a
     derivative of that derivative, which ``aten.hardsigmoid_backward`` lacks in torch 2.13: the transposed backward
     ``u -> J^T u`` differentiated gives ``J v``, here ``v / 6`` where ``-3 < x < 3`` and 0 elsewhere."""
     g = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(200, generator=g) * 4, torch.tensor([-3.0, 3.0, 0.0])]).to(dtype)
-    original, new = rewritten(lambda x: aten.hardsigmoid.default(x), (x,), hardsigmoid_as_hardtanh)
+    original, new = rewritten(lambda x: aten.hardsigmoid.default(x), (x,), composite_forms)
     assert torch.equal(new(x), original(x)) and new(x).dtype == dtype
     u, v = torch.randn(x.shape, generator=g).to(dtype), torch.randn(x.shape, generator=g).to(dtype)
     torch.testing.assert_close(torch.func.vjp(new, x)[1](u), torch.func.vjp(original, x)[1](u))

@@ -31,7 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 from ..errors import ConfigError
-from ..passes.forms import COMPOSITE_ACTIVATIONS
+from ..passes.forms import COMPOSITES
 from ..trace import select_output
 
 
@@ -66,8 +66,8 @@ def transposes_backward(model: torch.nn.Module, args: tuple, kwargs: dict, outpu
 
     One eager forward of the prediction (picked by ``output``, :func:`curvgraph.trace.select_output`),
     backward and transposed backward on the example inputs, attention in its math form and the
-    activations of :data:`curvgraph.passes.forms.COMPOSITE_ACTIVATIONS` in the form the step writes
-    them in, on copies of the model's buffers and with the random number generators restored, so
+    ``torch.nn.functional`` functions of :data:`curvgraph.passes.forms.COMPOSITES` in the form the
+    step writes them in, on copies of the model's buffers and with the random number generators restored, so
     nothing about the model or the random streams changes. Where that fails, e.g. where an op's
     backward has no derivative ("derivative for aten::hardsigmoid_backward is not implemented", for
     the op called other than through ``F.hardsigmoid``), one forward-mode pass is tried the same way.
@@ -108,10 +108,13 @@ def transposes_backward(model: torch.nn.Module, args: tuple, kwargs: dict, outpu
 
 
 class _AsTheStepWritesThem(TorchFunctionMode):
-    """Calls of the ``torch.nn.functional`` activations that the step writes another way run in that form."""
+    """Calls of the ``torch.nn.functional`` functions of :data:`curvgraph.passes.forms.COMPOSITES` run as their
+    composites, as the step writes them."""
+
+    composites = {functional: composite for _, functional, composite in COMPOSITES}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        composite = COMPOSITE_ACTIVATIONS.get(func)
+        composite = self.composites.get(func)
         return composite(args[0]) if composite is not None else func(*args, **(kwargs or {}))
 
 

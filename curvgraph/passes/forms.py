@@ -8,8 +8,8 @@ their composite form, which computes the same function from differentiable ops.
 :data:`STEP_REWRITES` run later, on the instrumented forward only (after the blocks are
 matched on the canonical forms): they change how an op is spelled in the generated step,
 not what the passes see. Some keep sizes symbolic where an op's derivative fixes them; one,
-:func:`hardsigmoid_as_hardtanh`, gives an op whose backward torch cannot differentiate a form
-whose backward it can, so that the curvature products can transpose the backward pass.
+:func:`composite_forms`, gives ops whose backward torch cannot differentiate a form whose
+backward it can, so that the curvature products can transpose the backward pass.
 """
 
 from __future__ import annotations
@@ -168,23 +168,30 @@ def hardsigmoid_composite(x: torch.Tensor) -> torch.Tensor:
     The same values as the kernel (which also computes half inputs in float32) and the same
     derivative, ``1/6`` where ``-3 < x < 3`` (``hardtanh``'s mask is strict, as
     ``hardsigmoid_backward``'s), but twice differentiable: torch 2.13 has no derivative for
-    ``hardsigmoid_backward``. :func:`hardsigmoid_as_hardtanh` writes these ops into the step;
-    :func:`curvgraph.methods.quadratic.transposes_backward` runs the model with them.
+    ``hardsigmoid_backward``.
     """
     half = x.dtype in (torch.float16, torch.bfloat16)
     value = aten.div.Tensor(aten.hardtanh.default(aten.add.Tensor(x.float() if half else x, 3), 0.0, 6.0), 6)
     return value.to(x.dtype) if half else value
 
 
-def hardsigmoid_as_hardtanh(graph: Graph) -> int:
-    """``aten.hardsigmoid(x)`` -> the ops of :func:`hardsigmoid_composite`, so that the default mode's curvature
-    products can differentiate the backward pass (instead of running the model again in forward mode, which also
-    fixes the batch size). Returns the number of rewritten nodes."""
+#: Elementwise ops whose backward torch 2.13 cannot differentiate, the ``torch.nn.functional`` function that
+#: calls each, and the same function from ops whose backward it can: ``(op, functional, composite)``.
+#: :func:`composite_forms` writes the composites into the step, and
+#: :func:`curvgraph.methods.quadratic.transposes_backward` runs the functionals as them.
+COMPOSITES = ((aten.hardsigmoid.default, torch.nn.functional.hardsigmoid, hardsigmoid_composite),)
+
+
+def composite_forms(graph: Graph) -> int:
+    """Each op of :data:`COMPOSITES` -> its composite's ATen ops, so that the default mode's curvature products can
+    differentiate the backward pass (instead of running the model again in forward mode, which also fixes the batch
+    size). Returns the number of rewritten nodes."""
+    composites = {op: composite for op, _, composite in COMPOSITES}
     count = 0
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not aten.hardsigmoid.default:
+        if node.op != "call_function" or node.target not in composites:
             continue
-        value = _inline(graph, node, hardsigmoid_composite, node.args[0])
+        value = _inline(graph, node, composites[node.target], node.args[0])
         value.meta.update(node.meta)
         node.replace_all_uses_with(value)
         graph.erase_node(node)
@@ -201,13 +208,8 @@ def _inline(graph: Graph, before: Node, fn, x: Node) -> Node:
         return graph.graph_copy(traced.graph, {placeholder: x})
 
 
-#: ``torch.nn.functional`` activations whose ops the step writes another way, and the function computing
-#: them so (for eager runs that must see the model as the step runs it).
-COMPOSITE_ACTIVATIONS = {torch.nn.functional.hardsigmoid: hardsigmoid_composite}
-
-
 #: The rewrites :func:`curvgraph.passes.build_plan` runs before the kinds' own.
 GRAPH_REWRITES = (attention_math_form,)
 
 #: The rewrites :func:`curvgraph.instrument.instrument` runs on the instrumented forward: ``graph -> count``.
-STEP_REWRITES = (linear_as_2d, embedding_as_index, hardsigmoid_as_hardtanh)
+STEP_REWRITES = (linear_as_2d, embedding_as_index, composite_forms)

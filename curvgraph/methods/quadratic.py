@@ -96,10 +96,10 @@ def transposes_backward(model: torch.nn.Module, args: tuple, kwargs: dict, outpu
         except Exception:  # noqa: BLE001 - any failure: forward mode, as before this check existed
             pass
         try:
-            torch.func.jvp(prediction, (params,), (zeros,))
+            forward_mode_jvps(lambda p, probes: (prediction(p),), params, (), (zeros,))
             return False
         except Exception as exc:  # noqa: BLE001 - translated: neither way works
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ConfigError(
                 f"curvgraph: lr='auto' evaluates a quadratic model with curvature products J v, taken from "
                 f"{type(model).__name__}'s backward pass differentiated once more or by forward mode "

@@ -131,7 +131,7 @@ def _header(opt: "CurvatureOptimizer", digest: str, stem: str, pt_name: str | No
 
 def _body(opt: "CurvatureOptimizer", constants: dict[str, Tensor], pt_name: str | None) -> str:
     source = opt.source
-    source = source.replace("\nimport math\n", "\nimport contextlib\nimport math\nimport os\nimport warnings\n", 1)
+    source = source.replace("\nimport math\n", "\nimport contextlib\nimport logging\nimport math\nimport os\nimport warnings\n", 1)
     run_time = [textwrap.dedent(inspect.getsource(obj)).strip() for obj in runtime.EXPORTED]
     run_time[0] = _section("run time: the code CurvatureOptimizer runs the step with (curvgraph.runtime)", run_time[0])
     parts = [
@@ -162,6 +162,8 @@ def _spec(opt: "CurvatureOptimizer") -> str:
         ("keys", _literal(opt._captured.keys), "their names for keyword inputs (a dict: model(**inputs)), else None"),
         ("dynamic_dims", _literal(tuple(spec.symbolic_dims for spec in opt._inputs)),
          "per input, the dims the graph keeps symbolic (marked dynamic for torch.compile)"),
+        ("transposes_backward", _literal(generated.transposes_backward),
+         "whether the step differentiates the model's backward pass (curvature products)"),
         ("state", _mapping(state, 8), "key: (shape, initialization, dtype)"),
         ("noise", _literal(opt.loss.noise if opt.fisher == "mc" else None), "Monte-Carlo Fisher noise"),
         ("factor_every", str(opt.factor_every), None),

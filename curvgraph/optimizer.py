@@ -184,7 +184,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if self._captured is not None:
             self._check_same_step(captured, state)
         if generated.source not in self._steps:
-            self._steps[generated.source] = compiled_step(captured.namespace["step"], self.backend)
+            device = self.model.get_parameter(forward.names[forward.params[0]]).device
+            self._steps[generated.source] = compiled_step(captured.namespace["step"], self.backend, device)
         if self._captured is None:
             self._create_state(captured, state)
         self._captures[modes] = captured
@@ -244,7 +245,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._frozen_names = [forward.names[p] for p in forward.frozen]
         self._buffer_names = [forward.names[b] for b in forward.buffers]
         self._runner.use(self._steps[captured.generated.source], captured.namespace["noise_shape"],
-                         captured.namespace["switches"], tuple(spec.symbolic_dims for spec in captured.inputs))
+                         captured.namespace["switches"], tuple(spec.symbolic_dims for spec in captured.inputs),
+                         captured.generated.transposes_backward)
 
     @property
     def skipped_steps(self) -> int:

@@ -14,6 +14,7 @@ needs ``torch`` alone (and the standard library): no curvgraph imports.
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -119,10 +120,10 @@ def batch_norm_backward_as_ops(enabled: bool = True) -> Iterator[None]:
     dispatcher consults: eager calls keep the C++ kernels. A step traced so keeps its batch size
     symbolic through the curvature products, but runs slower (a ResNet-style CNN's step: 1.4-1.6x,
     since Inductor fuses the backward's ops into the statistics' patch kernels), so
-    :class:`StepRunner` enables it only for a step whose inputs differ in shape from the first
-    step's: the first graph stays fixed to its batch size and fast, and a second, symbolic graph
-    serves every other batch size (a model with batch norm would otherwise compile one graph per
-    batch size, and fail at Dynamo's recompile limit).
+    :class:`StepRunner` enables it only for a step that differentiates the backward and whose
+    inputs differ in shape from the first step's: the first graph stays fixed to its batch size
+    and fast, and a second, symbolic graph serves every other batch size (a model with batch
+    norm would otherwise compile one graph per batch size, and fail at Dynamo's recompile limit).
     """
     op, key = torch.ops.aten.native_batch_norm_backward.default, torch._C.DispatchKey.Autograd
     if not enabled or key in op.py_kernels:
@@ -150,8 +151,25 @@ def symbolic_double_backward() -> None:
         op.py_impl(key)(convolution_double_backward)
 
 
-def compiled_step(fn: Callable, backend: str) -> Callable:
+class _NoShimFallbackNotes(logging.Filter):
+    """Drops Inductor's note that an op of a C++-wrapped graph is called through the dispatcher (the op has no C
+    entry point): a note about how a working graph calls an op, which a user cannot act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is missing a c-shim implementation" not in str(record.msg)
+
+
+def compiled_step(fn: Callable, backend: str, device: torch.device) -> Callable:
     """``fn`` compiled with ``torch.compile`` as one graph, or ``fn`` itself for ``backend="eager"``.
+
+    With Inductor on the CPU the graph gets a C++ wrapper (``cpp_wrapper``): the code that
+    allocates the step's buffers and calls its kernels and library ops is compiled too,
+    instead of running as Python, and all the graph's kernels are compiled in one C++
+    compiler run instead of one run each. Measured on the MNIST-1D MLP and CNN steps
+    (2 cores): 7-8% less time per step and a 15-20% shorter cold compile. Ops that have
+    no C entry point (``aten.linalg_cholesky_ex`` in torch 2.13) are called through the
+    dispatcher instead; Inductor's warning about each is dropped
+    (:class:`_NoShimFallbackNotes`).
 
     The compiled step takes its ``refresh`` flag (the argument before the ``switches``)
     as a 0-d bool tensor: the predicate of the step's ``torch.cond``, so steps with and
@@ -172,7 +190,13 @@ def compiled_step(fn: Callable, backend: str) -> Callable:
 
     symbolic_double_backward()
 
-    compiled = torch.compile(fn, backend=backend, fullgraph=True)
+    options = None
+    if backend == "inductor" and device.type == "cpu":
+        options = {"cpp_wrapper": True}
+        inductor_ir_log = logging.getLogger("torch._inductor.ir")
+        if not any(isinstance(f, _NoShimFallbackNotes) for f in inductor_ir_log.filters):
+            inductor_ir_log.addFilter(_NoShimFallbackNotes())
+    compiled = torch.compile(fn, backend=backend, fullgraph=True, options=options)
     flags = (torch.tensor(False), torch.tensor(True))  # made once: the step runs every few milliseconds
     # what the step's graph calls that torch 2.13's compile caches do not know to be safe: the
     # torch.cond higher-order op and the transform-level calls of torch.func.jvp/vmap
@@ -250,6 +274,12 @@ class StepRunner:
             sequence length, ...). They, and every dim of the targets and the noise, are
             marked dynamic for ``torch.compile`` before each call, so that a batch of a
             new size runs the graphs already compiled instead of compiling new ones.
+        transposes_backward: whether ``step`` differentiates the model's backward pass (the
+            adaptive step's curvature products): then a step whose inputs differ in shape from
+            the first step's traces batch norm's backward as ops
+            (:func:`batch_norm_backward_as_ops`), which keeps their sizes symbolic through that
+            derivative. A step that takes the backward only once keeps torch's kernel, whose
+            sizes are symbolic already.
 
     The schedule: statistics every ``factor_every`` steps and until a statistics step
     succeeded; a refresh every ``invert_every`` steps and until one succeeded, but
@@ -265,8 +295,8 @@ class StepRunner:
     def __init__(self, step: Callable, noise_shape: Callable, switches: Callable,
                  state: Mapping[str, tuple[tuple[int, ...], str, torch.dtype]], noise: str | None, factor_every: int,
                  invert_every: int, device: torch.device, factor_dtype: torch.dtype, seed: int | None,
-                 dynamic_dims: Sequence[Sequence[int]] = ()) -> None:
-        self.use(step, noise_shape, switches, dynamic_dims)
+                 dynamic_dims: Sequence[Sequence[int]] = (), transposes_backward: bool = True) -> None:
+        self.use(step, noise_shape, switches, dynamic_dims, transposes_backward)
         self.noise = noise
         self.factor_every = factor_every
         self.invert_every = invert_every
@@ -287,14 +317,16 @@ class StepRunner:
         self._first_shapes: tuple[torch.Size, ...] | None = None
 
     def use(self, step: Callable, noise_shape: Callable, switches: Callable,
-            dynamic_dims: Sequence[Sequence[int]] = ()) -> None:
-        """Run ``step`` (with its ``noise_shape``, ``switches`` and its inputs' ``dynamic_dims``) from now on:
+            dynamic_dims: Sequence[Sequence[int]] = (), transposes_backward: bool = True) -> None:
+        """Run ``step`` (with its ``noise_shape``, ``switches``, its inputs' ``dynamic_dims`` and whether it
+        ``transposes_backward``) from now on:
         another graph of the same step, such as the model captured in other train/eval modes. The state, schedule,
         counters and generator stay: the two graphs must take the same state."""
         self.step_fn = step
         self.noise_shape = noise_shape
         self.switches = switches
         self.dynamic_dims = tuple(tuple(d) for d in dynamic_dims)
+        self.transposes_backward = transposes_backward
 
     def schedule(self) -> tuple[bool, bool]:
         """``(update_stats, refresh)`` for the next step."""
@@ -335,7 +367,8 @@ class StepRunner:
         shapes = tuple(t.shape for t in batch)
         self._first_shapes = self._first_shapes or shapes
         # the step sets its own precision (compile's autocast)
-        with torch.autocast(self.device.type, enabled=False), batch_norm_backward_as_ops(shapes != self._first_shapes):
+        with torch.autocast(self.device.type, enabled=False), batch_norm_backward_as_ops(
+                self.transposes_backward and shapes != self._first_shapes):
             try:
                 loss, ok, degenerate = self.step_fn(tuple(params), tuple(frozen), tuple(buffers), tuple(constants),
                                                     batch, targets, self.state, hyper, noise, update_stats, refresh,
@@ -433,9 +466,9 @@ class ExportedStep:
         self.degenerations = tuple(spec.get("degenerations", ()))
         device = self._params[0].device
         self.constants = tuple(c.to(device) for c in constants)
-        self.runner = StepRunner(compiled_step(step, backend), noise_shape, switches, spec["state"], spec["noise"],
+        self.runner = StepRunner(compiled_step(step, backend, device), noise_shape, switches, spec["state"], spec["noise"],
                                  spec["factor_every"], spec["invert_every"], device, spec["factor_dtype"], seed,
-                                 spec["dynamic_dims"])
+                                 spec["dynamic_dims"], spec.get("transposes_backward", True))
 
     def _hyper_values(self, first_statistics: bool) -> dict[str, float]:
         return {**self.hyper, **self.first_statistics} if first_statistics else self.hyper
@@ -486,5 +519,5 @@ class ExportedStep:
 
 #: What an exported module copies from here, in order.
 EXPORTED = (initial_state, convolution_double_backward, batch_norm_backward, batch_norm_backward_as_ops,
-            symbolic_double_backward, compiled_step, model_tensors, at_offset_zero, mark_dynamic, StepRunner,
+            symbolic_double_backward, _NoShimFallbackNotes, compiled_step, model_tensors, at_offset_zero, mark_dynamic, StepRunner,
             ExportedStep)

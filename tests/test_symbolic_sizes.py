@@ -291,6 +291,52 @@ def test_batch_norm_default_mode_compiles_one_graph_for_every_other_batch_size()
     assert opt.skipped_steps == 0
 
 
+def test_batch_norm_fixed_mode_keeps_torch_s_backward_for_other_batch_sizes(monkeypatch):
+    """A fixed step size takes the backward once, and torch's batch-norm backward keeps sizes symbolic: the first
+    graph serves every batch size and never traces the slower ops of :func:`batch_norm_backward`; the adaptive step
+    traces them in its one graph for other sizes (its double backward needs them)."""
+    from torch._dynamo.utils import counters
+
+    import curvgraph.runtime as runtime
+
+    traced = []
+    original = runtime.batch_norm_backward
+    monkeypatch.setattr(runtime, "batch_norm_backward", lambda *args: traced.append(1) or original(*args))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 6, generator=g), torch.randint(0, 3, (12,), generator=g)
+    for lr, new_graphs, traces_ops in ((2e-3, 0, False), ("auto", 1, True)):
+        traced.clear()
+        opt = curvgraph.compile(batch_norm_net(), x, lr=lr, backend="aot_eager", seed=0, progress=False)
+        opt.step(x, y)
+        graphs = counters["stats"]["unique_graphs"]
+        for n in (7, 9, 5):
+            assert torch.isfinite(opt.step(torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)))
+        assert counters["stats"]["unique_graphs"] == graphs + new_graphs, lr
+        assert bool(traced) == traces_ops, lr
+
+
+@pytest.mark.parametrize("transposes_backward", [False, True])
+def test_the_runner_traces_batch_norm_s_backward_as_ops_only_for_a_step_that_differentiates_it(transposes_backward):
+    """The runner registers :func:`batch_norm_backward` for batch norm's backward only while a step that
+    differentiates the backward runs on a batch shaped unlike the first: a step that takes the backward once keeps
+    torch's kernel (whose sizes are symbolic) in every graph it compiles, e.g. for a CPU convolution's small batch."""
+    from curvgraph.runtime import StepRunner
+
+    op, key = aten.native_batch_norm_backward.default, torch._C.DispatchKey.Autograd
+    registered = []
+
+    def step(*args):
+        registered.append(key in op.py_kernels)
+        return torch.zeros(()), torch.tensor(True), torch.zeros(0, dtype=torch.bool)
+
+    runner = StepRunner(step, lambda batch: (batch[0].shape[0], 3), lambda values: (), {}, None, 1, 1,
+                        torch.device("cpu"), torch.float32, 0, ((0,),), transposes_backward=transposes_backward)
+    for n in (12, 12, 7, 12, 5):
+        runner.run((), (), (), (), (torch.zeros(n, 6),), torch.zeros(n, dtype=torch.long), lambda first: {})
+    assert registered == [False, False, transposes_backward, False, transposes_backward]
+    assert key not in op.py_kernels
+
+
 def test_the_recompile_limit_is_a_curvgraph_error_and_changes_nothing():
     """Past Dynamo's recompile limit the step says what needs new graphs and what to do, and the model is intact."""
     g = torch.Generator().manual_seed(0)

@@ -85,13 +85,16 @@ def commit_(target: Tensor, value: Tensor, ok: Tensor) -> None:
 class GeneratedStep:
     """The generated module source and what the optimizer needs to run it.
 
-    ``degenerations[i]`` is what the step's ``degenerate[i]`` flag reports.
+    ``degenerations[i]`` is what the step's ``degenerate[i]`` flag reports; ``transposes_backward``
+    whether the step differentiates the model's backward pass (the adaptive step's curvature
+    products, :func:`curvgraph.methods.quadratic.output_jvps`).
     """
 
     source: str
     state: dict[str, StateSpec] = field(default_factory=dict)
     factor_dtype: torch.dtype = torch.float32
     degenerations: list[Degeneration] = field(default_factory=list)
+    transposes_backward: bool = False
 
 
 def shape_code(shape: Shape, dims: dict[sympy.Symbol, tuple[int, int]]) -> str:
@@ -198,7 +201,8 @@ def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, 
 
     source = _assemble(plan, forward, dims, method, fallback, loss, fisher, w)
     return GeneratedStep(source=source, state=state, factor_dtype=factor_dtype,
-                         degenerations=[degeneration for _, degeneration, _ in w.flags])
+                         degenerations=[degeneration for _, degeneration, _ in w.flags],
+                         transposes_backward=w.backward_differentiable and bool(blocks))
 
 
 def _write_forward_backward(w: StepWriter, forward: InstrumentedForward, dims, loss: LossSpec,

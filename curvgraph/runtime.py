@@ -159,17 +159,41 @@ class _NoShimFallbackNotes(logging.Filter):
         return "is missing a c-shim implementation" not in str(record.msg)
 
 
-def compiled_step(fn: Callable, backend: str, device: torch.device) -> Callable:
-    """``fn`` compiled with ``torch.compile`` as one graph, or ``fn`` itself for ``backend="eager"``.
+def inductor_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
+                     cpp_wrapper_max_nodes: int = 1500) -> Callable:
+    """Inductor (``compile_fx``), with a C++ wrapper (``cpp_wrapper``) for a small graph on the CPU: one of at most
+    ``cpp_wrapper_max_nodes`` ``call_function`` nodes (the graph and its ``torch.cond`` branches, as Dynamo
+    captured them).
 
-    With Inductor on the CPU the graph gets a C++ wrapper (``cpp_wrapper``): the code that
-    allocates the step's buffers and calls its kernels and library ops is compiled too,
-    instead of running as Python, and all the graph's kernels are compiled in one C++
-    compiler run instead of one run each. Measured on the MNIST-1D MLP and CNN steps
-    (2 cores): 7-8% less time per step and a 15-20% shorter cold compile. Ops that have
-    no C entry point (``aten.linalg_cholesky_ex`` in torch 2.13) are called through the
-    dispatcher instead; Inductor's warning about each is dropped
-    (:class:`_NoShimFallbackNotes`).
+    The C++ wrapper compiles the code that allocates the step's buffers and calls its kernels
+    and library ops, instead of running it as Python, and builds all the graph's kernels in one
+    C++ compiler run instead of one run each. On small steps that is faster both ways (2 cores,
+    fresh processes with empty caches; the MNIST-1D MLP and CNN 7-8% less time per step;
+    compile and first schedule period: MNIST-1D MLP 36.8 -> 31.8 s, CNN 40.8 -> 33.8 s, MLP
+    784-512-512-256-10 40.2 -> 29.7 s). On large ones the single compiler run, which uses one
+    core, costs more than it saves (char transformer 4x256 165.6 -> 225.0 s, LSTM 256 over 40
+    steps 162.5 -> 277.9 s, ResNet-style CNN 107.5 -> 99.8 s), so only graphs of at most
+    ``cpp_wrapper_max_nodes`` nodes get it (those measured: MLP 717 nodes, ResNet-style CNN
+    2410, transformer 3321, LSTM 3157). Ops without a C entry point (``aten.linalg_cholesky_ex``
+    in torch 2.13) are then called through the dispatcher; Inductor's warning about each is
+    dropped (:class:`_NoShimFallbackNotes`).
+    """
+    from torch._inductor.compile_fx import compile_fx
+
+    nodes = sum(node.op == "call_function" for module in gm.modules() if isinstance(module, torch.fx.GraphModule)
+                for node in module.graph.nodes)
+    on_cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, Tensor))
+    cpp_wrapper = on_cpu and nodes <= cpp_wrapper_max_nodes
+    if cpp_wrapper:
+        inductor_ir_log = logging.getLogger("torch._inductor.ir")
+        if not any(isinstance(f, _NoShimFallbackNotes) for f in inductor_ir_log.filters):
+            inductor_ir_log.addFilter(_NoShimFallbackNotes())
+    return compile_fx(gm, example_inputs, config_patches={"cpp_wrapper": cpp_wrapper})
+
+
+def compiled_step(fn: Callable, backend: str) -> Callable:
+    """``fn`` compiled with ``torch.compile`` as one graph, or ``fn`` itself for ``backend="eager"``.
+    ``backend="inductor"`` is :func:`inductor_backend`.
 
     The compiled step takes its ``refresh`` flag (the argument before the ``switches``)
     as a 0-d bool tensor: the predicate of the step's ``torch.cond``, so steps with and
@@ -190,13 +214,7 @@ def compiled_step(fn: Callable, backend: str, device: torch.device) -> Callable:
 
     symbolic_double_backward()
 
-    options = None
-    if backend == "inductor" and device.type == "cpu":
-        options = {"cpp_wrapper": True}
-        inductor_ir_log = logging.getLogger("torch._inductor.ir")
-        if not any(isinstance(f, _NoShimFallbackNotes) for f in inductor_ir_log.filters):
-            inductor_ir_log.addFilter(_NoShimFallbackNotes())
-    compiled = torch.compile(fn, backend=backend, fullgraph=True, options=options)
+    compiled = torch.compile(fn, backend=inductor_backend if backend == "inductor" else backend, fullgraph=True)
     flags = (torch.tensor(False), torch.tensor(True))  # made once: the step runs every few milliseconds
     # what the step's graph calls that torch 2.13's compile caches do not know to be safe: the
     # torch.cond higher-order op and the transform-level calls of torch.func.jvp/vmap
@@ -466,7 +484,7 @@ class ExportedStep:
         self.degenerations = tuple(spec.get("degenerations", ()))
         device = self._params[0].device
         self.constants = tuple(c.to(device) for c in constants)
-        self.runner = StepRunner(compiled_step(step, backend, device), noise_shape, switches, spec["state"], spec["noise"],
+        self.runner = StepRunner(compiled_step(step, backend), noise_shape, switches, spec["state"], spec["noise"],
                                  spec["factor_every"], spec["invert_every"], device, spec["factor_dtype"], seed,
                                  spec["dynamic_dims"], spec.get("transposes_backward", True))
 
@@ -519,5 +537,5 @@ class ExportedStep:
 
 #: What an exported module copies from here, in order.
 EXPORTED = (initial_state, convolution_double_backward, batch_norm_backward, batch_norm_backward_as_ops,
-            symbolic_double_backward, _NoShimFallbackNotes, compiled_step, model_tensors, at_offset_zero, mark_dynamic, StepRunner,
-            ExportedStep)
+            symbolic_double_backward, _NoShimFallbackNotes, inductor_backend, compiled_step, model_tensors,
+            at_offset_zero, mark_dynamic, StepRunner, ExportedStep)

@@ -87,9 +87,12 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
             ``docs/methods.md``; see ``curvgraph.register_method`` to add one).
         **options: hyper-parameters of the method and compile options:
 
-            * ``lr`` (0.002), ``momentum`` (0.9), ``weight_decay`` (0), ``damping``
-              (1e-3, factored Tikhonov), ``ema`` (0.95; factor decay, ``0`` keeps
-              only the last batch), ``kl_clip`` (1e-3; ``None`` disables),
+            * ``lr`` (``"auto"``: step size and momentum from the quadratic model each
+              step, with Levenberg-Marquardt damping; a number for a fixed step size),
+              ``momentum`` (``"auto"``; 0.9 with a numeric ``lr``), ``weight_decay`` (0),
+              ``damping`` (1e-3, factored Tikhonov; the initial value with ``lr="auto"``),
+              ``ema`` (0.95; factor decay, ``0`` keeps only the last batch), ``kl_clip``
+              (1e-3, with a numeric ``lr`` only; ``None`` disables),
               ``temporal`` (``"expand"``; ``"option1"``: the chain-structured
               approximation of Martens, Ba & Johnson 2018 for rnn blocks): K-FAC's,
               see :mod:`curvgraph.methods.kfac` and ``docs/getting-started.md`` for

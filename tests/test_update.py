@@ -103,6 +103,26 @@ def test_stale_inverses_are_used_between_refreshes(float64):
         torch.testing.assert_close(block_change(model, second, name), -0.2 * V)
 
 
+def test_only_a_refresh_writes_the_inverses(float64):
+    """The refresh writes the new inverses into the state in place and a step without one writes nothing there (the
+    version counters of the state's inverses move in refresh steps only), while every step commits the factors."""
+    torch.manual_seed(3)
+    model = mlp()
+    batches = [(torch.randn(9, 4), torch.randint(0, 3, (9,))) for _ in range(3)]
+    opt = curvgraph.compile(model, (batches[0][0],), invert_every=2, backend="eager")
+    state = opt._runner.state
+    inverses = [key for key in state if key.endswith("_inv")]
+    assert len(inverses) == 4
+    versions = []
+    for batch in batches:  # refresh, no refresh, refresh
+        opt.step(*batch)
+        versions.append({key: t._version for key, t in state.items()})
+    assert opt.skipped_steps == 0
+    assert [versions[1][k] - versions[0][k] for k in inverses] == [0] * 4
+    assert all(versions[2][k] > versions[1][k] for k in inverses)
+    assert all(versions[1][k] > versions[0][k] for k in ("0.A", "0.G", "2.A", "2.G"))
+
+
 class WideOverPositions(nn.Module):
     """``inner`` applied at two positions of every example: at a batch of two it has fewer gradient rows than
     features, like ``out`` (K-FAC then preconditions both from their rows, :func:`curvgraph.methods.kfac.rows_precondition`)."""

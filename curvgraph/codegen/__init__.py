@@ -55,27 +55,6 @@ def not_finite(tensor: Tensor) -> Tensor:
     return ~torch.isfinite(tensor).all()
 
 
-def packed_copies(*tensors: Tensor) -> tuple[Tensor, ...]:
-    """``tensors`` flattened and concatenated into new memory, one 1-d tensor per dtype (in order of first use).
-
-    What a ``torch.cond`` branch returns: both branches must return new tensors of one
-    layout, never their inputs or views of them. (A plain ``clone`` is not enough:
-    Inductor drops a clone of a view whose sizes and strides match, e.g. one member of an
-    ``unbind``, and the branch would return a view at an offset.) :func:`unpacked_like`
-    undoes it.
-    """
-    dtypes = list(dict.fromkeys(t.dtype for t in tensors))
-    return tuple(torch.cat([t.reshape(-1) for t in tensors if t.dtype == dtype]) for dtype in dtypes)
-
-
-def unpacked_like(packed: tuple[Tensor, ...], like: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    """The tensors :func:`packed_copies` packed, as views of ``packed`` shaped like ``like`` (same dtypes, same order)."""
-    dtypes = list(dict.fromkeys(t.dtype for t in like))
-    pieces = {dtype: iter(torch.split(flat, [t.numel() for t in like if t.dtype == dtype]))
-              for dtype, flat in zip(dtypes, packed)}
-    return tuple(next(pieces[t.dtype]).view(t.shape) for t in like)
-
-
 def commit_(target: Tensor, value: Tensor, ok: Tensor) -> None:
     """Write ``value`` into ``target`` in place if ``ok``, else leave ``target`` unchanged."""
     target.copy_(torch.where(ok, value.to(target.dtype), target))
@@ -272,55 +251,63 @@ def _write_fisher(w: StepWriter, loss: LossSpec, fisher: str, dtype: torch.dtype
 
 
 def _write_refresh(w: StepWriter, method: "Method", blocks: list[BlockVars]) -> None:
-    """The preconditioner refresh as one ``torch.cond(refresh, refreshed, kept, ())``.
+    """The preconditioner refresh as one ``torch.cond(refresh, refreshed, kept, ())`` that writes the state in place.
 
-    ``refreshed`` runs the method's :meth:`~curvgraph.methods.base.Method.write_refresh`
-    and returns each block's preconditioner entries (and any other value a refresh
-    commits) with its degenerate flags; ``kept`` returns the same entries as the state
-    holds them and no flags. A 0-d bool tensor ``refresh`` keeps both branches in one
-    compiled graph (no second graph for steps without a refresh); a Python bool (eager)
-    runs one branch. Branch outputs may not alias the state they read and must share
-    their layout, so both branches return packed copies (:func:`packed_copies`). The
-    refresh's commits, checks and flags become unconditional reads of the outputs (in
-    ``kept`` steps a commit writes back the value the state holds).
+    ``refreshed`` runs the method's :meth:`~curvgraph.methods.base.Method.write_refresh` and
+    commits what it recomputes into the state entries in place, if everything the step has
+    checked so far (the loss, the factors) and the refresh's own checks are finite; it
+    returns the refresh's degenerate flags and whether it failed those checks. ``kept``
+    returns no flags and writes nothing. After the cond the step reads each block's
+    preconditioner entries (and every other value the refresh committed) from the state,
+    so a step without a refresh copies nothing. A 0-d bool tensor ``refresh`` keeps both
+    branches in one compiled graph (no second graph for steps without a refresh); a Python
+    bool (eager) runs one branch. ``torch.cond`` lets a branch write its inputs in place
+    only with gradients off, so the cond runs under ``torch.no_grad``.
+
+    A refresh that failed its checks makes the step's ``ok`` false (the step changes
+    nothing). A refresh whose checks pass is kept even if the step is then skipped for a
+    value computed after it (the update).
     """
-    w.line("# preconditioner refresh, one branch of a torch.cond (one compiled graph whether or not it runs)")
-    outputs: dict[str, str] = {}  # the name bound after the cond -> its value in ``kept`` (a state entry)
+    w.line("# preconditioner refresh: a branch of a torch.cond (one compiled graph whether or not it runs) that "
+           "writes the state in place")
+    entries: dict[str, str] = {}  # the name the step reads after the cond -> the state entry holding it
     for b in blocks:
-        outputs.update({b.var(key): b.state(key) for key in method.preconditioner(b.block)})
+        entries.update({b.var(key): b.state(key) for key in method.preconditioner(b.block)})
+    before = ["loss"] + [value for when, value in w.checks if when is None]
+    before_statistics = [value for when, value in w.checks if when == "update_stats"]
     with w.indent("def refreshed():", when="refresh"):
         method.write_refresh(w, blocks)
-        refreshed = list(outputs)
-        renames: dict[str, str] = {}
-        for i, (when, target, value) in enumerate(w.commits):
-            if when != "refresh":
-                continue
-            if value not in outputs and value not in renames:  # an expression: bound to a new name after the cond
-                renames[value] = f"refreshed_{len(renames)}"
-                outputs[renames[value]] = target
-                refreshed.append(value)
-            name = renames.get(value, value)
-            if outputs[name] != target:
+        commits = [(target, value) for when, target, value in w.commits if when == "refresh"]
+        for target, value in commits:
+            if entries.get(value, target) != target:
                 raise CompileError(f"curvgraph: {method.name}'s refresh commits {value} to {target}, but {value} "
-                                   f"holds {outputs[name]} in steps without a refresh.")
-            w.commits[i] = (None, target, name)
-        for i, (when, value) in enumerate(w.checks):
-            if when == "refresh":
-                if renames.get(value, value) not in outputs:
-                    raise CompileError(f"curvgraph: {method.name}'s refresh checks {value}, which it neither commits "
-                                       "nor returns as a preconditioner entry.")
-                w.checks[i] = (None, renames.get(value, value))
+                                   f"is held in {entries[value]}.")
+            if value.isidentifier():
+                entries[value] = target
+        uncommitted = set(entries) - {value for _, value in commits}
+        if uncommitted:
+            raise CompileError(f"curvgraph: {method.name}'s refresh recomputes {sorted(uncommitted)} without "
+                               "committing them to the state.")
+        checks = [value for when, value in w.checks if when == "refresh"]
+        w.line(f"ok_refresh = {w.call(all_finite, *before, *checks)}")
+        if before_statistics:
+            with w.indent("if update_stats:"):
+                w.line(f"ok_refresh = ok_refresh & {w.call(all_finite, *before_statistics)}")
+        for target, value in commits:
+            w.line(w.call(commit_, target, value, "ok_refresh"))
         flags = [i for i, (when, _, _) in enumerate(w.flags) if when == "refresh"]
-        stacked = f"torch.stack([{', '.join(w.flags[i][2] for i in flags)}])" if flags else \
-            "torch.zeros(0, dtype=torch.bool, device=loss.device)"
-        w.line(f"return {w.call(packed_copies, *refreshed)}, {stacked}")
+        w.line(f"return torch.stack([{''.join(w.flags[i][2] + ', ' for i in flags)}~ok_refresh])")
+    w.commits = [commit for commit in w.commits if commit[0] != "refresh"]
+    w.checks = [check for check in w.checks if check[0] != "refresh"]
     for k, i in enumerate(flags):
-        w.flags[i] = (None, w.flags[i][1], f"refresh_flags[{k}]")
+        w.flags[i] = (None, w.flags[i][1], f"refresh_outcome[{k}]")
     with w.indent("def kept():"):
-        w.line(f"return {w.call(packed_copies, *outputs.values())}, "
-               f"torch.zeros({len(flags)}, dtype=torch.bool, device=loss.device)")
-    w.line("packed, refresh_flags = torch.cond(refresh, refreshed, kept, ())")
-    w.line(f"{_unpack(outputs)} = {w.call(unpacked_like, 'packed', w.pack(outputs.values()))}")
+        w.line(f"return torch.zeros({len(flags) + 1}, dtype=torch.bool, device=loss.device)")
+    with w.indent("with torch.no_grad():  # a branch may write its inputs only with gradients off"):
+        w.line("refresh_outcome = torch.cond(refresh, refreshed, kept, ())")
+    w.require(f"~refresh_outcome[{len(flags)}]")
+    for name, target in entries.items():
+        w.line(f"{name} = {target}")
 
 
 def _write_updates(w: StepWriter, blocks: list[BlockVars]) -> None:
@@ -338,6 +325,8 @@ def _write_commits(w: StepWriter) -> None:
     w.line("# commit: every tensor changes only if the whole step is finite (the checks below imply it)")
     always = list(dict.fromkeys(["loss"] + [v for when, v in w.checks if when is None]))
     w.line(f"ok = {w.call(all_finite, *always)}")
+    for condition in w.requirements:
+        w.line(f"ok = ok & {condition}")
     stats_checks = list(dict.fromkeys(v for when, v in w.checks if when == "update_stats"))
     if stats_checks:  # (the refresh's checks are unconditional, see _write_refresh)
         with w.indent("if update_stats:"):

@@ -149,6 +149,7 @@ class StepWriter:
         self.commits: list[tuple[str | None, str, str]] = []
         self.checks: list[tuple[str | None, str]] = []
         self.flags: list[tuple[str | None, Degeneration, str]] = []
+        self.requirements: list[str] = []
         self.switches: list[str] = []
         self._when: str | None = None
         self._idents: dict[str, str] = {}
@@ -214,6 +215,10 @@ class StepWriter:
     def check(self, value: str, when: str | None = None) -> None:
         """Make the step's ``ok`` require ``value`` to be finite (a tensor expression)."""
         self.checks.append((when or self._when, value))
+
+    def require(self, condition: str) -> None:
+        """Make the step's ``ok`` require ``condition`` (a 0-d bool tensor expression) to be true."""
+        self.requirements.append(condition)
 
     def flag(self, block: Block, message: str, value: str, when: str | None = None) -> None:
         """Report that ``block`` degenerated when ``value`` (a 0-d bool tensor expression) is true.

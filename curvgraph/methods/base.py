@@ -20,7 +20,7 @@ The step the generator writes is, for every block::
     M       = gradient matrix of the block (+ weight decay)        [generator, per kind]
     if update_stats:  batch factors                                  [kind]
                       method.write_statistics(...)  -> factors       [method]
-    torch.cond(refresh, method.write_refresh(...), kept)  -> preconditioner
+    torch.cond(refresh, method.write_refresh(...), kept)  -> preconditioner (written into the state in place)
     method.write_direction(...)   -> D, with  M_param <- M_param - D          [method]
 """
 
@@ -209,11 +209,12 @@ class Method(ABC):
         """Recompute the preconditioners from the factors, every ``invert_every`` steps.
 
         The lines go into the body of a nested function, the true branch of a ``torch.cond``
-        (:func:`curvgraph.codegen._write_refresh`): the step sees, after it, the block's
-        :meth:`preconditioner` entries as variables ``b.var(key)`` (the state's values in
-        steps without a refresh) and the values the refresh commits; its other locals stay
-        in the branch. Commits of a refresh go to state entries (read back from the state
-        in steps without one), and its checks name committed values.
+        (:func:`curvgraph.codegen._write_refresh`). The refresh must commit every
+        :meth:`preconditioner` entry ``b.var(key)`` to ``b.state(key)``; its commits are
+        written into the state in place inside the branch (if its checks and the step's
+        checks so far pass), and after the cond the step reads the preconditioner entries
+        and every other committed variable from the state, in steps with or without a
+        refresh; its other locals stay in the branch.
         """
 
     @abstractmethod

@@ -276,8 +276,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         number, names, shapes, dtypes or device of the inputs or targets, an empty batch,
         class indices out of range on the CPU), before anything changes. A step whose
         loss, factors or update are not finite changes nothing (parameters, buffers,
-        optimizer state) and emits a :class:`~curvgraph.NonFiniteStepWarning`;
-        :attr:`skipped_steps` counts them.
+        optimizer state; except that a preconditioner refresh computed from a finite loss,
+        gradients and factors is kept when only the update is not finite) and emits a
+        :class:`~curvgraph.NonFiniteStepWarning`; :attr:`skipped_steps` counts them.
         """
         batch, keys = flatten_inputs(inputs, "inputs", InputError)
         if not isinstance(targets, Tensor):
@@ -318,7 +319,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if not ok:
             warnings.warn(
                 f"curvgraph: step {self._runner.step_count} skipped: the loss ({loss.item():.4g}) or the update is not "
-                "finite; parameters, buffers and optimizer state are unchanged. If this repeats, check the batch "
+                "finite; parameters, buffers and optimizer state are unchanged (but for a preconditioner refresh from "
+                "finite statistics). If this repeats, check the batch "
                 "for inf/nan, or lower lr / raise damping.",
                 NonFiniteStepWarning,
                 stacklevel=3,  # past torch.optim's step wrapper, to the caller

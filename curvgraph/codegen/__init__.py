@@ -254,8 +254,9 @@ def _write_refresh(w: StepWriter, method: "Method", blocks: list[BlockVars]) -> 
     """The preconditioner refresh as one ``torch.cond(refresh, refreshed, kept, ())`` that writes the state in place.
 
     ``refreshed`` runs the method's :meth:`~curvgraph.methods.base.Method.write_refresh` and
-    commits what it recomputes into the state entries in place, if everything the step has
-    checked so far (the loss, the factors) and the refresh's own checks are finite; it
+    commits what it recomputes into the state entries in place, if the loss, the gradient
+    matrices, everything else the step has checked so far (the factors) and the refresh's
+    own checks are finite; it
     returns the refresh's degenerate flags and whether it failed those checks. ``kept``
     returns no flags and writes nothing. After the cond the step reads each block's
     preconditioner entries (and every other value the refresh committed) from the state,
@@ -265,15 +266,15 @@ def _write_refresh(w: StepWriter, method: "Method", blocks: list[BlockVars]) -> 
     only with gradients off, so the cond runs under ``torch.no_grad``.
 
     A refresh that failed its checks makes the step's ``ok`` false (the step changes
-    nothing). A refresh whose checks pass is kept even if the step is then skipped for a
-    value computed after it (the update).
+    nothing). A refresh whose inputs and checks are finite is kept even if the step is then
+    skipped for a value computed after it (an update that overflows).
     """
     w.line("# preconditioner refresh: a branch of a torch.cond (one compiled graph whether or not it runs) that "
            "writes the state in place")
     entries: dict[str, str] = {}  # the name the step reads after the cond -> the state entry holding it
     for b in blocks:
         entries.update({b.var(key): b.state(key) for key in method.preconditioner(b.block)})
-    before = ["loss"] + [value for when, value in w.checks if when is None]
+    before = ["loss"] + [b.grad for b in blocks] + [value for when, value in w.checks if when is None]
     before_statistics = [value for when, value in w.checks if when == "update_stats"]
     with w.indent("def refreshed():", when="refresh"):
         method.write_refresh(w, blocks)

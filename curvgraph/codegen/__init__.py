@@ -256,8 +256,8 @@ def _write_refresh(w: StepWriter, method: "Method", blocks: list[BlockVars]) -> 
     ``refreshed`` runs the method's :meth:`~curvgraph.methods.base.Method.write_refresh` and
     commits what it recomputes into the state entries in place, if the loss, the gradient
     matrices, everything else the step has checked so far (the factors) and the refresh's
-    own checks are finite; it
-    returns the refresh's degenerate flags and whether it failed those checks. ``kept``
+    own checks are finite; it returns the refresh's degenerate flags and whether it failed
+    those checks. ``kept``
     returns no flags and writes nothing. After the cond the step reads each block's
     preconditioner entries (and every other value the refresh committed) from the state,
     so a step without a refresh copies nothing. A 0-d bool tensor ``refresh`` keeps both
@@ -274,8 +274,7 @@ def _write_refresh(w: StepWriter, method: "Method", blocks: list[BlockVars]) -> 
     entries: dict[str, str] = {}  # the name the step reads after the cond -> the state entry holding it
     for b in blocks:
         entries.update({b.var(key): b.state(key) for key in method.preconditioner(b.block)})
-    before = ["loss"] + [b.grad for b in blocks] + [value for when, value in w.checks if when is None]
-    before_statistics = [value for when, value in w.checks if when == "update_stats"]
+    checked_before = list(w.checks)
     with w.indent("def refreshed():", when="refresh"):
         method.write_refresh(w, blocks)
         commits = [(target, value) for when, target, value in w.commits if when == "refresh"]
@@ -289,11 +288,8 @@ def _write_refresh(w: StepWriter, method: "Method", blocks: list[BlockVars]) -> 
         if uncommitted:
             raise CompileError(f"curvgraph: {method.name}'s refresh recomputes {sorted(uncommitted)} without "
                                "committing them to the state.")
-        checks = [value for when, value in w.checks if when == "refresh"]
-        w.line(f"ok_refresh = {w.call(all_finite, *before, *checks)}")
-        if before_statistics:
-            with w.indent("if update_stats:"):
-                w.line(f"ok_refresh = ok_refresh & {w.call(all_finite, *before_statistics)}")
+        own = [(None, value) for when, value in w.checks if when == "refresh"]
+        _write_all_finite(w, "ok_refresh", ["loss"] + [b.grad for b in blocks], checked_before + own)
         for target, value in commits:
             w.line(w.call(commit_, target, value, "ok_refresh"))
         flags = [i for i, (when, _, _) in enumerate(w.flags) if when == "refresh"]
@@ -324,14 +320,9 @@ def _write_updates(w: StepWriter, blocks: list[BlockVars]) -> None:
 def _write_commits(w: StepWriter) -> None:
     w.line()
     w.line("# commit: every tensor changes only if the whole step is finite (the checks below imply it)")
-    always = list(dict.fromkeys(["loss"] + [v for when, v in w.checks if when is None]))
-    w.line(f"ok = {w.call(all_finite, *always)}")
-    for condition in w.requirements:
+    _write_all_finite(w, "ok", ["loss"], w.checks)
+    for condition in w.requirements:  # the refresh's outcome (its checks ran in its branch, see _write_refresh)
         w.line(f"ok = ok & {condition}")
-    stats_checks = list(dict.fromkeys(v for when, v in w.checks if when == "update_stats"))
-    if stats_checks:  # (the refresh's checks are unconditional, see _write_refresh)
-        with w.indent("if update_stats:"):
-            w.line(f"ok = ok & {w.call(all_finite, *stats_checks)}")
     for target, value in [(t, v) for when, t, v in w.commits if when is None]:
         w.line(f"{w.call(commit_, target, value, 'ok')}")
     stats_commits = [(t, v) for when, t, v in w.commits if when == "update_stats"]
@@ -341,6 +332,17 @@ def _write_commits(w: StepWriter) -> None:
                 w.line(f"{w.call(commit_, target, value, 'ok')}")
     _write_degenerate(w)
     w.line("return loss.detach(), ok, degenerate")
+
+
+def _write_all_finite(w: StepWriter, name: str, values: list[str], checks: list[tuple[str | None, str]]) -> None:
+    """``name`` = whether ``values`` and the checked values are finite; a check tagged ``update_stats``
+    counts in statistics steps only (its value exists only there)."""
+    always = list(dict.fromkeys(values + [value for when, value in checks if when is None]))
+    w.line(f"{name} = {w.call(all_finite, *always)}")
+    statistics = list(dict.fromkeys(value for when, value in checks if when == "update_stats"))
+    if statistics:
+        with w.indent("if update_stats:"):
+            w.line(f"{name} = {name} & {w.call(all_finite, *statistics)}")
 
 
 def _write_degenerate(w: StepWriter) -> None:

@@ -320,8 +320,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             warnings.warn(
                 f"curvgraph: step {self._runner.step_count} skipped: the loss ({loss.item():.4g}) or the update is not "
                 "finite; parameters, buffers and optimizer state are unchanged (but for a preconditioner refresh from "
-                "finite statistics). If this repeats, check the batch "
-                "for inf/nan, or lower lr / raise damping.",
+                "finite statistics). If this repeats, check the batch for inf/nan, or lower lr / raise damping.",
                 NonFiniteStepWarning,
                 stacklevel=3,  # past torch.optim's step wrapper, to the caller
             )

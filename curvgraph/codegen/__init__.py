@@ -257,10 +257,9 @@ def _write_refresh(w: StepWriter, method: "Method", blocks: list[BlockVars]) -> 
     commits what it recomputes into the state entries in place, if the loss, the gradient
     matrices, everything else the step has checked so far (the factors) and the refresh's
     own checks are finite; it returns the refresh's degenerate flags and whether it failed
-    those checks. ``kept``
-    returns no flags and writes nothing. After the cond the step reads each block's
-    preconditioner entries (and every other value the refresh committed) from the state,
-    so a step without a refresh copies nothing. A 0-d bool tensor ``refresh`` keeps both
+    those checks. ``kept`` returns no flags and writes nothing. After the cond the step
+    reads each block's preconditioner entries (and every other value the refresh
+    committed) from the state, so a step without a refresh copies nothing. A 0-d bool tensor ``refresh`` keeps both
     branches in one compiled graph (no second graph for steps without a refresh); a Python
     bool (eager) runs one branch. ``torch.cond`` lets a branch write its inputs in place
     only with gradients off, so the cond runs under ``torch.no_grad``.

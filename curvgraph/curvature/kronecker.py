@@ -43,10 +43,21 @@ def input_moment(rows: tuple[Tensor, ...], bias: bool, dtype: torch.dtype, block
         return sum(torch.einsum("rgki,rgkj->gkij", r, r) for r in split) / count
     moment = sum(torch.einsum("rgi,rgj->gij", r, r) for r in rows)
     if bias:
-        total = sum(r.sum(0) for r in rows)
-        corner = total.new_full((total.shape[0], 1), count)
-        moment = torch.cat([torch.cat([moment, total[:, :, None]], 2), torch.cat([total, corner], 1)[:, None, :]], 1)
+        moment = bordered(moment, sum(r.sum(0) for r in rows), count)
     return moment / count
+
+
+def bordered(moment: Tensor, total: Tensor, count: int) -> Tensor:
+    r"""``[[moment, total], [total^T, count]]`` per group: ``moment`` ``(g, d, d)`` with ``total`` ``(g, d)`` appended
+    as its last row and column and ``count`` in the corner, ``(g, d + 1, d + 1)``.
+
+    Written as one elementwise selection over the padded ``moment`` rather than two concatenations, so that
+    the compiled step writes the result in one pass instead of materializing a ``(g, d, d + 1)`` intermediate.
+    """
+    border = torch.cat([total, total.new_full((total.shape[0], 1), count)], 1)  # (g, d + 1)
+    last = torch.arange(border.shape[1], device=moment.device) == total.shape[1]
+    padded = torch.nn.functional.pad(moment, (0, 1, 0, 1))
+    return torch.where(last[:, None], border[:, None, :], torch.where(last, border[:, :, None], padded))
 
 
 def output_moment(rows: tuple[Tensor, ...], scale: Tensor, dtype: torch.dtype, blocks: int = 1) -> Tensor:

@@ -109,33 +109,41 @@ def factored_damping(factors: tuple[Tensor, ...], diagonal: tuple[bool, ...], da
                  for s, f, split in zip(shifts, factors, split_dims))
 
 
-def damped_inverse(factor: Tensor, shift: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
-    r""":math:`(F + s I)^{-1}` by Cholesky, batched over leading dims; keeps ``previous`` where it fails.
+def damped_inverse(factor: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
+    r""":math:`(F + s I)^{-1}` by Cholesky, batched over leading dims.
 
     Args:
         factor: symmetric PSD matrices ``(..., d, d)``.
         shift: damping ``s`` per matrix, shape ``(...)``.
-        previous: the inverses to keep where the factorization fails or is not finite.
 
     Returns:
-        The inverses ``(..., d, d)`` and ``failed`` (shape ``...``): where ``previous`` was kept.
+        The inverses ``(..., d, d)`` and ``failed`` (shape ``...``): where the factorization failed or the
+        inverse is not finite, and the inverse is not to be used (:func:`kept_where_failed`).
     """
     eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
     chol, info = torch.linalg.cholesky_ex(factor + shift[..., None, None] * eye)
     factored = info == 0
     # a failed factorization can leave a zero on the diagonal, which cholesky_inverse rejects: invert I there
     inverse = torch.cholesky_inverse(torch.where(factored[..., None, None], chol, eye))
-    good = factored & torch.isfinite(inverse).all(-1).all(-1)
-    return torch.where(good[..., None, None], inverse, previous), ~good
+    return inverse, ~(factored & torch.isfinite(inverse).all(-1).all(-1))
 
 
-def damped_diagonal_inverse(factor: Tensor, shift: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
-    r""":math:`1 / (f + s)` for diagonal factors ``(..., d)`` stored as vectors; keeps ``previous``
-    for a matrix (leading index) where an entry is not positive and finite. Returns the inverses
-    and ``failed`` (shape ``...``): where ``previous`` was kept."""
+def damped_diagonal_inverse(factor: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
+    r""":math:`1 / (f + s)` for diagonal factors ``(..., d)`` stored as vectors. Returns the inverses
+    and ``failed`` (shape ``...``): the matrices (leading index) with an entry that is not positive and
+    finite, whose inverse is not to be used (:func:`kept_where_failed`)."""
     damped = factor + shift[..., None]
-    good = ((damped > 0) & torch.isfinite(damped)).all(-1, keepdim=True)
-    return torch.where(good, 1.0 / damped, previous), ~good[..., 0]
+    return 1.0 / damped, ~((damped > 0) & torch.isfinite(damped)).all(-1)
+
+
+def kept_where_failed(inverse: Tensor, failed: Tensor, previous: Tensor, diagonal: bool) -> Tensor:
+    """``inverse`` with ``previous`` kept for the matrices (leading index) where ``failed``; ``diagonal``:
+    the inverses are vectors ``(..., d)``, else matrices ``(..., d, d)``.
+
+    Applied per factor after a batched :func:`damped_inverse` rather than inside it, so that the previous
+    inverses are read in place (the compiled step fuses this into the commit) instead of stacked."""
+    mask = failed[..., None] if diagonal else failed[..., None, None]
+    return torch.where(mask, previous, inverse)
 
 
 def apply_inverse(matrix: Tensor, inverse: Tensor, axis: int, diagonal: bool, symmetric: bool = True,
@@ -392,9 +400,10 @@ class KFAC(Method):
             inverse = damped_diagonal_inverse if diagonal else damped_inverse
             targets = [b.var(f"{f}_inv") for b, f in members]
             failed = [b.var(f"{f}_failed") for b, f in members]
-            write_batched(w, inverse, [[b.factors[f], shifts[b.id, f], b.state(f"{f}_inv")] for b, f in members],
+            write_batched(w, inverse, [[b.factors[f], shifts[b.id, f]] for b, f in members],
                           [list(pair) for pair in zip(targets, failed)], f"factors of shape {'x'.join(map(str, shape))}")
             for (b, f), target, fail in zip(members, targets, failed):
+                w.line(f"{target} = {w.call(kept_where_failed, target, fail, b.state(f'{f}_inv'), diagonal)}")
                 w.commit(b.state(f"{f}_inv"), target, when="refresh")
                 w.flag(b.block, f"factor {f} could not be inverted at its damping shift (Cholesky failed or the inverse "
                        "is not finite); kept the previous inverse (the identity before the first success)",

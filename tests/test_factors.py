@@ -144,3 +144,17 @@ def test_ema_averages_batch_factors(float64):
         for f in ("A", "G"):
             expected = 0.75 * first[block][f] + 0.25 * second_batch[block][f]
             torch.testing.assert_close(opt.factors()[block][f], expected)
+
+
+@pytest.mark.parametrize("groups", (1, 3))
+def test_input_moment_with_bias_is_the_mean_outer_product_of_the_extended_inputs(float64, groups):
+    r""":math:`\frac1R \sum_r \bar a_r \bar a_r^\top` with :math:`\bar a = [a, 1]` materialized, against
+    ``input_moment``, which appends the column sums and the count to :math:`\sum a a^\top` without it
+    (:func:`curvgraph.curvature.kronecker.bordered`), over two uses of 5 and 7 rows."""
+    from curvgraph.curvature.kronecker import input_moment
+
+    torch.manual_seed(0)
+    rows = (torch.randn(5, groups, 4), torch.randn(7, groups, 4))
+    extended = torch.cat([torch.cat([r, torch.ones(r.shape[:-1] + (1,))], -1) for r in rows])
+    expected = torch.einsum("rgi,rgj->gij", extended, extended) / 12
+    torch.testing.assert_close(input_moment(rows, True, torch.float64), expected)

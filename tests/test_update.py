@@ -123,6 +123,18 @@ def test_only_a_refresh_writes_the_inverses(float64):
     assert all(versions[1][k] > versions[0][k] for k in ("0.A", "0.G", "2.A", "2.G"))
 
 
+def test_a_batched_refresh_reads_the_previous_inverses_in_place():
+    """Factors of one shape are inverted in one batched call, and where one fails the previous inverse is kept
+    from the state entry itself (:func:`curvgraph.methods.kfac.kept_where_failed`, fused into the commit), not from
+    a stacked copy of every previous inverse of the group (a copy the size of the group's inverses)."""
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
+    opt = curvgraph.compile(model, (torch.randn(8, 6),), backend="eager")
+    source = opt.source
+    assert "one batched call" in source
+    assert "kept_where_failed(" in source
+    assert "torch.stack([state[" not in source
+
+
 class WideOverPositions(nn.Module):
     """``inner`` applied at two positions of every example: at a batch of two it has fewer gradient rows than
     features, like ``out`` (K-FAC then preconditions both from their rows, :func:`curvgraph.methods.kfac.rows_precondition`)."""

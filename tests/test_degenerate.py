@@ -287,3 +287,34 @@ def test_compiled_steps_survive_overflow_and_rank_deficiency(method):
     assert_finite(model)
     assert opt.diagnostics()["0"]["degenerate"]
     assert caught
+
+
+class ScaledMLP(nn.Module):
+    """The issue's MLP times a learned per-class scale (no pass matches it: the fallback rule's parameter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = issue_mlp()
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return self.mlp(x) * self.scale
+
+
+@pytest.mark.parametrize("group", (0, 1))  # the curvature blocks' learning rate, the fallback's
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_an_update_that_overflows_skips_the_step(method, group):
+    """An infinite learning rate (a schedule gone wrong; K-FAC's default ``lr="auto"`` multiplies its quadratic
+    model's step by it) makes the update overflow although the loss, gradients and directions are finite: the step
+    is skipped with a NonFiniteStepWarning and no parameter changes (they used to become inf or nan)."""
+    model = ScaledMLP()
+    x, targets = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    opt = curvgraph.compile(model, (x,), method=method, backend="eager", progress=False, **schedule(method))
+    assert opt.plan.fallback_params == ("scale",)
+    opt.step(x, targets)
+    before = [p.clone() for p in model.parameters()]
+    opt.param_groups[group]["lr"] = float("inf")
+    with pytest.warns(curvgraph.NonFiniteStepWarning):
+        opt.step(x, targets)
+    assert opt.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -172,7 +172,9 @@ def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, 
         for p in fallback_params:
             direction = fallback.write(w, param_names[p], p, f"grad_{p}")
             w.check(direction)
-            w.commit(p, f"{p} - {w.hyper('fallback_lr')} * {direction}")
+            w.line(f"new_{p} = {p} - {w.hyper('fallback_lr')} * {direction}")
+            w.check(f"new_{p}")  # finite directions can still overflow with a huge learning rate
+            w.commit(p, f"new_{p}")
     _write_updates(w, blocks)
     for i, b in enumerate(forward.buffer_updates):
         w.commit(f"buffers[{forward.buffers.index(b)}]", f"new_buffers[{i}]")
@@ -307,11 +309,15 @@ def _write_refresh(w: StepWriter, method: "Method", blocks: list[BlockVars]) -> 
 
 
 def _write_updates(w: StepWriter, blocks: list[BlockVars]) -> None:
+    """The new parameters of every block, ``P - D``, each checked: a finite direction still overflows with a
+    learning rate near the float limit (or one set to ``inf`` by a schedule), and a parameter is never written
+    a non-finite value."""
     for b in blocks:
         new = [f"new_{p}" for p in b.block.placeholders]
         w.line(f"# {b.block.name}: the new {', '.join(b.block.params)}")
-        split = b.kind.write_split(w, b, f"{b.var('P')} - {b.direction}")
-        w.line(f"{_unpack(new)} = {split}")
+        w.line(f"{b.var('P_new')} = {b.var('P')} - {b.direction}")
+        w.check(b.var("P_new"))
+        w.line(f"{_unpack(new)} = {b.kind.write_split(w, b, b.var('P_new'))}")
         for p, value in zip(b.block.placeholders, new):
             w.commit(p, value)
 

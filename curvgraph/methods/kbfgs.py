@@ -100,7 +100,7 @@ from ..kinds.base import has_example_rows
 from ..plan import Block
 from ..registry import register_method
 from .base import Hyper, Method, fraction, non_negative, parameter_tuple, positive, positive_int
-from .kfac import apply_inverse, damped_diagonal_inverse, ema, inner_product
+from .kfac import apply_inverse, damped_diagonal_inverse, ema, inner_product, kept_where_failed
 
 
 def initial_inverse(factor: Tensor, shift: Tensor, stored: Tensor, first: Tensor) -> Tensor:
@@ -392,8 +392,9 @@ class KBFGS(Method):
                 V = self._write_output_apply(w, b, out, V)
             elif out is not None:  # a diagonal output-side factor: its damped reciprocal, elementwise
                 reciprocal, failed = b.var(f"{out}_reciprocal"), b.var(f"{out}_failed")
-                call = w.call(damped_diagonal_inverse, b.factors[out], "lam_A", f"torch.ones_like({b.factors[out]})")
-                w.line(f"{reciprocal}, {failed} = {call}")
+                w.line(f"{reciprocal}, {failed} = {w.call(damped_diagonal_inverse, b.factors[out], 'lam_A')}")
+                kept = w.call(kept_where_failed, reciprocal, failed, f"torch.ones_like({b.factors[out]})", True)
+                w.line(f"{reciprocal} = {kept}")
                 w.flag(b.block, f"factor {out} could not be inverted at its damping (an entry is not positive and "
                        "finite); used ones (no preconditioning) on that side", f"{failed}.any()")
                 V = w.call(apply_inverse, V, reciprocal, -2, True)

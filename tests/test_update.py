@@ -123,6 +123,28 @@ def test_only_a_refresh_writes_the_inverses(float64):
     assert all(versions[1][k] > versions[0][k] for k in ("0.A", "0.G", "2.A", "2.G"))
 
 
+def test_a_refresh_from_finite_statistics_is_kept_when_the_update_overflows(float64):
+    """The documented exception to "a skipped step changes nothing": the refresh commits inside its branch when the
+    loss, gradients and factors are finite, so a step skipped afterwards for its update (an infinite learning rate)
+    keeps the new inverses, while the parameters, factors and momentum stay."""
+    torch.manual_seed(3)
+    model = mlp()
+    x, y = torch.randn(9, 4), torch.randint(0, 3, (9,))
+    opt = curvgraph.compile(model, (x,), invert_every=1, backend="eager")
+    opt.step(x, y)
+    state = opt._runner.state
+    before = {key: t.clone() for key, t in state.items()}
+    params = [p.clone() for p in model.parameters()]
+    opt.param_groups[0]["lr"] = float("inf")
+    with pytest.warns(curvgraph.NonFiniteStepWarning):
+        opt.step(2 * x, y)
+    assert opt.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    inverses = [key for key in state if key.endswith("_inv")]
+    assert all(not torch.equal(state[k], before[k]) for k in inverses)
+    assert all(torch.equal(state[k], before[k]) for k in state if k not in inverses)
+
+
 def test_a_batched_refresh_reads_the_previous_inverses_in_place():
     """Factors of one shape are inverted in one batched call, and where one fails the previous inverse is kept
     from the state entry itself (:func:`curvgraph.methods.kfac.kept_where_failed`, fused into the commit), not from

@@ -171,9 +171,8 @@ def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, 
         fallback.write_prologue(w)
         for p in fallback_params:
             direction = fallback.write(w, param_names[p], p, f"grad_{p}")
-            w.check(direction)
             w.line(f"new_{p} = {p} - {w.hyper('fallback_lr')} * {direction}")
-            w.check(f"new_{p}")  # finite directions can still overflow with a huge learning rate
+            w.check(f"new_{p}")  # not finite where the direction is not, or where it overflows with a huge lr
             w.commit(p, f"new_{p}")
     _write_updates(w, blocks)
     for i, b in enumerate(forward.buffer_updates):

@@ -145,12 +145,13 @@ def test_a_refresh_from_finite_statistics_is_kept_when_the_update_overflows(floa
     assert all(torch.equal(state[k], before[k]) for k in state if k not in inverses)
 
 
-def test_a_batched_refresh_reads_the_previous_inverses_in_place():
-    """Factors of one shape are inverted in one batched call, and where one fails the previous inverse is kept
-    from the state entry itself (:func:`curvgraph.methods.kfac.kept_where_failed`, fused into the commit), not from
-    a stacked copy of every previous inverse of the group (a copy the size of the group's inverses)."""
+@pytest.mark.parametrize("method", ("kfac", "ekfac"))
+def test_a_batched_refresh_reads_the_previous_inverses_in_place(method):
+    """Factors of one shape are inverted (K-FAC) or decomposed (EKFAC) in one batched call, and where one fails the
+    previous inverse or eigenbasis is kept from the state entry itself (:func:`curvgraph.methods.kfac.kept_where_failed`,
+    fused into the commit), not from a stacked copy of every previous one of the group (a copy of the group's size)."""
     model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
-    opt = curvgraph.compile(model, (torch.randn(8, 6),), backend="eager")
+    opt = curvgraph.compile(model, (torch.randn(8, 6),), method=method, backend="eager")
     source = opt.source
     assert "one batched call" in source
     assert "kept_where_failed(" in source

@@ -70,22 +70,21 @@ from ..kinds.base import has_example_rows
 from ..plan import Block
 from ..registry import KINDS, register_method
 from .base import write_batched
-from .kfac import KFAC, apply_inverse, ema
+from .kfac import KFAC, apply_inverse, ema, kept_where_failed
 
 #: FLOPs of one symmetric eigendecomposition with eigenvectors, per ``d^3`` (Golub & Van Loan's
 #: tridiagonal QR estimate, about 9 d^3; divide-and-conquer is usually cheaper).
 EIGH_FLOPS = 9
 
 
-def eigenbasis(factor: Tensor, previous_values: Tensor, previous_basis: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def eigenbasis(factor: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     r"""Eigenvalues ``(..., d)`` (ascending, clamped at 0) and orthonormal eigenvectors ``(..., d, d)`` (columns)
     of the symmetric PSD ``factor`` ``(..., d, d)``, :math:`F = Q \operatorname{diag}(\lambda) Q^\top`,
     batched over leading dims, and ``failed`` (shape ``...``): the matrices whose factor or result is not
-    finite, which keep the previous values and basis (:func:`~curvgraph.curvature.linalg.stable_eigh`:
-    never raises)."""
+    finite, whose values and basis are not to be used (:func:`~curvgraph.methods.kfac.kept_where_failed`;
+    :func:`~curvgraph.curvature.linalg.stable_eigh` never raises)."""
     values, vectors, good = stable_eigh(factor)
-    values = torch.where(good[..., None], values.clamp_min(0), previous_values)
-    return values, torch.where(good[..., None, None], vectors, previous_basis), ~good
+    return values.clamp_min(0), vectors, ~good
 
 
 def rotate_rows(rows: Tensor, basis: Tensor | None) -> Tensor:
@@ -188,11 +187,13 @@ class EKFAC(KFAC):
             values = [b.var(f"{f}_eigenvalues") for b, f in members]
             bases = [b.var(f"{f}_basis") for b, f in members]
             failed = [b.var(f"{f}_failed") for b, f in members]
-            write_batched(w, eigenbasis,
-                          [[b.factors[f], b.state(f"{f}_eigenvalues"), b.state(f"{f}_basis")] for b, f in members],
+            write_batched(w, eigenbasis, [[b.factors[f]] for b, f in members],
                           [list(triple) for triple in zip(values, bases, failed)],
                           f"factors of shape {'x'.join(map(str, shape))}")
             for (b, f), value, basis, fail in zip(members, values, bases, failed):
+                # the previous values and basis where the decomposition failed, read from the state in place
+                w.line(f"{value} = {w.call(kept_where_failed, value, fail, b.state(f'{f}_eigenvalues'), True)}")
+                w.line(f"{basis} = {w.call(kept_where_failed, basis, fail, b.state(f'{f}_basis'), False)}")
                 w.commit(b.state(f"{f}_eigenvalues"), value, when="refresh")
                 w.commit(b.state(f"{f}_basis"), basis, when="refresh")
                 w.flag(b.block, f"factor {f} could not be decomposed (not finite, or eigh failed); kept the previous "

@@ -136,14 +136,15 @@ def damped_diagonal_inverse(factor: Tensor, shift: Tensor) -> tuple[Tensor, Tens
     return 1.0 / damped, ~((damped > 0) & torch.isfinite(damped)).all(-1)
 
 
-def kept_where_failed(inverse: Tensor, failed: Tensor, previous: Tensor, diagonal: bool) -> Tensor:
-    """``inverse`` with ``previous`` kept for the matrices (leading index) where ``failed``; ``diagonal``:
-    the inverses are vectors ``(..., d)``, else matrices ``(..., d, d)``.
+def kept_where_failed(new: Tensor, failed: Tensor, previous: Tensor, diagonal: bool) -> Tensor:
+    """``new`` (inverses, eigenvalues, eigenbases) with ``previous`` kept for the matrices (leading index) where
+    ``failed``; ``diagonal``: the values are vectors ``(..., d)``, else matrices ``(..., d, d)``.
 
-    Applied per factor after a batched :func:`damped_inverse` rather than inside it, so that the previous
-    inverses are read in place (the compiled step fuses this into the commit) instead of stacked."""
+    Applied per factor after a batched factorization (:func:`damped_inverse`, EKFAC's eigendecomposition)
+    rather than inside it, so that the previous values are read from the state in place (the compiled step
+    fuses this into the commit) instead of stacked."""
     mask = failed[..., None] if diagonal else failed[..., None, None]
-    return torch.where(mask, previous, inverse)
+    return torch.where(mask, previous, new)
 
 
 def apply_inverse(matrix: Tensor, inverse: Tensor, axis: int, diagonal: bool, symmetric: bool = True,
@@ -477,7 +478,7 @@ class KFAC(Method):
         directions = w.pack(b.var("V") for b in blocks)
         grads = w.pack(b.grad for b in blocks)
         w.line(f"inner = {w.call(inner_product, directions, grads)}")
-        w.check("inner")  # finite iff every V and M is; then so are the momentum buffers and updates
+        w.check("inner")  # finite iff every V and M is; then so are the momentum buffers (updates: _write_updates)
         if self.adaptive:
             self._write_quadratic_model_step(w, blocks)
             return

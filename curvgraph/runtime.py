@@ -159,36 +159,33 @@ class _NoShimFallbackNotes(logging.Filter):
         return "is missing a c-shim implementation" not in str(record.msg)
 
 
-def inductor_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
-                     cpp_wrapper_max_nodes: int = 1500) -> Callable:
-    """Inductor (``compile_fx``), with a C++ wrapper (``cpp_wrapper``) for a small graph on the CPU: one of at most
-    ``cpp_wrapper_max_nodes`` ``call_function`` nodes (the graph and its ``torch.cond`` branches, as Dynamo
-    captured them).
+def inductor_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+    """Inductor (``compile_fx``), on the CPU with its C++ wrapper (``cpp_wrapper``) built in two compiler runs
+    (``cpp_wrapper_build_separate``).
 
     The C++ wrapper compiles the code that allocates the step's buffers and calls its kernels
-    and library ops, instead of running it as Python, and builds all the graph's kernels in one
-    C++ compiler run instead of one run each. On small steps that is faster both ways (2 cores,
-    fresh processes with empty caches; the MNIST-1D MLP and CNN 7-8% less time per step;
-    compile and first schedule period: MNIST-1D MLP 36.8 -> 31.8 s, CNN 40.8 -> 33.8 s, MLP
-    784-512-512-256-10 40.2 -> 29.7 s). On large ones the single compiler run, which uses one
-    core, costs more than it saves (char transformer 4x256 165.6 -> 225.0 s, LSTM 256 over 40
-    steps 162.5 -> 277.9 s, ResNet-style CNN 107.5 -> 99.8 s), so only graphs of at most
-    ``cpp_wrapper_max_nodes`` nodes get it (those measured: MLP 717 nodes, ResNet-style CNN
-    2410, transformer 3321, LSTM 3157). Ops without a C entry point (``aten.linalg_cholesky_ex``
-    in torch 2.13) are then called through the dispatcher; Inductor's warning about each is
-    dropped (:class:`_NoShimFallbackNotes`).
+    and library ops (about 150 calls per step of the MNIST-1D MLP, 10,600 lines of C++ for the
+    MLP 784-512-512-256-10) instead of running it as Python, which shortens small steps (the
+    MNIST-1D MLP and CNN 7-8%, the char transformer 4x256 8%). Built separately, the wrapper is
+    compiled at ``-O1`` and the kernels at ``-O3``; built with the kernels in one run, all of
+    it was compiled at ``-O3`` (MLP 784-512-512-256-10: 8.8 s against 1.8 + 4.7 s). Without
+    the wrapper each kernel is its own compiler run. Cold compile and first schedule period,
+    2 cores, fresh processes with empty caches (none, one run, two runs): MNIST-1D MLP 29.3-30.6
+    -> 27.8 s, MNIST-1D CNN 31.0-33.4 -> 28.6-29.9 s, MLP 784-512-512-256-10 29.6-29.9 -> 26.6-27.6
+    s; without the wrapper and with it in two runs: ResNet-style CNN 100.2 -> 82.3 s, LSTM 256
+    over 40 steps 140.6 -> 140.3 s, char transformer 161.1 -> 169.5 s. The first compile on a
+    machine also builds the kernels' precompiled header once (about 1 s). Ops without a C entry
+    point (``aten.linalg_cholesky_ex`` in torch 2.13) are called through the dispatcher;
+    Inductor's warning about each is dropped (:class:`_NoShimFallbackNotes`).
     """
     from torch._inductor.compile_fx import compile_fx
 
-    nodes = sum(node.op == "call_function" for module in gm.modules() if isinstance(module, torch.fx.GraphModule)
-                for node in module.graph.nodes)
     on_cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, Tensor))
-    cpp_wrapper = on_cpu and nodes <= cpp_wrapper_max_nodes
-    if cpp_wrapper:
+    if on_cpu:
         inductor_ir_log = logging.getLogger("torch._inductor.ir")
         if not any(isinstance(f, _NoShimFallbackNotes) for f in inductor_ir_log.filters):
             inductor_ir_log.addFilter(_NoShimFallbackNotes())
-    return compile_fx(gm, example_inputs, config_patches={"cpp_wrapper": cpp_wrapper})
+    return compile_fx(gm, example_inputs, config_patches={"cpp_wrapper": on_cpu, "cpp_wrapper_build_separate": on_cpu})
 
 
 def compiled_step(fn: Callable, backend: str) -> Callable:

@@ -298,10 +298,10 @@ def test_nothing_in_the_step_keeps_it_out_of_the_compile_caches(case):
     assert cache_refusals(model, inputs, targets, invert_every=1, **options) == []
 
 
-def test_the_inductor_backend_wraps_small_cpu_graphs_in_cpp(monkeypatch):
-    """``runtime.inductor_backend`` compiles a CPU graph of at most ``cpp_wrapper_max_nodes`` call_function nodes with
-    Inductor's C++ wrapper and a larger one (or one with inputs elsewhere) without; Inductor's note about ops without a
-    C shim is dropped then, its other records are kept."""
+def test_the_inductor_backend_wraps_cpu_graphs_in_cpp_built_separately(monkeypatch):
+    """``runtime.inductor_backend`` compiles a CPU graph with Inductor's C++ wrapper, built apart from the kernels,
+    and one with inputs elsewhere without; Inductor's note about ops without a C shim is dropped then, its other
+    records are kept."""
     import logging
 
     import torch._inductor.compile_fx as compile_fx_module
@@ -310,11 +310,11 @@ def test_the_inductor_backend_wraps_small_cpu_graphs_in_cpp(monkeypatch):
 
     patches = []
     monkeypatch.setattr(compile_fx_module, "compile_fx", lambda gm, inputs, config_patches: patches.append(config_patches))
-    gm = torch.fx.symbolic_trace(lambda x: torch.cos(torch.sin(x) + 1))  # 3 call_function nodes
-    meta = torch.zeros(2, device="meta")
-    for inputs, limit in (((torch.zeros(2),), 3), ((torch.zeros(2),), 2), ((meta,), 3)):
-        inductor_backend(gm, inputs, cpp_wrapper_max_nodes=limit)
-    assert patches == [{"cpp_wrapper": True}, {"cpp_wrapper": False}, {"cpp_wrapper": False}]
+    gm = torch.fx.symbolic_trace(lambda x: torch.cos(torch.sin(x) + 1))
+    for inputs in ((torch.zeros(2),), (torch.zeros(2, device="meta"),)):
+        inductor_backend(gm, inputs)
+    assert patches == [{"cpp_wrapper": True, "cpp_wrapper_build_separate": True},
+                       {"cpp_wrapper": False, "cpp_wrapper_build_separate": False}]
     log = logging.getLogger("torch._inductor.ir")
 
     def passes(message):

@@ -284,6 +284,27 @@ def test_frozen_parameters_stay_frozen():
     assert [b.name for b in opt.plan.blocks] == ["2"]
 
 
+@pytest.mark.parametrize("order", [1, 3, 32, 64, 65])
+def test_damped_inverse_is_the_inverse_of_the_shifted_factor_at_even_and_odd_orders(order):
+    """``damped_inverse`` factors a factor whose order is a multiple of 32 padded by one: its inverses equal
+    ``inv(F + s I)`` (float64, batched) with and without the padding, and a factor that is indefinite only in its last row,
+    next to the padding, is still reported as failed."""
+    from curvgraph.methods.kfac import damped_inverse
+
+    torch.manual_seed(order)
+    x = torch.randn(3, order, order + 2, dtype=torch.float64)
+    factor = x @ x.transpose(-1, -2) / order
+    shift = torch.tensor([1e-4, 0.1, 2.0], dtype=torch.float64)
+    inverse, failed = damped_inverse(factor, shift)
+    expected = torch.linalg.inv(factor + shift[:, None, None] * torch.eye(order, dtype=torch.float64))
+    torch.testing.assert_close(inverse, expected, rtol=1e-9, atol=1e-9)
+    assert not failed.any()
+    indefinite = torch.eye(order, dtype=torch.float64)
+    indefinite[-1, -1] = -5.0
+    assert damped_inverse(torch.stack([indefinite, torch.eye(order, dtype=torch.float64)]),
+                          torch.tensor([0.0, 0.0], dtype=torch.float64))[1].tolist() == [True, False]
+
+
 def test_failed_factorization_keeps_the_previous_inverse():
     """An indefinite factor (cholesky_ex reports failure) keeps the previous inverse instead of raising."""
     from curvgraph.methods.kfac import damped_inverse, kept_where_failed

@@ -115,11 +115,10 @@ def damped_inverse(factor: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
     A factor whose order ``d`` is a multiple of 32 is factored and inverted as
     :math:`\operatorname{diag}(F + sI, 1)`, of order ``d + 1``, whose Cholesky factor and inverse hold those of
     :math:`F + sI` in their leading ``d x d`` block. MKL's Cholesky factorization is slower at those orders than
-    at the next one (2 CPU cores, float32, ``torch.linalg.cholesky_ex``, ms at ``d`` against ``d + 1``: 128 0.116
-    / 0.053, 512 1.23 / 0.63, 608 1.00 / 0.82, 1024 10.7 / 3.9, 2048 52.5 / 21.7, 3072 162 / 74, 4096 305 / 144, 4608 306 / 201; float64
-    alike),
-    and layer widths, which set a ``G`` factor's order, are mostly such multiples. At other orders (1000, 784,
-    500) it is not.
+    at the next one (2 CPU cores, float32, ``torch.linalg.cholesky_ex``, ms at ``d`` against ``d + 1``: 128
+    0.116 / 0.053, 512 1.23 / 0.63, 608 1.00 / 0.82, 1024 10.7 / 3.9, 2048 52.5 / 21.7, 3072 162 / 74, 4096
+    305 / 144, 4608 306 / 201; float64 alike), and layer widths, which set a ``G`` factor's order, are mostly
+    such multiples. At other orders (1000, 784, 500) it is not.
 
     Args:
         factor: symmetric PSD matrices ``(..., d, d)``.

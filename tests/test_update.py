@@ -285,10 +285,10 @@ def test_frozen_parameters_stay_frozen():
 
 
 @pytest.mark.parametrize("order", [1, 3, 32, 64, 65])
-def test_damped_inverse_is_the_inverse_of_the_shifted_factor_at_even_and_odd_orders(order):
+def test_damped_inverse_is_the_inverse_of_the_shifted_factor_with_and_without_padding(order):
     """``damped_inverse`` factors a factor whose order is a multiple of 32 padded by one: its inverses equal
-    ``inv(F + s I)`` (float64, batched) with and without the padding, and a factor that is indefinite only in its last row,
-    next to the padding, is still reported as failed."""
+    ``inv(F + s I)`` (float64, batched) with and without the padding, and a factor that is indefinite only in its
+    last row, next to the padding, is still reported as failed."""
     from curvgraph.methods.kfac import damped_inverse
 
     torch.manual_seed(order)

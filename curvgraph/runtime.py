@@ -174,7 +174,7 @@ def inductor_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) ->
     -> 27.8 s, MNIST-1D CNN 31.0-33.4 -> 28.6-29.9 s, MLP 784-512-512-256-10 29.6-29.9 -> 26.6-27.6
     s; without the wrapper and with it in two runs: ResNet-style CNN 100.2 -> 82.3 s, LSTM 256
     over 40 steps 140.6 -> 140.3 s, char transformer 161.1 -> 169.5 s. The first compile on a
-    machine also builds the kernels' precompiled header once (about 1 s). Ops without a C entry
+    machine also builds the kernels' precompiled header, once (1.2-2.7 s more). Ops without a C entry
     point (``aten.linalg_cholesky_ex`` in torch 2.13) are called through the dispatcher;
     Inductor's warning about each is dropped (:class:`_NoShimFallbackNotes`).
     """

@@ -131,8 +131,8 @@ def _header(opt: "CurvatureOptimizer", digest: str, stem: str, pt_name: str | No
 
 def _body(opt: "CurvatureOptimizer", constants: dict[str, Tensor], pt_name: str | None) -> str:
     source = opt.source
-    source = source.replace("\nimport math\n",
-                            "\nimport contextlib\nimport logging\nimport math\nimport os\nimport warnings\n", 1)
+    imports = ("contextlib", "functools", "logging", "math", "os", "threading", "warnings")
+    source = source.replace("\nimport math\n", "".join(f"\nimport {name}" for name in imports) + "\n", 1)
     run_time = [textwrap.dedent(inspect.getsource(obj)).strip() for obj in runtime.EXPORTED]
     run_time[0] = _section("run time: the code CurvatureOptimizer runs the step with (curvgraph.runtime)", run_time[0])
     parts = [

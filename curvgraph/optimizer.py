@@ -184,7 +184,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if self._captured is not None:
             self._check_same_step(captured, state)
         if generated.source not in self._steps:
-            self._steps[generated.source] = compiled_step(captured.namespace["step"], self.backend)
+            device = self.model.get_parameter(forward.names[forward.params[0]]).device
+            self._steps[generated.source] = compiled_step(captured.namespace["step"], self.backend, device)
         if self._captured is None:
             self._create_state(captured, state)
         self._captures[modes] = captured

@@ -14,7 +14,9 @@ needs ``torch`` alone (and the standard library): no curvgraph imports.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import threading
 import warnings
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -188,9 +190,39 @@ def inductor_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) ->
     return compile_fx(gm, example_inputs, config_patches={"cpp_wrapper": on_cpu, "cpp_wrapper_build_separate": on_cpu})
 
 
-def compiled_step(fn: Callable, backend: str) -> Callable:
+@functools.cache
+def probe_vector_isa_in_background() -> threading.Thread:
+    """Start Inductor's probe of the CPU's vector instruction sets in a daemon thread, once per process.
+
+    Before it generates its first CPU kernel, Inductor compiles and loads a test program for
+    each vector instruction set the CPU reports (``torch._inductor.cpu_vec_isa.pick_vec_isa``):
+    with an empty cache directory about 8.5 s of C++ compiler runs on the 2-core benchmark
+    machine, 1.5 s of loads with a warm one, paid in every process that compiles for the CPU,
+    a ``torch.compile``d AdamW step as well. Inductor needs the answer only when it generates
+    code, after Dynamo's and AOT autograd's tracing and its own lowering of the step (8-9 s for
+    the MLP 784-512-512-256-10, minutes for larger steps), so the probe runs beside them: its
+    compiler runs on another core. Inductor caches the answer (``functools.cache``); if it asks
+    before the probe is done it probes too, and the per-program file locks and the compiled
+    programs on disk keep that from compiling anything twice. A failure here is ignored:
+    Inductor probes again when it needs the answer, and reports there.
+    """
+    from torch._inductor import codecache, cpp_builder, cpu_vec_isa  # noqa: F401 - imported here, not in the thread
+
+    def probe() -> None:
+        try:
+            cpu_vec_isa.pick_vec_isa()
+        except Exception:  # noqa: BLE001 - Inductor probes, and reports, again when it needs the answer
+            pass
+
+    thread = threading.Thread(target=probe, name="curvgraph-vector-isa-probe", daemon=True)
+    thread.start()
+    return thread
+
+
+def compiled_step(fn: Callable, backend: str, device: torch.device) -> Callable:
     """``fn`` compiled with ``torch.compile`` as one graph, or ``fn`` itself for ``backend="eager"``.
-    ``backend="inductor"`` is :func:`inductor_backend`.
+    ``backend="inductor"`` is :func:`inductor_backend`; for a step on the CPU (``device``) it starts
+    :func:`probe_vector_isa_in_background`, so that Inductor's probe of the CPU runs while the step is traced.
 
     The compiled step takes its ``refresh`` flag (the argument before the ``switches``)
     as a 0-d bool tensor: the predicate of the step's ``torch.cond``, so steps with and
@@ -210,6 +242,8 @@ def compiled_step(fn: Callable, backend: str) -> Callable:
     import torch._inductor.config as inductor_config
 
     symbolic_double_backward()
+    if backend == "inductor" and device.type == "cpu":
+        probe_vector_isa_in_background()
 
     compiled = torch.compile(fn, backend=inductor_backend if backend == "inductor" else backend, fullgraph=True)
     flags = (torch.tensor(False), torch.tensor(True))  # made once: the step runs every few milliseconds
@@ -481,7 +515,7 @@ class ExportedStep:
         self.degenerations = tuple(spec.get("degenerations", ()))
         device = self._params[0].device
         self.constants = tuple(c.to(device) for c in constants)
-        self.runner = StepRunner(compiled_step(step, backend), noise_shape, switches, spec["state"], spec["noise"],
+        self.runner = StepRunner(compiled_step(step, backend, device), noise_shape, switches, spec["state"], spec["noise"],
                                  spec["factor_every"], spec["invert_every"], device, spec["factor_dtype"], seed,
                                  spec["dynamic_dims"], spec.get("transposes_backward", True))
 
@@ -534,5 +568,6 @@ class ExportedStep:
 
 #: What an exported module copies from here, in order.
 EXPORTED = (initial_state, convolution_double_backward, batch_norm_backward, batch_norm_backward_as_ops,
-            symbolic_double_backward, _NoShimFallbackNotes, inductor_backend, compiled_step, model_tensors,
+            symbolic_double_backward, _NoShimFallbackNotes, inductor_backend, probe_vector_isa_in_background,
+            compiled_step, model_tensors,
             at_offset_zero, mark_dynamic, StepRunner, ExportedStep)

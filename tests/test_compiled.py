@@ -237,7 +237,7 @@ def test_the_cache_key_holds_the_branches():
     for fn, factor in ((doubled, 2), (tripled, 3), (doubled, 2)):
         torch._dynamo.reset()
         hits = counters["aot_autograd"]["autograd_cache_hit"]
-        torch.testing.assert_close(compiled_step(fn, "inductor")(x, True, ()), x * factor, rtol=0, atol=0)
+        torch.testing.assert_close(compiled_step(fn, "inductor", x.device)(x, True, ()), x * factor, rtol=0, atol=0)
     assert counters["aot_autograd"]["autograd_cache_hit"] == hits + 1  # the second `doubled` is loaded
 
 
@@ -323,3 +323,27 @@ def test_the_inductor_backend_wraps_cpu_graphs_in_cpp_built_separately(monkeypat
 
     assert not passes("%s is missing a c-shim implementation, using proxy executor as fallback")
     assert passes("something else")
+
+
+def test_a_cpu_step_probes_the_vector_instruction_sets_in_another_thread(monkeypatch):
+    """``runtime.compiled_step`` starts Inductor's probe of the CPU's vector instruction sets in a background thread,
+    once per process, for an Inductor step on the CPU, and not for the eager backend or a step on another device."""
+    import threading
+
+    import torch._inductor.cpu_vec_isa as cpu_vec_isa
+
+    from curvgraph.runtime import compiled_step, probe_vector_isa_in_background
+
+    probed_in = []
+    monkeypatch.setattr(cpu_vec_isa, "pick_vec_isa", lambda: probed_in.append(threading.current_thread()))
+    probe_vector_isa_in_background.cache_clear()
+    try:
+        for backend, device in (("eager", "cpu"), ("inductor", "meta")):
+            compiled_step(lambda x: x, backend, torch.device(device))
+            assert probe_vector_isa_in_background.cache_info().currsize == 0, (backend, device)
+        for _ in range(2):
+            compiled_step(lambda x: x, "inductor", torch.device("cpu"))
+        probe_vector_isa_in_background().join(timeout=60)
+        assert len(probed_in) == 1 and probed_in[0] is not threading.main_thread()
+    finally:
+        probe_vector_isa_in_background.cache_clear()

@@ -308,13 +308,25 @@ def test_the_inductor_backend_wraps_cpu_graphs_in_cpp_built_separately(monkeypat
 
     from curvgraph.runtime import inductor_backend
 
-    patches = []
-    monkeypatch.setattr(compile_fx_module, "compile_fx", lambda gm, inputs, config_patches: patches.append(config_patches))
+    from torch._inductor import codecache
+
+    from curvgraph.runtime import build_objects_side_by_side
+
+    patches, builds = [], []
+
+    def compile_fx(gm, inputs, config_patches):
+        patches.append(config_patches)
+        builds.append(codecache._worker_compile_cpp)
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", compile_fx)
+    inductors_builds = codecache._worker_compile_cpp
     gm = torch.fx.symbolic_trace(lambda x: torch.cos(torch.sin(x) + 1))
     for inputs in ((torch.zeros(2),), (torch.zeros(2, device="meta"),)):
         inductor_backend(gm, inputs)
     assert patches == [{"cpp_wrapper": True, "cpp_wrapper_build_separate": True},
                        {"cpp_wrapper": False, "cpp_wrapper_build_separate": False}]
+    assert builds == [build_objects_side_by_side, inductors_builds]  # while the CPU graph compiles, and only then
+    assert codecache._worker_compile_cpp is inductors_builds
     log = logging.getLogger("torch._inductor.ir")
 
     def passes(message):
@@ -347,3 +359,51 @@ def test_a_cpu_step_probes_the_vector_instruction_sets_in_another_thread(monkeyp
         assert len(probed_in) == 1 and probed_in[0] is not threading.main_thread()
     finally:
         probe_vector_isa_in_background.cache_clear()
+
+
+class _Build:
+    """A stand-in for Inductor's ``CppBuilder``: ``build`` sleeps and logs when it started and ended."""
+
+    def __init__(self, name, log, seconds=0.3, exists=False, fails=False):
+        self.name, self.log, self.seconds, self.exists, self.fails = name, log, seconds, exists, fails
+
+    def get_target_file_path(self):
+        return __file__ if self.exists else f"/nonexistent/{self.name}.o"
+
+    def build(self):
+        import time
+
+        self.log.append((self.name, "start", time.perf_counter()))
+        time.sleep(self.seconds)
+        self.log.append((self.name, "end", time.perf_counter()))
+        if self.fails:
+            raise RuntimeError(f"{self.name} failed")
+
+
+def test_the_wrapper_and_the_kernels_are_compiled_side_by_side_and_then_linked(tmp_path):
+    """``runtime.build_objects_side_by_side`` runs the first two of three builds (the wrapper's and the kernels'
+    object files) at once and the third (the link) after both; other lists in order; a build whose output exists
+    is skipped; a failed build is raised and nothing is linked."""
+    from curvgraph.runtime import build_objects_side_by_side
+
+    lock = str(tmp_path / "graph.lock")
+    log = []
+    build_objects_side_by_side(lock, [_Build("wrapper", log), _Build("kernels", log), _Build("link", log, 0.01)])
+    when = {(name, edge): t for name, edge, t in log}
+    assert when["wrapper", "start"] < when["kernels", "end"] and when["kernels", "start"] < when["wrapper", "end"]
+    assert when["link", "start"] >= max(when["wrapper", "end"], when["kernels", "end"])
+
+    log.clear()
+    build_objects_side_by_side(lock, [_Build("header", log, 0.05), _Build("other", log, 0.05)])
+    assert [(name, edge) for name, edge, _ in log] == [("header", "start"), ("header", "end"), ("other", "start"),
+                                                         ("other", "end")]
+    log.clear()
+    build_objects_side_by_side(lock, [_Build("wrapper", log, exists=True), _Build("kernels", log, 0.01),
+                                      _Build("link", log, 0.01)])
+    assert [name for name, edge, _ in log if edge == "start"] == ["kernels", "link"]
+    for failing in ("wrapper", "kernels"):
+        log.clear()
+        builds = [_Build(name, log, fails=name == failing) for name in ("wrapper", "kernels")]
+        with pytest.raises(RuntimeError, match=f"{failing} failed"):
+            build_objects_side_by_side(lock, [*builds, _Build("link", log, 0.01)])
+        assert "link" not in {name for name, _, _ in log}

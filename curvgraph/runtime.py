@@ -235,15 +235,14 @@ def inductor_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) ->
             inductor_ir_log.addFilter(_NoShimFallbackNotes())
     from torch._inductor import codecache
 
-    patches = {"cpp_wrapper": on_cpu, "cpp_wrapper_build_separate": on_cpu}
-    builds = getattr(codecache, "_worker_compile_cpp", None)
-    if not on_cpu or builds is None:
-        return compile_fx(gm, example_inputs, config_patches=patches)
-    codecache._worker_compile_cpp = build_objects_side_by_side  # looked up when the graph's module is built
+    inductors_builds = getattr(codecache, "_worker_compile_cpp", None)
+    if on_cpu and inductors_builds is not None:
+        codecache._worker_compile_cpp = build_objects_side_by_side  # looked up when the graph's module is built
     try:
-        return compile_fx(gm, example_inputs, config_patches=patches)
+        return compile_fx(gm, example_inputs, config_patches={"cpp_wrapper": on_cpu, "cpp_wrapper_build_separate": on_cpu})
     finally:
-        codecache._worker_compile_cpp = builds
+        if inductors_builds is not None:
+            codecache._worker_compile_cpp = inductors_builds
 
 
 @functools.cache
@@ -571,9 +570,10 @@ class ExportedStep:
         self.degenerations = tuple(spec.get("degenerations", ()))
         device = self._params[0].device
         self.constants = tuple(c.to(device) for c in constants)
-        self.runner = StepRunner(compiled_step(step, backend, device), noise_shape, switches, spec["state"], spec["noise"],
-                                 spec["factor_every"], spec["invert_every"], device, spec["factor_dtype"], seed,
-                                 spec["dynamic_dims"], spec.get("transposes_backward", True))
+        self.runner = StepRunner(compiled_step(step, backend, device), noise_shape, switches, spec["state"],
+                                 spec["noise"], spec["factor_every"], spec["invert_every"], device,
+                                 spec["factor_dtype"], seed, spec["dynamic_dims"],
+                                 spec.get("transposes_backward", True))
 
     def _hyper_values(self, first_statistics: bool) -> dict[str, float]:
         return {**self.hyper, **self.first_statistics} if first_statistics else self.hyper
@@ -625,6 +625,5 @@ class ExportedStep:
 #: What an exported module copies from here, in order.
 EXPORTED = (initial_state, convolution_double_backward, batch_norm_backward, batch_norm_backward_as_ops,
             symbolic_double_backward, _NoShimFallbackNotes, build_objects_side_by_side, inductor_backend,
-            probe_vector_isa_in_background,
-            compiled_step, model_tensors,
-            at_offset_zero, mark_dynamic, StepRunner, ExportedStep)
+            probe_vector_isa_in_background, compiled_step, model_tensors, at_offset_zero, mark_dynamic, StepRunner,
+            ExportedStep)

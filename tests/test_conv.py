@@ -168,3 +168,79 @@ def test_kfac_trains_the_mnist1d_cnn_better_than_adam():
     kfac_accuracy, adam_accuracy = accuracy(kfac_model, data), accuracy(adam_model, data)
     assert kfac_accuracy > adam_accuracy + 0.1, (kfac_accuracy, adam_accuracy)
     assert kfac_accuracy > 0.8
+
+
+SHIFTED = {  # (input shape, kernel, padding, dilation, groups): stride-1 geometries for the shifted correlations
+    "conv1d": ((2, 3, 9), (3,), ((1, 1),), (1,), 1),
+    "conv1d-dilated-valid": ((3, 2, 10), (2,), ((0, 0),), (3,), 1),
+    "conv2d-asymmetric": ((2, 2, 5, 6), (2, 3), ((0, 1), (2, 2)), (1, 2), 1),
+    "conv2d-same-32": ((2, 8, 32, 32), (3, 3), ((1, 1), (1, 1)), (1, 1), 1),
+    "conv2d-wide-kernel": ((3, 4, 7, 9), (5, 3), ((2, 2), (0, 3)), (1, 1), 1),
+    "conv2d-kernel-over-image": ((3, 4, 2, 2), (3, 3), ((1, 1), (1, 1)), (1, 1), 1),
+    "conv3d-groups": ((2, 4, 3, 4, 3), (2, 2, 2), ((0, 0), (1, 1), (0, 0)), (1, 1, 1), 2),
+    "conv3d-depthwise": ((1, 3, 2, 3, 3), (1, 2, 2), ((1, 1), (1, 1), (1, 1)), (1, 1, 1), 3),
+}
+
+
+@pytest.mark.parametrize("bias", (False, True))
+@pytest.mark.parametrize("case", SHIFTED)
+def test_shifted_correlations_give_the_patches_moment(float64, case, bias):
+    """``A`` from shifted correlations equals ``A`` from the materialized patches, for two uses of different
+    sizes (a shared weight), with and without the bias border."""
+    from curvgraph.kinds.conv.factors import conv_input_factor
+
+    shape, kernel, padding, dilation, groups = SHIFTED[case]
+    torch.manual_seed(0)
+    inputs = (torch.randn(shape), torch.randn(shape[:2] + tuple(s + 2 for s in shape[2:])))
+    args = (kernel, (1,) * len(kernel), padding, dilation, groups, bias, False, shape[0], torch.float64)
+    patches = conv_input_factor(inputs, *args)
+    shifted = conv_input_factor(inputs, *args, 1, 1, True)
+    torch.testing.assert_close(shifted, patches, rtol=1e-12, atol=1e-12)
+
+
+def cnn_shifted() -> nn.Module:
+    """Convolutions whose statistics take the shifted correlations: at least 8 channels, stride 1, 16x16 images
+    (a frame of 60 of 256 positions); a dilated one (a frame of 112)."""
+    return nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1),
+                         nn.Tanh(), nn.Conv2d(16, 4, (3, 2), padding="same", dilation=(1, 2), bias=False),
+                         nn.AvgPool2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
+
+
+def test_shifted_statistics_match_curvlinops(float64):
+    from curvgraph.kinds.conv.factors import shifted_statistics
+
+    torch.manual_seed(1)
+    model = cnn_shifted()
+    x = torch.randn(3, 8, 16, 16)
+    y = make_targets("cross_entropy", (3, 5))
+    A_ref, G_ref = curvlinops_factors(model, "cross_entropy", x, y, "type2", "expand")
+    opt = curvgraph.compile(model, (x,), fisher="type2", ema=0.0, backend="eager")
+    assert [shifted_statistics(b) for b in opt.plan.blocks if b.kind == "conv"] == [True, True, True]
+    assert "shifted_input_moment(" in opt.source
+    opt.step(x, y)
+    factors = opt.factors()
+    for block in factors:
+        torch.testing.assert_close(factors[block]["A"], A_ref[block], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(factors[block]["G"], G_ref[block], rtol=1e-10, atol=1e-12)
+
+
+def test_the_statistics_take_shifted_correlations_where_they_are_cheaper():
+    """Stride-1 convolutions with 8 or more channels on images whose border is a small part take the shifted
+    correlations, and the plan counts their FLOPs; strided ones, 3-channel inputs, small images, split
+    factors and spatial subsampling keep the patches."""
+    from curvgraph.kinds.conv.factors import shifted_statistics
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1),
+                          nn.AvgPool2d(2), nn.Conv2d(32, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 4 * 4, 3))
+    x = torch.randn(16, 3, 16, 16)
+    plan = curvgraph.compile(model, (x,), backend="eager").plan
+    convs = [b for b in plan.blocks if b.kind == "conv"]
+    assert [shifted_statistics(b) for b in convs] == [False, True, False, False, False]  # 8x8 and 4x4 images
+    shifted = convs[1]
+    patches_flops = 2 * 16 * 16 * 16 * (16 * 9) ** 2  # 2 R d^2 for A, R = N L
+    statistics_a = plan.at_example(shifted.cost["statistics"]) - 2 * 16 * 16 * 16 * 16 ** 2
+    assert statistics_a < patches_flops / 3
+    split = curvgraph.compile(model, (x,), backend="eager", max_factor_dim=64).plan
+    subsampled = curvgraph.compile(model, (x,), backend="eager", conv_stats_every=2).plan
+    assert not any(shifted_statistics(b) for p in (split, subsampled) for b in p.blocks if b.kind == "conv")

@@ -42,9 +42,13 @@ def input_moment(rows: tuple[Tensor, ...], bias: bool, dtype: torch.dtype, block
         split = [block_rows(with_ones_column(r, bias), blocks) for r in rows]
         return sum(torch.einsum("rgki,rgkj->gkij", r, r) for r in split) / count
     moment = sum(torch.einsum("rgi,rgj->gij", r, r) for r in rows)
-    if bias:
-        moment = bordered(moment, sum(r.sum(0) for r in rows), count)
-    return moment / count
+    return normalized_moment(moment, sum(r.sum(0) for r in rows), count, bias)
+
+
+def normalized_moment(moment: Tensor, total: Tensor, count: int, bias: bool) -> Tensor:
+    r""":math:`\frac1R \sum_r \bar a_r \bar a_r^\top` from :math:`\sum_r a_r a_r^\top` ``(g, d, d)``, :math:`\sum_r a_r`
+    ``(g, d)`` and ``count = R``: with the ones column's border when ``bias`` (:func:`bordered`)."""
+    return (bordered(moment, total, count) if bias else moment) / count
 
 
 def bordered(moment: Tensor, total: Tensor, count: int) -> Tensor:

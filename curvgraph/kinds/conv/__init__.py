@@ -5,7 +5,9 @@ Patterns are data: :data:`CONV_OPS` maps each ATen convolution op to its spatial
 ``"same"`` or ``"valid"``), dilation and groups from the op's schema arguments, and
 groups the ops by weight: a weight applied several times with the same geometry is
 one block with several uses. Transposed convolutions, weights with other consumers,
-and weights used with different geometries fall back.
+and weights used with different geometries fall back. The layout also keeps each use's
+input shape at the example inputs (``example_inputs``): the statistics choose between
+patches and shifted correlations by it (:func:`.factors.shifted_statistics`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Sequence
 import sympy
 import torch
 from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from ...codegen.writer import BlockVars, StepWriter, UseVars
 from ...passes.graph_utils import aten, depends_on, schema_args
@@ -68,7 +71,10 @@ class Conv(BlockKind):
         acts, grads = w.pack(u.inputs[0] for u in b.uses), w.pack(u.grads[0] for u in b.uses)
         geometry = [layout[k] for k in ("kernel", "stride", "padding", "dilation", "groups")]
         blocks, every = split_blocks(b.block), layout.get("stats_every", 1)
-        subsample = (*(blocks["A"] or (1,)), every) if every > 1 else blocks["A"]  # trailing (blocks, every) arguments
+        if conv_math.shifted_statistics(b.block):
+            subsample = (1, 1, True)  # trailing (blocks, every, shifted) arguments
+        else:
+            subsample = (*(blocks["A"] or (1,)), every) if every > 1 else blocks["A"]
         a = w.call(conv_math.conv_input_factor, acts, *geometry, b.block.bias, reduce, "batch", dtype, *subsample)
         g = w.call(conv_math.conv_grad_factor, grads, layout["groups"], reduce, "examples", "scale", dtype,
                    *blocks["G"])
@@ -125,8 +131,10 @@ def find_conv_blocks(kind: BlockKind, traced: TracedModel, claims: Claims, shari
         dims = {"in": math.prod(shape[1:]), "out": shape[0] // groups, "groups": groups}
         layer_uses = [layer_use([n.args[0]], [n], sympy.Mul(*(d for i, d in enumerate(symbolic_shape(n)) if i != 1)),
                                 trainable) for n in nodes]
+        examples = tuple(tuple(int(optimization_hint(d)) for d in n.args[0].meta["val"].shape) for n in nodes)
         blocks.append(new_block(traced, kind, (weight,) + ((bias,) if bias is not None else ()), layer_uses, dims,
-                                bias=bias is not None, sharing=sharing, layout={**geometry, "weight_shape": shape}))
+                                bias=bias is not None, sharing=sharing,
+                                layout={**geometry, "weight_shape": shape, "example_inputs": examples}))
     return blocks
 
 

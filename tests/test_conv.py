@@ -237,6 +237,7 @@ def test_the_statistics_take_shifted_correlations_where_they_are_cheaper():
     plan = curvgraph.compile(model, (x,), backend="eager").plan
     convs = [b for b in plan.blocks if b.kind == "conv"]
     assert [shifted_statistics(b) for b in convs] == [False, True, False, False, False]  # 8x8 and 4x4 images
+    assert str(plan).count("kernel 3x3 + bias, A from shifts") == 1  # the plan's label says so
     shifted = convs[1]
     patches_flops = 2 * 16 * 16 * 16 * (16 * 9) ** 2  # 2 R d^2 for A, R = N L
     statistics_a = plan.at_example(shifted.cost["statistics"]) - 2 * 16 * 16 * 16 * 16 ** 2
@@ -244,3 +245,21 @@ def test_the_statistics_take_shifted_correlations_where_they_are_cheaper():
     split = curvgraph.compile(model, (x,), backend="eager", max_factor_dim=64).plan
     subsampled = curvgraph.compile(model, (x,), backend="eager", conv_stats_every=2).plan
     assert not any(shifted_statistics(b) for p in (split, subsampled) for b in p.blocks if b.kind == "conv")
+
+
+def test_shifted_statistics_under_torch_compile_fix_the_image_size_and_follow_a_new_one():
+    """Under ``torch.compile`` (Dynamo and AOT autograd), on a model that leaves the image size symbolic (global
+    pooling): ``A`` equals the mean of ``[patch, 1] [patch, 1]^T`` over ``F.unfold``'s patches, at the captured
+    image size and at another one (a second graph)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 3))
+    opt = curvgraph.compile(model, (torch.randn(4, 8, 16, 16),), ema=0.0, backend="aot_eager", progress=False)
+    assert "shifted_input_moment(" in opt.source
+    for size in (16, 20):
+        x, y = torch.randn(4, 8, size, size), torch.randint(0, 3, (4,))
+        opt.step(x, y)
+        patches = F.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 8 * 9)
+        rows = torch.cat([patches, torch.ones(len(patches), 1)], 1)
+        torch.testing.assert_close(opt.factors()["0"]["A"], rows.T @ rows / len(rows), rtol=1e-4, atol=1e-5)
+    assert opt.skipped_steps == 0

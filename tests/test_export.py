@@ -149,7 +149,7 @@ def test_exported_module_is_readable_and_imports_only_torch(netmod, tmp_path):
             imported |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             imported.add(node.module.split(".")[0])
-    assert imported <= {"__future__", "contextlib", "functools", "itertools", "logging", "math", "os", "threading", "warnings",
+    assert imported <= {"__future__", "contextlib", "functools", "itertools", "logging", "math", "operator", "os", "threading", "warnings",
                         "torch"}, imported
     for block in opt.plan.blocks:  # a comment at each block
         assert f"# {block.name}: {block.kind} block of {', '.join(block.params)}" in source

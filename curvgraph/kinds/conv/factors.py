@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 
 import sympy
 import torch
@@ -78,8 +79,8 @@ def conv_input_factor(inputs: tuple[Tensor, ...], kernel: tuple[int, ...], strid
     full factors only)."""
     if shifted:
         parts = [shifted_input_moment(x, kernel, padding, dilation, groups, dtype) for x in inputs]
-        moment, total = sum(m for m, _, _ in parts), sum(t for _, t, _ in parts)
-        factor = normalized_moment(moment, total, sum(n for _, _, n in parts), bias)
+        moment, total = sum([m for m, _, _ in parts]), sum([t for _, t, _ in parts])
+        factor = normalized_moment(moment, total, sum([n for _, _, n in parts]), bias)
         return factor[0] if groups == 1 else factor
     strided = tuple(st * every for st in stride)
     patches = [conv_patches(x.to(dtype), kernel, strided, padding, dilation) for x in inputs]
@@ -181,15 +182,15 @@ def shifted_input_moment(x: Tensor, kernel: tuple[int, ...], padding: tuple[tupl
     (``d = C/g * K``, the weight's ``(c, k_1, ..., k_r)`` order), as :func:`conv_patches` would give them.
 
     ``x`` is ``(N, C, *spatial)``. See the module docstring for the math and :func:`correlation_plan` for
-    the bookkeeping. The spatial sizes are read as ints: under ``torch.compile`` this fixes them (the batch
-    size stays symbolic). Cost: one product ``(c, N P') x (N P', c)`` per distinct shift (``P'`` the
+    the bookkeeping. The spatial sizes are read as ints: under ``torch.compile`` this fixes them (a guard:
+    another image size compiles the step again; the batch size stays symbolic). Cost: one product ``(c, N P') x (N P', c)`` per distinct shift (``P'`` the
     positions with margins), and ``(c, N l) x (N l, c)`` per shift and frame cell of ``l`` positions.
     """
-    spatial = tuple(int(s) for s in x.shape[2:])
+    spatial = tuple([operator.index(s) for s in x.shape[2:]])  # under torch.compile: fixed (int() stays symbolic)
     (k, npairs, margins, row_shifts, pair_shift, frame, combos, outside, diagonal_outside, ncells, assemble,
      outputs, _) = correlation_plan(spatial, kernel, padding, dilation)
     n, c = x.shape[0], x.shape[1] // groups
-    per_image = math.prod(s + m for s, m in zip(spatial, margins))
+    per_image = math.prod([s + m for s, m in zip(spatial, margins)])
     padded = F.pad(x.to(dtype), [v for m in reversed(margins) for v in (0, m)])
     images = padded.reshape(n, groups, c, per_image).permute(1, 0, 3, 2).contiguous()  # (g, N, P', c)
     rows = images.reshape(groups, n * per_image, c)

@@ -53,8 +53,9 @@ class Conv(BlockKind):
         shape, layout = block.layout["weight_shape"], block.layout
         kernel = "x".join(map(str, layout["kernel"]))
         groups = f", groups={layout['groups']}" if layout["groups"] > 1 else ""
+        bias = " + bias" if block.bias else ""
         shifts = ", A from shifts" if conv_math.shifted_statistics(block) else ""  # no patch matrix
-        return f"conv {shape[1] * layout['groups']} -> {shape[0]}, kernel {kernel}{groups}{' + bias' if block.bias else ''}{shifts}"
+        return f"conv {shape[1] * layout['groups']} -> {shape[0]}, kernel {kernel}{groups}{bias}{shifts}"
 
     def find(self, traced: TracedModel, claims: Claims, sharing: str) -> list[Block]:
         return find_conv_blocks(self, traced, claims, sharing)

@@ -183,8 +183,9 @@ def shifted_input_moment(x: Tensor, kernel: tuple[int, ...], padding: tuple[tupl
 
     ``x`` is ``(N, C, *spatial)``. See the module docstring for the math and :func:`correlation_plan` for
     the bookkeeping. The spatial sizes are read as ints: under ``torch.compile`` this fixes them (a guard:
-    another image size compiles the step again; the batch size stays symbolic). Cost: one product ``(c, N P') x (N P', c)`` per distinct shift (``P'`` the
-    positions with margins), and ``(c, N l) x (N l, c)`` per shift and frame cell of ``l`` positions.
+    another image size compiles the step again; the batch size stays symbolic). Cost: one product
+    ``(c, N P') x (N P', c)`` per distinct shift (``P'`` the positions with margins), and
+    ``(c, N l) x (N l, c)`` per shift and frame cell of ``l`` positions.
     """
     spatial = tuple([operator.index(s) for s in x.shape[2:]])  # under torch.compile: fixed (int() stays symbolic)
     (k, npairs, margins, row_shifts, pair_shift, frame, combos, outside, diagonal_outside, ncells, assemble,
@@ -196,8 +197,8 @@ def shifted_input_moment(x: Tensor, kernel: tuple[int, ...], padding: tuple[tupl
     rows = images.reshape(groups, n * per_image, c)
     length = n * per_image
     # every pair of positions delta apart; a position whose partner is in a margin meets a zero
-    shifted = torch.stack([rows[:, max(0, -s):length - max(0, s)].transpose(1, 2) @ rows[:, max(0, s):length + min(0, s)]
-                           for s in row_shifts], 1)  # (g, J, c, c)
+    shifted = torch.stack([rows[:, max(0, -s):length - max(0, s)].transpose(1, 2)
+                           @ rows[:, max(0, s):length + min(0, s)] for s in row_shifts], 1)  # (g, J, c, c)
     values, totals = shifted[:, list(pair_shift)], rows.sum(1)[:, None].expand(groups, k, c)
     if ncells and outside[0]:
         products, sums = [], []
@@ -231,8 +232,8 @@ def shifted_moment_pays(spatial: tuple[int, ...], kernel: tuple[int, ...], strid
     """
     if any(s != 1 for s in stride) or math.prod(kernel) == 1 or channels < 8:
         return False
-    plan = correlation_plan(tuple(spatial), tuple(kernel), tuple(padding), tuple(dilation))
-    k, row_shifts, cells, outputs, frame_positions = plan[0], plan[3], plan[9], plan[11], plan[12]
+    (k, _, _, row_shifts, _, _, _, _, _, cells, _, outputs,
+     frame_positions) = correlation_plan(tuple(spatial), tuple(kernel), tuple(padding), tuple(dilation))
     patches = outputs * k
     return (2 * frame_positions <= math.prod(spatial) and len(row_shifts) * frame_positions <= patches
             and len(row_shifts) * cells * channels <= batch * patches)
@@ -323,9 +324,9 @@ def cost(block) -> dict[str, sympy.Expr]:
         layout, channels = block.layout, block.layout["weight_shape"][1]
         a_flops, workspace = sympy.Integer(0), sympy.Integer(0)
         for use, shape in zip(block.uses, layout["example_inputs"]):
-            plan = correlation_plan(shape[2:], *(layout[k] for k in ("kernel", "padding", "dilation")))
-            margins, shifts, outputs, frame = plan[2], len(plan[3]), plan[11], plan[12]
-            padded = math.prod(s + m for s, m in zip(shape[2:], margins))
+            (_, _, margins, row_shifts, _, _, _, _, _, _, _, outputs,
+             frame) = correlation_plan(shape[2:], *(layout[k] for k in ("kernel", "padding", "dilation")))
+            padded, shifts = math.prod(s + m for s, m in zip(shape[2:], margins)), len(row_shifts)
             examples = use.rows / outputs
             a_flops += examples * channels ** 2 * shifts * (padded + frame)
             workspace += examples * channels * (padded + (shifts + 1) * frame)

@@ -300,7 +300,8 @@ def test_nothing_in_the_step_keeps_it_out_of_the_compile_caches(case):
 
 def test_the_inductor_backend_wraps_cpu_graphs_in_cpp_built_separately(monkeypatch):
     """``runtime.inductor_backend`` compiles a CPU graph with Inductor's C++ wrapper, built apart from the kernels,
-    and one with inputs elsewhere without; Inductor's note about ops without a C shim is dropped then, its other
+    and without Inductor's layout optimization (the channels-last copies of convolution inputs), and one with inputs
+    elsewhere without either; Inductor's note about ops without a C shim is dropped then, its other
     records are kept."""
     import logging
 
@@ -323,7 +324,7 @@ def test_the_inductor_backend_wraps_cpu_graphs_in_cpp_built_separately(monkeypat
     gm = torch.fx.symbolic_trace(lambda x: torch.cos(torch.sin(x) + 1))
     for inputs in ((torch.zeros(2),), (torch.zeros(2, device="meta"),)):
         inductor_backend(gm, inputs)
-    assert patches == [{"cpp_wrapper": True, "cpp_wrapper_build_separate": True},
+    assert patches == [{"cpp_wrapper": True, "cpp_wrapper_build_separate": True, "layout_optimization": False},
                        {"cpp_wrapper": False, "cpp_wrapper_build_separate": False}]
     assert builds == [build_objects_side_by_side, inductors_builds]  # while the CPU graph compiles, and only then
     assert codecache._worker_compile_cpp is inductors_builds

@@ -73,15 +73,19 @@ def install_report(min_mib: float) -> None:
         print(f"\ngraph {graphs[0]}: {len(order)} nodes, estimated peak {peak / 2**20:.1f} MiB at node {at} "
               f"({generated_lines(order[at]) if order else '-'})")
         alive = [b for b in buffers if b.start_step <= at and (b.end_step >= at or b.end_step == -1)]
-        shown = sorted((b for b in alive if b.size_alloc >= min_mib * 2**20), key=lambda b: (-b.size_alloc, b.start_step))
+
+        def size(b) -> int:  # a buffer written in place of another allocates nothing and frees the storage
+            return max(b.size_alloc, b.size_free)
+
+        shown = sorted((b for b in alive if size(b) >= min_mib * 2**20), key=lambda b: (-size(b), b.start_step))
         for b in shown:
             maker = getattr(b.buffer, "defining_op", None)
             reader = last_use.get(b.buffer)
-            print(f"  {b.size_alloc / 2**20:8.2f} MiB  nodes {b.start_step:>4}-{b.end_step:<4}  made by "
+            print(f"  {size(b) / 2**20:8.2f} MiB  nodes {b.start_step:>4}-{b.end_step:<4}  made by "
                   f"{generated_lines(maker) if maker is not None else 'an input'}  |  last read by "
                   f"{generated_lines(reader) if reader is not None else 'the graph output'}")
-        rest = sum(b.size_alloc for b in alive) - sum(b.size_alloc for b in shown)
-        print(f"  {rest / 2**20:8.2f} MiB  in {len(alive) - len(shown)} smaller buffers", flush=True)
+        rest = curve[at] - sum(size(b) for b in shown)
+        print(f"  {rest / 2**20:8.2f} MiB  the rest ({len(alive) - len(shown)} smaller buffers)", flush=True)
         return order
 
     memory.reorder_for_peak_memory = reported

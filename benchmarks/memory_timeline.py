@@ -20,8 +20,8 @@ compiled (the step, the refresh branch of ``torch.cond``, AdamW's step):
   generated source; its buffers show ``-``.
 
 The estimate counts the graph's own buffers (not its inputs: parameters, state, the batch), sizes
-at the example's batch size. On the ResNet-style CNN it is within 3% of the tensor peak
-``peak_memory.py`` measures.
+at the example's batch size. On the ResNet-style CNN it is within 3% of what ``peak_memory.py`` measures
+above the tensors alive before the step (146.3 against 150.4 MiB at the defaults).
 
 Each model compiles in a fresh process with an empty Inductor cache of its own (a cached graph is
 not scheduled again, so it would print nothing).

@@ -313,6 +313,8 @@ def run_model(name: str, warmup: int, iters: int, repeats: int, peers: bool, onl
     ours("curvgraph", lr=2e-3, invert_every=10)
     ours("curvgraph-T10", lr=2e-3, fisher="empirical", factor_every=10, invert_every=10)
     ours("curvgraph-auto")
+    ours("curvgraph-auto-whole", max_factor_dim=None)  # every factor whole (the default splits those wider than 2048)
+    ours("curvgraph-whole", lr=2e-3, invert_every=10, max_factor_dim=None)
     ours("curvgraph-auto-split512", max_factor_dim=512)  # block-diagonal factors of at most 512 (ResNet-18's 4608s)
     ours("curvgraph-auto-split256", max_factor_dim=256)
     ours("curvgraph-split256", lr=2e-3, invert_every=10, max_factor_dim=256)

@@ -16,7 +16,7 @@ from .methods.base import positive, positive_int
 from .methods.quadratic import transposes_backward
 from .optimizer import Captured, CurvatureOptimizer
 from .passes import build_plan
-from .passes.split import factor_dim_limit, split_factors
+from .passes.split import DEFAULT_MAX_FACTOR_DIM, factor_dim_limit, resolve_max_factor_dim, split_factors
 from .passes.subsample import subsample_positions
 from .registry import resolve_fallback, resolve_method
 from .trace import flatten_inputs, resolve_batch_dims, trace
@@ -25,7 +25,7 @@ from .trace import flatten_inputs, resolve_batch_dims, trace
 OPTIONS: dict[str, Any] = {
     "fisher": "mc",
     "kfac_approx": "expand",
-    "max_factor_dim": None,
+    "max_factor_dim": "auto",
     "max_factor_memory": None,
     "conv_stats_every": 1,
     "factor_every": 1,
@@ -102,8 +102,10 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
               SINGD's ``"empirical"``), ``"empirical"`` or ``"type2"`` (exact GGN);
             * ``kfac_approx``: ``"expand"`` or ``"reduce"`` for weight sharing;
             * ``max_factor_dim``: split every dense or conv factor wider than this into
-              diagonal blocks of at most this size (``None``, the default: never), which cuts
-              its memory, statistics and refresh (see :mod:`curvgraph.passes.split`); K-FAC only;
+              diagonal blocks of at most this size, which cuts its memory, statistics and
+              refresh (see :mod:`curvgraph.passes.split`); K-FAC only. ``"auto"``, the default:
+              2048 for K-FAC (``DEFAULT_MAX_FACTOR_DIM``), no split for the other methods;
+              ``None``: never split;
             * ``max_factor_memory``: a budget in bytes for the curvature state (factors,
               inverses, momentum; the plan's ``state`` column): the largest ``max_factor_dim``
               that fits it is chosen (the smaller of the two if both are given);
@@ -183,8 +185,13 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
     if not isinstance(backend, str):
         raise ConfigError(f"curvgraph: backend must be a string ('inductor', 'eager', ...), got {backend!r}.")
 
-    if settings["max_factor_dim"] is not None:
-        positive_int("max_factor_dim", settings["max_factor_dim"])
+    if not (settings["max_factor_dim"] is None or isinstance(settings["max_factor_dim"], str)
+            and settings["max_factor_dim"] == "auto"):
+        try:
+            positive_int("max_factor_dim", settings["max_factor_dim"])
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} Or 'auto' (the default: {DEFAULT_MAX_FACTOR_DIM} for K-FAC), or None (no "
+                              "split).") from None
     if settings["max_factor_memory"] is not None:
         positive("max_factor_memory", settings["max_factor_memory"])
     positive_int("conv_stats_every", settings["conv_stats_every"])
@@ -202,7 +209,8 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
         plan = build_plan(traced, block_kinds.values(), settings["kfac_approx"], traced.example_sizes(inputs))
         if settings["conv_stats_every"] > 1:
             subsample_positions(plan, settings["conv_stats_every"])
-        max_dim = factor_dim_limit(plan, rule, settings["max_factor_dim"], settings["max_factor_memory"])
+        max_dim = factor_dim_limit(plan, rule, resolve_max_factor_dim(settings["max_factor_dim"], rule),
+                                   settings["max_factor_memory"])
         if max_dim is not None:
             split_factors(plan, max_dim, rule)
         for block in plan.blocks:

@@ -13,6 +13,7 @@ from torch import nn
 import curvgraph
 from curvgraph.errors import ConfigError
 from curvgraph.methods.kfac import kfac_precondition
+from curvgraph.passes.split import DEFAULT_MAX_FACTOR_DIM
 from curvgraph.plan import Factor, split_factor
 
 
@@ -163,9 +164,31 @@ def test_methods_without_block_diagonal_factors_say_so(method):
                           max_factor_dim=4)
 
 
-@pytest.mark.parametrize("value", [0, -3, 2.5, True])
+def test_the_default_splits_factors_wider_than_2048_for_kfac_only():
+    """``max_factor_dim="auto"`` (the default): K-FAC splits the ``2101``-wide input factor into blocks of at most
+    2048 and keeps the small ones whole; ``None`` keeps every factor whole; methods without block-diagonal
+    factors keep them whole instead of refusing to compile."""
+    model = nn.Sequential(nn.Linear(2100, 30), nn.ReLU(), nn.Linear(30, 3))
+    x = torch.randn(4, 2100)
+
+    def factors(**options):
+        plan = curvgraph.compile(model, (x,), backend="eager", progress=False, **options).plan
+        return {(b.name, name): f for b in plan.blocks for name, f in b.factors.items()}
+
+    split = factors()
+    assert DEFAULT_MAX_FACTOR_DIM == 2048
+    assert split["0", "A"] == split_factor(Factor((2101, 2101), axis=-1), 2048)
+    assert (split["0", "A"].blocks, split["0", "A"].block_dim) == (2, 1051)
+    assert [f.split_dim for key, f in split.items() if key != ("0", "A")] == [None, None, None]
+    assert factors(max_factor_dim="auto") == split
+    whole = factors(max_factor_dim=None)
+    assert all(f.split_dim is None for f in whole.values()) and whole["0", "A"].shape == (2101, 2101)
+    assert all(f.split_dim is None for f in factors(method="ekfac").values())
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, True, "big"])
 def test_max_factor_dim_must_be_a_positive_integer(value):
-    with pytest.raises(ConfigError, match="max_factor_dim must be a positive integer"):
+    with pytest.raises(ConfigError, match="max_factor_dim must be a positive integer.*Or 'auto'"):
         curvgraph.compile(nn.Linear(3, 2), (torch.randn(2, 3),), backend="eager", max_factor_dim=value)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping
 
 import torch
@@ -16,7 +17,8 @@ from .methods.base import positive, positive_int
 from .methods.quadratic import transposes_backward
 from .optimizer import Captured, CurvatureOptimizer
 from .passes import build_plan
-from .passes.split import DEFAULT_MAX_FACTOR_DIM, factor_dim_limit, resolve_max_factor_dim, split_factors
+from .passes.split import (DEFAULT_MAX_FACTOR_DIM, factor_dim_limit, resolve_max_factor_dim, split_factors,
+                           wide_factors)
 from .passes.subsample import subsample_positions
 from .registry import resolve_fallback, resolve_method
 from .trace import flatten_inputs, resolve_batch_dims, trace
@@ -104,8 +106,8 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
             * ``max_factor_dim``: split every dense or conv factor wider than this into
               diagonal blocks of at most this size, which cuts its memory, statistics and
               refresh (see :mod:`curvgraph.passes.split`); K-FAC only. ``"auto"``, the default:
-              2048 for K-FAC (``DEFAULT_MAX_FACTOR_DIM``), no split for the other methods;
-              ``None``: never split;
+              2048 for K-FAC (``DEFAULT_MAX_FACTOR_DIM``), no split for the other methods (a
+              warning names their factors wider than that); ``None``: never split;
             * ``max_factor_memory``: a budget in bytes for the curvature state (factors,
               inverses, momentum; the plan's ``state`` column): the largest ``max_factor_dim``
               that fits it is chosen (the smaller of the two if both are given);
@@ -213,6 +215,12 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
                                    settings["max_factor_memory"])
         if max_dim is not None:
             split_factors(plan, max_dim, rule)
+        elif settings["max_factor_dim"] == "auto" and (wide := wide_factors(plan)):
+            warnings.warn(f"curvgraph: method {rule.name!r} keeps every factor whole, including {len(wide)} wider than "
+                          f"{DEFAULT_MAX_FACTOR_DIM}: {'; '.join(wide[:4])}{'; ...' if len(wide) > 4 else ''}. Each costs "
+                          "d^2 floats of state or more and d^3 FLOPs per refresh (the plan's state and FLOPs/refresh "
+                          f"columns). method='kfac' splits factors wider than {DEFAULT_MAX_FACTOR_DIM} into diagonal "
+                          "blocks by default (max_factor_dim).", stacklevel=4)
         for block in plan.blocks:
             block.cost.update(rule.cost(block))
         forward = instrument(traced, plan)

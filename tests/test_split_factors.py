@@ -183,7 +183,9 @@ def test_the_default_splits_factors_wider_than_2048_for_kfac_only():
     assert factors(max_factor_dim="auto") == split
     whole = factors(max_factor_dim=None)
     assert all(f.split_dim is None for f in whole.values()) and whole["0", "A"].shape == (2101, 2101)
-    assert all(f.split_dim is None for f in factors(method="ekfac").values())
+    with pytest.warns(UserWarning, match=r"method 'ekfac' keeps every factor whole, including 1 wider than 2048: "
+                                         r"block '0' factor A \(2101 wide\)"):
+        assert all(f.split_dim is None for f in factors(method="ekfac").values())
 
 
 @pytest.mark.parametrize("value", [0, -3, 2.5, True, "big"])

@@ -46,6 +46,13 @@ def resolve_max_factor_dim(value: int | str | None, method: "Method") -> int | N
     return value
 
 
+def wide_factors(plan: Plan, limit: int = DEFAULT_MAX_FACTOR_DIM) -> list[str]:
+    """``"block 'name' factor F (d wide)"`` for every whole dense factor of ``plan`` wider than ``limit``: what a
+    method without block-diagonal factors keeps whole at ``max_factor_dim="auto"``, in plan order."""
+    return [f"block {b.name!r} factor {name} ({f.dim} wide)" for b in plan.blocks for name, f in b.factors.items()
+            if not f.diagonal and f.split_dim is None and f.dim > limit]
+
+
 def split_block(plan: Plan, block: Block, max_dim: int) -> Block:
     """``block`` with every dense factor wider than ``max_dim`` split (:func:`curvgraph.plan.split_factor`) and its
     kind's cost recomputed: a new :class:`~curvgraph.plan.Block`, or ``block`` itself where nothing splits (or its

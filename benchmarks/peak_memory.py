@@ -109,6 +109,8 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=["mlp-784-512-512-256-10", "resnet-32x32x3"], choices=list(MODELS))
+    parser.add_argument("--whole", action="store_true",
+                        help="also the defaults with every factor whole (max_factor_dim=None; the default splits >2048)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -116,6 +118,8 @@ def main() -> None:
         return
     runners = {"adamw": "adamw", "curvgraph (defaults)": "{}",
                "curvgraph fixed lr": json.dumps({"lr": 2e-3, "momentum": 0.9})}
+    if args.whole:
+        runners["curvgraph, factors whole"] = json.dumps({"max_factor_dim": None})
     print(f"{'model':<24} {'runner':<22} {'tensors MiB':>11} {'tensor peak':>11} {'bound':>7} "
           f"{'RSS before':>10} {'RSS peak':>9} {'state MiB':>9}")
     for name in args.models:

@@ -188,6 +188,18 @@ def test_the_default_splits_factors_wider_than_2048_for_kfac_only():
         assert all(f.split_dim is None for f in factors(method="ekfac").values())
 
 
+def test_a_state_saved_with_whole_factors_names_the_split_it_does_not_fit():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2100, 30), nn.ReLU(), nn.Linear(30, 3))
+    x, y = torch.randn(8, 2100), torch.randint(0, 3, (8,))
+    whole = curvgraph.compile(model, (x,), backend="eager", progress=False, max_factor_dim=None)
+    whole.step(x, y)
+    split = curvgraph.compile(model, (x,), backend="eager", progress=False)
+    with pytest.raises(ConfigError, match=r"state '0\.A' has shape \(2101, 2101\) in the state_dict, \(2, 1051, 1051\) "
+                                          r"here: .*factors split differently \(max_factor_dim"):
+        split.load_state_dict(whole.state_dict())
+
+
 @pytest.mark.parametrize("value", [0, -3, 2.5, True, "big"])
 def test_max_factor_dim_must_be_a_positive_integer(value):
     with pytest.raises(ConfigError, match="max_factor_dim must be a positive integer.*Or 'auto'"):

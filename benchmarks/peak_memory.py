@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/peak_memory.py                          # MLP and ResNet-style CNN
     python benchmarks/peak_memory.py --models resnet-32x32x3
+    python benchmarks/peak_memory.py --models resnet18-32x32x3 --whole   # and the defaults with every factor whole
 
 Two measures, each runner in a fresh process (build the model, compile, run one full
 schedule period so that every variant of the step is compiled and has run once, then

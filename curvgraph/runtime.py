@@ -542,7 +542,7 @@ class StepRunner:
             if tensor.shape != self.state[key].shape:
                 return (f"state '{key}' has shape {tuple(tensor.shape)} in the state_dict, {tuple(self.state[key].shape)} "
                         "here: was it saved for another model, or with factors split differently (max_factor_dim, "
-                        "max_factor_memory; the default 'auto' splits K-FAC's factors wider than 2048)? Compile with "
+                        "max_factor_memory, whose default 'auto' splits K-FAC's widest factors)? Compile with "
                         "the options it was saved with")
         return None
 

@@ -277,8 +277,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         number, names, shapes, dtypes or device of the inputs or targets, an empty batch,
         class indices out of range on the CPU), before anything changes. A step whose
         loss, factors or update are not finite changes nothing (parameters, buffers,
-        optimizer state; except that a preconditioner refresh computed from a finite loss,
-        gradients and factors is kept when only the update is not finite) and emits a
+        optimizer state; except that the factors, and a preconditioner refresh computed from them,
+        are kept when the loss, gradients and factors are finite and only the update is not) and emits a
         :class:`~curvgraph.NonFiniteStepWarning`; :attr:`skipped_steps` counts them.
         """
         batch, keys = flatten_inputs(inputs, "inputs", InputError)

@@ -123,26 +123,34 @@ def test_only_a_refresh_writes_the_inverses(float64):
     assert all(versions[1][k] > versions[0][k] for k in ("0.A", "0.G", "2.A", "2.G"))
 
 
-def test_a_refresh_from_finite_statistics_is_kept_when_the_update_overflows(float64):
-    """The documented exception to "a skipped step changes nothing": the refresh commits inside its branch when the
-    loss, gradients and factors are finite, so a step skipped afterwards for its update (an infinite learning rate)
-    keeps the new inverses, while the parameters, factors and momentum stay."""
+def test_statistics_and_refresh_from_finite_values_are_kept_when_the_update_overflows(float64):
+    """The documented exception to "a skipped step changes nothing": the statistics and the refresh commit as soon as
+    the loss, gradients and factors are known to be finite, so a step skipped afterwards for its update (an infinite
+    learning rate) keeps this batch's factors and the inverses computed from them (the same as a step with a finite
+    learning rate commits), while the parameters, momentum and damping stay."""
     torch.manual_seed(3)
     model = mlp()
+    twin = copy.deepcopy(model)
     x, y = torch.randn(9, 4), torch.randint(0, 3, (9,))
     opt = curvgraph.compile(model, (x,), invert_every=1, backend="eager")
+    reference = curvgraph.compile(twin, (x,), invert_every=1, backend="eager")
     opt.step(x, y)
+    reference.step(x, y)
     state = opt._runner.state
     before = {key: t.clone() for key, t in state.items()}
     params = [p.clone() for p in model.parameters()]
     opt.param_groups[0]["lr"] = float("inf")
     with pytest.warns(curvgraph.NonFiniteStepWarning):
         opt.step(2 * x, y)
-    assert opt.skipped_steps == 1
+    reference.step(2 * x, y)
+    assert opt.skipped_steps == 1 and reference.skipped_steps == 0
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
-    inverses = [key for key in state if key.endswith("_inv")]
-    assert all(not torch.equal(state[k], before[k]) for k in inverses)
-    assert all(torch.equal(state[k], before[k]) for k in state if k not in inverses)
+    statistics = [key for key in state if key.endswith(("_inv", ".A", ".G"))]
+    assert len(statistics) == 8
+    for key in statistics:
+        assert not torch.equal(state[key], before[key]), key
+        torch.testing.assert_close(state[key], reference._runner.state[key], msg=key)
+    assert all(torch.equal(state[k], before[k]) for k in state if k not in statistics)
 
 
 @pytest.mark.parametrize("method", ("kfac", "ekfac"))

@@ -147,6 +147,7 @@ def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, 
     if blocks:
         _write_gradient_matrices(w, blocks, factor_dtype)
         method.write_prologue(w, blocks)
+        statistics_from = len(w.commits)
         with w.indent("if update_stats:", when="update_stats"):
             _write_fisher(w, loss, fisher, factor_dtype)
             for b in blocks:
@@ -156,10 +157,17 @@ def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, 
                     w.flag(b.block, f"factor {f} of the batch is not finite (the layer's inputs or output gradients "
                            f"are not finite, or overflow {factor_dtype}); the step was skipped", w.call(not_finite, var))
             method.write_statistics(w, blocks)
+            statistics = w.commits[statistics_from:]
+            del w.commits[statistics_from:]
+            _write_statistics_commits(w, blocks, [(target, value) for _, target, value in statistics])
         with w.indent("else:"):
             for b in blocks:
                 for f in method.factors_kept(b.block):
                     w.line(f"{b.factors[f]} = {b.state(f)}")
+            checked = [(when, value) for when, value in w.checks if when is None]
+            _write_all_finite(w, "ok_stats", ["loss"] + [b.grad for b in blocks], checked)
+        w.checks = []  # every value checked so far is in ok_stats
+        w.require("ok_stats")
         if any(method.preconditioner(b.block) for b in blocks):
             _write_refresh(w, method, blocks)
         w.line()
@@ -255,9 +263,10 @@ def _write_refresh(w: StepWriter, method: "Method", blocks: list[BlockVars]) -> 
     """The preconditioner refresh as one ``torch.cond(refresh, refreshed, kept, ())`` that writes the state in place.
 
     ``refreshed`` runs the method's :meth:`~curvgraph.methods.base.Method.write_refresh` and
-    commits what it recomputes into the state entries in place, if the loss, the gradient
-    matrices, everything else the step has checked so far (the factors) and the refresh's
-    own checks are finite; it returns the refresh's degenerate flags and whether it failed
+    commits what it recomputes into the state entries in place, if ``ok_stats`` (the loss,
+    the gradient matrices and the statistics are finite: the condition the statistics were
+    committed under, see :func:`_write_statistics_commits`), anything checked since and the
+    refresh's own checks are finite; it returns the refresh's degenerate flags and whether it failed
     those checks. ``kept`` returns no flags and writes nothing. After the cond the step
     reads each block's preconditioner entries (and every other value the refresh
     committed) from the state, so a step without a refresh copies nothing. A 0-d bool tensor ``refresh`` keeps both
@@ -266,8 +275,9 @@ def _write_refresh(w: StepWriter, method: "Method", blocks: list[BlockVars]) -> 
     only with gradients off, so the cond runs under ``torch.no_grad``.
 
     A refresh that failed its checks makes the step's ``ok`` false (the step changes
-    nothing). A refresh whose inputs and checks are finite is kept even if the step is then
-    skipped for a value computed after it (an update that overflows).
+    nothing). A refresh whose inputs and checks are finite is kept, with the statistics it was
+    computed from, even if the step is then skipped for a value computed after it (an update
+    that overflows).
     """
     w.line("# preconditioner refresh: a branch of a torch.cond (one compiled graph whether or not it runs) that "
            "writes the state in place")
@@ -289,7 +299,7 @@ def _write_refresh(w: StepWriter, method: "Method", blocks: list[BlockVars]) -> 
             raise CompileError(f"curvgraph: {method.name}'s refresh recomputes {sorted(uncommitted)} without "
                                "committing them to the state.")
         own = [(None, value) for when, value in w.checks if when == "refresh"]
-        _write_all_finite(w, "ok_refresh", ["loss"] + [b.grad for b in blocks], checked_before + own)
+        _write_all_finite(w, "ok_refresh", [], checked_before + own, given="ok_stats")
         for target, value in commits:
             w.line(w.call(commit_, target, value, "ok_refresh"))
         flags = [i for i, (when, _, _) in enumerate(w.flags) if when == "refresh"]
@@ -321,9 +331,29 @@ def _write_updates(w: StepWriter, blocks: list[BlockVars]) -> None:
             w.commit(p, value)
 
 
+def _write_statistics_commits(w: StepWriter, blocks: list[BlockVars], commits: list[tuple[str, str]]) -> None:
+    """Commit what the statistics computed (``commits``: ``(state entry, value)``) right after them, if
+    ``ok_stats``: the loss, the gradient matrices and every value checked so far (the new factors)
+    are finite. Each value is then read back from its state entry, so this batch's factors are not
+    held to the end of the step (the refresh, which commits under the same condition, and the
+    direction read them from the state). ``ok_stats`` is also a requirement of the step's ``ok``:
+    statistics that are not finite skip the step. The exception this makes to "a skipped step
+    changes nothing" is the refresh's: finite statistics are kept when the step is skipped for a
+    value computed after them (an update that overflows), together with the refresh computed from
+    them."""
+    checked = [(None, value) for _, value in w.checks]  # inside the statistics branch: every check applies
+    _write_all_finite(w, "ok_stats", ["loss"] + [b.grad for b in blocks], checked)
+    for target, value in commits:
+        w.line(w.call(commit_, target, value, "ok_stats"))
+    for target, value in commits:
+        if value.isidentifier():
+            w.line(f"{value} = {target}")
+
+
 def _write_commits(w: StepWriter) -> None:
     w.line()
-    w.line("# commit: every tensor changes only if the whole step is finite (the checks below imply it)")
+    w.line("# commit: every tensor changes only if the whole step is finite (the checks below imply it; the statistics "
+           "and the refresh committed above, under ok_stats)")
     _write_all_finite(w, "ok", ["loss"], w.checks)
     for condition in w.requirements:  # the refresh's outcome (its checks ran in its branch, see _write_refresh)
         w.line(f"ok = ok & {condition}")
@@ -338,11 +368,13 @@ def _write_commits(w: StepWriter) -> None:
     w.line("return loss.detach(), ok, degenerate")
 
 
-def _write_all_finite(w: StepWriter, name: str, values: list[str], checks: list[tuple[str | None, str]]) -> None:
-    """``name`` = whether ``values`` and the checked values are finite; a check tagged ``update_stats``
-    counts in statistics steps only (its value exists only there)."""
+def _write_all_finite(w: StepWriter, name: str, values: list[str], checks: list[tuple[str | None, str]],
+                      given: str | None = None) -> None:
+    """``name`` = whether ``values`` and the checked values are finite (and the 0-d bool ``given`` is true);
+    a check tagged ``update_stats`` counts in statistics steps only (its value exists only there)."""
     always = list(dict.fromkeys(values + [value for when, value in checks if when is None]))
-    w.line(f"{name} = {w.call(all_finite, *always)}")
+    terms = ([given] if given else []) + ([w.call(all_finite, *always)] if always else [])
+    w.line(f"{name} = {' & '.join(terms)}")
     statistics = list(dict.fromkeys(value for when, value in checks if when == "update_stats"))
     if statistics:
         with w.indent("if update_stats:"):

@@ -202,7 +202,13 @@ class Method(ABC):
 
     @abstractmethod
     def write_statistics(self, w: "StepWriter", blocks: list["BlockVars"]) -> None:
-        """Update each block's factors from its batch factors (inside ``if update_stats:``)."""
+        """Update each block's factors from its batch factors (inside ``if update_stats:``).
+
+        Its commits are written right after it (:func:`curvgraph.codegen._write_statistics_commits`),
+        if the loss, the gradient matrices and every value checked so far are finite, and the step
+        then reads each committed variable from its state entry: a statistic is not held to the end
+        of the step, and is kept when the step is skipped for a value computed later.
+        """
 
     @abstractmethod
     def write_refresh(self, w: "StepWriter", blocks: list["BlockVars"]) -> None:

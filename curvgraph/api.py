@@ -105,9 +105,9 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
             * ``kfac_approx``: ``"expand"`` or ``"reduce"`` for weight sharing;
             * ``max_factor_dim``: split every dense or conv factor wider than this into
               diagonal blocks of at most this size, which cuts its memory, statistics and
-              refresh (see :mod:`curvgraph.passes.split`); K-FAC only. ``"auto"``, the default:
-              2048 for K-FAC (``DEFAULT_MAX_FACTOR_DIM``), no split for the other methods (a
-              warning names their factors wider than that); ``None``: never split;
+              refresh (see :mod:`curvgraph.passes.split`); K-FAC and EKFAC. ``"auto"``, the default:
+              2048 for K-FAC and EKFAC (``DEFAULT_MAX_FACTOR_DIM``), no split for the other methods
+              (a warning names their factors wider than that); ``None``: never split;
             * ``max_factor_memory``: a budget in bytes for the curvature state (factors,
               inverses, momentum; the plan's ``state`` column): the largest ``max_factor_dim``
               that fits it is chosen (the smaller of the two if both are given);
@@ -192,7 +192,7 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
         try:
             positive_int("max_factor_dim", settings["max_factor_dim"])
         except ConfigError as exc:
-            raise ConfigError(f"{exc} Or 'auto' (the default: {DEFAULT_MAX_FACTOR_DIM} for K-FAC), or None (no "
+            raise ConfigError(f"{exc} Or 'auto' (the default: {DEFAULT_MAX_FACTOR_DIM} for K-FAC and EKFAC), or None (no "
                               "split).") from None
     if settings["max_factor_memory"] is not None:
         positive("max_factor_memory", settings["max_factor_memory"])

@@ -17,7 +17,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import curvgraph
-from helpers import exact_ggn
+from helpers import assert_export_resumes, exact_ggn
 from test_example_rows import LayerNormMLP
 
 BATCH = 12
@@ -174,6 +174,36 @@ def test_between_refreshes_the_scaling_averages_in_the_stale_basis(float64):
         S = 0.5 * first[name] + 0.5 * empirical_scaling(per_example, "dense", name, bases[name])
         expected = ekfac_direction(block_matrix("dense", mean, name), bases[name], S)
         torch.testing.assert_close(change(second, model, "dense", name), -LR * expected)
+
+
+def test_block_diagonal_factors_give_the_ekfac_direction_of_the_block_diagonal_matrix(float64, tmp_path):
+    """``max_factor_dim=6`` splits factors into diagonal blocks, one of them zero-padded (``9 = 5 + 4``): the step is
+    the brute-force EKFAC direction in the eigenbasis of the ``d x d`` block-diagonal matrix of the blocks curvgraph
+    reports (``torch.linalg.eigh`` of the whole matrix, the scaling from per-example gradients), so the padding's
+    eigen-coordinates carry nothing; the exported step continues it bitwise."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(11, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(16, 11), torch.randint(0, 3, (16,))
+    before = copy.deepcopy(model)
+    opt = curvgraph.compile(model, (x,), method="ekfac", fisher="empirical", lr=LR, momentum=0.0, kl_clip=None,
+                            damping=DAMPING, backend="eager", max_factor_dim=6)
+    labels = {(b.name, f): spec.label for b in opt.plan.blocks for f, spec in b.factors.items()}
+    assert labels == {("0", "A"): "2x6x6(split 12)", ("0", "G"): "2x4x4(split 8)", ("2", "A"): "2x5x5(split 9)",
+                      ("2", "G"): "3x3"}
+    opt.step(x, y)
+    assert opt.skipped_steps == 0
+    per_example = per_example_gradients(before, x, y)
+    mean = {k: v.mean(0) for k, v in per_example.items()}
+    for name in ("0", "2"):
+        block, stored = opt.plan.block(name), opt.factors()[name]
+        bases = []
+        for f, spec in block.factors.items():
+            whole = stored[f] if spec.split_dim is None else torch.block_diag(*stored[f])[:spec.dim, :spec.dim]
+            bases.append((torch.linalg.eigh(whole).eigenvectors, spec.axis))
+        S = empirical_scaling(per_example, "dense", name, bases)
+        expected = ekfac_direction(block_matrix("dense", mean, name), bases, S)
+        torch.testing.assert_close(change(before, model, "dense", name), -LR * expected)
+    assert_export_resumes(opt, model, [(x, y), (2 * x, y)], tmp_path / "ekfac_split.py")
 
 
 def exact_block(model: nn.Module, kind: str, name: str, x, y) -> torch.Tensor:

@@ -157,7 +157,7 @@ def test_max_factor_memory_chooses_the_largest_split_that_fits():
         compiled(max_factor_memory=100)
 
 
-@pytest.mark.parametrize("method", ["ekfac", "singd", "kbfgs"])
+@pytest.mark.parametrize("method", ["singd", "kbfgs"])
 def test_methods_without_block_diagonal_factors_say_so(method):
     model = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3))
     with pytest.raises(ConfigError, match=f"max_factor_dim=4 .*block '0'.*method '{method}'"):
@@ -165,9 +165,9 @@ def test_methods_without_block_diagonal_factors_say_so(method):
                           max_factor_dim=4)
 
 
-def test_the_default_splits_factors_wider_than_2048_for_kfac_only():
-    """``max_factor_dim="auto"`` (the default): K-FAC splits the ``2101``-wide input factor into blocks of at most
-    2048 and keeps the small ones whole; ``None`` keeps every factor whole; methods without block-diagonal
+def test_the_default_splits_factors_wider_than_2048_where_the_method_can():
+    """``max_factor_dim="auto"`` (the default): K-FAC and EKFAC split the ``2101``-wide input factor into blocks of
+    at most 2048 and keep the small ones whole; ``None`` keeps every factor whole; methods without block-diagonal
     factors keep them whole instead of refusing to compile."""
     model = nn.Sequential(nn.Linear(2100, 30), nn.ReLU(), nn.Linear(30, 3))
     x = torch.randn(4, 2100)
@@ -176,9 +176,10 @@ def test_the_default_splits_factors_wider_than_2048_for_kfac_only():
         plan = curvgraph.compile(model, (x,), backend="eager", progress=False, **options).plan
         return {(b.name, name): f for b in plan.blocks for name, f in b.factors.items()}
 
-    with warnings.catch_warnings():  # K-FAC splits them: nothing to warn about
+    with warnings.catch_warnings():  # K-FAC and EKFAC split them: nothing to warn about
         warnings.simplefilter("error", UserWarning)
         split = factors()
+        assert factors(method="ekfac") == split
     assert DEFAULT_MAX_FACTOR_DIM == 2048
     assert split["0", "A"] == split_factor(Factor((2101, 2101), axis=-1), 2048)
     assert (split["0", "A"].blocks, split["0", "A"].block_dim) == (2, 1051)
@@ -186,9 +187,9 @@ def test_the_default_splits_factors_wider_than_2048_for_kfac_only():
     assert factors(max_factor_dim="auto") == split
     whole = factors(max_factor_dim=None)
     assert all(f.split_dim is None for f in whole.values()) and whole["0", "A"].shape == (2101, 2101)
-    with pytest.warns(UserWarning, match=r"method 'ekfac' keeps every factor whole, including 1 wider than 2048: "
+    with pytest.warns(UserWarning, match=r"method 'singd' keeps every factor whole, including 1 wider than 2048: "
                                          r"block '0' factor A \(2101 wide\)"):
-        assert all(f.split_dim is None for f in factors(method="ekfac").values())
+        assert all(f.split_dim is None for f in factors(method="singd").values())
 
 
 def test_a_state_saved_with_whole_factors_names_the_split_it_does_not_fit():

@@ -45,6 +45,14 @@ per-example matrices come from the kind's *example rows*
   (``S*N * numel(M)`` floats in the factor dtype, ``S`` the Fisher's samples per example:
   1 for MC/empirical, the number of classes for type-2) once per statistics step.
 
+Block-diagonal factors (``max_factor_dim``, :func:`curvgraph.plan.split_factor`): the
+eigenbasis of a factor split into ``k`` blocks of ``b`` is the blocks' eigenbases
+``(..., k, b, b)``, from the same batched ``eigh``. The rotation into it zero-pads the
+axis to ``k b`` and keeps that length (:func:`into_eigenbasis`): the padded block has ``b``
+eigen-coordinates, and where its real rows are positive definite the padding's own
+(eigenvalue 0) carry nothing, so cutting the axis back to ``d`` after the rotation back
+gives EKFAC of the ``d x d`` block-diagonal factor. The scaling is ``k b`` long on that axis.
+
 A block whose kind has no example rows (``curvgraph.kinds.has_example_rows`` is false)
 gets the Kronecker product of its factors' eigenvalues as its scaling: K-FAC's
 curvature in its eigenbasis, damped by :math:`\lambda` on the product of the
@@ -87,18 +95,46 @@ def eigenbasis(factor: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return values.clamp_min(0), vectors, ~good
 
 
-def rotate_rows(rows: Tensor, basis: Tensor | None) -> Tensor:
+def padded_axis(matrix: Tensor, axis: int, size: int) -> Tensor:
+    """``matrix`` with its (negative) ``axis`` zero-padded at the end to ``size``."""
+    pad = [0, 0] * (-axis - 1) + [0, size - matrix.shape[axis]]
+    return torch.nn.functional.pad(matrix, pad)
+
+
+def into_eigenbasis(matrix: Tensor, basis: Tensor, axis: int, split: bool) -> Tensor:
+    r"""Every fiber ``x`` of ``matrix`` along its (negative) ``axis`` as :math:`Q^\top x`.
+
+    ``basis`` :math:`Q` is ``lead + (d, d)``, or ``lead + (k, b, b)`` (``split``: the eigenbases
+    of a block-diagonal factor's blocks, :func:`curvgraph.plan.split_factor`); then the fiber is
+    zero-padded to ``k b`` first and keeps that length: the padded block's eigen-coordinates
+    are as many as its rows (where the factor's real rows are positive definite, the padding's
+    own eigenvectors, of eigenvalue 0, carry nothing). :func:`out_of_eigenbasis` inverts it."""
+    if split:
+        matrix = padded_axis(matrix, axis, basis.shape[-3] * basis.shape[-1])
+    return apply_inverse(matrix, basis, axis, False, False, split)
+
+
+def out_of_eigenbasis(matrix: Tensor, basis: Tensor, axis: int, split_dim: int | None) -> Tensor:
+    r"""Every fiber ``y`` of ``matrix`` along ``axis`` as :math:`Q y`, the inverse of :func:`into_eigenbasis`;
+    for a block-diagonal basis (``split_dim`` = ``d``) the fiber is cut back from ``k b`` to ``d``."""
+    matrix = apply_inverse(matrix, basis.mT, axis, False, False, split_dim is not None)
+    return matrix if split_dim is None else matrix.narrow(axis, 0, split_dim)
+
+
+def rotate_rows(rows: Tensor, basis: Tensor | None, split: bool = False) -> Tensor:
     r"""Example rows ``(R, P, *lead, d)`` in the eigenbasis: :math:`Q^\top r` for each row, ``basis`` ``lead + (d, d)``
-    (``None``: a diagonal factor, the identity basis)."""
+    or ``lead + (k, b, b)`` (``split``: rows of length ``k b`` come out, :func:`into_eigenbasis`), ``None``: a
+    diagonal factor, the identity basis."""
     if basis is None:
         return rows
-    lead = basis.dim() - 2
+    lead = basis.dim() - (3 if split else 2)
     flat = rows.flatten(0, 1).movedim(0, lead)  # (*lead, R*P, d): one batched matmul per leading index
-    return (flat @ basis).movedim(lead, 0).reshape(rows.shape)
+    rotated = into_eigenbasis(flat, basis, -1, split)
+    return rotated.movedim(lead, 0).reshape(rows.shape[:-1] + rotated.shape[-1:])
 
 
 def eigenbasis_scaling(rows: tuple[Tensor, ...], bases: tuple[Tensor | None, ...], batch: int,
-                       scale: Tensor) -> Tensor:
+                       scale: Tensor, split: tuple[bool, ...] | None = None) -> Tensor:
     r"""The diagonal of the Fisher in the Kronecker eigenbasis: :math:`S = c \sum_n \tilde M_n^{\odot 2}`.
 
     Args:
@@ -107,6 +143,8 @@ def eigenbasis_scaling(rows: tuple[Tensor, ...], bases: tuple[Tensor | None, ...
         bases: each factor's eigenbasis ``lead + (d_f, d_f)``, or ``None`` (diagonal factor).
         batch: ``N``.
         scale: the Fisher type's :math:`c`.
+        split: which bases are block-diagonal (:func:`rotate_rows`; their axis of the result is
+            ``k b`` long, the zero-padded length).
 
     Returns:
         ``lead + (d_1, ..., d_k)``. With ``P = 1`` it is a contraction of the squared rotated rows
@@ -114,7 +152,7 @@ def eigenbasis_scaling(rows: tuple[Tensor, ...], bases: tuple[Tensor | None, ...
         matrix); with ``P > 1`` the rotated per-example matrices
         :math:`\tilde M_n = \sum_p \otimes_f Q_f^\top r_{f,n,p}` are formed (``S*N`` of them).
     """
-    rotated = tuple(rotate_rows(r, q) for r, q in zip(rows, bases))
+    rotated = tuple(rotate_rows(r, q, s) for r, q, s in zip(rows, bases, split or (False,) * len(bases)))
     if rotated[0].shape[1] != 1:
         return example_matrices(rotated, batch).square().sum(0) * scale
     samples = max(r.shape[0] for r in rotated) // batch
@@ -138,17 +176,19 @@ def kronecker_eigenvalues(values: tuple[Tensor, ...], axes: tuple[int, ...]) -> 
 
 
 def ekfac_precondition(grad: Tensor, bases: tuple[Tensor | None, ...], axes: tuple[int, ...], scaling: Tensor,
-                       damping: Tensor) -> Tensor:
+                       damping: Tensor, split_dims: tuple[int | None, ...] | None = None) -> Tensor:
     r""":math:`V = \tilde V \times_1 Q_1 \times_2 Q_2 \cdots` with :math:`\tilde V = (M \times_1 Q_1^\top \cdots)
     \oslash (S + \lambda)`: for a dense block :math:`Q_G [(Q_G^\top M Q_A) / (S + \lambda)] Q_A^\top`
-    (``None`` bases are identities)."""
-    for basis, axis in zip(bases, axes):
+    (``None`` bases are identities). ``split_dims``: per basis, ``d`` of a block-diagonal one
+    (:func:`into_eigenbasis`; ``scaling`` is ``k b`` long on its axis), else ``None``."""
+    split_dims = split_dims or (None,) * len(bases)
+    for basis, axis, d in zip(bases, axes, split_dims):
         if basis is not None:
-            grad = apply_inverse(grad, basis, axis, False, False)  # every fiber x -> Q^T x
+            grad = into_eigenbasis(grad, basis, axis, d is not None)  # every fiber x -> Q^T x
     grad = grad / (scaling + damping)
-    for basis, axis in zip(bases, axes):
+    for basis, axis, d in zip(bases, axes, split_dims):
         if basis is not None:
-            grad = apply_inverse(grad, basis.mT, axis, False, False)  # x -> Q x
+            grad = out_of_eigenbasis(grad, basis, axis, d)  # x -> Q x
     return grad
 
 
@@ -158,7 +198,7 @@ class EKFAC(KFAC):
     to the scaling."""
 
     name = "ekfac"
-    splits_factors = False  # the eigenvalue correction is per entry of the full eigenbasis
+    splits_factors = True  # a block-diagonal factor's eigenbasis is its blocks' (into_eigenbasis)
 
     def preconditioner(self, block: Block) -> tuple[str, ...]:
         values = tuple(f"{name}_eigenvalues" for name in block.factors)
@@ -169,10 +209,24 @@ class EKFAC(KFAC):
         eigenbasis; the scaling (a block-matrix-shaped average) and the momentum."""
         state = {}
         for name, f in block.factors.items():
-            state[f"{name}_eigenvalues"] = StateSpec(f.lead + (f.dim,), "ones")
+            state[f"{name}_eigenvalues"] = StateSpec(f.shape if f.diagonal else f.shape[:-1], "ones")
             if not f.diagonal:
                 state[f"{name}_basis"] = StateSpec(f.shape, "eye")
-        return {**state, "scaling": StateSpec(block.matrix_shape), "momentum": StateSpec(block.matrix_shape)}
+        return {**state, "scaling": StateSpec(self._scaling_shape(block)), "momentum": StateSpec(block.matrix_shape)}
+
+    @staticmethod
+    def _scaling_shape(block: Block) -> tuple[int, ...]:
+        """The block matrix's shape in the eigenbasis: a block-diagonal factor's axis ``k b`` long
+        (:func:`into_eigenbasis`)."""
+        shape = list(block.matrix_shape)
+        for f in block.factors.values():
+            shape[f.axis] = f.blocks * f.block_dim if f.split_dim is not None else shape[f.axis]
+        return tuple(shape)
+
+    def _split_dims(self, block: Block) -> tuple:
+        """The trailing ``split`` argument of :func:`ekfac_precondition` (``()`` unless a factor is split)."""
+        dims = tuple(block.factors[f].split_dim for f in self._axis_order(block))
+        return (dims,) if any(d is not None for d in dims) else ()
 
     def write_refresh(self, w: StepWriter, blocks: list[BlockVars]) -> None:
         groups: dict[tuple[int, ...], list[tuple[BlockVars, str]]] = defaultdict(list)
@@ -213,8 +267,9 @@ class EKFAC(KFAC):
                 w.line("# EKFAC scaling: the Fisher's diagonal in the eigenbasis, from each example's rotated gradient")
                 for b in corrected:
                     rows = b.kind.write_example_rows(w, b, b.uses, f"{b.grad}.dtype", "ekfac_rows")
+                    split = tuple(b.block.factors[f].split_dim is not None for f in order[b.id])
                     batch_scaling = w.call(eigenbasis_scaling, w.pack(rows[f] for f in order[b.id]), bases(b), "batch",
-                                           "scale")
+                                           "scale", *((split,) if any(split) else ()))
                     w.line(f"{b.var('S')} = {w.call(ema, b.state('scaling'), batch_scaling, w.hyper('ema'))}")
                     w.commit(b.state("scaling"), b.var("S"))
                     w.check(b.var("S"))
@@ -225,24 +280,28 @@ class EKFAC(KFAC):
             axes = tuple(b.block.factors[f].axis for f in order[b.id])
             if b.id not in with_rows:
                 w.line(f"# {b.block.name}: kind {b.block.kind!r} has no example rows; K-FAC's eigenvalues as scaling")
-                values = w.pack(b.var(f"{f}_eigenvalues") for f in order[b.id])
+                values = w.pack(b.var(f"{f}_eigenvalues") + (".flatten(-2)" if b.block.factors[f].split_dim else "")
+                                for f in order[b.id])  # a block-diagonal factor's: k b long, as the scaling's axis
                 w.line(f"{b.var('S')} = {w.call(kronecker_eigenvalues, values, axes)}")
-            call = w.call(ekfac_precondition, b.grad, bases(b), axes, b.var("S"), self._damping(w))
+            call = w.call(ekfac_precondition, b.grad, bases(b), axes, b.var("S"), self._damping(w),
+                          *self._split_dims(b.block))
             w.line(f"{b.var('V')} = {call}")
 
     def cost(self, block: Block) -> dict[str, sympy.Expr]:
-        r"""``inversion``: one ``eigh`` per dense factor matrix, :data:`EIGH_FLOPS` ``d^3`` each;
-        ``precondition``: two rotations (``2 numel(M) d`` per dense factor each) and the division;
+        r"""``inversion``: one ``eigh`` per dense factor matrix, :data:`EIGH_FLOPS` ``d^3`` each (``k b^3`` when
+        split into ``k`` blocks of ``b``); ``precondition``: two rotations (``2 numel(M) d`` per dense factor
+        each, ``2 numel(M) b`` when split) and the division;
         ``statistics``: the kind's factor statistics plus the scaling (per sample of the Fisher:
-        rotating the ``R`` rows, ``2 R d^2`` per dense factor, and squaring/summing the rotated
-        per-example products, about ``4 R numel(M)``, ``R`` the rows over all uses);
+        rotating the ``R`` rows, ``2 R d^2`` per dense factor (``2 R k b^2`` when split), and squaring/summing
+        the rotated per-example products, about ``4 R numel(M)``, ``R`` the rows over all uses);
         ``state_bytes``: factors, eigenvalues, eigenbases, scaling and momentum in float32."""
         numel = math.prod(block.matrix_shape)
         dense = [f for f in block.factors.values() if not f.diagonal]
-        precondition = 2 * sum(2 * numel * f.dim for f in dense) + 2 * numel
-        inversion = sum(EIGH_FLOPS * math.prod(f.lead) * f.dim**3 for f in dense)
-        floats = sum(math.prod(f.shape) + math.prod(f.lead) * f.dim for f in block.factors.values())
-        floats += sum(math.prod(f.shape) for f in dense) + 2 * numel
+        precondition = 2 * sum(2 * numel * f.block_dim for f in dense) + 2 * numel
+        inversion = sum(EIGH_FLOPS * math.prod(f.lead) * f.blocks * f.block_dim**3 for f in dense)
+        floats = sum(math.prod(f.shape) + math.prod(f.shape if f.diagonal else f.shape[:-1])  # factor, eigenvalues
+                     for f in block.factors.values())
+        floats += sum(math.prod(f.shape) for f in dense) + numel + math.prod(self._scaling_shape(block))
         cost = {
             "precondition": sympy.Integer(precondition),
             "inversion": sympy.Integer(inversion),
@@ -252,7 +311,7 @@ class EKFAC(KFAC):
         if kind is not None and has_example_rows(kind):
             rows = block.rows
             lead = math.prod(next(iter(block.factors.values())).lead)
-            scaling = rows * lead * (sum(2 * f.dim**2 for f in dense) + 4 * numel // lead)
+            scaling = rows * lead * (sum(2 * f.blocks * f.block_dim**2 for f in dense) + 4 * numel // lead)
             cost["statistics"] = kind.cost(block).get("statistics", 0) + scaling
         return cost
 

@@ -15,7 +15,7 @@ group of input channels' patches), and these costs become ``k b^2``, ``k b^3``,
 The pass runs on the plan, after the block passes: it splits the factors of kinds
 whose statistics honour the split (``BlockKind.splits_factors``: dense and conv) and
 recomputes those blocks' costs. Only methods that apply block-diagonal inverses
-(``Method.splits_factors``: K-FAC) accept a split plan.
+(``Method.splits_factors``: K-FAC and EKFAC) accept a split plan.
 """
 
 from __future__ import annotations

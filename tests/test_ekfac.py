@@ -176,33 +176,47 @@ def test_between_refreshes_the_scaling_averages_in_the_stale_basis(float64):
         torch.testing.assert_close(change(second, model, "dense", name), -LR * expected)
 
 
-def test_block_diagonal_factors_give_the_ekfac_direction_of_the_block_diagonal_matrix(float64, tmp_path):
-    """``max_factor_dim=6`` splits factors into diagonal blocks, one of them zero-padded (``9 = 5 + 4``): the step is
-    the brute-force EKFAC direction in the eigenbasis of the ``d x d`` block-diagonal matrix of the blocks curvgraph
-    reports (``torch.linalg.eigh`` of the whole matrix, the scaling from per-example gradients), so the padding's
-    eigen-coordinates carry nothing; the exported step continues it bitwise."""
+SPLIT_CASES = {  # model, input, max_factor_dim, the factors' labels
+    "mlp": (lambda: nn.Sequential(nn.Linear(11, 8), nn.Tanh(), nn.Linear(8, 3)), (16, 11), 6,
+            {("0", "A"): "2x6x6(split 12)", ("0", "G"): "2x4x4(split 8)", ("2", "A"): "2x5x5(split 9)",
+             ("2", "G"): "3x3"}),
+    "cnn": (GroupedCNN, (16, 4, 4, 4), 5,
+            {("conv", "A"): "2x2x5x5(split 9)", ("conv", "G"): "2x3x3", ("head", "A"): "5x5x5(split 25)",
+             ("head", "G"): "3x3"}),
+}
+
+
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+def test_block_diagonal_factors_give_the_ekfac_direction_of_the_block_diagonal_matrix(float64, case, tmp_path):
+    """``max_factor_dim`` splits factors into diagonal blocks, some zero-padded (``9 = 5 + 4``): the step is the
+    brute-force EKFAC direction in the eigenbasis of the ``d x d`` block-diagonal matrix of the blocks curvgraph
+    reports (``torch.linalg.eigh`` of the whole matrix, per group of a grouped convolution; the scaling from
+    per-example gradients), so the padding's eigen-coordinates carry nothing; the exported step continues it
+    bitwise."""
+    make, shape, max_dim, labels = SPLIT_CASES[case]
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(11, 8), nn.Tanh(), nn.Linear(8, 3))
-    x, y = torch.randn(16, 11), torch.randint(0, 3, (16,))
+    model = make()
+    x, y = torch.randn(shape), torch.randint(0, 3, (shape[0],))
     before = copy.deepcopy(model)
     opt = curvgraph.compile(model, (x,), method="ekfac", fisher="empirical", lr=LR, momentum=0.0, kl_clip=None,
-                            damping=DAMPING, backend="eager", max_factor_dim=6)
-    labels = {(b.name, f): spec.label for b in opt.plan.blocks for f, spec in b.factors.items()}
-    assert labels == {("0", "A"): "2x6x6(split 12)", ("0", "G"): "2x4x4(split 8)", ("2", "A"): "2x5x5(split 9)",
-                      ("2", "G"): "3x3"}
+                            damping=DAMPING, backend="eager", max_factor_dim=max_dim)
+    assert {(b.name, f): spec.label for b in opt.plan.blocks for f, spec in b.factors.items()} == labels
     opt.step(x, y)
     assert opt.skipped_steps == 0
     per_example = per_example_gradients(before, x, y)
     mean = {k: v.mean(0) for k, v in per_example.items()}
-    for name in ("0", "2"):
-        block, stored = opt.plan.block(name), opt.factors()[name]
+    for block in opt.plan.blocks:
+        stored = opt.factors()[block.name]
         bases = []
         for f, spec in block.factors.items():
-            whole = stored[f] if spec.split_dim is None else torch.block_diag(*stored[f])[:spec.dim, :spec.dim]
+            whole = stored[f]
+            if spec.split_dim is not None:  # the blocks as one d x d matrix, per leading index
+                d, groups = spec.dim, whole.reshape((-1,) + whole.shape[-3:])
+                whole = torch.stack([torch.block_diag(*blocks)[:d, :d] for blocks in groups]).reshape(spec.lead + (d, d))
             bases.append((torch.linalg.eigh(whole).eigenvectors, spec.axis))
-        S = empirical_scaling(per_example, "dense", name, bases)
-        expected = ekfac_direction(block_matrix("dense", mean, name), bases, S)
-        torch.testing.assert_close(change(before, model, "dense", name), -LR * expected)
+        S = empirical_scaling(per_example, block.kind, block.name, bases)
+        expected = ekfac_direction(block_matrix(block.kind, mean, block.name), bases, S)
+        torch.testing.assert_close(change(before, model, block.kind, block.name), -LR * expected)
     assert_export_resumes(opt, model, [(x, y), (2 * x, y)], tmp_path / "ekfac_split.py")
 
 

@@ -324,6 +324,7 @@ def run_model(name: str, warmup: int, iters: int, repeats: int, peers: bool, onl
     ours("curvgraph-singd", method="singd", lr=1e-3, T=10)
     for method in METHODS:
         ours(f"curvgraph-{method}", method=method)
+    ours("curvgraph-ekfac-whole", method="ekfac", max_factor_dim=None)  # EKFAC before it split factors wider than 2048
 
     print(f"{name} (batch {len(x)}): compiling and warming up ...", flush=True)
     first = {}

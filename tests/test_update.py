@@ -166,6 +166,31 @@ def test_a_batched_refresh_reads_the_previous_inverses_in_place(method):
     assert "torch.stack([state[" not in source
 
 
+@pytest.mark.parametrize("method", ("kfac", "ekfac"))
+def test_a_group_larger_than_the_stacking_budget_is_cut_into_calls_with_the_same_result(float64, method, monkeypatch):
+    """A group of same-shape factors is stacked at most :data:`curvgraph.methods.base.MAX_STACKED_NUMEL` elements
+    at a time (stacking copies its members): with the budget at two ``7x7`` factors, the three ``A`` of this MLP
+    are refreshed in a call of two and a call of one, and the steps are those of one call of three (to rounding:
+    LAPACK's batched and single factorizations may round differently)."""
+    from curvgraph.methods import base
+
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6))
+    batches = [(torch.randn(8, 6), torch.randint(0, 6, (8,))) for _ in range(3)]
+    runs = {}
+    for budget in (base.MAX_STACKED_NUMEL, 2 * 49):
+        monkeypatch.setattr(base, "MAX_STACKED_NUMEL", budget)
+        twin = copy.deepcopy(model)
+        opt = curvgraph.compile(twin, (batches[0][0],), method=method, backend="eager", invert_every=1, progress=False)
+        losses = [opt.step(*batch) for batch in batches]
+        runs[budget] = (opt.source, losses, twin.state_dict())
+    (whole, losses, params), (cut, cut_losses, cut_params) = runs.values()
+    assert "3 factors of shape 7x7: one batched call" in whole
+    assert "3 factors of shape 7x7" not in cut and "2 factors of shape 7x7: one batched call" in cut
+    torch.testing.assert_close(torch.stack(cut_losses), torch.stack(losses), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(cut_params, params, rtol=1e-10, atol=1e-12)
+
+
 class WideOverPositions(nn.Module):
     """``inner`` applied at two positions of every example: at a batch of two it has fewer gradient rows than
     features, like ``out`` (K-FAC then preconditions both from their rows, :func:`curvgraph.methods.kfac.rows_precondition`)."""

@@ -259,13 +259,28 @@ def _numeric(value: object) -> bool:
     return value is None or (isinstance(value, numbers.Real) and not isinstance(value, bool))
 
 
-def write_batched(w: "StepWriter", fn: Callable, inputs: list[list[str]], outputs: list[list[str]], what: str) -> None:
+#: The most elements :func:`write_batched` stacks into one call (32 MiB of float32): stacking copies its
+#: members, so larger groups are cut into several calls. On ResNet-18 three split ``(3, 1536, 1536)`` factors
+#: stacked were an 81 MiB copy (and 81 MiB of results) at the peak of a refresh step; such a factor is
+#: batched over its own blocks already.
+MAX_STACKED_NUMEL = 8 * 2**20
+
+
+def write_batched(w: "StepWriter", fn: Callable, inputs: list[list[str]], outputs: list[list[str]], what: str,
+                  member_numel: int = 1) -> None:
     """Write ``outputs[i] = fn(*inputs[i])`` for every member ``i`` as *one* call over the stacked inputs.
 
     For factors of one shape (``what`` names them in a comment) a single batched
     factorization (Cholesky, ``eigh``) replaces one per factor. ``fn`` returns one tensor
-    or a tuple of ``len(outputs[i])`` tensors with the members along dim 0.
+    or a tuple of ``len(outputs[i])`` tensors with the members along dim 0. With
+    ``member_numel`` (the elements of one member's largest input) the members are cut into
+    consecutive calls of at most :data:`MAX_STACKED_NUMEL` elements each (at least one member).
     """
+    per_call = max(1, MAX_STACKED_NUMEL // member_numel)
+    if len(inputs) > per_call:
+        for start in range(0, len(inputs), per_call):
+            write_batched(w, fn, inputs[start:start + per_call], outputs[start:start + per_call], what)
+        return
     arity = len(outputs[0])
     if len(inputs) == 1:
         w.line(f"{', '.join(outputs[0])} = {w.call(fn, *inputs[0])}")

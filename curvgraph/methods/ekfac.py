@@ -243,7 +243,7 @@ class EKFAC(KFAC):
             failed = [b.var(f"{f}_failed") for b, f in members]
             write_batched(w, eigenbasis, [[b.factors[f]] for b, f in members],
                           [list(triple) for triple in zip(values, bases, failed)],
-                          f"factors of shape {'x'.join(map(str, shape))}")
+                          f"factors of shape {'x'.join(map(str, shape))}", math.prod(shape))
             for (b, f), value, basis, fail in zip(members, values, bases, failed):
                 # the previous values and basis where the decomposition failed, read from the state in place
                 w.line(f"{value} = {w.call(kept_where_failed, value, fail, b.state(f'{f}_eigenvalues'), True)}")

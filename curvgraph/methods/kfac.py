@@ -415,7 +415,8 @@ class KFAC(Method):
             targets = [b.var(f"{f}_inv") for b, f in members]
             failed = [b.var(f"{f}_failed") for b, f in members]
             write_batched(w, inverse, [[b.factors[f], shifts[b.id, f]] for b, f in members],
-                          [list(pair) for pair in zip(targets, failed)], f"factors of shape {'x'.join(map(str, shape))}")
+                          [list(pair) for pair in zip(targets, failed)], f"factors of shape {'x'.join(map(str, shape))}",
+                          math.prod(shape))
             for (b, f), target, fail in zip(members, targets, failed):
                 w.line(f"{target} = {w.call(kept_where_failed, target, fail, b.state(f'{f}_inv'), diagonal)}")
                 w.commit(b.state(f"{f}_inv"), target, when="refresh")

@@ -192,8 +192,8 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
         try:
             positive_int("max_factor_dim", settings["max_factor_dim"])
         except ConfigError as exc:
-            raise ConfigError(f"{exc} Or 'auto' (the default: {DEFAULT_MAX_FACTOR_DIM} for K-FAC and EKFAC), or None (no "
-                              "split).") from None
+            raise ConfigError(f"{exc} Or 'auto' (the default: {DEFAULT_MAX_FACTOR_DIM} for K-FAC and EKFAC), or "
+                              "None (no split).") from None
     if settings["max_factor_memory"] is not None:
         positive("max_factor_memory", settings["max_factor_memory"])
     positive_int("conv_stats_every", settings["conv_stats_every"])

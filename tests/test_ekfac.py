@@ -212,7 +212,8 @@ def test_block_diagonal_factors_give_the_ekfac_direction_of_the_block_diagonal_m
             whole = stored[f]
             if spec.split_dim is not None:  # the blocks as one d x d matrix, per leading index
                 d, groups = spec.dim, whole.reshape((-1,) + whole.shape[-3:])
-                whole = torch.stack([torch.block_diag(*blocks)[:d, :d] for blocks in groups]).reshape(spec.lead + (d, d))
+                whole = torch.stack([torch.block_diag(*blocks)[:d, :d] for blocks in groups])
+                whole = whole.reshape(spec.lead + (d, d))
             bases.append((torch.linalg.eigh(whole).eigenvectors, spec.axis))
         S = empirical_scaling(per_example, block.kind, block.name, bases)
         expected = ekfac_direction(block_matrix(block.kind, mean, block.name), bases, S)

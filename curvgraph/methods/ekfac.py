@@ -220,7 +220,8 @@ class EKFAC(KFAC):
         (:func:`into_eigenbasis`)."""
         shape = list(block.matrix_shape)
         for f in block.factors.values():
-            shape[f.axis] = f.blocks * f.block_dim if f.split_dim is not None else shape[f.axis]
+            if f.split_dim is not None:
+                shape[f.axis] = f.blocks * f.block_dim
         return tuple(shape)
 
     def _split_dims(self, block: Block) -> tuple:

@@ -217,10 +217,10 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
             split_factors(plan, max_dim, rule)
         elif settings["max_factor_dim"] == "auto" and (wide := wide_factors(plan)):
             warnings.warn(f"curvgraph: method {rule.name!r} keeps every factor whole, including {len(wide)} wider than "
-                          f"{DEFAULT_MAX_FACTOR_DIM}: {'; '.join(wide[:4])}{'; ...' if len(wide) > 4 else ''}. Each costs "
-                          "d^2 floats of state or more and d^3 FLOPs per refresh (the plan's state and FLOPs/refresh "
-                          f"columns). method='kfac' splits factors wider than {DEFAULT_MAX_FACTOR_DIM} into diagonal "
-                          "blocks by default (max_factor_dim).", stacklevel=4)
+                          f"{DEFAULT_MAX_FACTOR_DIM}: {'; '.join(wide[:4])}{'; ...' if len(wide) > 4 else ''}. Each "
+                          "costs d^2 floats of state or more and d^3 FLOPs per refresh (the plan's state and "
+                          "FLOPs/refresh columns). method='kfac' and 'ekfac' split factors wider than "
+                          f"{DEFAULT_MAX_FACTOR_DIM} into diagonal blocks by default (max_factor_dim).", stacklevel=4)
         for block in plan.blocks:
             block.cost.update(rule.cost(block))
         forward = instrument(traced, plan)

@@ -540,10 +540,10 @@ class StepRunner:
                     "was it saved for another model or plan?")
         for key, tensor in saved.items():
             if tensor.shape != self.state[key].shape:
-                return (f"state '{key}' has shape {tuple(tensor.shape)} in the state_dict, {tuple(self.state[key].shape)} "
-                        "here: was it saved for another model, or with factors split differently (max_factor_dim, "
-                        "max_factor_memory, whose default 'auto' splits K-FAC's widest factors)? Compile with "
-                        "the options it was saved with")
+                return (f"state '{key}' has shape {tuple(tensor.shape)} in the state_dict, "
+                        f"{tuple(self.state[key].shape)} here: was it saved for another model, or with factors split "
+                        "differently (max_factor_dim, max_factor_memory, whose default 'auto' splits K-FAC's and "
+                        "EKFAC's widest factors)? Compile with the options it was saved with")
         return None
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:

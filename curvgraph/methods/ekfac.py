@@ -134,7 +134,7 @@ def rotate_rows(rows: Tensor, basis: Tensor | None, split: bool = False) -> Tens
 
 
 def eigenbasis_scaling(rows: tuple[Tensor, ...], bases: tuple[Tensor | None, ...], batch: int,
-                       scale: Tensor, split: tuple[bool, ...] | None = None) -> Tensor:
+                       scale: Tensor, split_dims: tuple[int | None, ...] | None = None) -> Tensor:
     r"""The diagonal of the Fisher in the Kronecker eigenbasis: :math:`S = c \sum_n \tilde M_n^{\odot 2}`.
 
     Args:
@@ -143,8 +143,8 @@ def eigenbasis_scaling(rows: tuple[Tensor, ...], bases: tuple[Tensor | None, ...
         bases: each factor's eigenbasis ``lead + (d_f, d_f)``, or ``None`` (diagonal factor).
         batch: ``N``.
         scale: the Fisher type's :math:`c`.
-        split: which bases are block-diagonal (:func:`rotate_rows`; their axis of the result is
-            ``k b`` long, the zero-padded length).
+        split_dims: per basis, ``d`` of a block-diagonal one (:func:`rotate_rows`; its axis of the
+            result is ``k b`` long, the zero-padded length), else ``None``.
 
     Returns:
         ``lead + (d_1, ..., d_k)``. With ``P = 1`` it is a contraction of the squared rotated rows
@@ -152,7 +152,8 @@ def eigenbasis_scaling(rows: tuple[Tensor, ...], bases: tuple[Tensor | None, ...
         matrix); with ``P > 1`` the rotated per-example matrices
         :math:`\tilde M_n = \sum_p \otimes_f Q_f^\top r_{f,n,p}` are formed (``S*N`` of them).
     """
-    rotated = tuple(rotate_rows(r, q, s) for r, q, s in zip(rows, bases, split or (False,) * len(bases)))
+    split_dims = split_dims or (None,) * len(bases)
+    rotated = tuple(rotate_rows(r, q, d is not None) for r, q, d in zip(rows, bases, split_dims))
     if rotated[0].shape[1] != 1:
         return example_matrices(rotated, batch).square().sum(0) * scale
     samples = max(r.shape[0] for r in rotated) // batch
@@ -225,7 +226,8 @@ class EKFAC(KFAC):
         return tuple(shape)
 
     def _split_dims(self, block: Block) -> tuple:
-        """The trailing ``split`` argument of :func:`ekfac_precondition` (``()`` unless a factor is split)."""
+        """The trailing ``split_dims`` argument of :func:`eigenbasis_scaling` and :func:`ekfac_precondition` (``()``
+        unless a factor is split)."""
         dims = tuple(block.factors[f].split_dim for f in self._axis_order(block))
         return (dims,) if any(d is not None for d in dims) else ()
 
@@ -268,9 +270,8 @@ class EKFAC(KFAC):
                 w.line("# EKFAC scaling: the Fisher's diagonal in the eigenbasis, from each example's rotated gradient")
                 for b in corrected:
                     rows = b.kind.write_example_rows(w, b, b.uses, f"{b.grad}.dtype", "ekfac_rows")
-                    split = tuple(b.block.factors[f].split_dim is not None for f in order[b.id])
                     batch_scaling = w.call(eigenbasis_scaling, w.pack(rows[f] for f in order[b.id]), bases(b), "batch",
-                                           "scale", *((split,) if any(split) else ()))
+                                           "scale", *self._split_dims(b.block))
                     w.line(f"{b.var('S')} = {w.call(ema, b.state('scaling'), batch_scaling, w.hyper('ema'))}")
                     w.commit(b.state("scaling"), b.var("S"))
                     w.check(b.var("S"))

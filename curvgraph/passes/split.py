@@ -1,6 +1,6 @@
 r"""Block-diagonal factors for large layers: the ``max_factor_dim`` and ``max_factor_memory`` options.
 
-By default (``max_factor_dim="auto"``) K-FAC splits the factors wider than
+By default (``max_factor_dim="auto"``) K-FAC and EKFAC split the factors wider than
 :data:`DEFAULT_MAX_FACTOR_DIM`; ``max_factor_dim=None`` keeps every factor whole.
 
 A dense Kronecker factor of size ``d`` costs ``d^2`` floats twice (the factor and its

@@ -56,8 +56,35 @@ def not_finite(tensor: Tensor) -> Tensor:
 
 
 def commit_(target: Tensor, value: Tensor, ok: Tensor) -> None:
-    """Write ``value`` into ``target`` in place if ``ok``, else leave ``target`` unchanged."""
+    """Write ``value`` into ``target`` in place if ``ok``, else leave ``target`` unchanged (a selection
+    against the old value; see :func:`commit_all_` for several targets outside a ``torch.cond`` branch)."""
     target.copy_(torch.where(ok, value.to(target.dtype), target))
+
+
+def commit_all_(commits: tuple[tuple[Tensor, Tensor], ...], ok: Tensor) -> None:
+    """Write each ``value`` of ``commits`` (``(target, value)`` pairs) into its ``target`` in place if
+    ``ok`` (a 0-d bool tensor), else none of them.
+
+    Compiled, one ``torch.cond`` whose taken branch copies: with :func:`commit_` per target, a
+    compiled step holds a buffer the size of each target for its selection before copying it
+    (Inductor does not select into the target in place), all of them at once when several
+    targets are committed together. Eager, :func:`commit_` per target (the same values; an eager
+    ``torch.cond`` would compile its branches with Dynamo on every call)."""
+    if not torch.compiler.is_compiling():
+        for target, value in commits:
+            commit_(target, value, ok)
+        return
+
+    def write() -> Tensor:
+        for target, value in commits:
+            target.copy_(value.to(target.dtype))
+        return ok.clone()
+
+    def keep() -> Tensor:
+        return ok.clone()
+
+    with torch.no_grad():  # a branch may write its inputs only with gradients off
+        torch.cond(ok, write, keep, ())
 
 
 @dataclass
@@ -300,7 +327,7 @@ def _write_refresh(w: StepWriter, method: "Method", blocks: list[BlockVars]) -> 
                                "committing them to the state.")
         own = [(None, value) for when, value in w.checks if when == "refresh"]
         _write_all_finite(w, "ok_refresh", [], checked_before + own, given="ok_stats")
-        for target, value in commits:
+        for target, value in commits:  # not commit_all_: a torch.cond nested in this branch compiles wrongly (torch 2.13)
             w.line(w.call(commit_, target, value, "ok_refresh"))
         flags = [i for i, (when, _, _) in enumerate(w.flags) if when == "refresh"]
         w.line(f"return torch.stack([{''.join(w.flags[i][2] + ', ' for i in flags)}~ok_refresh])")
@@ -332,9 +359,9 @@ def _write_updates(w: StepWriter, blocks: list[BlockVars]) -> None:
 
 
 def _write_statistics_commits(w: StepWriter, blocks: list[BlockVars], commits: list[tuple[str, str]]) -> None:
-    """Commit what the statistics computed (``commits``: ``(state entry, value)``) right after them, if
-    ``ok_stats``: the loss, the gradient matrices and every value checked so far (the new factors)
-    are finite. Each value is then read back from its state entry, so this batch's factors are not
+    """Commit what the statistics computed (``commits``: ``(state entry, value)``) right after them, in
+    one :func:`commit_all_`, if ``ok_stats``: the loss, the gradient matrices and every value checked so
+    far (the new factors) are finite. Each value is then read back from its state entry, so this batch's factors are not
     held to the end of the step (the refresh, which commits under the same condition, and the
     direction read them from the state). ``ok_stats`` is also a requirement of the step's ``ok``:
     statistics that are not finite skip the step. The exception this makes to "a skipped step
@@ -343,8 +370,7 @@ def _write_statistics_commits(w: StepWriter, blocks: list[BlockVars], commits: l
     them."""
     checked = [(None, value) for _, value in w.checks]  # inside the statistics branch: every check applies
     _write_all_finite(w, "ok_stats", ["loss"] + [b.grad for b in blocks], checked)
-    for target, value in commits:
-        w.line(w.call(commit_, target, value, "ok_stats"))
+    _write_commit(w, commits, "ok_stats")
     for target, value in commits:
         if value.isidentifier():
             w.line(f"{value} = {target}")
@@ -366,6 +392,14 @@ def _write_commits(w: StepWriter) -> None:
                 w.line(f"{w.call(commit_, target, value, 'ok')}")
     _write_degenerate(w)
     w.line("return loss.detach(), ok, degenerate")
+
+
+def _write_commit(w: StepWriter, commits: list[tuple[str, str]], condition: str) -> None:
+    """Write each ``(state entry, value)`` of ``commits`` in place if ``condition`` (:func:`commit_all_`)."""
+    w.line(f"{w.ref(commit_all_)}((")
+    for target, value in commits:
+        w.line(f"    ({target}, {value}),")
+    w.line(f"), {condition})")
 
 
 def _write_all_finite(w: StepWriter, name: str, values: list[str], checks: list[tuple[str | None, str]],

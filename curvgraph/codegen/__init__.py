@@ -327,7 +327,7 @@ def _write_refresh(w: StepWriter, method: "Method", blocks: list[BlockVars]) -> 
                                "committing them to the state.")
         own = [(None, value) for when, value in w.checks if when == "refresh"]
         _write_all_finite(w, "ok_refresh", [], checked_before + own, given="ok_stats")
-        for target, value in commits:  # not commit_all_: a torch.cond nested in this branch compiles wrongly (torch 2.13)
+        for target, value in commits:  # not commit_all_: a cond nested in this branch compiles wrongly (torch 2.13)
             w.line(w.call(commit_, target, value, "ok_refresh"))
         flags = [i for i, (when, _, _) in enumerate(w.flags) if when == "refresh"]
         w.line(f"return torch.stack([{''.join(w.flags[i][2] + ', ' for i in flags)}~ok_refresh])")
@@ -361,16 +361,16 @@ def _write_updates(w: StepWriter, blocks: list[BlockVars]) -> None:
 def _write_statistics_commits(w: StepWriter, blocks: list[BlockVars], commits: list[tuple[str, str]]) -> None:
     """Commit what the statistics computed (``commits``: ``(state entry, value)``) right after them, in
     one :func:`commit_all_`, if ``ok_stats``: the loss, the gradient matrices and every value checked so
-    far (the new factors) are finite. Each value is then read back from its state entry, so this batch's factors are not
-    held to the end of the step (the refresh, which commits under the same condition, and the
-    direction read them from the state). ``ok_stats`` is also a requirement of the step's ``ok``:
+    far (the new factors) are finite. Each value is then read back from its state entry, so this batch's
+    factors are not held to the end of the step (the refresh, which commits under the same condition,
+    and the direction read them from the state). ``ok_stats`` is also a requirement of the step's ``ok``:
     statistics that are not finite skip the step. The exception this makes to "a skipped step
     changes nothing" is the refresh's: finite statistics are kept when the step is skipped for a
     value computed after them (an update that overflows), together with the refresh computed from
     them."""
     checked = [(None, value) for _, value in w.checks]  # inside the statistics branch: every check applies
     _write_all_finite(w, "ok_stats", ["loss"] + [b.grad for b in blocks], checked)
-    _write_commit(w, commits, "ok_stats")
+    _write_commit_all(w, commits, "ok_stats")
     for target, value in commits:
         if value.isidentifier():
             w.line(f"{value} = {target}")
@@ -394,7 +394,7 @@ def _write_commits(w: StepWriter) -> None:
     w.line("return loss.detach(), ok, degenerate")
 
 
-def _write_commit(w: StepWriter, commits: list[tuple[str, str]], condition: str) -> None:
+def _write_commit_all(w: StepWriter, commits: list[tuple[str, str]], condition: str) -> None:
     """Write each ``(state entry, value)`` of ``commits`` in place if ``condition`` (:func:`commit_all_`)."""
     w.line(f"{w.ref(commit_all_)}((")
     for target, value in commits:

@@ -345,17 +345,20 @@ def _write_refresh(w: StepWriter, method: "Method", blocks: list[BlockVars]) -> 
 
 
 def _write_updates(w: StepWriter, blocks: list[BlockVars]) -> None:
-    """The new parameters of every block, ``P - D``, each checked: a finite direction still overflows with a
-    learning rate near the float limit (or one set to ``inf`` by a schedule), and a parameter is never written
-    a non-finite value."""
+    """The new parameters of every block, ``p - D_p`` for each parameter ``p`` and its piece ``D_p`` of the block's
+    direction ``D``, each checked: a finite direction still overflows with a learning rate near the float limit
+    (or one set to ``inf`` by a schedule), and a parameter is never written a non-finite value.
+
+    Written per parameter, not as ``P - D`` split afterwards, so that the parameters' block matrix ``P`` (a copy
+    of them) is not held from the gradient matrices to the end of the step."""
     for b in blocks:
-        new = [f"new_{p}" for p in b.block.placeholders]
+        pieces = [f"D_{p}" for p in b.block.placeholders]
         w.line(f"# {b.block.name}: the new {', '.join(b.block.params)}")
-        w.line(f"{b.var('P_new')} = {b.var('P')} - {b.direction}")
-        w.check(b.var("P_new"))
-        w.line(f"{_unpack(new)} = {b.kind.write_split(w, b, b.var('P_new'))}")
-        for p, value in zip(b.block.placeholders, new):
-            w.commit(p, value)
+        w.line(f"{_unpack(pieces)} = {b.kind.write_split(w, b, b.direction)}")
+        for p, piece in zip(b.block.placeholders, pieces):
+            w.line(f"new_{p} = {p} - {piece}")
+            w.check(f"new_{p}")
+            w.commit(p, f"new_{p}")
 
 
 def _write_statistics_commits(w: StepWriter, blocks: list[BlockVars], commits: list[tuple[str, str]]) -> None:

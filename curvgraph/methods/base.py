@@ -232,19 +232,23 @@ class Method(ABC):
         """``precondition``, ``inversion`` FLOPs and ``state_bytes`` of ``block``."""
 
 
-def parameter_tuple(w: StepWriter, blocks: list[BlockVars], label: str, matrices: list[str], other: str) -> str:
+def parameter_tuple(w: StepWriter, blocks: list[BlockVars], label: str, matrices: list[str], other: str,
+                    shift: bool = False) -> str:
     """Split each block's ``matrices`` entry into parameter-shaped tensors (variables ``<label>_<param>``)
     and return the tuple over every trainable parameter in ``params`` order, ``other`` (formatted with
-    the parameter) for parameters in no block.
+    the parameter) for parameters in no block; with ``shift``, each piece added to its parameter
+    (:func:`shifted_like`).
 
     Methods use it to call the step's ``model(params, probes)`` at other parameters (an extra
-    forward or forward/backward, a trial step), e.g. with ``matrices = [P - D for each block]``
-    and ``other = "{}"`` (parameters outside every block keep their current value)."""
+    forward or forward/backward, a trial step), e.g. with ``matrices = [-D for each block]``,
+    ``shift=True`` and ``other = "{}"`` (parameters outside every block keep their current value):
+    the parameters ``p - D_p``, without a copy of the parameters as block matrices."""
     by_param: dict[str, str] = {}
     for b, matrix in zip(blocks, matrices):
         names = [f"{label}_{p}" for p in b.block.placeholders]
         split = b.kind.write_split(w, b, matrix)
-        w.line(f"{', '.join(names)}, = {w.call(cast_like, split, w.pack(b.block.placeholders))}")
+        pieces = w.call(shifted_like if shift else cast_like, split, w.pack(b.block.placeholders))
+        w.line(f"{', '.join(names)}, = {pieces}")
         by_param.update(zip(b.block.placeholders, names))
     return w.pack(by_param.get(p, other.format(p)) for p in w.params)
 
@@ -253,6 +257,12 @@ def cast_like(tensors: tuple[Tensor, ...], like: tuple[Tensor, ...]) -> tuple[Te
     """Each of ``tensors`` in the dtype of the matching tensor of ``like``: parameter-shaped pieces of a block matrix
     (kept in the factor dtype, wider than bf16/fp16 parameters) back in their parameters' dtypes."""
     return tuple(t.to(p.dtype) for t, p in zip(tensors, like))
+
+
+def shifted_like(steps: tuple[Tensor, ...], params: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """``p + s`` for each parameter ``p`` of ``params`` and its piece ``s`` of ``steps``, summed in the wider of
+    their dtypes (the factor dtype for bf16/fp16 parameters) and returned in the parameter's dtype."""
+    return tuple((p + s).to(p.dtype) for s, p in zip(steps, params))
 
 
 def _numeric(value: object) -> bool:

@@ -527,7 +527,7 @@ class KFAC(Method):
             w.line(f"{b.var('delta')} = {w.call(combine, f'Delta[{i}]', b.state('momentum'), 'alpha', 'mu')}")
         w.line("# Levenberg-Marquardt: the loss after the step on this batch against the model's prediction;")
         w.line("# a step that does not lower it is not taken")
-        trial = parameter_tuple(w, blocks, "trial", [f"{b.var('P')} + {b.var('delta')}" for b in blocks], "{}")
+        trial = parameter_tuple(w, blocks, "trial", [b.var("delta") for b in blocks], "{}", shift=True)
         w.line(f"new_loss = {w.ref(w.loss_fn)}(model({trial}, probes)[0], targets)")
         call = w.call(levenberg_marquardt, "lam", "new_loss", "loss", "change", w.hyper("damping_decay"),
                       self.reject_factor, w.hyper("min_damping"))

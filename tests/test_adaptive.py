@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import curvgraph
-from curvgraph.methods.quadratic import accepted, levenberg_marquardt, quadratic_model_step
+from curvgraph.methods.quadratic import accepted, after, levenberg_marquardt, quadratic_model_step
 from helpers import exact_ggn
 
 
@@ -182,6 +182,17 @@ def test_quadratic_model_never_increases_and_is_optimal(entries, b0, b1, a, c):
     values = 0.5 * (best_alpha**2 * gram[0, 0] + 2 * best_alpha * grid * gram[0, 1] + grid**2 * gram[1, 1]) \
         + best_alpha * linear[0] + grid * linear[1]
     assert change <= values.min() + 1e-9
+
+
+def test_after_keeps_the_values_and_poisons_them_for_a_non_finite_marker():
+    """The momentum's curvature products read it through ``after(momentum, inner)``: the same values while
+    ``inner`` is finite (the step's results do not change), NaN where it is not (such a step is skipped)."""
+    tensors = (torch.randn(3, 4, dtype=torch.float64), torch.tensor([-0.0, 1e30, -2.5, 0.0]))
+    for known in (torch.tensor(3.0), torch.tensor(-1e-30), torch.tensor(0.0), torch.tensor(3e38)):
+        for value, kept in zip(tensors, after(tensors, known)):
+            assert torch.equal(kept, value) and torch.equal(kept.signbit(), value.signbit()) and kept.dtype == value.dtype
+    for known in (torch.tensor(math.inf), torch.tensor(-math.inf), torch.tensor(math.nan)):
+        assert all(t.isnan().all() for t in after(tensors, known))
 
 
 def test_first_step_without_momentum_is_the_one_dimensional_solve():

@@ -413,7 +413,7 @@ class KBFGS(Method):
         if paired:
             w.line("# the extra forward/backward at the updated parameters, on the same batch")
             trial = parameter_tuple(w, blocks, "trial", [f"-{b.direction}" for b in blocks], "{}", shift=True)
-            w.line(f"trial = tuple(t.to(p.dtype) for t, p in zip({trial}, params))  # factor dtype -> parameter dtype")
+            w.line(f"trial = {trial}")
             w.line("output_new, backprop_new, (_, acts_new) = torch.func.vjp(model, trial, probes, has_aux=True)")
             w.line(f"_, out_grads_new = backprop_new(torch.func.grad({w.ref(w.loss_fn)})(output_new, targets))")
         for b in blocks:

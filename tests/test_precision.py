@@ -85,3 +85,28 @@ def test_bfloat16_models_step_with_float32_factors(method):
     assert all(torch.isfinite(p).all() and p.dtype == torch.bfloat16 for p in model.parameters())
     assert losses[-1] < losses[0]
     assert {f.dtype for factors in opt.factors().values() for f in factors.values()} == {torch.float32}
+
+
+@pytest.mark.parametrize("method", ("kfac", "ekfac", "kbfgs"))
+def test_float16_parameters_that_would_overflow_are_not_written(method):
+    """A float16 parameter holds at most 65504. An update whose new parameters are finite in float32 (the factor
+    dtype the step computes them in) but not in float16 is skipped, and the parameters keep their values."""
+    model = mlp(torch.float16)
+    x, y = batch(torch.float16)
+    opt = curvgraph.compile(model, (x,), method=method, backend="eager", lr=1e7, momentum=0.0,
+                            **({"kl_clip": None} if method != "kbfgs" else {}))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(curvgraph.NonFiniteStepWarning, match="step 1 skipped"):
+        opt.step(x, y)
+    assert opt.skipped_steps == 1
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_float16_models_train():
+    """The same model at a usual step size trains, with float16 parameters and float32 factors."""
+    model = mlp(torch.float16)
+    x, y = batch(torch.float16)
+    opt = curvgraph.compile(model, (x,), backend="eager")
+    losses = [opt.step(x, y).item() for _ in range(6)]
+    assert all(torch.isfinite(p).all() and p.dtype == torch.float16 for p in model.parameters())
+    assert losses[-1] < losses[0]

@@ -347,7 +347,10 @@ def _write_refresh(w: StepWriter, method: "Method", blocks: list[BlockVars]) -> 
 def _write_updates(w: StepWriter, blocks: list[BlockVars]) -> None:
     """The new parameters of every block, ``p - D_p`` for each parameter ``p`` and its piece ``D_p`` of the block's
     direction ``D``, each checked: a finite direction still overflows with a learning rate near the float limit
-    (or one set to ``inf`` by a schedule), and a parameter is never written a non-finite value.
+    (or one set to ``inf`` by a schedule), and a parameter is never written a non-finite value. The difference is
+    taken in the wider dtype (``D`` is in the factor dtype, float32 for bf16/fp16 parameters) and cast to the
+    parameter's before the check, so that what is checked is what is written: a float16 parameter overflows
+    above 65504, where its float32 value would still be finite.
 
     Written per parameter, not as ``P - D`` split afterwards, so that the parameters' block matrix ``P`` (a copy
     of them) is not held from the gradient matrices to the end of the step."""
@@ -356,7 +359,7 @@ def _write_updates(w: StepWriter, blocks: list[BlockVars]) -> None:
         w.line(f"# {b.block.name}: the new {', '.join(b.block.params)}")
         w.line(f"{_unpack(pieces)} = {b.kind.write_split(w, b, b.direction)}")
         for p, piece in zip(b.block.placeholders, pieces):
-            w.line(f"new_{p} = {p} - {piece}")
+            w.line(f"new_{p} = ({p} - {piece}).to({p}.dtype)")
             w.check(f"new_{p}")
             w.commit(p, f"new_{p}")
 

@@ -29,6 +29,13 @@ def block_rows(rows: Tensor, blocks: int) -> Tensor:
     return padded.reshape(rows.shape[:-1] + (blocks, size))
 
 
+def joined_rows(rows: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
+    """The rows of every use, ``(R_u, g, d)`` each, as one ``(R, g, d)`` tensor in ``dtype``, so that a moment over
+    several uses is one matrix product (an unrolled recurrence of ``T`` steps: one instead of ``T`` products of
+    ``d x d`` results and ``T - 1`` sums of them). A single use is not copied."""
+    return (rows[0] if len(rows) == 1 else torch.cat(rows)).to(dtype)
+
+
 def input_moment(rows: tuple[Tensor, ...], bias: bool, dtype: torch.dtype, blocks: int = 1) -> Tensor:
     r""":math:`\frac1R \sum_r \bar a_r \bar a_r^\top` per group over the rows of every tensor in ``rows``
     (each ``(R_u, g, d)``); its ``blocks`` diagonal blocks ``(g, k, b, b)`` when ``blocks > 1``.
@@ -36,13 +43,13 @@ def input_moment(rows: tuple[Tensor, ...], bias: bool, dtype: torch.dtype, block
     The ones column of :math:`\bar a` is not materialized for a full factor: its row and
     column are the column sums of ``a`` and its corner is ``R``.
     """
-    rows = tuple(r.to(dtype) for r in rows)
-    count = sum(r.shape[0] for r in rows)
+    rows = joined_rows(rows, dtype)
+    count = rows.shape[0]
     if blocks > 1:
-        split = [block_rows(with_ones_column(r, bias), blocks) for r in rows]
-        return sum(torch.einsum("rgki,rgkj->gkij", r, r) for r in split) / count
-    moment = sum(torch.einsum("rgi,rgj->gij", r, r) for r in rows)
-    return normalized_moment(moment, sum(r.sum(0) for r in rows), count, bias)
+        split = block_rows(with_ones_column(rows, bias), blocks)
+        return torch.einsum("rgki,rgkj->gkij", split, split) / count
+    moment = torch.einsum("rgi,rgj->gij", rows, rows)
+    return normalized_moment(moment, rows.sum(0), count, bias)
 
 
 def normalized_moment(moment: Tensor, total: Tensor, count: int, bias: bool) -> Tensor:
@@ -67,10 +74,11 @@ def bordered(moment: Tensor, total: Tensor, count: int) -> Tensor:
 def output_moment(rows: tuple[Tensor, ...], scale: Tensor, dtype: torch.dtype, blocks: int = 1) -> Tensor:
     r""":math:`c \sum_r g_r g_r^\top` per group over the rows of every tensor in ``rows`` (each ``(R_u, g, o)``);
     its ``blocks`` diagonal blocks ``(g, k, b, b)`` when ``blocks > 1``."""
+    rows = joined_rows(rows, dtype)
     if blocks > 1:
-        split = [block_rows(r.to(dtype), blocks) for r in rows]
-        return sum(torch.einsum("rgki,rgkj->gkij", r, r) for r in split) * scale
-    return sum(torch.einsum("rgi,rgj->gij", r.to(dtype), r.to(dtype)) for r in rows) * scale
+        split = block_rows(rows, blocks)
+        return torch.einsum("rgki,rgkj->gkij", split, split) * scale
+    return torch.einsum("rgi,rgj->gij", rows, rows) * scale
 
 
 def with_ones_column(rows: Tensor, bias: bool) -> Tensor:

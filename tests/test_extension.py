@@ -222,6 +222,22 @@ def test_two_helpers_of_one_name_compile_into_one_module():
     assert eval(first, namespace, {"a": a, "b": b, "d": d}) != ema(a, b, d)  # the two really differ
 
 
+def test_assign_reuses_an_expression_of_this_block_or_an_enclosing_one_only():
+    """``assign`` writes a repeated expression as the earlier variable where that variable is in scope: in the same
+    indented block or one enclosing it, not in a sibling block (an ``if`` and its ``else``)."""
+    w = StepWriter()
+    w.assign("a", "f(x)")
+    w.assign("b", "f(x)")
+    w.assign("c", "f(y)")
+    with w.indent("if cond:"):
+        w.assign("d", "f(x)")
+        w.assign("e", "g(x)")
+    with w.indent("else:"):
+        w.assign("h", "g(x)")
+    assert [line.strip() for line in w.lines] == ["a = f(x)", "b = a", "c = f(y)", "if cond:", "d = a", "e = g(x)",
+                                                  "else:", "h = g(x)"]
+
+
 def test_factor_diagonal_matches_kron(float64):
     G, A = torch.randn(3, 3), torch.randn(4, 4)
     expected = torch.kron(G, A).diagonal().reshape(3, 4)

@@ -103,8 +103,14 @@ def test_plan_has_one_block_per_recurrent_weight_with_gates_and_steps():
     for b in rnn:
         assert len(b.uses) == 6 and b.dims["steps"] == 6 and b.dims["gates"] == 4 and b.bias
         assert "4 gates, T=6" in opt.plan.kinds["rnn"].label(b) and opt.plan.kinds["rnn"].label(b) in str(opt.plan)
+        # the input and recurrent weights' outputs are summed into the gates: one G, computed and counted once
+        recurrent = b.layout["role"] == "recurrent"
+        assert b.layout["summed_gates"] and ("G as the input weight's" in opt.plan.kinds["rnn"].label(b)) == recurrent
+        a, g = b.factors["A"].dim, b.factors["G"].dim
+        assert b.cost["statistics"] == 2 * b.rows * (a * a + (0 if recurrent else g * g))
     gru = curvgraph.compile(Classifier("gru", bias=False), (torch.randn(5, 2, 3),), backend="eager").plan
     assert [b.dims["gates"] for b in gru.blocks if b.kind == "rnn"] == [3, 3]
+    assert not any(b.layout["summed_gates"] for b in gru.blocks if b.kind == "rnn")  # r * (W_hn h): G apart
     assert all(not b.bias for b in gru.blocks if b.kind == "rnn")
     plain = curvgraph.compile(Classifier("rnn"), (torch.randn(5, 2, 3),), backend="eager").plan
     assert [b.dims["gates"] for b in plain.blocks if b.kind == "rnn"] == [1, 1]
@@ -175,24 +181,47 @@ def gru_reference(model: Classifier, x: torch.Tensor, probes: dict[str, torch.Te
     return model.head(h), inputs
 
 
+def lstm_reference(model: Classifier, x: torch.Tensor, probes: dict[str, torch.Tensor]):
+    """An independent LSTM loop (batch first, one layer), as :func:`gru_reference`: zero probes on every step's
+    ``W_ih x_t + b_ih`` and ``W_hh h_{t-1} + b_hh`` apart, so that each weight's ``G`` comes from its own term."""
+    p = dict(model.rnn.named_parameters())
+    h = c = torch.zeros(x.shape[0], model.rnn.hidden_size, dtype=x.dtype)
+    inputs = {"weight_ih_l0": [], "weight_hh_l0": []}
+    for t in range(x.shape[1]):
+        inputs["weight_ih_l0"].append(x[:, t])
+        inputs["weight_hh_l0"].append(h)
+        gi = x[:, t] @ p["weight_ih_l0"].T + p["bias_ih_l0"] + probes["weight_ih_l0"][t]
+        gh = h @ p["weight_hh_l0"].T + p["bias_hh_l0"] + probes["weight_hh_l0"][t]
+        i, f, g, o = (gi + gh).chunk(4, -1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+    return model.head(h), inputs
+
+
+@pytest.mark.parametrize("kind, reference_loop, gates", [("gru", gru_reference, 3), ("lstm", lstm_reference, 4)])
 @pytest.mark.parametrize("fisher", ["type2", "empirical"])
-def test_time_independent_factors_equal_a_brute_force_sum_over_time(float64, fisher):
+def test_time_independent_factors_equal_a_brute_force_sum_over_time(float64, fisher, kind, reference_loop, gates):
     r"""``A = mean_{n,t} ā ā^T``, ``G = (1/N) Σ_{n,t} J_{nt}^T H_n J_{nt}`` (type-2) or
-    ``(1/N) Σ_{n,t} (J_{nt}^T ∇ℓ_n)(J_{nt}^T ∇ℓ_n)^T`` (empirical), by a plain loop over time."""
+    ``(1/N) Σ_{n,t} (J_{nt}^T ∇ℓ_n)(J_{nt}^T ∇ℓ_n)^T`` (empirical), by a plain loop over time. The LSTM's
+    recurrent block reads its output gradients at the gates' sum, shared with the input block (one ``G``
+    computed for both); the reference takes each weight's from its own term."""
     torch.manual_seed(0)
-    model = Classifier("gru", batch_first=True)
-    n, steps = 3, 4
+    model = Classifier(kind, batch_first=True)
+    n, steps, width = 3, 4, 4 * gates
     x, y = torch.randn(n, steps, 3), torch.randint(0, 3, (n,))
     reference = copy.deepcopy(model)
     factors, opt = batch_factors(model, x, y, fisher=fisher)
-    zeros = {k: torch.zeros(steps, n, 12) for k in ("weight_ih_l0", "weight_hh_l0")}
+    shared = {b.name: b.layout["summed_gates"] for b in opt.plan.blocks if b.kind == "rnn"}
+    assert shared == {"rnn.weight_ih_l0": kind == "lstm", "rnn.weight_hh_l0": kind == "lstm"}
+    assert ("G_batch_rnn_weight_hh_l0 = G_batch_rnn_weight_ih_l0" in opt.source) == (kind == "lstm")
+    zeros = {k: torch.zeros(steps, n, width) for k in ("weight_ih_l0", "weight_hh_l0")}
     with torch.no_grad():
-        logits, inputs = gru_reference(reference, x, zeros)
+        logits, inputs = reference_loop(reference, x, zeros)
         torch.testing.assert_close(logits, Classifier.forward(reference, x))
     probs = logits.softmax(-1)
     for weight, acts in inputs.items():
-        jac = jacrev(lambda q: gru_reference(reference, x, {**zeros, weight: q})[0])(zeros[weight])  # (N, C, T, N, 12)
-        g_ref = torch.zeros(12, 12)
+        jac = jacrev(lambda q: reference_loop(reference, x, {**zeros, weight: q})[0])(zeros[weight])  # (N, C, T, N, 4h)
+        g_ref = torch.zeros(width, width)
         for i in range(n):
             hess = torch.diag(probs[i]) - torch.outer(probs[i], probs[i])
             grad = probs[i] - F.one_hot(y[i], 3)

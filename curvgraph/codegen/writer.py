@@ -153,6 +153,7 @@ class StepWriter:
         self.switches: list[str] = []
         self._when: str | None = None
         self._idents: dict[str, str] = {}
+        self._assigned: list[dict[str, str]] = [{}]  # per open indented block: expression -> variable (assign)
 
     def line(self, text: str = "") -> None:
         """Append one line at the current indentation."""
@@ -164,11 +165,27 @@ class StepWriter:
         self.line(header)
         self.depth += 1
         previous, self._when = self._when, when if when is not None else self._when
+        self._assigned.append({})
         try:
             yield
         finally:
+            self._assigned.pop()
             self.depth -= 1
             self._when = previous
+
+    def assign(self, target: str, expression: str) -> None:
+        """Write ``target = expression``, or ``target = earlier`` where an earlier :meth:`assign` in this indented
+        block or one enclosing it assigned the same ``expression`` to ``earlier``.
+
+        For pure expressions (helper calls on the step's tensors) whose operands are not reassigned in between,
+        such as a block's factor statistics: two blocks whose statistics read the same rows compute them once.
+        An LSTM's or RNN's input and recurrent weights are such a pair: their outputs are summed into the gates,
+        so both blocks' ``G`` comes from the same output gradients (:mod:`curvgraph.kinds.rnn`).
+        """
+        earlier = next((scope[expression] for scope in reversed(self._assigned) if expression in scope), None)
+        self.line(f"{target} = {earlier if earlier is not None else expression}")
+        if earlier is None:
+            self._assigned[-1][expression] = target
 
     def call(self, fn: Callable, *args: object) -> str:
         """The expression calling helper ``fn`` with ``args`` (strings are code, other values literals)."""

@@ -123,7 +123,9 @@ class BlockKind(ABC):
         layer inputs and of the backpropagated output vectors of the Fisher type,
         ``(S*N, ...)`` with ``S`` samples stacked in front of the batch), ``batch``
         (``N``), ``examples`` (``S*N``) and ``scale`` (the Fisher type's ``c``, see
-        :mod:`curvgraph.curvature.losses`). ``dtype`` is the factor dtype.
+        :mod:`curvgraph.curvature.losses`). ``dtype`` is the factor dtype. Write them with
+        :meth:`~curvgraph.codegen.writer.StepWriter.assign`, so that blocks whose statistics are the same
+        expression (layers on one input, an LSTM's gates) compute them once.
         """
 
     def write_example_rows(self, w: "StepWriter", b: "BlockVars", uses: Sequence["UseVars"],

@@ -145,7 +145,7 @@ class Bias(BlockKind):
         grads = w.pack(u.grads[0] for u in b.uses)
         call = w.call(bias_factor, grads, b.block.layout["channel_dims"], b.block.sharing == "reduce", "examples",
                       "scale", dtype)
-        w.line(f"{b.batch_factors['G']} = {call}")
+        w.assign(b.batch_factors["G"], call)
 
     def write_example_rows(self, w: StepWriter, b: BlockVars, uses: Sequence[UseVars], dtype: torch.dtype,
                            label: str = "rows") -> dict[str, str]:

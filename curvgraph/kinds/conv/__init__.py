@@ -80,8 +80,8 @@ class Conv(BlockKind):
         a = w.call(conv_math.conv_input_factor, acts, *geometry, b.block.bias, reduce, "batch", dtype, *subsample)
         g = w.call(conv_math.conv_grad_factor, grads, layout["groups"], reduce, "examples", "scale", dtype,
                    *blocks["G"])
-        w.line(f"{b.batch_factors['A']} = {a}")
-        w.line(f"{b.batch_factors['G']} = {g}")
+        w.assign(b.batch_factors["A"], a)
+        w.assign(b.batch_factors["G"], g)
 
     def write_example_rows(self, w: StepWriter, b: BlockVars, uses: Sequence[UseVars], dtype: torch.dtype,
                            label: str = "rows") -> dict[str, str]:

@@ -57,10 +57,10 @@ class Dense(BlockKind):
         reduce = b.block.sharing == "reduce"
         acts, grads = w.pack(u.inputs[0] for u in b.uses), w.pack(u.grads[0] for u in b.uses)
         blocks = split_blocks(b.block)
-        w.line(f"{b.batch_factors['A']} = "
-               f"{w.call(dense_math.dense_input_factor, acts, b.block.bias, reduce, 'batch', dtype, *blocks['A'])}")
-        w.line(f"{b.batch_factors['G']} = "
-               f"{w.call(dense_math.dense_grad_factor, grads, reduce, 'examples', 'scale', dtype, *blocks['G'])}")
+        w.assign(b.batch_factors["A"],
+                 w.call(dense_math.dense_input_factor, acts, b.block.bias, reduce, "batch", dtype, *blocks["A"]))
+        w.assign(b.batch_factors["G"],
+                 w.call(dense_math.dense_grad_factor, grads, reduce, "examples", "scale", dtype, *blocks["G"]))
 
     def write_example_rows(self, w: StepWriter, b: BlockVars, uses: Sequence[UseVars], dtype: torch.dtype,
                            label: str = "rows") -> dict[str, str]:

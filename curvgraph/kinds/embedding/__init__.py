@@ -48,9 +48,8 @@ class Embedding(BlockKind):
 
     def write_batch_factors(self, w: StepWriter, b: BlockVars, dtype: torch.dtype) -> None:
         indices, grads = w.pack(u.inputs[0] for u in b.uses), w.pack(u.grads[0] for u in b.uses)
-        w.line(f"{b.batch_factors['A']} = {w.call(embedding_math.token_frequencies, indices, b.block.dims['vocab'], dtype)}")
-        w.line(f"{b.batch_factors['G']} = "
-               f"{w.call(dense_math.dense_grad_factor, grads, False, 'examples', 'scale', dtype)}")
+        w.assign(b.batch_factors["A"], w.call(embedding_math.token_frequencies, indices, b.block.dims["vocab"], dtype))
+        w.assign(b.batch_factors["G"], w.call(dense_math.dense_grad_factor, grads, False, "examples", "scale", dtype))
 
     def write_example_rows(self, w: StepWriter, b: BlockVars, uses: Sequence[UseVars], dtype: torch.dtype,
                            label: str = "rows") -> dict[str, str]:

@@ -127,7 +127,7 @@ class Norm(BlockKind):
         acts, grads = w.pack(u.inputs[0] for u in b.uses), w.pack(u.grads[0] for u in b.uses)
         call = w.call(norm_math.norm_factor, acts, grads, b.block.dims["channels"], b.block.layout["channels_first"],
                       b.block.bias, "batch", "scale", dtype)
-        w.line(f"{b.batch_factors['F']} = {call}")
+        w.assign(b.batch_factors["F"], call)
 
     def write_example_rows(self, w: StepWriter, b: BlockVars, uses: Sequence[UseVars], dtype: torch.dtype,
                            label: str = "rows") -> dict[str, str]:

@@ -60,9 +60,8 @@ class Packed(BlockKind):
         grads = w.pack(u.grads[0] for u in b.uses)
         call = w.call(packed_math.packed_input_factor, self._inputs(w, b, b.uses), members, b.block.bias, reduce, "batch", dtype,
                       b.uses[0].grads[0])
-        w.line(f"{b.batch_factors['A']} = {call}")
-        w.line(f"{b.batch_factors['G']} = "
-               f"{w.call(packed_math.packed_grad_factor, grads, members, reduce, 'examples', 'scale', dtype)}")
+        w.assign(b.batch_factors["A"], call)
+        w.assign(b.batch_factors["G"], w.call(packed_math.packed_grad_factor, grads, members, reduce, "examples", "scale", dtype))
 
     def write_example_rows(self, w: StepWriter, b: BlockVars, uses: Sequence[UseVars], dtype: torch.dtype,
                            label: str = "rows") -> dict[str, str]:

@@ -68,9 +68,8 @@ class Position(BlockKind):
     def write_batch_factors(self, w: StepWriter, b: BlockVars, dtype: torch.dtype) -> None:
         grads = w.pack(self._read(b, b.uses))
         output = f"{self._read(b, b.uses)[0]}[:batch]"
-        w.line(f"{b.batch_factors['A']} = "
-               f"{w.call(embedding_math.position_frequencies, output, b.block.dims['positions'], dtype)}")
-        w.line(f"{b.batch_factors['G']} = {w.call(dense_math.dense_grad_factor, grads, False, 'examples', 'scale', dtype)}")
+        w.assign(b.batch_factors["A"], w.call(embedding_math.position_frequencies, output, b.block.dims["positions"], dtype))
+        w.assign(b.batch_factors["G"], w.call(dense_math.dense_grad_factor, grads, False, "examples", "scale", dtype))
 
     def write_example_rows(self, w: StepWriter, b: BlockVars, uses: Sequence[UseVars], dtype: torch.dtype,
                            label: str = "rows") -> dict[str, str]:

@@ -57,7 +57,7 @@ class Tied(BlockKind):
     def write_batch_factors(self, w: StepWriter, b: BlockVars, dtype: torch.dtype) -> None:
         call = w.call(tied_math.tied_factors, *self._parts(w, b, b.uses), b.block.dims["vocab"], "batch", "examples",
                       "scale", dtype)
-        w.line(f"{b.batch_factors['R']}, {b.batch_factors['F']} = {call}")
+        w.assign(f"{b.batch_factors['R']}, {b.batch_factors['F']}", call)
 
     def write_example_rows(self, w: StepWriter, b: BlockVars, uses: Sequence[UseVars], dtype: torch.dtype,
                            label: str = "rows") -> dict[str, str]:

@@ -34,12 +34,24 @@ class TransposedLinear(nn.Module):
         return x @ self.W + self.b
 
 
+class Fork(nn.Module):
+    """Two layers on one input (as a decoder's ``q`` and ``k``): the step computes their ``A`` once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.q(x) * torch.tanh(self.k(x))
+
+
 EXACT_CASES = {
     "linear": (lambda: nn.Linear(4, 3), [("weight", "bias", False)]),
     "linear-no-bias": (lambda: nn.Linear(4, 3, bias=False), [("weight", None, False)]),
     "x@W+b": (TransposedLinear, [("W", "b", True)]),
     "mlp": (lambda: nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)),
             [("0.weight", "0.bias", False), ("2.weight", "2.bias", False)]),
+    "fork": (Fork, [("q.weight", "q.bias", False), ("k.weight", "k.bias", False)]),
 }
 
 
@@ -59,6 +71,17 @@ def test_type2_factors_are_the_exact_ggn_for_one_example(float64, case, loss):
         exact = exact_ggn_block(reference, loss, x, y, weight, bias, transposed)
         kron = torch.kron(factors[name]["G"], factors[name]["A"])
         torch.testing.assert_close(kron, exact, rtol=1e-10, atol=1e-12)
+
+
+def test_layers_on_one_input_share_the_input_factor(float64):
+    """The step computes the fork's ``A`` once, and it is the mean outer product of the extended inputs."""
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    factors, opt = batch_factors(Fork(), x, y, "cross_entropy")
+    assert "A_batch_k = A_batch_q" in opt.source
+    extended = torch.cat([x, torch.ones(6, 1)], 1)
+    for name in ("q", "k"):
+        torch.testing.assert_close(factors[name]["A"], extended.T @ extended / 6)
 
 
 def test_type2_factors_are_not_the_ggn_for_a_batch(float64):

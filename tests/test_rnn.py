@@ -163,44 +163,43 @@ def test_type2_factors_are_the_exact_ggn_for_one_step_and_one_example(float64, k
         torch.testing.assert_close(torch.kron(factors[b.name]["G"], factors[b.name]["A"]), exact, rtol=1e-9, atol=1e-12)
 
 
-def gru_reference(model: Classifier, x: torch.Tensor, probes: dict[str, torch.Tensor]):
-    """An independent GRU loop (batch first, one layer) with zero probes added to every step's
-    ``W_ih x_t + b_ih`` and ``W_hh h_{t-1} + b_hh``; returns the logits and the layer inputs per weight."""
+def gru_cell(gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor):
+    """A GRU step from the two terms ``gi = W_ih x_t + b_ih``, ``gh = W_hh h_{t-1} + b_hh``: the new ``h`` twice
+    (output and state)."""
+    (ir, iz, i_n), (hr, hz, h_n) = gi.chunk(3, -1), gh.chunk(3, -1)
+    r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+    h = (1 - z) * torch.tanh(i_n + r * h_n) + z * h
+    return h, h
+
+
+def lstm_cell(gi: torch.Tensor, gh: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
+    """An LSTM step from the two terms, as :func:`gru_cell`: the new ``h`` and the state ``(h, c)``."""
+    i, f, g, o = (gi + gh).chunk(4, -1)
+    c = torch.sigmoid(f) * state[1] + torch.sigmoid(i) * torch.tanh(g)
+    h = torch.sigmoid(o) * torch.tanh(c)
+    return h, (h, c)
+
+
+def reference_loop(model: Classifier, x: torch.Tensor, probes: dict[str, torch.Tensor]):
+    """An independent loop of ``model``'s GRU or LSTM (batch first, one layer) with zero probes added to every
+    step's ``W_ih x_t + b_ih`` and ``W_hh h_{t-1} + b_hh`` apart, so that each weight's ``G`` comes from its own
+    term; returns the logits and the layer inputs per weight."""
     p = dict(model.rnn.named_parameters())
     h = torch.zeros(x.shape[0], model.rnn.hidden_size, dtype=x.dtype)
+    cell, state = (lstm_cell, (h, torch.zeros_like(h))) if model.lstm else (gru_cell, h)
     inputs = {"weight_ih_l0": [], "weight_hh_l0": []}
     for t in range(x.shape[1]):
         inputs["weight_ih_l0"].append(x[:, t])
         inputs["weight_hh_l0"].append(h)
         gi = x[:, t] @ p["weight_ih_l0"].T + p["bias_ih_l0"] + probes["weight_ih_l0"][t]
         gh = h @ p["weight_hh_l0"].T + p["bias_hh_l0"] + probes["weight_hh_l0"][t]
-        r = torch.sigmoid(gi[:, :4] + gh[:, :4])
-        z = torch.sigmoid(gi[:, 4:8] + gh[:, 4:8])
-        n = torch.tanh(gi[:, 8:] + r * gh[:, 8:])
-        h = (1 - z) * n + z * h
+        h, state = cell(gi, gh, state)
     return model.head(h), inputs
 
 
-def lstm_reference(model: Classifier, x: torch.Tensor, probes: dict[str, torch.Tensor]):
-    """An independent LSTM loop (batch first, one layer), as :func:`gru_reference`: zero probes on every step's
-    ``W_ih x_t + b_ih`` and ``W_hh h_{t-1} + b_hh`` apart, so that each weight's ``G`` comes from its own term."""
-    p = dict(model.rnn.named_parameters())
-    h = c = torch.zeros(x.shape[0], model.rnn.hidden_size, dtype=x.dtype)
-    inputs = {"weight_ih_l0": [], "weight_hh_l0": []}
-    for t in range(x.shape[1]):
-        inputs["weight_ih_l0"].append(x[:, t])
-        inputs["weight_hh_l0"].append(h)
-        gi = x[:, t] @ p["weight_ih_l0"].T + p["bias_ih_l0"] + probes["weight_ih_l0"][t]
-        gh = h @ p["weight_hh_l0"].T + p["bias_hh_l0"] + probes["weight_hh_l0"][t]
-        i, f, g, o = (gi + gh).chunk(4, -1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
-    return model.head(h), inputs
-
-
-@pytest.mark.parametrize("kind, reference_loop, gates", [("gru", gru_reference, 3), ("lstm", lstm_reference, 4)])
+@pytest.mark.parametrize("kind, gates", [("gru", 3), ("lstm", 4)])
 @pytest.mark.parametrize("fisher", ["type2", "empirical"])
-def test_time_independent_factors_equal_a_brute_force_sum_over_time(float64, fisher, kind, reference_loop, gates):
+def test_time_independent_factors_equal_a_brute_force_sum_over_time(float64, fisher, kind, gates):
     r"""``A = mean_{n,t} ā ā^T``, ``G = (1/N) Σ_{n,t} J_{nt}^T H_n J_{nt}`` (type-2) or
     ``(1/N) Σ_{n,t} (J_{nt}^T ∇ℓ_n)(J_{nt}^T ∇ℓ_n)^T`` (empirical), by a plain loop over time. The LSTM's
     recurrent block reads its output gradients at the gates' sum, shared with the input block (one ``G``
@@ -404,14 +403,14 @@ def test_option1_in_the_step_uses_brute_force_lag_moments_and_its_formula(float6
     state, factors = opt._state, opt.factors()
     zeros = {k: torch.zeros(steps, n, 12) for k in ("weight_ih_l0", "weight_hh_l0")}
     with torch.no_grad():
-        logits, inputs = gru_reference(reference, x, zeros)
+        logits, inputs = reference_loop(reference, x, zeros)
     probs = logits.softmax(-1)
     loss = F.cross_entropy(Classifier.forward(reference, x), y)
     grads = dict(zip((k for k, _ in reference.named_parameters()),
                      torch.autograd.grad(loss, list(reference.parameters()))))
     for weight, acts in inputs.items():
         name = f"rnn.{weight}"
-        jac = jacrev(lambda q: gru_reference(reference, x, {**zeros, weight: q})[0])(zeros[weight])
+        jac = jacrev(lambda q: reference_loop(reference, x, {**zeros, weight: q})[0])(zeros[weight])
         g_lag = torch.zeros(12, 12)
         for i in range(n):
             hess = torch.diag(probs[i]) - torch.outer(probs[i], probs[i])

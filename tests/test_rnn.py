@@ -116,6 +116,23 @@ def test_plan_has_one_block_per_recurrent_weight_with_gates_and_steps():
     assert [b.dims["gates"] for b in plain.blocks if b.kind == "rnn"] == [1, 1]
 
 
+class PenalizedInputWeight(Classifier):
+    """An LSTM whose input weight is also read outside the recurrence, so no rnn block takes it."""
+
+    def forward(self, x):
+        return super().forward(x) + 0.01 * self.rnn.weight_ih_l0.square().sum()
+
+
+def test_a_recurrent_block_shares_g_only_with_an_input_block():
+    """Where the input weight is left to the fallback, the recurrent block computes and counts its own ``G``."""
+    opt = curvgraph.compile(PenalizedInputWeight("lstm", batch_first=True), (torch.randn(4, 6, 3),), backend="eager")
+    assert "rnn.weight_ih_l0" in opt.plan.fallback_params
+    (block,) = [b for b in opt.plan.blocks if b.kind == "rnn"]
+    assert block.name == "rnn.weight_hh_l0" and not block.layout["summed_gates"]
+    a, g = block.factors["A"].dim, block.factors["G"].dim
+    assert block.cost["statistics"] == 2 * block.rows * (a * a + g * g)
+
+
 class CellLoop(nn.Module):
     """A cell applied at every step of the user's own loop."""
 

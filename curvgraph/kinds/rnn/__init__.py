@@ -120,11 +120,9 @@ def find_rnn_blocks(kind: Rnn, traced: TracedModel, claims: Claims, sharing: str
             if view is not None and not view[1] and not claims.is_claimed(view[0].name):
                 uses[view[0]].append(node)
     trainable = depends_on(graph, params)
-    recurrent = {lin for linears in uses.values() for lin in linears}
-    blocks = []
+    roles = {}
     for weight, linears in uses.items():
-        name = traced.params[weight.name]
-        prefix, _, leaf = name.rpartition(".")
+        prefix, _, leaf = traced.params[weight.name].rpartition(".")
         base, _, suffix = leaf.partition("_")  # weight_ih_l0_reverse -> ("weight", "ih_l0_reverse")
         role = _ROLES.get(f"{base}_{suffix[:2]}")
         foreign = _foreign_users(weight, linears)
@@ -132,6 +130,11 @@ def find_rnn_blocks(kind: Rnn, traced: TracedModel, claims: Claims, sharing: str
             why = f"also used by node '{foreign[0].name}'" if foreign else "not a per-step (N, features) linear"
             claims.reject(weight.name, f"recurrent weight {why}; left to the dense pass or the fallback")
             continue
+        roles[weight] = (role, prefix, suffix)
+    recurrent = {lin for weight in roles for lin in uses[weight]}  # the linears of the blocks made below
+    blocks = []
+    for weight, (role, prefix, suffix) in roles.items():
+        linears = uses[weight]
         sibling = lambda stem: placeholders.get(by_name.get(f"{prefix + '.' if prefix else ''}{stem}{suffix[2:]}", ""))  # noqa: E731
         hh, hr = sibling("weight_hh"), sibling("weight_hr")
         hidden = int((hr if hr is not None else hh).meta["val"].shape[1]) if hh is not None else None

@@ -181,3 +181,30 @@ def test_input_moment_with_bias_is_the_mean_outer_product_of_the_extended_inputs
     extended = torch.cat([torch.cat([r, torch.ones(r.shape[:-1] + (1,))], -1) for r in rows])
     expected = torch.einsum("rgi,rgj->gij", extended, extended) / 12
     torch.testing.assert_close(input_moment(rows, True, torch.float64), expected)
+
+
+@pytest.mark.parametrize("uses", (1, 2, 10))
+@pytest.mark.parametrize("blocks", (1, 3))
+def test_moments_over_many_uses_are_the_moments_of_all_rows(float64, uses, blocks):
+    r"""``input_moment`` and ``output_moment`` over ``uses`` tensors of rows (joined in chunks of
+    :math:`\lceil\sqrt T\,\rceil` uses, each chunk's product added into the last: for 10 uses 4 + 4 + 2,
+    :func:`curvgraph.curvature.kronecker.row_chunks`) against one product over all rows, each use's rows
+    of its own count; whole factors and ``blocks`` diagonal blocks of 3 features."""
+    from curvgraph.curvature.kronecker import input_moment, output_moment
+
+    torch.manual_seed(0)
+    rows = tuple(torch.randn(3 + u, 2, 8) for u in range(uses))
+    joined = torch.cat(rows)
+    extended = torch.cat([joined, torch.ones(joined.shape[:-1] + (1,))], -1)
+    scale = torch.tensor(0.5, dtype=torch.float64)
+
+    def blocked(x):  # the diagonal blocks of b = ceil(D / k) consecutive features, zero-padded
+        size = -(-x.shape[-1] // blocks)
+        padded = torch.nn.functional.pad(x, (0, blocks * size - x.shape[-1]))
+        split = padded.reshape(x.shape[:-1] + (blocks, size))
+        return torch.einsum("rgki,rgkj->gkij", split, split)
+
+    full = (lambda x: torch.einsum("rgi,rgj->gij", x, x)) if blocks == 1 else blocked
+    torch.testing.assert_close(input_moment(rows, True, torch.float64, blocks), full(extended) / joined.shape[0])
+    torch.testing.assert_close(input_moment(rows, False, torch.float64, blocks), full(joined) / joined.shape[0])
+    torch.testing.assert_close(output_moment(rows, scale, torch.float64, blocks), full(joined) * scale)

@@ -17,6 +17,8 @@ consecutive slices of ``b`` and the last slice padded with zero features.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -29,11 +31,36 @@ def block_rows(rows: Tensor, blocks: int) -> Tensor:
     return padded.reshape(rows.shape[:-1] + (blocks, size))
 
 
-def joined_rows(rows: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
-    """The rows of every use, ``(R_u, g, d)`` each, as one ``(R, g, d)`` tensor in ``dtype``, so that a moment over
-    several uses is one matrix product (an unrolled recurrence of ``T`` steps: one instead of ``T`` products of
-    ``d x d`` results and ``T - 1`` sums of them). A single use is not copied."""
-    return (rows[0] if len(rows) == 1 else torch.cat(rows)).to(dtype)
+def row_chunks(rows: tuple[Tensor, ...], dtype: torch.dtype) -> list[Tensor]:
+    r"""The rows of every use, ``(R_u, g, d)`` each, in ``dtype``, joined in order into chunks of
+    :math:`\lceil\sqrt T\,\rceil` consecutive uses (``T`` uses; a single use is not copied).
+
+    A moment over several uses is then one matrix product per chunk, not per use (an unrolled recurrence of
+    ``T = 40`` steps: 6 products of ``d x d`` results, not 40), while each joined chunk copies only a
+    :math:`1/\sqrt T` share of the rows: rows joined all at once sat, beside every use's own rows, at the
+    step's memory peak. The split depends on ``T`` alone, not on the (symbolic) batch size."""
+    size = math.ceil(math.sqrt(len(rows)))
+    parts = [rows[i:i + size] for i in range(0, len(rows), size)]
+    return [(part[0] if len(part) == 1 else torch.cat(part)).to(dtype) for part in parts]
+
+
+def accumulated_gram(chunks: list[Tensor]) -> Tensor:
+    r""":math:`\sum_r x_r x_r^\top` per group over the rows of every chunk ``(R_c, g, d)``: ``(g, d, d)``.
+
+    Each chunk after the first is added by ``baddbmm`` into the running sum, so one ``d x d`` product is alive at
+    a time: a sum written as ``a + b + ...`` lets the compiled step form every product before adding them."""
+    gram = torch.einsum("rgi,rgj->gij", chunks[0], chunks[0])
+    for c in chunks[1:]:
+        gram = torch.baddbmm(gram, c.permute(1, 2, 0), c.transpose(0, 1))
+    return gram
+
+
+def blocked_gram(chunks: list[Tensor], blocks: int) -> Tensor:
+    """The ``blocks`` diagonal blocks of :func:`accumulated_gram`, ``(g, k, b, b)`` (:func:`block_rows`)."""
+    split = [block_rows(c, blocks) for c in chunks]
+    lead = split[0].shape[1:3]
+    gram = accumulated_gram([s.flatten(1, 2) for s in split])
+    return gram.reshape(lead + gram.shape[-2:])
 
 
 def input_moment(rows: tuple[Tensor, ...], bias: bool, dtype: torch.dtype, blocks: int = 1) -> Tensor:
@@ -43,13 +70,11 @@ def input_moment(rows: tuple[Tensor, ...], bias: bool, dtype: torch.dtype, block
     The ones column of :math:`\bar a` is not materialized for a full factor: its row and
     column are the column sums of ``a`` and its corner is ``R``.
     """
-    rows = joined_rows(rows, dtype)
-    count = rows.shape[0]
+    chunks = row_chunks(rows, dtype)
+    count = sum(c.shape[0] for c in chunks)
     if blocks > 1:
-        split = block_rows(with_ones_column(rows, bias), blocks)
-        return torch.einsum("rgki,rgkj->gkij", split, split) / count
-    moment = torch.einsum("rgi,rgj->gij", rows, rows)
-    return normalized_moment(moment, rows.sum(0), count, bias)
+        return blocked_gram([with_ones_column(c, bias) for c in chunks], blocks) / count
+    return normalized_moment(accumulated_gram(chunks), sum(c.sum(0) for c in chunks), count, bias)
 
 
 def normalized_moment(moment: Tensor, total: Tensor, count: int, bias: bool) -> Tensor:
@@ -74,11 +99,8 @@ def bordered(moment: Tensor, total: Tensor, count: int) -> Tensor:
 def output_moment(rows: tuple[Tensor, ...], scale: Tensor, dtype: torch.dtype, blocks: int = 1) -> Tensor:
     r""":math:`c \sum_r g_r g_r^\top` per group over the rows of every tensor in ``rows`` (each ``(R_u, g, o)``);
     its ``blocks`` diagonal blocks ``(g, k, b, b)`` when ``blocks > 1``."""
-    rows = joined_rows(rows, dtype)
-    if blocks > 1:
-        split = block_rows(rows, blocks)
-        return torch.einsum("rgki,rgkj->gkij", split, split) * scale
-    return torch.einsum("rgi,rgj->gij", rows, rows) * scale
+    chunks = row_chunks(rows, dtype)
+    return (blocked_gram(chunks, blocks) if blocks > 1 else accumulated_gram(chunks)) * scale
 
 
 def with_ones_column(rows: Tensor, bias: bool) -> Tensor:

@@ -177,16 +177,18 @@ def generate(plan: Plan, forward: InstrumentedForward, dims: dict[sympy.Symbol, 
         statistics_from = len(w.commits)
         with w.indent("if update_stats:", when="update_stats"):
             _write_fisher(w, loss, fisher, factor_dtype)
+            batch_flags = []
             for b in blocks:
                 b.kind.write_batch_factors(w, b, factor_dtype)
                 for f in method.factors_kept(b.block):  # the factors the method checks: not finite, no step
-                    var = b.batch_factors[f]
+                    batch_flags.append(b.var(f"{f}_batch_bad"))
+                    w.line(f"{batch_flags[-1]} = {w.call(not_finite, b.batch_factors[f])}")
                     w.flag(b.block, f"factor {f} of the batch is not finite (the layer's inputs or output gradients "
-                           f"are not finite, or overflow {factor_dtype}); the step was skipped", w.call(not_finite, var))
+                           f"are not finite, or overflow {factor_dtype}); the step was skipped", batch_flags[-1])
             method.write_statistics(w, blocks)
             statistics = w.commits[statistics_from:]
             del w.commits[statistics_from:]
-            _write_statistics_commits(w, blocks, [(target, value) for _, target, value in statistics])
+            _write_statistics_commits(w, blocks, [(target, value) for _, target, value in statistics], batch_flags)
         with w.indent("else:"):
             for b in blocks:
                 for f in method.factors_kept(b.block):
@@ -364,10 +366,15 @@ def _write_updates(w: StepWriter, blocks: list[BlockVars]) -> None:
             w.commit(p, f"new_{p}")
 
 
-def _write_statistics_commits(w: StepWriter, blocks: list[BlockVars], commits: list[tuple[str, str]]) -> None:
+def _write_statistics_commits(w: StepWriter, blocks: list[BlockVars], commits: list[tuple[str, str]],
+                              batch_flags: list[str]) -> None:
     """Commit what the statistics computed (``commits``: ``(state entry, value)``) right after them, in
     one :func:`commit_all_`, if ``ok_stats``: the loss, the gradient matrices and every value checked so
-    far (the new factors) are finite. Each value is then read back from its state entry, so this batch's
+    far (the new factors) are finite, and no flag of ``batch_flags`` (the batch factors' own checks, each
+    also a degenerate flag) is raised. Those flags are implied by the new factors' checks, but made a
+    condition of the commit they are computed before it, where the batch factors are made: Inductor
+    scheduled them, needed only for the step's ``degenerate`` output, at its end, and held every batch
+    factor (the LSTM's ``4 MiB`` ``G``) through the step. Each value is then read back from its state entry, so this batch's
     factors are not held to the end of the step (the refresh, which commits under the same condition,
     and the direction read them from the state). ``ok_stats`` is also a requirement of the step's ``ok``:
     statistics that are not finite skip the step. The exception this makes to "a skipped step
@@ -375,7 +382,8 @@ def _write_statistics_commits(w: StepWriter, blocks: list[BlockVars], commits: l
     value computed after them (an update that overflows), together with the refresh computed from
     them."""
     checked = [(None, value) for _, value in w.checks]  # inside the statistics branch: every check applies
-    _write_all_finite(w, "ok_stats", ["loss"] + [b.grad for b in blocks], checked)
+    _write_all_finite(w, "ok_stats", ["loss"] + [b.grad for b in blocks], checked,
+                      given=" & ".join(f"~{flag}" for flag in batch_flags) or None)
     _write_commit_all(w, commits, "ok_stats")
     for target, value in commits:
         if value.isidentifier():

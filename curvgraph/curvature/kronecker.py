@@ -32,14 +32,17 @@ def block_rows(rows: Tensor, blocks: int) -> Tensor:
 
 
 def row_chunks(rows: tuple[Tensor, ...], dtype: torch.dtype) -> list[Tensor]:
-    r"""The rows of every use, ``(R_u, g, d)`` each, in ``dtype``, joined in order into chunks of
-    :math:`\lceil\sqrt T\,\rceil` consecutive uses (``T`` uses; a single use is not copied).
+    r"""The rows of every use, ``(R_u, g, d)`` each, in ``dtype``, joined into chunks of :math:`\lceil\sqrt T\,\rceil`
+    consecutive uses (``T`` uses; a single use is not copied), from the last use back: the backward pass
+    through a recurrence makes the last step's output gradients first, so the compiled step can form the
+    first chunk's product, and free those rows, while the backward goes on.
 
     A moment over several uses is then one matrix product per chunk, not per use (an unrolled recurrence of
     ``T = 40`` steps: 6 products of ``d x d`` results, not 40), while each joined chunk copies only a
     :math:`1/\sqrt T` share of the rows: rows joined all at once sat, beside every use's own rows, at the
     step's memory peak. The split depends on ``T`` alone, not on the (symbolic) batch size."""
     size = math.ceil(math.sqrt(len(rows)))
+    rows = rows[::-1]
     parts = [rows[i:i + size] for i in range(0, len(rows), size)]
     return [(part[0] if len(part) == 1 else torch.cat(part)).to(dtype) for part in parts]
 

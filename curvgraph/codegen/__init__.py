@@ -371,10 +371,10 @@ def _write_statistics_commits(w: StepWriter, blocks: list[BlockVars], commits: l
     """Commit what the statistics computed (``commits``: ``(state entry, value)``) right after them, in
     one :func:`commit_all_`, if ``ok_stats``: the loss, the gradient matrices and every value checked so
     far (the new factors) are finite, and no flag of ``batch_flags`` (the batch factors' own checks, each
-    also a degenerate flag) is raised. Those flags are implied by the new factors' checks, but made a
-    condition of the commit they are computed before it, where the batch factors are made: Inductor
-    scheduled them, needed only for the step's ``degenerate`` output, at its end, and held every batch
-    factor (the LSTM's ``4 MiB`` ``G``) through the step. Each value is then read back from its state entry, so this batch's
+    also a degenerate flag) is raised. The new factors' checks imply those flags; made a condition of the
+    commit, they are computed before it, where the batch factors are made (needed only for the step's
+    ``degenerate`` output, Inductor put them at its end and held every batch factor, the LSTM's 4 MiB
+    ``G``, through the step). Each value is then read back from its state entry, so this batch's
     factors are not held to the end of the step (the refresh, which commits under the same condition,
     and the direction read them from the state). ``ok_stats`` is also a requirement of the step's ``ok``:
     statistics that are not finite skip the step. The exception this makes to "a skipped step

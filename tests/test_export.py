@@ -18,7 +18,9 @@ import curvgraph
 from helpers import assert_export_resumes
 
 # A model with every kind of tensor the export must carry: dense and norm blocks, a
-# fallback parameter (Adam state), BatchNorm buffers, a small and a large lifted constant.
+# fallback parameter (Adam state), BatchNorm buffers, a small and a large lifted constant;
+# and a layer used twice, whose factors are sums over its uses (the custom op
+# curvgraph::add_gram_, which the module registers itself).
 MODEL_SOURCE = '''
 import torch
 from torch import nn
@@ -29,6 +31,7 @@ class Net(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(6, 8)
         self.bn = nn.BatchNorm1d(8)
+        self.mix = nn.Linear(8, 8)
         self.fc2 = nn.Linear(8, 3)
         self.gain = nn.Parameter(torch.ones(()))
         self.offsets = torch.linspace(-1, 1, 8 * 20).reshape(8, 20)  # lifted constant, 160 entries
@@ -37,6 +40,7 @@ class Net(nn.Module):
     def forward(self, x):
         h = torch.tanh(self.bn(self.fc1(x)) + 1e-2 * self.offsets.sum(1))
         h = torch.minimum(h * self.clip[0], self.clip[1])
+        h = self.mix(torch.tanh(self.mix(h)))
         return self.fc2(h) * self.gain
 
 
@@ -184,3 +188,18 @@ def test_compiled_export_matches_the_compiled_optimizer(tmp_path):
         torch.testing.assert_close(opt.step(x, y), trainer.step(x, y), atol=1e-6, rtol=0)
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_exported_module_registers_the_custom_op_only_where_it_is_missing(netmod, tmp_path):
+    """A module run where curvgraph already registered ``curvgraph::add_gram_`` keeps that registration
+    (registering again would replace the op under steps compiled against it); the subprocess test above runs
+    one where it is missing."""
+    from torch._library.custom_ops import OPDEFS
+
+    _, opt = compiled(netmod)
+    assert any(b.name == "mix" and len(b.uses) == 2 for b in opt.plan.blocks)
+    assert "registered('curvgraph::add_gram_'" in opt.source
+    before = OPDEFS["curvgraph::add_gram_"]
+    for _ in range(2):
+        exec(compile(opt.source, "generated", "exec"), {})
+    assert OPDEFS["curvgraph::add_gram_"] is before

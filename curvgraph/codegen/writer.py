@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import torch
 
+from ..curvature.custom_ops import CustomOp, registered
 from ..plan import Block
 
 if TYPE_CHECKING:
@@ -289,7 +290,11 @@ def helper_sources(w: StepWriter) -> list[str]:
 
 
 def _dependencies(fn: Callable) -> dict[str, Callable]:
-    """The Python functions (outside torch) that ``fn`` calls by a global name: name -> function."""
+    """The Python functions and custom ops (outside torch) that ``fn`` calls by a global name: name -> helper.
+    A :class:`~curvgraph.curvature.custom_ops.CustomOp` depends on its function and on the function that
+    registers it."""
+    if isinstance(fn, CustomOp):
+        return {fn.function.__name__: fn.function, registered.__name__: registered}
 
     def names(code) -> set[str]:  # comprehensions and lambdas are nested code objects
         found = set(code.co_names)
@@ -301,13 +306,18 @@ def _dependencies(fn: Callable) -> dict[str, Callable]:
     found = {}
     for name in sorted(names(fn.__code__)):
         value = fn.__globals__.get(name)
-        if inspect.isfunction(value) and value is not fn and not value.__module__.startswith("torch"):
+        if isinstance(value, CustomOp) or (inspect.isfunction(value) and value is not fn
+                                           and not value.__module__.startswith("torch")):
             found[name] = value
     return found
 
 
 def _renamed_source(fn: Callable, names: dict[Callable, str]) -> str:
-    """``fn``'s source with its own name and the global names of its dependencies replaced by ``names``."""
+    """``fn``'s source with its own name and the global names of its dependencies replaced by ``names``; for a
+    custom op, the line registering it (once per process) from its function's copy."""
+    if isinstance(fn, CustomOp):
+        return (f"{names[fn]} = {names[registered]}({fn.qualname!r}, {names[fn.function]}, {fn.mutates_args!r})"
+                "  # a custom op")
     source = textwrap.dedent(inspect.getsource(fn)).strip() + "\n"
     renames = {name: names[dep] for name, dep in _dependencies(fn).items() if names[dep] != name}
     if names[fn] != fn.__name__:

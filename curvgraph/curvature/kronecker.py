@@ -17,10 +17,10 @@ consecutive slices of ``b`` and the last slice padded with zero features.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
+
+from .custom_ops import CustomOp
 
 
 def block_rows(rows: Tensor, blocks: int) -> Tensor:
@@ -31,39 +31,37 @@ def block_rows(rows: Tensor, blocks: int) -> Tensor:
     return padded.reshape(rows.shape[:-1] + (blocks, size))
 
 
-def row_chunks(rows: tuple[Tensor, ...], dtype: torch.dtype) -> list[Tensor]:
-    r"""The rows of every use, ``(R_u, g, d)`` each, in ``dtype``, joined into chunks of :math:`\lceil\sqrt T\,\rceil`
-    consecutive uses (``T`` uses; a single use is not copied), from the last use back: the backward pass
-    through a recurrence makes the last step's output gradients first, so the compiled step can form the
-    first chunk's product, and free those rows, while the backward goes on.
-
-    A moment over several uses is then one matrix product per chunk, not per use (an unrolled recurrence of
-    ``T = 40`` steps: 6 products of ``d x d`` results, not 40), while each joined chunk copies only a
-    :math:`1/\sqrt T` share of the rows: rows joined all at once sat, beside every use's own rows, at the
-    step's memory peak. The split depends on ``T`` alone, not on the (symbolic) batch size."""
-    size = math.ceil(math.sqrt(len(rows)))
-    rows = rows[::-1]
-    parts = [rows[i:i + size] for i in range(0, len(rows), size)]
-    return [(part[0] if len(part) == 1 else torch.cat(part)).to(dtype) for part in parts]
+def _add_gram(gram: Tensor, rows: Tensor) -> None:
+    r"""``gram += ``:math:`\sum_r x_r x_r^\top` per group, in place: ``gram`` ``(g, d, d)``, ``rows`` ``(R, g, d)``."""
+    gram.baddbmm_(rows.permute(1, 2, 0), rows.transpose(0, 1))
 
 
-def accumulated_gram(chunks: list[Tensor]) -> Tensor:
-    r""":math:`\sum_r x_r x_r^\top` per group over the rows of every chunk ``(R_c, g, d)``: ``(g, d, d)``.
+add_gram_ = CustomOp("curvgraph::add_gram_", _add_gram, ("gram",))
 
-    Each chunk after the first is added by ``baddbmm`` into the running sum, so one ``d x d`` product is alive at
-    a time: a sum written as ``a + b + ...`` lets the compiled step form every product before adding them."""
-    gram = torch.einsum("rgi,rgj->gij", chunks[0], chunks[0])
-    for c in chunks[1:]:
-        gram = torch.baddbmm(gram, c.permute(1, 2, 0), c.transpose(0, 1))
+
+def accumulated_gram(rows: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
+    r""":math:`\sum_r x_r x_r^\top` per group over the rows of every use, ``(R_u, g, d)`` each, in ``dtype``:
+    ``(g, d, d)``.
+
+    The first product is one ``einsum``; each further use's product is added into it in place, by the custom op
+    :func:`add_gram_` (one matrix product with ``beta = 1``), so the compiled step holds one ``d x d`` sum and
+    no copy of the rows. Out-of-place, each ``baddbmm`` wrote a new sum beside the previous one (the LSTM's
+    ``1024 x 1024`` output factor: 4 MiB more at the step's memory peak), a sum ``a + b + ...`` formed every
+    product before adding them, and rows joined to fewer, larger products were copies. The uses are taken
+    from the last back: the backward pass through a recurrence makes the last step's output gradients first,
+    so the compiled step can add them, and free them, while the backward goes on."""
+    uses = [r.to(dtype) for r in rows[::-1]]
+    gram = torch.einsum("rgi,rgj->gij", uses[0], uses[0])
+    for r in uses[1:]:
+        add_gram_(gram, r)
     return gram
 
 
-def blocked_gram(chunks: list[Tensor], blocks: int) -> Tensor:
+def blocked_gram(rows: tuple[Tensor, ...], blocks: int, dtype: torch.dtype) -> Tensor:
     """The ``blocks`` diagonal blocks of :func:`accumulated_gram`, ``(g, k, b, b)`` (:func:`block_rows`)."""
-    split = [block_rows(c, blocks) for c in chunks]
-    lead = split[0].shape[1:3]
-    gram = accumulated_gram([s.flatten(1, 2) for s in split])
-    return gram.reshape(lead + gram.shape[-2:])
+    split = tuple(block_rows(r, blocks).flatten(1, 2) for r in rows)
+    gram = accumulated_gram(split, dtype)
+    return gram.reshape(rows[0].shape[1:2] + (blocks,) + gram.shape[-2:])
 
 
 def input_moment(rows: tuple[Tensor, ...], bias: bool, dtype: torch.dtype, blocks: int = 1) -> Tensor:
@@ -73,11 +71,10 @@ def input_moment(rows: tuple[Tensor, ...], bias: bool, dtype: torch.dtype, block
     The ones column of :math:`\bar a` is not materialized for a full factor: its row and
     column are the column sums of ``a`` and its corner is ``R``.
     """
-    chunks = row_chunks(rows, dtype)
-    count = sum(c.shape[0] for c in chunks)
+    count = sum(r.shape[0] for r in rows)
     if blocks > 1:
-        return blocked_gram([with_ones_column(c, bias) for c in chunks], blocks) / count
-    return normalized_moment(accumulated_gram(chunks), sum(c.sum(0) for c in chunks), count, bias)
+        return blocked_gram(tuple(with_ones_column(r, bias) for r in rows), blocks, dtype) / count
+    return normalized_moment(accumulated_gram(rows, dtype), sum(r.to(dtype).sum(0) for r in rows), count, bias)
 
 
 def normalized_moment(moment: Tensor, total: Tensor, count: int, bias: bool) -> Tensor:
@@ -102,8 +99,7 @@ def bordered(moment: Tensor, total: Tensor, count: int) -> Tensor:
 def output_moment(rows: tuple[Tensor, ...], scale: Tensor, dtype: torch.dtype, blocks: int = 1) -> Tensor:
     r""":math:`c \sum_r g_r g_r^\top` per group over the rows of every tensor in ``rows`` (each ``(R_u, g, o)``);
     its ``blocks`` diagonal blocks ``(g, k, b, b)`` when ``blocks > 1``."""
-    chunks = row_chunks(rows, dtype)
-    return (blocked_gram(chunks, blocks) if blocks > 1 else accumulated_gram(chunks)) * scale
+    return (blocked_gram(rows, blocks, dtype) if blocks > 1 else accumulated_gram(rows, dtype)) * scale
 
 
 def with_ones_column(rows: Tensor, bias: bool) -> Tensor:

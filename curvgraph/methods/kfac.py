@@ -512,7 +512,9 @@ class KFAC(Method):
         w.line(f"previous_late = {w.call(after, previous, 'inner')}  # computed after the preconditioning")
         t_prev = parameter_tuple(w, blocks, "t_prev", [f"previous_late[{i}]" for i in range(len(blocks))],
                                  "torch.zeros_like({})")
-        tangents = w.pack([t_delta, t_prev])
+        w.line(f"tangents_Delta = {t_delta}")
+        w.line(f"tangents_prev = {t_prev}")
+        tangents = "(tangents_Delta, tangents_prev)"
         jvps = (w.call(output_jvps, "backprop", "output", tangents) if w.backward_differentiable
                 else w.call(forward_mode_jvps, "model", "params", "probes", tangents))
         w.line(f"J_Delta, J_prev = {jvps}")

@@ -71,10 +71,11 @@ def input_moment(rows: tuple[Tensor, ...], bias: bool, dtype: torch.dtype, block
     The ones column of :math:`\bar a` is not materialized for a full factor: its row and
     column are the column sums of ``a`` and its corner is ``R``.
     """
+    rows = tuple(r.to(dtype) for r in rows)
     count = sum(r.shape[0] for r in rows)
     if blocks > 1:
         return blocked_gram(tuple(with_ones_column(r, bias) for r in rows), blocks, dtype) / count
-    return normalized_moment(accumulated_gram(rows, dtype), sum(r.to(dtype).sum(0) for r in rows), count, bias)
+    return normalized_moment(accumulated_gram(rows, dtype), sum(r.sum(0) for r in rows), count, bias)
 
 
 def normalized_moment(moment: Tensor, total: Tensor, count: int, bias: bool) -> Tensor:

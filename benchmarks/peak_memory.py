@@ -15,7 +15,9 @@ measure another period):
   :mod:`gc`, each storage counted once), plus the highest total that the CPU allocator
   reports as allocated during the steps, relative to their start (``torch.profiler`` with
   ``profile_memory=True``, the ``Total Allocated`` of its ``[memory]`` events). This is the
-  step's own peak: what a larger model scales with.
+  step's own peak: what a larger model scales with. The **median step** column measures each
+  step of a third period on its own and gives the median: where it is below the tensor peak,
+  one kind of step (the refresh, once per period) sets the peak and the others hold less.
 * **Process** (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``): the resident set
   before the steps and its peak during them. It also holds the compiled code, Python's heap
   and what compilation left behind, so on a small model it mostly measures those.
@@ -95,13 +97,14 @@ def child(model_name: str, runner: str) -> None:
     gc.collect()
     tensors = live_tensor_bytes()
     transient = allocated_peak_bytes(run_period)
+    per_step = sorted(allocated_peak_bytes(step) for _ in range(period))
     before = resident_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     run_period()
     print(json.dumps({"tensors_mib": tensors / 2**20, "tensor_peak_mib": (tensors + transient) / 2**20,
                       "before_mib": before / 1024, "peak_mib": resident_kib("VmHWM") / 1024,
-                      "state_mib": state_bytes / 2**20}))
+                      "state_mib": state_bytes / 2**20, "median_step_mib": (tensors + per_step[period // 2]) / 2**20}))
 
 
 def main() -> None:
@@ -121,7 +124,7 @@ def main() -> None:
                "curvgraph fixed lr": json.dumps({"lr": 2e-3, "momentum": 0.9})}
     if args.whole:
         runners["curvgraph, factors whole"] = json.dumps({"max_factor_dim": None})
-    print(f"{'model':<24} {'runner':<22} {'tensors MiB':>11} {'tensor peak':>11} {'bound':>7} "
+    print(f"{'model':<24} {'runner':<22} {'tensors MiB':>11} {'tensor peak':>11} {'median step':>11} {'bound':>7} "
           f"{'RSS before':>10} {'RSS peak':>9} {'state MiB':>9}")
     for name in args.models:
         adam = None
@@ -131,7 +134,8 @@ def main() -> None:
             row = json.loads(result.stdout.strip().splitlines()[-1])
             adam = row if adam is None else adam
             bound = 1.1 * (adam["tensor_peak_mib"] + row["state_mib"])
-            print(f"{name:<24} {label:<22} {row['tensors_mib']:>11.1f} {row['tensor_peak_mib']:>11.1f} {bound:>7.1f} "
+            print(f"{name:<24} {label:<22} {row['tensors_mib']:>11.1f} {row['tensor_peak_mib']:>11.1f} "
+                  f"{row['median_step_mib']:>11.1f} {bound:>7.1f} "
                   f"{row['before_mib']:>10.0f} {row['peak_mib']:>9.0f} {row['state_mib']:>9.1f}", flush=True)
 
 

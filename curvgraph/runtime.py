@@ -234,8 +234,16 @@ def inductor_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) ->
     copies of every layer input at its peak: the defaults' tensor peak went from 228.7 to 160.5 MiB
     without them, the fixed mode's from 181.9 to 129.2 MiB, and the steps got faster (defaults
     418-467 -> 383-400 ms, fixed mode 296-328 -> 266-279 ms). On a GPU it stays on: not measured there.
+
+    On every device, :class:`curvgraph.inductor_passes.PruneUnusedOutputs` runs after Inductor's
+    post-grad passes (and after any the user set): a convolution's backward in the sampled
+    Fisher's pass no longer computes its weight's gradient.
     """
+    import torch._inductor.config as inductor_config
     from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.custom_graph_pass import get_custom_graph_passes
+
+    from curvgraph.inductor_passes import PruneUnusedOutputs
 
     on_cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, Tensor))
     if on_cpu:
@@ -248,7 +256,9 @@ def inductor_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) ->
     if on_cpu and inductors_builds is not None:
         codecache._worker_compile_cpp = build_objects_side_by_side  # looked up when the graph's module is built
     try:
-        patches = {"cpp_wrapper": on_cpu, "cpp_wrapper_build_separate": on_cpu}
+        users_passes = get_custom_graph_passes(inductor_config.post_grad_custom_post_pass)
+        patches = {"cpp_wrapper": on_cpu, "cpp_wrapper_build_separate": on_cpu,
+                   "post_grad_custom_post_pass": [*users_passes, PruneUnusedOutputs()]}
         if on_cpu:
             patches["layout_optimization"] = False
         return compile_fx(gm, example_inputs, config_patches=patches)

@@ -301,8 +301,8 @@ def test_nothing_in_the_step_keeps_it_out_of_the_compile_caches(case):
 def test_the_inductor_backend_wraps_cpu_graphs_in_cpp_built_separately(monkeypatch):
     """``runtime.inductor_backend`` compiles a CPU graph with Inductor's C++ wrapper, built apart from the kernels,
     and without Inductor's layout optimization (the channels-last copies of convolution inputs), and one with inputs
-    elsewhere without either; Inductor's note about ops without a C shim is dropped then, its other
-    records are kept."""
+    elsewhere without either, both with curvgraph's post-grad pass after any the user set (``inductor_passes``);
+    Inductor's note about ops without a C shim is dropped then, its other records are kept."""
     import logging
 
     import torch._inductor.compile_fx as compile_fx_module
@@ -311,6 +311,7 @@ def test_the_inductor_backend_wraps_cpu_graphs_in_cpp_built_separately(monkeypat
 
     from torch._inductor import codecache
 
+    from curvgraph.inductor_passes import PruneUnusedOutputs
     from curvgraph.runtime import build_objects_side_by_side
 
     patches, builds = [], []
@@ -320,10 +321,15 @@ def test_the_inductor_backend_wraps_cpu_graphs_in_cpp_built_separately(monkeypat
         builds.append(codecache._worker_compile_cpp)
 
     monkeypatch.setattr(compile_fx_module, "compile_fx", compile_fx)
+    users_pass = object()
+    monkeypatch.setattr(torch._inductor.config, "post_grad_custom_post_pass", users_pass)
     inductors_builds = codecache._worker_compile_cpp
     gm = torch.fx.symbolic_trace(lambda x: torch.cos(torch.sin(x) + 1))
     for inputs in ((torch.zeros(2),), (torch.zeros(2, device="meta"),)):
         inductor_backend(gm, inputs)
+    passes = [p.pop("post_grad_custom_post_pass") for p in patches]
+    assert [[p if p is users_pass else type(p) for p in on_device] for on_device in passes] == \
+        [[users_pass, PruneUnusedOutputs]] * 2  # on every device
     assert patches == [{"cpp_wrapper": True, "cpp_wrapper_build_separate": True, "layout_optimization": False},
                        {"cpp_wrapper": False, "cpp_wrapper_build_separate": False}]
     assert builds == [build_objects_side_by_side, inductors_builds]  # while the CPU graph compiles, and only then

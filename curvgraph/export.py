@@ -133,6 +133,10 @@ def _body(opt: "CurvatureOptimizer", constants: dict[str, Tensor], pt_name: str 
     source = opt.source
     imports = ("contextlib", "functools", "logging", "math", "os", "threading", "warnings")
     source = source.replace("\nimport math\n", "".join(f"\nimport {name}" for name in imports) + "\n", 1)
+    anchor = "\nfrom torch import Tensor\n"  # the run time's Inductor pass (runtime.PruneUnusedOutputs) needs these
+    assert anchor in source, "the generated step's imports changed: update export._body"
+    source = source.replace(anchor, anchor + "from torch._inductor.custom_graph_pass import CustomGraphPass, "
+                            "get_hash_for_files\n", 1)
     run_time = [textwrap.dedent(inspect.getsource(obj)).strip() for obj in runtime.EXPORTED]
     run_time[0] = _section("run time: the code CurvatureOptimizer runs the step with (curvgraph.runtime)", run_time[0])
     parts = [

@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .inductor_passes import PruneUnusedOutputs, _mask_position, prune_unused_outputs
+
 
 def initial_state(shape: tuple[int, ...], init: str, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A state tensor as it starts: ``"zeros"``, ``"ones"``, or ``"eye"`` (identities over the last two dims)."""
@@ -242,8 +244,6 @@ def inductor_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) ->
     import torch._inductor.config as inductor_config
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.custom_graph_pass import get_custom_graph_passes
-
-    from curvgraph.inductor_passes import PruneUnusedOutputs
 
     on_cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, Tensor))
     if on_cpu:
@@ -649,6 +649,7 @@ class ExportedStep:
 
 #: What an exported module copies from here, in order.
 EXPORTED = (initial_state, convolution_double_backward, batch_norm_backward, batch_norm_backward_as_ops,
-            symbolic_double_backward, _NoShimFallbackNotes, build_objects_side_by_side, inductor_backend,
+            symbolic_double_backward, _NoShimFallbackNotes, build_objects_side_by_side, _mask_position,
+            prune_unused_outputs, PruneUnusedOutputs, inductor_backend,
             probe_vector_isa_in_background, compiled_step, model_tensors, at_offset_zero, mark_dynamic, StepRunner,
             ExportedStep)

@@ -92,13 +92,16 @@ def test_the_sampled_fishers_backward_computes_no_weight_gradient():
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(6, 2, 4, 4, generator=g), torch.randint(0, 4, (6,), generator=g)) for _ in range(3)]
     models = {backend: two_convolutions() for backend in (name, "eager")}
-    opts = {backend: curvgraph.compile(model, (batches[0][0],), backend=backend, invert_every=1, progress=False)
+    opts = {backend: curvgraph.compile(model, (batches[0][0],), backend=backend, lr=0.05, invert_every=1,
+                                       progress=False)  # the fixed step: every step is taken
             for backend, model in models.items()}
     for x, y in batches:
         losses = [opt.step(x, y) for opt in opts.values()]
         torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
-    for a, b in zip(models[name].parameters(), models["eager"].parameters(), strict=True):
+    for a, b, initial in zip(models[name].parameters(), models["eager"].parameters(), two_convolutions().parameters(),
+                             strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        assert not torch.allclose(a, initial, rtol=0, atol=1e-4)  # the steps moved every parameter
     (before, changed, after), = [s for s in seen if s[0]]  # the step's graph: the one with convolutions
     weight_gradients = sum(m[1] for m in after)
     assert changed == 1 and sum(m[1] for m in before) == 3 and weight_gradients == 2

@@ -322,11 +322,11 @@ def test_the_inductor_backend_wraps_cpu_graphs_in_cpp_built_separately(monkeypat
 
     monkeypatch.setattr(compile_fx_module, "compile_fx", compile_fx)
     users_pass = object()
-    monkeypatch.setattr(torch._inductor.config, "post_grad_custom_post_pass", users_pass)
     inductors_builds = codecache._worker_compile_cpp
     gm = torch.fx.symbolic_trace(lambda x: torch.cos(torch.sin(x) + 1))
-    for inputs in ((torch.zeros(2),), (torch.zeros(2, device="meta"),)):
-        inductor_backend(gm, inputs)
+    with torch._inductor.config.patch(post_grad_custom_post_pass=users_pass):  # monkeypatch would delete the key
+        for inputs in ((torch.zeros(2),), (torch.zeros(2, device="meta"),)):
+            inductor_backend(gm, inputs)
     passes = [p.pop("post_grad_custom_post_pass") for p in patches]
     assert [[p if p is users_pass else type(p) for p in on_device] for on_device in passes] == \
         [[users_pass, PruneUnusedOutputs]] * 2  # on every device

@@ -13,21 +13,11 @@ forward one, and dead code elimination cannot drop one output of a node with thr
 from __future__ import annotations
 
 import operator
-from typing import Any
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-
-def _mask_position(target: Any) -> int | None:
-    """Position of ``target``'s ``output_mask: bool[]`` argument in its schema, or ``None``."""
-    schema = getattr(target, "_schema", None)
-    if schema is None:
-        return None
-    for i, argument in enumerate(schema.arguments):
-        if argument.name == "output_mask":
-            return i
-    return None
+from curvgraph.passes.graph_utils import schema_args, set_schema_arg
 
 
 def prune_unused_outputs(graph: torch.fx.Graph) -> int:
@@ -37,10 +27,9 @@ def prune_unused_outputs(graph: torch.fx.Graph) -> int:
     each output no longer computed, as the op returns."""
     changed = 0
     for node in graph.nodes:
-        position = _mask_position(node.target) if node.op == "call_function" else None
-        if position is None or position >= len(node.args):
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
             continue
-        mask = node.args[position]
+        mask = schema_args(node).get("output_mask")
         if not isinstance(mask, (list, tuple)) or not all(isinstance(m, bool) for m in mask):
             continue
         if not all(user.target is operator.getitem and isinstance(user.args[1], int) for user in node.users):
@@ -51,7 +40,7 @@ def prune_unused_outputs(graph: torch.fx.Graph) -> int:
             continue
         for user in [user for user in node.users if not user.users]:
             graph.erase_node(user)
-        node.args = (*node.args[:position], pruned, *node.args[position + 1:])
+        set_schema_arg(node, "output_mask", pruned)
         value = node.meta.get("val")
         if isinstance(value, (list, tuple)) and len(value) == len(pruned):
             node.meta["val"] = type(value)(v if keep else None for v, keep in zip(value, pruned))

@@ -24,7 +24,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .inductor_passes import PruneUnusedOutputs, _mask_position, prune_unused_outputs
+from .inductor_passes import PruneUnusedOutputs, prune_unused_outputs
+from .passes.graph_utils import schema_args, set_schema_arg
 
 
 def initial_state(shape: tuple[int, ...], init: str, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -649,7 +650,7 @@ class ExportedStep:
 
 #: What an exported module copies from here, in order.
 EXPORTED = (initial_state, convolution_double_backward, batch_norm_backward, batch_norm_backward_as_ops,
-            symbolic_double_backward, _NoShimFallbackNotes, build_objects_side_by_side, _mask_position,
-            prune_unused_outputs, PruneUnusedOutputs, inductor_backend,
+            symbolic_double_backward, _NoShimFallbackNotes, build_objects_side_by_side, schema_args,
+            set_schema_arg, prune_unused_outputs, PruneUnusedOutputs, inductor_backend,
             probe_vector_isa_in_background, compiled_step, model_tensors, at_offset_zero, mark_dynamic, StepRunner,
             ExportedStep)

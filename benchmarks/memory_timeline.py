@@ -10,7 +10,7 @@ Usage::
 Inductor orders each graph's kernels to lower its peak (``torch._inductor.memory.reorder_for_peak_memory``,
 on by default) and estimates, for the order it picks, the bytes alive after each kernel. The script
 wraps that function (torch 2.13's signature), takes the order it returns, and prints for every graph
-compiled (the step, the refresh branch of ``torch.cond``, AdamW's step):
+compiled (the step, AdamW's step):
 
 * the number of scheduled nodes, the estimated peak and the node where it falls;
 * every buffer alive there of at least ``--min-mib``: its size, the nodes that allocate and free it, and

@@ -293,11 +293,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         batch = self._arrange(batch, keys)
         self._check_batch(batch, targets)
         params, frozen, buffers = model_tensors(self.model, self._params, self._frozen_names, self._buffer_names)
-        # the refresh is a branch inside the graph: no variant of its own
+        # the refresh is one opaque call inside the graph: no variant of its own
         variant = (self._generated.source, self._runner.schedule()[0])
         announce = self._progress and variant not in self._compiled_variants
         if announce:
-            graphs_note = ("statistics in every step, the refresh a branch of the graph" if self.factor_every == 1 else
+            graphs_note = ("statistics in every step, the refresh one call in the graph" if self.factor_every == 1 else
                            f"statistics: {'yes' if variant[1] else 'no'}; one graph with statistics and one without, "
                            "as the schedule uses them")
             print(f"curvgraph: compiling the step for {self.plan.model_name} in {describe_modes(self.model)} "

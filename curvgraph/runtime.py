@@ -303,7 +303,7 @@ def compiled_step(fn: Callable, backend: str, device: torch.device) -> Callable:
     :func:`probe_vector_isa_in_background`, so that Inductor's probe of the CPU runs while the step is traced.
 
     The compiled step takes its ``refresh`` flag (the argument before the ``switches``)
-    as a 0-d bool tensor: the predicate of the step's ``torch.cond``, so steps with and
+    as a 0-d bool tensor, read by the refresh's custom op when it runs, so steps with and
     without a refresh run one graph (a Python bool would specialize the graph on it).
 
     While the step runs, the calls that ``torch.cond`` and ``torch.func`` leave in the

@@ -181,8 +181,8 @@ def test_compiling_a_variant_is_announced_once(capsys):
     opt = curvgraph.compile(model, (torch.randn(5, 3),), backend="aot_eager", lr=0.01, invert_every=1)
     opt.step(torch.randn(5, 3), torch.randint(0, 2, (5,)))
     err = capsys.readouterr().err
-    assert ("curvgraph: compiling the step for Sequential in train mode (statistics in every step, the refresh a "
-            "branch of the graph)") in err
+    assert ("curvgraph: compiling the step for Sequential in train mode (statistics in every step, the refresh "
+            "one call in the graph)") in err
     assert "compiled and ran in" in err
     opt.step(torch.randn(6, 3), torch.randint(0, 2, (6,)))
     assert "compiling" not in capsys.readouterr().err

@@ -20,14 +20,18 @@ The source is a self-contained module that needs torch alone:
 
 ``step`` takes three flags: ``update_stats``, a Python bool on which ``torch.compile``
 specializes (one graph with statistics, one without, as the schedule uses them),
-``refresh``, the predicate of a ``torch.cond`` around the preconditioner refresh: a
-0-d bool tensor keeps both branches in one graph, a Python bool (eager) runs one, and
+``refresh``, whether the preconditioner refresh runs (an eager custom op, one call in the
+graph, see :func:`_write_refresh`): a 0-d bool tensor when compiled, a Python bool eager, and
 ``switches``, a tuple of Python bools (specialized on like ``update_stats``).
 """
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import re
+import symtable
+import textwrap
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Mapping
 
@@ -42,6 +46,7 @@ from ..errors import CompileError
 from ..instrument import InstrumentedForward
 from ..leaf import leaf_call
 from ..plan import Plan, Shape
+from ..curvature.custom_ops import registered
 from .writer import BlockVars, Degeneration, StateSpec, StepWriter, helper_sources
 
 
@@ -101,6 +106,11 @@ class GeneratedStep:
     factor_dtype: torch.dtype = torch.float32
     degenerations: list[Degeneration] = field(default_factory=list)
     transposes_backward: bool = False
+
+
+#: The generated ``step``'s arguments, in order.
+STEP_ARGUMENTS = ("params", "frozen", "buffers", "constants", "inputs", "targets", "state", "hyper", "noise",
+                  "update_stats", "refresh", "switches")
 
 
 def shape_code(shape: Shape, dims: dict[sympy.Symbol, tuple[int, int]]) -> str:
@@ -289,32 +299,37 @@ def _write_fisher(w: StepWriter, loss: LossSpec, fisher: str, dtype: torch.dtype
 
 
 def _write_refresh(w: StepWriter, method: "Method", blocks: list[BlockVars]) -> None:
-    """The preconditioner refresh as one ``torch.cond(refresh, refreshed, kept, ())`` that writes the state in place.
+    """The preconditioner refresh as one call of a custom op that runs it eagerly and writes the state in place.
 
-    ``refreshed`` runs the method's :meth:`~curvgraph.methods.base.Method.write_refresh` and
-    commits what it recomputes into the state entries in place, if ``ok_stats`` (the loss,
-    the gradient matrices and the statistics are finite: the condition the statistics were
-    committed under, see :func:`_write_statistics_commits`), anything checked since and the
-    refresh's own checks are finite; it returns the refresh's degenerate flags and whether it failed
-    those checks. ``kept`` returns no flags and writes nothing. After the cond the step
-    reads each block's preconditioner entries (and every other value the refresh
-    committed) from the state, so a step without a refresh copies nothing. A 0-d bool tensor ``refresh`` keeps both
-    branches in one compiled graph (no second graph for steps without a refresh); a Python
-    bool (eager) runs one branch. ``torch.cond`` lets a branch write its inputs in place
-    only with gradients off, so the cond runs under ``torch.no_grad``.
+    The method's :meth:`~curvgraph.methods.base.Method.write_refresh` lines go into a module-level
+    function, ``refresh_preconditioner(refresh, values, entries, outcome)``, registered as the custom
+    op ``curvgraph::refresh_<digest of its source>`` (:func:`refresh_op`). When ``refresh`` is true it
+    recomputes the preconditioners from the factors and commits them into the state entries in place,
+    if ``ok_stats`` (the loss, the gradient matrices and the statistics are finite: the condition the
+    statistics were committed under, see :func:`_write_statistics_commits`), anything checked since and
+    the refresh's own checks are finite; it writes the refresh's degenerate flags and whether it failed
+    those checks into ``outcome`` (all false when it does not run). ``values`` holds the step's tensors
+    that the refresh reads (found with :mod:`symtable`), ``entries`` the state entries it reads or
+    writes. After the call the step reads each block's preconditioner entries (and every other value
+    the refresh committed) from the state, so a step without a refresh copies nothing.
+
+    A compiled step keeps the op as one opaque call: the refresh is a few factorizations of small
+    matrices and the elementwise work around them, which gains little from Inductor, while its graph
+    (a ``torch.cond`` branch before) took 15% of a ResNet-style CNN's cold compile. A 0-d bool tensor
+    ``refresh`` keeps steps with and without a refresh in one compiled graph.
 
     A refresh that failed its checks makes the step's ``ok`` false (the step changes
     nothing). A refresh whose inputs and checks are finite is kept, with the statistics it was
     computed from, even if the step is then skipped for a value computed after it (an update
     that overflows).
     """
-    w.line("# preconditioner refresh: a branch of a torch.cond (one compiled graph whether or not it runs) that "
-           "writes the state in place")
-    entries: dict[str, str] = {}  # the name the step reads after the cond -> the state entry holding it
+    w.line("# preconditioner refresh: one custom op (refresh_, run eagerly) that writes the state in place")
+    entries: dict[str, str] = {}  # the name the step reads after the refresh -> the state entry holding it
     for b in blocks:
         entries.update({b.var(key): b.state(key) for key in method.preconditioner(b.block)})
     checked_before = list(w.checks)
-    with w.indent("def refreshed():", when="refresh"):
+    start = len(w.lines)
+    with w.indent("def refreshed():", when="refresh"):  # the body's lines, moved into refresh_preconditioner below
         method.write_refresh(w, blocks)
         commits = [(target, value) for when, target, value in w.commits if when == "refresh"]
         for target, value in commits:
@@ -329,21 +344,67 @@ def _write_refresh(w: StepWriter, method: "Method", blocks: list[BlockVars]) -> 
                                "committing them to the state.")
         own = [(None, value) for when, value in w.checks if when == "refresh"]
         _write_all_finite(w, "ok_refresh", [], checked_before + own, given="ok_stats")
-        for target, value in commits:  # not commit_all_: a cond nested in this branch compiles wrongly (torch 2.13)
+        for target, value in commits:
             w.line(w.call(commit_, target, value, "ok_refresh"))
         flags = [i for i, (when, _, _) in enumerate(w.flags) if when == "refresh"]
-        w.line(f"return torch.stack([{''.join(w.flags[i][2] + ', ' for i in flags)}~ok_refresh])")
+        w.line(f"outcome.copy_(torch.stack([{''.join(w.flags[i][2] + ', ' for i in flags)}~ok_refresh]))")
+    body, w.lines[start:] = w.lines[start + 1:], []
     w.commits = [commit for commit in w.commits if commit[0] != "refresh"]
     w.checks = [check for check in w.checks if check[0] != "refresh"]
     for k, i in enumerate(flags):
         w.flags[i] = (None, w.flags[i][1], f"refresh_outcome[{k}]")
-    with w.indent("def kept():"):
-        w.line(f"return torch.zeros({len(flags) + 1}, dtype=torch.bool, device=loss.device)")
-    with w.indent("with torch.no_grad():  # a branch may write its inputs only with gradients off"):
-        w.line("refresh_outcome = torch.cond(refresh, refreshed, kept, ())")
+    values, keys = refresh_inputs(w.lines, body)
+    w.definitions.append(refresh_definition(body, values, keys, w.ref(registered)))
+    w.line(f"refresh_outcome = torch.zeros({len(flags) + 1}, dtype=torch.bool, device=loss.device)")
+    with w.indent("with torch.no_grad():"):
+        w.line(f"refresh_(torch.as_tensor(refresh), [{', '.join(values)}], "
+               f"[{', '.join(w.state(key) for key in keys)}], refresh_outcome)")
     w.require(f"~refresh_outcome[{len(flags)}]")
     for name, target in entries.items():
         w.line(f"{name} = {target}")
+
+
+def refresh_inputs(step_lines: list[str], body: list[str]) -> tuple[list[str], list[str]]:
+    """What the refresh ``body`` (its lines, indented one level below the step's) reads from the step: the
+    names of the step's locals and ``hyper`` entries it uses, and the keys of the ``state`` entries it reads or
+    writes; found with :mod:`symtable` on the step's lines so far (``step_lines``) and the body as a nested
+    function, and with :mod:`ast` for the entries (``state['key']``)."""
+    source = "\n".join([f"def step({', '.join(STEP_ARGUMENTS)}):", *step_lines, "    def refreshed():", *body])
+    step_table = symtable.symtable(source, "<step>", "exec").get_children()[0]
+    nested = next(child for child in step_table.get_children() if child.get_name() == "refreshed")
+    names = [name for name in nested.get_frees() if name not in ("state", "hyper")]
+    tree = ast.parse(textwrap.dedent("\n".join(body)))
+    read = {ast.unparse(node) for node in ast.walk(tree) if isinstance(node, ast.Subscript)
+            and isinstance(node.value, ast.Name) and node.value.id in ("state", "hyper")}
+    keys = sorted({ast.literal_eval(e[len("state["):-1]) for e in read if e.startswith("state[")})
+    return sorted(names) + sorted(e for e in read if e.startswith("hyper[")), keys
+
+
+def refresh_definition(body: list[str], values: list[str], keys: list[str], registered_name: str) -> str:
+    """The module-level source of ``refresh_preconditioner`` (see :func:`_write_refresh`) and of the line
+    registering it as the custom op ``refresh_``."""
+    unpacked = [f"hyper_{i}" if v.startswith("hyper[") else v for i, v in enumerate(values)]
+    hyper = {v: u for v, u in zip(values, unpacked) if v.startswith("hyper[")}
+    lines = [
+        "def refresh_preconditioner(refresh: Tensor, values: list[Tensor], entries: list[Tensor], outcome: Tensor"
+        ") -> None:",
+        '    """The preconditioner refresh, run eagerly as the custom op ``refresh_`` (one opaque call in a',
+        "    compiled step): if ``refresh``, recompute the preconditioners from ``values`` (the step's tensors it",
+        "    reads), commit them into ``entries`` (the state entries it reads or writes) in place if finite, and",
+        '    write its degenerate flags and whether it failed into ``outcome``."""',
+        f"    {_unpack(unpacked)} = values" if unpacked else "    del values",
+        f"    state = dict(zip({tuple(keys)!r}, entries))",
+        "    if not refresh:",
+        "        return",
+    ]
+    text = "\n".join(line[4:] if line.startswith("    ") else line for line in body)
+    for expression, name in hyper.items():
+        text = text.replace(expression, name)
+    lines.append(text)
+    source = "\n".join(lines)
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    return (f"{source}\n\n\nrefresh_ = {registered_name}('curvgraph::refresh_{digest}', refresh_preconditioner, "
+            "('entries', 'outcome'))")
 
 
 def _write_updates(w: StepWriter, blocks: list[BlockVars]) -> None:
@@ -476,12 +537,13 @@ def _assemble(plan: Plan, forward: InstrumentedForward, dims, method: "Method", 
     header += _global_imports(forward.globals, forward.source)
     parts = ["\n".join(header)]
     parts.extend(helper_sources(w))
+    parts.extend(w.definitions)
     parts.append(forward.source.strip())
     noise_body = f"    return {shape_code(forward.output_shape, dims)}"
     parts.append(f'def noise_shape(inputs):\n    """Shape of the model output for ``inputs``."""\n{noise_body}')
     parts.append(f'def switches(hyper):\n    """The step\'s ``switches`` for ``hyper`` (Python floats by name)."""\n'
                  f'    return {w.pack(w.switches)}')
-    signature = ("def step(params, frozen, buffers, constants, inputs, targets, state, hyper, noise,\n"
+    signature = (f"def step({', '.join(STEP_ARGUMENTS[:-3])},\n"
                  "         update_stats: bool, refresh: bool | Tensor, switches: tuple[bool, ...]):")
     doc = (
         '    """Forward, backward, curvature statistics, preconditioning and update, in place.\n\n'

@@ -147,6 +147,7 @@ class StepWriter:
         self.lines: list[str] = []
         self.depth = 1
         self.helpers: dict[Callable, str] = {}
+        self.definitions: list[str] = []  # module-level source the step calls (after the helpers, before ``step``)
         self.commits: list[tuple[str | None, str, str]] = []
         self.checks: list[tuple[str | None, str]] = []
         self.flags: list[tuple[str | None, Degeneration, str]] = []

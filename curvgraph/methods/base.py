@@ -20,7 +20,8 @@ The step the generator writes is, for every block::
     M       = gradient matrix of the block (+ weight decay)        [generator, per kind]
     if update_stats:  batch factors                                  [kind]
                       method.write_statistics(...)  -> factors       [method]
-    torch.cond(refresh, method.write_refresh(...), kept)  -> preconditioner (written into the state in place)
+    refresh_(refresh, ...): method.write_refresh(...)     -> preconditioner (an eager custom op that writes
+                                                            the state in place; one opaque call in the graph)
     method.write_direction(...)   -> D, with  M_param <- M_param - D          [method]
 """
 
@@ -214,13 +215,14 @@ class Method(ABC):
     def write_refresh(self, w: "StepWriter", blocks: list["BlockVars"]) -> None:
         """Recompute the preconditioners from the factors, every ``invert_every`` steps.
 
-        The lines go into the body of a nested function, the true branch of a ``torch.cond``
-        (:func:`curvgraph.codegen._write_refresh`). The refresh must commit every
+        The lines go into the body of a module-level function that runs eagerly as a custom op, one
+        opaque call in a compiled step (:func:`curvgraph.codegen._write_refresh`); it may read the
+        step's tensors, ``hyper`` and ``state`` entries. The refresh must commit every
         :meth:`preconditioner` entry ``b.var(key)`` to ``b.state(key)``; its commits are
-        written into the state in place inside the branch (if its checks and the step's
-        checks so far pass), and after the cond the step reads the preconditioner entries
+        written into the state in place inside that function (if its checks and the step's
+        checks so far pass), and after the call the step reads the preconditioner entries
         and every other committed variable from the state, in steps with or without a
-        refresh; its other locals stay in the branch.
+        refresh; its other locals stay in the function.
         """
 
     @abstractmethod

@@ -1,4 +1,4 @@
-"""The torch.compile'd step: one graph with statistics and one without (the refresh a branch of each),
+"""The torch.compile'd step: one graph with statistics and one without (the refresh one opaque call in each),
 identical to the eager step."""
 
 from __future__ import annotations
@@ -158,20 +158,39 @@ def test_a_new_batch_size_compiles_nothing(runs):
     assert opt.skipped_steps == 0
 
 
-def test_the_refresh_is_a_branch_not_a_graph():
-    """All four (statistics, refresh) combinations of a schedule compile two graphs, not four: the refresh is a
-    ``torch.cond`` branch inside the graphs with and without statistics."""
+def test_the_refresh_is_one_opaque_call_not_a_graph():
+    """All four (statistics, refresh) combinations of a schedule compile two graphs, not four; in each, the refresh
+    is one call of its custom op (run eagerly): AOT autograd's graphs hold none of its factorizations, and the
+    refreshes still happen (the inverses change at refresh steps only)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.backends.registry import register_backend
     from torch._dynamo.utils import counters
 
+    graphs: list[torch.fx.GraphModule] = []
+
+    def record(gm: torch.fx.GraphModule, _):
+        graphs.append(gm)
+        return gm.forward
+
+    name = f"curvgraph_graph_record_{id(record):x}"
+    register_backend(name=name)(lambda gm, inputs: aot_autograd(fw_compiler=record)(gm, inputs))
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
-    opt = curvgraph.compile(model, (torch.randn(5, 3),), backend="aot_eager", progress=False, **FIXED)
+    opt = curvgraph.compile(model, (torch.randn(5, 3),), backend=name, progress=False, **FIXED)
     before = counters["stats"]["unique_graphs"]
-    schedule = []
+    schedule, changed = [], []
     for _ in range(7):
         schedule.append(opt._runner.schedule())
+        inverse = opt._state["0.A_inv"].clone()
         opt.step(torch.randn(5, 3), torch.randint(0, 2, (5,)))
+        changed.append(not torch.equal(inverse, opt._state["0.A_inv"]))
     assert set(schedule) == {(True, True), (True, False), (False, True), (False, False)}
-    assert counters["stats"]["unique_graphs"] - before == 2
+    assert changed == [refresh for _, refresh in schedule]
+    assert counters["stats"]["unique_graphs"] - before == 2 and len(graphs) == 2
+    for gm in graphs:
+        ops = [str(n.args[0] if "auto_functionalized" in str(n.target) else n.target)  # a mutating op, functionalized
+               for n in gm.graph.nodes if n.op == "call_function"]
+        assert sum("curvgraph.refresh_" in op for op in ops) == 1, ops
+        assert not [op for op in ops if "cholesky" in op]
     assert opt.skipped_steps == 0
 
 

@@ -356,7 +356,9 @@ def _write_refresh(w: StepWriter, method: "Method", blocks: list[BlockVars]) -> 
     values, keys = refresh_inputs(w.lines, body)
     w.definitions.append(refresh_definition(body, values, keys, w.ref(registered)))
     w.line(f"refresh_outcome = torch.zeros({len(flags) + 1}, dtype=torch.bool, device=loss.device)")
-    with w.indent("with torch.no_grad():"):
+    # eager, a step without a refresh skips the call (a mutating op's call marks its arguments as written);
+    # compiled, ``refresh`` is a tensor that the op reads
+    with w.indent("if refresh is not False:"), w.indent("with torch.no_grad():"):
         w.line(f"refresh_(torch.as_tensor(refresh), [{', '.join(values)}], "
                f"[{', '.join(w.state(key) for key in keys)}], refresh_outcome)")
     w.require(f"~refresh_outcome[{len(flags)}]")

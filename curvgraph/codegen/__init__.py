@@ -73,11 +73,13 @@ def commit_all_(commits: tuple[tuple[Tensor, Tensor], ...], ok: Tensor) -> None:
     Compiled, one ``torch.cond`` whose taken branch copies: with :func:`commit_` per target, a
     compiled step holds a buffer the size of each target for its selection before copying it
     (Inductor does not select into the target in place), all of them at once when several
-    targets are committed together. Eager, :func:`commit_` per target (the same values; an eager
-    ``torch.cond`` would compile its branches with Dynamo on every call)."""
+    targets are committed together. Eager (the refresh, and the eager step), one read of ``ok``
+    on the host and a copy per target if it holds (the same values; an eager ``torch.cond`` would
+    compile its branches with Dynamo on every call, and a selection per target made a new tensor)."""
     if not torch.compiler.is_compiling():
-        for target, value in commits:
-            commit_(target, value, ok)
+        if ok:
+            for target, value in commits:
+                target.copy_(value)
         return
 
     def write() -> Tensor:
@@ -344,8 +346,7 @@ def _write_refresh(w: StepWriter, method: "Method", blocks: list[BlockVars]) -> 
                                "committing them to the state.")
         own = [(None, value) for when, value in w.checks if when == "refresh"]
         _write_all_finite(w, "ok_refresh", [], checked_before + own, given="ok_stats")
-        for target, value in commits:
-            w.line(w.call(commit_, target, value, "ok_refresh"))
+        _write_commit_all(w, commits, "ok_refresh")
         flags = [i for i, (when, _, _) in enumerate(w.flags) if when == "refresh"]
         w.line(f"outcome.copy_(torch.stack([{''.join(w.flags[i][2] + ', ' for i in flags)}~ok_refresh]))")
     body, w.lines[start:] = w.lines[start + 1:], []

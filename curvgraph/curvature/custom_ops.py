@@ -19,11 +19,24 @@ import torch
 
 def registered(qualname: str, function: Callable, mutates_args: tuple[str, ...]) -> Callable:
     """The custom op ``qualname`` (``"namespace::name"``), registered from ``function`` (which writes into its
-    arguments ``mutates_args`` and returns ``None``) unless this process has it already."""
+    arguments ``mutates_args`` and returns ``None``) unless this process has it already.
+
+    Its schema is inferred from ``function``'s annotations; ``function`` is its kernel on every device
+    (``CompositeExplicitAutograd``), and tracing (fake tensors) runs no kernel, as the op returns nothing.
+    Registered with :func:`torch.library.define` and :func:`torch.library.impl` rather than
+    :func:`torch.library.custom_op`, whose autograd and version-counter wrappers cost about 40 us more per
+    call (55 against 14 us for an op of 100 tensors, eager, 2 CPU cores): a compiled step calls the op from
+    its C++ code once per use."""
     namespace, name = qualname.split("::")
     if not hasattr(getattr(torch.ops, namespace), name):
-        torch.library.custom_op(qualname, function, mutates_args=mutates_args)
+        torch.library.define(qualname, torch.library.infer_schema(function, mutates_args=mutates_args))
+        torch.library.impl(qualname, "CompositeExplicitAutograd", function)
+        torch.library.register_fake(qualname, _returns_nothing)
     return getattr(getattr(torch.ops, namespace), name)
+
+
+def _returns_nothing(*args: object) -> None:
+    """The fake (tracing) kernel of an op from :func:`registered`: it writes into its arguments and returns nothing."""
 
 
 @dataclass(frozen=True)

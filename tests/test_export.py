@@ -192,14 +192,18 @@ def test_compiled_export_matches_the_compiled_optimizer(tmp_path):
 
 def test_exported_module_registers_the_custom_op_only_where_it_is_missing(netmod, tmp_path):
     """A module run where curvgraph already registered ``curvgraph::add_gram_`` keeps that registration
-    (registering again would replace the op under steps compiled against it); the subprocess test above runs
+    (registering again would replace the op under steps compiled against it; torch refuses a second
+    definition or kernel, so the module runs only if it registers nothing); the subprocess test above runs
     one where it is missing."""
-    from torch._library.custom_ops import OPDEFS
-
     _, opt = compiled(netmod)
     assert any(b.name == "mix" and len(b.uses) == 2 for b in opt.plan.blocks)
     assert "registered('curvgraph::add_gram_'" in opt.source
-    before = OPDEFS["curvgraph::add_gram_"]
+    before = torch._C._dispatch_dump("curvgraph::add_gram_")
+    with pytest.raises(RuntimeError):  # what a second registration meets
+        torch.library.define("curvgraph::add_gram_", "(Tensor(a!) gram, Tensor rows) -> ()")
     for _ in range(2):
         exec(compile(opt.source, "generated", "exec"), {})
-    assert OPDEFS["curvgraph::add_gram_"] is before
+    assert torch._C._dispatch_dump("curvgraph::add_gram_") == before
+    gram = torch.zeros(1, 2, 2)
+    torch.ops.curvgraph.add_gram_(gram, torch.ones(3, 1, 2))
+    assert torch.equal(gram, torch.full((1, 2, 2), 3.0))

@@ -41,12 +41,12 @@ from torch import Tensor
 from torch.utils._sympy.printers import PythonPrinter
 
 from .._version import __version__
+from ..curvature.custom_ops import registered
 from ..curvature.losses import LossSpec
 from ..errors import CompileError
 from ..instrument import InstrumentedForward
 from ..leaf import leaf_call
 from ..plan import Plan, Shape
-from ..curvature.custom_ops import registered
 from .writer import BlockVars, Degeneration, StateSpec, StepWriter, helper_sources
 
 
@@ -304,21 +304,23 @@ def _write_refresh(w: StepWriter, method: "Method", blocks: list[BlockVars]) -> 
     """The preconditioner refresh as one call of a custom op that runs it eagerly and writes the state in place.
 
     The method's :meth:`~curvgraph.methods.base.Method.write_refresh` lines go into a module-level
-    function, ``refresh_preconditioner(refresh, values, entries, outcome)``, registered as the custom
-    op ``curvgraph::refresh_<digest of its source>`` (:func:`refresh_op`). When ``refresh`` is true it
-    recomputes the preconditioners from the factors and commits them into the state entries in place,
+    function, ``refresh_preconditioner(refresh, values, entries, outcome)``, registered as the op
+    ``curvgraph::refresh_<digest of its source>`` (:func:`refresh_definition`). When ``refresh`` is true
+    it recomputes the preconditioners from the factors and commits them into the state entries in place,
     if ``ok_stats`` (the loss, the gradient matrices and the statistics are finite: the condition the
     statistics were committed under, see :func:`_write_statistics_commits`), anything checked since and
     the refresh's own checks are finite; it writes the refresh's degenerate flags and whether it failed
     those checks into ``outcome`` (all false when it does not run). ``values`` holds the step's tensors
-    that the refresh reads (found with :mod:`symtable`), ``entries`` the state entries it reads or
-    writes. After the call the step reads each block's preconditioner entries (and every other value
-    the refresh committed) from the state, so a step without a refresh copies nothing.
+    that the refresh reads, ``entries`` the state entries it reads or writes (:func:`refresh_inputs`).
+    After the call the step reads each block's preconditioner entries (and every other value the
+    refresh committed) from the state, so a step without a refresh copies nothing.
 
-    A compiled step keeps the op as one opaque call: the refresh is a few factorizations of small
-    matrices and the elementwise work around them, which gains little from Inductor, while its graph
-    (a ``torch.cond`` branch before) took 15% of a ResNet-style CNN's cold compile. A 0-d bool tensor
-    ``refresh`` keeps steps with and without a refresh in one compiled graph.
+    Compiled, the op is one opaque call: Inductor compiles nothing of the refresh, a few
+    factorizations of small matrices and the elementwise work around them, whose graph (a
+    ``torch.cond`` branch until the twenty-ninth session) took 11-15% of a ResNet-style CNN's cold
+    compile. A 0-d bool tensor ``refresh`` keeps steps with and without a refresh in one compiled
+    graph; they call the op (about 15 us), which returns at once. The eager step passes a Python
+    bool and calls it only to refresh.
 
     A refresh that failed its checks makes the step's ``ok`` false (the step changes
     nothing). A refresh whose inputs and checks are finite is kept, with the statistics it was
@@ -357,8 +359,7 @@ def _write_refresh(w: StepWriter, method: "Method", blocks: list[BlockVars]) -> 
     values, keys = refresh_inputs(w.lines, body)
     w.definitions.append(refresh_definition(body, values, keys, w.ref(registered)))
     w.line(f"refresh_outcome = torch.zeros({len(flags) + 1}, dtype=torch.bool, device=loss.device)")
-    # eager, a step without a refresh skips the call (a mutating op's call marks its arguments as written);
-    # compiled, ``refresh`` is a tensor that the op reads
+    # eager (a Python bool), a step without a refresh makes no call; compiled, a tensor that the op reads
     with w.indent("if refresh is not False:"), w.indent("with torch.no_grad():"):
         w.line(f"refresh_(torch.as_tensor(refresh), [{', '.join(values)}], "
                f"[{', '.join(w.state(key) for key in keys)}], refresh_outcome)")

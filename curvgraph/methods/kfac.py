@@ -130,16 +130,19 @@ def damped_inverse(factor: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
     """
     d = factor.shape[-1]
     order = d + 1 if d % 32 == 0 else d
-    damped = factor + shift[..., None, None] * torch.eye(d, dtype=factor.dtype, device=factor.device)
-    eye = torch.eye(order, dtype=factor.dtype, device=factor.device)
-    if order > d:  # the padding's diagonal entry 1, the rest of its row and column 0
-        damped = torch.nn.functional.pad(damped, (0, 1, 0, 1)) + eye * (torch.arange(order, device=factor.device) == d)
+    # F + sI (padded: the padding's diagonal entry 1, the rest of its row and column 0), formed in one buffer: the
+    # refresh runs eagerly (curvgraph.codegen._write_refresh), where an identity and a product would each be one
+    damped = torch.nn.functional.pad(factor, (0, order - d, 0, order - d))
+    diagonal = damped.diagonal(dim1=-2, dim2=-1)
+    diagonal[..., :d] += shift[..., None]
+    diagonal[..., d:] = 1
     chol, info = torch.linalg.cholesky_ex(damped)
+    del damped, diagonal
     factored = info == 0
     # a failed factorization can leave a zero on the diagonal, which cholesky_inverse rejects: invert I there
-    # (eager, as in the refresh, only if one failed: the selection takes longer than reading `factored`)
+    # (eager, only if one failed: the selection takes longer than reading `factored`)
     if torch.compiler.is_compiling() or not factored.all():
-        chol = torch.where(factored[..., None, None], chol, eye)
+        chol = torch.where(factored[..., None, None], chol, torch.eye(order, dtype=chol.dtype, device=chol.device))
     inverse = torch.cholesky_inverse(chol)[..., :d, :d]
     return inverse, ~(factored & torch.isfinite(inverse).all(-1).all(-1))
 

@@ -313,7 +313,10 @@ def _write_refresh(w: StepWriter, method: "Method", blocks: list[BlockVars]) -> 
     those checks into ``outcome`` (all false when it does not run). ``values`` holds the step's tensors
     that the refresh reads, ``entries`` the state entries it reads or writes (:func:`refresh_inputs`).
     After the call the step reads each block's preconditioner entries (and every other value the
-    refresh committed) from the state, so a step without a refresh copies nothing.
+    refresh committed) from the state, so a step without a refresh copies nothing. Run eagerly, the body
+    deletes each temporary after its last use (:func:`_freed_when_dead`) and, when the refresh has no
+    checks of its own, commits each value where it is made (:func:`_commit_where_made`): it holds about
+    what the compiled branch held, not every new preconditioner at once.
 
     Compiled, the op is one opaque call: Inductor compiles nothing of the refresh, a few
     factorizations of small matrices and the elementwise work around them, whose graph (a

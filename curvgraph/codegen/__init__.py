@@ -375,6 +375,12 @@ def _write_refresh(w: StepWriter, method: "Method", blocks: list[BlockVars]) -> 
         w.line(f"{name} = {target}")
 
 
+def _assigned_names(line: str, indent: str) -> list[str]:
+    """The names a generated line at ``indent`` assigns (``a = ...``, ``a, b, = ...``); none for other lines."""
+    target = re.match(rf"{indent}([\w, ]+?) = ", line)
+    return [name for name in target.group(1).replace(" ", "").split(",") if name] if target else []
+
+
 def _commit_where_made(lines: list[str], start: int, written: int, commits: list[tuple[str, str]]) -> None:
     """Move the refresh's condition (``lines[written:]``, computed from values known before the refresh) to the
     start of its body (``lines[start:written]``), and commit each ``(state entry, value)`` of ``commits`` right
@@ -386,9 +392,9 @@ def _commit_where_made(lines: list[str], start: int, written: int, commits: list
     indent = re.match(r" *", lines[start]).group()
     last: dict[str, int] = {}
     for i in range(start, written):
-        assigned = re.match(r"( *)([\w, ]+?) = ", lines[i])
-        for name in (assigned.group(2).replace(" ", "").split(",") if assigned else ()):
-            last[name] = i if assigned.group(1) == indent else -1
+        depth = re.match(r" *", lines[i]).group()
+        for name in _assigned_names(lines[i], depth):
+            last[name] = i if depth == indent else -1
     at_end = []
     for target, value in reversed(commits):
         line = f"{indent}{commit_all_.__name__}((({target}, {value}),), ok_refresh)"
@@ -412,10 +418,7 @@ def _freed_when_dead(body: list[str]) -> list[str]:
             statements.append([line])
         else:
             statements[-1].append(line)
-    assigned = set()
-    for statement in statements:
-        target = re.match(rf"{indent}([\w, ]+?) = ", statement[0])
-        assigned.update(target.group(1).replace(" ", "").split(",") if target else ())
+    assigned = {name for statement in statements for name in _assigned_names(statement[0], indent)}
     last: dict[str, int] = {}
     for i, statement in enumerate(statements):
         for name in set(re.findall(r"\b[A-Za-z_]\w*\b", "\n".join(statement))) & assigned:

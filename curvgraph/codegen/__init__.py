@@ -355,7 +355,7 @@ def _write_refresh(w: StepWriter, method: "Method", blocks: list[BlockVars]) -> 
         if own:  # all or nothing once the refresh's own checks are known
             _write_commit_all(w, commits, "ok_refresh")
         else:
-            _commit_where_made(w.lines, start + 1, written, commits)
+            _commit_where_made(w.lines, start + 1, written, commits, w.ref(commit_all_))
         flags = [i for i, (when, _, _) in enumerate(w.flags) if when == "refresh"]
         w.line(f"outcome.copy_(torch.stack([{''.join(w.flags[i][2] + ', ' for i in flags)}~ok_refresh]))")
     body, w.lines[start:] = _freed_when_dead(w.lines[start + 1:]), []
@@ -381,10 +381,12 @@ def _assigned_names(line: str, indent: str) -> list[str]:
     return [name for name in target.group(1).replace(" ", "").split(",") if name] if target else []
 
 
-def _commit_where_made(lines: list[str], start: int, written: int, commits: list[tuple[str, str]]) -> None:
+def _commit_where_made(lines: list[str], start: int, written: int, commits: list[tuple[str, str]],
+                       commit_all: str) -> None:
     """Move the refresh's condition (``lines[written:]``, computed from values known before the refresh) to the
     start of its body (``lines[start:written]``), and commit each ``(state entry, value)`` of ``commits`` right
-    after the body's statement that last assigns the value (at the end where that statement is nested).
+    after the body's statement that last assigns the value (at the end where that statement is nested), with
+    ``commit_all`` (the name of :func:`commit_all_` in the generated module).
 
     The eager refresh then holds one new preconditioner at a time, not all of them until a commit at the end
     (the MLP 784-512-512-256-10's refresh step: 4 MiB more at its peak)."""
@@ -397,7 +399,7 @@ def _commit_where_made(lines: list[str], start: int, written: int, commits: list
             last[name] = i if depth == indent else -1
     at_end = []
     for target, value in reversed(commits):
-        line = f"{indent}{commit_all_.__name__}((({target}, {value}),), ok_refresh)"
+        line = f"{indent}{commit_all}((({target}, {value}),), ok_refresh)"
         if last.get(value, -1) >= 0:
             lines.insert(last[value] + 1, line)
         else:

@@ -433,3 +433,20 @@ def test_the_wrapper_and_the_kernels_are_compiled_side_by_side_and_then_linked(t
         with pytest.raises(RuntimeError, match=f"{failing} failed"):
             build_objects_side_by_side(lock, [*builds, _Build("link", log, 0.01)])
         assert "link" not in {name for name, _, _ in log}
+
+
+def test_the_compiled_finiteness_check_sees_every_non_finite_value():
+    """``all_finite`` compiled (a sum of ``t - t``, which Inductor must not fold to zero as it folds ``t * 0``)
+    and eager agree on finite tensors, on ``inf``, ``-inf`` and ``nan`` in any one of them, and on values whose
+    plain sum would overflow (finite: no false alarm)."""
+    from curvgraph.codegen import all_finite, not_finite
+
+    compiled = torch.compile(lambda a, b: (all_finite(a, b), not_finite(b)), fullgraph=True)
+    for bad in (None, float("inf"), -float("inf"), float("nan")):
+        for which in (0, 1):
+            a, b = torch.randn(7, 5), torch.full((33,), 3e38)
+            if bad is not None:
+                (a, b)[which][which + 2] = bad
+            expected = bad is None
+            assert [bool(v) for v in compiled(a, b)] == [expected, which == 1 and not expected]
+            assert [bool(v) for v in (all_finite(a, b), not_finite(b))] == [expected, which == 1 and not expected]

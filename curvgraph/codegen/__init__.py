@@ -51,13 +51,22 @@ from .writer import BlockVars, Degeneration, StateSpec, StepWriter, helper_sourc
 
 
 def all_finite(*tensors: Tensor) -> Tensor:
-    """Whether every entry of every tensor is finite (a 0-d bool tensor)."""
-    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+    r"""Whether every entry of every tensor is finite (a 0-d bool tensor).
+
+    Compiled, whether :math:`\sum_t \sum_i (t_i - t_i)` is finite: each term is 0 where :math:`t_i` is finite
+    and NaN where it is not (:math:`\infty - \infty` is NaN), so the sum is exactly 0 or NaN and cannot
+    overflow. One difference and one sum per tensor compile to fewer nodes than ``isfinite(t).all()``
+    (the ResNet-style CNN's cold first period: 69.8 -> 67.5 s). Not ``t * 0``: Inductor folds that to
+    zero (``tests/test_compiled.py`` checks that the compiled form still sees ``inf`` and ``nan``).
+    Eager, ``isfinite(t).all()``, whose temporary holds a bool per entry, not a float."""
+    if not torch.compiler.is_compiling():
+        return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+    return torch.isfinite(sum((t - t).sum() for t in tensors))
 
 
 def not_finite(tensor: Tensor) -> Tensor:
-    """Whether some entry of ``tensor`` is not finite (a 0-d bool tensor)."""
-    return ~torch.isfinite(tensor).all()
+    """Whether some entry of ``tensor`` is not finite (a 0-d bool tensor; :func:`all_finite`'s negation)."""
+    return ~all_finite(tensor)
 
 
 def commit_(target: Tensor, value: Tensor, ok: Tensor) -> None:

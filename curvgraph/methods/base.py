@@ -208,7 +208,10 @@ class Method(ABC):
         Its commits are written right after it (:func:`curvgraph.codegen._write_statistics_commits`),
         if the loss, the gradient matrices and every value checked so far are finite, and the step
         then reads each committed variable from its state entry: a statistic is not held to the end
-        of the step, and is kept when the step is skipped for a value computed later.
+        of the step, and is kept when the step is skipped for a value computed later. The batch
+        factors of :meth:`factors_kept` are checked by the step (a factor that is not finite skips
+        it and is reported): check (``w.check``) only the values that finite batch factors and a
+        finite state could still make non-finite (K-FAC's moving averages cannot be).
         """
 
     @abstractmethod

@@ -385,8 +385,9 @@ class KFAC(Method):
         for b in blocks:
             for f in b.factors:
                 w.line(f"{b.factors[f]} = {w.call(ema, b.state(f), b.batch_factors[f], w.hyper('ema'))}")
+                # not checked: the average of the state (finite: only finite values are committed) and the
+                # batch factor (checked by the step: a batch factor that is not finite skips it) is finite
                 w.commit(b.state(f), b.factors[f], when="update_stats")
-                w.check(b.factors[f], when="update_stats")
             if self.temporal(b.block):
                 lags = b.kind.write_lag_moments(w, b, f"{b.factors['A']}.dtype")  # the factors' dtype
                 for f, batch in lags.items():

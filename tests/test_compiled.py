@@ -436,9 +436,8 @@ def test_the_wrapper_and_the_kernels_are_compiled_side_by_side_and_then_linked(t
 
 
 def test_the_compiled_finiteness_check_sees_every_non_finite_value():
-    """``all_finite`` compiled (a sum of ``t - t``, which Inductor must not fold to zero as it folds ``t * 0``)
-    and eager agree on finite tensors, on ``inf``, ``-inf`` and ``nan`` in any one of them, and on values whose
-    plain sum would overflow (finite: no false alarm)."""
+    """``all_finite`` and ``not_finite``, compiled and eager, see ``inf``, ``-inf`` and ``nan`` in any one of the
+    tensors, and no false alarm on finite values whose sum would overflow."""
     from curvgraph.codegen import all_finite, not_finite
 
     compiled = torch.compile(lambda a, b: (all_finite(a, b), not_finite(b)), fullgraph=True)

@@ -338,6 +338,26 @@ def test_damped_inverse_is_the_inverse_of_the_shifted_factor_with_and_without_pa
                           torch.tensor([0.0, 0.0], dtype=torch.float64))[1].tolist() == [True, False]
 
 
+def test_damped_inverse_compiled_equals_eager_and_leaves_the_factor_alone():
+    """Eagerly ``damped_inverse`` factors and inverts in its own padded buffer (in place); compiled it cannot
+    (Dynamo takes no non-contiguous ``out=``) and takes the out-of-place path: both give ``inv(F + s I)``, report
+    the same failures, and neither writes into the factor."""
+    from curvgraph.methods.kfac import damped_inverse
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 32, 40, dtype=torch.float64)
+    factor = torch.cat([x @ x.transpose(-1, -2) / 40, -torch.eye(32, dtype=torch.float64)[None]])
+    original = factor.clone()
+    shift = torch.tensor([1e-3, 0.1, 1.0, 0.0], dtype=torch.float64)
+    eager = damped_inverse(factor, shift)
+    compiled = torch.compile(damped_inverse, fullgraph=True)(factor, shift)
+    assert torch.equal(factor, original)
+    assert eager[1].tolist() == compiled[1].tolist() == [False, False, False, True]
+    expected = torch.linalg.inv(factor[:3] + shift[:3, None, None] * torch.eye(32, dtype=torch.float64))
+    for inverse, _ in (eager, compiled):
+        torch.testing.assert_close(inverse[:3], expected, rtol=1e-9, atol=1e-9)
+
+
 def test_failed_factorization_keeps_the_previous_inverse():
     """An indefinite factor (cholesky_ex reports failure) keeps the previous inverse instead of raising."""
     from curvgraph.methods.kfac import damped_inverse, kept_where_failed

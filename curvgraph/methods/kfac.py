@@ -136,19 +136,23 @@ def damped_inverse(factor: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
     diagonal = damped.diagonal(dim1=-2, dim2=-1)
     diagonal[..., :d] += shift[..., None]
     diagonal[..., d:] = 1
-    # factored and inverted in that buffer: its transpose (the same symmetric matrices) is column-major, LAPACK's
-    # layout, so both write their result in place (into a row-major `out` they compute in a column-major copy, and
-    # without `out` each returns a new matrix: two matrices held at once beside `damped`, not none)
-    chol = damped.mT
-    info = torch.empty(chol.shape[:-2], dtype=torch.int32, device=chol.device)
-    torch.linalg.cholesky_ex(chol, out=(chol, info))
+    compiling = torch.compiler.is_compiling()
+    if compiling:  # Dynamo takes no non-contiguous `out=`; Inductor plans the buffers
+        chol, info = torch.linalg.cholesky_ex(damped)
+    else:
+        # factored and inverted in that buffer: its transpose (the same symmetric matrices) is column-major, LAPACK's
+        # layout, so both write their result in place (into a row-major `out` they compute in a column-major copy,
+        # and without `out` each returns a new matrix: three matrices held at once instead of one)
+        chol = damped.mT
+        info = torch.empty(chol.shape[:-2], dtype=torch.int32, device=chol.device)
+        torch.linalg.cholesky_ex(chol, out=(chol, info))
     del damped, diagonal
     factored = info == 0
     # a failed factorization can leave a zero on the diagonal, which cholesky_inverse rejects: invert I there
     # (eager, only if one failed: the selection takes longer than reading `factored`)
-    if torch.compiler.is_compiling() or not factored.all():
+    if compiling or not factored.all():
         chol = torch.where(factored[..., None, None], chol, torch.eye(order, dtype=chol.dtype, device=chol.device))
-    inverse = torch.cholesky_inverse(chol, out=chol)[..., :d, :d]
+    inverse = torch.cholesky_inverse(chol, out=None if compiling else chol)[..., :d, :d]
     return inverse, ~(factored & torch.isfinite(inverse).all(-1).all(-1))
 
 

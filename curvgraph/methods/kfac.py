@@ -146,7 +146,6 @@ def damped_inverse(factor: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
         chol = damped.mT
         info = torch.empty(chol.shape[:-2], dtype=torch.int32, device=chol.device)
         torch.linalg.cholesky_ex(chol, out=(chol, info))
-    del damped, diagonal
     factored = info == 0
     # a failed factorization can leave a zero on the diagonal, which cholesky_inverse rejects: invert I there
     # (eager, only if one failed: the selection takes longer than reading `factored`)

@@ -543,7 +543,8 @@ class StepRunner:
         }
 
     def check_state_dict(self, state_dict: Mapping[str, Any]) -> str | None:
-        """Why ``state_dict`` does not fit this runner's state (``None`` if it does)."""
+        """Why ``state_dict`` does not fit this runner's state (``None`` if it does): other entries or shapes, or an
+        entry with a non-finite value, which no step writes (loaded, every later step would be skipped)."""
         saved = state_dict["state"]
         if set(saved) != set(self.state):
             missing, extra = sorted(set(self.state) - set(saved)), sorted(set(saved) - set(self.state))
@@ -555,6 +556,10 @@ class StepRunner:
                         f"{tuple(self.state[key].shape)} here: was it saved for another model, or with factors split "
                         "differently (max_factor_dim, max_factor_memory, whose default 'auto' splits K-FAC's and "
                         "EKFAC's widest factors)? Compile with the options it was saved with")
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                return (f"state '{key}' holds non-finite values in the state_dict. A step commits its state only "
+                        "when every value is finite, so the state_dict was changed after it was saved; load an "
+                        "earlier checkpoint, or leave the optimizer's state out to start it afresh")
         return None
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:

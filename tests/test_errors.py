@@ -146,6 +146,23 @@ def test_state_dict_of_another_model_is_rejected():
         opt.load_state_dict(other.state_dict())
 
 
+def test_state_dict_with_non_finite_state_is_rejected_and_leaves_the_state_alone():
+    """A step commits only finite state, so a non-finite entry means a damaged checkpoint: loaded, it would make
+    every later step non-finite (and skipped). It is rejected by name, before anything is loaded."""
+    opt = curvgraph.compile(mlp(), (X,), backend="eager", lr=0.01)
+    y = torch.randint(0, 10, (8,))
+    opt.step(X, y)
+    saved = opt.state_dict()
+    damaged = copy.deepcopy(saved)
+    key = sorted(damaged["state"])[0]
+    damaged["state"][key].view(-1)[0] = float("inf")
+    with pytest.raises(curvgraph.ConfigError, match=rf"state '{re.escape(key)}' holds non-finite values"):
+        opt.load_state_dict(damaged)
+    for name, value in opt.state_dict()["state"].items():
+        assert torch.equal(value, saved["state"][name]), name
+    opt.load_state_dict(saved)  # the undamaged one loads
+
+
 class RadialBasis(nn.Module):
     """Distances to learned centres by ``torch.cdist``, which has neither a derivative of its backward nor forward
     mode in torch 2.13."""

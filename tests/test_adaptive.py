@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import curvgraph
-from curvgraph.methods.quadratic import accepted, after, levenberg_marquardt, quadratic_model_step
+from curvgraph.methods.quadratic import accepted, levenberg_marquardt, quadratic_model_step
 from helpers import exact_ggn
 
 
@@ -182,23 +182,6 @@ def test_quadratic_model_never_increases_and_is_optimal(entries, b0, b1, a, c):
     values = 0.5 * (best_alpha**2 * gram[0, 0] + 2 * best_alpha * grid * gram[0, 1] + grid**2 * gram[1, 1]) \
         + best_alpha * linear[0] + grid * linear[1]
     assert change <= values.min() + 1e-9
-
-
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_after_keeps_the_values_and_poisons_them_for_a_non_finite_marker(compiled):
-    """The momentum's curvature products read it through ``after(momentum, inner)``: the same values while
-    ``inner`` is finite (the step's results do not change), NaN where it is not (such a step is skipped).
-    Compiled, the NaN also proves that the result still depends on ``inner``, the ordering ``after`` exists for:
-    Inductor folds ``inner * 0`` to the constant 0, and the form it had until the thirty-first session then
-    returned the values unchanged."""
-    run = torch.compile(after, backend="inductor", fullgraph=True) if compiled else after
-    tensors = (torch.randn(3, 4, dtype=torch.float64), torch.tensor([-0.0, 1e30, -2.5, 0.0]))
-    for known in (torch.tensor(3.0), torch.tensor(-1e-30), torch.tensor(0.0), torch.tensor(3e38)):
-        for value, kept in zip(tensors, run(tensors, known)):
-            assert torch.equal(kept, value) and kept.dtype == value.dtype
-            assert torch.equal(kept.signbit(), value.signbit())
-    for known in (torch.tensor(math.inf), torch.tensor(-math.inf), torch.tensor(math.nan)):
-        assert all(t.isnan().all() for t in run(tensors, known))
 
 
 def test_first_step_without_momentum_is_the_one_dimensional_solve():

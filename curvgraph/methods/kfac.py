@@ -56,7 +56,7 @@ from ..curvature.temporal import option1_apply, option1_basis
 from ..registry import KINDS, register_method
 from .base import (Hyper, Method, auto_or, fraction, non_negative, one_of, optional, parameter_tuple, positive,
                    shrink_factor, write_batched)
-from .quadratic import (accepted, after, forward_mode_jvps, levenberg_marquardt, output_gram, output_jvps,
+from .quadratic import (accepted, forward_mode_jvps, levenberg_marquardt, output_gram, output_jvps,
                         parameter_gram, quadratic_model_step)
 
 
@@ -528,9 +528,7 @@ class KFAC(Method):
         w.line(f"Delta = {w.pack('-' + b.var('V') for b in blocks)}")
         previous = w.pack(b.state("momentum") for b in blocks)
         t_delta = parameter_tuple(w, blocks, "t_Delta", [f"Delta[{i}]" for i in range(len(blocks))], "torch.zeros_like({})")
-        w.line(f"previous_late = {w.call(after, previous, 'inner')}  # computed after the preconditioning")
-        t_prev = parameter_tuple(w, blocks, "t_prev", [f"previous_late[{i}]" for i in range(len(blocks))],
-                                 "torch.zeros_like({})")
+        t_prev = parameter_tuple(w, blocks, "t_prev", [b.state("momentum") for b in blocks], "torch.zeros_like({})")
         w.line(f"tangents_Delta = {t_delta}")
         w.line(f"tangents_prev = {t_prev}")
         tangents = "(tangents_Delta, tangents_prev)"

@@ -23,7 +23,6 @@ The damping follows the Levenberg-Marquardt rule on the reduction ratio
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -50,26 +49,6 @@ def output_jvps(backprop: Callable, output: Tensor, tangents: tuple[tuple[Tensor
     """
     _, transposed = torch.func.vjp(lambda u: backprop(u)[0], torch.zeros_like(output))
     return tuple(transposed(t)[0] for t in tangents)
-
-
-def after(tensors: tuple[Tensor, ...], known: Tensor) -> tuple[Tensor, ...]:
-    r"""``tensors`` (values unchanged where the 0-d ``known`` is finite) computed only once ``known`` is.
-
-    Each is multiplied by ``where(isfinite(known), 1, nan)``. A compiled step runs its kernels in an order its data
-    allow and Inductor picks: the curvature products :math:`J\delta_0` of the previous update read only the momentum
-    and the forward's activations, both known early, so without this their first terms (per dense layer
-    :math:`\delta_0 W\,x`, the size of the layer's output over the batch; per step of a recurrence, its hidden
-    state's) are computed during the forward and held through the backward and the statistics, where the step's
-    memory peaks. Tied to the step's ``inner`` (:math:`\nabla h^\top\tilde F^{-1}\nabla h`, known after the
-    preconditioning), they are computed where they are used. Where ``known`` is not finite the result is NaN; the
-    step is then skipped anyway (``inner`` is one of its checks).
-
-    Not ``known * 0 + 1``, the form until the thirty-first session: Inductor's joint-graph pass replaces a product
-    with the integer ``0`` by the constant 0, so the compiled step dropped the dependency (and the NaN) and
-    computed the LSTM's :math:`J\delta_0` during the backward.
-    """
-    one = torch.where(torch.isfinite(known), 1.0, math.nan).to(known.dtype)
-    return tuple(t * one for t in tensors)
 
 
 def forward_mode_jvps(model: Callable, params: tuple[Tensor, ...], probes: tuple[Tensor, ...],

@@ -149,6 +149,13 @@ def test_a_first_inverse_that_fails_leaves_the_identity():
     assert torch.equal(state["0.G_inv"], torch.eye(64))
 
 
+def write_state(opt: curvgraph.CurvatureOptimizer, values: dict[str, torch.Tensor], keys: tuple[str, ...]) -> None:
+    """Write ``values[key]`` into the optimizer's state in place for each of ``keys``: a non-finite value, which no step
+    commits and ``load_state_dict`` rejects, stands for one that a method's own update made non-finite."""
+    for key in keys:
+        opt._runner.state[key].copy_(values[key])
+
+
 def test_eigh_of_a_non_finite_factor_keeps_the_previous_basis():
     """EKFAC's eigendecomposition of a NaN factor (a refresh-only step) neither raises nor changes the basis."""
     model = issue_mlp()
@@ -158,7 +165,7 @@ def test_eigh_of_a_non_finite_factor_keeps_the_previous_basis():
     state = opt.state_dict()
     state["state"]["2.G"] = torch.full((64, 64), float("nan"))
     state["state"]["2.A"] = 2 * state["state"]["2.A"]
-    opt.load_state_dict(state)
+    write_state(opt, state["state"], ("2.G", "2.A"))
     with pytest.warns(curvgraph.DegenerateBlockWarning, match=r"block '2' \(dense\): factor G could not be decomposed"):
         opt.step(x, y)
     after = opt.state_dict()["state"]
@@ -177,7 +184,7 @@ def test_singd_keeps_a_factor_whose_update_is_not_finite_and_names_it():
     opt.step(x, y)
     state = opt.state_dict()
     state["state"]["2.m_K"] = torch.full_like(state["state"]["2.m_K"], float("nan"))
-    opt.load_state_dict(state)
+    write_state(opt, state["state"], ("2.m_K",))
     before = [p.clone() for p in model.parameters()]
     step_twice_warned_once(opt, x, y,
                            r"block '2' \(dense\): preconditioner factor K \(on A\) or its momentum m_K is not finite")

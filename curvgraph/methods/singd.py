@@ -636,8 +636,7 @@ class SINGD(Method):
         for b in blocks:
             for f in b.factors:
                 w.line(f"{b.factors[f]} = {b.batch_factors[f]}")
-                w.commit(b.state(f), b.factors[f], when="update_stats")
-                w.check(b.factors[f], when="update_stats")
+                w.commit(b.state(f), b.factors[f], when="update_stats")  # the batch factor: checked by the step
 
     def write_refresh(self, w: StepWriter, blocks: list[BlockVars]) -> None:
         normalize = self.options["normalize_lr_cov"]

@@ -211,7 +211,7 @@ class Method(ABC):
         of the step, and is kept when the step is skipped for a value computed later. The batch
         factors of :meth:`factors_kept` are checked by the step (a factor that is not finite skips
         it and is reported): check (``w.check``) only the values that finite batch factors and a
-        finite state could still make non-finite (K-FAC's moving averages cannot be).
+        finite state could still make non-finite (a moving average, K-FAC's or K-BFGS's, cannot be).
         """
 
     @abstractmethod

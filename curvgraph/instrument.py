@@ -9,8 +9,11 @@ For every use of a block (a layer application), the rewrite
   parameter gradients;
 * returns the layer input ``a`` as auxiliary output.
 
+Its random ops read their noise from *draws* the step makes once per step
+(:mod:`curvgraph.passes.draws`), so that every call of the model in one step is the same function.
+
 The instrumented forward returns ``(output, (buffer_updates, activations))`` and takes
-``(*params, *frozen, *buffers, *constants, *probes, *inputs)``.
+``(*params, *frozen, *buffers, *constants, *probes, *draws, *inputs)``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from torch.fx import Graph, Node
 
 from .errors import TraceError
+from .passes.draws import Draw, draws_from_inputs
 from .passes.forms import STEP_REWRITES
 from .plan import Plan, Shape
 from .trace import TracedModel, symbolic_shape
@@ -49,6 +53,7 @@ class InstrumentedForward:
         param_shapes: trainable-parameter placeholder -> (shape, dtype).
         probes: the probes, one per probed layer-output node, in argument order;
             ``probe_index[node]`` finds one.
+        draws: the random values the step draws for the forward's random ops, in argument order.
         activations: layer-input nodes returned, each once; ``activation_index[node]``
             finds one.
         buffer_updates: buffer placeholders whose new values are returned, in order.
@@ -65,6 +70,7 @@ class InstrumentedForward:
     constants: list[str]
     inputs: list[str]
     probes: list[Probe]
+    draws: list[Draw]
     activations: list[str]
     buffer_updates: list[str]
     output_shape: Shape
@@ -112,16 +118,6 @@ def instrument(traced: TracedModel, plan: Plan) -> InstrumentedForward:
                 if name not in activations:
                     activations.append(name)
 
-    order = (
-        [nodes[n] for n in traced.params]
-        + [nodes[n] for n in traced.frozen]
-        + [nodes[n] for n in traced.buffers]
-        + [nodes[n] for n in traced.constants]
-        + probe_nodes
-        + [nodes[s.name] for s in traced.inputs]
-    )
-    _move_placeholders_first(graph, order)
-
     def value(name: str) -> Node:  # a probed layer's consumers see its probed output
         node = nodes[name]
         return probed_value.get(node, node)
@@ -130,6 +126,17 @@ def instrument(traced: TracedModel, plan: Plan) -> InstrumentedForward:
     output_shape = symbolic_shape(output)
     updates = [value(traced.returned(traced.buffer_updates[b]).name) for b in traced.buffers if b in traced.buffer_updates]
     graph.output((output, (tuple(updates), tuple(value(a) for a in activations))))
+    draws, draw_nodes = draws_from_inputs(graph)  # after the output: a random op's result may be returned
+    order = (
+        [nodes[n] for n in traced.params]
+        + [nodes[n] for n in traced.frozen]
+        + [nodes[n] for n in traced.buffers]
+        + [nodes[n] for n in traced.constants]
+        + probe_nodes
+        + draw_nodes
+        + [nodes[s.name] for s in traced.inputs]
+    )
+    _move_placeholders_first(graph, order)
     for rewrite in STEP_REWRITES:
         rewrite(graph)
     graph.eliminate_dead_code()
@@ -152,6 +159,7 @@ def instrument(traced: TracedModel, plan: Plan) -> InstrumentedForward:
         constants=list(traced.constants),
         inputs=[s.name for s in traced.inputs],
         probes=probes,
+        draws=draws,
         activations=activations,
         buffer_updates=[b for b in traced.buffers if b in traced.buffer_updates],
         output_shape=output_shape,

@@ -252,8 +252,14 @@ def _write_forward_backward(w: StepWriter, forward: InstrumentedForward, dims, l
         w.line(")")
     else:
         w.line("probes = ()")
+    if forward.draws:  # once per step: every call of the model sees the same dropout masks and noise
+        w.line("draws = (")
+        for draw in forward.draws:
+            sampler = "torch.randn" if draw.normal else "torch.rand"
+            w.line(f"    {sampler}({shape_code(draw.shape, dims)}, dtype={draw.dtype}, device=inputs[0].device),  # {draw.node}")
+        w.line(")")
     w.line()
-    call = "forward(*params, *frozen, *buffers, *constants, *probes, *inputs)"
+    call = f"forward(*params, *frozen, *buffers, *constants, *probes, {'*draws, ' if forward.draws else ''}*inputs)"
     with w.indent("def model(params, probes):"):
         if autocast is None:
             w.line(f"return {call}")

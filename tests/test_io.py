@@ -372,7 +372,9 @@ def test_rejected_batches_change_nothing():
         r"input 'x' is on meta, the model's parameters on cpu": (x.to("meta"), y),
         r"compiled for 1 input\(s\) \(x\), got 2": ((x, x), y),
         "targets must be a tensor": (x, y.tolist()),
-        "cross_entropy needs integer class indices, got dtype torch.float32": (x, y.float()),
+        r"cross_entropy needs class indices of dtype torch.int64 \(or torch.uint8\), got dtype torch.float32\.$":
+            (x, y.float()),
+        r"got dtype torch.int32: pass targets.long\(\)": (x, y.int()),  # torch's cross-entropy takes no int32
         r"class index 4 is out of range for 4 classes": (x, torch.where(y == 0, 4, y)),
         r"class index -3 is out of range": (x, torch.where(y == 0, -3, y)),
         r"needs targets of shape \(8,\) .* got \(5,\)\. The batch is taken from dim 0 of input 'x'": (x, y[:5]),
@@ -390,6 +392,7 @@ def test_rejected_batches_change_nothing():
         assert torch.equal(value, state["state"][key]), key
     opt.step(x2[:3], y2[:3])  # a smaller batch than the example's: the batch size is symbolic
     opt.step(x, torch.where(y == 0, -100, y))  # ignored targets are in range
+    opt.step(x, y.to(torch.uint8))  # the other dtype torch's cross-entropy takes
 
 
 def test_exported_step_takes_keyword_inputs_like_the_optimizer(tmp_path):

@@ -61,6 +61,8 @@ FISHER_TYPES = ("mc", "empirical", "type2")
 # ---------------------------------------------------------------- cross-entropy
 #: Targets equal to this index are ignored (PyTorch's and language-model data's padding convention).
 IGNORE_INDEX = -100
+#: The dtypes of class-index targets that torch's cross-entropy takes.
+CLASS_INDEX_DTYPES = (torch.int64, torch.uint8)
 
 
 def cross_entropy_loss(output: Tensor, target: Tensor) -> Tensor:
@@ -264,8 +266,10 @@ class LossSpec:
         ``IGNORE_INDEX``.
         """
         if self.class_targets:
-            if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-                return f"{self.name} needs integer class indices, got dtype {targets.dtype}"
+            if targets.dtype not in CLASS_INDEX_DTYPES:  # torch's cross-entropy kernels take no other dtype
+                return (f"{self.name} needs class indices of dtype torch.int64 (or torch.uint8), got dtype "
+                        f"{targets.dtype}" + (": pass targets.long()" if not targets.is_floating_point()
+                                              and not targets.is_complex() and targets.dtype != torch.bool else ""))
             layout = ("the prediction without its last (class) dim" if self.class_dim == -1 else
                       "the prediction without its class dim 1")
         elif not targets.is_floating_point():

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx.experimental.symbolic_shapes import optimization_hint
+from torch.utils._sympy.numbers import int_oo
 
 from . import leaf
 from .errors import ConfigError, CurvgraphError, TraceError
@@ -49,6 +50,10 @@ class InputSpec:
     name: str
     shape: tuple[int | None, ...]
     dtype: torch.dtype
+    #: ``(dim, lowest, highest)`` for each symbolic dim whose size the captured graph holds for only in a range
+    #: narrower than torch.export's default ``[2, oo)`` (``highest`` ``None``: no upper bound): a condition on the
+    #: size in ``forward`` (``if x.shape[0] > 4:``) is recorded as such a range, and the graph is its true branch.
+    size_ranges: tuple[tuple[int, int, int | None], ...] = ()
 
     @property
     def symbolic_dims(self) -> tuple[int, ...]:
@@ -600,7 +605,7 @@ def _from_program(model: nn.Module, program: ExportedProgram, example_inputs: tu
         elif spec.kind == InputKind.USER_INPUT:
             value = node.meta["val"]
             shape = tuple(d if isinstance(d, int) else None for d in map(size, value.shape))
-            inputs.append(InputSpec(node.name, shape, value.dtype))
+            inputs.append(InputSpec(node.name, shape, value.dtype, _recorded_ranges(program, value)))
         else:
             raise TraceError(
                 f"curvgraph: {type(model).__name__} has a graph input of kind {spec.kind.name} "
@@ -653,6 +658,19 @@ def _from_program(model: nn.Module, program: ExportedProgram, example_inputs: tu
     )
     _check_no_attributes(traced)
     return traced
+
+
+def _recorded_ranges(program: ExportedProgram, value: Tensor) -> tuple[tuple[int, int, int | None], ...]:
+    """:attr:`InputSpec.size_ranges` of an input whose example value (a fake tensor of the program) is ``value``."""
+    ranges = []
+    for d, expr in enumerate(map(size, value.shape)):
+        if not isinstance(expr, sympy.Symbol) or expr not in program.range_constraints:
+            continue
+        recorded = program.range_constraints[expr]
+        lowest, highest = int(recorded.lower), None if recorded.upper == int_oo else int(recorded.upper)
+        if lowest > 2 or highest is not None:
+            ranges.append((d, lowest, highest))
+    return tuple(ranges)
 
 
 def _first_names(named: Iterator[tuple[str, Tensor]]) -> dict[int, str]:

@@ -13,6 +13,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
@@ -409,3 +410,32 @@ def test_exported_step_takes_keyword_inputs_like_the_optimizer(tmp_path):
     assert same_params(model, twin)
     with pytest.raises(ValueError, match=r"takes a dict with keys \['input_ids', 'attention_mask'\]"):
         exported.step((batch["input_ids"], batch["attention_mask"]), targets)
+
+
+class SizeBranch(nn.Module):
+    """A branch on the batch size in ``forward``: torch.export keeps the size symbolic, in the branch's range."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.extra, self.b = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if x.shape[0] > 4:
+            h = h + torch.relu(self.extra(h))
+        return self.b(h)
+
+
+def test_a_batch_outside_the_size_range_the_capture_recorded_is_rejected():
+    torch.manual_seed(9)
+    model = SizeBranch()
+    x, y = torch.randn(12, 6), torch.randint(0, 4, (12,))
+    opt = curvgraph.compile(model, (x,), backend="eager")
+    params = copy.deepcopy(model.state_dict())
+    with pytest.raises(curvgraph.InputError, match=r"input 'x' has size 3 in dim 0; the step was captured for sizes "
+                                                   r"of at least 5 there\. .* \(e\.g\. `if x\.shape\[0\] > 4:`\)"):
+        opt.step(x[:3], y[:3])  # eager skips the branch here; the captured graph would take it
+    assert all(torch.equal(v, params[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        expected = F.cross_entropy(model(x[:5]), y[:5])
+    assert torch.allclose(opt.step(x[:5], y[:5]), expected)  # inside the range: the graph is the model

@@ -437,12 +437,42 @@ def _export(model: nn.Module, example_inputs: tuple[Tensor, ...], keys: tuple[st
     try:
         with _quiet_export(), _without_einsum_path_search():
             program = torch.export.export(model, **_arguments(inputs, keys, dynamic=True))
+            _detach_no_grad_regions(program)
             return program.run_decompositions({})
     except CurvgraphError:  # ours, raised from the model's call (e.g. the output selection): already worded
         raise
     except Exception as exc:  # translated below, never swallowed
         failure = exc
     raise _translate_export_error(model, example_inputs, keys, _with_static_sizes(model, inputs, keys, failure)) from failure
+
+
+def _detach_no_grad_regions(program: ExportedProgram) -> int:
+    """Detach every value a ``torch.no_grad()`` region of the model's ``forward`` returns; returns how many.
+
+    ``torch.export`` records such a region as ``wrap_with_set_grad_enabled(False, region, *args)``, and
+    ``run_decompositions`` inlines it as ordinary ops: the step, which differentiates the captured graph,
+    would then pass gradients through it and train parameters that eager PyTorch gives no gradient
+    (a target network, a gate evaluated without grad). A ``detach`` on each value the region returns keeps
+    eager's semantics: no gradient flows through the region. A value the model returns as its output is
+    left as it is (nothing differentiates it)."""
+    graph = program.graph_module.graph
+    count = 0
+    for node in list(graph.find_nodes(op="call_function", target=torch.ops.higher_order.wrap_with_set_grad_enabled)):
+        if node.args[0] is not False:
+            continue
+        for user in list(node.users):
+            readers = [r for r in user.users if r.op != "output"]
+            if not readers:
+                continue
+            with graph.inserting_after(user):
+                detached = graph.call_function(torch.ops.aten.detach.default, (user,))
+            detached.meta.update(user.meta)
+            for reader in readers:
+                reader.replace_input_with(user, detached)
+            count += 1
+    if count:
+        program.graph_module.recompile()
+    return count
 
 
 @contextlib.contextmanager

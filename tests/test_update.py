@@ -317,6 +317,39 @@ def test_frozen_parameters_stay_frozen():
     assert [b.name for b in opt.plan.blocks] == ["2"]
 
 
+class NoGradGate(nn.Module):
+    """A gate evaluated under ``torch.no_grad()`` in ``forward``: eager PyTorch gives ``gate`` no gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.gate, self.c = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        with torch.no_grad():
+            g = torch.sigmoid(self.gate(h))
+        return self.c(h * g)
+
+
+def test_parameters_used_only_under_no_grad_in_forward_are_not_trained():
+    torch.manual_seed(7)
+    model = NoGradGate()
+    x, y = torch.randn(12, 6), torch.randint(0, 3, (12,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    assert model.gate.weight.grad is None and model.a.weight.grad is not None  # eager's semantics
+    model.zero_grad(set_to_none=True)
+    before = copy.deepcopy(model.state_dict())
+    opt = curvgraph.compile(model, (x,), backend="eager")
+    with torch.no_grad():
+        expected = nn.functional.cross_entropy(model(x), y)
+    assert torch.allclose(opt.step(x, y), expected)
+    for _ in range(2):
+        opt.step(x, y)
+    state = model.state_dict()
+    assert torch.equal(state["gate.weight"], before["gate.weight"]) and torch.equal(state["gate.bias"], before["gate.bias"])
+    assert not torch.equal(state["a.weight"], before["a.weight"]) and not torch.equal(state["c.weight"], before["c.weight"])
+
+
 @pytest.mark.parametrize("order", [1, 3, 32, 64, 65])
 def test_damped_inverse_is_the_inverse_of_the_shifted_factor_with_and_without_padding(order):
     """``damped_inverse`` factors a factor whose order is a multiple of 32 padded by one: its inverses equal

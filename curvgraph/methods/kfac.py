@@ -281,7 +281,7 @@ def rows_precondition_flops(block: Block, rows: sympy.Expr | int) -> sympy.Expr 
 
 
 class KFAC(Method):
-    """K-FAC: Kronecker-factored natural gradient with momentum (see the module docstring).
+    r"""K-FAC: Kronecker-factored natural gradient with momentum (see the module docstring).
 
     With ``lr="auto"`` (the default) the step size, and with ``momentum="auto"`` (the
     default with ``lr="auto"``) the momentum too, come from the quadratic model on each

@@ -96,7 +96,7 @@ def conv_input_factor(inputs: tuple[Tensor, ...], kernel: tuple[int, ...], strid
 @torch.compiler.assume_constant_result
 def correlation_plan(spatial: tuple[int, ...], kernel: tuple[int, ...], padding: tuple[tuple[int, int], ...],
                      dilation: tuple[int, ...]) -> tuple:
-    """What :func:`shifted_input_moment` computes for a stride-1 convolution of inputs of size ``spatial``
+    r"""What :func:`shifted_input_moment` computes for a stride-1 convolution of inputs of size ``spatial``
     (Python ints only, so that ``torch.compile`` takes the result as a constant). Returns, in order:
 
     * ``k``: kernel offsets, row-major over the kernel dims (the weight's order);

@@ -277,7 +277,8 @@ class Plan:
         blocks: curvature blocks in graph order.
         fallback_params: trainable parameters no pass matched; they are updated by the
             first-order fallback rule. ``fallback_reasons`` says why, per parameter.
-        frozen_params: parameters with ``requires_grad=False`` (never updated).
+        frozen_params: parameters with ``requires_grad=False``, and those that get no gradient
+            (``traced.gradient_free``): never updated.
         sizes: the value of every symbolic size at the example inputs.
         size_names: readable names of the symbolic sizes (``N`` = batch size).
         fallback_numel: number of entries of the fallback parameters.
@@ -398,8 +399,11 @@ class Plan:
         if self.fallback_params:
             lines.append(f"first-order fallback ({len(self.fallback_params)} parameter(s)):")
             lines.extend(f"  {p}: {self.fallback_reasons.get(p, '')}" for p in self.fallback_params)
-        if self.frozen_params:
-            lines.append(f"frozen (requires_grad=False): {', '.join(self.frozen_params)}")
+        gradient_free = self.traced.gradient_free if self.traced is not None else ()
+        if requires_no_grad := [p for p in self.frozen_params if p not in gradient_free]:
+            lines.append(f"frozen (requires_grad=False): {', '.join(requires_no_grad)}")
+        if gradient_free:
+            lines.append(f"frozen (no gradient: used only under torch.no_grad() or through .detach() in forward): {', '.join(gradient_free)}")
         if self.groups:
             lines.append(f"block groups ({len(self.groups)}):")
             lines.extend(f"  {g}" for g in self.groups)

@@ -87,6 +87,9 @@ class TracedModel:
     batch: tuple[int, int] = (0, 0)
     #: The batch dim of every input (``None``: the input has no batch dim).
     batch_dims: tuple[int | None, ...] = ()
+    #: Model names of the parameters in ``frozen`` that require grad but get none: every path from them to the
+    #: prediction passes a ``torch.no_grad()`` region of ``forward`` or a ``detach`` (:func:`_without_gradient`).
+    gradient_free: tuple[str, ...] = ()
 
     def returned(self, index: int) -> torch.fx.Node:
         """The node at position ``index`` of the graph's output (valid across rewrites)."""
@@ -668,6 +671,10 @@ def _from_program(model: nn.Module, program: ExportedProgram, example_inputs: tu
         raise ConfigError(f"curvgraph: the prediction of {type(model).__name__} is a {user_outputs[0].meta['val'].dtype} "
                           "tensor; the loss needs float predictions (pick another with output=).")
 
+    gradient_free = _without_gradient(user_outputs[0], params)
+    for placeholder in gradient_free:
+        frozen[placeholder] = params.pop(placeholder)
+
     dims: dict[sympy.Symbol, tuple[int, int]] = {}
     for index, spec in enumerate(inputs):
         for d, expr in enumerate(map(size, placeholders[spec.name].meta["val"].shape)):
@@ -685,9 +692,27 @@ def _from_program(model: nn.Module, program: ExportedProgram, example_inputs: tu
         output_index=output_index,
         buffer_updates=buffer_updates,
         dims=dims,
+        gradient_free=tuple(frozen[p] for p in gradient_free),
     )
     _check_no_attributes(traced)
     return traced
+
+
+def _without_gradient(prediction: torch.fx.Node, params: dict[str, str]) -> list[str]:
+    """The placeholders in ``params`` that some node reads but from which no path reaches ``prediction`` other than
+    through a ``detach`` (:func:`_detach_no_grad_regions` puts one after each ``torch.no_grad()`` region): eager
+    PyTorch gives them no gradient, and a step must not move them (a weight decay would)."""
+    reached, pending = set(), [prediction]
+    while pending:
+        node = pending.pop()
+        if node in reached:
+            continue
+        reached.add(node)
+        if node.target is not torch.ops.aten.detach.default:
+            pending.extend(node.all_input_nodes)
+    graph = prediction.graph
+    return [p for p in params if (node := next(iter(graph.find_nodes(op="placeholder", target=p)), None)) is not None
+            and node.users and node not in reached]
 
 
 def _recorded_ranges(program: ExportedProgram, value: Tensor) -> tuple[tuple[int, int, int | None], ...]:

@@ -339,7 +339,9 @@ def test_parameters_used_only_under_no_grad_in_forward_are_not_trained():
     assert model.gate.weight.grad is None and model.a.weight.grad is not None  # eager's semantics
     model.zero_grad(set_to_none=True)
     before = copy.deepcopy(model.state_dict())
-    opt = curvgraph.compile(model, (x,), backend="eager")
+    opt = curvgraph.compile(model, (x,), backend="eager", weight_decay=1e-2)  # no decay either, as torch.optim
+    assert [b.name for b in opt.plan.blocks] == ["a", "c"]
+    assert "frozen (no gradient: used only under torch.no_grad() or through .detach() in forward): gate.weight, gate.bias" in str(opt.plan)
     with torch.no_grad():
         expected = nn.functional.cross_entropy(model(x), y)
     assert torch.allclose(opt.step(x, y), expected)

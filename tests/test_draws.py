@@ -61,16 +61,16 @@ def test_the_trial_forward_sees_the_same_random_draws(case):
 
 
 def test_dropout_in_the_step_keeps_its_distribution():
-    """The rewritten dropout keeps each element with probability 1 - p, scales what it keeps by 1/(1 - p) and returns
-    the keep mask, as ``aten.native_dropout`` does; its draws are what the step passes."""
+    """The rewritten dropout keeps where the drawn keep mask ``u >= p`` is true (probability 1 - p), scales what it
+    keeps by 1/(1 - p) and returns the mask, as ``aten.native_dropout`` does."""
     p = 0.3
     graph = make_fx(lambda x: torch.ops.aten.native_dropout.default(x, p, True))(torch.ones(400, 250)).graph
     draws, placeholders = draws_from_inputs(graph)
-    assert [(d.shape, d.dtype, d.normal) for d in draws] == [((400, 250), torch.float32, False)]
+    assert [(d.shape, d.dtype, d.normal, d.keep_above) for d in draws] == [((400, 250), torch.float32, False, p)]
     names = [n.name for n in graph.nodes if n.op == "placeholder"]
     rewritten = torch.fx.GraphModule({}, graph)
     x, u = torch.randn(400, 250), torch.rand(400, 250)
-    arguments = {placeholders[0].name: u, next(n for n in names if n != placeholders[0].name): x}
+    arguments = {placeholders[0].name: u >= p, next(n for n in names if n != placeholders[0].name): x}  # as drawn
     output, keep = rewritten(*(arguments[n] for n in names))
     assert torch.equal(keep, u >= p)
     torch.testing.assert_close(output, x * keep / (1 - p))
@@ -104,10 +104,10 @@ def test_attention_dropout_in_the_step_is_the_ops_own_with_that_mask():
     attention = graph.call_function(math, (*inputs, None, p, False))
     graph.output(graph.call_function(operator.getitem, (attention, 0)))
     draws, placeholders = draws_from_inputs(graph)
-    assert [d.shape for d in draws] == [(2, 3, 5, 6)]
+    assert [(d.shape, d.keep_above) for d in draws] == [((2, 3, 5, 6), p)]
     names = [n.name for n in graph.nodes if n.op == "placeholder"]
     u = torch.rand(2, 3, 5, 6)
-    given = dict(zip([n for n in names if n != placeholders[0].name], (q, k, v)), **{placeholders[0].name: u})
+    given = dict(zip([n for n in names if n != placeholders[0].name], (q, k, v)), **{placeholders[0].name: u >= p})
     output = torch.fx.GraphModule({}, graph)(*(given[n] for n in names))
     expected = math(q, k, v, None, p, False, u >= p)[0]
     torch.testing.assert_close(output, expected)

@@ -256,7 +256,9 @@ def _write_forward_backward(w: StepWriter, forward: InstrumentedForward, dims, l
         w.line("draws = (")
         for draw in forward.draws:
             sampler = "torch.randn" if draw.normal else "torch.rand"
-            w.line(f"    {sampler}({shape_code(draw.shape, dims)}, dtype={draw.dtype}, device=inputs[0].device),  # {draw.node}")
+            keep = "" if draw.keep_above is None else f" >= {draw.keep_above!r}"  # a dropout's keep mask
+            w.line(f"    {sampler}({shape_code(draw.shape, dims)}, dtype={draw.dtype}, device=inputs[0].device){keep},"
+                   f"  # {draw.node}")
         w.line(")")
     w.line()
     call = f"forward(*params, *frozen, *buffers, *constants, *probes, {'*draws, ' if forward.draws else ''}*inputs)"

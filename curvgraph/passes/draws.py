@@ -15,7 +15,8 @@ uniform :math:`U[0, 1)` or standard normal values that becomes a placeholder of 
 model, and passes the same ones to every call. Each op keeps its distribution:
 
 * ``native_dropout(x, p, train=True)``: keep mask :math:`m = [u \ge p]` (kept with probability
-  :math:`1 - p`), output :math:`x \cdot m / (1 - p)` (0 for :math:`p = 1`), and the mask;
+  :math:`1 - p`; the step draws the mask itself, one byte per element), output :math:`x \cdot m / (1 - p)`
+  (0 for :math:`p = 1`), and the mask;
 * attention's own dropout (``_scaled_dot_product_attention_math`` with ``dropout_p > 0``, the form the
   attention pass writes ``scaled_dot_product_attention`` in): the same keep mask over the attention
   weights, passed as the op's ``dropout_mask``;
@@ -49,26 +50,21 @@ class Draw:
         shape: its symbolic shape (ints, or sympy expressions in the input sizes).
         dtype: its dtype.
         normal: standard normal values if true, else uniform on ``[0, 1)``.
+        keep_above: for a dropout mask, the draw is the boolean keep mask ``u >= keep_above`` of the uniform
+            ``u`` (one byte per element where the uniform values would take four); ``None``: the values.
     """
 
     node: str
     shape: Shape
     dtype: torch.dtype
     normal: bool
+    keep_above: float | None = None
 
 
-def _mask(graph: Graph, before: Node, u: Node, p: float) -> Node:
-    """The keep mask ``u >= p`` (kept with probability ``1 - p``), inserted before ``before``."""
-    keep = insert_call(graph, before, aten.ge.Scalar, (u, p))
-    keep.meta["val"] = u.meta["val"] >= p
-    return keep
-
-
-def _dropout(graph: Graph, node: Node, u: Node) -> None:
-    """``native_dropout(x, p, train)`` -> ``(x * keep * 1/(1 - p), keep)``."""
+def _dropout(graph: Graph, node: Node, keep: Node) -> None:
+    """``native_dropout(x, p, train)`` -> ``(x * keep * 1/(1 - p), keep)`` with the drawn keep mask."""
     args = schema_args(node)
     x, p = args["input"], float(args["p"])
-    keep = _mask(graph, node, u, p)
     kept = insert_call(graph, node, aten.mul.Tensor, (x, keep), meta_from=x)
     output = insert_call(graph, node, aten.mul.Tensor, (kept, 1.0 / (1.0 - p) if p < 1 else 0.0), meta_from=x)
     for user in list(node.users):  # native_dropout's two outputs are read through getitem
@@ -77,14 +73,13 @@ def _dropout(graph: Graph, node: Node, u: Node) -> None:
     graph.erase_node(node)
 
 
-def _attention_dropout(graph: Graph, node: Node, u: Node) -> None:
+def _attention_dropout(graph: Graph, node: Node, keep: Node) -> None:
     """``_scaled_dot_product_attention_math(q, k, v, ..., dropout_p=p)[0]`` -> ``(w * keep / (1 - p)) @ v`` with ``w`` the
     op's attention weights at ``dropout_p=0`` (its second output: softmax of the scores), as the op's own dropout.
     With ``enable_gqa`` (``v`` repeated over the query heads inside the op) the mask is passed as the op's
     ``dropout_mask`` instead, which makes torch warn once that the argument is meant for testing."""
     args = schema_args(node)
     p = float(args["dropout_p"])
-    keep = _mask(graph, node, u, p)
     if args["enable_gqa"]:
         node.args = (args["query"], args["key"], args["value"], args["attn_mask"], p, args["is_causal"], keep)
         return
@@ -133,11 +128,14 @@ class RandomOp:
             call draws nothing (dropout in eval mode).
         rewrite: ``(graph, node, draw)``: make the node a function of the placeholder ``draw``, erasing what it
             replaces.
+        keep_above: for a dropout, the probability ``p`` of dropping an element: the draw is then the keep mask
+            ``u >= p`` (:attr:`Draw.keep_above`); ``None`` for the other ops.
     """
 
     normal: bool
     drawn: Callable[[Node], torch.Tensor | None]
     rewrite: Callable[[Graph, Node, Node], None]
+    keep_above: Callable[[Node], float] | None = None
 
 
 def _own_value(node: Node) -> torch.Tensor:
@@ -160,10 +158,11 @@ def _mask_draw(value: torch.Tensor, active: bool) -> torch.Tensor | None:
 DRAWN: dict[object, RandomOp] = {
     aten.native_dropout.default: RandomOp(
         False, lambda n: _mask_draw(schema_args(n)["input"].meta["val"], schema_args(n)["train"] is not False),
-        _dropout),
+        _dropout, lambda n: float(schema_args(n)["p"])),
     aten._scaled_dot_product_attention_math.default: RandomOp(
         False, lambda n: _mask_draw(_attention_weights(n), schema_args(n)["dropout_p"] > 0
-                                    and schema_args(n)["dropout_mask"] is None), _attention_dropout),
+                                    and schema_args(n)["dropout_mask"] is None), _attention_dropout,
+        lambda n: float(schema_args(n)["dropout_p"])),
     aten.bernoulli.default: RandomOp(False, lambda n: _mask_draw(n.meta["val"], True), _bernoulli),
     aten.bernoulli.p: RandomOp(False, lambda n: _mask_draw(n.meta["val"], True), _bernoulli),
     aten.rand_like.default: RandomOp(False, _own_value, _drawn),
@@ -188,10 +187,11 @@ def draws_from_inputs(graph: Graph) -> tuple[list[Draw], list[Node]]:
         value = op.drawn(node)
         if value is None:
             continue
+        keep_above = op.keep_above(node) if op.keep_above is not None else None
         with graph.inserting_before(head):
             u = graph.placeholder(f"draw_{len(draws)}")
-        u.meta["val"] = value
-        draws.append(Draw(node.name, tuple(size(d) for d in value.shape), value.dtype, op.normal))
+        u.meta["val"] = value if keep_above is None else value >= keep_above
+        draws.append(Draw(node.name, tuple(size(d) for d in value.shape), value.dtype, op.normal, keep_above))
         placeholders.append(u)
         op.rewrite(graph, node, u)
     return draws, placeholders

@@ -316,12 +316,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
             what = "compiled and ran" if compiled else "ran (a graph compiled before fits; nothing compiled)"
             print(f"curvgraph: {what} in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-        self._warn_degenerate()
+        no_terms = not ok and self.loss.counts_nothing(targets)
+        if not no_terms:  # with no loss terms every factor of G is 0/0: not the blocks' fault
+            self._warn_degenerate()
         if not ok:
+            cause = ("every target is -100 (ignored), so the mean loss has no terms; skip such batches" if no_terms else
+                     f"the loss ({loss.item():.4g}) or the update is not finite")
             warnings.warn(
-                f"curvgraph: step {self._runner.step_count} skipped: the loss ({loss.item():.4g}) or the update is not "
-                "finite; parameters, buffers and optimizer state are unchanged (but for a preconditioner refresh from "
-                "finite statistics). If this repeats, check the batch for inf/nan, or lower lr / raise damping.",
+                f"curvgraph: step {self._runner.step_count} skipped: {cause}; parameters, buffers and optimizer state "
+                "are unchanged (but for a preconditioner refresh from finite statistics)."
+                + ("" if no_terms else " If this repeats, check the batch for inf/nan, or lower lr / raise damping."),
                 NonFiniteStepWarning,
                 stacklevel=3,  # past torch.optim's step wrapper, to the caller
             )

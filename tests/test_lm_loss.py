@@ -8,6 +8,7 @@ ignored ones removed from the batch.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -89,8 +90,11 @@ def test_all_targets_ignored_is_a_skipped_step(batch):
     model = TokenMLP().double()
     before = [p.clone() for p in model.parameters()]
     opt = _compiled(model, x, "token_cross_entropy", "type2")
-    with pytest.warns(curvgraph.NonFiniteStepWarning):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         opt.step(x, torch.full_like(y, -100))
+    assert [w.category for w in caught] == [curvgraph.NonFiniteStepWarning]  # no degenerate blocks: G is 0/0
+    assert "every target is -100 (ignored), so the mean loss has no terms" in str(caught[0].message)
     assert opt.skipped_steps == 1
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 

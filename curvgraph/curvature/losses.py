@@ -258,6 +258,11 @@ class LossSpec:
         dim = self.class_dim % len(output_shape)
         return output_shape[:dim] + output_shape[dim + 1:]
 
+    def counts_nothing(self, targets: Tensor) -> bool:
+        """Whether the batch has no loss terms: every class-index target is ``IGNORE_INDEX`` (the mean loss is then
+        ``0 / 0``). Reads the targets on the host: call it only where a step failed."""
+        return self.class_targets and targets.numel() > 0 and bool((targets == IGNORE_INDEX).all())
+
     def check_targets(self, targets: Tensor, output_shape: tuple[int, ...]) -> str | None:
         """What is wrong with ``targets`` for a prediction of ``output_shape``, or ``None``.
 

@@ -659,6 +659,15 @@ def _from_program(model: nn.Module, program: ExportedProgram, example_inputs: tu
         elif spec.kind == OutputKind.USER_OUTPUT:
             user_outputs.append(node)
             output_index = position
+        elif spec.kind == OutputKind.PARAMETER_MUTATION:
+            owner = spec.target.rpartition(".")[0]
+            raise TraceError(
+                f"curvgraph: {type(model).__name__}'s forward writes into its parameter '{spec.target}' in place "
+                f"(node '{node}'; e.g. nn.Embedding(max_norm=...) renormalizes the rows it looks up), and the step "
+                "owns the parameters. Remove the in-place write (for max_norm: renormalize outside forward), or pass "
+                f"leaf_modules=[{owner!r}] to run that module as one opaque call (its parameters then take the "
+                "first-order fallback)."
+            )
         else:
             raise TraceError(
                 f"curvgraph: {type(model).__name__} produces a graph output of kind {spec.kind.name} "

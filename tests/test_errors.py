@@ -186,3 +186,22 @@ def test_a_model_without_curvature_products_is_told_to_use_a_fixed_step_size():
     opt = curvgraph.compile(model, x, lr=2e-3, backend="eager", progress=False)
     losses = [opt.step(x, y).item() for _ in range(5)]
     assert losses[-1] < losses[0]
+
+
+class RenormalizedEmbedding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.e, self.c = nn.Embedding(20, 8, max_norm=1.0), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.c(self.e(ids).mean(1))
+
+
+def test_a_forward_that_writes_a_parameter_in_place_names_it_and_the_leaf_module_way_out():
+    torch.manual_seed(3)
+    model, ids, y = RenormalizedEmbedding(), torch.randint(0, 20, (8, 5)), torch.randint(0, 3, (8,))
+    with pytest.raises(curvgraph.TraceError, match=r"forward writes into its parameter 'e\.weight' in place .*"
+                                                   r"leaf_modules=\['e'\]"):
+        curvgraph.compile(model, (ids,), backend="eager")
+    opt = curvgraph.compile(model, (ids,), backend="eager", leaf_modules=["e"])  # the way out the message names
+    assert torch.isfinite(opt.step(ids, y)) and opt.plan.fallback_params == ("e.weight",)

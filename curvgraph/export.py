@@ -161,7 +161,7 @@ def _spec(opt: "CurvatureOptimizer") -> str:
     entries = [
         ("method", _literal(opt.method.name), "the update rule's name (checked by load_state_dict)"),
         ("params", _literal(tuple(forward.names[p] for p in forward.params)), "trainable, in forward()'s order"),
-        ("frozen", _literal(tuple(forward.names[p] for p in forward.frozen)), "requires_grad=False"),
+        ("frozen", _literal(tuple(forward.names[p] for p in forward.frozen)), "requires_grad=False, or no gradient"),
         ("buffers", _literal(tuple(forward.names[b] for b in forward.buffers)), None),
         ("inputs", str(len(forward.inputs)), "number of input tensors"),
         ("keys", _literal(opt._captured.keys), "their names for keyword inputs (a dict: model(**inputs)), else None"),

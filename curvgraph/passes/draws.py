@@ -61,12 +61,16 @@ class Draw:
     keep_above: float | None = None
 
 
+def _kept(graph: Graph, before: Node, t: Node, keep: Node, p: float) -> Node:
+    """``t * keep * 1/(1 - p)`` (0 for ``p = 1``), inserted before ``before``: dropout with the keep mask ``keep``."""
+    kept = insert_call(graph, before, aten.mul.Tensor, (t, keep), meta_from=t)
+    return insert_call(graph, before, aten.mul.Tensor, (kept, 1.0 / (1.0 - p) if p < 1 else 0.0), meta_from=t)
+
+
 def _dropout(graph: Graph, node: Node, keep: Node) -> None:
     """``native_dropout(x, p, train)`` -> ``(x * keep * 1/(1 - p), keep)`` with the drawn keep mask."""
     args = schema_args(node)
-    x, p = args["input"], float(args["p"])
-    kept = insert_call(graph, node, aten.mul.Tensor, (x, keep), meta_from=x)
-    output = insert_call(graph, node, aten.mul.Tensor, (kept, 1.0 / (1.0 - p) if p < 1 else 0.0), meta_from=x)
+    output = _kept(graph, node, args["input"], keep, float(args["p"]))
     for user in list(node.users):  # native_dropout's two outputs are read through getitem
         user.replace_all_uses_with(output if user.args[1] == 0 else keep)
         graph.erase_node(user)
@@ -89,10 +93,7 @@ def _attention_dropout(graph: Graph, node: Node, keep: Node) -> None:
         weights = graph.call_function(operator.getitem, (node, 1))
     weights.meta["val"] = _attention_weights(node)
     before = weights.next
-    dropped = insert_call(graph, before, aten.mul.Tensor, (weights, keep), meta_from=weights)
-    scaled = insert_call(graph, before, aten.mul.Tensor, (dropped, 1.0 / (1.0 - p) if p < 1 else 0.0),
-                         meta_from=weights)
-    output = insert_call(graph, before, aten.matmul.default, (scaled, args["value"]),
+    output = insert_call(graph, before, aten.matmul.default, (_kept(graph, before, weights, keep, p), args["value"]),
                          meta_from=outputs[0] if outputs else None)
     for user in outputs:
         user.replace_all_uses_with(output)

@@ -417,10 +417,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     raise InputError(
                         f"curvgraph: input '{spec.name}' has size {tensor.shape[d]} in dim {d}; the step was captured "
                         f"for sizes {f'of at least {lowest}' if highest is None else f'from {lowest} to {highest}'} "
-                        "there. torch.export recorded "
-                        "a condition on that size in the model's forward (e.g. `if x.shape[0] > 4:`), and the "
-                        "captured graph holds only where the condition does. Compile another optimizer with example "
-                        "inputs of this size, or write the branch without the size (torch.cond, or a flag).")
+                        "there. torch.export recorded a condition on that size in the model's forward (e.g. "
+                        "`if x.shape[0] > 4:`), and the captured graph holds only where the condition does. Compile "
+                        "another optimizer with example inputs of this size, or write the branch without the size "
+                        "(torch.cond, or a flag).")
             if tensor.device != device:
                 raise InputError(f"curvgraph: input '{spec.name}' is on {tensor.device}, the model's parameters on "
                                  f"{device}; move the batch to {device}.")

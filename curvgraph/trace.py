@@ -680,7 +680,7 @@ def _from_program(model: nn.Module, program: ExportedProgram, example_inputs: tu
         raise ConfigError(f"curvgraph: the prediction of {type(model).__name__} is a {user_outputs[0].meta['val'].dtype} "
                           "tensor; the loss needs float predictions (pick another with output=).")
 
-    gradient_free = _without_gradient(user_outputs[0], params)
+    gradient_free = _without_gradient(user_outputs[0], {p: placeholders[p] for p in params})
     for placeholder in gradient_free:
         frozen[placeholder] = params.pop(placeholder)
 
@@ -707,10 +707,11 @@ def _from_program(model: nn.Module, program: ExportedProgram, example_inputs: tu
     return traced
 
 
-def _without_gradient(prediction: torch.fx.Node, params: dict[str, str]) -> list[str]:
-    """The placeholders in ``params`` that some node reads but from which no path reaches ``prediction`` other than
-    through a ``detach`` (:func:`_detach_no_grad_regions` puts one after each ``torch.no_grad()`` region): eager
-    PyTorch gives them no gradient, and a step must not move them (a weight decay would)."""
+def _without_gradient(prediction: torch.fx.Node, params: dict[str, torch.fx.Node]) -> list[str]:
+    """The names of the placeholders ``params`` (name -> node) that some node reads but from which no path reaches
+    ``prediction`` other than through a ``detach`` (:func:`_detach_no_grad_regions` puts one after each
+    ``torch.no_grad()`` region): eager PyTorch gives them no gradient, and a step must not move them (a weight
+    decay would)."""
     reached, pending = set(), [prediction]
     while pending:
         node = pending.pop()
@@ -719,9 +720,7 @@ def _without_gradient(prediction: torch.fx.Node, params: dict[str, str]) -> list
         reached.add(node)
         if node.target is not torch.ops.aten.detach.default:
             pending.extend(node.all_input_nodes)
-    graph = prediction.graph
-    return [p for p in params if (node := next(iter(graph.find_nodes(op="placeholder", target=p)), None)) is not None
-            and node.users and node not in reached]
+    return [name for name, node in params.items() if node.users and node not in reached]
 
 
 def _recorded_ranges(program: ExportedProgram, value: Tensor) -> tuple[tuple[int, int, int | None], ...]:

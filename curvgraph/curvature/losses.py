@@ -272,9 +272,9 @@ class LossSpec:
         """
         if self.class_targets:
             if targets.dtype not in CLASS_INDEX_DTYPES:  # torch's cross-entropy kernels take no other dtype
+                integer = not (targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool)
                 return (f"{self.name} needs class indices of dtype torch.int64 (or torch.uint8), got dtype "
-                        f"{targets.dtype}" + (": pass targets.long()" if not targets.is_floating_point()
-                                              and not targets.is_complex() and targets.dtype != torch.bool else ""))
+                        f"{targets.dtype}" + (": pass targets.long()" if integer else ""))
             layout = ("the prediction without its last (class) dim" if self.class_dim == -1 else
                       "the prediction without its class dim 1")
         elif not targets.is_floating_point():

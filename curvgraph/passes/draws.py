@@ -19,7 +19,8 @@ model, and passes the same ones to every call. Each op keeps its distribution:
   (0 for :math:`p = 1`), and the mask;
 * attention's own dropout (``_scaled_dot_product_attention_math`` with ``dropout_p > 0``, the form the
   attention pass writes ``scaled_dot_product_attention`` in): the same keep mask over the attention
-  weights, passed as the op's ``dropout_mask``;
+  weights, applied to the op's weights at ``dropout_p = 0`` before they multiply ``v`` (with
+  ``enable_gqa``, passed as the op's ``dropout_mask``);
 * ``bernoulli(q)``: :math:`[u < q]` in ``q``'s dtype; ``bernoulli(x, p)``: :math:`[u < p]` in ``x``'s;
 * ``rand``/``rand_like``: :math:`u`; ``randn``/``randn_like``: the normal draw itself.
 

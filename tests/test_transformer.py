@@ -115,6 +115,34 @@ def test_attention_group_of_linear_only_attention(fused):
     assert {m.layer for m in group.members} <= {n for b in plan.blocks for u in b.uses for n in u.outputs}
 
 
+class DirectMHA(nn.Module):
+    """``nn.MultiheadAttention`` called directly, so with ``need_weights=True``: its core is
+    ``softmax(bmm(q * d**-0.5, kᵀ)) v``, or with a mask ``softmax(baddbmm(mask, q * d**-0.5, kᵀ)) v``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(5, D)
+        self.mha = nn.MultiheadAttention(D, 2, batch_first=True)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x, key_padding_mask=None):
+        h = self.inp(x)
+        a, _ = self.mha(h, h, h, key_padding_mask=key_padding_mask)
+        return self.head(a.mean(1))
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "key-padding-mask"])
+def test_attention_group_of_multihead_attention_returning_its_weights(masked):
+    x = torch.randn(4, T, 5)
+    mask = torch.zeros(4, T, dtype=torch.bool)
+    mask[:, T - 2:] = True
+    plan = curvgraph.compile(DirectMHA(), (x, mask) if masked else (x,), backend="eager").plan
+    (group,) = plan.groups
+    assert group.name == "mha"
+    assert [str(m) for m in group.members] == [f"{role}=mha.in_proj_weight [part {i}/3]" for i, role in
+                                               enumerate("qkv", 1)] + ["out=mha.out_proj"]
+
+
 @pytest.mark.parametrize("model_cls", [EncoderLM, GPTBlock, DecoderSeq, CrossAttention], ids=lambda m: m.__name__)
 def test_defaults_train_a_transformer(compiled, model_cls):
     inputs = _inputs(model_cls)

@@ -5,10 +5,12 @@ fused call is rewritten into it, :mod:`.forms`) or the hand-written pattern
 
 .. math:: \operatorname{softmax}(\,\text{elementwise}(q\,k^\top)\,)\;v
 
-(``matmul`` -> scaling, masking -> ``softmax`` -> optional dropout -> ``matmul``). From the
+(``matmul`` -> scaling, masking -> ``softmax`` -> optional dropout -> ``matmul``; the score product may be
+``baddbmm(mask, q, kᵀ)``, which adds an additive mask, as ``nn.MultiheadAttention`` computes it when asked for
+its attention weights with a mask). From the
 core's ``q``, ``k`` and ``v`` operands the pass walks back through layout ops (views,
 transposes, head splits, ``split``/``chunk``/``unbind``/``select`` of a fused projection)
-to the ``aten.linear`` that produced each, and from the core's output forward through
+and scalings by a constant (``q * d**-0.5``) to the ``aten.linear`` that produced each, and from the core's output forward through
 layout ops to the output projection. Each projection found is a *member* of the group:
 its role (``q``, ``k``, ``v``, ``out``), the curvature block that owns the linear, and,
 for a fused projection (one ``nn.Linear(d, 3d)`` or ``nn.MultiheadAttention``'s packed
@@ -49,6 +51,10 @@ SPLITS = frozenset({aten.split.Tensor, aten.split_with_sizes.default, aten.chunk
 SCORE_OPS = frozenset({aten.div.Tensor, aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.masked_fill.Scalar,
                        aten.masked_fill.Tensor, aten.where.self, aten._to_copy.default})
 MATMULS = frozenset({aten.matmul.default, aten.bmm.default})
+#: The ops that compute attention scores, with the positions of their ``q`` and ``kᵀ`` operands.
+SCORE_PRODUCTS = {aten.matmul.default: (0, 1), aten.bmm.default: (0, 1), aten.baddbmm.default: (1, 2)}
+#: Ops that scale a tensor; walked through from ``q``, ``k`` or ``v`` to its projection when the factor is a constant.
+SCALINGS = frozenset({aten.mul.Tensor, aten.div.Tensor})
 SOFTMAXES = frozenset({aten.softmax.int, aten._softmax.default})
 SDPA_MATH = aten._scaled_dot_product_attention_math.default
 
@@ -102,9 +108,10 @@ def _cores(traced: TracedModel) -> Iterator[tuple[Node, tuple[Node, Node, Node],
         elif node.target in SOFTMAXES:
             scores = _walk_up(node.args[0], SCORE_OPS)
             value_product = _single_user_through(node, LAYOUT_OPS)
-            if (scores is not None and scores.target in MATMULS and value_product is not None
+            if (scores is not None and scores.target in SCORE_PRODUCTS and value_product is not None
                     and value_product.target in MATMULS):
-                yield node, (scores.args[0], _untranspose(scores.args[1]), value_product.args[1]), value_product
+                q, k = (scores.args[i] for i in SCORE_PRODUCTS[scores.target])
+                yield node, (q, _untranspose(k), value_product.args[1]), value_product
 
 
 def _walk_up(node: object, through: frozenset) -> Node | None:
@@ -135,8 +142,8 @@ def _untranspose(node: Node) -> Node:
 
 
 def _producer(operand: object) -> tuple[Node, tuple[int, int] | None] | None:
-    """The ``aten.linear`` that ``operand`` is (a part of) a layout of, and which part: ``(index, count)`` of the
-    first split of its output on the way (``None`` if the whole output)."""
+    """The ``aten.linear`` that ``operand`` is (a part of) a layout of, possibly scaled by a constant, and which part:
+    ``(index, count)`` of the first split of its output on the way (``None`` if the whole output)."""
     part = None
     node = operand
     while isinstance(node, Node) and node.op == "call_function":
@@ -147,7 +154,7 @@ def _producer(operand: object) -> tuple[Node, tuple[int, int] | None] | None:
         elif node.target is operator.getitem and isinstance(node.args[0], Node) and node.args[0].target in SPLITS:
             part = (int(node.args[1]), len(node.args[0].meta["val"]))
             node = node.args[0]
-        elif node.target not in LAYOUT_OPS:
+        elif node.target not in LAYOUT_OPS and not (node.target in SCALINGS and not isinstance(node.args[1], Node)):
             return None
         node = node.args[0]
     return None

@@ -441,12 +441,43 @@ def _export(model: nn.Module, example_inputs: tuple[Tensor, ...], keys: tuple[st
         with _quiet_export(), _without_einsum_path_search():
             program = torch.export.export(model, **_arguments(inputs, keys, dynamic=True))
             _detach_no_grad_regions(program)
-            return program.run_decompositions({})
+            return program.run_decompositions(DECOMPOSITIONS)
     except CurvgraphError:  # ours, raised from the model's call (e.g. the output selection): already worded
         raise
     except Exception as exc:  # translated below, never swallowed
         failure = exc
     raise _translate_export_error(model, example_inputs, keys, _with_static_sizes(model, inputs, keys, failure)) from failure
+
+
+def _instance_norm(input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+                   running_var: Tensor | None, use_input_stats: bool, momentum: float, eps: float,
+                   cudnn_enabled: bool) -> Tensor:
+    r"""``aten.instance_norm`` as ops whose effects the captured graph shows.
+
+    The op itself updates ``running_mean``/``running_var`` in place inside one opaque call, so
+    functionalization does not see the update and every pass of the model in one step (the
+    adaptive step's trial forward, its curvature products) would update them again. Written out:
+
+    * with batch statistics (training, or no running statistics): ``group_norm`` with one group
+      per channel, which normalizes each ``(n, c)`` slice over its spatial elements exactly as
+      instance norm does, and which the norm pass matches; the running statistics, where tracked,
+      become :math:`r \leftarrow (1 - m)\, r + m \operatorname{mean}_n s_{nc}` for the slices'
+      means and unbiased variances :math:`s_{nc}` (what the op computes through ``batch_norm`` on
+      the ``(1, N C, ...)`` view), as in-place updates that functionalization turns into outputs;
+    * with running statistics (eval mode): ``batch_norm`` without training, as the op computes it.
+    """
+    if not use_input_stats:
+        return torch.ops.aten._native_batch_norm_legit_no_training.default(
+            input, weight, bias, running_mean, running_var, momentum, eps)[0]
+    if running_mean is not None and running_var is not None:
+        var, mean = torch.var_mean(input.detach(), list(range(2, input.dim())), correction=1)
+        running_mean.mul_(1 - momentum).add_(momentum * mean.mean(0))
+        running_var.mul_(1 - momentum).add_(momentum * var.mean(0))
+    return torch.ops.aten.group_norm.default(input, input.shape[1], weight, bias, eps, cudnn_enabled)
+
+
+#: What the captured graph is decomposed with beyond functionalization: ops whose own kernels hide an effect.
+DECOMPOSITIONS = {torch.ops.aten.instance_norm.default: _instance_norm}
 
 
 def _detach_no_grad_regions(program: ExportedProgram) -> int:

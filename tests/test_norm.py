@@ -1,4 +1,4 @@
-"""Norm blocks: exact per-channel GGN blocks, the update, BatchNorm statistics, eval mode."""
+"""Norm blocks (BatchNorm, LayerNorm, GroupNorm, InstanceNorm, RMSNorm): exact per-channel GGN blocks, the update, BatchNorm statistics, eval mode."""
 
 from __future__ import annotations
 
@@ -24,6 +24,16 @@ def ln_mlp() -> nn.Module:
 
 def gn_cnn() -> nn.Module:
     return nn.Sequential(nn.Conv2d(2, 4, 2), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 9, 4))
+
+
+def in_cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(2, 4, 2), nn.InstanceNorm2d(4, affine=True), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 9, 4))
+
+
+def in_cnn(track_running_stats: bool = False) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(2, 4, 2), nn.InstanceNorm2d(4, affine=True, track_running_stats=track_running_stats),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(4 * 9, 4))
 
 
 def ln_sequence() -> nn.Module:
@@ -62,6 +72,8 @@ NORMS = {
     "batchnorm": (bn_cnn, (6, 2, 7), "1"),
     "layernorm": (ln_mlp, (6, 5), "1"),
     "groupnorm": (gn_cnn, (6, 2, 4, 4), "1"),
+    "instancenorm": (in_cnn, (6, 2, 4, 4), "1"),
+    "instancenorm": (in_cnn, (6, 2, 4, 4), "1"),
     "layernorm-no-bias-shared": (ln_sequence, (6, 3, 5), "1"),
 }
 
@@ -149,6 +161,31 @@ def test_batchnorm_running_statistics_match_eager_pytorch_step_by_step():
             torch.testing.assert_close(model[i].running_mean, shadow.running_mean)
             torch.testing.assert_close(model[i].running_var, shadow.running_var)
             assert model[i].num_batches_tracked == shadow.num_batches_tracked
+
+
+def test_instancenorm_running_statistics_match_eager_pytorch_and_eval_mode_uses_them():
+    """``aten.instance_norm`` updates its running statistics inside the op; the captured graph writes the update
+    out, so the adaptive step's extra passes of the model (trial forward, curvature products) do not repeat it."""
+    torch.manual_seed(4)
+    model = in_cnn(track_running_stats=True)
+    opt = curvgraph.compile(model, (torch.randn(5, 2, 4, 4),), backend="eager")
+    assert [(b.name, b.kind) for b in opt.plan.blocks] == [("0", "conv"), ("1", "norm"), ("4", "dense")]
+    shadow = copy.deepcopy(model[1])
+    g = torch.Generator().manual_seed(5)
+    for _ in range(4):
+        x, y = torch.randn(5, 2, 4, 4, generator=g), torch.randint(0, 4, (5,), generator=g)
+        with torch.no_grad():
+            shadow(model[0](x))
+        opt.step(x, y)
+        torch.testing.assert_close(model[1].running_mean, shadow.running_mean)
+        torch.testing.assert_close(model[1].running_var, shadow.running_var)
+    model.eval()
+    x, y = torch.randn(5, 2, 4, 4, generator=g), torch.randint(0, 4, (5,), generator=g)
+    with torch.no_grad():
+        expected = F.cross_entropy(model(x), y)
+        assert not torch.allclose(expected, F.cross_entropy(copy.deepcopy(model).train()(x), y))
+    torch.testing.assert_close(opt.step(x, y), expected)
+    torch.testing.assert_close(model[1].running_mean, shadow.running_mean)
 
 
 def test_eval_mode_after_training_uses_the_running_statistics():

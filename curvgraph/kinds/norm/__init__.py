@@ -104,7 +104,8 @@ class AffineMatch:
 
 
 class Norm(BlockKind):
-    """BatchNorm/LayerNorm/GroupNorm affine parameters: one exact ``k x k`` block ``F`` per channel."""
+    """BatchNorm/LayerNorm/GroupNorm affine parameters (InstanceNorm is captured as a GroupNorm, see
+    :func:`curvgraph.trace._instance_norm`): one exact ``k x k`` block ``F`` per channel."""
 
     name = "norm"
     rewrites = (split_norm_affine,)

@@ -21,7 +21,7 @@ from .passes.split import (DEFAULT_MAX_FACTOR_DIM, factor_dim_limit, resolve_max
                            wide_factors)
 from .passes.subsample import subsample_positions
 from .registry import resolve_fallback, resolve_method
-from .trace import flatten_inputs, resolve_batch_dims, trace
+from .trace import flatten_inputs, resolve_batch_dims, substituted, trace
 
 #: Options of :func:`compile` that are not hyper-parameters of the method.
 OPTIONS: dict[str, Any] = {
@@ -201,12 +201,17 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
     device = next(iter(model.parameters()), torch.empty(0)).device
     autocast = resolve_autocast(settings["autocast"], device.type)
     block_kinds = dict(registry.KINDS)
+    inside_leaves = {id(m) for module in leaves.values() for m in module.modules()}
+
+    def substitute(module: nn.Module) -> nn.Module | None:
+        """The block kinds' replacement of ``module`` for capture (:meth:`BlockKind.substitute`), outside leaves."""
+        if id(module) in inside_leaves:
+            return None
+        return next((r for k in block_kinds.values() if (r := k.substitute(module)) is not None), None)
 
     def capture(inputs: tuple[Tensor, ...], keys: tuple[str, ...] | None) -> Captured:
         with torch.autocast(device.type, enabled=False):  # the graph in the parameters' dtypes; the step adds autocast
-            traced = trace(model, inputs,
-                           lambda m: next((r for k in block_kinds.values() if (r := k.substitute(m)) is not None), None),
-                           keys=keys, output=settings["output"], leaves=leaves)
+            traced = trace(model, inputs, substitute, keys=keys, output=settings["output"], leaves=leaves)
         resolve_batch_dims(traced, settings["batch_dim"])
         plan = build_plan(traced, block_kinds.values(), settings["kfac_approx"], traced.example_sizes(inputs))
         if settings["conv_stats_every"] > 1:
@@ -226,7 +231,8 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
         forward = instrument(traced, plan)
         param_dtype = next((p.dtype for p in model.parameters() if p.requires_grad), torch.float32)
         args, kwargs = (inputs, {}) if keys is None else ((), dict(zip(keys, inputs)))
-        transposable = rule.differentiates_backward and transposes_backward(model, args, kwargs, settings["output"])
+        with substituted(model, substitute):  # the model as captured
+            transposable = rule.differentiates_backward and transposes_backward(model, args, kwargs, settings["output"])
         generated = codegen.generate(plan, forward, traced.dims, block_kinds, rule, fallback, loss_spec, fisher,
                                      param_dtype, batch=traced.batch, autocast=autocast,
                                      backward_differentiable=transposable)

@@ -360,7 +360,7 @@ def trace(model: nn.Module, example_inputs: tuple[Tensor, ...], substitute: Subs
     try:
         if shells:
             _record_leaf_calls(model, example_inputs, keys, [s.key for s in shells.values()], list(leaves.values()))
-        with _substituted(model, replace), _picking_output(model, output):
+        with substituted(model, replace), _picking_output(model, output):
             program = _export(model, example_inputs, keys)
     finally:
         for module, training in modes.items():
@@ -413,7 +413,7 @@ def _record_leaf_calls(model: nn.Module, inputs: tuple[Tensor, ...], keys: tuple
 
 
 @contextlib.contextmanager
-def _substituted(model: nn.Module, substitute: Substitute | None) -> Iterator[None]:
+def substituted(model: nn.Module, substitute: Substitute | None) -> Iterator[None]:
     """Swap every submodule ``m`` with ``substitute(m)`` (when not ``None``) for the duration of the block."""
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
     replacements: dict[int, nn.Module | None] = {}

@@ -1,4 +1,5 @@
-"""Embedding and position blocks: a diagonal frequency factor, exact for one token, padding rows untouched.
+"""Embedding and position blocks: a diagonal frequency factor, exact for one token, padding rows untouched;
+``nn.EmbeddingBag`` as a lookup and a reduction.
 
 Reference: the exact GGN of the embedding weight by ``torch.func`` (tests/helpers.py),
 which for one looked-up token equals ``kron(A, G)`` with the type-2 Fisher.
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 import curvgraph
+from curvgraph.kinds.embedding.bag import bag_form
 from helpers import exact_ggn
 
 V, D = 6, 4
@@ -71,6 +73,65 @@ def test_padding_row_stays_untouched_with_weight_decay():
         opt.step(x, torch.randint(0, 3, (6,)))
     assert torch.equal(model.emb.weight[1], before[1])
     assert not torch.equal(model.emb.weight[0], before[0])
+
+
+class EmbeddingBagHead(nn.Module):
+    """``nn.EmbeddingBag`` over the rows of a ``(N, L)`` index tensor -> tanh -> linear head."""
+
+    def __init__(self, mode: str = "mean", padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(V, D, mode=mode, padding_idx=padding_idx)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, tokens, per_sample_weights=None):
+        return self.head(torch.tanh(self.bag(tokens, per_sample_weights=per_sample_weights)))
+
+
+@pytest.mark.parametrize("mode, padding_idx, weighted", [("sum", None, False), ("sum", 2, True), ("mean", None, False),
+                                                         ("mean", 2, False), ("max", None, False), ("max", 2, False)])
+def test_embedding_bag_form_computes_what_the_module_computes(mode, padding_idx, weighted):
+    """Output and weight gradient of the lookup-and-reduction form against ``nn.EmbeddingBag``'s own op, with a bag
+    of padding only (its output is 0)."""
+    torch.manual_seed(0)
+    bag = nn.EmbeddingBag(V, D, mode=mode, padding_idx=padding_idx).double()
+    tokens = torch.randint(0, V, (5, 4))
+    if padding_idx is not None:
+        tokens[0] = padding_idx
+        tokens[1, :2] = padding_idx
+    weights = torch.rand(5, 4, dtype=torch.float64) if weighted else None
+    form = bag_form(bag)
+    assert [p for p in form.parameters()] == [bag.weight]
+    expected, ours = bag(tokens, per_sample_weights=weights), form(tokens, per_sample_weights=weights)
+    torch.testing.assert_close(ours, expected)
+    direction = torch.randn_like(expected)
+    (grad_expected,) = torch.autograd.grad(expected, bag.weight, direction)
+    (grad_ours,) = torch.autograd.grad(ours, bag.weight, direction)
+    torch.testing.assert_close(grad_ours, grad_expected)
+
+
+@pytest.mark.parametrize("token", [0, 3])
+def test_embedding_bag_of_one_token_factors_are_the_exact_ggn(token):
+    torch.manual_seed(0)
+    model = EmbeddingBagHead().double()
+    x, y = torch.tensor([[token]]), torch.tensor([1])
+    exact = exact_ggn(model, "cross_entropy", x, y, model.bag.weight.detach().flatten(),
+                      lambda t: {"bag.weight": t.reshape(V, D)})
+    opt = curvgraph.compile(model, (x,), fisher="type2", backend="eager", lr=0.1)
+    assert opt.plan.block("bag").kind == "embedding" and opt.plan.fallback_params == ()
+    opt.step(x, y)
+    factors = opt.factors()["bag"]
+    torch.testing.assert_close(torch.kron(torch.diag(factors["A"]), factors["G"]), exact)
+
+
+def test_embedding_bag_trains_at_the_defaults():
+    """``lr="auto"`` needs curvature products through the model; ``aten.embedding_bag`` has no forward-mode
+    derivative, its captured form has."""
+    torch.manual_seed(0)
+    model = EmbeddingBagHead(padding_idx=0)
+    x, y = torch.randint(0, V, (8, 5)), torch.randint(0, 3, (8,))
+    opt = curvgraph.compile(model, (x,), backend="eager")
+    losses = [opt.step(x, y).item() for _ in range(5)]
+    assert opt.skipped_steps == 0 and losses[-1] < 0.5 * losses[0], losses
 
 
 class Positional(nn.Module):

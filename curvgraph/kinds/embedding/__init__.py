@@ -4,7 +4,8 @@
 padding_idx, ...)``. The pass groups those nodes by weight; a weight looked up at
 several places is one block with one use per lookup. A weight with any other consumer
 (a tied output head, a regularizer) is left to later passes or the fallback; so is a
-weight looked up with different ``padding_idx``. Factors: :mod:`.factors`.
+weight looked up with different ``padding_idx``. ``nn.EmbeddingBag`` over 2-D bags is captured
+as such a lookup and a reduction (:mod:`.bag`). Factors: :mod:`.factors`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ...trace import TracedModel, symbolic_shape
 from ..base import BlockKind, layer_use, new_block
 from ..dense import factors as dense_math
 from . import factors as embedding_math
+from .bag import bag_form
 
 
 class Embedding(BlockKind):
@@ -35,6 +37,9 @@ class Embedding(BlockKind):
 
     def label(self, block: Block) -> str:
         return f"embedding {block.dims['vocab']} tokens x {block.dims['features']}"
+
+    def substitute(self, module: torch.nn.Module) -> torch.nn.Module | None:
+        return bag_form(module)
 
     def find(self, traced: TracedModel, claims: Claims, sharing: str) -> list[Block]:
         return find_embedding_blocks(self, traced, claims)

@@ -137,7 +137,8 @@ def _body(opt: "CurvatureOptimizer", constants: dict[str, Tensor], pt_name: str 
     assert anchor in source, "the generated step's imports changed: update export._body"
     source = source.replace(anchor, anchor + "from torch._inductor.custom_graph_pass import CustomGraphPass, "
                             "get_hash_for_files\n", 1)
-    run_time = [textwrap.dedent(inspect.getsource(obj)).strip() for obj in runtime.EXPORTED]
+    run_time = ["\n".join(f"{name} = {_literal(getattr(runtime, name))}" for name in runtime.EXPORTED_CONSTANTS)]
+    run_time += [textwrap.dedent(inspect.getsource(obj)).strip() for obj in runtime.EXPORTED]
     run_time[0] = _section("run time: the code CurvatureOptimizer runs the step with (curvgraph.runtime)", run_time[0])
     parts = [
         source.rstrip(),
@@ -161,9 +162,17 @@ def _spec(opt: "CurvatureOptimizer") -> str:
     entries = [
         ("method", _literal(opt.method.name), "the update rule's name (checked by load_state_dict)"),
         ("params", _literal(tuple(forward.names[p] for p in forward.params)), "trainable, in forward()'s order"),
+        ("param_shapes", _literal(tuple(tuple(p.shape) for p in opt._params)), None),
         ("frozen", _literal(tuple(forward.names[p] for p in forward.frozen)), "requires_grad=False, or no gradient"),
         ("buffers", _literal(tuple(forward.names[b] for b in forward.buffers)), None),
         ("inputs", str(len(forward.inputs)), "number of input tensors"),
+        ("input_shapes", _literal(tuple((i.name, i.shape, i.dtype, i.size_ranges) for i in opt._inputs)),
+         "per input: name, shape (None: any size), dtype, (dim, lowest, highest) of sizes held in a range"),
+        ("batch_dims", _literal(opt._captured.batch_dims), "per input, its batch dim (None: none)"),
+        ("contiguous", _literal(tuple(i.contiguous for i in opt._inputs)), "per input, captured contiguous"),
+        ("loss", _literal(opt.loss.name), None),
+        ("class_dim", _literal(opt.loss.target_class_dim),
+         "the prediction's class dim for class-index targets, None for targets shaped like it"),
         ("keys", _literal(opt._captured.keys), "their names for keyword inputs (a dict: model(**inputs)), else None"),
         ("dynamic_dims", _literal(tuple(spec.symbolic_dims for spec in opt._inputs)),
          "per input, the dims the graph keeps symbolic (marked dynamic for torch.compile)"),

@@ -20,7 +20,7 @@ from .instrument import InstrumentedForward
 from .methods.base import Method
 from .methods.fallback import FallbackRule
 from .plan import Plan
-from .runtime import StepRunner, compiled_step, model_tensors
+from .runtime import StepRunner, batch_hint, batch_problem, compiled_step, model_tensors
 from .trace import InputSpec, describe_modes, flatten_inputs, modes_of
 
 # Inductor itself triggers this deprecation notice while compiling the step; users cannot act on it.
@@ -246,7 +246,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._buffer_names = [forward.names[b] for b in forward.buffers]
         self._runner.use(self._steps[captured.generated.source], captured.namespace["noise_shape"],
                          captured.namespace["switches"], tuple(spec.symbolic_dims for spec in captured.inputs),
-                         captured.generated.transposes_backward)
+                         captured.generated.transposes_backward, tuple(spec.contiguous for spec in captured.inputs))
 
     @property
     def skipped_steps(self) -> int:
@@ -400,47 +400,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _check_batch(self, batch: tuple[Tensor, ...], targets: Tensor) -> None:
         """Raise :class:`InputError` for a batch the step cannot take; changes nothing."""
-        device = self._runner.device
-        for tensor, spec, dim in zip(batch, self._inputs, self._captured.batch_dims):
-            fixed = all(s is None or s == t for s, t in zip(spec.shape, tensor.shape))
-            if tensor.dim() != len(spec.shape) or not fixed or tensor.dtype != spec.dtype:
-                expected = tuple("*" if s is None else s for s in spec.shape)
-                pinned = (" A size of 1 in the example inputs is pinned by torch.export: capture with a batch of 2 or "
-                          "more to keep it symbolic." if dim is not None and spec.shape[dim] == 1 else "")
-                raise InputError(
-                    f"curvgraph: input '{spec.name}' has shape {tuple(tensor.shape)} and dtype {tensor.dtype}; the step "
-                    f"was compiled for shape {expected} ('*' = any size) and dtype {spec.dtype}. Recompile with "
-                    "example inputs of the new shape if this is intended." + pinned
-                )
-            for d, lowest, highest in spec.size_ranges:
-                if tensor.shape[d] < lowest or (highest is not None and tensor.shape[d] > highest):
-                    raise InputError(
-                        f"curvgraph: input '{spec.name}' has size {tensor.shape[d]} in dim {d}; the step was captured "
-                        f"for sizes {f'of at least {lowest}' if highest is None else f'from {lowest} to {highest}'} "
-                        "there. torch.export recorded a condition on that size in the model's forward (e.g. "
-                        "`if x.shape[0] > 4:`), and the captured graph holds only where the condition does. Compile "
-                        "another optimizer with example inputs of this size, or write the branch without the size "
-                        "(torch.cond, or a flag).")
-            if tensor.device != device:
-                raise InputError(f"curvgraph: input '{spec.name}' is on {tensor.device}, the model's parameters on "
-                                 f"{device}; move the batch to {device}.")
-        if targets.device != device:
-            raise InputError(f"curvgraph: targets are on {targets.device}, the model's parameters on {device}; move "
-                             f"them to {device}.")
-        sizes = {(i, d): int(t.shape[d]) for i, (t, d) in enumerate(zip(batch, self._captured.batch_dims)) if d is not None}
-        where = ", ".join(f"dim {d} of input '{self._inputs[i].name}'" for i, d in sizes)
-        hint = (f" The batch is taken from {where}; if that is wrong, pass batch_dim= to curvgraph.compile (an int, or "
-                "one per input, e.g. batch_dim=1 for time-major (T, N, F) inputs).")
-        if len(set(sizes.values())) > 1:
-            raise InputError(f"curvgraph: the inputs disagree on the batch size ({', '.join(map(str, sizes.values()))})."
-                             + hint)
-        if 0 in sizes.values():
-            raise InputError("curvgraph: the batch is empty (0 examples); skip it instead of stepping on it." + hint)
+        batch_dims = self._captured.batch_dims
+        problem = batch_problem(batch, targets, [(s.name, s.shape, s.dtype, s.size_ranges) for s in self._inputs],
+                                batch_dims, self._runner.device)
+        if problem:
+            raise InputError(problem)
         output_shape = tuple(self._runner.noise_shape(batch))
         problem = self.loss.check_targets(targets, output_shape)
         if problem:
             other_batch = targets.dim() > 0 and output_shape and targets.shape[0] != output_shape[0]
-            raise InputError(f"curvgraph: bad targets: {problem}." + (hint if other_batch else ""))
+            hint = batch_hint([s.name for s in self._inputs], batch_dims) if other_batch else ""
+            raise InputError(f"curvgraph: bad targets: {problem}." + hint)
 
     # ------------------------------------------------------------------ inspection
     def factors(self) -> dict[str, dict[str, Tensor]]:

@@ -353,17 +353,69 @@ def model_tensors(model: nn.Module, params: Sequence[Tensor], frozen: Sequence[s
             tuple(model.get_buffer(n) for n in buffers))
 
 
-def at_offset_zero(tensor: Tensor) -> Tensor:
-    """``tensor``, or a copy of it if it starts at an offset into its storage (a slice ``x[i:i + n]`` with
-    ``i > 0`` of a larger tensor).
+def as_captured(tensor: Tensor, contiguous: bool = True) -> Tensor:
+    """``tensor``, or a contiguous copy of it where it starts at an offset into its storage (a slice
+    ``x[i:i + n]`` with ``i > 0`` of a larger tensor), or where the step was captured for a ``contiguous``
+    tensor and ``tensor`` is not (``channels_last``, a transpose).
 
     ``torch.compile`` specializes a graph on an input's storage offset: a step compiled for a
     batch at a non-zero offset guards on the offset being at least 2, so in a training loop
     that slices its batches out of one tensor the first batch of the next epoch (offset 0)
-    would compile the step again. A batch copied to its own storage costs one pass over it,
-    far less than the step.
+    would compile the step again. ``torch.export`` records a ``reshape`` (``nn.Flatten``, ``x.view``)
+    of a contiguous example as a ``view``, which fails on a tensor of another layout. A batch
+    copied to its own contiguous storage costs one pass over it, far less than the step.
     """
-    return tensor.clone(memory_format=torch.contiguous_format) if tensor.storage_offset() else tensor
+    if tensor.storage_offset() or (contiguous and not tensor.is_contiguous()):
+        return tensor.clone(memory_format=torch.contiguous_format)
+    return tensor
+
+
+def batch_hint(names: Sequence[str], batch_dims: Sequence[int | None]) -> str:
+    """Where the step reads the batch size (the inputs' ``names`` and ``batch_dims``), and how to change that."""
+    where = ", ".join(f"dim {d} of input '{name}'" for name, d in zip(names, batch_dims) if d is not None)
+    return (f" The batch is taken from {where}; if that is wrong, pass batch_dim= to curvgraph.compile (an int, or "
+            "one per input, e.g. batch_dim=1 for time-major (T, N, F) inputs).")
+
+
+def batch_problem(batch: Sequence[Tensor], targets: Tensor, inputs: Sequence[tuple], batch_dims: Sequence[int | None],
+                  device: torch.device) -> str | None:
+    """What makes ``(batch, targets)`` unfit for the step, or ``None``.
+
+    ``inputs``: per input, ``(name, shape, dtype, size_ranges)`` as captured (``None`` in ``shape`` for a size the
+    graph keeps symbolic; ``size_ranges``: ``(dim, lowest, highest)`` for each such size the graph holds only in a
+    range, ``highest`` ``None`` for no upper bound); ``batch_dims``: each input's batch dim (``None``: none).
+    Checks each input's rank, fixed sizes, dtype, ranges and device, the targets' device, that the inputs agree
+    on the batch size and that it is not 0. The targets' shape and values are the loss's to check.
+    """
+    for tensor, (name, shape, dtype, size_ranges), dim in zip(batch, inputs, batch_dims):
+        fixed = all(s is None or s == t for s, t in zip(shape, tensor.shape))
+        if tensor.dim() != len(shape) or not fixed or tensor.dtype != dtype:
+            expected = tuple("*" if s is None else s for s in shape)
+            pinned = (" A size of 1 in the example inputs is pinned by torch.export: capture with a batch of 2 or "
+                      "more to keep it symbolic." if dim is not None and shape[dim] == 1 else "")
+            return (f"curvgraph: input '{name}' has shape {tuple(tensor.shape)} and dtype {tensor.dtype}; the step "
+                    f"was compiled for shape {expected} ('*' = any size) and dtype {dtype}. Recompile with "
+                    "example inputs of the new shape if this is intended." + pinned)
+        for d, lowest, highest in size_ranges:
+            if tensor.shape[d] < lowest or (highest is not None and tensor.shape[d] > highest):
+                return (f"curvgraph: input '{name}' has size {tensor.shape[d]} in dim {d}; the step was captured "
+                        f"for sizes {f'of at least {lowest}' if highest is None else f'from {lowest} to {highest}'} "
+                        "there. torch.export recorded a condition on that size in the model's forward (e.g. "
+                        "`if x.shape[0] > 4:`), and the captured graph holds only where the condition does. Compile "
+                        "another optimizer with example inputs of this size, or write the branch without the size "
+                        "(torch.cond, or a flag).")
+        if tensor.device != device:
+            return (f"curvgraph: input '{name}' is on {tensor.device}, the model's parameters on {device}; move the "
+                    f"batch to {device}.")
+    if targets.device != device:
+        return f"curvgraph: targets are on {targets.device}, the model's parameters on {device}; move them to {device}."
+    sizes = [int(t.shape[d]) for t, d in zip(batch, batch_dims) if d is not None]
+    hint = batch_hint([entry[0] for entry in inputs], batch_dims)
+    if len(set(sizes)) > 1:
+        return f"curvgraph: the inputs disagree on the batch size ({', '.join(map(str, sizes))})." + hint
+    if 0 in sizes:
+        return "curvgraph: the batch is empty (0 examples); skip it instead of stepping on it." + hint
+    return None
 
 
 def mark_dynamic(batch: Sequence[Tensor], dynamic_dims: Sequence[Sequence[int]], *others: Tensor | None) -> None:
@@ -379,6 +431,59 @@ def mark_dynamic(batch: Sequence[Tensor], dynamic_dims: Sequence[Sequence[int]],
         if tensor is not None:
             for d in range(tensor.dim()):
                 torch._dynamo.maybe_mark_dynamic(tensor, d)
+
+
+#: Class-index targets equal to this are ignored (PyTorch's and language-model data's padding convention).
+IGNORE_INDEX = -100
+#: The dtypes of class-index targets that torch's cross-entropy takes.
+CLASS_INDEX_DTYPES = (torch.int64, torch.uint8)
+
+
+def target_shape(output_shape: Sequence[int], class_dim: int | None) -> tuple[int, ...]:
+    """The shape targets must have for a prediction of ``output_shape``: the prediction's own, or without its class
+    dim ``class_dim`` for class indices."""
+    if class_dim is None:
+        return tuple(output_shape)
+    dim = class_dim % len(output_shape)
+    return tuple(output_shape[:dim]) + tuple(output_shape[dim + 1:])
+
+
+def target_problem(targets: Tensor, output_shape: tuple[int, ...], class_dim: int | None, loss: str) -> str | None:
+    """What is wrong with ``targets`` of loss ``loss`` for a prediction of ``output_shape``, or ``None``.
+
+    ``class_dim``: the prediction's class dim for class-index targets, ``None`` for targets shaped like the
+    prediction. Checks the dtype, the shape and, for class indices on the CPU (where it costs no device
+    synchronization), that every index is a class or ``IGNORE_INDEX``.
+    """
+    if class_dim is not None:
+        if targets.dtype not in CLASS_INDEX_DTYPES:  # torch's cross-entropy kernels take no other dtype
+            integer = not (targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool)
+            return (f"{loss} needs class indices of dtype torch.int64 (or torch.uint8), got dtype {targets.dtype}"
+                    + (": pass targets.long()" if integer else ""))
+        layout = ("the prediction without its last (class) dim" if class_dim == -1 else
+                  "the prediction without its class dim 1")
+    elif not targets.is_floating_point():
+        return f"{loss} needs floating-point targets shaped like the prediction, got dtype {targets.dtype}"
+    else:
+        layout = "the prediction's shape"
+    expected = target_shape(output_shape, class_dim)
+    if tuple(targets.shape) != expected:
+        return (f"{loss} needs targets of shape {expected} ({layout}; the prediction is {output_shape}), got "
+                f"{tuple(targets.shape)}")
+    if class_dim is not None and targets.device.type == "cpu" and targets.numel():
+        classes = output_shape[class_dim]
+        bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= classes))
+        if bad.any():
+            return (f"class index {int(targets[bad][0])} is out of range for {classes} classes (dim "
+                    f"{class_dim % len(output_shape)} of the prediction {output_shape}; {IGNORE_INDEX} marks an "
+                    "ignored target)")
+    return None
+
+
+def counts_nothing(targets: Tensor, class_dim: int | None) -> bool:
+    """Whether a batch has no loss terms: every class-index target is ``IGNORE_INDEX`` (the mean loss is then
+    ``0 / 0``). Reads the targets on the host: call it only where a step failed."""
+    return class_dim is not None and targets.numel() > 0 and bool((targets == IGNORE_INDEX).all())
 
 
 class StepRunner:
@@ -407,6 +512,9 @@ class StepRunner:
             (:func:`batch_norm_backward_as_ops`), which keeps their sizes symbolic through that
             derivative. A step that takes the backward only once keeps torch's kernel, whose
             sizes are symbolic already.
+        contiguous: per input, whether the step was captured for a contiguous tensor: a batch
+            of another layout is then copied to a contiguous one (:func:`as_captured`). Empty:
+            every input.
 
     The schedule: statistics every ``factor_every`` steps and until a statistics step
     succeeded; a refresh every ``invert_every`` steps and until one succeeded, but
@@ -422,8 +530,9 @@ class StepRunner:
     def __init__(self, step: Callable, noise_shape: Callable, switches: Callable,
                  state: Mapping[str, tuple[tuple[int, ...], str, torch.dtype]], noise: str | None, factor_every: int,
                  invert_every: int, device: torch.device, factor_dtype: torch.dtype, seed: int | None,
-                 dynamic_dims: Sequence[Sequence[int]] = (), transposes_backward: bool = True) -> None:
-        self.use(step, noise_shape, switches, dynamic_dims, transposes_backward)
+                 dynamic_dims: Sequence[Sequence[int]] = (), transposes_backward: bool = True,
+                 contiguous: Sequence[bool] = ()) -> None:
+        self.use(step, noise_shape, switches, dynamic_dims, transposes_backward, contiguous)
         self.noise = noise
         self.factor_every = factor_every
         self.invert_every = invert_every
@@ -444,9 +553,10 @@ class StepRunner:
         self._first_shapes: tuple[torch.Size, ...] | None = None
 
     def use(self, step: Callable, noise_shape: Callable, switches: Callable,
-            dynamic_dims: Sequence[Sequence[int]] = (), transposes_backward: bool = True) -> None:
-        """Run ``step`` (with its ``noise_shape``, ``switches``, its inputs' ``dynamic_dims`` and whether it
-        ``transposes_backward``) from now on:
+            dynamic_dims: Sequence[Sequence[int]] = (), transposes_backward: bool = True,
+            contiguous: Sequence[bool] = ()) -> None:
+        """Run ``step`` (with its ``noise_shape``, ``switches``, its inputs' ``dynamic_dims``, whether it
+        ``transposes_backward`` and which inputs it was captured ``contiguous``) from now on:
         another graph of the same step, such as the model captured in other train/eval modes. The state, schedule,
         counters and generator stay: the two graphs must take the same state."""
         self.step_fn = step
@@ -454,6 +564,7 @@ class StepRunner:
         self.switches = switches
         self.dynamic_dims = tuple(tuple(d) for d in dynamic_dims)
         self.transposes_backward = transposes_backward
+        self.contiguous = tuple(contiguous)
 
     def schedule(self) -> tuple[bool, bool]:
         """``(update_stats, refresh)`` for the next step."""
@@ -486,7 +597,8 @@ class StepRunner:
         ``first_statistics`` is true until a statistics step succeeded.
         """
         update_stats, refresh = self.schedule()
-        batch, targets = tuple(at_offset_zero(t) for t in batch), at_offset_zero(targets)
+        batch = tuple(as_captured(t, c) for t, c in zip(batch, self.contiguous or (True,) * len(batch)))
+        targets = as_captured(targets)
         noise = self.sample_noise(batch) if self.noise is not None and update_stats else None
         mark_dynamic(batch, self.dynamic_dims, targets, noise)
         values = hyper_values(not self.factors_ready)
@@ -593,10 +705,21 @@ class ExportedStep:
         self.method = spec["method"]
         self.hyper = dict(spec["hyper"])
         self.first_statistics = dict(spec["first_statistics"])
-        self._params = [model.get_parameter(n) for n in spec["params"]]
+        names = dict(model.named_parameters())
+        missing = [n for n in spec["params"] if n not in names]
+        mismatched = [f"'{n}' {tuple(names[n].shape)}, exported for {shape}"
+                      for n, shape in zip(spec["params"], spec["param_shapes"]) if n in names and names[n].shape != shape]
+        if missing or mismatched:
+            raise ValueError(f"curvgraph: this step was exported for another model ({type(model).__name__} "
+                             + (f"has no parameter {missing}" if missing else f"has {'; '.join(mismatched)}")
+                             + "); load it with the model it was exported from, or export again from this one.")
+        self._params = [names[n] for n in spec["params"]]
         self._frozen_names = list(spec["frozen"])
         self._buffer_names = list(spec["buffers"])
         self.n_inputs = spec["inputs"]
+        self.input_shapes = spec["input_shapes"]
+        self.batch_dims = spec["batch_dims"]
+        self.loss, self.class_dim = spec["loss"], spec["class_dim"]
         self.keys = spec["keys"]
         self.degenerations = tuple(spec.get("degenerations", ()))
         device = self._params[0].device
@@ -604,7 +727,7 @@ class ExportedStep:
         self.runner = StepRunner(compiled_step(step, backend, device), noise_shape, switches, spec["state"],
                                  spec["noise"], spec["factor_every"], spec["invert_every"], device,
                                  spec["factor_dtype"], seed, spec["dynamic_dims"],
-                                 spec.get("transposes_backward", True))
+                                 spec["transposes_backward"], spec["contiguous"])
 
     def _hyper_values(self, first_statistics: bool) -> dict[str, float]:
         return {**self.hyper, **self.first_statistics} if first_statistics else self.hyper
@@ -623,14 +746,24 @@ class ExportedStep:
         batch = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
         if len(batch) != self.n_inputs:
             raise ValueError(f"this step takes {self.n_inputs} input tensor(s), got {len(batch)}")
+        problem = batch_problem(batch, targets, self.input_shapes, self.batch_dims, self.runner.device)
+        if problem is None:
+            output_shape = tuple(self.runner.noise_shape(batch))
+            problem = target_problem(targets, output_shape, self.class_dim, self.loss)
+            problem = problem and f"curvgraph: bad targets: {problem}."
+        if problem:
+            raise ValueError(problem)
         params, frozen, buffers = model_tensors(self.model, self._params, self._frozen_names, self._buffer_names)
         loss, ok = self.runner.run(params, frozen, buffers, self.constants, batch, targets, self._hyper_values)
-        for i in self.runner.new_degenerate:
-            warnings.warn(f"step {self.runner.step_count}: {self.degenerations[i]}", RuntimeWarning, stacklevel=2)
+        no_terms = not ok and counts_nothing(targets, self.class_dim)
+        if not no_terms:  # with no loss terms every factor of G is 0/0: not the blocks' fault
+            for i in self.runner.new_degenerate:
+                warnings.warn(f"step {self.runner.step_count}: {self.degenerations[i]}", RuntimeWarning, stacklevel=2)
         if not ok:
-            warnings.warn(f"step {self.runner.step_count} skipped: the loss ({loss.item():.4g}) or the update is "
-                          "not finite; parameters, buffers and optimizer state are unchanged.", RuntimeWarning,
-                          stacklevel=2)
+            cause = ("every target is -100 (ignored), so the mean loss has no terms; skip such batches" if no_terms else
+                     f"the loss ({loss.item():.4g}) or the update is not finite")
+            warnings.warn(f"step {self.runner.step_count} skipped: {cause}; parameters, buffers and optimizer state "
+                          "are unchanged.", RuntimeWarning, stacklevel=2)
         return loss
 
     @property
@@ -653,9 +786,11 @@ class ExportedStep:
         self.hyper.update(state_dict.get("hyper", {}))
 
 
+#: The constants an exported module defines as here (by name), before :data:`EXPORTED`.
+EXPORTED_CONSTANTS = ("IGNORE_INDEX", "CLASS_INDEX_DTYPES")
 #: What an exported module copies from here, in order.
 EXPORTED = (initial_state, convolution_double_backward, batch_norm_backward, batch_norm_backward_as_ops,
             symbolic_double_backward, _NoShimFallbackNotes, build_objects_side_by_side, schema_args,
             set_schema_arg, prune_unused_outputs, PruneUnusedOutputs, inductor_backend,
-            probe_vector_isa_in_background, compiled_step, model_tensors, at_offset_zero, mark_dynamic, StepRunner,
-            ExportedStep)
+            probe_vector_isa_in_background, compiled_step, model_tensors, as_captured, batch_hint, batch_problem,
+            target_shape, target_problem, counts_nothing, mark_dynamic, StepRunner, ExportedStep)

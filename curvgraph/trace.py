@@ -54,6 +54,9 @@ class InputSpec:
     #: narrower than torch.export's default ``[2, oo)`` (``highest`` ``None``: no upper bound): a condition on the
     #: size in ``forward`` (``if x.shape[0] > 4:``) is recorded as such a range, and the graph is its true branch.
     size_ranges: tuple[tuple[int, int, int | None], ...] = ()
+    #: Whether the example input was contiguous: the graph may then ``view`` it where ``forward`` reshapes it, so the
+    #: step copies a batch of another layout to a contiguous one (:func:`curvgraph.runtime.as_captured`).
+    contiguous: bool = True
 
     @property
     def symbolic_dims(self) -> tuple[int, ...]:
@@ -669,7 +672,9 @@ def _from_program(model: nn.Module, program: ExportedProgram, example_inputs: tu
         elif spec.kind == InputKind.USER_INPUT:
             value = node.meta["val"]
             shape = tuple(d if isinstance(d, int) else None for d in map(size, value.shape))
-            inputs.append(InputSpec(node.name, shape, value.dtype, _recorded_ranges(program, value)))
+            example = example_inputs[len(inputs)]
+            inputs.append(InputSpec(node.name, shape, value.dtype, _recorded_ranges(program, value),
+                                    example.is_contiguous()))
         else:
             raise TraceError(
                 f"curvgraph: {type(model).__name__} has a graph input of kind {spec.kind.name} "

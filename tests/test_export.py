@@ -171,6 +171,31 @@ def test_export_errors(netmod, tmp_path):
         curvgraph.load_step(tmp_path / "missing.py", netmod.make())
 
 
+def test_exported_step_checks_its_model_inputs_and_targets_as_the_optimizer_does(netmod, tmp_path):
+    model, opt = compiled(netmod)
+    opt.export(tmp_path / "checked_step.py")
+    x, y = netmod.batches(1)[0]
+    wider = torch.nn.Sequential(torch.nn.Linear(6, 8))
+    with pytest.raises(ValueError, match=r"another model \(Sequential has no parameter \[.gain., .fc1.weight."):
+        curvgraph.load_step(tmp_path / "checked_step.py", wider)
+    other = netmod.make()
+    other.fc2 = torch.nn.Linear(8, 5)
+    with pytest.raises(ValueError, match=r"has 'fc2.weight' \(5, 8\), exported for \(3, 8\)"):
+        curvgraph.load_step(tmp_path / "checked_step.py", other)
+    trainer = curvgraph.load_step(tmp_path / "checked_step.py", model)
+    before = copy.deepcopy(model.state_dict())
+    bad = [((x[:, :5], y), r"input 'x' has shape \(16, 5\)"), ((x.double(), y), "dtype torch.float64"),
+           ((x, y[:8]), r"bad targets: cross_entropy needs targets of shape \(16,\)"),
+           ((x, y.float()), "needs class indices"), ((x, y + 3), "class index [3-5] is out of range for 3 classes")]
+    for (inputs, targets), message in bad:
+        with pytest.raises(ValueError, match=message):
+            trainer.step(inputs, targets)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.warns(RuntimeWarning, match="every target is -100"):
+        trainer.step(x, torch.full_like(y, -100))
+    trainer.step(x.t().contiguous().t(), y)  # another layout of the same batch: fine
+
+
 def test_compiled_export_matches_the_compiled_optimizer(tmp_path):
     """The one compiled test here: both steps through torch.compile (inductor), within 1e-6 (one schedule
     variant, statistics and refresh every step, to compile once each; the schedule is tested above)."""

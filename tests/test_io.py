@@ -439,3 +439,21 @@ def test_a_batch_outside_the_size_range_the_capture_recorded_is_rejected():
     with torch.no_grad():
         expected = F.cross_entropy(model(x[:5]), y[:5])
     assert torch.allclose(opt.step(x[:5], y[:5]), expected)  # inside the range: the graph is the model
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed"])
+def test_a_batch_in_another_memory_layout_steps_like_the_contiguous_batch(layout):
+    """The capture records ``nn.Flatten`` of a contiguous example as a ``view``; a batch of another layout is copied
+    to a contiguous one first, and steps exactly as the contiguous batch does."""
+    x, y = torch.randn(8, 3, 6, 6), torch.randint(0, 4, (8,))
+    other = (x.contiguous(memory_format=torch.channels_last) if layout == "channels_last"
+             else x.transpose(2, 3).contiguous().transpose(2, 3))
+    assert torch.equal(other, x) and not other.is_contiguous()
+    results = []
+    for batch in (x, other):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 4))
+        opt = curvgraph.compile(model, (x,), backend="eager", seed=0)
+        losses = [opt.step(batch, y) for _ in range(2)]
+        results.append((losses, [p.detach().clone() for p in model.parameters()]))
+    assert all(torch.equal(a, b) for a, b in zip(results[0][0] + results[0][1], results[1][0] + results[1][1]))

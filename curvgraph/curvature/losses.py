@@ -54,15 +54,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..runtime import IGNORE_INDEX, counts_nothing, target_problem, target_shape
 
 FISHER_TYPES = ("mc", "empirical", "type2")
 
 
 # ---------------------------------------------------------------- cross-entropy
-#: Targets equal to this index are ignored (PyTorch's and language-model data's padding convention).
-IGNORE_INDEX = -100
-#: The dtypes of class-index targets that torch's cross-entropy takes.
-CLASS_INDEX_DTYPES = (torch.int64, torch.uint8)
 
 
 def cross_entropy_loss(output: Tensor, target: Tensor) -> Tensor:
@@ -251,48 +248,27 @@ class LossSpec:
         """The name, with the reduction when it is not the mean."""
         return self.name if self.reduction == "mean" else f"{self.name}(reduction={self.reduction!r})"
 
+    @property
+    def target_class_dim(self) -> int | None:
+        """The prediction's class dim for class-index targets, ``None`` for targets shaped like the prediction."""
+        return self.class_dim if self.class_targets else None
+
     def target_shape(self, output_shape: tuple[int, ...]) -> tuple[int, ...]:
         """The shape the targets must have for a prediction of ``output_shape``."""
-        if not self.class_targets:
-            return output_shape
-        dim = self.class_dim % len(output_shape)
-        return output_shape[:dim] + output_shape[dim + 1:]
+        return target_shape(output_shape, self.target_class_dim)
 
     def counts_nothing(self, targets: Tensor) -> bool:
-        """Whether the batch has no loss terms: every class-index target is ``IGNORE_INDEX`` (the mean loss is then
-        ``0 / 0``). Reads the targets on the host: call it only where a step failed."""
-        return self.class_targets and targets.numel() > 0 and bool((targets == IGNORE_INDEX).all())
+        """Whether the batch has no loss terms (:func:`curvgraph.runtime.counts_nothing`)."""
+        return counts_nothing(targets, self.target_class_dim)
 
     def check_targets(self, targets: Tensor, output_shape: tuple[int, ...]) -> str | None:
-        """What is wrong with ``targets`` for a prediction of ``output_shape``, or ``None``.
-
-        Checks the dtype, the shape (the loss's layout) and, for class indices on the
-        CPU (where it costs no device synchronization), that every index is a class or
-        ``IGNORE_INDEX``.
-        """
-        if self.class_targets:
-            if targets.dtype not in CLASS_INDEX_DTYPES:  # torch's cross-entropy kernels take no other dtype
-                integer = not (targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool)
-                return (f"{self.name} needs class indices of dtype torch.int64 (or torch.uint8), got dtype "
-                        f"{targets.dtype}" + (": pass targets.long()" if integer else ""))
-            layout = ("the prediction without its last (class) dim" if self.class_dim == -1 else
-                      "the prediction without its class dim 1")
-        elif not targets.is_floating_point():
-            return f"{self.name} needs floating-point targets shaped like the prediction, got dtype {targets.dtype}"
-        else:
-            layout = "the prediction's shape"
-        expected = self.target_shape(output_shape)
-        if tuple(targets.shape) != expected:
-            return (f"{self.name} needs targets of shape {expected} ({layout}; the prediction is {output_shape}), got "
-                    f"{tuple(targets.shape)}{self._layout_hint(tuple(targets.shape), output_shape)}")
-        if self.class_targets and targets.device.type == "cpu" and targets.numel():
-            classes = output_shape[self.class_dim]
-            bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= classes))
-            if bad.any():
-                return (f"class index {int(targets[bad][0])} is out of range for {classes} classes (dim "
-                        f"{self.class_dim % len(output_shape)} of the prediction {output_shape}; {IGNORE_INDEX} marks "
-                        "an ignored target)")
-        return None
+        """What is wrong with ``targets`` for a prediction of ``output_shape``, or ``None``
+        (:func:`curvgraph.runtime.target_problem`, with a hint where targets of the wrong shape fit another loss's
+        layout or are the right targets reshaped)."""
+        problem = target_problem(targets, output_shape, self.target_class_dim, self.name)
+        if problem and tuple(targets.shape) != self.target_shape(output_shape):
+            problem += self._layout_hint(tuple(targets.shape), output_shape)
+        return problem
 
     def _layout_hint(self, shape: tuple[int, ...], output_shape: tuple[int, ...]) -> str:
         """A hint when targets of ``shape`` fit another loss's layout or are the right targets reshaped."""

@@ -138,6 +138,19 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise ConfigError(f"curvgraph: {type(model).__name__} has no trainable parameters (requires_grad=True).")
         super().__init__([{"params": trainable, "role": "curvature", **hyper},
                           {"params": [], "role": "fallback", **fallback_hyper}], {})
+        # torch.optim's convention, read by schedulers (OneCycleLR's cycle_momentum looks for "momentum"); set after
+        # the groups exist, so that the fallback group does not take the method's keys as its defaults
+        self.defaults = dict(hyper)
+        self._groups_fixed = True
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """The two groups are made at construction (see the class docstring); another is a :class:`ConfigError`."""
+        if getattr(self, "_groups_fixed", False):
+            raise ConfigError(
+                "curvgraph: a CurvatureOptimizer has its two parameter groups (curvature and fallback) for the model's "
+                "trainable parameters; the step would not train a group added later. Train other parameters with a "
+                "torch.optim optimizer of their own, or make them part of the model before compiling.")
+        super().add_param_group(param_group)
 
     @property
     def captured(self) -> bool:
@@ -199,7 +212,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         in_blocks = {p for b in plan.blocks for p in b.placeholders}
         self.param_groups[0]["params"] = [named[p] for b in plan.blocks for p in b.placeholders]
         self.param_groups[1]["params"] = [named[p] for p in forward.params if p not in in_blocks]
-        self._requires_grad = {name: p.requires_grad for name, p in self.model.named_parameters()}
+        self._captured_params = {name: (p, p.requires_grad, p.dtype, p.device) for name, p in self.model.named_parameters()}
         self._state_spec = state
         self._runner = StepRunner(
             self._steps[captured.generated.source], captured.namespace["noise_shape"], captured.namespace["switches"],
@@ -209,8 +222,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if pending is not None:
             problem = self._runner.check_state_dict(pending)
             if problem:
+                for group, before in zip(self.param_groups, pending["groups_before"]):
+                    group.update(before)
                 raise ConfigError(f"curvgraph: the state_dict loaded before the capture does not fit the captured step "
-                                  f"({problem}); it was not loaded.")
+                                  f"({problem}); it was not loaded, nor its hyper-parameters (param_groups).")
             self._runner.load_state_dict(pending)
 
     def _check_same_step(self, captured: Captured, state: dict[str, tuple[tuple[int, ...], str, torch.dtype]]) -> None:
@@ -344,17 +359,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             )
 
     def _check_model(self) -> None:
-        """An :class:`~curvgraph.InputError` if a parameter was frozen or unfrozen since the capture, or an enclosing
+        """An :class:`~curvgraph.InputError` if the model's parameters are not those of the capture (a module or
+        parameter replaced or removed, a dtype or device changed, a parameter frozen or unfrozen), or an enclosing
         ``torch.autocast`` differs from compile's ``autocast``."""
-        toggled = [name for name, p in self.model.named_parameters()
-                   if self._captured is not None and p.requires_grad != self._requires_grad.get(name)]
-        if toggled:
-            now = self.model.get_parameter(toggled[0]).requires_grad
-            raise InputError(
-                f"curvgraph: parameter '{toggled[0]}' has requires_grad={now} but had {not now} when the step was "
-                "compiled; which parameters train (and their blocks) is fixed at compile. Compile again after "
-                "freezing or unfreezing parameters."
-            )
+        if self._captured is not None:
+            self._check_parameters()
         device = next(p for group in self.param_groups for p in group["params"]).device.type
         if torch.is_autocast_enabled(device) and (device, torch.get_autocast_dtype(device)) != self.autocast:
             compiled = f"autocast={self.autocast[1]}" if self.autocast else "no autocast"
@@ -363,6 +372,32 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 f"was compiled with {compiled}; its precision is fixed at compile. Compile inside the autocast context "
                 "(or pass autocast= to curvgraph.compile), or call step outside it."
             )
+
+    def _check_parameters(self) -> None:
+        """The part of :meth:`_check_model` about the parameters: the step holds the captured ``Parameter`` objects
+        and was generated for their dtypes, devices and ``requires_grad``."""
+        captured = self._captured_params
+        now = dict(self.model.named_parameters())
+        for name in [*now, *(n for n in captured if n not in now)]:
+            if name not in now or name not in captured or now[name] is not captured[name][0]:
+                what = ("was removed" if name not in now else "is new" if name not in captured else
+                        "is another Parameter object (its module or the parameter was replaced)")
+                raise InputError(
+                    f"curvgraph: parameter '{name}' {what} since the step was compiled; the step holds the parameters "
+                    "it was compiled for and would train those. Compile again after changing the model's modules or "
+                    "parameters (to re-initialize a layer in place, use module.reset_parameters() or write into "
+                    "weight.data).")
+            p, requires_grad, dtype, device = captured[name]
+            if p.requires_grad != requires_grad:
+                raise InputError(
+                    f"curvgraph: parameter '{name}' has requires_grad={p.requires_grad} but had {requires_grad} when "
+                    "the step was compiled; which parameters train (and their blocks) is fixed at compile. Compile "
+                    "again after freezing or unfreezing parameters.")
+            if (p.dtype, p.device) != (dtype, device):
+                raise InputError(
+                    f"curvgraph: parameter '{name}' is {p.dtype} on {p.device} but was {dtype} on {device} when the "
+                    "step was compiled (model.to(), .double(), .half() since?); the step's precision and device are "
+                    "fixed at compile. Compile again after moving or casting the model.")
 
     def _hyper_values(self, first_statistics: bool) -> dict[str, float]:
         """The step's hyper-parameters as floats, read from ``param_groups``."""
@@ -485,8 +520,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if len(state_dict["param_groups"]) != len(self.param_groups):
             raise ConfigError("curvgraph: state_dict has a different number of parameter groups.")
         if "state" in state_dict:  # else: saved before its optimizer captured anything, hyper-parameters only
-            if self._captured is None:
-                self._pending_state = dict(state_dict)
+            if self._captured is None:  # with the groups' values to restore if the capture refuses it
+                self._pending_state = {**state_dict, "groups_before": [
+                    {k: v for k, v in group.items() if k != "params"} for group in self.param_groups]}
             else:
                 problem = self._runner.check_state_dict(state_dict)
                 if problem:

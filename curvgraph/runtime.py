@@ -660,8 +660,9 @@ class StepRunner:
         saved = state_dict["state"]
         if set(saved) != set(self.state):
             missing, extra = sorted(set(self.state) - set(saved)), sorted(set(saved) - set(self.state))
-            return (f"state_dict does not match this step's blocks (missing {missing[:5]}, unexpected {extra[:5]}); "
-                    "was it saved for another model or plan?")
+            return (f"state_dict does not match this step's state (missing {missing[:5]}, unexpected {extra[:5]}): it "
+                    "was saved for another model or plan, or with options that keep other state (lr='auto' or a "
+                    "fixed lr, momentum, the method's options); compile with the model and options it was saved with")
         for key, tensor in saved.items():
             if tensor.shape != self.state[key].shape:
                 return (f"state '{key}' has shape {tuple(tensor.shape)} in the state_dict, "

@@ -118,10 +118,23 @@ def test_state_dict_before_capture_is_loaded_at_capture():
 def test_state_dict_of_another_model_fails_at_capture():
     other = curvgraph.compile(nn.Sequential(nn.Linear(D, C)), batches(1)[0][0], backend="eager")
     lazy = curvgraph.compile(ScaledMLP(), backend="eager")
-    lazy.load_state_dict(other.state_dict())
+    saved = other.state_dict()
+    saved["param_groups"][0]["lr"] = 0.25
+    lazy.load_state_dict(saved)
+    assert lazy.param_groups[0]["lr"] == 0.25  # hyper-parameters load at once, the state at the capture
     x, y = batches(1)[0]
-    with pytest.raises(curvgraph.ConfigError, match="loaded before the capture does not fit"):
+    with pytest.raises(curvgraph.ConfigError, match="loaded before the capture does not fit.* nor its hyper-param"):
         lazy.step(x, y)
+    assert lazy.param_groups[0]["lr"] == 1.0  # lr="auto"'s multiplier, as compiled
+
+
+def test_state_dict_saved_with_another_step_size_mode_says_so():
+    model = nn.Sequential(nn.Linear(D, C))
+    x = batches(1)[0][0]
+    fixed = curvgraph.compile(model, x, backend="eager", lr=2e-3)
+    auto = curvgraph.compile(model, x, backend="eager")
+    with pytest.raises(curvgraph.ConfigError, match=r"unexpected \['kfac.damping'\]\): .*lr='auto' or a fixed lr"):
+        fixed.load_state_dict(auto.state_dict())
 
 
 # ---------------------------------------------------------------------------- keyword inputs, structured outputs
@@ -457,3 +470,20 @@ def test_a_batch_in_another_memory_layout_steps_like_the_contiguous_batch(layout
         losses = [opt.step(batch, y) for _ in range(2)]
         results.append((losses, [p.detach().clone() for p in model.parameters()]))
     assert all(torch.equal(a, b) for a, b in zip(results[0][0] + results[0][1], results[1][0] + results[1][1]))
+
+
+def test_schedulers_that_cycle_the_momentum_drive_the_fixed_step_and_groups_cannot_be_added():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    opt = curvgraph.compile(model, (x,), backend="eager", lr=1e-2)
+    assert opt.defaults["momentum"] == 0.9 and "damping" not in opt.param_groups[1]
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=4)
+    momenta = []
+    for _ in range(3):
+        opt.step(x, y)
+        schedule.step()
+        momenta.append(opt.param_groups[0]["momentum"])
+    assert len(set(momenta)) == 3 and max(momenta) <= 0.95, momenta
+    with pytest.raises(curvgraph.ConfigError, match="two parameter groups"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})

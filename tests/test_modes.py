@@ -175,6 +175,24 @@ def test_compile_keeps_each_modules_mode():
     assert torch.equal(model[1].running_mean, running)
 
 
+@pytest.mark.parametrize("change, match", [
+    (lambda m: m.__setitem__(2, nn.Linear(8, 3)), r"parameter '2.weight' is another Parameter object"),
+    (lambda m: setattr(m[2], "bias", nn.Parameter(torch.zeros(3))), r"parameter '2.bias' is another Parameter object"),
+    (lambda m: delattr(m[2], "bias") or m[2].register_parameter("bias", None), r"parameter '2.bias' was removed"),
+    (lambda m: m.double(), r"parameter '0.weight' is torch.float64 on cpu but was torch.float32"),
+], ids=["module-replaced", "parameter-replaced", "parameter-removed", "model-cast"])
+def test_changing_the_model_s_parameters_after_compile_is_an_error(change, match):
+    """The step holds the captured Parameter objects, dtypes and devices: it would train the old ones, or fail."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = batch()
+    opt = curvgraph.compile(model, (x,), backend="eager")
+    opt.step(x, y)
+    change(model)
+    with pytest.raises(curvgraph.InputError, match=match + ".* Compile again"):
+        opt.step(x.to(next(model.parameters()).dtype), y)
+
+
 def test_freezing_a_parameter_after_compile_is_an_error_and_a_new_compile_respects_it():
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))

@@ -72,6 +72,91 @@ def test_kfc_expand_is_the_exact_ggn_of_a_linear_convolution(float64, case):
     torch.testing.assert_close(kron, exact, rtol=1e-10, atol=1e-12)
 
 
+TRANSPOSED = {
+    "conv-transpose1d-stride-output-padding": (lambda: nn.ConvTranspose1d(3, 4, 3, stride=2, padding=1,
+                                                                          output_padding=1), (2, 3, 4)),
+    "conv-transpose2d-dilated-no-bias": (lambda: nn.ConvTranspose2d(2, 3, (2, 3), stride=(2, 1), dilation=(1, 2),
+                                                                    bias=False), (2, 2, 3, 3)),
+    "conv-transpose2d-groups": (lambda: nn.ConvTranspose2d(4, 2, 2, stride=2, padding=1, groups=2), (1, 4, 3, 3)),
+    "conv-transpose3d": (lambda: nn.ConvTranspose3d(2, 2, 2, stride=(1, 2, 1)), (1, 2, 2, 2, 2)),
+}
+
+
+@pytest.mark.parametrize("case", TRANSPOSED)
+def test_kfc_of_a_transposed_convolution_is_the_exact_ggn(float64, case):
+    """A transposed convolution is the direct one over zero-inserted inputs, with the kernel's channels swapped and
+    flipped: KFC-expand of that convolution is exact here too, in the direct weight's coordinates."""
+    torch.manual_seed(0)
+    make, shape = TRANSPOSED[case]
+    model = ChannelsLast(make())
+    x = torch.randn(shape)
+    y = torch.randn(model(x).shape)
+    reference = copy.deepcopy(model)
+    opt = curvgraph.compile(model, (x,), loss="mse", fisher="type2", ema=0.0, backend="eager")
+    opt.step(x, y)
+    (block,) = opt.plan.blocks
+    assert block.kind == "conv" and opt.plan.fallback_params == ()
+    factors = opt.factors()["conv"]
+    A, G = (factors["A"], factors["G"]) if factors["A"].dim() == 3 else (factors["A"][None], factors["G"][None])
+
+    weight, bias, groups = reference.conv.weight.detach(), reference.conv.bias, reference.conv.groups
+    c_in, per_group, kernel = weight.shape[0], weight.shape[1], weight.shape[2:]
+    flip = tuple(range(3, 3 + len(kernel)))
+    # the direct weight (C_out, C_in/g, k...): per group, channels swapped and the kernel flipped
+    direct = weight.reshape(groups, c_in // groups, per_group, *kernel).transpose(1, 2).flip(flip)
+    matrix = direct.reshape(groups, per_group, -1)
+    if bias is not None:
+        matrix = torch.cat([matrix, bias.detach().reshape(groups, per_group, 1)], 2)
+
+    def unpack(theta):
+        m = theta.reshape(groups, per_group, -1)
+        d = (m[..., :-1] if bias is not None else m).reshape(groups, per_group, c_in // groups, *kernel)
+        new = {"conv.weight": d.flip(flip).transpose(1, 2).reshape(weight.shape)}
+        if bias is not None:
+            new["conv.bias"] = m[..., -1].reshape(-1)
+        return new
+
+    assert torch.equal(unpack(matrix.flatten())["conv.weight"], weight)
+    exact = exact_ggn(reference, "mse", x, y, matrix.flatten(), unpack)
+    kron = torch.block_diag(*[torch.kron(G[j], A[j]) for j in range(groups)])
+    torch.testing.assert_close(kron, exact, rtol=1e-10, atol=1e-12)
+
+
+def test_transposed_convolution_update_is_the_direct_convolution_s_update(float64):
+    """The step maps the preconditioned direct-weight update back to the transposed weight: one step of a
+    ``ConvTranspose2d`` model equals one step of the same model with the transposed convolution written as the
+    direct convolution of zero-inserted inputs (its weight kept in the transposed layout is not a conv block, so
+    the direct model holds the direct weight as its parameter)."""
+    torch.manual_seed(1)
+    transposed = nn.Sequential(nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1, output_padding=1), nn.Tanh(),
+                               nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    t = transposed[0]
+    direct_conv = nn.Conv2d(3, 4, 3)
+    with torch.no_grad():
+        direct_conv.weight.copy_(t.weight.transpose(0, 1).flip((2, 3)))
+        direct_conv.bias.copy_(t.bias)
+
+    class ZerosBetween(nn.Module):
+        """One zero between neighbouring pixels, then the padding ``d (k - 1) - p = 1`` before and 2 after."""
+
+        def forward(self, x):
+            n, c, h, w = x.shape
+            columns = torch.stack([x, torch.zeros_like(x)], -1).reshape(n, c, h, 2 * w)[..., :-1]
+            rows = torch.stack([columns, torch.zeros_like(columns)], 3).reshape(n, c, 2 * h, 2 * w - 1)[:, :, :-1]
+            return F.pad(rows, (1, 2, 1, 2))
+
+    direct = nn.Sequential(ZerosBetween(), direct_conv, *copy.deepcopy(transposed[1:]))
+    x, y = torch.randn(6, 3, 3, 3), torch.randint(0, 5, (6,))
+    torch.testing.assert_close(direct(x), transposed(x))
+    options = dict(lr=0.1, ema=0.0, momentum=0.0, kl_clip=None, fisher="type2", backend="eager")
+    opts = [curvgraph.compile(m, (x,), **options) for m in (transposed, direct)]
+    assert [b.kind for b in opts[0].plan.blocks] == [b.kind for b in opts[1].plan.blocks] == ["conv", "dense"]
+    for opt in opts:
+        opt.step(x, y)
+    torch.testing.assert_close(t.weight.transpose(0, 1).flip((2, 3)), direct_conv.weight)
+    torch.testing.assert_close(t.bias, direct_conv.bias)
+
+
 def cnn_strided() -> nn.Module:
     return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, stride=2, bias=False),
                          nn.Flatten(), nn.Linear(3 * 3 * 3, 5))

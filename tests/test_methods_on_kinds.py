@@ -1,4 +1,4 @@
-"""Every registered method trains every built-in block kind: dense, conv (grouped), norm, embedding,
+"""Every registered method trains every built-in block kind: dense, conv (grouped, transposed), norm, embedding,
 position, packed, tied and rnn blocks, in three small models, at the method's defaults.
 
 Proves that no method rejects or mis-shapes a kind: each step is finite, every block's
@@ -37,8 +37,8 @@ class TokenModel(nn.Module):
 
 
 def conv_model() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, groups=2), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(4 * 4 * 4, 3))
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, groups=2), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.ConvTranspose2d(4, 2, 2, stride=2, groups=2), nn.Flatten(), nn.Linear(2 * 8 * 8, 3))
 
 
 class GRUClassifier(nn.Module):
@@ -55,7 +55,7 @@ CASES = {
     "tokens": (TokenModel, lambda g: torch.randint(0, V, (6, T), generator=g), lambda g: torch.randint(0, V, (6, T), generator=g),
                "token_cross_entropy", {"emb": "tied", "pos": "position", "in_proj": "packed", "norm": "norm", "mlp": "dense"}),
     "conv": (conv_model, lambda g: torch.randn(6, 2, 4, 4, generator=g), lambda g: torch.randint(0, 3, (6,), generator=g),
-             "cross_entropy", {"0": "conv", "1": "norm", "4": "dense"}),
+             "cross_entropy", {"0": "conv", "1": "norm", "3": "conv", "5": "dense"}),
     "rnn": (GRUClassifier, lambda g: torch.randn(6, 4, 3, generator=g), lambda g: torch.randint(0, 3, (6,), generator=g),
             "cross_entropy", {"gru.weight_ih_l0": "rnn", "gru.weight_hh_l0": "rnn", "head": "dense"}),
 }

@@ -4,8 +4,13 @@ Patterns are data: :data:`CONV_OPS` maps each ATen convolution op to its spatial
 (``None``: read it from the weight). The pass reads stride, padding (integers,
 ``"same"`` or ``"valid"``), dilation and groups from the op's schema arguments, and
 groups the ops by weight: a weight applied several times with the same geometry is
-one block with several uses. Transposed convolutions, weights with other consumers,
-and weights used with different geometries fall back. The layout also keeps each use's
+one block with several uses. A transposed convolution (``nn.ConvTranspose*``) is the block of
+the direct convolution it equals (:func:`.factors.direct_inputs`): stride 1 over its inputs with
+``stride - 1`` zeros inserted between elements, padding :math:`d (k - 1) - p` (plus
+``output_padding`` after), and the weight with input and output channels swapped and the kernel
+flipped (:func:`.factors.direct_weight`; the layout's ``weight_shape`` is that weight's, its
+``inserted`` the zeros' stride). Weights with other consumers, and weights used with different
+geometries fall back. The layout also keeps each use's
 input shape at the example inputs (``example_inputs``): the statistics choose between
 patches and shifted correlations by it (:func:`.factors.shifted_statistics`).
 """
@@ -38,7 +43,12 @@ CONV_OPS: dict[object, int | None] = {
     aten.conv2d.padding: 2,
     aten.conv3d.padding: 3,
     aten.convolution.default: None,
+    aten.conv_transpose1d.default: 1,
+    aten.conv_transpose2d.input: 2,
+    aten.conv_transpose3d.input: 3,
 }
+#: The ops of :data:`CONV_OPS` that are transposed convolutions (``aten.convolution`` says so in an argument).
+TRANSPOSED_OPS = frozenset({aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input})
 
 
 class Conv(BlockKind):
@@ -55,7 +65,8 @@ class Conv(BlockKind):
         groups = f", groups={layout['groups']}" if layout["groups"] > 1 else ""
         bias = " + bias" if block.bias else ""
         shifts = ", A from shifts" if conv_math.shifted_statistics(block) else ""  # no patch matrix
-        return f"conv {shape[1] * layout['groups']} -> {shape[0]}, kernel {kernel}{groups}{bias}{shifts}"
+        kind = "transposed conv" if layout.get("inserted") else "conv"
+        return f"{kind} {shape[1] * layout['groups']} -> {shape[0]}, kernel {kernel}{groups}{bias}{shifts}"
 
     def find(self, traced: TracedModel, claims: Claims, sharing: str) -> list[Block]:
         return find_conv_blocks(self, traced, claims, sharing)
@@ -70,7 +81,7 @@ class Conv(BlockKind):
 
     def write_batch_factors(self, w: StepWriter, b: BlockVars, dtype: torch.dtype) -> None:
         layout, reduce = b.block.layout, b.block.sharing == "reduce"
-        acts, grads = w.pack(u.inputs[0] for u in b.uses), w.pack(u.grads[0] for u in b.uses)
+        acts, grads = _direct(w, b, w.pack(u.inputs[0] for u in b.uses)), w.pack(u.grads[0] for u in b.uses)
         geometry = [layout[k] for k in ("kernel", "stride", "padding", "dilation", "groups")]
         blocks, every = split_blocks(b.block), layout.get("stats_every", 1)
         if conv_math.shifted_statistics(b.block):
@@ -85,7 +96,7 @@ class Conv(BlockKind):
 
     def write_example_rows(self, w: StepWriter, b: BlockVars, uses: Sequence[UseVars], dtype: torch.dtype,
                            label: str = "rows") -> dict[str, str]:
-        acts, grads = w.pack(u.inputs[0] for u in uses), w.pack(u.grads[0] for u in uses)
+        acts, grads = _direct(w, b, w.pack(u.inputs[0] for u in uses)), w.pack(u.grads[0] for u in uses)
         geometry = [b.block.layout[k] for k in ("kernel", "stride", "padding", "dilation", "groups")]
         rows = {f: b.var(f"{label}_{f}") for f in ("G", "A")}
         call = w.call(conv_math.conv_example_rows, acts, grads, *geometry, b.block.bias, "batch", dtype)
@@ -93,10 +104,24 @@ class Conv(BlockKind):
         return rows
 
     def write_matrix(self, w: StepWriter, b: BlockVars, tensors: Sequence[str], dtype: torch.dtype) -> str:
-        return w.call(conv_math.conv_gradient_matrix, *weight_and_bias(b, tensors), b.block.layout["groups"], dtype)
+        weight, bias = weight_and_bias(b, tensors)
+        groups = b.block.layout["groups"]
+        if b.block.layout.get("inserted"):
+            weight = w.call(conv_math.direct_weight, weight, groups)
+        return w.call(conv_math.conv_gradient_matrix, weight, bias, groups, dtype)
 
     def write_split(self, w: StepWriter, b: BlockVars, matrix: str) -> str:
-        return w.call(conv_math.conv_split, matrix, b.block.bias, b.block.layout["weight_shape"])
+        parts = w.call(conv_math.conv_split, matrix, b.block.bias, b.block.layout["weight_shape"])
+        if b.block.layout.get("inserted"):
+            parts = w.call(conv_math.transposed_parts, parts, b.block.layout["groups"])
+        return parts
+
+
+def _direct(w: StepWriter, b: BlockVars, inputs: str) -> str:
+    """The expression for a block's layer inputs ``inputs`` as its direct convolution takes them: zero-inserted
+    for a transposed convolution (:func:`.factors.direct_inputs`), else as they are."""
+    inserted = b.block.layout.get("inserted")
+    return w.call(conv_math.direct_inputs, inputs, inserted) if inserted else inputs
 
 
 def find_conv_blocks(kind: BlockKind, traced: TracedModel, claims: Claims, sharing: str) -> list[Block]:
@@ -110,10 +135,13 @@ def find_conv_blocks(kind: BlockKind, traced: TracedModel, claims: Claims, shari
         weight = args["weight"]
         if not (isinstance(weight, Node) and weight.name in params) or claims.is_claimed(weight.name):
             continue
-        if args.get("transposed"):
-            claims.reject(weight.name, f"transposed convolution at node '{node.name}' is not supported yet")
+        transposed = node.target in TRANSPOSED_OPS or bool(args.get("transposed"))
+        geometry = _transposed_geometry(weight, args) if transposed else _geometry(weight, args)
+        if any(lo < 0 or hi < 0 for lo, hi in geometry["padding"]):
+            claims.reject(weight.name, f"transposed convolution at node '{node.name}' with padding larger than "
+                                       "dilation * (kernel - 1)")
             continue
-        uses[weight].append((node, _geometry(weight, args)))
+        uses[weight].append((node, geometry))
 
     trainable = depends_on(traced.graph, params)
     blocks = []
@@ -128,12 +156,17 @@ def find_conv_blocks(kind: BlockKind, traced: TracedModel, claims: Claims, shari
             claims.reject(weight.name, "applied with different strides/paddings/dilations/groups")
             continue
         bias = _shared_bias(nodes, params)
-        shape = tuple(weight.meta["val"].shape)
         groups = geometry["groups"]
+        shape = tuple(weight.meta["val"].shape)
+        inserted = geometry.get("inserted")
+        if inserted:  # the direct convolution's weight: (C_out, C_in/g, k...)
+            shape = (shape[1] * groups, shape[0] // groups, *shape[2:])
         dims = {"in": math.prod(shape[1:]), "out": shape[0] // groups, "groups": groups}
         layer_uses = [layer_use([n.args[0]], [n], sympy.Mul(*(d for i, d in enumerate(symbolic_shape(n)) if i != 1)),
                                 trainable) for n in nodes]
         examples = tuple(tuple(int(optimization_hint(d)) for d in n.args[0].meta["val"].shape) for n in nodes)
+        if inserted:  # the direct convolution's inputs, zeros inserted
+            examples = tuple(e[:2] + tuple((n - 1) * st + 1 for n, st in zip(e[2:], inserted)) for e in examples)
         blocks.append(new_block(traced, kind, (weight,) + ((bias,) if bias is not None else ()), layer_uses, dims,
                                 bias=bias is not None, sharing=sharing,
                                 layout={**geometry, "weight_shape": shape, "example_inputs": examples}))
@@ -159,6 +192,20 @@ def _geometry(weight: Node, args: dict) -> dict:
     else:
         pairs = tuple((p, p) for p in per_dim(padding))
     return {"kernel": kernel, "stride": stride, "padding": pairs, "dilation": dilation, "groups": int(args["groups"])}
+
+
+def _transposed_geometry(weight: Node, args: dict) -> dict:
+    """The geometry of the direct convolution that equals a transposed one (:func:`.factors.direct_inputs`):
+    stride 1, padding ``(d (k - 1) - p, d (k - 1) - p + output_padding)``, the same dilation and groups, and
+    ``inserted``, the stride of the zeros inserted into its inputs."""
+    direct = _geometry(weight, {**args, "padding": args.get("padding", 0)})
+    rank = len(direct["kernel"])
+    output_padding = args.get("output_padding", 0)
+    extra = [output_padding] * rank if isinstance(output_padding, int) else list(output_padding)
+    extra = extra * rank if len(extra) == 1 else extra
+    padding = tuple((d * (k - 1) - lo, d * (k - 1) - hi + int(e))
+                    for (lo, hi), k, d, e in zip(direct["padding"], direct["kernel"], direct["dilation"], extra))
+    return {**direct, "stride": (1,) * rank, "padding": padding, "inserted": direct["stride"]}
 
 
 def _shared_bias(convs: list[Node], params: set[str]) -> Node | None:

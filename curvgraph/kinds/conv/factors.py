@@ -271,6 +271,48 @@ def conv_example_rows(inputs: tuple[Tensor, ...], grads: tuple[Tensor, ...], ker
     return (g[:, :, 0], a[:, :, 0]) if groups == 1 else (g, a)
 
 
+def direct_inputs(inputs: tuple[Tensor, ...], stride: tuple[int, ...]) -> tuple[Tensor, ...]:
+    r"""The inputs of the direct convolution that equals a transposed one of ``stride``: ``s - 1`` zeros
+    between neighbouring elements along each spatial dim, ``(N, C, (L - 1) s + 1, ...)``.
+
+    A transposed convolution (the adjoint of a convolution of the same geometry) of ``x`` with
+    weight ``W`` of shape ``(C_in, C_out/g, k...)`` is the stride-1 convolution of these
+    zero-inserted inputs, padded by :math:`d (k - 1) - p` before and that plus ``output_padding``
+    after, with dilation ``d`` and the weight :func:`direct_weight`.
+    """
+    if all(st == 1 for st in stride):
+        return inputs
+    direct = []
+    for x in inputs:
+        inserted = x.new_zeros(*x.shape[:2], *((n - 1) * st + 1 for n, st in zip(x.shape[2:], stride)))
+        inserted[(slice(None), slice(None), *(slice(None, None, st) for st in stride))] = x
+        direct.append(inserted)
+    return tuple(direct)
+
+
+def direct_weight(weight: Tensor, groups: int) -> Tensor:
+    """The weight ``(C_out, C_in/g, k...)`` of the direct convolution that equals a transposed one with
+    ``weight`` of shape ``(C_in, C_out/g, k...)`` (:func:`direct_inputs`): per group, input and output
+    channels swapped and the kernel flipped along every spatial dim."""
+    c_in, c_out_group, *kernel = weight.shape
+    spatial = tuple(range(3, 3 + len(kernel)))
+    per_group = weight.reshape(groups, c_in // groups, c_out_group, *kernel).transpose(1, 2).flip(spatial)
+    return per_group.reshape(groups * c_out_group, c_in // groups, *kernel)
+
+
+def transposed_weight(direct: Tensor, groups: int) -> Tensor:
+    """Inverse of :func:`direct_weight`: the transposed convolution's ``(C_in, C_out/g, k...)`` weight."""
+    c_out, c_in_group, *kernel = direct.shape
+    spatial = tuple(range(3, 3 + len(kernel)))
+    per_group = direct.reshape(groups, c_out // groups, c_in_group, *kernel).flip(spatial).transpose(1, 2)
+    return per_group.reshape(groups * c_in_group, c_out // groups, *kernel)
+
+
+def transposed_parts(parts: tuple[Tensor, ...], groups: int) -> tuple[Tensor, ...]:
+    """:func:`conv_split`'s ``(weight, bias...)`` of the direct convolution, the weight made the transposed one's."""
+    return (transposed_weight(parts[0], groups),) + tuple(parts[1:])
+
+
 def conv_gradient_matrix(weight: Tensor, bias: Tensor | None, groups: int, dtype: torch.dtype) -> Tensor:
     """``[W.reshape(C_out, -1), b]`` per group: ``(C_out, d)`` or ``(groups, C_out/groups, d)``."""
     out = weight.shape[0]

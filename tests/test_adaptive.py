@@ -194,7 +194,7 @@ def test_first_step_without_momentum_is_the_one_dimensional_solve():
 def test_auto_momentum_needs_auto_lr():
     with pytest.raises(curvgraph.ConfigError, match="momentum='auto' needs lr='auto'"):
         curvgraph.compile(mlp(), (torch.randn(3, 4),), lr=0.01, momentum="auto", backend="eager")
-    with pytest.raises(curvgraph.ConfigError, match="lr must be a positive number"):
+    with pytest.raises(curvgraph.ConfigError, match="lr must be a positive finite number"):
         curvgraph.compile(mlp(), (torch.randn(3, 4),), lr="fast", backend="eager")
 
 

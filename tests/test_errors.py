@@ -38,7 +38,8 @@ def test_unsupported_loss(loss, match):
     "options, match",
     [
         ({"learning_rate": 0.1}, "unknown option"),
-        ({"lr": -1.0}, "lr must be a positive number"),
+        ({"lr": -1.0}, "lr must be a positive finite number"),
+        ({"damping": float("inf")}, "damping must be a positive finite number, got inf"),
         ({"momentum": 1.5}, r"momentum must be in \[0, 1\)"),
         ({"damping_decay": 0.0}, r"damping_decay must be in \(0, 1\]"),
         ({"damping_decay": 1.05}, r"damping_decay must be in \(0, 1\]"),

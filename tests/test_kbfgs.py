@@ -251,19 +251,20 @@ def test_lbfgs_with_enough_memory_equals_bfgs():
         torch.testing.assert_close(two_loop, H, rtol=1e-9, atol=1e-12)
 
 
-def test_lbfgs_memory_forgets():
-    """Control for the test above: with memory 3 < steps the parameters differ from K-BFGS; after the
+@pytest.mark.parametrize("memory", [1, 3])
+def test_lbfgs_memory_forgets(memory):
+    """Control for the test above: with memory 3 (or 1) < steps the parameters differ from K-BFGS; after the
     oldest pairs were dropped, the compact form still equals the two-loop recursion over the kept pairs."""
     from curvgraph.methods.kbfgs import lbfgs_apply
 
-    (_, opt_limited), differences = full_and_limited(memory=3)
+    (_, opt_limited), differences = full_and_limited(memory=memory)
     assert differences[-1] > 1e-6, differences
     state = snapshot(opt_limited)
     for layer in LAYERS:
         S, Y, R_inv = (state[f"{layer}.{k}"] for k in ("S", "Y", "R_inv"))
-        assert state[f"{layer}.count"].item() == 3
+        assert state[f"{layer}.count"].item() == memory
         eye = torch.eye(S.shape[-1], dtype=S.dtype)
-        two_loop = torch.stack([two_loop_reference(S, Y, 3, e) for e in eye], 1)
+        two_loop = torch.stack([two_loop_reference(S, Y, memory, e) for e in eye], 1)
         torch.testing.assert_close(lbfgs_apply(S, Y, R_inv, eye), two_loop, rtol=1e-9, atol=1e-12)
 
 

@@ -4,6 +4,7 @@ the diagonal blocks of the full factors, the dense block-diagonal matrix, and th
 from __future__ import annotations
 
 import copy
+import re
 import math
 import warnings
 
@@ -153,8 +154,10 @@ def test_max_factor_memory_chooses_the_largest_split_that_fits():
     assert any(f.split_dim is not None for b in opt.plan.blocks for f in b.factors.values())
     roomy = compiled(max_factor_memory=1e9)
     assert all(f.split_dim is None for b in roomy.plan.blocks for f in b.factors.values())
-    with pytest.raises(ConfigError, match="max_factor_memory"):
+    least = state(compiled(max_factor_dim=1))
+    with pytest.raises(ConfigError, match=rf"max_factor_memory.*blocks of 1 \({re.escape(f'{least:.3g}')} bytes\); raise it"):
         compiled(max_factor_memory=100)
+    assert state(compiled(max_factor_memory=least)) == least
 
 
 @pytest.mark.parametrize("method", ["singd", "kbfgs"])

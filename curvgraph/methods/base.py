@@ -27,6 +27,7 @@ The step the generator writes is, for every block::
 
 from __future__ import annotations
 
+import math
 import numbers
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -44,9 +45,9 @@ if TYPE_CHECKING:
 
 
 def positive(name: str, value: object) -> float:
-    """A number > 0."""
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value > 0:
-        raise ConfigError(f"curvgraph: {name} must be a positive number, got {value!r}.")
+    """A finite number > 0."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 < value < math.inf:
+        raise ConfigError(f"curvgraph: {name} must be a positive finite number, got {value!r}.")
     return float(value)
 
 

@@ -261,7 +261,7 @@ def lbfgs_append(S: Tensor, Y: Tensor, R_inv: Tensor, count: Tensor, s: Tensor,
     c = (1.0 / torch.where(good, sy, torch.ones_like(sy)))[..., None]
     column = -c * (kept_R @ (kept_S @ y[..., None]))
     top = torch.cat([kept_R, column], -1)
-    bottom = torch.cat([torch.zeros_like(top[..., :1, :-1]), c], -1)
+    bottom = torch.cat([top.new_zeros((*top.shape[:-2], 1, top.shape[-1] - 1)), c], -1)
     new_R = torch.cat([top, bottom], -2)
     new_S = torch.cat([kept_S, s[..., None, :]], -2)
     new_Y = torch.cat([Y[..., 1:, :], y[..., None, :]], -2)

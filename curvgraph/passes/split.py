@@ -110,8 +110,10 @@ def max_dim_for_memory(plan: Plan, budget: float, method: "Method") -> int | Non
     for candidate in sorted(set(splittable) | {2**i for i in range(largest.bit_length())}, reverse=True):
         if state_bytes(plan, [split_block(plan, b, candidate) for b in plan.blocks], method) <= budget:
             return candidate
+    least = state_bytes(plan, [split_block(plan, b, 1) for b in plan.blocks], method)
     raise ConfigError(f"curvgraph: max_factor_memory={budget:.3g} bytes is less than the curvature state needs even "
-                      f"with every splittable factor split into blocks of 1; raise it.")
+                      f"with every splittable factor split into blocks of 1 ({least:.3g} bytes); raise it to at "
+                      f"least that.")
 
 
 def factor_dim_limit(plan: Plan, method: "Method", max_dim: int | None, max_memory: float | None) -> int | None:

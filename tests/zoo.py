@@ -140,6 +140,21 @@ class MobileNetLike(nn.Module):
         return self.head(F.adaptive_avg_pool2d(h, 1).flatten(1))
 
 
+class UNetLike(nn.Module):
+    """A U-Net step: a strided conv with InstanceNorm down, a transposed conv up, the skip concatenated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.InstanceNorm2d(8, affine=True), nn.ReLU())
+        self.up = nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1)
+        self.fuse = nn.Conv2d(4 + 3, 8, 3, padding=1)
+        self.head = nn.Linear(8, CLASSES)
+
+    def forward(self, x):
+        h = F.relu(self.fuse(torch.cat([F.relu(self.up(self.down(x))), x], 1)))
+        return self.head(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
 class Conv1dGroupNorm(nn.Module):
     """A 1-d CNN over sequences ``(N, C, L)`` with GroupNorm (MNIST-1D style)."""
 
@@ -398,6 +413,7 @@ ZOO: dict[str, Case] = {
     "residual-mlp": Case(ResidualMLP, vectors(16)),
     "skip-cnn": Case(SkipCNN, images(3, 8)),
     "mobilenet-like": Case(MobileNetLike, images(3, 8)),
+    "unet-like": Case(UNetLike, images(3, 8)),
     "conv1d-groupnorm": Case(Conv1dGroupNorm, vectors(16)),
     "lstm": Case(LSTMClassifier, sequences(6)),
     "gru-bidirectional-time-major": Case(GRUClassifier, sequences(6, time_major=True)),

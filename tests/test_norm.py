@@ -56,6 +56,12 @@ class HandRMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
 
 
+def ln_flattened_rows() -> nn.Module:
+    """LayerNorm on the ``(N*T, D)`` rows of a flattened sequence, as OPT's decoder layer applies it."""
+    return nn.Sequential(nn.Linear(5, 6), nn.Flatten(0, 1), nn.LayerNorm(6), nn.Unflatten(0, (-1, 3)), nn.Tanh(),
+                         nn.Flatten(), nn.Linear(3 * 6, 4))
+
+
 def rms_sequence() -> nn.Module:
     return nn.Sequential(nn.Linear(5, 6), nn.RMSNorm(6), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 6, 4))
 
@@ -75,6 +81,7 @@ NORMS = {
     "instancenorm": (in_cnn, (6, 2, 4, 4), "1"),
     "instancenorm": (in_cnn, (6, 2, 4, 4), "1"),
     "layernorm-no-bias-shared": (ln_sequence, (6, 3, 5), "1"),
+    "layernorm-flattened-rows": (ln_flattened_rows, (6, 3, 5), "2"),
 }
 
 

@@ -37,17 +37,17 @@ def norm_example_gradients(normalized: tuple[Tensor, ...], grads: tuple[Tensor, 
     r"""The per-example, per-channel gradients :math:`v_{nc}`, shape ``(S*N, C, k)``, summed over the uses.
 
     Args:
-        normalized: :math:`\hat x` of each use, ``(N, ...)``.
-        grads: output vectors of each use, ``(S*N, ...)`` (``S`` backward samples).
+        normalized: :math:`\hat x` of each use, ``(N, ...)``, or ``(N*T, ...)`` where the layer normalizes
+            the rows of a flattened ``(N, T, ...)`` tensor (example-major).
+        grads: output vectors of each use, ``(S*N, ...)`` or ``(S*N*T, ...)`` (``S`` backward samples).
         channels, channels_first: the layout (see :func:`channels_last`).
         bias: the block holds a bias (``k = 2``) or not (``k = 1``).
         batch: ``N``.
     """
     total = 0
-    for x, g in zip(normalized, grads):
-        x = channels_last(x.to(dtype), channels, channels_first)
-        g = channels_last(g.to(dtype), channels, channels_first)
-        g = g.reshape(-1, batch, g.shape[1], channels)
+    for x, g in zip(normalized, grads):  # rows example-major: (N, ...), or (N * T, ...) for a layer on flattened rows
+        x = channels_last(x.to(dtype), channels, channels_first).reshape(batch, -1, channels)
+        g = channels_last(g.to(dtype), channels, channels_first).reshape(-1, batch, x.shape[1], channels)
         parts = [(g * x).sum(2)] + ([g.sum(2)] if bias else [])
         total = total + torch.stack(parts, -1).flatten(0, 1)  # uses share the parameters: gradients add
     return total

@@ -438,13 +438,50 @@ def substituted(model: nn.Module, substitute: Substitute | None) -> Iterator[Non
             parent._modules[name] = child
 
 
+@contextlib.contextmanager
+def _recording_autograd_functions(applied: list[type]) -> Iterator[None]:
+    """Append to ``applied`` each ``torch.autograd.Function`` subclass whose ``apply`` is called in the block.
+
+    ``torch.export`` captures what such a function's ``forward`` computes and drops its ``backward``; the step
+    differentiates the captured ops (see :func:`_warn_autograd_functions`)."""
+    function = torch.autograd.Function
+    original = function.__dict__["apply"]
+
+    def apply(cls, *args, **kwargs):
+        applied.append(cls)
+        return original.__func__(cls, *args, **kwargs)
+
+    function.apply = classmethod(apply)
+    try:
+        yield
+    finally:
+        function.apply = original
+
+
+def _warn_autograd_functions(model: nn.Module, applied: list[type]) -> None:
+    """A warning naming the ``torch.autograd.Function`` classes ``model``'s forward called, if any."""
+    names = sorted({f"{cls.__module__}.{cls.__qualname__}" for cls in applied})
+    if names:
+        warnings.warn(
+            f"curvgraph: {type(model).__name__}'s forward calls torch.autograd.Function {', '.join(names)}. "
+            "torch.export captures what its forward computes, and the step differentiates those ops, not its own "
+            "backward. Where the backward is not the derivative of the forward (a straight-through estimator, "
+            "gradient reversal or clipping), the step's gradients differ from eager PyTorch's: keep the module "
+            "that calls it opaque with curvgraph.compile(..., leaf_modules=[...]) (the function's forward and "
+            "setup_context written as separate staticmethods, as torch.func requires).", UserWarning, stacklevel=2)
+
+
 def _export(model: nn.Module, example_inputs: tuple[Tensor, ...], keys: tuple[str, ...] | None) -> ExportedProgram:
     inputs = tuple(t.detach() for t in example_inputs)
+    applied: list[type] = []
     try:
         with _quiet_export(), _without_einsum_path_search():
-            program = torch.export.export(model, **_arguments(inputs, keys, dynamic=True))
+            with _recording_autograd_functions(applied):
+                program = torch.export.export(model, **_arguments(inputs, keys, dynamic=True))
             _detach_no_grad_regions(program)
-            return program.run_decompositions(DECOMPOSITIONS)
+            program = program.run_decompositions(DECOMPOSITIONS)
+        _warn_autograd_functions(model, applied)
+        return program
     except CurvgraphError:  # ours, raised from the model's call (e.g. the output selection): already worded
         raise
     except Exception as exc:  # translated below, never swallowed

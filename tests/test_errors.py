@@ -206,3 +206,44 @@ def test_a_forward_that_writes_a_parameter_in_place_names_it_and_the_leaf_module
         curvgraph.compile(model, (ids,), backend="eager")
     opt = curvgraph.compile(model, (ids,), backend="eager", leaf_modules=["e"])  # the way out the message names
     assert torch.isfinite(opt.step(ids, y)) and opt.plan.fallback_params == ("e.weight",)
+
+
+class StraightThrough(torch.autograd.Function):
+    """``round`` forward, identity backward: not the derivative of its forward."""
+
+    @staticmethod
+    def forward(x):
+        return torch.round(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class Quantize(nn.Module):
+    def forward(self, x):
+        return StraightThrough.apply(x)
+
+
+def test_an_autograd_function_in_forward_is_named_and_a_leaf_module_keeps_its_backward():
+    """torch.export captures a Function's forward (``round``, zero derivative) and drops its backward: the warning
+    says so; as a leaf module the function runs with its own backward, and the layer before it trains."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    moved = {}
+    for leaves in (None, ["1"]):
+        model = nn.Sequential(nn.Linear(4, 8), Quantize(), nn.Linear(8, 3))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt = curvgraph.compile(model, (x,), backend="eager", lr=1e-2, momentum=0.0, kl_clip=None,
+                                    leaf_modules=leaves)
+        named = [w for w in caught if "torch.autograd.Function" in str(w.message)]
+        assert len(named) == (leaves is None) and all("StraightThrough" in str(w.message) for w in named)
+        before = model[0].weight.detach().clone()
+        opt.step(x, y)
+        moved[leaves is None] = (model[0].weight - before).abs().max().item()
+    assert moved[True] == 0.0 < moved[False]

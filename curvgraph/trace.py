@@ -439,23 +439,42 @@ def substituted(model: nn.Module, substitute: Substitute | None) -> Iterator[Non
 
 
 @contextlib.contextmanager
-def _recording_autograd_functions(applied: list[type]) -> Iterator[None]:
-    """Append to ``applied`` each ``torch.autograd.Function`` subclass whose ``apply`` is called in the block.
-
-    ``torch.export`` captures what such a function's ``forward`` computes and drops its ``backward``; the step
-    differentiates the captured ops (see :func:`_warn_autograd_functions`)."""
+def _function_apply(apply: Callable[..., Any]) -> Iterator[None]:
+    """``torch.autograd.Function.apply`` is ``apply(original, cls, *args, **kwargs)`` in the block (``original``:
+    the unbound ``Function.apply``)."""
     function = torch.autograd.Function
     original = function.__dict__["apply"]
-
-    def apply(cls, *args, **kwargs):
-        applied.append(cls)
-        return original.__func__(cls, *args, **kwargs)
-
-    function.apply = classmethod(apply)
+    function.apply = classmethod(lambda cls, *args, **kwargs: apply(original.__func__, cls, *args, **kwargs))
     try:
         yield
     finally:
         function.apply = original
+
+
+def _recording_autograd_functions(applied: list[type]) -> contextlib.AbstractContextManager[None]:
+    """Append to ``applied`` each ``torch.autograd.Function`` subclass whose ``apply`` is called in the block.
+
+    ``torch.export`` captures what such a function's ``forward`` computes and drops its ``backward``; the step
+    differentiates the captured ops (see :func:`_warn_autograd_functions`)."""
+
+    def record(original: Callable[..., Any], cls: type, *args: Any, **kwargs: Any) -> Any:
+        applied.append(cls)
+        return original(cls, *args, **kwargs)
+
+    return _function_apply(record)
+
+
+def autograd_functions_inlined() -> contextlib.AbstractContextManager[None]:
+    """In the block, each ``torch.autograd.Function`` runs its ``forward`` as plain ops, as the captured graph
+    holds it: an eager check of the model as captured (``torch.func`` rejects a function without
+    ``setup_context``, which the captured graph no longer contains)."""
+
+    def inline(original: Callable[..., Any], cls: type, *args: Any, **kwargs: Any) -> Any:
+        if torch.autograd.function._is_setup_context_defined(cls.setup_context):
+            return cls.forward(*args, **kwargs)
+        return cls.forward(torch.autograd.function.FunctionCtx(), *args, **kwargs)
+
+    return _function_apply(inline)
 
 
 def _warn_autograd_functions(model: nn.Module, applied: list[type]) -> None:

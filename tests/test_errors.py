@@ -247,3 +247,34 @@ def test_an_autograd_function_in_forward_is_named_and_a_leaf_module_keeps_its_ba
         opt.step(x, y)
         moved[leaves is None] = (model[0].weight - before).abs().max().item()
     assert moved[True] == 0.0 < moved[False]
+
+
+class OldStyleTanh(torch.autograd.Function):
+    """``forward(ctx, x)`` without ``setup_context`` (as BLOOM's ``GeLUFunction``): ``torch.func`` rejects it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.tanh(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (1 - torch.tanh(x) ** 2)
+
+
+class OldStyleActivation(nn.Module):
+    def forward(self, x):
+        return OldStyleTanh.apply(x)
+
+
+def test_lr_auto_takes_a_model_with_an_old_style_autograd_function():
+    """The check that the curvature products can be taken runs the model as captured, the function's forward
+    inlined; before, torch.func's refusal of the function itself made lr='auto' a ConfigError."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    model = nn.Sequential(nn.Linear(4, 8), OldStyleActivation(), nn.Linear(8, 3))
+    with pytest.warns(UserWarning, match="OldStyleTanh"):
+        opt = curvgraph.compile(model, (x,), backend="eager")
+    losses = [opt.step(x, y).item() for _ in range(8)]
+    assert opt.skipped_steps == 0 and losses[-1] < 0.8 * losses[0], losses

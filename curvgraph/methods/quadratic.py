@@ -32,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..errors import ConfigError
 from ..passes.forms import COMPOSITES
-from ..trace import select_output
+from ..trace import autograd_functions_inlined, select_output
 
 
 def output_jvps(backprop: Callable, output: Tensor, tangents: tuple[tuple[Tensor, ...], ...]) -> tuple[Tensor, ...]:
@@ -67,7 +67,7 @@ def transposes_backward(model: torch.nn.Module, args: tuple, kwargs: dict, outpu
     One eager forward of the prediction (picked by ``output``, :func:`curvgraph.trace.select_output`),
     backward and transposed backward on the example inputs, attention in its math form and the
     ``torch.nn.functional`` functions of :data:`curvgraph.passes.forms.COMPOSITES` in the form the
-    step writes them in, on copies of the model's buffers and with the random number generators restored, so
+    step writes them in, each ``torch.autograd.Function`` as its ``forward``'s ops (as captured), on copies of the model's buffers and with the random number generators restored, so
     nothing about the model or the random streams changes. Where that fails, e.g. where an op's
     backward has no derivative ("derivative for aten::hardsigmoid_backward is not implemented", for
     the op called other than through ``F.hardsigmoid``), one forward-mode pass is tried the same way.
@@ -88,7 +88,8 @@ def transposes_backward(model: torch.nn.Module, args: tuple, kwargs: dict, outpu
     zeros = {name: torch.zeros_like(p) for name, p in params.items()}
     # attention in its math form, as the attention pass rewrites it in the step (the fused kernels' backward
     # has no derivative)
-    with torch.random.fork_rng(devices=devices), sdpa_kernel(SDPBackend.MATH), _AsTheStepWritesThem():
+    with (torch.random.fork_rng(devices=devices), sdpa_kernel(SDPBackend.MATH), _AsTheStepWritesThem(),
+          autograd_functions_inlined()):
         try:
             predicted, backprop = torch.func.vjp(prediction, params)
             output_jvps(backprop, predicted, (zeros,))

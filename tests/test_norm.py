@@ -62,6 +62,24 @@ def ln_flattened_rows() -> nn.Module:
                          nn.Flatten(), nn.Linear(3 * 6, 4))
 
 
+class OffsetRMSNorm(nn.Module):
+    """Gemma's RMSNorm: the scale is ``1 + w`` (``w`` starts at 0), computed in ``dtype`` (Gemma: ``.float()``)."""
+
+    def __init__(self, features: int, dtype: torch.dtype = torch.float64) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(0.1 * torch.randn(features))
+        self.bias = None
+        self.dtype = dtype
+
+    def forward(self, x):
+        out = x.to(self.dtype) * torch.rsqrt(x.to(self.dtype).pow(2).mean(-1, keepdim=True) + 1e-6)
+        return (out * (1.0 + self.weight.to(self.dtype))).type_as(x)
+
+
+def offset_rms(dtype: torch.dtype = torch.float64) -> nn.Module:
+    return nn.Sequential(nn.Linear(5, 6), OffsetRMSNorm(6, dtype), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 6, 4))
+
+
 def rms_sequence() -> nn.Module:
     return nn.Sequential(nn.Linear(5, 6), nn.RMSNorm(6), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 6, 4))
 
@@ -75,6 +93,7 @@ NORMS = {
     "rmsnorm": (rms_sequence, (6, 3, 5), "1"),
     "rmsnorm-handwritten": (hand_rms(False), (6, 3, 5), "1"),
     "rmsnorm-handwritten-weight-first": (hand_rms(True), (6, 3, 5), "1"),
+    "rmsnorm-offset-scale": (offset_rms, (6, 3, 5), "1"),
     "batchnorm": (bn_cnn, (6, 2, 7), "1"),
     "layernorm": (ln_mlp, (6, 5), "1"),
     "groupnorm": (gn_cnn, (6, 2, 4, 4), "1"),
@@ -115,6 +134,15 @@ def test_norm_factor_is_the_exact_per_channel_ggn_block(float64, case, loss):
     k = len(params)
     diagonal_blocks = torch.stack([exact[c * k:(c + 1) * k, c * k:(c + 1) * k] for c in range(F_ours.shape[0])])
     torch.testing.assert_close(F_ours, diagonal_blocks, rtol=1e-10, atol=1e-12)
+
+
+def test_a_norm_computed_in_another_dtype_is_a_norm_block():
+    """``x.float() * rsqrt(x.float().pow(2).mean(-1) + eps) * (1 + w.float())`` of a bfloat16 or float64 model (Gemma):
+    each ``.float()`` is a cast of its own, and the scale is the cast weight offset by 1."""
+    for model_dtype, norm_dtype in ((torch.float32, torch.float64), (torch.bfloat16, torch.float32)):
+        model = offset_rms(norm_dtype).to(model_dtype)
+        plan = curvgraph.compile(model, (torch.randn(6, 3, 5, dtype=model_dtype),), backend="eager").plan
+        assert [(b.name, b.kind) for b in plan.blocks] == [("0", "dense"), ("1", "norm"), ("4", "dense")]
 
 
 def test_norm_update_is_the_damped_per_channel_solve(float64):

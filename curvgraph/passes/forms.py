@@ -1,4 +1,5 @@
-"""Rewrites every graph gets, whatever kinds are registered: ops the generated step cannot differentiate as needed.
+"""Rewrites every graph gets, whatever kinds are registered: ops the generated step cannot differentiate as needed,
+and checks that compute nothing.
 
 The step differentiates the forward in reverse mode (gradients, statistics) and, for
 the quadratic model of ``lr="auto"``, in forward mode (``torch.func.jvp``). Some fused
@@ -208,8 +209,21 @@ def _inline(graph: Graph, before: Node, fn, x: Node) -> Node:
         return graph.graph_copy(traced.graph, {placeholder: x})
 
 
+def without_metadata_checks(graph: Graph, params: set[str]) -> int:
+    """Erase ``aten._assert_tensor_metadata`` nodes; returns how many.
+
+    ``torch.export`` records ``t.float()`` or ``t.to(dtype)`` of a tensor already of that dtype as such a
+    check: no value, nothing the step computes. Erased, a parameter it reads has only its computing
+    consumers (e.g. Gemma's ``x_hat * (1.0 + self.weight.float())``, a norm block).
+    """
+    checks = list(graph.find_nodes(op="call_function", target=aten._assert_tensor_metadata.default))
+    for node in checks:
+        graph.erase_node(node)
+    return len(checks)
+
+
 #: The rewrites :func:`curvgraph.passes.build_plan` runs before the kinds' own.
-GRAPH_REWRITES = (attention_math_form,)
+GRAPH_REWRITES = (without_metadata_checks, attention_math_form)
 
 #: The rewrites :func:`curvgraph.instrument.instrument` runs on the instrumented forward: ``graph -> count``.
 STEP_REWRITES = (linear_as_2d, embedding_as_index, composite_forms)

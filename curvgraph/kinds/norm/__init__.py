@@ -205,7 +205,8 @@ def _handwritten_rms(node: Node) -> bool:
                 and (mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False))):
             continue
         square = mean.args[0]
-        if isinstance(square, Node) and square.target in _SQUARES and square.args[0] is x and _SQUARES[square.target](square):
+        if (isinstance(square, Node) and square.target in _SQUARES and _uncast(square.args[0]) is _uncast(x)
+                and _SQUARES[square.target](square)):
             return True
     return False
 
@@ -238,12 +239,42 @@ def _unview(node: object) -> object:
     return node.args[0] if isinstance(node, Node) and node.target is aten.view.default else node
 
 
+def _is_cast(node: object) -> bool:
+    """``node`` is ``x.to(dtype)`` (``aten._to_copy`` with a dtype only)."""
+    return (isinstance(node, Node) and node.target is aten._to_copy.default and len(node.args) == 1
+            and set(node.kwargs) == {"dtype"})
+
+
+def _uncast(node: object) -> object:
+    """The tensor ``node`` is a dtype cast of (``x.float()``), or ``node``."""
+    while _is_cast(node):
+        node = node.args[0]
+    return node
+
+
+def _passes_scale(node: Node) -> bool:
+    """``node`` is an op between a norm weight ``w`` and its product with ``x_hat`` that leaves the block's math as
+    it is: a view, a dtype cast, or an offset by a constant (Gemma's ``x_hat * (1 + w.float())``: ``w``'s gradient
+    and curvature are those of the scale ``1 + w``, and its update the scale's)."""
+    return node.target is aten.view.default or _is_cast(node) or (
+        node.target is aten.add.Tensor and len(node.args) == 2 and isinstance(node.args[1], (int, float))
+        and not node.kwargs)
+
+
+def _scale_source(node: object) -> object:
+    """The node ``node`` scales by, through :func:`_passes_scale` ops."""
+    while isinstance(node, Node) and node.op == "call_function" and _passes_scale(node):
+        node = node.args[0]
+    return node
+
+
 def _affine(node: Node, params: set[str]) -> AffineMatch | None:
-    """Match ``mul(x_hat, w)``, with the ``add(., b)`` after it if there is one."""
+    """Match ``mul(x_hat, w)`` (``w`` possibly viewed or offset by a constant, :func:`_passes_scale`), with the
+    ``add(., b)`` after it if there is one."""
     if node.op != "call_function" or node.target is not aten.mul.Tensor or len(node.args) != 2:
         return None
     for normalized, scale in (node.args, node.args[::-1]):  # x_hat * w or w * x_hat
-        weight = _unview(scale)
+        weight = _scale_source(scale)
         form = _norm_form_of(normalized) if isinstance(normalized, Node) else None
         if form is not None and isinstance(weight, Node) and weight.name in params:
             break
@@ -259,10 +290,10 @@ def _affine(node: Node, params: set[str]) -> AffineMatch | None:
 
 
 def _only_used_by(param: Node, consumers: set[Node]) -> bool:
-    """Every use of ``param`` is by ``consumers``, directly or through a view only they use."""
+    """Every use of ``param`` is by ``consumers``, directly or through :func:`_passes_scale` ops only they use."""
     for user in param.users:
-        if user.target is aten.view.default:
-            if not set(user.users) <= consumers:
+        if user.op == "call_function" and _passes_scale(user):
+            if not _only_used_by(user, consumers):
                 return False
         elif user not in consumers:
             return False

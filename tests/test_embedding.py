@@ -202,13 +202,35 @@ def test_class_token_is_a_position_block_read_at_the_first_k_rows(k):
     assert not torch.equal(model.cls, before) and opt.skipped_steps == 0
 
 
-def test_class_token_factors_are_the_exact_ggn():
-    """One token (k = 1): ``kron(A, G)`` with the type-2 Fisher is the token's exact GGN, over a batch."""
+class TwoTokens(nn.Module):
+    """DeiT-style: a class token of shape ``(d,)`` (CLIP's) and a distillation token ``(1, 1, d)`` after it, in one
+    concatenation in front of the patch sequence."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls = nn.Parameter(0.1 * torch.randn(D))
+        self.dist = nn.Parameter(0.1 * torch.randn(1, 1, D))
+        self.mix = nn.Linear(D, D)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        n = x.shape[0]
+        h = torch.tanh(self.mix(torch.cat([self.cls.expand(n, 1, -1), self.dist.expand(n, -1, -1), x], 1)))
+        return self.head(h[:, 0] + 2 * h[:, 1] + h.mean(1))
+
+
+@pytest.mark.parametrize("model_cls, token, shape", [(ClassToken, "cls", (1, 1, D)), (TwoTokens, "cls", (D,)),
+                                                     (TwoTokens, "dist", (1, 1, D))])
+def test_class_token_factors_are_the_exact_ggn(model_cls, token, shape):
+    """One token (k = 1): ``kron(A, G)`` with the type-2 Fisher is the token's exact GGN, over a batch; also a
+    ``(d,)`` token, and one after another token (read at its own position)."""
     torch.manual_seed(0)
-    model = ClassToken().double()
+    model = model_cls().double()
     x, y = torch.randn(3, 4, D, dtype=torch.float64), torch.tensor([2, 0, 1])
-    exact = exact_ggn(model, "cross_entropy", x, y, model.cls.detach().flatten(), lambda t: {"cls": t.reshape(1, 1, D)})
+    param = model.get_parameter(token)
+    exact = exact_ggn(model, "cross_entropy", x, y, param.detach().flatten(), lambda t: {token: t.reshape(shape)})
     opt = curvgraph.compile(model, (x,), fisher="type2", backend="eager", lr=0.1)
+    assert opt.plan.block(token).kind == "position" and opt.plan.fallback_params == ()
     opt.step(x, y)
-    factors = opt.factors()["cls"]
+    factors = opt.factors()[token]
     torch.testing.assert_close(torch.kron(torch.diag(factors["A"]), factors["G"]), exact)

@@ -11,12 +11,14 @@ The table's block matrix is ``pos`` viewed as ``(T_max, d)``.
 
 Class tokens concatenated in front of the sequence, ``cat([cls.expand(N, -1, -1), h], 1)``
 with a trainable ``cls`` of shape ``(1, k, d)`` (ViT's class token; ``k > 1`` register
-tokens), are the same: a table of ``k`` rows read at the first ``k`` positions of every
-example's output ``(N, k + T, d)``, so ``A`` is :math:`1/k` per row and ``G`` the factor of the
-output vectors at those positions. For ``k = 1`` and the type-2 Fisher ``kron(G, A)`` is
-the token's exact GGN block. In both forms the statistics read the output vectors at
-positions ``[:, :rows]`` (every position of an added table, the first ``k`` of a
-concatenation).
+tokens), or ``(d,)`` expanded to ``(N, 1, d)`` (CLIP's), are the same: a table of ``k`` rows read
+at ``k`` positions of every example's output ``(N, k + T, d)``, so ``A`` is :math:`1/k` per row
+and ``G`` the factor of the output vectors at those positions. The tokens may follow other
+tokens of a fixed count in the same concatenation (DeiT's distillation token after the class
+token): the layout's ``offset`` is their first position. For ``k = 1`` and the type-2 Fisher
+``kron(G, A)`` is the token's exact GGN block. In both forms the statistics read the output
+vectors at positions ``[:, offset:offset + rows]`` (every position of an added table, the
+tokens' own of a concatenation).
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ class Position(BlockKind):
     @staticmethod
     def _read(b: BlockVars, uses: Sequence[UseVars]) -> list[str]:
         """The output vectors of each use at the positions the table is read at."""
-        return [f"{u.grads[0]}[:, :{b.block.dims['positions']}]" for u in uses]
+        start = b.block.layout.get("offset", 0)
+        return [f"{u.grads[0]}[:, {start}:{start + b.block.dims['positions']}]" for u in uses]
 
     def write_batch_factors(self, w: StepWriter, b: BlockVars, dtype: torch.dtype) -> None:
         grads = w.pack(self._read(b, b.uses))
@@ -107,23 +110,28 @@ def _read_positions(param: Node) -> Node | None:
     return user if isinstance(other, Node) and ndim(other) == 3 else None
 
 
-def _prepended(param: Node) -> Node | None:
-    """The ``cat([param.expand(N, -1, -1), h], 1)`` that puts ``param`` in front of a sequence; ``None`` otherwise."""
+def _prepended(param: Node) -> tuple[Node, int] | None:
+    """The ``cat([..., param.expand(N, k, d), ..., h], 1)`` that puts ``param`` in front of a sequence, after tokens
+    of a fixed count, and the position its rows start at; ``None`` otherwise."""
     if len(param.users) != 1:
         return None
     (expand,) = param.users
-    if expand.target is not aten.expand.default or len(expand.users) != 1:
+    if expand.target is not aten.expand.default or len(expand.users) != 1 or ndim(expand) != 3:
         return None
     (cat,) = expand.users
-    if cat.target is not aten.cat.default or cat.args[0][0] is not expand or sum(a is expand for a in cat.args[0]) != 1:
+    parts = cat.args[0] if cat.target is aten.cat.default else ()
+    if sum(a is expand for a in parts) != 1 or parts[-1] is expand:
         return None
     dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
-    return cat if ndim(cat) == 3 and dim in (1, -2) else None
+    before = [a.meta["val"].shape[1] for a in parts[:parts.index(expand)]]
+    if ndim(cat) != 3 or dim not in (1, -2) or not all(isinstance(k, int) for k in before):
+        return None
+    return cat, sum(before)
 
 
 def find_position_blocks(kind: BlockKind, traced: TracedModel, claims: Claims) -> list[Block]:
-    """Position blocks: a trainable ``(1, T_max, d)`` table added to a ``(N, T, d)`` stream, or ``(1, k, d)`` tokens
-    concatenated in front of it."""
+    """Position blocks: a trainable ``(1, T_max, d)`` table added to a ``(N, T, d)`` stream, or ``(1, k, d)`` (or
+    ``(d,)``) tokens concatenated in front of it."""
     params = set(traced.params)
     trainable = depends_on(traced.graph, params)
     blocks = []
@@ -131,16 +139,19 @@ def find_position_blocks(kind: BlockKind, traced: TracedModel, claims: Claims) -
         if node.op != "placeholder" or node.name not in params or claims.is_claimed(node.name):
             continue
         shape = tuple(int(s) for s in node.meta["val"].shape)
-        if not (len(shape) == 3 and shape[0] == 1):
+        table = len(shape) == 3 and shape[0] == 1
+        add = _read_positions(node) if table else None
+        prepended = _prepended(node) if table or len(shape) == 1 else None
+        if add is None and prepended is None:
             continue
-        add, cat = _read_positions(node), _prepended(node)
-        if add is None and cat is None:
-            continue
-        output = add if add is not None else cat
-        rows = sympy.Mul(*symbolic_shape(add)[:2]) if add is not None else symbolic_shape(cat)[0] * shape[1]
+        positions, features = (shape[1], shape[2]) if table else (1, shape[0])
+        if add is not None:
+            output, rows, offset = add, sympy.Mul(*symbolic_shape(add)[:2]), 0
+        else:
+            (output, offset), rows = prepended, symbolic_shape(prepended[0])[0] * positions
         use = layer_use([], [output], rows, trainable)
-        blocks.append(new_block(traced, kind, (node,), [use], {"positions": shape[1], "features": shape[2]},
-                                layout={"shape": shape, "prepended": cat is not None}))
+        blocks.append(new_block(traced, kind, (node,), [use], {"positions": positions, "features": features},
+                                layout={"shape": shape, "prepended": prepended is not None, "offset": offset}))
     return blocks
 
 

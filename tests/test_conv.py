@@ -37,10 +37,10 @@ EXACT = {
 }
 
 
-@pytest.mark.parametrize("case", EXACT)
-def test_kfc_expand_is_the_exact_ggn_of_a_linear_convolution(float64, case):
+def kfc_after_one_step(make, shape: tuple[int, ...]):
+    """One type-2 step of ``ChannelsLast(make())`` on random data: ``(reference copy, x, y, A, G)``, the factors as
+    ``(groups, d, d)``."""
     torch.manual_seed(0)
-    make, shape = EXACT[case]
     model = ChannelsLast(make())
     x = torch.randn(shape)
     y = torch.randn(model(x).shape)
@@ -48,11 +48,15 @@ def test_kfc_expand_is_the_exact_ggn_of_a_linear_convolution(float64, case):
     opt = curvgraph.compile(model, (x,), loss="mse", fisher="type2", ema=0.0, backend="eager")
     opt.step(x, y)
     (block,) = opt.plan.blocks
-    assert block.kind == "conv" and block.layout["groups"] == reference.conv.groups
+    assert block.kind == "conv" and block.layout["groups"] == reference.conv.groups and opt.plan.fallback_params == ()
     factors = opt.factors()["conv"]
     A, G = factors["A"], factors["G"]
-    if A.dim() == 2:
-        A, G = A[None], G[None]
+    return (reference, x, y, A, G) if A.dim() == 3 else (reference, x, y, A[None], G[None])
+
+
+@pytest.mark.parametrize("case", EXACT)
+def test_kfc_expand_is_the_exact_ggn_of_a_linear_convolution(float64, case):
+    reference, x, y, A, G = kfc_after_one_step(*EXACT[case])
 
     weight, bias = reference.conv.weight.detach(), reference.conv.bias
     groups, per_group = reference.conv.groups, weight.shape[0] // reference.conv.groups
@@ -86,18 +90,7 @@ TRANSPOSED = {
 def test_kfc_of_a_transposed_convolution_is_the_exact_ggn(float64, case):
     """A transposed convolution is the direct one over zero-inserted inputs, with the kernel's channels swapped and
     flipped: KFC-expand of that convolution is exact here too, in the direct weight's coordinates."""
-    torch.manual_seed(0)
-    make, shape = TRANSPOSED[case]
-    model = ChannelsLast(make())
-    x = torch.randn(shape)
-    y = torch.randn(model(x).shape)
-    reference = copy.deepcopy(model)
-    opt = curvgraph.compile(model, (x,), loss="mse", fisher="type2", ema=0.0, backend="eager")
-    opt.step(x, y)
-    (block,) = opt.plan.blocks
-    assert block.kind == "conv" and opt.plan.fallback_params == ()
-    factors = opt.factors()["conv"]
-    A, G = (factors["A"], factors["G"]) if factors["A"].dim() == 3 else (factors["A"][None], factors["G"][None])
+    reference, x, y, A, G = kfc_after_one_step(*TRANSPOSED[case])
 
     weight, bias, groups = reference.conv.weight.detach(), reference.conv.bias, reference.conv.groups
     c_in, per_group, kernel = weight.shape[0], weight.shape[1], weight.shape[2:]

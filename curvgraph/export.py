@@ -166,7 +166,7 @@ def _spec(opt: "CurvatureOptimizer") -> str:
         ("frozen", _literal(tuple(forward.names[p] for p in forward.frozen)), "requires_grad=False, or no gradient"),
         ("buffers", _literal(tuple(forward.names[b] for b in forward.buffers)), None),
         ("inputs", str(len(forward.inputs)), "number of input tensors"),
-        ("input_shapes", _literal(tuple((i.name, i.shape, i.dtype, i.size_ranges) for i in opt._inputs)),
+        ("input_shapes", _literal(opt._input_shapes),
          "per input: name, shape (None: any size), dtype, (dim, lowest, highest) of sizes held in a range"),
         ("batch_dims", _literal(opt._captured.batch_dims), "per input, its batch dim (None: none)"),
         ("contiguous", _literal(tuple(i.contiguous for i in opt._inputs)), "per input, captured contiguous"),

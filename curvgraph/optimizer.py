@@ -256,6 +256,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._forward = forward
         self._generated = captured.generated
         self._inputs = captured.inputs
+        self._input_shapes = tuple((s.name, s.shape, s.dtype, s.size_ranges) for s in captured.inputs)
         self._constants = tuple(captured.constants)
         self._frozen_names = [forward.names[p] for p in forward.frozen]
         self._buffer_names = [forward.names[b] for b in forward.buffers]
@@ -436,8 +437,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _check_batch(self, batch: tuple[Tensor, ...], targets: Tensor) -> None:
         """Raise :class:`InputError` for a batch the step cannot take; changes nothing."""
         batch_dims = self._captured.batch_dims
-        problem = batch_problem(batch, targets, [(s.name, s.shape, s.dtype, s.size_ranges) for s in self._inputs],
-                                batch_dims, self._runner.device)
+        problem = batch_problem(batch, targets, self._input_shapes, batch_dims, self._runner.device)
         if problem:
             raise InputError(problem)
         output_shape = tuple(self._runner.noise_shape(batch))

@@ -267,9 +267,13 @@ def run_task(name: str, configs: list[str], peers: bool = False) -> dict:
         optimizers[f"curvgraph-{config}"] = opt
     runs = train_interleaved(task, runners, x, y, indices)
     for label, run in runs.items():
+        counts = ""
         if label in optimizers:
-            run["skipped_steps"] = optimizers[label].skipped_steps
-        print(f"  {name} {label}: final loss {run['final_loss']:.4g}, median step {run['median_ms']:.2f} ms", flush=True)
+            stats = optimizers[label].stats()
+            run["skipped_steps"], run["rejected_steps"] = stats["skipped_steps"], stats.get("rejected_steps")
+            counts = f", skipped {stats['skipped_steps']}, rejected {stats.get('rejected_steps', '-')}"
+        print(f"  {name} {label}: final loss {run['final_loss']:.4g}, median step {run['median_ms']:.2f} ms{counts}",
+              flush=True)
     best = min((r for r in runs if r.startswith("adam")), key=lambda r: runs[r]["final_loss"])
     target = runs[best]["final_loss"]
     reference = time_to(runs[best], target)

@@ -269,6 +269,19 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """How many steps were skipped because they were not finite."""
         return self._runner.skipped_steps if self._captured is not None else 0
 
+    def stats(self) -> dict[str, float | int]:
+        """The run so far, read after the last step: ``steps`` (calls of :meth:`step` since the capture),
+        ``skipped_steps`` (not finite: nothing changed, see :meth:`step`) and what the method reports of its
+        own state. K-FAC and EKFAC with ``lr="auto"`` add ``damping`` (the next step's), ``damping_growth``,
+        ``rejected_steps`` (steps whose update was computed but not taken because the batch loss would have
+        risen: the parameters stayed and the damping grew) and the last step's ``step_size``, ``momentum``
+        and ``rho`` (the loss's change over the quadratic model's prediction, 1 where the model is exact); see
+        ``docs/methods.md``. Reading it waits for the last step to finish (one host read per value)."""
+        if self._captured is None:
+            return {"steps": 0, "skipped_steps": 0}
+        return {"steps": self._runner.step_count, "skipped_steps": self._runner.skipped_steps,
+                **self.method.report(self._runner.state)}
+
     @property
     def _state(self) -> dict[str, Tensor]:
         self._require_capture("the optimizer state")

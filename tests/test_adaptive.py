@@ -76,6 +76,7 @@ def test_step_size_and_momentum_solve_the_quadratic_model_with_the_exact_ggn(flo
     assert f"J_Delta, J_prev = {products}" in opt.source
     theta0 = block_vector(model)
     opt.step(*batches[0])
+    opt_first_rho = opt.stats()["rho"]
     theta1 = block_vector(model)
     previous = theta1 - theta0
     assert previous.norm() > 0  # the first step was taken
@@ -102,64 +103,96 @@ def test_step_size_and_momentum_solve_the_quadratic_model_with_the_exact_ggn(flo
     torch.testing.assert_close(block_vector(model) - theta1, delta)
     rho = ((new_loss - old_loss) / change).item()
     expected = damping * 0.95 if rho > 0.75 else damping / 0.95 if rho < 0.25 else damping
-    assert opt._state["kfac.damping"][0].item() == pytest.approx(expected, rel=1e-9)
+    stats = opt.stats()
+    assert stats["damping"] == pytest.approx(expected, rel=1e-9)
+    assert (stats["step_size"], stats["momentum"], stats["rho"]) == pytest.approx((alpha.item(), mu.item(), rho),
+                                                                                    rel=1e-6)
+    assert (stats["steps"], stats["rejected_steps"], stats["skipped_steps"], stats["damping_growth"]) == (2, 0, 0, 2)
+    assert stats["damping_calibrated"] == (rho >= 0.25 or opt_first_rho >= 0.25)
 
 
+@pytest.mark.parametrize("calibrated", [False, True])
 @pytest.mark.parametrize("rho, factor", [(0.9, 0.95), (0.76, 0.95), (0.5, 1.0), (0.24, 1 / 0.95), (-3.0, 1 / 0.95)])
-def test_damping_follows_the_levenberg_marquardt_rule(rho, factor):
-    damping, change = torch.tensor(0.01), torch.tensor(-2.0)
+def test_damping_follows_the_levenberg_marquardt_rule(rho, factor, calibrated):
+    damping, growth, change = torch.tensor(0.01), torch.tensor(8.0), torch.tensor(-2.0)
     loss = torch.tensor(5.0)
     new_loss = loss + rho * change
-    updated = levenberg_marquardt(damping, new_loss, loss, change, torch.tensor(0.95), 2.0, torch.tensor(1e-6))
-    if rho < 0:  # the loss went up: the step is rejected and the damping doubles
-        assert not accepted(new_loss, loss) and updated.item() == pytest.approx(0.02)
-    else:
-        assert accepted(new_loss, loss) and updated.item() == pytest.approx(0.01 * factor)
+    updated, next_growth, now_calibrated = levenberg_marquardt(
+        damping, growth, torch.tensor(calibrated), new_loss, loss, change, torch.tensor(0.95), 2.0, torch.tensor(1e-6))
+    if rho < 0:  # the loss went up: rejected; the damping grows by the growth, which doubles until calibrated
+        assert not accepted(new_loss, loss)
+        assert (updated.item(), next_growth.item()) == pytest.approx((0.08, 2.0 if calibrated else 16.0))
+    else:  # taken: the paper's rule, and the growth starts again from reject_factor
+        assert accepted(new_loss, loss) and (updated.item(), next_growth.item()) == pytest.approx((0.01 * factor, 2.0))
+    assert now_calibrated.item() == (calibrated or rho >= 0.25)
 
 
 def test_damping_over_a_scripted_sequence_of_ratios():
-    damping, loss, change = torch.tensor(1e-3), torch.tensor(1.0), torch.tensor(-0.1)
+    """The paper's rule on taken steps; before the first taken step with rho >= 1/4, rejections in a row multiply the
+    damping by 2, 4, 8 (Nielsen's rule), a taken step in between starting the growth again at 2; afterwards every
+    rejection doubles it."""
+    damping, growth, calibrated = torch.tensor(1e-3), torch.tensor(2.0), torch.tensor(False)
+    loss, change = torch.tensor(1.0), torch.tensor(-0.1)
+    ratios = [float("nan"), -2.0, -1.0, 0.1, -1.0, float("inf"), 0.9, 0.9, 0.5, 0.1, 0.1, -1.0, -1.0, -1.0]
     history = []
-    for rho in [0.9] * 5 + [0.5] * 3 + [0.1] * 4 + [float("nan")]:
-        damping = levenberg_marquardt(damping, loss + rho * change, loss, change, torch.tensor(0.95), 2.0,
-                                      torch.tensor(8e-4))
+    for rho in ratios:
+        damping, growth, calibrated = levenberg_marquardt(damping, growth, calibrated, loss + rho * change, loss, change,
+                                                          torch.tensor(0.95), 2.0, torch.tensor(8e-4))
         history.append(damping.item())
-    expected, value = [], 1e-3
-    for rho in [0.9] * 5 + [0.5] * 3 + [0.1] * 4:
-        value = max(value * 0.95 if rho > 0.75 else value / 0.95 if rho < 0.25 else value, 8e-4)
+    expected, value, nu, done = [], 1e-3, 2.0, False
+    for rho in ratios:
+        if math.isfinite(rho) and rho >= 0:  # else the loss went up, or is not finite: rejected
+            value, nu = max(value * 0.95 if rho > 0.75 else value / 0.95 if rho < 0.25 else value, 8e-4), 2.0
+            done = done or rho >= 0.25
+        else:
+            value, nu = value * nu, 2.0 if done else 2 * nu
         expected.append(value)
-    expected.append(value * 2.0)  # a non-finite loss: rejected
     assert history == pytest.approx(expected)
-    assert min(history) == pytest.approx(8e-4)  # the floor held
+    growths = [b / a for a, b in zip(history, history[1:])]
+    assert growths[:5] == pytest.approx([4.0, 8.0, 1 / 0.95, 2.0, 4.0])  # rejections in a row, before the rho >= 1/4
+    assert growths[-3:] == pytest.approx([2.0, 2.0, 2.0])  # after it
+    assert calibrated.item()
+    floor, _, _ = levenberg_marquardt(torch.tensor(8.2e-4), growth, calibrated, loss + 0.9 * change, loss, change,
+                                      torch.tensor(0.95), 2.0, torch.tensor(8e-4))
+    assert floor.item() == pytest.approx(8e-4)  # 0.95 * 8.2e-4 is below the floor
 
 
-def test_damping_decay_sets_the_rules_factor():
-    """Each step multiplies the damping by ``damping_decay`` (rho > 3/4), 1, its reciprocal (rho < 1/4) or 2 (a
-    rejected step); both directions occur; a new value set between steps applies from the next step on."""
+def test_damping_decay_sets_the_rules_factor_and_stats_count_the_rejected_steps():
+    """Each taken step multiplies the damping by ``damping_decay`` (rho > 3/4), 1 or its reciprocal (rho < 1/4), and
+    each rejected step (the parameters stay) by the growth ``stats()`` showed before it; both directions occur; a new
+    value set between steps applies from the next step on; ``rejected_steps`` counts the steps that left the
+    parameters where they were."""
     torch.manual_seed(1)
     model = mlp()
     opt = curvgraph.compile(model, (torch.randn(16, 4) * 5,), damping=1e-6, min_damping=1e-12, damping_decay=0.6,
                             invert_every=1, backend="eager", seed=0)
-    ratios = {}
+    ratios, rejected = {}, 0
     for decay, steps in ((0.6, 20), (0.3, 10)):
         opt.param_groups[0]["damping_decay"] = decay
         ratios[decay] = []
         for _ in range(steps):
-            before = opt._state["kfac.damping"][0].item() or 1e-6
+            stats = opt.stats()
+            before, growth = stats.get("damping") or 1e-6, stats.get("damping_growth") or 2.0
+            params = [p.detach().clone() for p in model.parameters()]
             opt.step(torch.randn(16, 4) * 5, torch.randint(0, 3, (16,)))
-            ratios[decay].append(opt._state["kfac.damping"][0].item() / before)
+            stayed = all(torch.equal(a, p) for a, p in zip(params, model.parameters()))
+            rejected += stayed
+            ratio = opt.stats()["damping"] / before
+            ratios[decay].append(ratio)
+            allowed = (growth,) if stayed else (decay, 1.0, 1 / decay)
+            assert any(ratio == pytest.approx(a, rel=1e-5) for a in allowed), (decay, ratio, allowed)
     for decay, seen in ratios.items():
-        allowed = (decay, 1.0, 1 / decay, 2.0)
-        assert all(any(r == pytest.approx(a, rel=1e-5) for a in allowed) for r in seen), (decay, seen)
         assert any(r == pytest.approx(decay, rel=1e-5) for r in seen), (decay, seen)
     assert any(r == pytest.approx(1 / d, rel=1e-5) for d, seen in ratios.items() for r in seen), ratios
+    assert rejected > 0 and opt.stats()["rejected_steps"] == rejected
 
 
 def test_zero_predicted_change_leaves_the_damping():
     damping = torch.tensor(0.3)
-    kept = levenberg_marquardt(damping, torch.tensor(1.0), torch.tensor(1.0), torch.tensor(0.0), torch.tensor(0.95),
-                               2.0, torch.tensor(1e-6))
-    assert kept.item() == pytest.approx(0.3)
+    kept, growth, calibrated = levenberg_marquardt(damping, torch.tensor(4.0), torch.tensor(False), torch.tensor(1.0),
+                                                   torch.tensor(1.0), torch.tensor(0.0), torch.tensor(0.95), 2.0,
+                                                   torch.tensor(1e-6))
+    assert (kept.item(), growth.item(), calibrated.item()) == (pytest.approx(0.3), pytest.approx(4.0), False)
 
 
 @settings(max_examples=200, deadline=None)

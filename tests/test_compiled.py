@@ -82,6 +82,10 @@ def test_compiled_step_matches_eager(request, fixture):
     for block, factors in compiled.factors().items():
         for f, value in factors.items():
             torch.testing.assert_close(value, eager.factors()[block][f], rtol=1e-4, atol=1e-6)
+    stats, eager_stats = compiled.stats(), eager.stats()
+    assert stats.keys() == eager_stats.keys()
+    assert stats == pytest.approx(eager_stats, rel=1e-4, abs=1e-4)  # the adaptive step's damping, rejections, alpha, ...
+    assert (stats["steps"], len(stats) > 2) == (len(data()), fixture == "adaptive_runs")
 
 
 def test_weight_decay_switch_compiles_each_branch_once(float64):

@@ -133,7 +133,7 @@ def test_state_dict_saved_with_another_step_size_mode_says_so():
     x = batches(1)[0][0]
     fixed = curvgraph.compile(model, x, backend="eager", lr=2e-3)
     auto = curvgraph.compile(model, x, backend="eager")
-    with pytest.raises(curvgraph.ConfigError, match=r"unexpected \['kfac.damping'\]\): .*lr='auto' or a fixed lr"):
+    with pytest.raises(curvgraph.ConfigError, match=r"unexpected \['kfac.damping', 'kfac.damping_calibrated', .*\]\): .*lr='auto' or a fixed lr"):
         fixed.load_state_dict(auto.state_dict())
 
 

@@ -186,6 +186,11 @@ class Method(ABC):
         """State tensors of the method itself (not of one block), by full key, e.g. an adaptive damping."""
         return {}
 
+    def report(self, state: dict[str, Tensor]) -> dict[str, float | int]:
+        """What :meth:`curvgraph.CurvatureOptimizer.stats` shows of the method's :meth:`global_state`, read from
+        the step's ``state`` (by full key) after the last step, by name (e.g. an adaptive damping)."""
+        return {}
+
     def write_prologue(self, w: "StepWriter", blocks: list["BlockVars"]) -> None:
         """Lines written before the statistics, every step (e.g. reading an adaptive damping)."""
 

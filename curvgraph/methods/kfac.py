@@ -56,7 +56,7 @@ from ..curvature.temporal import option1_apply, option1_basis
 from ..registry import KINDS, register_method
 from .base import (Hyper, Method, auto_or, fraction, non_negative, one_of, optional, parameter_tuple, positive,
                    shrink_factor, write_batched)
-from .quadratic import (accepted, forward_mode_jvps, levenberg_marquardt, output_gram, output_jvps,
+from .quadratic import (accepted, forward_mode_jvps, levenberg_marquardt, output_gram, output_jvps, reduction_ratio,
                         parameter_gram, quadratic_model_step)
 
 
@@ -310,8 +310,15 @@ class KFAC(Method):
         "max_momentum": Hyper(0.95, fraction),
         "temporal": Hyper("expand", one_of("expand", "option1"), static=True),
     }
-    #: The damping's growth after a rejected step (the batch loss did not decrease).
+    #: The damping's growth after a rejected step (the batch loss did not decrease) that follows an accepted one;
+    #: it doubles with each further rejection in a row (:func:`~curvgraph.methods.quadratic.levenberg_marquardt`).
     reject_factor = 2.0
+    #: The adaptive step's scalar state, each of shape ``(1,)``, and what :meth:`report` calls it.
+    adaptive_state = {"kfac.damping": "damping", "kfac.damping_growth": "damping_growth",
+                      "kfac.damping_calibrated": "damping_calibrated", "kfac.rejected_steps": "rejected_steps",
+                      "kfac.step_size": "step_size", "kfac.momentum": "momentum", "kfac.rho": "rho"}
+    #: The adaptive state's entries that are not of the factor dtype.
+    adaptive_dtypes = {"kfac.damping_calibrated": torch.bool, "kfac.rejected_steps": torch.int64}
     #: The momentum with a numeric ``lr`` when none is given.
     fixed_momentum = 0.9
 
@@ -343,7 +350,19 @@ class KFAC(Method):
 
     def global_state(self) -> dict[str, StateSpec]:
         # shape (1,), not (): torch.compile (2.13) drops in-place writes to 0-d float64 CPU tensors
-        return {"kfac.damping": StateSpec((1,))} if self.adaptive else {}
+        if not self.adaptive:
+            return {}
+        return {key: StateSpec((1,), dtype=self.adaptive_dtypes.get(key)) for key in self.adaptive_state}
+
+    def report(self, state: dict[str, Tensor]) -> dict[str, float | int]:
+        r"""With ``lr="auto"``: the damping, the growth the next rejection applies and whether the damping is
+        calibrated (:func:`~curvgraph.methods.quadratic.levenberg_marquardt`), how many steps were
+        rejected (the batch loss did not decrease: the parameters stayed), and the last step's quadratic
+        model: ``step_size`` :math:`\alpha`, ``momentum`` :math:`\mu` and its reduction ratio ``rho``
+        (0 before the first step). With a numeric ``lr``: nothing."""
+        if not self.adaptive:
+            return {}
+        return {label: state[key].item() for key, label in self.adaptive_state.items()}
 
     def write_prologue(self, w: StepWriter, blocks: list[BlockVars]) -> None:
         for b in blocks:
@@ -550,11 +569,18 @@ class KFAC(Method):
         w.line("# a step that does not lower it is not taken")
         trial = parameter_tuple(w, blocks, "trial", [b.var("delta") for b in blocks], "{}", shift=True)
         w.line(f"new_loss = {w.ref(w.loss_fn)}(model({trial}, probes)[0], targets)")
-        call = w.call(levenberg_marquardt, "lam", "new_loss", "loss", "change", w.hyper("damping_decay"),
-                      self.reject_factor, w.hyper("min_damping"))
-        w.line(f"lam_next = {call}")
-        w.commit(w.state("kfac.damping"), "lam_next")
+        stored = f"{w.state('kfac.damping_growth')}[0]"
+        w.line(f"nu = torch.where({stored} > 0, {stored}, torch.full_like(lam, {self.reject_factor}))")
+        call = w.call(levenberg_marquardt, "lam", "nu", f"{w.state('kfac.damping_calibrated')}[0]", "new_loss", "loss",
+                      "change", w.hyper("damping_decay"), self.reject_factor, w.hyper("min_damping"))
+        w.line(f"lam_next, nu_next, calibrated = {call}")
         w.line(f"taken = {w.call(accepted, 'new_loss', 'loss')}.to({blocks[0].var('delta')}.dtype)")
+        reported = {"kfac.damping": "lam_next", "kfac.damping_growth": "nu_next", "kfac.damping_calibrated": "calibrated",
+                    "kfac.rejected_steps": f"{w.state('kfac.rejected_steps')}[0] + (taken == 0)",
+                    "kfac.step_size": "alpha", "kfac.momentum": "mu",
+                    "kfac.rho": w.call(reduction_ratio, "new_loss", "loss", "change")}
+        for key, value in reported.items():
+            w.commit(w.state(key), value)
         for b in blocks:
             w.line(f"{b.direction} = -taken * {b.var('delta')}")
             w.commit(b.state("momentum"), f"-{b.direction}")

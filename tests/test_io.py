@@ -472,6 +472,40 @@ def test_a_batch_in_another_memory_layout_steps_like_the_contiguous_batch(layout
     assert all(torch.equal(a, b) for a, b in zip(results[0][0] + results[0][1], results[1][0] + results[1][1]))
 
 
+class ElementwiseAffine(nn.Module):
+    """``x * w + b`` with ``(features,)`` parameters: no block kind claims them, so both train by the fallback."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.w, self.b = nn.Parameter(torch.randn(features)), nn.Parameter(torch.randn(features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.w + self.b
+
+
+def test_a_scheduler_cycling_the_momentum_cycles_the_fallback_adams_beta1_as_torch_adams():
+    """``OneCycleLR`` writes ``momentum`` into every group (``opt.defaults`` has the curvature method's), and cycles
+    ``betas[0]`` of ``torch.optim.Adam``: the fallback's parameters follow torch's Adam under the same schedule."""
+    torch.manual_seed(0)
+    model = ElementwiseAffine(3)
+    reference = copy.deepcopy(model)
+    data = [(torch.randn(8, 3), torch.randint(0, 3, (8,))) for _ in range(5)]
+    opt = curvgraph.compile(model, (data[0][0],), backend="eager", lr=1e-2)
+    assert sorted(opt.plan.fallback_params) == ["b", "w"]
+    adam = torch.optim.Adam(reference.parameters(), lr=1e-3)
+    schedules = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=len(data)) for o in (opt, adam)]
+    for x, y in data:
+        opt.step(x, y)
+        adam.zero_grad()
+        nn.functional.cross_entropy(reference(x), y).backward()
+        adam.step()
+        for schedule in schedules:
+            schedule.step()
+    assert opt.param_groups[1]["momentum"] == adam.param_groups[0]["betas"][0] != 0.9
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, dict(reference.named_parameters())[name], rtol=1e-6, atol=1e-7)
+
+
 def test_schedulers_that_cycle_the_momentum_drive_the_fixed_step_and_groups_cannot_be_added():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))

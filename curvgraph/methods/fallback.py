@@ -86,7 +86,12 @@ class Adam(FallbackRule):
         return {"fallback.step": StateSpec((), dtype=torch.float32)}
 
     def hyper(self, group: dict) -> dict[str, float]:
+        r"""As :meth:`FallbackRule.hyper`; a ``momentum`` in the group is :math:`\beta_1`. Schedulers that cycle
+        the momentum (``OneCycleLR``, ``CyclicLR``) write ``momentum`` into every group, not ``betas``, because
+        the optimizer's ``defaults`` hold the curvature method's ``momentum``; for ``torch.optim.Adam`` they
+        cycle ``betas[0]``, and so they do here."""
         beta1, beta2 = group["betas"]
+        beta1 = group.get("momentum", beta1)
         values = {"beta1": beta1, "beta2": beta2, "eps": group["eps"], "lr": group["lr"],
                   "weight_decay": group["weight_decay"]}
         return {f"fallback_{k}": float(v) for k, v in values.items()}

@@ -272,11 +272,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def stats(self) -> dict[str, float | int]:
         """The run so far, read after the last step: ``steps`` (calls of :meth:`step` since the capture),
         ``skipped_steps`` (not finite: nothing changed, see :meth:`step`) and what the method reports of its
-        own state. K-FAC and EKFAC with ``lr="auto"`` add ``damping`` (the next step's), ``damping_growth``,
-        ``rejected_steps`` (steps whose update was computed but not taken because the batch loss would have
-        risen: the parameters stayed and the damping grew) and the last step's ``step_size``, ``momentum``
-        and ``rho`` (the loss's change over the quadratic model's prediction, 1 where the model is exact); see
-        ``docs/methods.md``. Reading it waits for the last step to finish (one host read per value)."""
+        own state. K-FAC and EKFAC with ``lr="auto"`` add ``damping`` (the next step's), ``damping_growth``
+        (the factor of the next rejection), ``damping_calibrated`` (see ``levenberg_marquardt`` in
+        :mod:`curvgraph.methods.quadratic`), ``rejected_steps`` (steps whose update was computed but not
+        taken because the batch loss would have risen: the parameters stayed and the damping grew) and the
+        last step's ``step_size``, ``momentum`` and ``rho`` (the loss's change over the quadratic model's
+        prediction, 1 where the model is exact); see ``docs/getting-started.md``. Reading it waits for the
+        last step to finish (one host read per value)."""
         if self._captured is None:
             return {"steps": 0, "skipped_steps": 0}
         return {"steps": self._runner.step_count, "skipped_steps": self._runner.skipped_steps,

@@ -19,9 +19,8 @@ The damping follows the Levenberg-Marquardt rule on the reduction ratio
 :math:`\rho = (h(\theta + \delta) - h(\theta)) / M(\delta)` measured on the same batch:
 :math:`\lambda \leftarrow \omega\lambda` if :math:`\rho > 3/4`, :math:`\lambda/\omega` if
 :math:`\rho < 1/4` (:func:`levenberg_marquardt`; :math:`\omega` is K-FAC's ``damping_decay``). A step
-that does not lower the batch loss is not taken and doubles the damping. Until the damping is calibrated
-(a step with :math:`1/4 \le \rho \le 3/4`), rejections in a row grow it by 2, 4, 8, ... (Nielsen's rule)
-and steps with :math:`\rho > 3/4` halve it.
+that does not lower the batch loss is not taken and doubles the damping; until the damping is calibrated
+(a step with :math:`\rho \ge 1/4`), rejections in a row grow it by 2, 4, 8, ... (Nielsen's rule).
 """
 
 from __future__ import annotations
@@ -190,22 +189,19 @@ def levenberg_marquardt(damping: Tensor, growth: Tensor, calibrated: Tensor, new
                         min_damping: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     r"""The damping after a step, the growth the next rejection applies, and whether the damping is calibrated.
 
-    Once calibrated, the paper's rule on :math:`\rho = (h_\text{new} - h) / M`: an :func:`accepted` step
-    multiplies the damping by :math:`\omega` if :math:`\rho > 3/4` and by :math:`1/\omega` if
-    :math:`\rho < 1/4`; a rejected one by ``reject_factor`` (2).
+    An :func:`accepted` step follows the paper's rule on :math:`\rho = (h_\text{new} - h) / M`:
+    :math:`\lambda\omega` if :math:`\rho > 3/4`, :math:`\lambda/\omega` if :math:`\rho < 1/4`. A rejected
+    step multiplies the damping by the growth :math:`\nu`, ``reject_factor`` (2) after an accepted step.
 
     The starting damping is a guess made before the model was seen, and it can be orders of magnitude
-    off either way (tiny transformers at batch 8 need 100-1000 times the default; the deep autoencoder
-    does best with a hundredth of it). Until the quadratic model has predicted a step's decrease within
-    :math:`1/4 \le \rho \le 3/4` (the damping is then *calibrated*), the damping moves geometrically
-    fast instead: each rejection multiplies it by the growth :math:`\nu` and doubles :math:`\nu`
-    (Nielsen 1999, IMM-REP-1999-05; Madsen, Nielsen & Tingleff 2004, sec. 3.2), so that :math:`k`
-    rejections in a row grow it by :math:`2^{k(k+1)/2}` (2, 8, 64, 1024), and each accepted step with
-    :math:`\rho > 3/4` (the model was too cautious) divides it by ``reject_factor``. After calibration
-    the growth stays ``reject_factor``: faster growth mid-training overshoots after a run of rejections
-    (the MNIST-1D GRU of ``docs/benchmarks.md``, "Rejected steps"). An accepted step resets
-    :math:`\nu` to ``reject_factor``. The damping never goes below ``min_damping``. A step the model
-    predicts no decrease for (:math:`M = 0`) changes nothing.
+    too small (tiny transformers at batch 8 need 100-1000 times the default). Until a step is
+    accepted with :math:`\rho \ge 1/4` (the damping is *calibrated*: the quadratic model held once), each
+    rejection in a row also doubles :math:`\nu` (Nielsen 1999, IMM-REP-1999-05; Madsen, Nielsen & Tingleff
+    2004, sec. 3.2), so that :math:`k` rejections in a row grow the damping by :math:`2^{k(k+1)/2}` (2, 8,
+    64, 1024) instead of :math:`2^k`. Afterwards :math:`\nu` stays 2: growing faster there overshoots
+    after a run of rejections mid-training (the MNIST-1D GRU of ``docs/benchmarks.md``). The damping
+    never goes below ``min_damping``. A step the model predicts no decrease for (:math:`M = 0`) changes
+    nothing.
 
     Args:
         damping: :math:`\lambda`, 0-d.
@@ -216,8 +212,7 @@ def levenberg_marquardt(damping: Tensor, growth: Tensor, calibrated: Tensor, new
         ``(damping, growth, calibrated)`` for the next step, 0-d tensors.
     """
     rho = reduction_ratio(new_loss, loss, change)
-    shrink = torch.where(calibrated, omega, torch.full_like(omega, 1 / reject_factor))
-    updated = torch.where(rho > 0.75, damping * shrink, torch.where(rho < 0.25, damping / omega, damping))
+    updated = torch.where(rho > 0.75, damping * omega, torch.where(rho < 0.25, damping / omega, damping))
     taken = accepted(new_loss, loss)
     updated = torch.where(taken, updated, damping * growth)
     first = torch.full_like(growth, reject_factor)
@@ -225,4 +220,4 @@ def levenberg_marquardt(damping: Tensor, growth: Tensor, calibrated: Tensor, new
     predicted = change < 0
     return (torch.where(predicted, updated, damping).clamp_min(min_damping),
             torch.where(predicted, next_growth, growth),
-            calibrated | (predicted & taken & (rho >= 0.25) & (rho <= 0.75)))
+            calibrated | (predicted & taken & (rho >= 0.25)))

@@ -310,7 +310,7 @@ class KFAC(Method):
         "max_momentum": Hyper(0.95, fraction),
         "temporal": Hyper("expand", one_of("expand", "option1"), static=True),
     }
-    #: The damping's growth after a rejected step (the batch loss did not decrease) that follows an accepted one;
+    #: The damping's growth after a rejected step (the batch loss did not decrease); until the damping is calibrated
     #: it doubles with each further rejection in a row (:func:`~curvgraph.methods.quadratic.levenberg_marquardt`).
     reject_factor = 2.0
     #: The adaptive step's scalar state, each of shape ``(1,)``, and what :meth:`report` calls it.

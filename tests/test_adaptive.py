@@ -117,7 +117,7 @@ def test_damping_follows_the_levenberg_marquardt_rule(rho, factor, calibrated):
     damping, growth, change = torch.tensor(0.01), torch.tensor(8.0), torch.tensor(-2.0)
     loss = torch.tensor(5.0)
     new_loss = loss + rho * change
-    updated, next_growth, now_calibrated = levenberg_marquardt(
+    updated, next_growth, now_calibrated, _ = levenberg_marquardt(
         damping, growth, torch.tensor(calibrated), new_loss, loss, change, torch.tensor(0.95), 2.0, torch.tensor(1e-6))
     if rho < 0:  # the loss went up: rejected; the damping grows by the growth, which doubles until calibrated
         assert not accepted(new_loss, loss)
@@ -136,7 +136,7 @@ def test_damping_over_a_scripted_sequence_of_ratios():
     ratios = [float("nan"), -2.0, -1.0, 0.1, -1.0, float("inf"), 0.9, 0.9, 0.5, 0.1, 0.1, -1.0, -1.0, -1.0]
     history = []
     for rho in ratios:
-        damping, growth, calibrated = levenberg_marquardt(damping, growth, calibrated, loss + rho * change, loss, change,
+        damping, growth, calibrated, _ = levenberg_marquardt(damping, growth, calibrated, loss + rho * change, loss, change,
                                                           torch.tensor(0.95), 2.0, torch.tensor(8e-4))
         history.append(damping.item())
     expected, value, nu, done = [], 1e-3, 2.0, False
@@ -152,7 +152,7 @@ def test_damping_over_a_scripted_sequence_of_ratios():
     assert growths[:5] == pytest.approx([4.0, 8.0, 1 / 0.95, 2.0, 4.0])  # rejections in a row, before the rho >= 1/4
     assert growths[-3:] == pytest.approx([2.0, 2.0, 2.0])  # after it
     assert calibrated.item()
-    floor, _, _ = levenberg_marquardt(torch.tensor(8.2e-4), growth, calibrated, loss + 0.9 * change, loss, change,
+    floor, _, _, _ = levenberg_marquardt(torch.tensor(8.2e-4), growth, calibrated, loss + 0.9 * change, loss, change,
                                       torch.tensor(0.95), 2.0, torch.tensor(8e-4))
     assert floor.item() == pytest.approx(8e-4)  # 0.95 * 8.2e-4 is below the floor
 
@@ -189,7 +189,7 @@ def test_damping_decay_sets_the_rules_factor_and_stats_count_the_rejected_steps(
 
 def test_zero_predicted_change_leaves_the_damping():
     damping = torch.tensor(0.3)
-    kept, growth, calibrated = levenberg_marquardt(damping, torch.tensor(4.0), torch.tensor(False), torch.tensor(1.0),
+    kept, growth, calibrated, _ = levenberg_marquardt(damping, torch.tensor(4.0), torch.tensor(False), torch.tensor(1.0),
                                                    torch.tensor(1.0), torch.tensor(0.0), torch.tensor(0.95), 2.0,
                                                    torch.tensor(1e-6))
     assert (kept.item(), growth.item(), calibrated.item()) == (pytest.approx(0.3), pytest.approx(4.0), False)

@@ -56,7 +56,7 @@ from ..curvature.temporal import option1_apply, option1_basis
 from ..registry import KINDS, register_method
 from .base import (Hyper, Method, auto_or, fraction, non_negative, one_of, optional, parameter_tuple, positive,
                    shrink_factor, write_batched)
-from .quadratic import (accepted, forward_mode_jvps, levenberg_marquardt, output_gram, output_jvps, reduction_ratio,
+from .quadratic import (accepted, forward_mode_jvps, levenberg_marquardt, output_gram, output_jvps,
                         parameter_gram, quadratic_model_step)
 
 
@@ -573,12 +573,12 @@ class KFAC(Method):
         w.line(f"nu = torch.where({stored} > 0, {stored}, torch.full_like(lam, {self.reject_factor}))")
         call = w.call(levenberg_marquardt, "lam", "nu", f"{w.state('kfac.damping_calibrated')}[0]", "new_loss", "loss",
                       "change", w.hyper("damping_decay"), self.reject_factor, w.hyper("min_damping"))
-        w.line(f"lam_next, nu_next, calibrated = {call}")
+        w.line(f"lam_next, nu_next, calibrated, rho = {call}")
         w.line(f"taken = {w.call(accepted, 'new_loss', 'loss')}.to({blocks[0].var('delta')}.dtype)")
         reported = {"kfac.damping": "lam_next", "kfac.damping_growth": "nu_next", "kfac.damping_calibrated": "calibrated",
                     "kfac.rejected_steps": f"{w.state('kfac.rejected_steps')}[0] + (taken == 0)",
                     "kfac.step_size": "alpha", "kfac.momentum": "mu",
-                    "kfac.rho": w.call(reduction_ratio, "new_loss", "loss", "change")}
+                    "kfac.rho": "rho"}
         for key, value in reported.items():
             w.commit(w.state(key), value)
         for b in blocks:

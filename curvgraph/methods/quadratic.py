@@ -186,8 +186,9 @@ def reduction_ratio(new_loss: Tensor, loss: Tensor, change: Tensor) -> Tensor:
 
 def levenberg_marquardt(damping: Tensor, growth: Tensor, calibrated: Tensor, new_loss: Tensor, loss: Tensor,
                         change: Tensor, omega: Tensor, reject_factor: float,
-                        min_damping: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    r"""The damping after a step, the growth the next rejection applies, and whether the damping is calibrated.
+                        min_damping: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    r"""The damping after a step, the growth the next rejection applies, whether the damping is calibrated, and
+    the step's reduction ratio :math:`\rho` (:func:`reduction_ratio`).
 
     An :func:`accepted` step follows the paper's rule on :math:`\rho = (h_\text{new} - h) / M`:
     :math:`\lambda\omega` if :math:`\rho > 3/4`, :math:`\lambda/\omega` if :math:`\rho < 1/4`. A rejected
@@ -209,7 +210,7 @@ def levenberg_marquardt(damping: Tensor, growth: Tensor, calibrated: Tensor, new
         calibrated: 0-d bool.
 
     Returns:
-        ``(damping, growth, calibrated)`` for the next step, 0-d tensors.
+        ``(damping, growth, calibrated)`` for the next step and :math:`\rho`, 0-d tensors.
     """
     rho = reduction_ratio(new_loss, loss, change)
     updated = torch.where(rho > 0.75, damping * omega, torch.where(rho < 0.25, damping / omega, damping))
@@ -220,4 +221,4 @@ def levenberg_marquardt(damping: Tensor, growth: Tensor, calibrated: Tensor, new
     predicted = change < 0
     return (torch.where(predicted, updated, damping).clamp_min(min_damping),
             torch.where(predicted, next_growth, growth),
-            calibrated | (predicted & taken & (rho >= 0.25)))
+            calibrated | (predicted & taken & (rho >= 0.25)), rho)

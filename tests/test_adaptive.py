@@ -75,18 +75,25 @@ def test_step_size_and_momentum_solve_the_quadratic_model_with_the_exact_ggn(flo
                             invert_every=1, weight_decay=wd, max_momentum=max_momentum, damping=0.1, backend="eager")
     assert f"J_Delta, J_prev = {products}" in opt.source
     theta0 = block_vector(model)
+    first = copy.deepcopy(model)
     opt.step(*batches[0])
     opt_first_rho = opt.stats()["rho"]
     theta1 = block_vector(model)
     previous = theta1 - theta0
     assert previous.norm() > 0  # the first step was taken
+    # the first step's model change: no momentum yet, so the one-dimensional solve along Delta
+    V0, M0 = preconditioned(first, *batches[0], opt.factors(), 0.1, wd)
+    C0 = exact_ggn(first, "cross_entropy", *batches[0], theta0, unpack) + (0.1 + wd) * torch.eye(theta0.numel())
+    first_change = -0.5 * (V0 @ M0) ** 2 / (V0 @ C0 @ V0)
+    assert opt.stats()["model_change"] == pytest.approx(first_change.item(), rel=1e-6)
     damping = opt._state["kfac.damping"][0].item()
     before = copy.deepcopy(model)
     x, y = batches[1]
     opt.step(x, y)
     V, M = preconditioned(before, x, y, opt.factors(), damping, wd)
     Delta = -V
-    C = exact_ggn(before, "cross_entropy", x, y, theta1, unpack) + (damping + wd) * torch.eye(theta1.numel())
+    G = exact_ggn(before, "cross_entropy", x, y, theta1, unpack)
+    C = G + (damping + wd) * torch.eye(theta1.numel())
     basis = torch.stack([Delta, previous], 1)
     gram, linear = basis.T @ C @ basis, basis.T @ M
     alpha, mu = -torch.linalg.solve(gram, linear)
@@ -102,63 +109,82 @@ def test_step_size_and_momentum_solve_the_quadratic_model_with_the_exact_ggn(flo
     assert new_loss < old_loss  # so the step is taken
     torch.testing.assert_close(block_vector(model) - theta1, delta)
     rho = ((new_loss - old_loss) / change).item()
-    expected = damping * 0.95 if rho > 0.75 else damping / 0.95 if rho < 0.25 else damping
+    # the first step's decrease as the second batch sees it: its slope and GGN curvature along the step
+    curvature = previous @ G @ previous + wd * previous @ previous  # the regularized loss's, as M's
+    rho_next_batch = ((M @ previous - 0.5 * curvature) / first_change).item()
+    calibrated = 0.25 <= opt_first_rho <= 0.75
+    halve = not calibrated and rho > 0.75 and rho_next_batch > 0.5
+    expected = damping * (0.5 if halve else 0.95) if rho > 0.75 else damping / 0.95 if rho < 0.25 else damping
     stats = opt.stats()
+    assert stats["rho_next_batch"] == pytest.approx(rho_next_batch, rel=1e-6)
+    assert stats["model_change"] == pytest.approx(change.item(), rel=1e-6)
     assert stats["damping"] == pytest.approx(expected, rel=1e-9)
     assert (stats["step_size"], stats["momentum"], stats["rho"]) == pytest.approx((alpha.item(), mu.item(), rho),
                                                                                     rel=1e-6)
     assert (stats["steps"], stats["rejected_steps"], stats["skipped_steps"], stats["damping_growth"]) == (2, 0, 0, 2)
-    assert stats["damping_calibrated"] == (rho >= 0.25 or opt_first_rho >= 0.25)
+    assert stats["damping_calibrated"] == (calibrated or 0.25 <= rho <= 0.75)
 
 
+@pytest.mark.parametrize("confirmed", [False, True])
 @pytest.mark.parametrize("calibrated", [False, True])
-@pytest.mark.parametrize("rho, factor", [(0.9, 0.95), (0.76, 0.95), (0.5, 1.0), (0.24, 1 / 0.95), (-3.0, 1 / 0.95)])
-def test_damping_follows_the_levenberg_marquardt_rule(rho, factor, calibrated):
+@pytest.mark.parametrize("rho, factor", [(0.9, 0.95), (0.76, 0.95), (0.75, 1.0), (0.5, 1.0), (0.25, 1.0),
+                                         (0.24, 1 / 0.95), (-3.0, 1 / 0.95)])
+def test_damping_follows_the_levenberg_marquardt_rule(rho, factor, calibrated, confirmed):
     damping, growth, change = torch.tensor(0.01), torch.tensor(8.0), torch.tensor(-2.0)
     loss = torch.tensor(5.0)
     new_loss = loss + rho * change
     updated, next_growth, now_calibrated, _ = levenberg_marquardt(
-        damping, growth, torch.tensor(calibrated), new_loss, loss, change, torch.tensor(0.95), 2.0, torch.tensor(1e-6))
+        damping, growth, torch.tensor(calibrated), new_loss, loss, change, torch.tensor(0.95), 2.0, torch.tensor(1e-6),
+        torch.tensor(confirmed))
     if rho < 0:  # the loss went up: rejected; the damping grows by the growth, which doubles until calibrated
         assert not accepted(new_loss, loss)
         assert (updated.item(), next_growth.item()) == pytest.approx((0.08, 2.0 if calibrated else 16.0))
-    else:  # taken: the paper's rule, and the growth starts again from reject_factor
+    else:  # taken: the paper's rule, halving instead of 0.95 before calibration where the next batch confirmed
+        if rho > 0.75 and confirmed and not calibrated:
+            factor = 0.5
         assert accepted(new_loss, loss) and (updated.item(), next_growth.item()) == pytest.approx((0.01 * factor, 2.0))
-    assert now_calibrated.item() == (calibrated or rho >= 0.25)
+    assert now_calibrated.item() == (calibrated or 0.25 <= rho <= 0.75)
 
 
 def test_damping_over_a_scripted_sequence_of_ratios():
-    """The paper's rule on taken steps; before the first taken step with rho >= 1/4, rejections in a row multiply the
-    damping by 2, 4, 8 (Nielsen's rule), a taken step in between starting the growth again at 2; afterwards every
-    rejection doubles it."""
+    """The paper's rule on taken steps; before the first taken step with 1/4 <= rho <= 3/4, rejections in a row
+    multiply the damping by 2, 4, 8 (Nielsen's rule), a taken step in between starting the growth again at 2, and a
+    taken step with rho > 3/4 halves it where the next batch confirmed the previous step; afterwards every rejection
+    doubles it and rho > 3/4 multiplies it by 0.95, confirmed or not."""
     damping, growth, calibrated = torch.tensor(1e-3), torch.tensor(2.0), torch.tensor(False)
     loss, change = torch.tensor(1.0), torch.tensor(-0.1)
-    ratios = [float("nan"), -2.0, -1.0, 0.1, -1.0, float("inf"), 0.9, 0.9, 0.5, 0.1, 0.1, -1.0, -1.0, -1.0]
+    script = [(float("nan"), False), (-2.0, False), (-1.0, False), (0.1, False), (-1.0, False), (float("inf"), True),
+              (0.9, False), (0.9, True), (1.2, True), (0.9, False), (0.5, True), (0.9, True), (0.1, True), (0.1, False),
+              (-1.0, True), (-1.0, False), (-1.0, False)]
     history = []
-    for rho in ratios:
+    for rho, confirmed in script:
         damping, growth, calibrated, _ = levenberg_marquardt(damping, growth, calibrated, loss + rho * change, loss, change,
-                                                          torch.tensor(0.95), 2.0, torch.tensor(8e-4))
+                                                          torch.tensor(0.95), 2.0, torch.tensor(1e-5),
+                                                          torch.tensor(confirmed))
         history.append(damping.item())
     expected, value, nu, done = [], 1e-3, 2.0, False
-    for rho in ratios:
+    for rho, confirmed in script:
         if math.isfinite(rho) and rho >= 0:  # else the loss went up, or is not finite: rejected
-            value, nu = max(value * 0.95 if rho > 0.75 else value / 0.95 if rho < 0.25 else value, 8e-4), 2.0
-            done = done or rho >= 0.25
+            shrink = 0.5 if confirmed and not done else 0.95
+            value, nu = max(value * shrink if rho > 0.75 else value / 0.95 if rho < 0.25 else value, 1e-5), 2.0
+            done = done or 0.25 <= rho <= 0.75
         else:
             value, nu = value * nu, 2.0 if done else 2 * nu
         expected.append(value)
     assert history == pytest.approx(expected)
     growths = [b / a for a, b in zip(history, history[1:])]
-    assert growths[:5] == pytest.approx([4.0, 8.0, 1 / 0.95, 2.0, 4.0])  # rejections in a row, before the rho >= 1/4
-    assert growths[-3:] == pytest.approx([2.0, 2.0, 2.0])  # after it
+    assert growths[:5] == pytest.approx([4.0, 8.0, 1 / 0.95, 2.0, 4.0])  # rejections in a row, before calibration
+    assert growths[5:10] == pytest.approx([0.95, 0.5, 0.5, 0.95, 1.0])  # rho > 3/4 halves where confirmed; 0.5 calibrates
+    assert growths[10:] == pytest.approx([0.95, 1 / 0.95, 1 / 0.95, 2.0, 2.0, 2.0])  # after it
     assert calibrated.item()
     floor, _, _, _ = levenberg_marquardt(torch.tensor(8.2e-4), growth, calibrated, loss + 0.9 * change, loss, change,
-                                      torch.tensor(0.95), 2.0, torch.tensor(8e-4))
+                                      torch.tensor(0.95), 2.0, torch.tensor(8e-4), torch.tensor(False))
     assert floor.item() == pytest.approx(8e-4)  # 0.95 * 8.2e-4 is below the floor
 
 
 def test_damping_decay_sets_the_rules_factor_and_stats_count_the_rejected_steps():
-    """Each taken step multiplies the damping by ``damping_decay`` (rho > 3/4), 1 or its reciprocal (rho < 1/4), and
+    """Each taken step multiplies the damping by ``damping_decay`` (rho > 3/4; or 1/2 before calibration), 1 or its
+    reciprocal (rho < 1/4), and
     each rejected step (the parameters stay) by the growth ``stats()`` showed before it; both directions occur; a new
     value set between steps applies from the next step on; ``rejected_steps`` counts the steps that left the
     parameters where they were."""
@@ -179,7 +205,8 @@ def test_damping_decay_sets_the_rules_factor_and_stats_count_the_rejected_steps(
             rejected += stayed
             ratio = opt.stats()["damping"] / before
             ratios[decay].append(ratio)
-            allowed = (growth,) if stayed else (decay, 1.0, 1 / decay)
+            halving = () if stats.get("damping_calibrated", False) else (0.5,)  # confirmed by the next batch
+            allowed = (growth,) if stayed else (decay, 1.0, 1 / decay) + halving
             assert any(ratio == pytest.approx(a, rel=1e-5) for a in allowed), (decay, ratio, allowed)
     for decay, seen in ratios.items():
         assert any(r == pytest.approx(decay, rel=1e-5) for r in seen), (decay, seen)
@@ -191,7 +218,7 @@ def test_zero_predicted_change_leaves_the_damping():
     damping = torch.tensor(0.3)
     kept, growth, calibrated, _ = levenberg_marquardt(damping, torch.tensor(4.0), torch.tensor(False), torch.tensor(1.0),
                                                    torch.tensor(1.0), torch.tensor(0.0), torch.tensor(0.95), 2.0,
-                                                   torch.tensor(1e-6))
+                                                   torch.tensor(1e-6), torch.tensor(True))
     assert (kept.item(), growth.item(), calibrated.item()) == (pytest.approx(0.3), pytest.approx(4.0), False)
 
 

@@ -287,7 +287,9 @@ def test_time_major_and_batch_first_give_the_same_step(float64):
 
 def test_gru_on_mnist1d_beats_adam_in_test_accuracy():
     """The example's GRU classifier (hidden 32) after 150 steps of 64: curvgraph's defaults reach a higher test
-    accuracy than Adam at the better of two learning rates, same initialization and batches."""
+    accuracy than Adam at the better of two learning rates, same initialization and batches, on the mean over seeds
+    0-2. One seed is not enough: a single factor of 2 in the damping at step 6 moves seed 1's accuracy from 0.81 to
+    0.61, and seed 0 ended at 0.10 with the rule before the next-batch check (``docs/benchmarks.md``)."""
     import importlib.util
     import pathlib
 
@@ -298,12 +300,14 @@ def test_gru_on_mnist1d_beats_adam_in_test_accuracy():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a fixed reduction order: the 150-step trajectories are sensitive to rounding
     try:
-        results = example.compare(150, batch=64, hidden=32, seed=1, backend="eager", adam_lrs=(1e-2, 3e-2))
+        runs = [example.compare(150, batch=64, hidden=32, seed=seed, backend="eager", adam_lrs=(1e-2, 3e-2))
+                for seed in range(3)]
     finally:
         torch.set_num_threads(threads)
-    adam = max(v for k, v in results.items() if k.startswith("adam"))
-    assert results["skipped"] == 0
-    assert results["curvgraph"] > adam + 0.05, results
+    adam = sum(max(v for k, v in r.items() if k.startswith("adam")) for r in runs) / len(runs)
+    curvgraph_mean = sum(r["curvgraph"] for r in runs) / len(runs)
+    assert all(r["skipped"] == 0 for r in runs)
+    assert curvgraph_mean > adam + 0.05, runs
 
 
 def test_unrolled_copy_shares_parameters_and_computes_the_same():

@@ -56,8 +56,8 @@ from ..curvature.temporal import option1_apply, option1_basis
 from ..registry import KINDS, register_method
 from .base import (Hyper, Method, auto_or, fraction, non_negative, one_of, optional, parameter_tuple, positive,
                    shrink_factor, write_batched)
-from .quadratic import (accepted, forward_mode_jvps, levenberg_marquardt, output_gram, output_jvps,
-                        parameter_gram, quadratic_model_step)
+from .quadratic import (accepted, forward_mode_jvps, levenberg_marquardt, next_batch_ratio, output_gram,
+                        output_jvps, parameter_gram, quadratic_model_step)
 
 
 def ema(old: Tensor, new: Tensor, decay: Tensor) -> Tensor:
@@ -313,10 +313,14 @@ class KFAC(Method):
     #: The damping's growth after a rejected step (the batch loss did not decrease); until the damping is calibrated
     #: it doubles with each further rejection in a row (:func:`~curvgraph.methods.quadratic.levenberg_marquardt`).
     reject_factor = 2.0
+    #: Before calibration, a step with ``rho > 3/4`` halves the damping only where the previous step's reduction
+    #: ratio on the next batch (:func:`~curvgraph.methods.quadratic.next_batch_ratio`) is above this.
+    confirm_ratio = 0.5
     #: The adaptive step's scalar state, each of shape ``(1,)``, and what :meth:`report` calls it.
     adaptive_state = {"kfac.damping": "damping", "kfac.damping_growth": "damping_growth",
                       "kfac.damping_calibrated": "damping_calibrated", "kfac.rejected_steps": "rejected_steps",
-                      "kfac.step_size": "step_size", "kfac.momentum": "momentum", "kfac.rho": "rho"}
+                      "kfac.step_size": "step_size", "kfac.momentum": "momentum", "kfac.rho": "rho",
+                      "kfac.model_change": "model_change", "kfac.rho_next_batch": "rho_next_batch"}
     #: The adaptive state's entries that are not of the factor dtype.
     adaptive_dtypes = {"kfac.damping_calibrated": torch.bool, "kfac.rejected_steps": torch.int64}
     #: The momentum with a numeric ``lr`` when none is given.
@@ -358,8 +362,11 @@ class KFAC(Method):
         r"""With ``lr="auto"``: the damping, the growth the next rejection applies and whether the damping is
         calibrated (:func:`~curvgraph.methods.quadratic.levenberg_marquardt`), how many steps were
         rejected (the batch loss did not decrease: the parameters stayed), and the last step's quadratic
-        model: ``step_size`` :math:`\alpha`, ``momentum`` :math:`\mu` and its reduction ratio ``rho``
-        (0 before the first step). With a numeric ``lr``: nothing."""
+        model: ``step_size`` :math:`\alpha`, ``momentum`` :math:`\mu`, its reduction ratio ``rho`` and its
+        predicted change ``model_change`` :math:`M` (0 if the step was rejected), and ``rho_next_batch``, the
+        ratio of the step before it measured on the last step's batch
+        (:func:`~curvgraph.methods.quadratic.next_batch_ratio`; 0 if that step was rejected). All are 0
+        before the first step. With a numeric ``lr``: nothing."""
         if not self.adaptive:
             return {}
         return {label: state[key].item() for key, label in self.adaptive_state.items()}
@@ -555,9 +562,14 @@ class KFAC(Method):
                 else w.call(forward_mode_jvps, "model", "params", "probes", tangents))
         w.line(f"J_Delta, J_prev = {jvps}")
         shift = f"(lam + {w.hyper('weight_decay')})"
-        w.line(f"C = {w.call(output_gram, 'output', 'targets', '(J_Delta, J_prev)', w.ref(w.loss_fn))} + "
-               f"{shift} * {w.call(parameter_gram, 'Delta', previous)}")
+        w.line(f"ggn = {w.call(output_gram, 'output', 'targets', '(J_Delta, J_prev)', w.ref(w.loss_fn))}")
+        w.line(f"norms = {w.call(parameter_gram, 'Delta', previous)}")
+        w.line(f"C = ggn + {shift} * norms")
         w.line(f"linear = torch.stack([-inner, {w.call(inner_product, previous, w.pack(b.grad for b in blocks))}])")
+        w.line("# the previous step's decrease as this batch sees it (0 where it was not taken)")
+        curvature = f"ggn[1, 1] + {w.hyper('weight_decay')} * norms[1, 1]"
+        call = w.call(next_batch_ratio, "linear[1]", curvature, f"{w.state('kfac.model_change')}[0]")
+        w.line(f"rho_next_batch = {call}")
         if self.options.get("momentum") == "auto":
             low, high = "torch.zeros_like(lam)", w.hyper("max_momentum")
         else:
@@ -572,13 +584,14 @@ class KFAC(Method):
         stored = f"{w.state('kfac.damping_growth')}[0]"
         w.line(f"nu = torch.where({stored} > 0, {stored}, torch.full_like(lam, {self.reject_factor}))")
         call = w.call(levenberg_marquardt, "lam", "nu", f"{w.state('kfac.damping_calibrated')}[0]", "new_loss", "loss",
-                      "change", w.hyper("damping_decay"), self.reject_factor, w.hyper("min_damping"))
+                      "change", w.hyper("damping_decay"), self.reject_factor, w.hyper("min_damping"),
+                      f"rho_next_batch > {self.confirm_ratio}")
         w.line(f"lam_next, nu_next, calibrated, rho = {call}")
         w.line(f"taken = {w.call(accepted, 'new_loss', 'loss')}.to({blocks[0].var('delta')}.dtype)")
         reported = {"kfac.damping": "lam_next", "kfac.damping_growth": "nu_next", "kfac.damping_calibrated": "calibrated",
                     "kfac.rejected_steps": f"{w.state('kfac.rejected_steps')}[0] + (taken == 0)",
                     "kfac.step_size": "alpha", "kfac.momentum": "mu",
-                    "kfac.rho": "rho"}
+                    "kfac.rho": "rho", "kfac.model_change": "change * taken", "kfac.rho_next_batch": "rho_next_batch"}
         for key, value in reported.items():
             w.commit(w.state(key), value)
         for b in blocks:

@@ -20,7 +20,9 @@ The damping follows the Levenberg-Marquardt rule on the reduction ratio
 :math:`\lambda \leftarrow \omega\lambda` if :math:`\rho > 3/4`, :math:`\lambda/\omega` if
 :math:`\rho < 1/4` (:func:`levenberg_marquardt`; :math:`\omega` is K-FAC's ``damping_decay``). A step
 that does not lower the batch loss is not taken and doubles the damping; until the damping is calibrated
-(a step with :math:`\rho \ge 1/4`), rejections in a row grow it by 2, 4, 8, ... (Nielsen's rule).
+(a step with :math:`1/4 \le \rho \le 3/4`), rejections in a row grow it by 2, 4, 8, ... (Nielsen's rule),
+and a step with :math:`\rho > 3/4` halves it where the previous step's decrease held on this batch
+(:func:`next_batch_ratio`).
 """
 
 from __future__ import annotations
@@ -184,9 +186,36 @@ def reduction_ratio(new_loss: Tensor, loss: Tensor, change: Tensor) -> Tensor:
     return (new_loss - loss) / torch.where(change < 0, change, -torch.ones_like(change))
 
 
+def next_batch_ratio(slope: Tensor, curvature: Tensor, previous_change: Tensor) -> Tensor:
+    r"""The previous step's reduction ratio measured on the current batch, which did not choose it; 0-d.
+
+    :math:`\rho` is measured on the batch the step :math:`\delta_0` was fitted to, so it cannot see how
+    much of the decrease was fitting that batch's noise: on the MNIST-1D MLP and GRU of
+    ``docs/benchmarks.md`` it is near 1 while the training set's loss falls by a tenth of :math:`M` or
+    rises. The current batch, at :math:`\theta_1 = \theta_0 + \delta_0`, gives an estimate free of that
+    bias from quantities the quadratic model computes anyway: expanding its loss :math:`h'` backwards,
+    :math:`h'(\theta_1) - h'(\theta_0) \approx \nabla h'^\top\delta_0 - \tfrac12 \delta_0^\top G'
+    \delta_0`, with ``slope`` :math:`= \nabla h'^\top\delta_0` (the model's :math:`b_1`) and
+    ``curvature`` :math:`= \delta_0^\top G'\delta_0` (:math:`C_{11}` without the damping; :math:`h'` and
+    :math:`G'` include the weight decay :math:`\tfrac\eta2 \|\theta\|^2` as :math:`b` and :math:`C` do), so
+
+    .. math::
+        \rho' = \frac{\nabla h'^\top\delta_0 - \tfrac12 \delta_0^\top G'\delta_0}{M_0},
+
+    with :math:`M_0` the previous step's predicted change (``previous_change``; 0 where it was not
+    taken, and then :math:`\rho' = 0`). :math:`\rho' \approx \rho` where the step generalizes, and
+    near 0 or negative where it only fit its batch. One batch makes it noisy; it is used only to
+    confirm a decrease of the starting damping (:func:`levenberg_marquardt`).
+    """
+    taken = previous_change < 0
+    return torch.where(taken, (slope - 0.5 * curvature) / torch.where(taken, previous_change,
+                                                                      -torch.ones_like(previous_change)),
+                       torch.zeros_like(previous_change))
+
+
 def levenberg_marquardt(damping: Tensor, growth: Tensor, calibrated: Tensor, new_loss: Tensor, loss: Tensor,
-                        change: Tensor, omega: Tensor, reject_factor: float,
-                        min_damping: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                        change: Tensor, omega: Tensor, reject_factor: float, min_damping: Tensor,
+                        confirmed: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     r"""The damping after a step, the growth the next rejection applies, whether the damping is calibrated, and
     the step's reduction ratio :math:`\rho` (:func:`reduction_ratio`).
 
@@ -195,25 +224,35 @@ def levenberg_marquardt(damping: Tensor, growth: Tensor, calibrated: Tensor, new
     step multiplies the damping by the growth :math:`\nu`, ``reject_factor`` (2) after an accepted step.
 
     The starting damping is a guess made before the model was seen, and it can be orders of magnitude
-    too small (tiny transformers at batch 8 need 100-1000 times the default). Until a step is
-    accepted with :math:`\rho \ge 1/4` (the damping is *calibrated*: the quadratic model held once), each
-    rejection in a row also doubles :math:`\nu` (Nielsen 1999, IMM-REP-1999-05; Madsen, Nielsen & Tingleff
-    2004, sec. 3.2), so that :math:`k` rejections in a row grow the damping by :math:`2^{k(k+1)/2}` (2, 8,
-    64, 1024) instead of :math:`2^k`. Afterwards :math:`\nu` stays 2: growing faster there overshoots
-    after a run of rejections mid-training (the MNIST-1D GRU of ``docs/benchmarks.md``). The damping
-    never goes below ``min_damping``. A step the model predicts no decrease for (:math:`M = 0`) changes
-    nothing.
+    off either way: tiny transformers at batch 8 need 100-1000 times the default, the deep autoencoder a
+    hundredth of it. Until a step is accepted with :math:`1/4 \le \rho \le 3/4` (the damping is
+    *calibrated*: the quadratic model held and was not too cautious), the damping moves geometrically:
+
+    * each rejection in a row also doubles :math:`\nu` (Nielsen 1999, IMM-REP-1999-05; Madsen, Nielsen
+      & Tingleff 2004, sec. 3.2), so that :math:`k` rejections in a row grow the damping by
+      :math:`2^{k(k+1)/2}` (2, 8, 64, 1024) instead of :math:`2^k`;
+    * an accepted step with :math:`\rho > 3/4` divides it by ``reject_factor`` instead of
+      :math:`\omega`, where ``confirmed``: the previous step's decrease held on this step's batch
+      (:func:`next_batch_ratio`). :math:`\rho` alone cannot tell a cautious model from one that fits
+      each batch's noise, and halving on :math:`\rho` alone took the MNIST-1D GRU's damping to the floor
+      in 9 steps, after which it generalized worse (``docs/benchmarks.md``).
+
+    Afterwards :math:`\nu` stays 2 and the decrease :math:`\omega`: growing faster there overshoots after a
+    run of rejections mid-training (the MNIST-1D GRU of ``docs/benchmarks.md``). The damping never goes
+    below ``min_damping``. A step the model predicts no decrease for (:math:`M = 0`) changes nothing.
 
     Args:
         damping: :math:`\lambda`, 0-d.
         growth: :math:`\nu`, 0-d.
         calibrated: 0-d bool.
+        confirmed: 0-d bool, whether the previous step's decrease held on this batch.
 
     Returns:
         ``(damping, growth, calibrated)`` for the next step and :math:`\rho`, 0-d tensors.
     """
     rho = reduction_ratio(new_loss, loss, change)
-    updated = torch.where(rho > 0.75, damping * omega, torch.where(rho < 0.25, damping / omega, damping))
+    shrink = torch.where(calibrated | ~confirmed, omega, torch.full_like(omega, 1 / reject_factor))
+    updated = torch.where(rho > 0.75, damping * shrink, torch.where(rho < 0.25, damping / omega, damping))
     taken = accepted(new_loss, loss)
     updated = torch.where(taken, updated, damping * growth)
     first = torch.full_like(growth, reject_factor)
@@ -221,4 +260,4 @@ def levenberg_marquardt(damping: Tensor, growth: Tensor, calibrated: Tensor, new
     predicted = change < 0
     return (torch.where(predicted, updated, damping).clamp_min(min_damping),
             torch.where(predicted, next_growth, growth),
-            calibrated | (predicted & taken & (rho >= 0.25)), rho)
+            calibrated | (predicted & taken & (rho >= 0.25) & (rho <= 0.75)), rho)

@@ -217,7 +217,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._runner = StepRunner(
             self._steps[captured.generated.source], captured.namespace["noise_shape"], captured.namespace["switches"],
             state, self.loss.noise if self.fisher == "mc" else None, self.factor_every, self.invert_every,
-            named[forward.params[0]].device, captured.generated.factor_dtype, self._seed)
+            named[forward.params[0]].device, captured.generated.factor_dtype, self._seed,
+            optional=[key for key, spec in captured.generated.state.items() if spec.optional])
         pending, self._pending_state = self._pending_state, None
         if pending is not None:
             problem = self._runner.check_state_dict(pending)

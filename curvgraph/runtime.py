@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 import warnings
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -531,7 +531,7 @@ class StepRunner:
                  state: Mapping[str, tuple[tuple[int, ...], str, torch.dtype]], noise: str | None, factor_every: int,
                  invert_every: int, device: torch.device, factor_dtype: torch.dtype, seed: int | None,
                  dynamic_dims: Sequence[Sequence[int]] = (), transposes_backward: bool = True,
-                 contiguous: Sequence[bool] = ()) -> None:
+                 contiguous: Sequence[bool] = (), optional: Collection[str] = ()) -> None:
         self.use(step, noise_shape, switches, dynamic_dims, transposes_backward, contiguous)
         self.noise = noise
         self.factor_every = factor_every
@@ -539,6 +539,8 @@ class StepRunner:
         self.device = device
         self.factor_dtype = factor_dtype
         self.state = {key: initial_state(shape, init, dtype, device) for key, (shape, init, dtype) in state.items()}
+        self.state_spec = dict(state)
+        self.optional = frozenset(optional)
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed if seed is not None else int(torch.initial_seed()) % (2**63))
         self.step_count = 0
@@ -658,8 +660,8 @@ class StepRunner:
         """Why ``state_dict`` does not fit this runner's state (``None`` if it does): other entries or shapes, or an
         entry with a non-finite value, which no step writes (loaded, every later step would be skipped)."""
         saved = state_dict["state"]
-        if set(saved) != set(self.state):
-            missing, extra = sorted(set(self.state) - set(saved)), sorted(set(saved) - set(self.state))
+        missing, extra = sorted(set(self.state) - set(saved) - self.optional), sorted(set(saved) - set(self.state))
+        if missing or extra:
             return (f"state_dict does not match this step's state (missing {missing[:5]}, unexpected {extra[:5]}): it "
                     "was saved for another model or plan, or with options that keep other state (lr='auto' or a "
                     "fixed lr, momentum, the method's options); compile with the model and options it was saved with")
@@ -676,9 +678,13 @@ class StepRunner:
         return None
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Load a :meth:`state_dict` (check it first with :meth:`check_state_dict`)."""
+        """Load a :meth:`state_dict` (check it first with :meth:`check_state_dict`); the optional entries it lacks
+        (it was saved before they existed) start again from their initial values."""
         for key, tensor in state_dict["state"].items():
             self.state[key].copy_(tensor)
+        for key in self.optional - set(state_dict["state"]):
+            shape, init, dtype = self.state_spec[key]
+            self.state[key].copy_(initial_state(shape, init, dtype, self.device))
         self.step_count = state_dict["step_count"]
         self.skipped_steps = state_dict["skipped_steps"]
         self.factors_ready = state_dict["factors_ready"]
@@ -728,7 +734,7 @@ class ExportedStep:
         self.runner = StepRunner(compiled_step(step, backend, device), noise_shape, switches, spec["state"],
                                  spec["noise"], spec["factor_every"], spec["invert_every"], device,
                                  spec["factor_dtype"], seed, spec["dynamic_dims"],
-                                 spec["transposes_backward"], spec["contiguous"])
+                                 spec["transposes_backward"], spec["contiguous"], spec.get("optional_state", ()))
 
     def _hyper_values(self, first_statistics: bool) -> dict[str, float]:
         return {**self.hyper, **self.first_statistics} if first_statistics else self.hyper

@@ -4,6 +4,7 @@ through a file; checkpoints of another method or architecture are rejected."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -116,3 +117,38 @@ def test_a_checkpoint_of_another_architecture_is_rejected():
     wider = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.LayerNorm(9), nn.Linear(9, 4))
     with pytest.raises(curvgraph.ConfigError, match=r"state '0\.G' has shape \(8, 8\) in the state_dict, \(9, 9\) here"):
         compile_for("kfac", wider).load_state_dict(saved)
+
+
+def test_a_checkpoint_from_before_the_adaptive_bookkeeping_loads(tmp_path):
+    """``lr="auto"`` checkpoints saved before the bookkeeping entries existed (the damping alone) load into the
+    optimizer and into an exported step: the damping and everything else are the checkpoint's, the bookkeeping starts
+    again from zero (growth 0: the next rejection doubles; not calibrated; no rejections counted), and training goes
+    on. A checkpoint without the damping is still refused: its restart would change the steps."""
+    data = batches(5)
+    original = model()
+    saved = compile_(original)
+    run(saved, data[:3])
+    checkpoint = copy.deepcopy(saved.state_dict())
+    bookkeeping = [k for k in checkpoint["state"] if k.startswith("kfac.") and k != "kfac.damping"]
+    assert "kfac.damping_calibrated" in bookkeeping and "kfac.rho_next_batch" in bookkeeping
+    for key in bookkeeping:
+        del checkpoint["state"][key]
+    resumed = model()
+    resumed.load_state_dict(original.state_dict())
+    opt = compile_(resumed)
+    run(opt, data[:1])  # the bookkeeping is not at its start any more, so the load must reset it
+    opt.load_state_dict(checkpoint)
+    stats = opt.stats()
+    assert stats["damping"] == saved.stats()["damping"] > 0
+    assert all(stats[saved.method.adaptive_state[key]] == 0 for key in bookkeeping), stats
+    assert torch.equal(opt.state_dict()["state"]["0.A"], checkpoint["state"]["0.A"])
+    assert all(math.isfinite(loss) for loss in run(opt, data[3:]))
+    assert opt.stats()["steps"] == checkpoint["step_count"] + 2
+    opt.export(tmp_path / "step.py")
+    exported = curvgraph.load_step(tmp_path / "step.py", resumed, backend="eager")
+    exported.load_state_dict(checkpoint)
+    assert torch.equal(exported.state_dict()["state"]["kfac.damping"], checkpoint["state"]["kfac.damping"])
+    assert not exported.state_dict()["state"]["kfac.damping_calibrated"].any()
+    del checkpoint["state"]["kfac.damping"]
+    with pytest.raises(curvgraph.ConfigError, match=r"missing \['kfac\.damping'\], unexpected \[\]"):
+        opt.load_state_dict(checkpoint)

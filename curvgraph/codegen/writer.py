@@ -33,12 +33,16 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class StateSpec:
     """One state tensor: its shape, how it starts (``"zeros"``, ``"ones"`` or ``"eye"``:
-    identity matrices over the last two dims) and its dtype (``None``: the factor
-    dtype, float32 or wider)."""
+    identity matrices over the last two dims), its dtype (``None``: the factor
+    dtype, float32 or wider) and whether it is ``optional`` in a ``state_dict``: one saved
+    before the entry existed loads, and the entry starts again from ``init`` (for
+    bookkeeping whose restart moves no parameter, such as a step counter or a statistic
+    that is reported)."""
 
     shape: tuple[int, ...]
     init: str = "zeros"
     dtype: torch.dtype | None = None
+    optional: bool = False
 
 
 @dataclass(frozen=True)

@@ -356,7 +356,9 @@ class KFAC(Method):
         # shape (1,), not (): torch.compile (2.13) drops in-place writes to 0-d float64 CPU tensors
         if not self.adaptive:
             return {}
-        return {key: StateSpec((1,), dtype=self.adaptive_dtypes.get(key)) for key in self.adaptive_state}
+        # all but the damping are bookkeeping that a checkpoint from before they existed restarts (optional)
+        return {key: StateSpec((1,), dtype=self.adaptive_dtypes.get(key), optional=key != "kfac.damping")
+                for key in self.adaptive_state}
 
     def report(self, state: dict[str, Tensor]) -> dict[str, float | int]:
         r"""With ``lr="auto"``: the damping, the growth the next rejection applies and whether the damping is

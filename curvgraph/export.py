@@ -181,6 +181,7 @@ def _spec(opt: "CurvatureOptimizer") -> str:
         ("state", _mapping(state, 8), "key: (shape, initialization, dtype)"),
         ("optional_state", _literal(tuple(key for key, spec in generated.state.items() if spec.optional)),
          "entries a state_dict may lack (saved before they existed): they start again"),
+        ("reported", _literal(tuple(opt.method.reported().items())), "state entries stats() shows: (full key, name)"),
         ("noise", _literal(opt.loss.noise if opt.fisher == "mc" else None), "Monte-Carlo Fisher noise"),
         ("factor_every", str(opt.factor_every), None),
         ("invert_every", str(opt.invert_every), None),

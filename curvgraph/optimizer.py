@@ -277,13 +277,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         (the factor of the next rejection), ``damping_calibrated`` (see ``levenberg_marquardt`` in
         :mod:`curvgraph.methods.quadratic`), ``rejected_steps`` (steps whose update was computed but not
         taken because the batch loss would have risen: the parameters stayed and the damping grew) and the
-        last step's ``step_size``, ``momentum`` and ``rho`` (the loss's change over the quadratic model's
-        prediction, 1 where the model is exact); see ``docs/getting-started.md``. Reading it waits for the
+        last step's ``step_size``, ``momentum``, ``rho`` (the loss's change over the quadratic model's
+        prediction, 1 where the model is exact) and ``model_change`` (that prediction), and ``rho_next_batch``
+        (the step before's ratio as the last batch saw it, see ``next_batch_ratio`` there); see
+        ``docs/getting-started.md``. Reading it waits for the
         last step to finish (one host read per value)."""
         if self._captured is None:
             return {"steps": 0, "skipped_steps": 0}
-        return {"steps": self._runner.step_count, "skipped_steps": self._runner.skipped_steps,
-                **self.method.report(self._runner.state)}
+        return self._runner.stats(self.method.reported())
 
     @property
     def _state(self) -> dict[str, Tensor]:

@@ -643,6 +643,12 @@ class StepRunner:
                 self.degenerate_steps[i] += 1
                 self.last_degenerate[i] = self.step_count
 
+    def stats(self, reported: Mapping[str, str]) -> dict[str, float | int]:
+        """``steps`` and ``skipped_steps`` so far, and the ``reported`` state entries (full key -> name) as numbers:
+        one host read each, which waits for the last step."""
+        values = {name: self.state[key].item() for key, name in reported.items()}
+        return {"steps": self.step_count, "skipped_steps": self.skipped_steps, **values}
+
     def state_dict(self) -> dict[str, Any]:
         """The state tensors (copies), counters and the generator state."""
         return {
@@ -729,6 +735,7 @@ class ExportedStep:
         self.loss, self.class_dim = spec["loss"], spec["class_dim"]
         self.keys = spec["keys"]
         self.degenerations = tuple(spec.get("degenerations", ()))
+        self.reported = dict(spec.get("reported", ()))
         device = self._params[0].device
         self.constants = tuple(c.to(device) for c in constants)
         self.runner = StepRunner(compiled_step(step, backend, device), noise_shape, switches, spec["state"],
@@ -777,6 +784,11 @@ class ExportedStep:
     def skipped_steps(self) -> int:
         """How many steps were skipped because they were not finite."""
         return self.runner.skipped_steps
+
+    def stats(self) -> dict[str, float | int]:
+        """As :meth:`curvgraph.CurvatureOptimizer.stats`: ``steps``, ``skipped_steps`` and what the method reports
+        (with ``lr="auto"``: the damping, rejected steps, the last step's ``rho``, ...)."""
+        return self.runner.stats(self.reported)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue identically: state tensors, hyper-parameters, counters, RNG."""

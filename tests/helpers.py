@@ -98,7 +98,8 @@ def assert_plan_covers(plan, model: nn.Module) -> None:
 
 def assert_export_resumes(opt, model: nn.Module, batches, path):
     """``opt``'s exported step, loaded on a copy of ``model`` with ``opt``'s state, continues bitwise as ``opt`` does:
-    the same losses on ``batches`` and the same model state after them. Returns the exported step."""
+    the same losses on ``batches``, the same model state and the same ``stats()`` after them. Returns the exported
+    step."""
     twin = copy.deepcopy(model)
     trainer = curvgraph.load_step(opt.export(path), twin)
     trainer.load_state_dict(opt.state_dict())
@@ -106,6 +107,7 @@ def assert_export_resumes(opt, model: nn.Module, batches, path):
         assert torch.equal(opt.step(x, y), trainer.step(x, y))
     for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
         assert torch.equal(a, b), name
+    assert trainer.stats() == opt.stats() and opt.stats()["steps"] >= len(batches)
     return trainer
 
 

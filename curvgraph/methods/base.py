@@ -186,9 +186,9 @@ class Method(ABC):
         """State tensors of the method itself (not of one block), by full key, e.g. an adaptive damping."""
         return {}
 
-    def report(self, state: dict[str, Tensor]) -> dict[str, float | int]:
-        """What :meth:`curvgraph.CurvatureOptimizer.stats` shows of the method's :meth:`global_state`, read from
-        the step's ``state`` (by full key) after the last step, by name (e.g. an adaptive damping)."""
+    def reported(self) -> dict[str, str]:
+        """The entries of :meth:`global_state` that ``stats()`` shows after each step (of the optimizer and of an
+        exported step): full key -> the name it shows the value under (e.g. an adaptive damping); none by default."""
         return {}
 
     def write_prologue(self, w: "StepWriter", blocks: list["BlockVars"]) -> None:

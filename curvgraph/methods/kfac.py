@@ -316,7 +316,7 @@ class KFAC(Method):
     #: Before calibration, a step with ``rho > 3/4`` halves the damping only where the previous step's reduction
     #: ratio on the next batch (:func:`~curvgraph.methods.quadratic.next_batch_ratio`) is above this.
     confirm_ratio = 0.5
-    #: The adaptive step's scalar state, each of shape ``(1,)``, and what :meth:`report` calls it.
+    #: The adaptive step's scalar state, each of shape ``(1,)``, and what :meth:`reported` calls it.
     adaptive_state = {"kfac.damping": "damping", "kfac.damping_growth": "damping_growth",
                       "kfac.damping_calibrated": "damping_calibrated", "kfac.rejected_steps": "rejected_steps",
                       "kfac.step_size": "step_size", "kfac.momentum": "momentum", "kfac.rho": "rho",
@@ -360,7 +360,7 @@ class KFAC(Method):
         return {key: StateSpec((1,), dtype=self.adaptive_dtypes.get(key), optional=key != "kfac.damping")
                 for key in self.adaptive_state}
 
-    def report(self, state: dict[str, Tensor]) -> dict[str, float | int]:
+    def reported(self) -> dict[str, str]:
         r"""With ``lr="auto"``: the damping, the growth the next rejection applies and whether the damping is
         calibrated (:func:`~curvgraph.methods.quadratic.levenberg_marquardt`), how many steps were
         rejected (the batch loss did not decrease: the parameters stayed), and the last step's quadratic
@@ -369,9 +369,7 @@ class KFAC(Method):
         ratio of the step before it measured on the last step's batch
         (:func:`~curvgraph.methods.quadratic.next_batch_ratio`; 0 if that step was rejected). All are 0
         before the first step. With a numeric ``lr``: nothing."""
-        if not self.adaptive:
-            return {}
-        return {label: state[key].item() for key, label in self.adaptive_state.items()}
+        return dict(self.adaptive_state) if self.adaptive else {}
 
     def write_prologue(self, w: StepWriter, blocks: list[BlockVars]) -> None:
         for b in blocks:

@@ -273,15 +273,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def stats(self) -> dict[str, float | int]:
         """The run so far, read after the last step: ``steps`` (calls of :meth:`step` since the capture),
         ``skipped_steps`` (not finite: nothing changed, see :meth:`step`) and what the method reports of its
-        own state. K-FAC and EKFAC with ``lr="auto"`` add ``damping`` (the next step's), ``damping_growth``
-        (the factor of the next rejection), ``damping_calibrated`` (see ``levenberg_marquardt`` in
-        :mod:`curvgraph.methods.quadratic`), ``rejected_steps`` (steps whose update was computed but not
-        taken because the batch loss would have risen: the parameters stayed and the damping grew) and the
-        last step's ``step_size``, ``momentum``, ``rho`` (the loss's change over the quadratic model's
-        prediction, 1 where the model is exact) and ``model_change`` (that prediction), and ``rho_next_batch``
-        (the step before's ratio as the last batch saw it, see ``next_batch_ratio`` there); see
-        ``docs/getting-started.md``. Reading it waits for the
-        last step to finish (one host read per value)."""
+        own state (the method's :meth:`~curvgraph.methods.base.Method.reported` entries; K-FAC and EKFAC with
+        ``lr="auto"``: the damping, rejected steps and the last step's quadratic model, listed at
+        :meth:`curvgraph.methods.kfac.KFAC.reported` and explained in ``docs/getting-started.md``). Reading it
+        waits for the last step to finish (one host read per value)."""
         if self._captured is None:
             return {"steps": 0, "skipped_steps": 0}
         return self._runner.stats(self.method.reported())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -99,6 +100,7 @@ CURVLINOPS_MODELS = {
     "functional-relu": (FunctionalMLP, (7, 5)),
     "shared-weight": (SharedMLP, (7, 2, 5)),
     "sequence": (SequenceMLP, (7, 4, 5)),
+    "module-few-rows": (ModuleMLP, (6, 5)),  # 6 rows: the 8-wide layers form A from rows with their ones column
 }
 
 
@@ -117,6 +119,15 @@ def test_factors_match_curvlinops(float64, name, loss, fisher):
     for ours, theirs in model.twin_names.items():
         torch.testing.assert_close(factors[ours]["A"], A_ref[theirs], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(factors[ours]["G"], G_ref[theirs], rtol=1e-10, atol=1e-12)
+
+
+def test_layers_with_no_more_rows_than_inputs_form_A_from_rows_with_the_ones_column(float64):
+    """Which form of ``A`` each dense layer's step takes (``module-few-rows`` above checks the values): the first
+    layer of ``ModuleMLP`` has 5 inputs and the batch's 6 rows, the border added to the moment; the two 8-wide
+    layers the ones column (:func:`curvgraph.kinds.dense.ones_column_is_smaller`)."""
+    opt = curvgraph.compile(ModuleMLP(), (torch.randn(6, 5),), loss="cross_entropy", backend="eager")
+    calls = re.findall(r"dense_input_factor\((.*)\)\n", opt.source)
+    assert [call.endswith(", 1, True") for call in calls] == [False, True, True]
 
 
 @pytest.mark.parametrize("name", ("shared-weight", "sequence"))

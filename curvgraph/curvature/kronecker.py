@@ -64,17 +64,23 @@ def blocked_gram(rows: tuple[Tensor, ...], blocks: int, dtype: torch.dtype) -> T
     return gram.reshape(rows[0].shape[1:2] + (blocks,) + gram.shape[-2:])
 
 
-def input_moment(rows: tuple[Tensor, ...], bias: bool, dtype: torch.dtype, blocks: int = 1) -> Tensor:
+def input_moment(rows: tuple[Tensor, ...], bias: bool, dtype: torch.dtype, blocks: int = 1,
+                 ones_column: bool = False) -> Tensor:
     r""":math:`\frac1R \sum_r \bar a_r \bar a_r^\top` per group over the rows of every tensor in ``rows``
     (each ``(R_u, g, d)``); its ``blocks`` diagonal blocks ``(g, k, b, b)`` when ``blocks > 1``.
 
-    The ones column of :math:`\bar a` is not materialized for a full factor: its row and
-    column are the column sums of ``a`` and its corner is ``R``.
+    For a full factor the ones column of :math:`\bar a` is not materialized unless ``ones_column``: its row
+    and column are the column sums of ``a`` and its corner is ``R`` (:func:`bordered`), which copies no rows
+    but holds the ``(d, d)`` moment beside the ``(d + 1, d + 1)`` factor. With ``ones_column`` the factor is
+    one product of the rows :math:`\bar a` (``R x (d + 1)``, a copy), so no moment is held beside it: less
+    memory where there are fewer rows than features (``R <= d``).
     """
     rows = tuple(r.to(dtype) for r in rows)
     count = sum(r.shape[0] for r in rows)
     if blocks > 1:
         return blocked_gram(tuple(with_ones_column(r, bias) for r in rows), blocks, dtype) / count
+    if ones_column:
+        return accumulated_gram(tuple(with_ones_column(r, bias) for r in rows), dtype) / count
     return normalized_moment(accumulated_gram(rows, dtype), sum(r.sum(0) for r in rows), count, bias)
 
 

@@ -48,7 +48,7 @@ from ...curvature.kronecker import input_moment, output_moment, with_ones_column
 
 
 def dense_input_factor(inputs: tuple[Tensor, ...], bias: bool, reduce: bool, batch: int, dtype: torch.dtype,
-                       blocks: int = 1) -> Tensor:
+                       blocks: int = 1, ones_column: bool = False) -> Tensor:
     r"""Input factor ``A`` of one batch from the layer inputs of every use.
 
     Args:
@@ -58,6 +58,7 @@ def dense_input_factor(inputs: tuple[Tensor, ...], bias: bool, reduce: bool, bat
         batch: the number of examples ``N``.
         dtype: dtype of the factor (float32 or wider).
         blocks: ``k > 1``: only ``k`` diagonal blocks (:func:`curvgraph.plan.split_factor`).
+        ones_column: form ``A`` from the rows with their ones column (:func:`input_moment`).
 
     Returns:
         ``A`` of shape ``(in + bias, in + bias)``:
@@ -68,7 +69,7 @@ def dense_input_factor(inputs: tuple[Tensor, ...], bias: bool, reduce: bool, bat
         rows = (torch.cat([a.to(dtype).reshape(batch, -1, d) for a in inputs], 1).mean(1)[:, None, :],)
     else:
         rows = tuple(a.reshape(-1, 1, d) for a in inputs)
-    return input_moment(rows, bias, dtype, blocks)[0]
+    return input_moment(rows, bias, dtype, blocks, ones_column)[0]
 
 
 def dense_grad_factor(grads: tuple[Tensor, ...], reduce: bool, examples: int, scale: Tensor, dtype: torch.dtype,

@@ -273,6 +273,28 @@ def test_a_schedule_scales_the_adaptive_step():
     assert all(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_a_multiplier_of_two_or_more_is_refused():
+    """``param_groups[0]["lr"] = s`` scales the model's step ``x*``: the predicted change ``(s^2/2 - s) x*^T C x*``
+    is 0 at ``s = 2`` (a decrease below it), so from 2 on every step would be rejected with the damping unchanged.
+    The step refuses such a multiplier before it runs, and takes one below 2."""
+    gram, linear = torch.tensor([[2.0, 0.5], [0.5, 1.0]]), torch.tensor([-1.0, 0.3])
+    *_, change = quadratic_model_step(gram, linear, torch.tensor(0.0), torch.tensor(0.9), torch.tensor(2.0))
+    assert change.item() == pytest.approx(0.0, abs=1e-7)
+    torch.manual_seed(3)
+    model = mlp()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    opt = curvgraph.compile(model, (x,), backend="eager")
+    before = copy.deepcopy(model.state_dict())
+    for bad in (2.0, -0.5):
+        opt.param_groups[0]["lr"] = bad
+        with pytest.raises(curvgraph.ConfigError, match=r"param_groups\[0\]\['lr'\] multiplies .* must be in \[0, 2\)"):
+            opt.step(x, y)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    opt.param_groups[0]["lr"] = 1.5
+    opt.step(x, y)
+    assert opt.stats()["steps"] == 1
+
+
 def test_scaled_step_scales_the_model_change():
     gram, linear = torch.tensor([[2.0, 0.5], [0.5, 1.0]]), torch.tensor([-1.0, 0.3])
     low, high = torch.tensor(0.0), torch.tensor(0.9)

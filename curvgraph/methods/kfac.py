@@ -346,8 +346,20 @@ class KFAC(Method):
 
     def step_values(self, group: dict, first_statistics: bool) -> dict[str, float]:
         """``kl_clip=None`` becomes ``inf`` (no clipping); the first statistics step uses ``ema=0``
-        so that the factors start at the first batch's instead of at zero."""
+        so that the factors start at the first batch's instead of at zero.
+
+        Raises:
+            ConfigError: with ``lr="auto"``, where ``group["lr"]`` (the multiplier :math:`s` on the quadratic
+                model's step :math:`x^*`) is outside ``[0, 2)``: the model predicts the change
+                :math:`M(s x^*) = (s^2/2 - s)\, x^{*\top} C x^*`, no decrease from :math:`s = 2` on, so every step
+                would be rejected and the damping, adapted only on predicted decreases, would never move.
+        """
         values = {key: math.inf if group[key] is None else float(group[key]) for key in self.hyper if key in group}
+        if self.adaptive and not 0.0 <= values["lr"] < 2.0:
+            raise ConfigError(
+                f"curvgraph: with lr='auto', param_groups[0]['lr'] multiplies the quadratic model's step and must be in "
+                f"[0, 2), got {values['lr']:g}: from 2 on the model predicts no decrease and every step would be "
+                "rejected. Use 1 (the model's step) or less, e.g. from an lr scheduler, or a fixed lr=... instead.")
         if first_statistics:
             values["ema"] = 0.0
         return values

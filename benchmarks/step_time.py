@@ -25,6 +25,8 @@ For each model the script times, in the same process and on the same batch:
 * ``curvgraph-<method>``: every other registered method (``ekfac``, ``kbfgs``, ``kbfgs_l``)
   at its defaults.
 
+Subnormal numbers are flushed to zero (``torch.set_flush_denormal``), for every runner: see ``main``.
+
 Models: an MLP 784-512-512-256-10 (batch 512), a deep narrow MLP (32 layers x 128,
 batch 128) where per-layer Python overhead dominates hook-based peers, a small
 ResNet-style CNN on 32x32x3 inputs (batch 128; singd preconditions only its
@@ -374,6 +376,12 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "step_time.json"))
     args = parser.parse_args()
     names = [n for n in MODELS if n in args.models or n.split("-")[0] in args.models]
+    # Every runner repeats one batch, and a second-order step fits it within a few steps: the softmax's
+    # probabilities of the other classes, the loss's gradient and the sampled Fisher's vectors then fall below
+    # float32's smallest normal number, and CPU arithmetic on subnormal numbers is many times slower (the MLP
+    # 784-512-512-256-10's fixed-mode step went from 27 to 300 ms between its 5th and 10th repetition). What is
+    # measured here is the arithmetic of a step, so subnormal results are flushed to zero for every runner alike.
+    torch.set_flush_denormal(True)
 
     only = set(args.runners) if args.runners is not None else None
     results = {n: run_model(n, args.warmup, args.iters, args.repeats, not args.no_peers, only) for n in names}

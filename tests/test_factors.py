@@ -215,7 +215,9 @@ def test_moments_over_many_uses_are_the_moments_of_all_rows(float64, uses, block
         return torch.einsum("rgki,rgkj->gkij", split, split)
 
     full = (lambda x: torch.einsum("rgi,rgj->gij", x, x)) if blocks == 1 else blocked
-    torch.testing.assert_close(input_moment(rows, True, torch.float64, blocks), full(extended) / joined.shape[0])
+    for ones_column in (False, True):  # the bordered moment, or one product of the rows with their ones column
+        torch.testing.assert_close(input_moment(rows, True, torch.float64, blocks, ones_column),
+                                   full(extended) / joined.shape[0])
     torch.testing.assert_close(input_moment(rows, False, torch.float64, blocks), full(joined) / joined.shape[0])
     torch.testing.assert_close(output_moment(rows, scale, torch.float64, blocks), full(joined) * scale)
 
@@ -231,7 +233,8 @@ def test_moments_over_many_uses_compile_to_the_same_values():
     scale = torch.tensor(0.5)
 
     def moments(rows):
-        return input_moment(rows, True, torch.float32), output_moment(tuple(r * 2 for r in rows), scale, torch.float32)
+        return (input_moment(rows, True, torch.float32), input_moment(rows, True, torch.float32, 1, True),
+                output_moment(tuple(r * 2 for r in rows), scale, torch.float32))
 
     compiled = torch.compile(moments, fullgraph=True, dynamic=True)(rows)
     for ours, eager in zip(compiled, moments(rows)):

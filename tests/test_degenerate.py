@@ -332,7 +332,9 @@ class ScaledMLP(nn.Module):
 def test_an_update_that_overflows_skips_the_step(method, group):
     """An infinite learning rate (a schedule gone wrong; K-FAC's default ``lr="auto"`` multiplies its quadratic
     model's step by it) makes the update overflow although the loss, gradients and directions are finite: the step
-    is skipped with a NonFiniteStepWarning and no parameter changes (they used to become inf or nan)."""
+    is skipped with a NonFiniteStepWarning and no parameter changes (they used to become inf or nan). Where the
+    curvature group's ``lr`` multiplies a quadratic model's step (``lr="auto"``), the step refuses it before it
+    runs instead (a multiplier must be below 2), and nothing changes either."""
     model = ScaledMLP()
     x, targets = torch.randn(8, 6), torch.randint(0, 3, (8,))
     opt = curvgraph.compile(model, (x,), method=method, backend="eager", progress=False, **schedule(method))
@@ -340,7 +342,12 @@ def test_an_update_that_overflows_skips_the_step(method, group):
     opt.step(x, targets)
     before = [p.clone() for p in model.parameters()]
     opt.param_groups[group]["lr"] = float("inf")
-    with pytest.warns(curvgraph.NonFiniteStepWarning):
-        opt.step(x, targets)
-    assert opt.skipped_steps == 1
+    if group == 0 and getattr(opt.method, "adaptive", False):
+        with pytest.raises(curvgraph.ConfigError, match=r"must be in \[0, 2\)"):
+            opt.step(x, targets)
+        assert opt.skipped_steps == 0
+    else:
+        with pytest.warns(curvgraph.NonFiniteStepWarning):
+            opt.step(x, targets)
+        assert opt.skipped_steps == 1
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -127,13 +127,14 @@ def test_statistics_and_refresh_from_finite_values_are_kept_when_the_update_over
     """The documented exception to "a skipped step changes nothing": the statistics and the refresh commit as soon as
     the loss, gradients and factors are known to be finite, so a step skipped afterwards for its update (an infinite
     learning rate) keeps this batch's factors and the inverses computed from them (the same as a step with a finite
-    learning rate commits), while the parameters, momentum and damping stay."""
+    learning rate commits), while the parameters and momentum stay. The fixed-step mode: with ``lr="auto"`` the
+    step refuses a multiplier of 2 or more before it runs (``test_adaptive``)."""
     torch.manual_seed(3)
     model = mlp()
     twin = copy.deepcopy(model)
     x, y = torch.randn(9, 4), torch.randint(0, 3, (9,))
-    opt = curvgraph.compile(model, (x,), invert_every=1, backend="eager")
-    reference = curvgraph.compile(twin, (x,), invert_every=1, backend="eager")
+    opt = curvgraph.compile(model, (x,), lr=0.1, invert_every=1, backend="eager")
+    reference = curvgraph.compile(twin, (x,), lr=0.1, invert_every=1, backend="eager")
     opt.step(x, y)
     reference.step(x, y)
     state = opt._runner.state

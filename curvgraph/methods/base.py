@@ -280,15 +280,16 @@ def _numeric(value: object) -> bool:
     return value is None or (isinstance(value, numbers.Real) and not isinstance(value, bool))
 
 
-#: The most elements :func:`write_batched` stacks into one call (1 MiB of float32). A refresh holds a group's
+#: The most elements :func:`write_batched` stacks into one call (256 KiB of float32). A refresh holds a group's
 #: stack, its damped copy, Cholesky factor and inverse at once, so larger groups are cut into several calls:
 #: with 33 ``129 x 129`` factors of a 32-layer MLP of width 128 stacked whole, its refresh step held 3.2 MiB more
-#: than its other steps (a third of its optimizer state; 1.2 MiB in calls of 15), and an LSTM's two
-#: ``1024 x 1024`` ``G`` factors stacked added 4 MiB to its adaptive step's peak. On the CPU a batched
-#: factorization loops over its matrices (LAPACK), so a stack saves only per-call overhead: Cholesky and inverse
-#: of 33 such ``129 x 129`` factors took 7.8-8.2 ms in one call and 7.2-7.9 ms in calls of one or 15, and of
-#: eight ``1025 x 1025`` factors 167-193 ms in one call against 144-166 ms one at a time (2 cores).
-MAX_STACKED_NUMEL = 2**18
+#: than its other steps (a third of its optimizer state), in calls of 15 (a budget of ``2**18``) 2.6 MiB more at
+#: the defaults, in calls of 3 (this budget) 0.5 MiB; an LSTM's two ``1024 x 1024`` ``G`` factors stacked added
+#: 4 MiB to its adaptive step's peak. On the CPU a batched factorization loops over its matrices (LAPACK), so a
+#: stack saves only per-call overhead: Cholesky and inverse of 33 such ``129 x 129`` factors took 7.8-8.2 ms in
+#: one call and 7.2-7.9 ms in calls of one or 15, and of eight ``1025 x 1025`` factors 167-193 ms in one call
+#: against 144-166 ms one at a time (2 cores).
+MAX_STACKED_NUMEL = 2**16
 
 
 def write_batched(w: "StepWriter", fn: Callable, inputs: list[list[str]], outputs: list[list[str]], what: str,

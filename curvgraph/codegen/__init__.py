@@ -289,18 +289,20 @@ def _write_gradient_matrices(w: StepWriter, blocks: list[BlockVars], dtype: torc
     buffers at its step's memory peak)."""
     w.line()
     w.line("# block matrices of parameters and gradients (weight decay added)")
+    grads = {}
     for b in blocks:
         names = list(b.block.placeholders)
         w.line(f"# {b.block.name}: {b.block.kind} block of {', '.join(b.block.params)}")
         w.line(f"{b.var('P')} = {b.kind.write_matrix(w, b, names, dtype)}")
+        grads[b.block.name] = b.kind.write_matrix(w, b, [f"grad_{n}" for n in names], dtype)
     with w.indent(f"if {w.switch(w.hyper('weight_decay') + ' == 0')}:"):
         w.line("# no weight decay: M is the gradient's matrix")
         for b in blocks:
-            w.line(f"{b.grad} = {b.kind.write_matrix(w, b, [f'grad_{n}' for n in b.block.placeholders], dtype)}")
+            w.line(f"{b.grad} = {grads[b.block.name]}")
     with w.indent("else:"):
         for b in blocks:
-            grad = b.kind.write_matrix(w, b, [f"grad_{n}" for n in b.block.placeholders], dtype)
-            w.line(f"{b.grad} = {grad} + {w.hyper('weight_decay')} * {b.kind.write_decayed(w, b, b.var('P'))}")
+            decayed = b.kind.write_decayed(w, b, b.var("P"))
+            w.line(f"{b.grad} = {grads[b.block.name]} + {w.hyper('weight_decay')} * {decayed}")
 
 
 def _write_fisher(w: StepWriter, loss: LossSpec, fisher: str, dtype: torch.dtype) -> None:

@@ -288,6 +288,27 @@ def test_stable_eigh_matches_eigh_at_any_scale():
     assert torch.equal(values[2], torch.zeros(5, dtype=torch.float64))
 
 
+
+@pytest.mark.parametrize("compiled", (False, True))
+def test_finite_entries_is_isfinite_all_also_where_a_sum_overflows(compiled):
+    """The refresh's finiteness check (its eager form reads the sums first) against ``isfinite(...).all()``:
+    matrices with a NaN, an inf, infs of both signs (whose sum is NaN), finite entries whose sum overflows
+    (finite: the sum alone would call it not), and clean ones."""
+    from curvgraph.curvature.linalg import finite_entries
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 6, 6)
+    x[0, 1, 2, 3] = float("nan")
+    x[1, 0, 0, 0] = float("inf")
+    x[1, 3, 1, 1], x[1, 3, 2, 2] = float("inf"), -float("inf")
+    x[2, 2, 4, 4] = x[2, 2, 4, 5] = 3e38  # finite entries, an infinite sum
+    check = torch.compile(finite_entries, backend="eager", fullgraph=True) if compiled else finite_entries
+    for tensor, dims in ((x, 2), (x[..., 0, :], 1)):
+        expected = torch.isfinite(tensor).flatten(-dims).all(-1)
+        assert expected.any() and not expected.all()
+        assert torch.equal(check(tensor, dims), expected)
+    assert torch.isinf(x[2, 2].sum()) and check(x[2, 2], 2)  # the sum overflows, every entry is finite
+
 @pytest.mark.parametrize("method", ("kfac", "ekfac"))
 def test_compiled_steps_survive_overflow_and_rank_deficiency(method):
     """Compiled (one graph: statistics and refresh every step), the Cholesky and eigh paths see factors that

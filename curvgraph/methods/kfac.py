@@ -52,6 +52,7 @@ from ..codegen.writer import BlockVars, StateSpec, StepWriter
 from ..errors import ConfigError
 from ..plan import Block
 from ..curvature.kronecker import block_rows
+from ..curvature.linalg import finite_entries
 from ..curvature.temporal import option1_apply, option1_basis
 from ..registry import KINDS, register_method
 from .base import (Hyper, Method, auto_or, fraction, non_negative, one_of, optional, parameter_tuple, positive,
@@ -152,7 +153,7 @@ def damped_inverse(factor: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
     if compiling or not factored.all():
         chol = torch.where(factored[..., None, None], chol, torch.eye(order, dtype=chol.dtype, device=chol.device))
     inverse = torch.cholesky_inverse(chol, out=None if compiling else chol)[..., :d, :d]
-    return inverse, ~(factored & torch.isfinite(inverse).all(-1).all(-1))
+    return inverse, ~(factored & finite_entries(inverse, 2))
 
 
 def damped_diagonal_inverse(factor: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:

@@ -51,10 +51,16 @@ def test_eval_mode_step_is_the_eval_forward_and_keeps_running_statistics():
     running = (model[1].running_mean.clone(), model[1].running_var.clone())
     with torch.no_grad():
         expected = F.cross_entropy(reference(x), y)
-    assert torch.equal(opt.step(x, y), expected)  # dropout off, running statistics: deterministic
+    close_to(opt.step(x, y), expected)  # dropout off, running statistics: deterministic
     assert torch.equal(model[1].running_mean, running[0]) and torch.equal(model[1].running_var, running[1])
     assert [b.name for b in opt.plan.blocks] == ["0", "1", "4"]
     assert not model.training
+
+
+def close_to(loss: torch.Tensor, expected: torch.Tensor) -> None:
+    """The step's loss is the reference forward's up to the order of its sums (``rtol=1e-6``): with dropout (p=0.5)
+    or batch statistics instead of the running ones, it differs by far more."""
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
 
 
 def eval_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -81,7 +87,7 @@ def test_the_step_follows_model_eval_and_model_train_after_the_capture():
     model.eval()
     running, weight = (bn.running_mean.clone(), bn.running_var.clone()), model[0].weight.clone()
     expected = eval_loss(model, x, y)
-    assert torch.equal(opt.step(x, y), expected)  # dropout off (p=0.5), running statistics: the eval graph
+    close_to(opt.step(x, y), expected)  # dropout off (p=0.5), running statistics: the eval graph
     assert torch.equal(bn.running_mean, running[0]) and torch.equal(bn.running_var, running[1])
     assert not torch.equal(model[0].weight, weight)  # a step in eval mode still trains
     assert not model.training and captures == [1]
@@ -90,7 +96,7 @@ def test_the_step_follows_model_eval_and_model_train_after_the_capture():
     assert not torch.equal(bn.running_mean, running[0])  # the train graph again: batch statistics, running update
     model.eval()
     expected = eval_loss(model, x, y)
-    assert torch.equal(opt.step(x, y), expected)
+    close_to(opt.step(x, y), expected)
     assert captures == [1] and opt.state_dict()["step_count"] == 4  # one capture per modes, one schedule
 
 
@@ -133,7 +139,7 @@ def test_capture_in_the_current_modes_and_again_is_an_error():
     model.eval()
     opt.capture(x)
     expected = eval_loss(model, x, y)
-    assert torch.equal(opt.step(x, y), expected)
+    close_to(opt.step(x, y), expected)
     with pytest.raises(curvgraph.ConfigError, match=r"captured already in these modes \(eval mode\)"):
         opt.capture(x)
 

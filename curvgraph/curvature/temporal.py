@@ -51,7 +51,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .linalg import stable_eigh
+from .linalg import finite_entries, stable_eigh
 
 
 def lag_moments(steps: tuple[Tensor, ...], bias: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -123,7 +123,7 @@ def option1_basis(a: Tensor, g: Tensor, a_lag: Tensor, g_lag: Tensor, shift_a: T
     eye_a = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
     eye_g = torch.eye(g.shape[-1], dtype=g.dtype, device=g.device)
     new = chain_basis(a + shift_a * eye_a, a_lag, (g + shift_g * eye_g) / steps, g_lag / steps, steps)
-    good = torch.stack([torch.isfinite(t).all() for t in new + (a, g, a_lag, g_lag)]).all()
+    good = torch.stack([finite_entries(t, t.dim()) for t in new + (a, g, a_lag, g_lag)]).all()
     return tuple(torch.where(good, n, p) for n, p in zip(new, previous)) + (~good,)  # type: ignore[return-value]
 
 

@@ -26,6 +26,7 @@ from .errors import (
     NotCapturedError,
     NonFiniteStepWarning,
     PlanError,
+    StalledTrainingWarning,
     TraceError,
 )
 from .kinds.base import BlockKind, BlockPass, layer_use, new_block
@@ -65,6 +66,7 @@ __all__ = [
     "NonFiniteStepWarning",
     "Plan",
     "PlanError",
+    "StalledTrainingWarning",
     "StateSpec",
     "StepWriter",
     "TraceError",

@@ -41,6 +41,11 @@ class NonFiniteStepWarning(RuntimeWarning):
     """A step produced a non-finite loss or update and was skipped."""
 
 
+class StalledTrainingWarning(RuntimeWarning):
+    """The steps stopped moving the parameters: with ``lr="auto"``, many steps in a row were rejected (the batch
+    loss after the quadratic model's step was not lower)."""
+
+
 class DegenerateBlockWarning(RuntimeWarning):
     """A curvature block degenerated in a step (a factor that could not be inverted, statistics that are not
     finite); the message names the block and what the step did instead. Warned once per block and cause;

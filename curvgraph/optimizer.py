@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .codegen import GeneratedStep
 from .curvature.losses import LossSpec
 from .errors import (CompileError, ConfigError, DegenerateBlockWarning, InputError, NonFiniteStepWarning,
-                     NotCapturedError)
+                     NotCapturedError, StalledTrainingWarning)
 from .instrument import InstrumentedForward
 from .methods.base import Method
 from .methods.fallback import FallbackRule
@@ -50,6 +50,8 @@ class Captured:
     constants: list[Tensor]
 
 
+#: The key of :meth:`CurvatureOptimizer.diagnostics` under which it reports the causes of the whole step.
+STEP_DIAGNOSTICS = "(step)"
 #: ``(inputs, keys) -> Captured``: captures the model on a batch (``keys`` for keyword inputs).
 Capture = Callable[[tuple[Tensor, ...], "tuple[str, ...] | None"], Captured]
 
@@ -361,13 +363,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _warn_degenerate(self) -> None:
         """One :class:`~curvgraph.DegenerateBlockWarning` for each block and cause the last step raised for the
-        first time."""
+        first time, and one :class:`~curvgraph.StalledTrainingWarning` for each such cause of the whole step."""
         for i in self._runner.new_degenerate:
+            degeneration = self._generated.degenerations[i]
+            advice = ("" if degeneration.block is None else
+                      " If it persists, raise damping or check the scale of the inputs.")
             warnings.warn(
-                f"curvgraph: step {self._runner.step_count}: {self._generated.degenerations[i].describe()}. "
-                "Warned once; opt.diagnostics() counts every step. If it persists, raise damping or check the "
-                "scale of the inputs.",
-                DegenerateBlockWarning,
+                f"curvgraph: step {self._runner.step_count}: {degeneration.describe()}. "
+                f"Warned once; opt.diagnostics() counts every step.{advice}",
+                DegenerateBlockWarning if degeneration.block is not None else StalledTrainingWarning,
                 stacklevel=4,  # past _warn_degenerate, step and torch.optim's step wrapper, to the caller
             )
 
@@ -471,7 +475,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 for b in self.plan.blocks}
 
     def diagnostics(self) -> dict[str, dict[str, Any]]:
-        """Block name -> ``{"kind": ..., "degenerate": {cause: steps}, "last_degenerate_step": step or None}``.
+        """Block name -> ``{"kind": ..., "degenerate": {cause: steps}, "last_degenerate_step": step or None}``, and
+        under :data:`STEP_DIAGNOSTICS` (``"(step)"``, which no module path can be) the same for causes of the whole
+        step, with kind ``None``.
 
         A block *degenerates* in a step when its method could not invert or decompose
         one of its factors (rank-deficient, all-zero or badly scaled statistics: the step
@@ -479,15 +485,18 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         ``docs/conventions.md``) or when its statistics of the batch are not finite (the
         step is skipped). ``degenerate`` maps each cause that occurred to the number of
         steps it occurred in; steps count from 1. The first occurrence of each cause warns
-        with :class:`~curvgraph.DegenerateBlockWarning`.
+        with :class:`~curvgraph.DegenerateBlockWarning` (:class:`~curvgraph.StalledTrainingWarning` for the step:
+        with ``lr="auto"``, :attr:`~curvgraph.methods.kfac.KFAC.stall_rejections` steps or more rejected in a row).
         """
         report: dict[str, dict[str, Any]] = {b.name: {"kind": b.kind, "degenerate": {}, "last_degenerate_step": None}
                                              for b in self.plan.blocks}
+        if any(d.block is None for d in self._generated.degenerations):
+            report[STEP_DIAGNOSTICS] = {"kind": None, "degenerate": {}, "last_degenerate_step": None}
         runner = self._runner
         for degeneration, steps, last in zip(self._generated.degenerations, runner.degenerate_steps,
                                              runner.last_degenerate):
             if steps:
-                entry = report[degeneration.block]
+                entry = report[STEP_DIAGNOSTICS if degeneration.block is None else degeneration.block]
                 entry["degenerate"][degeneration.message] = steps
                 entry["last_degenerate_step"] = max(last, entry["last_degenerate_step"] or 0)
         return report

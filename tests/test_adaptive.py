@@ -303,3 +303,33 @@ def test_scaled_step_scales_the_model_change():
     torch.testing.assert_close((half_alpha, half_mu), (alpha / 2, mu / 2))
     x = torch.stack([half_alpha, half_mu])
     torch.testing.assert_close(change, 0.5 * x @ gram @ x + linear @ x)
+
+
+def test_a_run_of_rejected_steps_warns_once_and_is_counted(monkeypatch):
+    """``stats()["rejected_in_a_row"]`` is the length of the run of rejected steps (the parameters stayed) up to the
+    last step, 0 after a taken one; the step in which a run reaches ``KFAC.stall_rejections`` warns one
+    :class:`curvgraph.StalledTrainingWarning`, and ``diagnostics()`` counts every step at or past it. A starting
+    damping far too small makes the run: each rejection grows it (Nielsen's rule) until a step is taken."""
+    from curvgraph.methods.kfac import KFAC
+
+    monkeypatch.setattr(KFAC, "stall_rejections", 3)
+    torch.manual_seed(0)
+    model = mlp()
+    x, y = torch.randn(32, 4) * 3, torch.randint(0, 3, (32,))
+    opt = curvgraph.compile(model, (x,), damping=1e-12, min_damping=1e-14, backend="eager", seed=0)
+    run, runs, stalled = 0, [], []
+    with pytest.warns(curvgraph.StalledTrainingWarning) as caught:
+        for step in range(1, 13):
+            params = [p.detach().clone() for p in model.parameters()]
+            opt.step(x, y)
+            run = run + 1 if all(torch.equal(a, p) for a, p in zip(params, model.parameters())) else 0
+            runs.append(run)
+            assert opt.stats()["rejected_in_a_row"] == run
+            if run >= 3:
+                stalled.append(step)
+    assert max(runs) >= 3 and runs[-1] == 0, runs  # the run happened, and ended
+    stalls = [w for w in caught if issubclass(w.category, curvgraph.StalledTrainingWarning)]
+    assert len(stalls) == 1 and f"step {stalled[0]}: the last 3 or more steps were all rejected" in str(stalls[0].message)
+    report = opt.diagnostics()["(step)"]
+    assert report["kind"] is None and list(report["degenerate"].values()) == [len(stalled)]
+    assert report["last_degenerate_step"] == stalled[-1]

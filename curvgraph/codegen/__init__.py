@@ -600,7 +600,7 @@ def _write_degenerate(w: StepWriter) -> None:
         return
     w.line("degenerate = torch.stack([")
     for (_, degeneration, _), flag in zip(w.flags, flags):
-        w.line(f"    {flag},  # {degeneration.block}: {degeneration.message.split(';')[0]}")
+        w.line(f"    {flag},  # {degeneration.block or 'the step'}: {degeneration.message.split(';')[0]}")
     w.line("])")
 
 

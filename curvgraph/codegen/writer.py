@@ -47,20 +47,21 @@ class StateSpec:
 
 @dataclass(frozen=True)
 class Degeneration:
-    """One way a block can degenerate in a step, reported by the step's ``degenerate`` flags.
+    """One way a block, or the step as a whole, can degenerate, reported by the step's ``degenerate`` flags.
 
     ``message`` says what happened and what the step did instead, for a warning and
     :meth:`curvgraph.CurvatureOptimizer.diagnostics`, e.g. ``"factor A could not be
-    inverted ...; kept the previous inverse"``.
+    inverted ...; kept the previous inverse"``. ``block`` and ``kind`` are ``None`` for a
+    condition of the whole step (the adaptive step's rejections in a row).
     """
 
-    block: str
-    kind: str
+    block: str | None
+    kind: str | None
     message: str
 
     def describe(self) -> str:
-        """``"block '<name>' (<kind>): <message>"``."""
-        return f"block '{self.block}' ({self.kind}): {self.message}"
+        """``"block '<name>' (<kind>): <message>"``; ``message`` alone for the step as a whole."""
+        return self.message if self.block is None else f"block '{self.block}' ({self.kind}): {self.message}"
 
 
 @dataclass(frozen=True)
@@ -243,15 +244,17 @@ class StepWriter:
         """Make the step's ``ok`` require ``condition`` (a 0-d bool tensor expression) to be true."""
         self.requirements.append(condition)
 
-    def flag(self, block: Block, message: str, value: str, when: str | None = None) -> None:
-        """Report that ``block`` degenerated when ``value`` (a 0-d bool tensor expression) is true.
+    def flag(self, block: Block | None, message: str, value: str, when: str | None = None) -> None:
+        """Report that ``block`` (``None``: the step as a whole) degenerated when ``value`` (a 0-d bool tensor
+        expression, evaluated at the end of the step, where ``ok`` holds whether the step is finite) is true.
 
         The step returns one flag per call (false in steps whose branch did not run);
         the optimizer counts them per block and warns the first time each one is
         raised. ``message`` says what failed and what the step did instead (kept the
         previous inverse, skipped the step, ...).
         """
-        self.flags.append((when or self._when, Degeneration(block.name, block.kind, message), value))
+        degeneration = Degeneration(None, None, message) if block is None else Degeneration(block.name, block.kind, message)
+        self.flags.append((when or self._when, degeneration, value))
 
     def ident(self, name: str) -> str:
         """A Python identifier for ``name``, unique within this step."""

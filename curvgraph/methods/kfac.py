@@ -317,13 +317,19 @@ class KFAC(Method):
     #: Before calibration, a step with ``rho > 3/4`` halves the damping only where the previous step's reduction
     #: ratio on the next batch (:func:`~curvgraph.methods.quadratic.next_batch_ratio`) is above this.
     confirm_ratio = 0.5
+    #: With ``lr="auto"``, this many steps rejected in a row raise the step's flag (a
+    #: :class:`~curvgraph.StalledTrainingWarning`, once): the parameters have not moved for that long, and the
+    #: damping has grown by ``2**stall_rejections`` or more. A healthy run rejects a few steps in a row at most
+    #: (up to 5 at the start, while the starting damping is calibrated; see ``docs/getting-started.md``).
+    stall_rejections = 10
     #: The adaptive step's scalar state, each of shape ``(1,)``, and what :meth:`reported` calls it.
     adaptive_state = {"kfac.damping": "damping", "kfac.damping_growth": "damping_growth",
                       "kfac.damping_calibrated": "damping_calibrated", "kfac.rejected_steps": "rejected_steps",
-                      "kfac.step_size": "step_size", "kfac.momentum": "momentum", "kfac.rho": "rho",
+                      "kfac.rejected_in_a_row": "rejected_in_a_row", "kfac.step_size": "step_size", "kfac.momentum": "momentum", "kfac.rho": "rho",
                       "kfac.model_change": "model_change", "kfac.rho_next_batch": "rho_next_batch"}
     #: The adaptive state's entries that are not of the factor dtype.
-    adaptive_dtypes = {"kfac.damping_calibrated": torch.bool, "kfac.rejected_steps": torch.int64}
+    adaptive_dtypes = {"kfac.damping_calibrated": torch.bool, "kfac.rejected_steps": torch.int64,
+                       "kfac.rejected_in_a_row": torch.int64}
     #: The momentum with a numeric ``lr`` when none is given.
     fixed_momentum = 0.9
 
@@ -376,8 +382,8 @@ class KFAC(Method):
     def reported(self) -> dict[str, str]:
         r"""With ``lr="auto"``: the damping, the growth the next rejection applies and whether the damping is
         calibrated (:func:`~curvgraph.methods.quadratic.levenberg_marquardt`), how many steps were
-        rejected (the batch loss did not decrease: the parameters stayed), and the last step's quadratic
-        model: ``step_size`` :math:`\alpha`, ``momentum`` :math:`\mu`, its reduction ratio ``rho`` and its
+        rejected (the batch loss did not decrease: the parameters stayed), in all and in a row up to the last
+        step (``rejected_in_a_row``, 0 if it was taken), and the last step's quadratic model: ``step_size`` :math:`\alpha`, ``momentum`` :math:`\mu`, its reduction ratio ``rho`` and its
         predicted change ``model_change`` :math:`M` (0 if the step was rejected), and ``rho_next_batch``, the
         ratio of the step before it measured on the last step's batch
         (:func:`~curvgraph.methods.quadratic.next_batch_ratio`; 0 if that step was rejected). All are 0
@@ -601,8 +607,14 @@ class KFAC(Method):
                       f"rho_next_batch > {self.confirm_ratio}")
         w.line(f"lam_next, nu_next, calibrated, rho = {call}")
         w.line(f"taken = {w.call(accepted, 'new_loss', 'loss')}.to({blocks[0].var('delta')}.dtype)")
+        w.line(f"rejected_in_a_row = ({w.state('kfac.rejected_in_a_row')}[0] + 1) * (taken == 0)")
+        w.flag(None, f"the last {self.stall_rejections} or more steps were all rejected (the batch loss after each "
+               "step was not lower), so the parameters have not moved, and the damping grew with each; the quadratic "
+               "model does not fit the loss. Check the loss and the scale of the inputs and targets, or start from a "
+               "larger damping, or train with a fixed lr (e.g. lr=2e-3)", f"(rejected_in_a_row >= {self.stall_rejections}) & ok")
         reported = {"kfac.damping": "lam_next", "kfac.damping_growth": "nu_next", "kfac.damping_calibrated": "calibrated",
                     "kfac.rejected_steps": f"{w.state('kfac.rejected_steps')}[0] + (taken == 0)",
+                    "kfac.rejected_in_a_row": "rejected_in_a_row",
                     "kfac.step_size": "alpha", "kfac.momentum": "mu",
                     "kfac.rho": "rho", "kfac.model_change": "change * taken", "kfac.rho_next_batch": "rho_next_batch"}
         for key, value in reported.items():

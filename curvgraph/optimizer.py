@@ -476,8 +476,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def diagnostics(self) -> dict[str, dict[str, Any]]:
         """Block name -> ``{"kind": ..., "degenerate": {cause: steps}, "last_degenerate_step": step or None}``, and
-        under :data:`STEP_DIAGNOSTICS` (``"(step)"``, which no module path can be) the same for causes of the whole
-        step, with kind ``None``.
+        under :data:`STEP_DIAGNOSTICS` (``"(step)"``) the same for causes of the whole step, with kind ``None``.
 
         A block *degenerates* in a step when its method could not invert or decompose
         one of its factors (rank-deficient, all-zero or badly scaled statistics: the step

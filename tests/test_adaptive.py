@@ -329,7 +329,8 @@ def test_a_run_of_rejected_steps_warns_once_and_is_counted(monkeypatch):
                 stalled.append(step)
     assert max(runs) >= 3 and runs[-1] == 0, runs  # the run happened, and ended
     stalls = [w for w in caught if issubclass(w.category, curvgraph.StalledTrainingWarning)]
-    assert len(stalls) == 1 and f"step {stalled[0]}: the last 3 or more steps were all rejected" in str(stalls[0].message)
+    assert len(stalls) == 1
+    assert f"step {stalled[0]}: the last 3 or more steps were all rejected" in str(stalls[0].message)
     report = opt.diagnostics()["(step)"]
     assert report["kind"] is None and list(report["degenerate"].values()) == [len(stalled)]
     assert report["last_degenerate_step"] == stalled[-1]

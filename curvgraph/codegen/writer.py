@@ -253,8 +253,8 @@ class StepWriter:
         raised. ``message`` says what failed and what the step did instead (kept the
         previous inverse, skipped the step, ...).
         """
-        degeneration = Degeneration(None, None, message) if block is None else Degeneration(block.name, block.kind, message)
-        self.flags.append((when or self._when, degeneration, value))
+        owner = (None, None) if block is None else (block.name, block.kind)
+        self.flags.append((when or self._when, Degeneration(*owner, message), value))
 
     def ident(self, name: str) -> str:
         """A Python identifier for ``name``, unique within this step."""

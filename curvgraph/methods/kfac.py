@@ -319,14 +319,16 @@ class KFAC(Method):
     confirm_ratio = 0.5
     #: With ``lr="auto"``, this many steps rejected in a row raise the step's flag (a
     #: :class:`~curvgraph.StalledTrainingWarning`, once): the parameters have not moved for that long, and the
-    #: damping has grown by ``2**stall_rejections`` or more. A healthy run rejects a few steps in a row at most
-    #: (up to 5 at the start, while the starting damping is calibrated; see ``docs/getting-started.md``).
+    #: damping has grown by ``2**stall_rejections`` or more. A healthy run rejects a few steps in a row at most, at
+    #: the start while the starting damping is calibrated (up to 7 on tiny Hugging Face transformers; 8 from a
+    #: starting damping of 1e-12 on a small MLP, ``docs/getting-started.md``).
     stall_rejections = 10
     #: The adaptive step's scalar state, each of shape ``(1,)``, and what :meth:`reported` calls it.
     adaptive_state = {"kfac.damping": "damping", "kfac.damping_growth": "damping_growth",
                       "kfac.damping_calibrated": "damping_calibrated", "kfac.rejected_steps": "rejected_steps",
-                      "kfac.rejected_in_a_row": "rejected_in_a_row", "kfac.step_size": "step_size", "kfac.momentum": "momentum", "kfac.rho": "rho",
-                      "kfac.model_change": "model_change", "kfac.rho_next_batch": "rho_next_batch"}
+                      "kfac.rejected_in_a_row": "rejected_in_a_row", "kfac.step_size": "step_size",
+                      "kfac.momentum": "momentum", "kfac.rho": "rho", "kfac.model_change": "model_change",
+                      "kfac.rho_next_batch": "rho_next_batch"}
     #: The adaptive state's entries that are not of the factor dtype.
     adaptive_dtypes = {"kfac.damping_calibrated": torch.bool, "kfac.rejected_steps": torch.int64,
                        "kfac.rejected_in_a_row": torch.int64}
@@ -383,9 +385,10 @@ class KFAC(Method):
         r"""With ``lr="auto"``: the damping, the growth the next rejection applies and whether the damping is
         calibrated (:func:`~curvgraph.methods.quadratic.levenberg_marquardt`), how many steps were
         rejected (the batch loss did not decrease: the parameters stayed), in all and in a row up to the last
-        step (``rejected_in_a_row``, 0 if it was taken), and the last step's quadratic model: ``step_size`` :math:`\alpha`, ``momentum`` :math:`\mu`, its reduction ratio ``rho`` and its
-        predicted change ``model_change`` :math:`M` (0 if the step was rejected), and ``rho_next_batch``, the
-        ratio of the step before it measured on the last step's batch
+        step (``rejected_in_a_row``, 0 if it was taken), and the last step's quadratic model: ``step_size``
+        :math:`\alpha`, ``momentum`` :math:`\mu`, its reduction ratio ``rho`` and its predicted change
+        ``model_change`` :math:`M` (0 if the step was rejected), and ``rho_next_batch``, the ratio of the step
+        before it measured on the last step's batch
         (:func:`~curvgraph.methods.quadratic.next_batch_ratio`; 0 if that step was rejected). All are 0
         before the first step. With a numeric ``lr``: nothing."""
         return dict(self.adaptive_state) if self.adaptive else {}
@@ -611,7 +614,8 @@ class KFAC(Method):
         w.flag(None, f"the last {self.stall_rejections} or more steps were all rejected (the batch loss after each "
                "step was not lower), so the parameters have not moved, and the damping grew with each; the quadratic "
                "model does not fit the loss. Check the loss and the scale of the inputs and targets, or start from a "
-               "larger damping, or train with a fixed lr (e.g. lr=2e-3)", f"(rejected_in_a_row >= {self.stall_rejections}) & ok")
+               "larger damping, or train with a fixed lr (e.g. lr=2e-3)",
+               f"(rejected_in_a_row >= {self.stall_rejections}) & ok")  # ok: the step is finite
         reported = {"kfac.damping": "lam_next", "kfac.damping_growth": "nu_next", "kfac.damping_calibrated": "calibrated",
                     "kfac.rejected_steps": f"{w.state('kfac.rejected_steps')}[0] + (taken == 0)",
                     "kfac.rejected_in_a_row": "rejected_in_a_row",

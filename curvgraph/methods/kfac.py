@@ -321,7 +321,7 @@ class KFAC(Method):
     #: :class:`~curvgraph.StalledTrainingWarning`, once): the parameters have not moved for that long, and the
     #: damping has grown by ``2**stall_rejections`` or more. Healthy runs of the benchmark suite rejected up to 9
     #: in a row: the deep autoencoder mid-training, its damping doubling back up from the floor ``min_damping``
-    #: to 5e-4 (tiny Hugging Face transformers up to 7 at the start; a small MLP started at a damping of 1e-12, 8).
+    #: to 5e-4 (tiny Hugging Face transformers reject 1-7 at the start; a small MLP started at a damping of 1e-12, 8).
     stall_rejections = 20
     #: The adaptive step's scalar state, each of shape ``(1,)``, and what :meth:`reported` calls it.
     adaptive_state = {"kfac.damping": "damping", "kfac.damping_growth": "damping_growth",

@@ -128,18 +128,18 @@ def classification(batch: int, features: tuple[int, ...]) -> Callable[[torch.Gen
     return lambda g: (torch.randn(batch, *features, generator=g), torch.randint(0, 10, (batch,), generator=g))
 
 
-def char_transformer() -> nn.Module:
-    """The char-level transformer of ``examples/char_transformer.py``: 4 layers, d=256, 4 heads, context 128."""
+def char_transformer(context: int = 128) -> nn.Module:
+    """The char-level transformer of ``examples/char_transformer.py``: 4 layers, d=256, 4 heads, ``context`` (128)."""
     from char_transformer import ALPHABET, CharTransformer
 
-    return CharTransformer(len(ALPHABET) + 1, 256, 4, 4, 128)
+    return CharTransformer(len(ALPHABET) + 1, 256, 4, 4, context)
 
 
-def char_batch(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """32 windows of 128 characters of the example's corpus and their next characters."""
+def char_batch(g: torch.Generator, batch: int = 32, context: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch`` (32) windows of ``context`` (128) characters of the example's corpus and their next characters."""
     from char_transformer import batches, corpus, encode
 
-    return next(batches(encode(corpus()), 1, 32, 128, int(torch.randint(0, 2**16, (1,), generator=g))))
+    return next(batches(encode(corpus()), 1, batch, context, int(torch.randint(0, 2**16, (1,), generator=g))))
 
 
 class LSTMClassifier(nn.Module):
@@ -167,6 +167,9 @@ MODELS: dict[str, Workload] = {
     "resnet-32x32x3": Workload(small_resnet, classification(128, (3, 32, 32))),
     "resnet18-32x32x3": Workload(resnet18, classification(32, (3, 32, 32))),
     "char-transformer-4x256": Workload(char_transformer, char_batch, "token_cross_entropy"),
+    # the same tokens per batch over a 4x longer context: the attention weights, N x heads x T x T per layer, 4x larger
+    "char-transformer-4x256-ctx512": Workload(lambda: char_transformer(512), lambda g: char_batch(g, 8, 512),
+                                              "token_cross_entropy"),
     # hidden 256, sequence 40, batch 64: curvgraph unrolls the LSTM (rnn blocks with 40 uses); the
     # adam-eager row is eager nn.LSTM (cuDNN on a GPU) + torch.optim.Adam
     "lstm-256-seq40": Workload(LSTMClassifier, classification(64, (40, 32))),

@@ -213,7 +213,8 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
         with torch.autocast(device.type, enabled=False):  # the graph in the parameters' dtypes; the step adds autocast
             traced = trace(model, inputs, substitute, keys=keys, output=settings["output"], leaves=leaves)
         resolve_batch_dims(traced, settings["batch_dim"])
-        plan = build_plan(traced, block_kinds.values(), settings["kfac_approx"], traced.example_sizes(inputs))
+        plan = build_plan(traced, block_kinds.values(), settings["kfac_approx"], traced.example_sizes(inputs),
+                          transformed_backward=rule.differentiates_backward or fisher in codegen.VMAPPED_FISHERS)
         if settings["conv_stats_every"] > 1:
             subsample_positions(plan, settings["conv_stats_every"])
         max_dim = factor_dim_limit(plan, rule, resolve_max_factor_dim(settings["max_factor_dim"], rule),

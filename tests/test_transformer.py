@@ -115,6 +115,40 @@ def test_attention_group_of_linear_only_attention(fused):
     assert {m.layer for m in group.members} <= {n for b in plan.blocks for u in b.uses for n in u.outputs}
 
 
+class DropoutAttention(LinearOnlyAttention):
+    """:class:`LinearOnlyAttention` (fused) with attention dropout, ``F.scaled_dot_product_attention(dropout_p=0.2)``."""
+
+    def __init__(self) -> None:
+        super().__init__(fused=True)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=0.2 if self.training else 0.0)
+        return self.head(torch.tanh(self.mlp(x + self.out(a)))).transpose(1, 2)
+
+
+@pytest.mark.parametrize("model_cls,options,form", [
+    (LinearOnlyAttention, {}, "math"),  # lr="auto": the quadratic model differentiates the backward again
+    (LinearOnlyAttention, {"lr": 1e-2}, "fused"),
+    (LinearOnlyAttention, {"method": "singd"}, "fused"),
+    (LinearOnlyAttention, {"lr": 1e-2, "fisher": "type2"}, "math"),  # the type-2 Fisher vectorizes the backward
+    (DropoutAttention, {"lr": 1e-2}, "math"),  # dropout: a draw of the step, applied to the math form's weights
+], ids=["auto", "fixed-lr", "singd", "fixed-lr-type2", "fixed-lr-dropout"])
+def test_fused_attention_stays_where_the_step_does_not_transform_its_backward(model_cls, options, form):
+    """``scaled_dot_product_attention`` stays a fused call in the step unless the step differentiates or vectorizes its
+    backward or the call has dropout; the attention group is found in either form, and the step trains."""
+    torch.manual_seed(0)
+    model = model_cls() if model_cls is DropoutAttention else model_cls(True)
+    x, y = torch.randn(3, T, D), torch.randint(0, V, (3, T))
+    opt = curvgraph.compile(model, (x,), backend="eager", **options)
+    assert ("aten.scaled_dot_product_attention.default(" in opt.source) == (form == "fused")
+    assert ("aten._scaled_dot_product_attention_math.default(" in opt.source) == (form == "math")
+    (group,) = opt.plan.groups
+    assert [str(m) for m in group.members] == ["q=qkv [part 1/3]", "k=qkv [part 2/3]", "v=qkv [part 3/3]", "out=out"]
+    losses = [float(opt.step(x, y)) for _ in range(8)]  # lr="auto" rejects its first three here
+    assert opt.skipped_steps == 0 and losses[-1] < losses[0]
+
+
 class DirectMHA(nn.Module):
     """``nn.MultiheadAttention`` called directly, so with ``need_weights=True``: its core is
     ``softmax(bmm(q * d**-0.5, kᵀ)) v``, or with a mask ``softmax(baddbmm(mask, q * d**-0.5, kᵀ)) v``."""
@@ -239,14 +273,16 @@ def test_packed_factors_are_the_pieces_dense_factors(float64):
         torch.testing.assert_close(ours["G"][j], dense[block]["G"][rows, rows])
 
 
-@pytest.mark.parametrize("fused,fisher,kfac_approx", [  # every value of each option, in four runs
-    (True, "type2", "expand"), (True, "empirical", "reduce"), (False, "type2", "reduce"), (False, "empirical", "expand")])
-def test_attention_projection_factors_match_curvlinops(float64, fused, fisher, kfac_approx):
+@pytest.mark.parametrize("fused,fisher,kfac_approx,lr", [  # every value of each option, in five runs; the fused
+    # call stays in the step with a fixed lr and the empirical Fisher (test_fused_attention_stays_...)
+    (True, "type2", "expand", "auto"), (True, "empirical", "reduce", "auto"), (False, "type2", "reduce", "auto"),
+    (False, "empirical", "expand", "auto"), (True, "empirical", "expand", 1e-2)])
+def test_attention_projection_factors_match_curvlinops(float64, fused, fisher, kfac_approx, lr):
     torch.manual_seed(4)
     model = LinearOnlyAttention(fused)
     x, y = torch.randn(3, T, D), torch.randint(0, V, (3, T))
     A_ref, G_ref = curvlinops_factors(copy.deepcopy(model), "cross_entropy", x, y, fisher, kfac_approx=kfac_approx)
-    opt = curvgraph.compile(model, (x,), fisher=fisher, kfac_approx=kfac_approx, ema=0.0, backend="eager")
+    opt = curvgraph.compile(model, (x,), fisher=fisher, kfac_approx=kfac_approx, ema=0.0, lr=lr, backend="eager")
     assert opt.plan.fallback_params == ()
     opt.step(x, y)
     factors = opt.factors()

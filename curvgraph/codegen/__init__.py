@@ -305,6 +305,11 @@ def _write_gradient_matrices(w: StepWriter, blocks: list[BlockVars], dtype: torc
             w.line(f"{b.grad} = {grads[b.block.name]} + {w.hyper('weight_decay')} * {decayed}")
 
 
+#: The Fisher types whose output vectors the step pulls back with ``torch.func.vmap(backprop)`` (:func:`_write_fisher`):
+#: a vectorized backward, which the capture must be able to batch (attention in its math form).
+VMAPPED_FISHERS = frozenset({"type2"})
+
+
 def _write_fisher(w: StepWriter, loss: LossSpec, fisher: str, dtype: torch.dtype) -> None:
     """The Fisher type's output vectors ``samples``, its scale ``c`` (a 0-d tensor in the factor ``dtype``: the
     number of loss terms is an integer (tensor), whose reciprocal would have the *default* dtype) and ``examples``."""
@@ -314,7 +319,7 @@ def _write_fisher(w: StepWriter, loss: LossSpec, fisher: str, dtype: torch.dtype
         w.line(f"_, samples = backprop({w.call(loss.mc, 'output', 'targets', 'noise')})")
         w.line(f"scale = {one} / {w.call(loss.terms, 'output', 'targets')}")
         w.line("examples = batch")
-    elif fisher == "type2":
+    elif fisher in VMAPPED_FISHERS:
         w.line(f"columns = {w.call(loss.type2, 'output', 'targets')}")
         w.line("_, samples = torch.func.vmap(backprop)(columns)")
         w.line("samples = tuple(s.flatten(0, 1) for s in samples)")

@@ -22,7 +22,7 @@ from ..leaf import is_leaf_call, leaf_name
 from ..plan import SHARING_MODES, Plan
 from ..trace import TracedModel
 from .attention import find_attention_groups
-from .forms import GRAPH_REWRITES
+from .forms import GRAPH_REWRITES, TRANSFORMED_BACKWARD_REWRITES
 from .ledger import Claims
 
 Rewrite = Callable[[Graph, set[str]], int]
@@ -51,7 +51,8 @@ def normalize(graph: Graph, params: set[str], rewrites: Sequence[Rewrite] | None
     return counts
 
 
-def build_plan(traced: TracedModel, kinds: Iterable = (), sharing: str = "expand", sizes: dict | None = None) -> Plan:
+def build_plan(traced: TracedModel, kinds: Iterable = (), sharing: str = "expand", sizes: dict | None = None,
+               transformed_backward: bool = True) -> Plan:
     """Normalize ``traced.graph`` in place and match its curvature blocks.
 
     Args:
@@ -61,11 +62,14 @@ def build_plan(traced: TracedModel, kinds: Iterable = (), sharing: str = "expand
         sharing: ``"expand"`` or ``"reduce"``, the weight-sharing approximation of
             every block whose weight is applied at several positions or places.
         sizes: the value of each symbolic size at the example inputs (for costs).
+        transformed_backward: the step differentiates the model's backward again or vectorizes it, so the graph
+            gets :data:`~curvgraph.passes.forms.TRANSFORMED_BACKWARD_REWRITES` too (attention in its math form).
     """
     if sharing not in SHARING_MODES:
         raise ConfigError(f"curvgraph: kfac_approx must be one of {SHARING_MODES}, got {sharing!r}.")
     kinds = list(kinds)
-    rewrites = normalize(traced.graph, set(traced.params), [*GRAPH_REWRITES, *(r for kind in kinds for r in kind.rewrites)])
+    graph_rewrites = [*GRAPH_REWRITES, *(TRANSFORMED_BACKWARD_REWRITES if transformed_backward else ())]
+    rewrites = normalize(traced.graph, set(traced.params), [*graph_rewrites, *(r for kind in kinds for r in kind.rewrites)])
     claims = Claims(traced.params)
     blocks, matches = [], {}
     for kind in kinds:

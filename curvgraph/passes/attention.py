@@ -1,7 +1,7 @@
 r"""The attention pass: group the projections around every attention core into one ``attention`` group.
 
-An attention core is either the math form of ``scaled_dot_product_attention`` (every
-fused call is rewritten into it, :mod:`.forms`) or the hand-written pattern
+An attention core is a call of ``scaled_dot_product_attention``, fused or in its math form
+(which :mod:`.forms` writes it in where the step needs it), or the hand-written pattern
 
 .. math:: \operatorname{softmax}(\,\text{elementwise}(q\,k^\top)\,)\;v
 
@@ -36,7 +36,7 @@ from torch.fx import Node
 
 from ..plan import Block, BlockGroup, GroupMember
 from ..trace import TracedModel, module_path
-from .forms import SHAPE_OPS
+from .forms import FUSED_ATTENTION, SHAPE_OPS
 from .graph_utils import aten
 
 #: Ops that move a tensor's elements without computing (walked through in both directions).
@@ -101,7 +101,9 @@ def _cores(traced: TracedModel) -> Iterator[tuple[Node, tuple[Node, Node, Node],
     for node in traced.graph.nodes:
         if node.op != "call_function":
             continue
-        if node.target is SDPA_MATH:
+        if node.target in FUSED_ATTENTION:
+            yield node, tuple(node.args[:3]), node
+        elif node.target is SDPA_MATH:
             outputs = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
             if outputs:
                 yield node, tuple(node.args[:3]), outputs[0]

@@ -2,9 +2,15 @@
 and checks that compute nothing.
 
 The step differentiates the forward in reverse mode (gradients, statistics) and, for
-the quadratic model of ``lr="auto"``, in forward mode (``torch.func.jvp``). Some fused
-kernels have no forward-mode derivative; :func:`attention_math_form` replaces them by
-their composite form, which computes the same function from differentiable ops.
+the quadratic model of ``lr="auto"``, its backward once more (or the forward in forward
+mode, ``torch.func.jvp``). Some fused kernels have neither derivative, nor a batching
+rule for their backward: :func:`attention_math_form` replaces them by their composite
+form, which computes the same function from differentiable ops. Every graph gets it for
+attention with dropout (:data:`GRAPH_REWRITES`: the dropout becomes a draw of the step,
+:mod:`.draws`); a step that differentiates or vectorizes its backward gets it for every
+call (:data:`TRANSFORMED_BACKWARD_REWRITES`). Elsewhere the fused call stays: its
+backward recomputes the attention weights, where the math form keeps them, ``N x H x T
+x T`` values per layer, from the forward to the backward.
 
 :data:`STEP_REWRITES` run later, on the instrumented forward only (after the blocks are
 matched on the canonical forms): they change how an op is spelled in the generated step,
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import math
 import operator
+from typing import Callable
 
 import torch
 from torch.fx import Graph, Node
@@ -24,12 +31,14 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from .graph_utils import aten, insert_call, ndim, schema_args
 
-#: Fused attention ops (no forward-mode AD on CPU): ``scaled_dot_product_attention`` dispatches to them.
+#: Fused attention ops (no forward-mode AD on CPU, no derivative of their backward): ``scaled_dot_product_attention``
+#: dispatches to them.
 FUSED_ATTENTION = (aten.scaled_dot_product_attention.default,)
 
 
 def attention_math_form(graph: Graph, params: set[str]) -> int:
-    """``scaled_dot_product_attention(q, k, v, mask, p, causal, scale=s)`` -> ``_scaled_dot_product_attention_math(...)[0]``.
+    """``scaled_dot_product_attention(q, k, v, mask, p, causal, scale=s)`` -> ``_scaled_dot_product_attention_math(...)[0]``,
+    for every call.
 
     The math form is softmax(q kᵀ · s + mask) v written with matmuls (forward- and
     reverse-differentiable, and decomposed by Inductor like any other op); its second
@@ -40,11 +49,25 @@ def attention_math_form(graph: Graph, params: set[str]) -> int:
     (:func:`_additive_mask`): the math form adds its mask to the scores as it is.
     Returns the number of rewritten nodes.
     """
+    return _math_forms(graph, lambda dropout: True)
+
+
+def dropout_attention_math_form(graph: Graph, params: set[str]) -> int:
+    """:func:`attention_math_form` for the calls with dropout (``dropout_p`` not the constant 0) only: a random op,
+    which :func:`curvgraph.passes.draws.draws_from_inputs` makes a function of the step's draw in its math form."""
+    return _math_forms(graph, lambda dropout: not (isinstance(dropout, (int, float)) and dropout == 0))
+
+
+def _math_forms(graph: Graph, rewritten: Callable[[object], bool]) -> int:
+    """Rewrite every fused attention call whose ``dropout_p`` argument ``rewritten`` accepts into its math form
+    (:func:`attention_math_form`); returns how many."""
     count = 0
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in FUSED_ATTENTION:
             continue
         args = schema_args(node)
+        if not rewritten(args["dropout_p"]):
+            continue
         mask = args["attn_mask"]
         if isinstance(mask, Node) and mask.meta["val"].dtype == torch.bool:
             mask = _additive_mask(graph, node, mask, args["query"].meta["val"].dtype)
@@ -223,7 +246,12 @@ def without_metadata_checks(graph: Graph, params: set[str]) -> int:
 
 
 #: The rewrites :func:`curvgraph.passes.build_plan` runs before the kinds' own.
-GRAPH_REWRITES = (without_metadata_checks, attention_math_form)
+GRAPH_REWRITES = (without_metadata_checks, dropout_attention_math_form)
+
+#: What :func:`curvgraph.passes.build_plan` adds to :data:`GRAPH_REWRITES` for a step that differentiates the model's
+#: backward again (``lr="auto"``) or vectorizes it (``fisher="type2"``): the fused attention kernels' backward has
+#: no derivative and no batching rule.
+TRANSFORMED_BACKWARD_REWRITES = (attention_math_form,)
 
 #: The rewrites :func:`curvgraph.instrument.instrument` runs on the instrumented forward: ``graph -> count``.
 STEP_REWRITES = (linear_as_2d, embedding_as_index, composite_forms)

@@ -210,9 +210,10 @@ class BoolMaskAttention(nn.Module):
         return self.head(x + F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(n, t, d))
 
 
-def test_a_boolean_attention_mask_masks_in_the_step():
-    """The step's loss is the model's: a boolean mask excludes the keys it marks ``False`` (its math form adds
-    ``-inf`` there, as the fused op does, not the mask's 0/1 values)."""
+@pytest.mark.parametrize("lr", ["auto", 1e-2], ids=["math-form", "fused"])
+def test_a_boolean_attention_mask_masks_in_the_step(lr):
+    """The step's loss is the model's: a boolean mask excludes the keys it marks ``False`` (its math form, with
+    ``lr="auto"``, adds ``-inf`` there, as the fused op does, not the mask's 0/1 values)."""
     torch.manual_seed(0)
     model = BoolMaskAttention()
     tokens = _tokens()
@@ -220,7 +221,8 @@ def test_a_boolean_attention_mask_masks_in_the_step():
     targets = torch.randint(0, V, tokens.shape, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = F.cross_entropy(model(tokens, padding).flatten(0, 1), targets.flatten())
-    opt = curvgraph.compile(model, (tokens, padding), loss="token_cross_entropy", backend="eager")
+    opt = curvgraph.compile(model, (tokens, padding), loss="token_cross_entropy", lr=lr, backend="eager")
+    assert ("aten.scaled_dot_product_attention.default(" in opt.source) == (lr != "auto")
     torch.testing.assert_close(opt.step((tokens, padding), targets), expected)
 
 

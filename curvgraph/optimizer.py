@@ -366,12 +366,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         first time, and one :class:`~curvgraph.StalledTrainingWarning` for each such cause of the whole step."""
         for i in self._runner.new_degenerate:
             degeneration = self._generated.degenerations[i]
-            advice = ("" if degeneration.block is None else
-                      " If it persists, raise damping or check the scale of the inputs.")
+            if degeneration.block is None:  # the step as a whole: its message says what to do
+                category, advice = StalledTrainingWarning, ""
+            else:
+                category = DegenerateBlockWarning
+                advice = " If it persists, raise damping or check the scale of the inputs."
             warnings.warn(
                 f"curvgraph: step {self._runner.step_count}: {degeneration.describe()}. "
                 f"Warned once; opt.diagnostics() counts every step.{advice}",
-                DegenerateBlockWarning if degeneration.block is not None else StalledTrainingWarning,
+                category,
                 stacklevel=4,  # past _warn_degenerate, step and torch.optim's step wrapper, to the caller
             )
 

@@ -24,7 +24,8 @@ from typing import Any, Callable, Collection, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .inductor_passes import PruneUnusedOutputs, prune_unused_outputs
+from .inductor_passes import (PruneUnusedOutputs, RecomputeForLateReaders, _elementwise, _may_write, _recomputation,
+                              _runs, _tensor_bytes, _times_true_after, prune_unused_outputs, recompute_for_late_readers)
 from .passes.graph_utils import schema_args, set_schema_arg
 
 
@@ -238,9 +239,11 @@ def inductor_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) ->
     without them, the fixed mode's from 181.9 to 129.2 MiB, and the steps got faster (defaults
     418-467 -> 383-400 ms, fixed mode 296-328 -> 266-279 ms). On a GPU it stays on: not measured there.
 
-    On every device, :class:`curvgraph.inductor_passes.PruneUnusedOutputs` runs after Inductor's
-    post-grad passes (and after any the user set): a convolution's backward in the sampled
-    Fisher's pass no longer computes its weight's gradient.
+    On every device, curvgraph's two post-grad passes run after Inductor's (and after any the
+    user set): :class:`curvgraph.inductor_passes.PruneUnusedOutputs` (a convolution's backward in
+    the sampled Fisher's pass no longer computes its weight's gradient) and
+    :class:`curvgraph.inductor_passes.RecomputeForLateReaders` (a large elementwise value that a
+    later pass reads again is computed again there instead of being kept).
     """
     import torch._inductor.config as inductor_config
     from torch._inductor.compile_fx import compile_fx
@@ -259,7 +262,7 @@ def inductor_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) ->
     try:
         users_passes = get_custom_graph_passes(inductor_config.post_grad_custom_post_pass)
         patches = {"cpp_wrapper": on_cpu, "cpp_wrapper_build_separate": on_cpu,
-                   "post_grad_custom_post_pass": [*users_passes, PruneUnusedOutputs()]}
+                   "post_grad_custom_post_pass": [*users_passes, PruneUnusedOutputs(), RecomputeForLateReaders()]}
         if on_cpu:
             patches["layout_optimization"] = False
         return compile_fx(gm, example_inputs, config_patches=patches)
@@ -810,6 +813,8 @@ EXPORTED_CONSTANTS = ("IGNORE_INDEX", "CLASS_INDEX_DTYPES")
 #: What an exported module copies from here, in order.
 EXPORTED = (initial_state, convolution_double_backward, batch_norm_backward, batch_norm_backward_as_ops,
             symbolic_double_backward, _NoShimFallbackNotes, build_objects_side_by_side, schema_args,
-            set_schema_arg, prune_unused_outputs, PruneUnusedOutputs, inductor_backend,
+            set_schema_arg, prune_unused_outputs, PruneUnusedOutputs, recompute_for_late_readers, _elementwise,
+            _tensor_bytes, _runs, _recomputation, _may_write, _times_true_after, RecomputeForLateReaders,
+            inductor_backend,
             probe_vector_isa_in_background, compiled_step, model_tensors, as_captured, batch_hint, batch_problem,
             target_shape, target_problem, counts_nothing, mark_dynamic, StepRunner, ExportedStep)

@@ -324,7 +324,7 @@ def test_nothing_in_the_step_keeps_it_out_of_the_compile_caches(case):
 def test_the_inductor_backend_wraps_cpu_graphs_in_cpp_built_separately(monkeypatch):
     """``runtime.inductor_backend`` compiles a CPU graph with Inductor's C++ wrapper, built apart from the kernels,
     and without Inductor's layout optimization (the channels-last copies of convolution inputs), and one with inputs
-    elsewhere without either, both with curvgraph's post-grad pass after any the user set (``inductor_passes``);
+    elsewhere without either, both with curvgraph's post-grad passes after any the user set (``inductor_passes``);
     Inductor's note about ops without a C shim is dropped then, its other records are kept."""
     import logging
 
@@ -334,7 +334,7 @@ def test_the_inductor_backend_wraps_cpu_graphs_in_cpp_built_separately(monkeypat
 
     from torch._inductor import codecache
 
-    from curvgraph.inductor_passes import PruneUnusedOutputs
+    from curvgraph.inductor_passes import PruneUnusedOutputs, RecomputeForLateReaders
     from curvgraph.runtime import build_objects_side_by_side
 
     patches, builds = [], []
@@ -352,7 +352,7 @@ def test_the_inductor_backend_wraps_cpu_graphs_in_cpp_built_separately(monkeypat
             inductor_backend(gm, inputs)
     passes = [p.pop("post_grad_custom_post_pass") for p in patches]
     assert [[p if p is users_pass else type(p) for p in on_device] for on_device in passes] == \
-        [[users_pass, PruneUnusedOutputs]] * 2  # on every device
+        [[users_pass, PruneUnusedOutputs, RecomputeForLateReaders]] * 2  # on every device
     assert patches == [{"cpp_wrapper": True, "cpp_wrapper_build_separate": True, "layout_optimization": False},
                        {"cpp_wrapper": False, "cpp_wrapper_build_separate": False}]
     assert builds == [build_objects_side_by_side, inductors_builds]  # while the CPU graph compiles, and only then

@@ -90,14 +90,13 @@ def recompute_for_late_readers(graph: torch.fx.Graph, gap: int = 64, min_bytes: 
     """
     nodes = list(graph.nodes)
     position: dict[torch.fx.Node, float] = {n: i for i, n in enumerate(nodes)}
-    last = {n: max((position[u] for u in n.users), default=position[n]) for n in nodes}
     changed = 0
     for node in nodes:
         if not _elementwise(node) or _tensor_bytes(node) < min_bytes:
             continue
         for run in _runs(node, position, gap)[1:]:
             first = run[0][0]
-            ops = _recomputation(node, position[first], position, last, max_ops)
+            ops = _recomputation(node, position[first], position, max_ops)
             read = {path[-1] if path else node for _, path in run}
             tie = max((x for x in first.all_input_nodes if x.op != "placeholder" and x not in read
                        and _tensor_bytes(x) > 0), key=position.__getitem__, default=None)
@@ -115,7 +114,7 @@ def recompute_for_late_readers(graph: torch.fx.Graph, gap: int = 64, min_bytes: 
                     reader.replace_input_with(path[-1] if path else node, copies[path[-1] if path else node])
             made = first.prev
             while made not in position:  # the nodes just inserted, before ``first``
-                position[made], last[made] = position[first] - 0.5, position[first]
+                position[made] = position[first] - 0.5
                 made = made.prev
             changed += 1
     if changed:
@@ -166,11 +165,11 @@ def _runs(node: torch.fx.Node, position: dict[torch.fx.Node, float], gap: int
     return runs
 
 
-def _recomputation(node: torch.fx.Node, at: float, position: dict[torch.fx.Node, float],
-                   last: dict[torch.fx.Node, float], limit: int) -> list[torch.fx.Node] | None:
-    """The elementwise ops that compute ``node`` again at position ``at`` from values alive there anyway, in graph
-    order; ``None`` if that takes more than ``limit`` ops, an op that is not elementwise, or an input that a node
-    before ``at`` may write into."""
+def _recomputation(node: torch.fx.Node, at: float, position: dict[torch.fx.Node, float], limit: int
+                   ) -> list[torch.fx.Node] | None:
+    """The elementwise ops that compute ``node`` again at position ``at`` from values alive there anyway (a reader
+    at or after ``at``, as the graph is now), in graph order; ``None`` if that takes more than ``limit`` ops, an op
+    that is not elementwise, or an input that a node before ``at`` may write into."""
     ops: list[torch.fx.Node] = []
     pending = [node]
     while pending:
@@ -181,7 +180,8 @@ def _recomputation(node: torch.fx.Node, at: float, position: dict[torch.fx.Node,
         if len(ops) > limit:
             return None
         for source in op.all_input_nodes:
-            if source.op in ("placeholder", "get_attr") or last[source] >= at or _tensor_bytes(source) == 0:
+            alive = any(position[user] >= at for user in source.users)
+            if source.op in ("placeholder", "get_attr") or alive or _tensor_bytes(source) == 0:
                 if any(_may_write(user) and position[user] < at for user in source.users):
                     return None
             elif _elementwise(source):

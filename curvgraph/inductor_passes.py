@@ -111,7 +111,8 @@ def recompute_for_late_readers(graph: torch.fx.Graph, gap: int = 64, min_bytes: 
                     for view in path:
                         if view not in copies:
                             copies[view] = graph.node_copy(view, lambda x: copies.get(x, x))
-                    reader.replace_input_with(path[-1] if path else node, copies[path[-1] if path else node])
+                    read_from = path[-1] if path else node
+                    reader.replace_input_with(read_from, copies[read_from])
             made = first.prev
             while made not in position:  # the nodes just inserted, before ``first``
                 position[made] = position[first] - 0.5

@@ -117,18 +117,15 @@ def test_the_sampled_fishers_backward_computes_no_weight_gradient():
     assert changed == 1 and sum(m[1] for m in before) == 3 and weight_gradients == 2
 
 
-def late_reader(h_read_late: bool = True, write_x: bool = False, steps: int = 80):
+def late_reader(h_read_late: bool = True, steps: int = 80):
     """``f(x, w, v)``: ``a = gelu(x @ w)`` read at once (``a @ w``) and again after ``steps`` unrelated ops
-    (``aᵀ v``), and ``h = x @ w`` read at the end too if ``h_read_late``; ``x`` written in place before the late
-    reader if ``write_x``."""
+    (``aᵀ v``), and ``h = x @ w`` read at the end too if ``h_read_late``."""
     def f(x, w, v):
         h = x @ w
         a = aten.gelu(h)
         early = a @ w
         for _ in range(steps):
             v = torch.sin(v)
-        if write_x:
-            x.add_(1)
         late = a.t() @ v
         return (early, late, h * 2) if h_read_late else (early, late)
     return f
@@ -189,7 +186,7 @@ def test_a_value_is_kept_where_computing_it_again_would_need_more_or_differ(late
 
 
 def _written_input_reader():
-    """``a = x * 2`` (elementwise from the input ``x``), read at once and 80 ops later, with ``x`` written in place
+    """``a = gelu(x)`` (elementwise from the input ``x``), read at once and 80 ops later, with ``x`` written in place
     in between: a copy of ``a`` there would read the new ``x``."""
     def f(x, w, v):
         a = aten.gelu(x)

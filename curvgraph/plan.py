@@ -189,6 +189,11 @@ class Block:
         found_by: the name of the pass that claimed the block.
         example_rows: the rows of all uses (``sum(u.rows for u in uses)``) at the example
             inputs, where known: methods choose between equal computations by it.
+        per_example: whether each of the block's positions belongs to one example that the
+            block can tell (its tensors lead with the batch dim). ``False`` for a lookup of flat
+            indices (``nn.EmbeddingBag`` with ``offsets``), whose positions join their examples
+            only in the model's own reduction: such a block has no example rows
+            (:func:`curvgraph.kinds.has_example_rows`).
     """
 
     name: str
@@ -205,6 +210,7 @@ class Block:
     cost: dict[str, sympy.Expr] = field(default_factory=dict)
     found_by: str = ""
     example_rows: int | None = None
+    per_example: bool = True
 
     @property
     def rows(self) -> sympy.Expr:

@@ -103,6 +103,13 @@ class TracedModel:
         """The node holding the model's prediction."""
         return self.returned(self.output_index)
 
+    @property
+    def batch_size(self) -> sympy.Expr:
+        """The batch size: ``N``'s symbol, or an integer where the capture fixed it."""
+        index, dim = self.batch
+        name = self.inputs[index].name
+        return symbolic_shape(next(n for n in self.graph.nodes if n.op == "placeholder" and n.name == name))[dim]
+
     def dim_names(self) -> dict[sympy.Symbol, str]:
         """Readable names of the symbolic sizes: ``N`` for the batch, ``<input>_<dim>`` else."""
         names = {}
@@ -123,7 +130,9 @@ def resolve_batch_dims(traced: TracedModel, batch_dim: int | Sequence[int | None
     takes the model output's dim 0 as the batch (curvgraph's losses need batch-first
     outputs); when that size is symbolic, each input's batch dim is the one with the
     same symbol (e.g. dim 1 of a time-major ``(T, N, F)`` input of an unrolled RNN,
-    whose ``T`` is static). Otherwise every input is batch first. Raises
+    whose ``T`` is static), and an input without it has none (the flat indices of
+    ``nn.EmbeddingBag`` with ``offsets``, a mask shared by the batch). Otherwise every
+    input is batch first. Raises
     :class:`ConfigError` for an invalid option or an ambiguous inference.
     """
     n = len(traced.inputs)
@@ -141,7 +150,7 @@ def resolve_batch_dims(traced: TracedModel, batch_dim: int | Sequence[int | None
                 raise ConfigError(
                     f"curvgraph: cannot tell which dim of input '{spec.name}' {tuple(shape)} is the batch (dims {hits} have "
                     "the output's batch size); pass batch_dim= to curvgraph.compile (an int, or one per input).")
-            dims.append(hits[0] if hits else (0 if len(shape) else None))
+            dims.append(hits[0] if hits else (0 if len(shape) and symbol is None else None))
     else:
         given = (batch_dim,) * n if isinstance(batch_dim, int) else tuple(batch_dim)
         if len(given) != n or any(d is not None and (not isinstance(d, int) or isinstance(d, bool)) for d in given):

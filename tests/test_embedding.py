@@ -7,6 +7,8 @@ which for one looked-up token equals ``kron(A, G)`` with the type-2 Fisher.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -76,15 +78,16 @@ def test_padding_row_stays_untouched_with_weight_decay():
 
 
 class EmbeddingBagHead(nn.Module):
-    """``nn.EmbeddingBag`` over the rows of a ``(N, L)`` index tensor -> tanh -> linear head."""
+    """``nn.EmbeddingBag`` over the rows of a ``(N, L)`` index tensor, or flat indices with ``offsets`` -> tanh ->
+    linear head."""
 
     def __init__(self, mode: str = "mean", padding_idx: int | None = None) -> None:
         super().__init__()
         self.bag = nn.EmbeddingBag(V, D, mode=mode, padding_idx=padding_idx)
         self.head = nn.Linear(D, 3)
 
-    def forward(self, tokens, per_sample_weights=None):
-        return self.head(torch.tanh(self.bag(tokens, per_sample_weights=per_sample_weights)))
+    def forward(self, tokens, offsets=None, per_sample_weights=None):
+        return self.head(torch.tanh(self.bag(tokens, offsets, per_sample_weights=per_sample_weights)))
 
 
 @pytest.mark.parametrize("mode, padding_idx, weighted", [("sum", None, False), ("sum", 2, True), ("mean", None, False),
@@ -102,6 +105,30 @@ def test_embedding_bag_form_computes_what_the_module_computes(mode, padding_idx,
     form = bag_form(bag)
     assert [p for p in form.parameters()] == [bag.weight]
     expected, ours = bag(tokens, per_sample_weights=weights), form(tokens, per_sample_weights=weights)
+    torch.testing.assert_close(ours, expected)
+    direction = torch.randn_like(expected)
+    (grad_expected,) = torch.autograd.grad(expected, bag.weight, direction)
+    (grad_ours,) = torch.autograd.grad(ours, bag.weight, direction)
+    torch.testing.assert_close(grad_ours, grad_expected)
+
+
+@pytest.mark.parametrize("mode, padding_idx, weighted", [("sum", None, True), ("sum", 2, False), ("mean", None, False),
+                                                         ("mean", 2, False), ("max", None, False), ("max", 2, False)])
+@pytest.mark.parametrize("include_last_offset", [False, True])
+def test_embedding_bag_with_offsets_form_computes_what_the_module_computes(mode, padding_idx, weighted,
+                                                                           include_last_offset):
+    """The same for flat indices with ``offsets``: bags of 3, 0 (empty), 2 (padding only where there is one), 1 and 5
+    entries."""
+    torch.manual_seed(0)
+    bag = nn.EmbeddingBag(V, D, mode=mode, padding_idx=padding_idx, include_last_offset=include_last_offset).double()
+    tokens = torch.randint(0, V, (11,))
+    if padding_idx is not None:
+        tokens[3:5] = padding_idx
+    offsets = torch.tensor([0, 3, 3, 5, 6] + ([11] if include_last_offset else []))
+    weights = torch.rand(11, dtype=torch.float64) if weighted else None
+    form = bag_form(bag)
+    expected, ours = bag(tokens, offsets, weights), form(tokens, offsets, weights)
+    assert expected.shape == (5, D)
     torch.testing.assert_close(ours, expected)
     direction = torch.randn_like(expected)
     (grad_expected,) = torch.autograd.grad(expected, bag.weight, direction)
@@ -132,6 +159,63 @@ def test_embedding_bag_trains_at_the_defaults():
     opt = curvgraph.compile(model, (x,), backend="eager")
     losses = [opt.step(x, y).item() for _ in range(5)]
     assert opt.skipped_steps == 0 and losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.fixture(scope="module")
+def flat_and_rows():
+    """Two copies of one model at the defaults (float64, eager), one fed bags of 3 as rows ``(4, 3)``, one the same
+    bags as flat indices with ``offsets``; four steps each, the same batches."""
+    torch.manual_seed(0)
+    models = {"rows": EmbeddingBagHead(padding_idx=0).double()}
+    models["flat"] = copy.deepcopy(models["rows"])
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, V, (4, 3), generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(4)]
+    offsets = torch.arange(0, 12, 3)
+    inputs = {"rows": lambda x: (x,), "flat": lambda x: (x.flatten(), offsets)}
+    opts = {k: curvgraph.compile(m, inputs[k](batches[0][0]), backend="eager", seed=0, progress=False)
+            for k, m in models.items()}
+    losses = {k: [opt.step(inputs[k](x), y).item() for x, y in batches] for k, opt in opts.items()}
+    return models, opts, losses
+
+
+def test_embedding_bag_with_offsets_trains_as_its_rows_form(flat_and_rows):
+    """Flat indices with ``offsets`` give the lookup block the same factors and the step the same losses and
+    parameters as the rows form, whose factors are checked against the exact GGN above. The batch is the number of
+    bags (``offsets``'s length): the flat indices have no batch dim."""
+    models, opts, losses = flat_and_rows
+    assert opts["flat"]._captured.batch_dims == (None, 0)
+    assert opts["flat"].plan.block("bag").kind == "embedding" and opts["flat"].plan.fallback_params == ()
+    assert [opts[k].plan.block("bag").per_example for k in ("rows", "flat")] == [True, False]
+    assert opts["rows"].skipped_steps == 0 and losses["rows"][-1] < losses["rows"][0]
+    torch.testing.assert_close(losses["flat"], losses["rows"], rtol=1e-10, atol=0)
+    for name, factor in opts["rows"].factors()["bag"].items():
+        torch.testing.assert_close(opts["flat"].factors()["bag"][name], factor, rtol=1e-10, atol=1e-14)
+    for a, b in zip(models["flat"].parameters(), models["rows"].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
+def uneven_bags(model: nn.Module, method: str):
+    """``method`` compiled for bags of 1, 5, 2 and 4 flat indices (12 entries: a ``(4, 3)`` reshape would split them
+    wrongly)."""
+    tokens, offsets = torch.randint(0, V, (12,)), torch.tensor([0, 1, 6, 8])
+    return curvgraph.compile(model, (tokens, offsets), method=method, backend="eager", progress=False), tokens, offsets
+
+
+def test_ekfac_keeps_kfac_scaling_for_a_bag_with_offsets():
+    """EKFAC's correction needs each example's rows; a flat lookup has none, so its block keeps K-FAC's eigenvalue
+    scaling (the dense head is corrected) and trains."""
+    torch.manual_seed(0)
+    opt, tokens, offsets = uneven_bags(EmbeddingBagHead(), "ekfac")
+    y = torch.tensor([0, 1, 2, 1])
+    losses = [opt.step((tokens, offsets), y).item() for _ in range(6)]
+    assert "ekfac_rows_A_head" in opt.source and "ekfac_rows_A_bag" not in opt.source
+    assert opt.skipped_steps == 0 and losses[-1] < losses[0], losses
+
+
+def test_kbfgs_refuses_a_bag_with_offsets_by_name():
+    torch.manual_seed(0)
+    with pytest.raises(curvgraph.CompileError, match=r"block 'bag' has none: its positions have no batch dim"):
+        uneven_bags(EmbeddingBagHead(), "kbfgs")
 
 
 class Positional(nn.Module):

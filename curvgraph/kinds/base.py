@@ -177,9 +177,11 @@ class BlockKind(ABC):
         like the parameters, one per placeholder, in order."""
 
 
-def has_example_rows(kind: BlockKind) -> bool:
-    """Whether ``kind`` defines :meth:`BlockKind.write_example_rows` (methods that need it check at compile time)."""
-    return type(kind).write_example_rows is not BlockKind.write_example_rows
+def has_example_rows(kind: BlockKind, block: Block) -> bool:
+    """Whether ``block`` has example rows: its ``kind`` defines :meth:`BlockKind.write_example_rows` and its positions
+    belong to examples it can tell (:attr:`~curvgraph.plan.Block.per_example`). Methods that need them check at
+    compile time."""
+    return type(kind).write_example_rows is not BlockKind.write_example_rows and block.per_example
 
 
 def has_lag_moments(kind: BlockKind) -> bool:

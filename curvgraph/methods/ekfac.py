@@ -53,7 +53,8 @@ eigen-coordinates, and where its real rows are positive definite the padding's o
 (eigenvalue 0) carry nothing, so cutting the axis back to ``d`` after the rotation back
 gives EKFAC of the ``d x d`` block-diagonal factor. The scaling is ``k b`` long on that axis.
 
-A block whose kind has no example rows (``curvgraph.kinds.has_example_rows`` is false)
+A block without example rows (``curvgraph.kinds.has_example_rows`` is false: its kind defines none, or its
+positions have no batch dim, as the flat lookup of ``nn.EmbeddingBag`` with ``offsets``)
 gets the Kronecker product of its factors' eigenvalues as its scaling: K-FAC's
 curvature in its eigenbasis, damped by :math:`\lambda` on the product of the
 eigenvalues (for a single factor exactly K-FAC's rule). Everything after the
@@ -263,7 +264,7 @@ class EKFAC(KFAC):
         def bases(b: BlockVars) -> str:
             return w.pack("None" if b.block.factors[f].diagonal else b.var(f"{f}_basis") for f in order[b.id])
 
-        corrected = [b for b in blocks if has_example_rows(b.kind)]
+        corrected = [b for b in blocks if has_example_rows(b.kind, b.block)]
         with_rows = {b.id for b in corrected}
         if corrected:
             with w.indent("if update_stats:", when="update_stats"):
@@ -281,7 +282,8 @@ class EKFAC(KFAC):
         for b in blocks:
             axes = tuple(b.block.factors[f].axis for f in order[b.id])
             if b.id not in with_rows:
-                w.line(f"# {b.block.name}: kind {b.block.kind!r} has no example rows; K-FAC's eigenvalues as scaling")
+                why = f"kind {b.block.kind!r}" if b.block.per_example else "its positions have no batch dim, so it"
+                w.line(f"# {b.block.name}: {why} has no example rows; K-FAC's eigenvalues as scaling")
                 values = w.pack(b.var(f"{f}_eigenvalues") + (".flatten(-2)" if b.block.factors[f].split_dim else "")
                                 for f in order[b.id])  # a block-diagonal factor's: k b long, as the scaling's axis
                 w.line(f"{b.var('S')} = {w.call(kronecker_eigenvalues, values, axes)}")
@@ -310,7 +312,7 @@ class EKFAC(KFAC):
             "state_bytes": sympy.Integer(4 * floats),
         }
         kind = KINDS.get(block.kind)
-        if kind is not None and has_example_rows(kind):
+        if kind is not None and has_example_rows(kind, block):
             rows = block.rows
             lead = math.prod(next(iter(block.factors.values())).lead)
             scaling = rows * lead * (sum(2 * f.blocks * f.block_dim**2 for f in dense) + 4 * numel // lead)

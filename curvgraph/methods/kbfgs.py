@@ -348,10 +348,13 @@ class KBFGS(Method):
     # ------------------------------------------------------------------ the step
     def write_statistics(self, w: StepWriter, blocks: list[BlockVars]) -> None:
         for b in blocks:
-            if not has_example_rows(b.kind):
+            if not has_example_rows(b.kind, b.block):
+                reason = ("its positions have no batch dim (a lookup of flat indices, e.g. nn.EmbeddingBag with "
+                          "offsets: pass the bags as the rows of a 2-D index tensor instead)" if not b.block.per_example
+                          else f"its kind {b.kind.name!r} does not define write_example_rows() (implement it)")
                 raise CompileError(
-                    f"curvgraph: K-BFGS needs each block's example rows; block kind {b.kind.name!r} (block "
-                    f"{b.block.name!r}) does not define write_example_rows(). Implement it, or use method='kfac'.")
+                    f"curvgraph: K-BFGS needs each block's example rows; block {b.block.name!r} has none: {reason}. "
+                    "Or use method='kfac'.")
             for f in self.factors_kept(b.block):
                 # not checked: the average of a finite state and a batch factor the step checks is finite
                 w.line(f"{b.factors[f]} = {w.call(ema, b.state(f), b.batch_factors[f], w.hyper('ema'))}")

@@ -4,8 +4,10 @@
 padding_idx, ...)``. The pass groups those nodes by weight; a weight looked up at
 several places is one block with one use per lookup. A weight with any other consumer
 (a tied output head, a regularizer) is left to later passes or the fallback; so is a
-weight looked up with different ``padding_idx``. ``nn.EmbeddingBag`` over 2-D bags is captured
-as such a lookup and a reduction (:mod:`.bag`). Factors: :mod:`.factors`.
+weight looked up with different ``padding_idx``. ``nn.EmbeddingBag`` is captured as such a
+lookup and a reduction (:mod:`.bag`); over flat indices with ``offsets`` the lookup's positions
+have no batch dim, and the block has no example rows (:attr:`curvgraph.plan.Block.per_example`).
+Factors: :mod:`.factors`.
 """
 
 from __future__ import annotations
@@ -98,8 +100,10 @@ def find_embedding_blocks(kind: BlockKind, traced: TracedModel, claims: Claims) 
         vocab, features = (int(s) for s in weight.meta["val"].shape)
         uses = [layer_use([n.args[1]], [n], sympy.Mul(*symbolic_shape(n.args[1])), trainable) for n in nodes]
         padding_idx = padding.pop()
-        blocks.append(new_block(traced, kind, (weight,), uses, {"vocab": vocab, "features": features},
-                                layout={"padding_idx": padding_idx % vocab if padding_idx >= 0 else -1}))
+        block = new_block(traced, kind, (weight,), uses, {"vocab": vocab, "features": features},
+                          layout={"padding_idx": padding_idx % vocab if padding_idx >= 0 else -1})
+        block.per_example = all(u.input_shapes[0][:1] == (traced.batch_size,) for u in uses)
+        blocks.append(block)
     return blocks
 
 

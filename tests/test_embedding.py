@@ -218,6 +218,59 @@ def test_kbfgs_refuses_a_bag_with_offsets_by_name():
         uneven_bags(EmbeddingBagHead(), "kbfgs")
 
 
+class TokenProjection(nn.Module):
+    """Lookup -> linear layer per token -> tanh -> sum per bag -> head; bags as rows ``(N, L)`` or as flat indices with
+    ``offsets`` (summed by the model itself, ``index_add``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.proj = nn.Linear(D, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, tokens, offsets=None):
+        h = torch.tanh(self.proj(self.emb(tokens)))
+        if offsets is None:
+            return self.head(h.sum(1))
+        bag = torch.searchsorted(offsets, torch.arange(tokens.shape[0], dtype=offsets.dtype), right=True) - 1
+        return self.head(h.new_zeros((offsets.shape[0], h.shape[1])).index_add(0, bag, h))
+
+
+def test_layers_over_flat_positions_have_the_factors_of_their_rows_form():
+    """The lookup and the per-token linear layer over flat positions: the same factors (KFAC-expand) and steps as the
+    model over rows ``(4, 3)``. Over flat positions neither block can group its positions by example, so neither
+    has example rows, and ``kfac_approx="reduce"`` leaves them at ``expand``."""
+    torch.manual_seed(0)
+    models = {"rows": TokenProjection().double()}
+    models["flat"] = copy.deepcopy(models["rows"])
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randint(0, V, (4, 3), generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(3)]
+    offsets = torch.arange(0, 12, 3)
+    inputs = {"rows": lambda x: (x,), "flat": lambda x: (x.flatten(), offsets)}
+    opts = {k: curvgraph.compile(m, inputs[k](batches[0][0]), backend="eager", seed=0, kfac_approx="reduce",
+                                 progress=False) for k, m in models.items()}
+    plans = {k: {b.name: (b.per_example, b.sharing) for b in opt.plan.blocks} for k, opt in opts.items()}
+    assert plans["flat"] == {"emb": (False, None), "proj": (False, "expand"), "head": (True, "reduce")}
+    assert plans["rows"]["proj"] == (True, "reduce")
+    opts["rows"] = curvgraph.compile(models["rows"], (batches[0][0],), backend="eager", seed=0, progress=False)
+    losses = {k: [opt.step(inputs[k](x), y).item() for x, y in batches] for k, opt in opts.items()}
+    torch.testing.assert_close(losses["flat"], losses["rows"], rtol=1e-10, atol=0)
+    for block in ("emb", "proj"):
+        for name, factor in opts["rows"].factors()[block].items():
+            torch.testing.assert_close(opts["flat"].factors()[block][name], factor, rtol=1e-10, atol=1e-14)
+
+
+def test_ekfac_over_flat_positions_of_uneven_bags_trains():
+    """Before the layers over flat positions had no example rows, EKFAC reshaped the 12 positions of bags of 1, 5, 2
+    and 4 to ``(4, 3, d)`` (the wrong examples), or failed where they did not divide."""
+    torch.manual_seed(0)
+    tokens, offsets, y = torch.randint(0, V, (12,)), torch.tensor([0, 1, 6, 8]), torch.tensor([0, 1, 2, 1])
+    opt = curvgraph.compile(TokenProjection(), (tokens, offsets), method="ekfac", backend="eager", progress=False)
+    losses = [opt.step((tokens, offsets), y).item() for _ in range(6)]
+    assert "ekfac_rows_A_head" in opt.source and "ekfac_rows_A_proj" not in opt.source
+    assert opt.skipped_steps == 0 and losses[-1] < losses[0], losses
+
+
 class Positional(nn.Module):
     """A learned positional table added to a (N, T, D) stream, read at the first T of its 8 rows."""
 

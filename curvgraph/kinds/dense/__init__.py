@@ -7,7 +7,11 @@ over several positions) is one block with one :class:`~curvgraph.plan.LayerUse` 
 application; its statistics sum over the uses (see :mod:`.factors`).
 
 A weight with any other consumer (an embedding lookup, a regularizer, ...) is left to
-the fallback; so is a bias that is not the bias of every use of its weight.
+the fallback; so is a bias that is not the bias of every use of its weight. A layer over
+flat positions that do not hold the batch size (the rows of ``nn.EmbeddingBag``'s
+lookup over ``offsets``, before the model reduces them into bags) cannot group its
+positions by example: its block has no example rows and shares by ``expand``
+(:func:`curvgraph.kinds.base.positions_per_example`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from ...passes.ledger import Claims
 from ...plan import Block, Factor
 from ...registry import register_block_kind
 from ...trace import TracedModel, symbolic_shape
-from ..base import BlockKind, layer_use, new_block, split_blocks, weight_and_bias
+from ..base import BlockKind, layer_use, new_block, positions_per_example, split_blocks, weight_and_bias
 from . import factors as dense_math
 from .forms import LINEAR_PASSES
 
@@ -117,9 +121,12 @@ def find_dense_blocks(kind: BlockKind, traced: TracedModel, claims: Claims, shar
         out_features, in_features = weight.meta["val"].shape[::-1] if transposed else weight.meta["val"].shape
         layer_uses = [layer_use([lin.args[0]], [lin], sympy.Mul(*symbolic_shape(lin.args[0])[:-1]), trainable)
                       for lin in linears]
-        blocks.append(new_block(traced, kind, (weight,) + ((bias,) if bias is not None else ()), layer_uses,
-                                {"in": int(in_features), "out": int(out_features)}, bias=bias is not None,
-                                sharing=sharing, layout={"transposed": transposed}))
+        per_example = positions_per_example(traced, layer_uses)
+        block = new_block(traced, kind, (weight,) + ((bias,) if bias is not None else ()), layer_uses,
+                          {"in": int(in_features), "out": int(out_features)}, bias=bias is not None,
+                          sharing=sharing if per_example else "expand", layout={"transposed": transposed})
+        block.per_example = per_example
+        blocks.append(block)
     return blocks
 
 

@@ -25,7 +25,7 @@ from ...passes.ledger import Claims
 from ...plan import Block, Factor
 from ...registry import register_block_kind
 from ...trace import TracedModel, symbolic_shape
-from ..base import BlockKind, layer_use, new_block
+from ..base import BlockKind, layer_use, new_block, positions_per_example
 from ..dense import factors as dense_math
 from . import factors as embedding_math
 from .bag import bag_form
@@ -102,7 +102,7 @@ def find_embedding_blocks(kind: BlockKind, traced: TracedModel, claims: Claims) 
         padding_idx = padding.pop()
         block = new_block(traced, kind, (weight,), uses, {"vocab": vocab, "features": features},
                           layout={"padding_idx": padding_idx % vocab if padding_idx >= 0 else -1})
-        block.per_example = all(u.input_shapes[0][:1] == (traced.batch_size,) for u in uses)
+        block.per_example = positions_per_example(traced, uses)
         blocks.append(block)
     return blocks
 

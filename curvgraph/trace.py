@@ -128,8 +128,9 @@ def resolve_batch_dims(traced: TracedModel, batch_dim: int | Sequence[int | None
     ``batch_dim`` is an int (the same dim of every input), a tuple with one entry per
     input (``None``: that input has no batch dim), or ``None``: inferred. The inference
     takes the model output's dim 0 as the batch (curvgraph's losses need batch-first
-    outputs); when that size is symbolic, each input's batch dim is the one with the
-    same symbol (e.g. dim 1 of a time-major ``(T, N, F)`` input of an unrolled RNN,
+    outputs); when that size is symbolic in one input size (``N``, or ``N - 1`` for the
+    bags of ``nn.EmbeddingBag`` with ``include_last_offset``), each input's batch dim is
+    the one with that symbol (e.g. dim 1 of a time-major ``(T, N, F)`` input of an unrolled RNN,
     whose ``T`` is static), and an input without it has none (the flat indices of
     ``nn.EmbeddingBag`` with ``offsets``, a mask shared by the batch). Otherwise every
     input is batch first. Raises
@@ -138,7 +139,8 @@ def resolve_batch_dims(traced: TracedModel, batch_dim: int | Sequence[int | None
     n = len(traced.inputs)
     if batch_dim is None:
         out = symbolic_shape(traced.output)
-        symbol = out[0] if out and isinstance(out[0], sympy.Symbol) else None
+        sizes = sympy.sympify(out[0]).free_symbols if out else set()
+        symbol = next(iter(sizes)) if len(sizes) == 1 else None
         dims: list[int | None] = []
         for spec, node in zip(traced.inputs, (p for p in traced.graph.nodes if p.op == "placeholder" and p.name in
                                               {s.name for s in traced.inputs})):

@@ -163,15 +163,17 @@ def test_embedding_bag_trains_at_the_defaults():
 
 @pytest.fixture(scope="module")
 def flat_and_rows():
-    """Two copies of one model at the defaults (float64, eager), one fed bags of 3 as rows ``(4, 3)``, one the same
-    bags as flat indices with ``offsets``; four steps each, the same batches."""
+    """Copies of one model at the defaults (float64, eager), fed bags of 3 as rows ``(4, 3)``, as flat indices with
+    ``offsets``, and as flat indices with ``include_last_offset`` (``offsets`` one longer); four steps each, the same
+    batches."""
     torch.manual_seed(0)
     models = {"rows": EmbeddingBagHead(padding_idx=0).double()}
-    models["flat"] = copy.deepcopy(models["rows"])
+    models["flat"], models["last"] = copy.deepcopy(models["rows"]), copy.deepcopy(models["rows"])
+    models["last"].bag.include_last_offset = True
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randint(0, V, (4, 3), generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(4)]
-    offsets = torch.arange(0, 12, 3)
-    inputs = {"rows": lambda x: (x,), "flat": lambda x: (x.flatten(), offsets)}
+    inputs = {"rows": lambda x: (x,), "flat": lambda x: (x.flatten(), torch.arange(0, 12, 3)),
+              "last": lambda x: (x.flatten(), torch.arange(0, 13, 3))}
     opts = {k: curvgraph.compile(m, inputs[k](batches[0][0]), backend="eager", seed=0, progress=False)
             for k, m in models.items()}
     losses = {k: [opt.step(inputs[k](x), y).item() for x, y in batches] for k, opt in opts.items()}
@@ -180,18 +182,20 @@ def flat_and_rows():
 
 def test_embedding_bag_with_offsets_trains_as_its_rows_form(flat_and_rows):
     """Flat indices with ``offsets`` give the lookup block the same factors and the step the same losses and
-    parameters as the rows form, whose factors are checked against the exact GGN above. The batch is the number of
-    bags (``offsets``'s length): the flat indices have no batch dim."""
+    parameters as the rows form, whose factors are checked against the exact GGN above. The batch is read from
+    ``offsets`` (its length is the number of bags, or one more): the flat indices have no batch dim."""
     models, opts, losses = flat_and_rows
-    assert opts["flat"]._captured.batch_dims == (None, 0)
-    assert opts["flat"].plan.block("bag").kind == "embedding" and opts["flat"].plan.fallback_params == ()
-    assert [opts[k].plan.block("bag").per_example for k in ("rows", "flat")] == [True, False]
     assert opts["rows"].skipped_steps == 0 and losses["rows"][-1] < losses["rows"][0]
-    torch.testing.assert_close(losses["flat"], losses["rows"], rtol=1e-10, atol=0)
-    for name, factor in opts["rows"].factors()["bag"].items():
-        torch.testing.assert_close(opts["flat"].factors()["bag"][name], factor, rtol=1e-10, atol=1e-14)
-    for a, b in zip(models["flat"].parameters(), models["rows"].parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+    assert opts["rows"].plan.block("bag").per_example
+    for flat in ("flat", "last"):
+        assert opts[flat]._captured.batch_dims == (None, 0)
+        assert opts[flat].plan.block("bag").kind == "embedding" and opts[flat].plan.fallback_params == ()
+        assert not opts[flat].plan.block("bag").per_example
+        torch.testing.assert_close(losses[flat], losses["rows"], rtol=1e-10, atol=0)
+        for name, factor in opts["rows"].factors()["bag"].items():
+            torch.testing.assert_close(opts[flat].factors()["bag"][name], factor, rtol=1e-10, atol=1e-14)
+        for a, b in zip(models[flat].parameters(), models["rows"].parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
 
 
 def uneven_bags(model: nn.Module, method: str):

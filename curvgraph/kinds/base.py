@@ -212,19 +212,20 @@ def layer_use(inputs: Sequence[Node], outputs: Sequence[Node], rows: sympy.Expr,
 
 
 def positions_per_example(traced: TracedModel, uses: Sequence[LayerUse]) -> bool:
-    """Whether every tensor of ``uses`` has the batch size in its shape (as a dim, or a factor of one: ``(N, T, d)``,
+    """Whether every tensor of ``uses`` has a dim that is a multiple of the batch size ``N`` (``(N, T, d)``,
     ``(T, N, d)``, ``(N*T, d)``), so that its positions can be grouped by example (example rows, KFAC-reduce).
 
     ``False`` for flat positions that join their examples only in the model's own reduction, e.g. the ``T``
-    indices of ``nn.EmbeddingBag`` with ``offsets`` (``(T,)``, ``T`` no multiple of ``N``) and the layers applied to
-    their rows before it. ``True`` where the batch size is fixed (nothing to tell it by): the kinds' reshape to
-    ``(N, -1, d)`` then checks the sizes at run time.
+    indices of ``nn.EmbeddingBag`` with ``offsets`` (``(T,)``) and the layers applied to their rows before it, or
+    for rows that are not the batch's (``N - 1`` bags where ``N`` is the length of ``offsets`` with
+    ``include_last_offset``). ``True`` where the batch size is fixed (nothing to tell it by): the kinds' reshape
+    to ``(N, -1, d)`` then checks the sizes at run time.
     """
     batch = traced.batch_size
     if not isinstance(batch, sympy.Symbol):
         return True
     shapes = [shape for u in uses for shape in (*u.input_shapes, *u.output_shapes)]
-    return all(any(batch in sympy.sympify(size).free_symbols for size in shape) for shape in shapes)
+    return all(any(sympy.div(sympy.sympify(size), batch)[1] == 0 for size in shape) for shape in shapes)
 
 
 def new_block(traced: TracedModel, kind: BlockKind, params: Sequence[Node], uses: Sequence[LayerUse],

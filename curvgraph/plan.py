@@ -189,11 +189,12 @@ class Block:
         found_by: the name of the pass that claimed the block.
         example_rows: the rows of all uses (``sum(u.rows for u in uses)``) at the example
             inputs, where known: methods choose between equal computations by it.
-        per_example: whether each of the block's positions belongs to one example that the
-            block can tell (its tensors lead with the batch dim). ``False`` for a lookup of flat
-            indices (``nn.EmbeddingBag`` with ``offsets``), whose positions join their examples
-            only in the model's own reduction: such a block has no example rows
-            (:func:`curvgraph.kinds.has_example_rows`).
+        per_example: whether the block can group its positions by example (each of its
+            tensors has a dim that is a multiple of the batch size,
+            :func:`curvgraph.kinds.base.positions_per_example`). ``False`` for a lookup of flat
+            indices (``nn.EmbeddingBag`` with ``offsets``) and the layers over its rows, whose
+            positions join their examples only in the model's own reduction: such a block has
+            no example rows (:func:`curvgraph.kinds.has_example_rows`).
     """
 
     name: str

@@ -230,7 +230,7 @@ def positions_per_example(traced: TracedModel, uses: Sequence[LayerUse]) -> bool
 
 def new_block(traced: TracedModel, kind: BlockKind, params: Sequence[Node], uses: Sequence[LayerUse],
               dims: dict[str, int], *, bias: bool = False, sharing: str | None = None,
-              layout: dict[str, object] | None = None) -> Block:
+              layout: dict[str, object] | None = None, per_example: bool = True) -> Block:
     """The block of ``kind`` over the parameter placeholders ``params`` (weight first),
     with its factors, block-matrix shape and cost filled in from ``kind``."""
     placeholders = tuple(p.name for p in params)
@@ -244,6 +244,7 @@ def new_block(traced: TracedModel, kind: BlockKind, params: Sequence[Node], uses
         bias=bias,
         sharing=sharing,
         layout=layout or {},
+        per_example=per_example,
     )
     block.factors = kind.factors(block)
     block.matrix_shape = matrix_shape(block.factors)

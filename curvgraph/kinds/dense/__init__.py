@@ -122,11 +122,10 @@ def find_dense_blocks(kind: BlockKind, traced: TracedModel, claims: Claims, shar
         layer_uses = [layer_use([lin.args[0]], [lin], sympy.Mul(*symbolic_shape(lin.args[0])[:-1]), trainable)
                       for lin in linears]
         per_example = positions_per_example(traced, layer_uses)
-        block = new_block(traced, kind, (weight,) + ((bias,) if bias is not None else ()), layer_uses,
-                          {"in": int(in_features), "out": int(out_features)}, bias=bias is not None,
-                          sharing=sharing if per_example else "expand", layout={"transposed": transposed})
-        block.per_example = per_example
-        blocks.append(block)
+        blocks.append(new_block(traced, kind, (weight,) + ((bias,) if bias is not None else ()), layer_uses,
+                                {"in": int(in_features), "out": int(out_features)}, bias=bias is not None,
+                                sharing=sharing if per_example else "expand", layout={"transposed": transposed},
+                                per_example=per_example))
     return blocks
 
 

@@ -100,10 +100,9 @@ def find_embedding_blocks(kind: BlockKind, traced: TracedModel, claims: Claims) 
         vocab, features = (int(s) for s in weight.meta["val"].shape)
         uses = [layer_use([n.args[1]], [n], sympy.Mul(*symbolic_shape(n.args[1])), trainable) for n in nodes]
         padding_idx = padding.pop()
-        block = new_block(traced, kind, (weight,), uses, {"vocab": vocab, "features": features},
-                          layout={"padding_idx": padding_idx % vocab if padding_idx >= 0 else -1})
-        block.per_example = positions_per_example(traced, uses)
-        blocks.append(block)
+        blocks.append(new_block(traced, kind, (weight,), uses, {"vocab": vocab, "features": features},
+                                layout={"padding_idx": padding_idx % vocab if padding_idx >= 0 else -1},
+                                per_example=positions_per_example(traced, uses)))
     return blocks
 
 

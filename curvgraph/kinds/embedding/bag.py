@@ -13,7 +13,7 @@ the same function is
 block. Bags given as a flat index tensor ``i`` of ``T`` entries with ``offsets`` (:class:`Segments`)
 are the same reduction over the entries of each segment, by ``index_add`` (``scatter_reduce`` for
 ``max``); the lookup ``E[i]`` is then one of ``T`` positions that have no batch dim, so the block
-has no per-example rows (:attr:`curvgraph.plan.Block.layout`'s ``per_example``).
+has no example rows (:attr:`curvgraph.plan.Block.per_example`).
 """
 
 from __future__ import annotations
@@ -81,8 +81,7 @@ class Segments:
     def __init__(self, offsets: Tensor, entries: int, include_last_offset: bool) -> None:
         self.bags = offsets.shape[0] - 1 if include_last_offset else offsets.shape[0]
         position = torch.arange(entries, device=offsets.device, dtype=offsets.dtype)
-        bag = torch.searchsorted(offsets[: self.bags], position, right=True) - 1
-        self.bag = bag
+        self.bag = torch.searchsorted(offsets[: self.bags], position, right=True) - 1
 
     def sum(self, values: Tensor) -> Tensor:
         """``(T, ...) -> (N, ...)``: the sum over each bag (0 for an empty one)."""

@@ -256,6 +256,7 @@ def test_layers_over_flat_positions_have_the_factors_of_their_rows_form():
     plans = {k: {b.name: (b.per_example, b.sharing) for b in opt.plan.blocks} for k, opt in opts.items()}
     assert plans["flat"] == {"emb": (False, None), "proj": (False, "expand"), "head": (True, "reduce")}
     assert plans["rows"]["proj"] == (True, "reduce")
+    # the steps compared at expand, the sharing the flat blocks keep (the head has one position: the same either way)
     opts["rows"] = curvgraph.compile(models["rows"], (batches[0][0],), backend="eager", seed=0, progress=False)
     losses = {k: [opt.step(inputs[k](x), y).item() for x, y in batches] for k, opt in opts.items()}
     torch.testing.assert_close(losses["flat"], losses["rows"], rtol=1e-10, atol=0)

@@ -217,20 +217,22 @@ def test_the_compiled_step_with_every_late_value_computed_again_matches_the_eage
 
     monkeypatch.setattr(RecomputeForLateReaders, "min_bytes", 0)
     monkeypatch.setattr(passes, "recompute_for_late_readers", counted)
-    # A graph found in Inductor's caches (kept from an earlier run of this test) skips the passes.
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
+    # A graph found in Inductor's caches (kept from an earlier run of this test) skips the passes. The configs' own
+    # patch, not monkeypatch: pytest 9.2's undo deletes the config entry, which hides it from every later compile.
+    uncached = (torch._inductor.config.patch(fx_graph_cache=False),
+                torch._functorch.config.patch(enable_autograd_cache=False))
     try:
-        g = torch.Generator().manual_seed(2)
-        batches = [(torch.randn(12, 6, generator=g), torch.randint(0, 4, (12,), generator=g)) for _ in range(4)]
-        models = {backend: gelu_mlp() for backend in ("inductor", "eager")}
-        opts = {backend: curvgraph.compile(model, (batches[0][0],), backend=backend, seed=0, invert_every=2,
-                                           progress=False) for backend, model in models.items()}
-        for x, y in batches:
-            losses = [opt.step(x, y).item() for opt in opts.values()]
-            assert losses[0] == pytest.approx(losses[1], rel=1e-9)
+        with uncached[0], uncached[1]:
+            g = torch.Generator().manual_seed(2)
+            batches = [(torch.randn(12, 6, generator=g), torch.randint(0, 4, (12,), generator=g)) for _ in range(4)]
+            models = {backend: gelu_mlp() for backend in ("inductor", "eager")}
+            opts = {backend: curvgraph.compile(model, (batches[0][0],), backend=backend, seed=0, invert_every=2,
+                                               progress=False) for backend, model in models.items()}
+            for x, y in batches:
+                losses = [opt.step(x, y).item() for opt in opts.values()]
+                assert losses[0] == pytest.approx(losses[1], rel=1e-9)
     finally:
         torch.set_default_dtype(previous)
     assert sum(counts) > 0

@@ -163,7 +163,7 @@ def main() -> None:
     from sklearn.datasets import load_digits
     from torch import nn
 
-    curvgraph.register_block_kind(Scale())
+    curvgraph.register_block_kind(Scale(), before="norm")  # ahead of the built-in norm kind, which takes scales too
     curvgraph.register_method(DiagonalFisher)
 
     class ScaledNet(nn.Module):

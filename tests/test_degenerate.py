@@ -337,7 +337,8 @@ def test_compiled_steps_survive_overflow_and_rank_deficiency(method):
 
 
 class ScaledMLP(nn.Module):
-    """The issue's MLP times a learned per-class scale (no pass matches it: the fallback rule's parameter)."""
+    """The issue's MLP divided by a learned per-class divisor (no pass matches it: the fallback rule's parameter; a
+    scale would be a norm block)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -345,7 +346,7 @@ class ScaledMLP(nn.Module):
         self.scale = nn.Parameter(torch.ones(3))
 
     def forward(self, x):
-        return self.mlp(x) * self.scale
+        return self.mlp(x) / self.scale
 
 
 @pytest.mark.parametrize("group", (0, 1))  # the curvature blocks' learning rate, the fallback's

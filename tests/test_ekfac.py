@@ -340,7 +340,7 @@ def test_kind_without_example_rows_gets_kfacs_rule(float64):
     with its factor's eigenvalues, i.e. exactly K-FAC's 1 / (F + damping)."""
     from extending import Scale
 
-    curvgraph.register_block_kind(Scale())
+    curvgraph.register_block_kind(Scale(), before="norm")  # ahead of the built-in that takes scales too
     try:
         class Scaled(nn.Module):
             def __init__(self) -> None:

@@ -21,7 +21,7 @@ from helpers import exact_ggn, make_targets
 @pytest.fixture
 def registered():
     """The example kind and method, registered for one test."""
-    curvgraph.register_block_kind(Scale())
+    curvgraph.register_block_kind(Scale(), before="norm")  # ahead of the built-in norm kind, which takes scales too
     curvgraph.register_method(DiagonalFisher)
     yield
     curvgraph.unregister_block_kind("scale")
@@ -46,17 +46,18 @@ def test_new_kind_is_found_and_shown_in_the_plan(registered):
     plan = opt.plan
     assert [(b.name, b.kind, b.found_by) for b in plan.blocks] == [("fc", "dense", "dense"), ("s", "scale", "scale"),
                                                                     ("head", "dense", "dense")]
-    assert plan.matches == {"rnn": 0, "dense": 2, "conv": 0, "norm": 0, "embedding": 0, "position": 0, "packed": 0,
-                            "tied": 0, "bias": 0, "scale": 1}
+    assert plan.matches == {"rnn": 0, "dense": 2, "conv": 0, "scale": 1, "norm": 0, "embedding": 0, "position": 0,
+                            "packed": 0, "tied": 0, "bias": 0}
     block = plan.block("s")
     assert block.factors["F"] == curvgraph.Factor((6,), axis=-1, diagonal=True) and block.matrix_shape == (6,)
     text = str(plan)
-    assert "block passes (matches): rnn 0, dense 2, conv 0, norm 0, embedding 0, position 0, packed 0, tied 0, bias 0, scale 1" in text and "F:6(diag)" in text
+    assert "block passes (matches): rnn 0, dense 2, conv 0, scale 1, norm 0, embedding 0, position 0, packed 0, tied 0, bias 0" in text and "F:6(diag)" in text
 
 
-def test_new_kind_without_registration_falls_back():
+def test_without_registration_the_built_in_norm_kind_takes_the_scale():
+    """The built-in ``norm`` kind takes per-channel scales too, with the same curvature per channel (``k = 1``)."""
     plan = curvgraph.compile(ScaledMLP(), (torch.randn(4, 5, 6),), backend="eager").plan
-    assert "scale" not in plan.matches and plan.fallback_params == ("s",)
+    assert "scale" not in plan.matches and plan.block("s").kind == "norm" and plan.fallback_params == ()
 
 
 @pytest.mark.parametrize("loss", ("cross_entropy", "mse"))

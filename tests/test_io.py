@@ -23,7 +23,8 @@ N, D, C = 8, 6, 4
 
 
 class ScaledMLP(nn.Module):
-    """A dense block, then an elementwise learned scale no pass matches (a fallback parameter)."""
+    """A dense block, then an elementwise learned divisor no pass matches (a fallback parameter; a scale would be a
+    norm block)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -32,7 +33,7 @@ class ScaledMLP(nn.Module):
         self.head = nn.Linear(5, C)
 
     def forward(self, x):
-        return self.head(torch.tanh(self.fc(x)) * self.scale)
+        return self.head(torch.tanh(self.fc(x)) / self.scale)
 
 
 def batches(count: int, n: int = N, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -473,14 +474,15 @@ def test_a_batch_in_another_memory_layout_steps_like_the_contiguous_batch(layout
 
 
 class ElementwiseAffine(nn.Module):
-    """``x * w + b`` with ``(features,)`` parameters: no block kind claims them, so both train by the fallback."""
+    """``x * exp(w) + b`` with ``(features,)`` parameters: no block kind claims them (``x * w`` would be a norm
+    block), so both train by the fallback."""
 
     def __init__(self, features: int) -> None:
         super().__init__()
         self.w, self.b = nn.Parameter(torch.randn(features)), nn.Parameter(torch.randn(features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.w + self.b
+        return x * self.w.exp() + self.b
 
 
 def test_a_scheduler_cycling_the_momentum_cycles_the_fallback_adams_beta1_as_torch_adams():

@@ -1,4 +1,4 @@
-"""Norm blocks (BatchNorm, LayerNorm, GroupNorm, InstanceNorm, RMSNorm): exact per-channel GGN blocks, the update, BatchNorm statistics, eval mode."""
+"""Norm blocks (BatchNorm, LayerNorm, GroupNorm, InstanceNorm, RMSNorm) and per-channel scales (layer scales, NoNorm): exact per-channel GGN blocks, the update, BatchNorm statistics, eval mode."""
 
 from __future__ import annotations
 
@@ -89,7 +89,32 @@ def hand_rms(weight_first: bool):
                                  nn.Linear(3 * 6, 4))
 
 
+class LayerScale(nn.Module):
+    """``x * weight (+ bias)`` with ``weight`` of ``shape``: a layer scale (ConvNeXt ``(C, 1, 1)``, CaiT ``(C,)``),
+    ``NoNorm`` with a bias, a learned scalar with ``shape=()``."""
+
+    def __init__(self, shape: tuple[int, ...] | int, bias: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.3 * torch.randn(shape))
+        self.bias = nn.Parameter(0.1 * torch.randn(shape)) if bias else None
+
+    def forward(self, x):
+        scaled = x * self.weight
+        return scaled + self.bias if self.bias is not None else scaled
+
+
+def scaled(shape: tuple[int, ...] | int, bias: bool = False, conv: bool = False):
+    if conv:
+        return lambda: nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), LayerScale(shape, bias), nn.Tanh(), nn.Flatten(),
+                                     nn.Linear(3 * 4 * 4, 4))
+    return lambda: nn.Sequential(nn.Linear(5, 6), LayerScale(shape, bias), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 6, 4))
+
+
 NORMS = {
+    "layer-scale-tokens": (scaled(6), (6, 3, 5), "1"),
+    "layer-scale-channels-first": (scaled((3, 1, 1), conv=True), (6, 2, 4, 4), "1"),
+    "nonorm-scale-shift": (scaled(6, bias=True), (6, 3, 5), "1"),
+    "learned-scalar": (scaled(()), (6, 3, 5), "1"),
     "rmsnorm": (rms_sequence, (6, 3, 5), "1"),
     "rmsnorm-handwritten": (hand_rms(False), (6, 3, 5), "1"),
     "rmsnorm-handwritten-weight-first": (hand_rms(True), (6, 3, 5), "1"),
@@ -169,6 +194,23 @@ def test_plan_of_norm_layers():
     assert [(b.name, b.kind) for b in plan.blocks] == [("0", "conv"), ("1", "norm"), ("5", "dense")]
     assert plan.block("1").factor_shapes == {"F": (4, 2, 2)} and plan.block("1").layout["channels_first"]
     assert plan.fallback_params == ()
+
+
+@pytest.mark.parametrize("shape, channels_first", [((3,), False), ((3, 3), False), ((4, 1, 1), True),
+                                                    ((4, 1, 3), None)])
+def test_a_scale_is_a_block_where_it_spans_channels(shape, channels_first):
+    """``x * w`` of an ``(N, 4, 3, 3)`` tensor: a per-channel scale where ``w``'s shape, after leading 1s, is ``x``'s
+    trailing dims (``(3,)``, ``(3, 3)``) or dim 1 alone (``(4, 1, 1)``); a ``(4, 1, 3)`` scale spans dims apart and
+    is left to the fallback."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), LayerScale(shape), nn.Tanh(), nn.Flatten(), nn.Linear(36, 2))
+    plan = curvgraph.compile(model, (torch.randn(2, 3, 3, 3),), backend="eager").plan
+    if channels_first is None:
+        assert plan.fallback_params == ("1.weight",) and "1" not in {b.name for b in plan.blocks}
+        return
+    block = plan.block("1")
+    channels = math.prod(shape)
+    assert block.kind == "norm" and block.layout["channels_first"] is channels_first
+    assert f"channel scale, {channels} channels (scale)" in str(plan) and plan.fallback_params == ()
 
 
 def cnn_with_bn() -> nn.Module:

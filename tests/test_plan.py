@@ -98,7 +98,7 @@ class WithFallbacks(nn.Module):
 
     def forward(self, ids):
         h = self.norm(self.embed(ids).mean(1))
-        h = torch.tanh(self.fc(h)) * self.scale
+        h = torch.tanh(self.fc(h)) / self.scale
         return self.out(self.frozen(h) + self.fc.weight.sum())
 
 

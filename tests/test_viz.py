@@ -38,7 +38,7 @@ class Net(nn.Module):
 
     def forward(self, x):
         h = torch.relu(self.bn(self.conv(x))).flatten(1)
-        return self.head(torch.tanh(self.fc(h))) * self.gain
+        return self.head(torch.tanh(self.fc(h))) / self.gain  # a first-order fallback (a scale is a norm block)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_a_kind_draws_itself(opt):
     model.s = nn.Parameter(torch.ones(4))
     model.forward = lambda x: model[1](model[0](x)) * model.s
     for kind, color, label in ((Scale(), "#d9d9d9", "s: scale features=4\n"), (Tinted(), "#123456", "s: elementwise scale of")):
-        curvgraph.register_block_kind(kind)
+        curvgraph.register_block_kind(kind, before="norm")  # ahead of the built-in that takes scales too
         try:
             plan = curvgraph.compile(model, (torch.randn(3, 4),), loss="mse", backend="eager").plan
         finally:

@@ -8,7 +8,11 @@ probe. Normalization statistics (BatchNorm's running mean and variance) are comp
 by the same op as before, so they update exactly as in eager PyTorch.
 
 :func:`find_norm_blocks` then matches ``x_hat * weight (+ bias)`` with ``x_hat`` the
-output of a normalization op. Patterns are data: :data:`NORM_FORMS`.
+output of a normalization op. Patterns are data: :data:`NORM_FORMS`. The same math holds for
+any ``y = x * weight (+ bias)`` whose ``x`` does not depend on ``weight``: a parameter that
+scales another tensor per channel (ConvNeXt's and CaiT's layer scales, ``(C, 1, 1)`` or
+``(C,)``; MobileBERT's ``NoNorm``, ``x * w + b``; a learned scalar) is a norm block too, with
+``x`` in the role of ``x_hat`` (:func:`channel_layout`).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from ...passes.ledger import Claims
 from ...plan import Block, Factor
 from ...registry import register_block_kind
 from ...trace import TracedModel, symbolic_shape
-from ..base import BlockKind, layer_use, new_block, weight_and_bias
+from ..base import BlockKind, layer_use, new_block, positions_per_example, weight_and_bias
 from . import factors as norm_math
 
 
@@ -93,7 +97,8 @@ def split_norm_affine(graph: Graph, params: set[str]) -> int:
 
 @dataclass(frozen=True)
 class AffineMatch:
-    """``output = x_hat * weight (+ bias)`` after a normalization op."""
+    """``output = x_hat * weight (+ bias)``, ``x_hat`` a normalization's output (``after_norm``) or another tensor
+    that ``weight`` scales per channel."""
 
     weight: Node
     bias: Node | None
@@ -101,18 +106,21 @@ class AffineMatch:
     mul: Node
     output: Node
     channels_first: bool
+    after_norm: bool
 
 
 class Norm(BlockKind):
     """BatchNorm/LayerNorm/GroupNorm affine parameters (InstanceNorm is captured as a GroupNorm, see
-    :func:`curvgraph.trace._instance_norm`): one exact ``k x k`` block ``F`` per channel."""
+    :func:`curvgraph.trace._instance_norm`), and per-channel scales of other tensors (layer scales, ``NoNorm``):
+    one exact ``k x k`` block ``F`` per channel."""
 
     name = "norm"
     rewrites = (split_norm_affine,)
     color = "#fdd49e"
 
     def label(self, block: Block) -> str:
-        return f"norm affine, {block.dims['channels']} channels{' (scale, shift)' if block.bias else ' (scale)'}"
+        what = "norm affine" if block.layout["after_norm"] else "channel scale"
+        return f"{what}, {block.dims['channels']} channels{' (scale, shift)' if block.bias else ' (scale)'}"
 
     def find(self, traced: TracedModel, claims: Claims, sharing: str) -> list[Block]:
         return find_norm_blocks(self, traced, claims)
@@ -160,19 +168,24 @@ def find_norm_blocks(kind: BlockKind, traced: TracedModel, claims: Claims) -> li
     blocks = []
     for weight, found in matches.items():
         if not _only_used_by(weight, {m.mul for m in found}) or len({m.channels_first for m in found}) != 1:
-            claims.reject(weight.name, "the norm weight has other consumers")
+            claims.reject(weight.name, "the norm weight or scale has other consumers")
             continue
         biases = {m.bias for m in found}
         bias = biases.pop() if len(biases) == 1 else None
-        if bias is not None and (not _only_used_by(bias, {m.output for m in found}) or claims.is_claimed(bias.name)):
+        if bias is not None and (not _only_used_by(bias, {m.output for m in found}) or claims.is_claimed(bias.name)
+                                 or bias.meta["val"].shape != weight.meta["val"].shape):
             bias = None
         shape = tuple(weight.meta["val"].shape)
         channels = int(sympy.Mul(*shape))
         layer_uses = [layer_use([m.normalized], [m.output if bias is not None else m.mul],
                                 symbolic_shape(m.normalized)[0], trainable) for m in found]
+        if not positions_per_example(traced, layer_uses):
+            claims.reject(weight.name, f"it scales '{found[0].normalized.name}', which has no batch dim")
+            continue
         blocks.append(new_block(traced, kind, (weight,) + ((bias,) if bias is not None else ()), layer_uses,
                                 {"channels": channels}, bias=bias is not None,
-                                layout={"channels_first": found[0].channels_first, "shape": shape}))
+                                layout={"channels_first": found[0].channels_first, "shape": shape,
+                                        "after_norm": all(m.after_norm for m in found)}))
     return blocks
 
 
@@ -268,15 +281,36 @@ def _scale_source(node: object) -> object:
     return node
 
 
+def channel_layout(x: Node, scale: Node) -> bool | None:
+    """How ``scale`` spans the channels of ``x`` in ``x * scale``, as a norm block's ``channels_first``: ``False``
+    where its shape, after leading 1s, is ``x``'s trailing dims (``(C,)`` against ``(N, T, C)``, a scalar against
+    anything), ``True`` where it spans dim 1 only (``(C, 1, 1)`` against ``(N, C, H, W)``), ``None`` otherwise (it
+    would scale the batch dim, or dims apart)."""
+    shape = symbolic_shape(x)
+    scaled = tuple(scale.meta["val"].shape)
+    if not shape or len(scaled) > len(shape):
+        return None
+    aligned = (1,) * (len(shape) - len(scaled)) + scaled
+    if any(all(a == 1 for a in aligned[:k]) and aligned[k:] == tuple(shape[k:]) for k in range(1, len(shape) + 1)):
+        return False
+    if len(shape) > 2 and aligned[0] == 1 and aligned[1] == shape[1] and all(a == 1 for a in aligned[2:]):
+        return True
+    return None
+
+
 def _affine(node: Node, params: set[str]) -> AffineMatch | None:
     """Match ``mul(x_hat, w)`` (``w`` possibly viewed or offset by a constant, :func:`_passes_scale`), with the
-    ``add(., b)`` after it if there is one."""
+    ``add(., b)`` after it if there is one: ``x_hat`` a normalization's output, or any tensor that ``w`` scales per
+    channel (:func:`channel_layout`: a layer scale, ``NoNorm``, a learned scalar)."""
     if node.op != "call_function" or node.target is not aten.mul.Tensor or len(node.args) != 2:
         return None
     for normalized, scale in (node.args, node.args[::-1]):  # x_hat * w or w * x_hat
         weight = _scale_source(scale)
-        form = _norm_form_of(normalized) if isinstance(normalized, Node) else None
-        if form is not None and isinstance(weight, Node) and weight.name in params:
+        if not (isinstance(normalized, Node) and isinstance(weight, Node) and weight.name in params):
+            continue
+        form = _norm_form_of(normalized)
+        channels_first = form.channels_first if form is not None else channel_layout(normalized, scale)
+        if channels_first is not None:
             break
     else:
         return None
@@ -286,7 +320,7 @@ def _affine(node: Node, params: set[str]) -> AffineMatch | None:
         candidate = _unview(user.args[1]) if user.target is aten.add.Tensor and len(user.args) == 2 else None
         if user.args[0] is node and isinstance(candidate, Node) and candidate.name in params and not user.kwargs:
             output, bias = user, candidate
-    return AffineMatch(weight, bias, normalized, node, output, form.channels_first)
+    return AffineMatch(weight, bias, normalized, node, output, channels_first, form is not None)
 
 
 def _only_used_by(param: Node, consumers: set[Node]) -> bool:

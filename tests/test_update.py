@@ -249,14 +249,14 @@ def test_rows_precondition_equals_the_matrix_products(float64, structure):
 
 
 class ElementwiseScale(nn.Module):
-    """``x * s`` with a vector ``s``: no built-in pass matches it."""
+    """``x / s`` with a vector ``s``: no built-in pass matches it (``x * s`` is a norm block's channel scale)."""
 
     def __init__(self, features: int) -> None:
         super().__init__()
         self.scale = nn.Parameter(1 + 0.3 * torch.randn(features))
 
     def forward(self, x):
-        return x * self.scale
+        return x / self.scale
 
 
 def fallback_model() -> nn.Module:

@@ -221,10 +221,9 @@ def test_the_compiled_step_with_every_late_value_computed_again_matches_the_eage
     torch.set_default_dtype(torch.float64)
     # A graph found in Inductor's caches (kept from an earlier run of this test) skips the passes. The configs' own
     # patch, not monkeypatch: pytest 9.2's undo deletes the config entry, which hides it from every later compile.
-    uncached = (torch._inductor.config.patch(fx_graph_cache=False),
-                torch._functorch.config.patch(enable_autograd_cache=False))
     try:
-        with uncached[0], uncached[1]:
+        with (torch._inductor.config.patch(fx_graph_cache=False),
+              torch._functorch.config.patch(enable_autograd_cache=False)):
             g = torch.Generator().manual_seed(2)
             batches = [(torch.randn(12, 6, generator=g), torch.randint(0, 4, (12,), generator=g)) for _ in range(4)]
             models = {backend: gelu_mlp() for backend in ("inductor", "eager")}

@@ -91,28 +91,36 @@ def hand_rms(weight_first: bool):
 
 class LayerScale(nn.Module):
     """``x * weight (+ bias)`` with ``weight`` of ``shape``: a layer scale (ConvNeXt ``(C, 1, 1)``, CaiT ``(C,)``),
-    ``NoNorm`` with a bias, a learned scalar with ``shape=()``."""
+    ``NoNorm`` with a bias, a learned scalar with ``shape=()``; with ``unsqueezed=k``, ``weight`` unsqueezed ``k``
+    times at the end first and on the left (PoolFormer's ``w.unsqueeze(-1).unsqueeze(-1) * x``)."""
 
-    def __init__(self, shape: tuple[int, ...] | int, bias: bool = False) -> None:
+    def __init__(self, shape: tuple[int, ...] | int, bias: bool = False, unsqueezed: int = 0) -> None:
         super().__init__()
         self.weight = nn.Parameter(1 + 0.3 * torch.randn(shape))
         self.bias = nn.Parameter(0.1 * torch.randn(shape)) if bias else None
+        self.unsqueezed = unsqueezed
 
     def forward(self, x):
+        if self.unsqueezed:
+            weight = self.weight
+            for _ in range(self.unsqueezed):
+                weight = weight.unsqueeze(-1)
+            return weight * x
         scaled = x * self.weight
         return scaled + self.bias if self.bias is not None else scaled
 
 
-def scaled(shape: tuple[int, ...] | int, bias: bool = False, conv: bool = False):
+def scaled(shape: tuple[int, ...] | int, bias: bool = False, conv: bool = False, unsqueezed: int = 0):
     if conv:
-        return lambda: nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), LayerScale(shape, bias), nn.Tanh(), nn.Flatten(),
-                                     nn.Linear(3 * 4 * 4, 4))
+        return lambda: nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), LayerScale(shape, bias, unsqueezed), nn.Tanh(),
+                                     nn.Flatten(), nn.Linear(3 * 4 * 4, 4))
     return lambda: nn.Sequential(nn.Linear(5, 6), LayerScale(shape, bias), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 6, 4))
 
 
 NORMS = {
     "layer-scale-tokens": (scaled(6), (6, 3, 5), "1"),
     "layer-scale-channels-first": (scaled((3, 1, 1), conv=True), (6, 2, 4, 4), "1"),
+    "layer-scale-unsqueezed": (scaled(3, conv=True, unsqueezed=2), (6, 2, 4, 4), "1"),
     "nonorm-scale-shift": (scaled(6, bias=True), (6, 3, 5), "1"),
     "learned-scalar": (scaled(()), (6, 3, 5), "1"),
     "rmsnorm": (rms_sequence, (6, 3, 5), "1"),
@@ -122,7 +130,6 @@ NORMS = {
     "batchnorm": (bn_cnn, (6, 2, 7), "1"),
     "layernorm": (ln_mlp, (6, 5), "1"),
     "groupnorm": (gn_cnn, (6, 2, 4, 4), "1"),
-    "instancenorm": (in_cnn, (6, 2, 4, 4), "1"),
     "instancenorm": (in_cnn, (6, 2, 4, 4), "1"),
     "layernorm-no-bias-shared": (ln_sequence, (6, 3, 5), "1"),
     "layernorm-flattened-rows": (ln_flattened_rows, (6, 3, 5), "2"),

@@ -226,6 +226,42 @@ def test_a_boolean_attention_mask_masks_in_the_step(lr):
     torch.testing.assert_close(opt.step((tokens, padding), targets), expected)
 
 
+class BiasedAttention(nn.Module):
+    """``F.scaled_dot_product_attention`` with a learned additive mask (BEiT's and Swin's relative position bias, one
+    ``T x T`` table per head) and the output viewed back as Hugging Face models do:
+    ``.transpose(1, 2).contiguous().view(N, T, D)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.qkv, self.head = nn.Embedding(V, D), nn.Linear(D, 3 * D), nn.Linear(D, V)
+        self.bias = nn.Parameter(0.1 * torch.randn(2, T, T))
+
+    def forward(self, tokens):
+        x = self.emb(tokens)
+        n, t, d = x.shape
+        q, k, v = (z.view(n, t, 2, d // 2).transpose(1, 2) for z in self.qkv(x).split(d, -1))
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias[:, :t, :t].unsqueeze(0))
+        return self.head(x + a.transpose(1, 2).contiguous().view(n, t, d))
+
+
+@pytest.mark.parametrize("lr", ["auto", 1e-2], ids=["math-form", "fused"])
+def test_attention_with_a_learned_mask_steps_as_the_model(lr):
+    """A mask computed from a parameter requires a gradient in the step but not at the capture, and torch's CPU
+    dispatch then picks the math kernel, whose output is laid out unlike the flash kernel's that the captured
+    ``view`` fitted: the step's loss is the model's, with the fused call kept (a fixed ``lr``) too, and it trains."""
+    torch.manual_seed(0)
+    model = BiasedAttention()
+    tokens = _tokens()
+    targets = torch.randint(0, V, tokens.shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = F.cross_entropy(model(tokens).flatten(0, 1), targets.flatten())
+    opt = curvgraph.compile(model, (tokens,), loss="token_cross_entropy", lr=lr, backend="eager", seed=0)
+    assert ("aten.scaled_dot_product_attention.default(" in opt.source) == (lr != "auto")
+    losses = [opt.step(tokens, targets) for _ in range(3)]
+    torch.testing.assert_close(losses[0], expected)
+    assert losses[-1] < losses[0]
+
+
 class PackedCross(nn.Module):
     """Cross-attention with one packed ``(3D, D)`` in-projection split ``[q; kv]`` between the query and the memory."""
 

@@ -253,5 +253,24 @@ GRAPH_REWRITES = (without_metadata_checks, dropout_attention_math_form)
 #: no derivative and no batching rule.
 TRANSFORMED_BACKWARD_REWRITES = (attention_math_form,)
 
+def fused_attention_reshapes(graph: Graph) -> int:
+    """Every ``view`` after a fused attention call that the step keeps -> ``reshape`` (:func:`_reshape_views_of`);
+    returns the number of fused calls.
+
+    ``scaled_dot_product_attention`` returns its output in the memory layout of the kernel
+    it picks at run time: the flash kernel's in the query's layout (``(N, T, H, d)`` in memory
+    for the usual ``(N, T, H, d).transpose(1, 2)`` query), the math kernel's contiguous. The
+    captured graph holds the ``view`` that fitted the example's kernel, and the step may pick
+    another: an attention mask computed from a parameter (BEiT's and Swin's relative
+    position bias) requires a gradient in the step but not at the capture, and torch's CPU
+    dispatch takes the math kernel for such a mask. ``reshape`` is the same ``view`` wherever
+    the layout allows one.
+    """
+    calls = [node for node in graph.nodes if node.op == "call_function" and node.target in FUSED_ATTENTION]
+    for node in calls:
+        _reshape_views_of(node)
+    return len(calls)
+
+
 #: The rewrites :func:`curvgraph.instrument.instrument` runs on the instrumented forward: ``graph -> count``.
-STEP_REWRITES = (linear_as_2d, embedding_as_index, composite_forms)
+STEP_REWRITES = (linear_as_2d, embedding_as_index, composite_forms, fused_attention_reshapes)

@@ -267,9 +267,10 @@ def _uncast(node: object) -> object:
 
 def _passes_scale(node: Node) -> bool:
     """``node`` is an op between a norm weight ``w`` and its product with ``x_hat`` that leaves the block's math as
-    it is: a view, a dtype cast, or an offset by a constant (Gemma's ``x_hat * (1 + w.float())``: ``w``'s gradient
-    and curvature are those of the scale ``1 + w``, and its update the scale's)."""
-    return node.target is aten.view.default or _is_cast(node) or (
+    it is: a view or an unsqueeze (PoolFormer's ``w.unsqueeze(-1).unsqueeze(-1) * x``), a dtype cast, or an offset
+    by a constant (Gemma's ``x_hat * (1 + w.float())``: ``w``'s gradient and curvature are those of the scale
+    ``1 + w``, and its update the scale's)."""
+    return node.target in (aten.view.default, aten.unsqueeze.default) or _is_cast(node) or (
         node.target is aten.add.Tensor and len(node.args) == 2 and isinstance(node.args[1], (int, float))
         and not node.kwargs)
 

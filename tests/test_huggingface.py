@@ -152,3 +152,47 @@ def test_a_model_output_without_output_names_the_logits():
     inputs, targets = case_data("llama", torch.Generator().manual_seed(3), n=4)
     with pytest.raises(curvgraph.ConfigError, match=r"CausalLMOutputWithPast \{'logits'.*output='logits'"):
         curvgraph.compile(llama(), inputs, loss="token_cross_entropy", backend="eager")
+
+
+def beit() -> nn.Module:
+    config = transformers.BeitConfig(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=64, use_relative_position_bias=True,
+                                     num_labels=CLASSES)
+    return transformers.BeitForImageClassification(config)
+
+
+def poolformer() -> nn.Module:
+    config = transformers.PoolFormerConfig(hidden_sizes=[8, 16], depths=[1, 1], num_encoder_blocks=2,
+                                           patch_sizes=[7, 3], strides=[4, 2], padding=[2, 1], pool_size=3,
+                                           mlp_ratio=2.0, num_labels=CLASSES)
+    return transformers.PoolFormerForImageClassification(config)
+
+
+#: name -> (model, the parameters the plan leaves to the fallback, a block that must be found and its kind)
+IMAGE_CASES = {
+    # the relative position bias table is looked up by a constant index and added to the attention scores: no pass
+    # matches it; the mask it makes requires a gradient in the step, so the fused attention call runs its math
+    # kernel there, whose output layout differs from the capture's
+    "beit": (beit, ("beit.layers.0.relative_position_bias.relative_position_bias_table",),
+             ("beit.layers.0.lambda_1", "norm")),
+    # layer scales applied as w.unsqueeze(-1).unsqueeze(-1) * x
+    "poolformer": (poolformer, (), ("poolformer.encoder.block.0.0.layer_scale_1", "norm")),
+}
+
+
+@pytest.mark.parametrize("name", IMAGE_CASES)
+def test_image_models_train_with_a_fixed_lr(name):
+    """BEiT and PoolFormer (tiny, from their configs) train at a fixed ``lr``, where the step keeps the fused attention
+    call: the step's first loss is the model's, and the loss on the batch falls."""
+    make, fallback, (block, kind) = IMAGE_CASES[name]
+    torch.manual_seed(0)
+    model = make()
+    g = torch.Generator().manual_seed(1)
+    pixels, labels = {"pixel_values": torch.randn(6, 3, 16, 16, generator=g)}, torch.randint(0, CLASSES, (6,), generator=g)
+    with torch.no_grad():
+        expected = F.cross_entropy(model(**pixels).logits, labels)  # train mode: no dropout in these configs
+    opt = curvgraph.compile(model, loss="cross_entropy", output="logits", lr=1e-2, damping=1e-2, backend="eager", seed=0)
+    losses = [opt.step(pixels, labels) for _ in range(4)]
+    torch.testing.assert_close(losses[0], expected)
+    assert losses[-1] < 0.9 * losses[0]
+    assert opt.plan.fallback_params == fallback and opt.plan.block(block).kind == kind

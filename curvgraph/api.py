@@ -123,7 +123,8 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
               to run the generated step without compiling it;
             * ``seed``: seed of the optimizer's own generator for MC sampling;
             * ``progress``: say on stderr when ``torch.compile`` compiles a variant of the step
-              (statistics or not, refresh or not) and how long it took (default ``True``);
+              (statistics or not, refresh or not) and how long it took, and when a capture
+              (``torch.export``) is still running after 10 s (default ``True``);
             * ``batch_dim``: where the batch is in the inputs: an int, or one int (or
               ``None``) per input, e.g. ``batch_dim=1`` for time-major ``(T, N, F)``
               inputs of ``nn.LSTM``; by default inferred from the graph (the input dim

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +27,40 @@ from .trace import InputSpec, describe_modes, flatten_inputs, modes_of
 
 # Inductor itself triggers this deprecation notice while compiling the step; users cannot act on it.
 warnings.filterwarnings("ignore", message="`torch._prims_common.check` is deprecated", category=FutureWarning)
+
+
+#: Seconds a capture runs before :func:`said_if_slow` says so on stderr.
+CAPTURE_NOTICE_S = 10.0
+
+
+@contextlib.contextmanager
+def said_if_slow(message: str, enabled: bool) -> Iterator[None]:
+    """Print ``message`` on stderr if the block is still running :data:`CAPTURE_NOTICE_S` seconds after it started,
+    and then, when it ends, how long it took; nothing for a block that ends sooner, or if not ``enabled``.
+
+    A capture usually takes a few seconds, but ``torch.export`` reasons about every symbolic
+    size of the model, and a few models make that slow: a tiny Swin transformer's window
+    partitions over a symbolic image height and width take it over two minutes.
+    """
+    if not enabled:
+        yield
+        return
+    start, said = time.perf_counter(), threading.Event()
+
+    def say() -> None:
+        print(message, file=sys.stderr, flush=True)
+        said.set()
+
+    timer = threading.Timer(CAPTURE_NOTICE_S, say)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        timer.join()  # a notice being printed now is printed whole first
+        if said.is_set():
+            print(f"curvgraph: captured in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -134,6 +170,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._pending_state: dict[str, Any] | None = None
         self._seed = seed
         self._progress = progress and backend != "eager"
+        self._announce_capture = progress
         self._compiled_variants: set[tuple[str, bool]] = set()  # (generated source, statistics)
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
@@ -189,7 +226,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise ConfigError(f"curvgraph: {type(self.model).__name__} is captured already in these modes "
                               f"({describe_modes(self.model)}); compile anew to capture it on other inputs.")
         batch, keys = flatten_inputs(inputs, "example_inputs")
-        captured = self._capture_fn(batch, keys)
+        with said_if_slow(f"curvgraph: capturing {type(self.model).__name__} in {describe_modes(self.model)} "
+                          "(torch.export and the block passes) ...", self._announce_capture):
+            captured = self._capture_fn(batch, keys)
         forward = captured.forward
         if not forward.params:
             raise ConfigError(f"curvgraph: {captured.plan.model_name} has no trainable parameters used by its forward "

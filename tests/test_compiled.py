@@ -217,6 +217,21 @@ def test_compiling_a_variant_is_announced_once(capsys):
     assert "compiling" not in capsys.readouterr().err
 
 
+def test_a_slow_capture_is_announced(capsys, monkeypatch):
+    """A capture still running ``CAPTURE_NOTICE_S`` seconds after it started says so on stderr, and then how long it
+    took; a quick one, or one with ``progress=False``, says nothing (any backend: the capture is not compiled)."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    curvgraph.compile(model, (torch.randn(5, 3),), backend="eager")
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(curvgraph.optimizer, "CAPTURE_NOTICE_S", 0.0)
+    curvgraph.compile(model, (torch.randn(5, 3),), backend="eager", progress=False)
+    assert capsys.readouterr().err == ""
+    curvgraph.compile(model, (torch.randn(5, 3),), backend="eager")
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "curvgraph: capturing Sequential in train mode (torch.export and the block passes) ..."
+    assert err[1].startswith("curvgraph: captured in ") and len(err) == 2
+
+
 def test_a_second_compile_loads_the_cached_graphs(adaptive_runs):
     """Warm start: compiling the same step again (as a new process would, after ``torch._dynamo.reset()``) loads
     its graph from AOT autograd's cache, which torch 2.13 bypasses for graphs with a ``torch.cond`` or

@@ -376,3 +376,29 @@ def test_class_token_factors_are_the_exact_ggn(model_cls, token, shape):
     opt.step(x, y)
     factors = opt.factors()[token]
     torch.testing.assert_close(torch.kron(torch.diag(factors["A"]), factors["G"]), exact)
+
+
+class TokenTypes(nn.Module):
+    """Tokens plus a token-type table of one row (RoBERTa's ``type_vocab_size=1``), mean-pooled into a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens, self.types, self.head = nn.Embedding(10, 4), nn.Embedding(1, 4), nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.head((self.tokens(ids) + self.types(torch.zeros_like(ids))).mean(1))
+
+
+def test_a_table_of_one_row_compiles_with_inductor():
+    """A one-row table is read at every position, so its ``A`` is ``[1]``; written as a scatter of ones into one
+    element, torch 2.13's Inductor could not generate the CPU code of the step (an ``AssertionError`` in its
+    vectorized store). Compiled, the step's loss is the eager step's."""
+    ids, targets = torch.randint(0, 10, (6, 5), generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2] * 2)
+    losses = {}
+    for backend in ("eager", "inductor"):
+        torch.manual_seed(0)
+        model = TokenTypes()
+        opt = curvgraph.compile(model, (ids,), backend=backend, seed=0, progress=False)
+        losses[backend] = [opt.step(ids, targets) for _ in range(2)]
+        assert opt.plan.block("types").kind == "embedding"
+    torch.testing.assert_close(losses["inductor"], losses["eager"])

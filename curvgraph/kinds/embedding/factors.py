@@ -28,8 +28,15 @@ from torch import Tensor
 
 
 def token_frequencies(indices: tuple[Tensor, ...], vocab: int, dtype: torch.dtype) -> Tensor:
-    r"""``A`` as a vector: :math:`n_v / R`, the share of the looked-up positions holding token ``v``, shape ``(V,)``."""
+    r"""``A`` as a vector: :math:`n_v / R`, the share of the looked-up positions holding token ``v``, shape ``(V,)``.
+
+    A table of one row (RoBERTa's token types, ``type_vocab_size=1``) is read at every position: its share is 1,
+    written as such, because torch 2.13's Inductor fails to generate the CPU code of a scatter into one element
+    (``AssertionError`` in its vectorized ``store``).
+    """
     flat = torch.cat([i.reshape(-1) for i in indices])
+    if vocab == 1:
+        return torch.ones(1, dtype=dtype, device=flat.device)
     counts = torch.zeros(vocab, dtype=dtype, device=flat.device).index_add(0, flat, torch.ones_like(flat, dtype=dtype))
     return counts / flat.numel()
 

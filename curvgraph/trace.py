@@ -670,11 +670,20 @@ def _translate_export_error(model: nn.Module, example_inputs: tuple[Tensor, ...]
         location = f"model {type(model).__name__}"
     if where:
         location += f" at {where}"
+    leaf_hint = ("" if module_name in (None, "<root>") else
+                 f" Or keep the module opaque: curvgraph.compile(..., leaf_modules=['{module_name}']) "
+                 "runs it eagerly inside the step and trains its parameters with the "
+                 "first-order fallback.")
+    if _raised_in_numpy(exc):
+        return TraceError(
+            f"curvgraph could not capture {type(model).__name__} as one graph: {location}: "
+            f"{type(exc).__name__} in numpy: {reason}\n"
+            "The forward computes with numpy on sizes or values that torch.export keeps symbolic (the batch size, "
+            "the sequence length), which numpy holds as Python objects. Compute it with torch ops, or switch it "
+            "off for training if the model allows (e.g. a Hugging Face model's SpecAugment masking, "
+            "mask_time_prob=0)." + leaf_hint
+        )
     if any(key in names or key in str(exc)[:2000] for key in _UNTRACEABLE):
-        leaf_hint = ("" if module_name in (None, "<root>") else
-                     f" Or keep the module opaque: curvgraph.compile(..., leaf_modules=['{module_name}']) "
-                     "runs it eagerly inside the step and trains its parameters with the "
-                     "first-order fallback.")
         return TraceError(
             f"curvgraph could not capture {type(model).__name__} as one graph: {location}: {reason}\n"
             "Python control flow that depends on tensor values (or a call torch.export does not support) cannot be "
@@ -687,6 +696,12 @@ def _translate_export_error(model: nn.Module, example_inputs: tuple[Tensor, ...]
         "Check that they are the model's inputs (positional: a tuple; keyword: a dict) with the shapes and "
         "dtypes it expects (a batch of real data works)."
     )
+
+
+def _raised_in_numpy(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised by numpy's own code (its traceback's innermost frame is in the numpy package)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and f"{os.sep}numpy{os.sep}" in frames[-1].filename
 
 
 def _locate(model: nn.Module, exc: BaseException) -> tuple[str | None, str]:

@@ -6,6 +6,7 @@ import copy
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -113,6 +114,32 @@ def test_untraceable_model_names_module_and_line(capfd):
     assert "torch.where" in message
     assert "leaf_modules=['inner']" in message  # the other option: keep the module opaque
     assert "Traceback" not in capfd.readouterr().err  # export's own dumps are not printed
+
+
+class NumpyMask(nn.Module):
+    """A mask built with numpy from the batch size (as Hugging Face's Wav2Vec2 builds its SpecAugment mask): numpy holds
+    the symbolic size as a Python object, and fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        n = x.shape[0]
+        keep = np.ones((n, 4), dtype=bool)
+        np.put_along_axis(keep, np.array([[n - n]] * n), False, axis=1)
+        return self.head(self.inner(x) * torch.from_numpy(keep))
+
+
+def test_numpy_in_the_forward_is_named_as_such():
+    """An error raised inside numpy while the model is captured is a TraceError that says numpy met symbolic sizes,
+    not a complaint about the inputs."""
+    with pytest.raises(curvgraph.TraceError) as info:
+        curvgraph.compile(NumpyMask(), (torch.randn(3, 4),), backend="eager")
+    message = str(info.value)
+    assert "IndexError in numpy" in message and "np.put_along_axis(keep" in message
+    assert "symbolic" in message and "inputs it was captured from" not in message
 
 
 def test_non_finite_batch_is_skipped_and_changes_nothing():

@@ -253,6 +253,7 @@ GRAPH_REWRITES = (without_metadata_checks, dropout_attention_math_form)
 #: no derivative and no batching rule.
 TRANSFORMED_BACKWARD_REWRITES = (attention_math_form,)
 
+
 def fused_attention_reshapes(graph: Graph) -> int:
     """Every ``view`` after a fused attention call that the step keeps -> ``reshape`` (:func:`_reshape_views_of`);
     returns the number of fused calls.

@@ -34,9 +34,9 @@ def token_frequencies(indices: tuple[Tensor, ...], vocab: int, dtype: torch.dtyp
     written as such, because torch 2.13's Inductor fails to generate the CPU code of a scatter into one element
     (``AssertionError`` in its vectorized ``store``).
     """
-    flat = torch.cat([i.reshape(-1) for i in indices])
     if vocab == 1:
-        return torch.ones(1, dtype=dtype, device=flat.device)
+        return torch.ones(1, dtype=dtype, device=indices[0].device)
+    flat = torch.cat([i.reshape(-1) for i in indices])
     counts = torch.zeros(vocab, dtype=dtype, device=flat.device).index_add(0, flat, torch.ones_like(flat, dtype=dtype))
     return counts / flat.numel()
 

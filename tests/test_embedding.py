@@ -402,3 +402,42 @@ def test_a_table_of_one_row_compiles_with_inductor():
         losses[backend] = [opt.step(ids, targets) for _ in range(2)]
         assert opt.plan.block("types").kind == "embedding"
     torch.testing.assert_close(losses["inductor"], losses["eager"])
+
+
+class RelativeBias(nn.Module):
+    """Attention with a relative position bias, Swin's way: a ``(2T - 1, H)`` table read at the constant index
+    ``i - j + T - 1`` of each query-key pair and added to the scores; ``lookup="index"`` reads it as ``table[index]``
+    (Swin), ``"embedding"`` as ``F.embedding(index, table)`` (T5's ``nn.Embedding``)."""
+
+    def __init__(self, lookup: str) -> None:
+        super().__init__()
+        self.lookup = lookup
+        self.qkv, self.head = nn.Linear(4, 12), nn.Linear(4, 3)
+        self.table = nn.Parameter(0.1 * torch.randn(2 * 5 - 1, 2))
+        position = torch.arange(5)
+        self.register_buffer("index", position[:, None] - position[None, :] + 4)
+
+    def forward(self, x):
+        n, t, _ = x.shape
+        q, k, v = (z.view(n, t, 2, 2).transpose(1, 2) for z in self.qkv(x).split(4, -1))
+        index = self.index.view(-1)
+        rows = self.table[index] if self.lookup == "index" else torch.nn.functional.embedding(index, self.table)
+        bias = rows.view(t, t, 2).permute(2, 0, 1)
+        attention = ((q @ k.transpose(-2, -1)) / 2 + bias).softmax(-1) @ v
+        return self.head(attention.transpose(1, 2).reshape(n, t, 4).mean(1))
+
+
+def test_a_parameter_indexed_by_an_integer_tensor_is_an_embedding_block():
+    """``table[index]`` is the lookup ``F.embedding(index, table)`` (Swin's relative position bias, T5's): the same
+    embedding block, factors and steps in both spellings, at the defaults (float64, four steps)."""
+    x = torch.randn(6, 5, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    targets = torch.tensor([0, 1, 2] * 2)
+    runs = {}
+    for lookup in ("index", "embedding"):
+        torch.manual_seed(0)
+        model = RelativeBias(lookup).double()
+        opt = curvgraph.compile(model, (x,), backend="eager", seed=0)
+        assert opt.plan.block("table").kind == "embedding" and opt.plan.fallback_params == ()
+        losses = [opt.step(x, targets) for _ in range(4)]
+        runs[lookup] = (losses, opt.factors()["table"], [p.detach().clone() for p in model.parameters()])
+    torch.testing.assert_close(runs["index"], runs["embedding"], rtol=1e-10, atol=1e-12)

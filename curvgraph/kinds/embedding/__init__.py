@@ -2,7 +2,8 @@
 
 ``nn.Embedding`` and ``F.embedding`` export to ``aten.embedding(weight, indices,
 padding_idx, ...)``. The pass groups those nodes by weight; a weight looked up at
-several places is one block with one use per lookup. A weight with any other consumer
+several places is one block with one use per lookup; a 2-D parameter indexed along dim 0
+by one integer tensor, ``W[i]``, is such a lookup too (:func:`index_as_embedding`). A weight with any other consumer
 (a tied output head, a regularizer) is left to later passes or the fallback; so is a
 weight looked up with different ``padding_idx``. ``nn.EmbeddingBag`` is captured as such a
 lookup and a reduction (:mod:`.bag`); over flat indices with ``offsets`` the lookup's positions
@@ -17,10 +18,10 @@ from typing import Sequence
 
 import sympy
 import torch
-from torch.fx import Node
+from torch.fx import Graph, Node
 
 from ...codegen.writer import BlockVars, StepWriter, UseVars
-from ...passes.graph_utils import aten, depends_on, schema_args
+from ...passes.graph_utils import aten, depends_on, insert_call, schema_args
 from ...passes.ledger import Claims
 from ...plan import Block, Factor
 from ...registry import register_block_kind
@@ -31,11 +32,33 @@ from . import factors as embedding_math
 from .bag import bag_form
 
 
+def index_as_embedding(graph: Graph, params: set[str]) -> int:
+    """``W[i]`` -> ``aten.embedding(W, i)`` for a 2-D parameter ``W`` indexed along dim 0 by one integer tensor ``i``:
+    the same lookup, spelled as the embedding pass matches it (e.g. Swin's relative position bias,
+    ``table[index.view(-1)]``). The generated step spells it as indexing again
+    (:func:`curvgraph.passes.forms.embedding_as_index`). Returns the number of rewritten nodes."""
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not aten.index.Tensor:
+            continue
+        weight, indices = node.args[0], node.args[1]
+        if not (isinstance(weight, Node) and weight.name in params and weight.meta["val"].dim() == 2
+                and len(indices) == 1 and isinstance(indices[0], Node)
+                and indices[0].meta["val"].dtype in (torch.int64, torch.int32)):
+            continue
+        lookup = insert_call(graph, node, aten.embedding.default, (weight, indices[0]), meta_from=node)
+        node.replace_all_uses_with(lookup)
+        graph.erase_node(node)
+        count += 1
+    return count
+
+
 class Embedding(BlockKind):
     """``y = E[i]``: a diagonal ``A`` of token frequencies (axis -2) and ``G`` over the features (axis -1)."""
 
     name = "embedding"
     color = "#bcbddc"
+    rewrites = (index_as_embedding,)
 
     def label(self, block: Block) -> str:
         return f"embedding {block.dims['vocab']} tokens x {block.dims['features']}"

@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/first_step.py                           # MLP and ResNet-style CNN
     python benchmarks/first_step.py --models mlp-784-512-512-256-10
+    python benchmarks/first_step.py --models char-transformer-4x256 --options '{"dynamic": "batch"}'
 
 Each measurement runs in a fresh Python process (so nothing is cached in memory) with
 its own Inductor cache directory (``TORCHINDUCTOR_CACHE_DIR``):
@@ -15,7 +16,8 @@ its own Inductor cache directory (``TORCHINDUCTOR_CACHE_DIR``):
 Measured per process: for AdamW (forward, backward and update in one ``torch.compile``d
 function, as in ``step_time.py``) the first two calls; for curvgraph at its defaults
 ``curvgraph.compile`` and the steps until every variant of the default schedule ran once
-(``invert_every + 1`` steps: statistics and refresh, then statistics alone). The script
+(``invert_every + 1`` steps: statistics and refresh, then statistics alone), or with the compile
+options ``--options`` gives (JSON; AdamW is timed as it is). The script
 also prints where the compile time went (``torch._dynamo.utils.compile_times``: Dynamo's
 tracing, AOT autograd, Inductor's code generation and the C++ compiler, per phase).
 """
@@ -43,15 +45,16 @@ PHASES = {
 }
 
 
-def child(model_name: str, runner: str) -> None:
-    """In a fresh process: build the workload, time ``runner``'s first steps, print one JSON line."""
+def child(model_name: str, runner: str, options: str = "{}") -> None:
+    """In a fresh process: build the workload, time ``runner``'s first steps (curvgraph's compiled with ``options``,
+    JSON), print one JSON line."""
     import torch
 
     sys.path.insert(0, HERE)
     from step_time import first_period
 
     start = time.perf_counter()
-    step, calls, _ = first_period(model_name, None if runner == "adamw" else {})
+    step, calls, _ = first_period(model_name, None if runner == "adamw" else json.loads(options))
     for _ in range(calls):
         step()
     seconds = time.perf_counter() - start
@@ -59,10 +62,10 @@ def child(model_name: str, runner: str) -> None:
     print(json.dumps({"seconds": seconds, "calls": calls, "phases": dict(zip(*phases)) if phases else {}}))
 
 
-def measure(model_name: str, runner: str, cache: str) -> dict:
+def measure(model_name: str, runner: str, cache: str, options: str = "{}") -> dict:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
-    result = subprocess.run([sys.executable, __file__, "--child", model_name, runner], env=env, capture_output=True,
-                            text=True, check=True)
+    result = subprocess.run([sys.executable, __file__, "--child", model_name, runner, options], env=env,
+                            capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -73,7 +76,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=["mlp-784-512-512-256-10", "resnet-32x32x3"],
                         choices=list(MODELS))
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--options", default="{}", help="curvgraph.compile options, JSON (default: none)")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
@@ -82,8 +86,8 @@ def main() -> None:
     for name in args.models:
         for runner in ("adamw", "curvgraph"):
             with tempfile.TemporaryDirectory(prefix="curvgraph-first-step-") as cache:
-                cold = measure(name, runner, cache)
-                warm = measure(name, runner, cache)
+                cold = measure(name, runner, cache, args.options)
+                warm = measure(name, runner, cache, args.options)
             rows[(name, runner)] = (cold, warm)
             print(f"{name} {runner}: cold {cold['seconds']:.1f} s, warm {warm['seconds']:.1f} s ({cold['calls']} calls)",
                   flush=True)

@@ -13,7 +13,7 @@ from .curvature.losses import check_fisher, resolve_loss
 from .errors import ConfigError
 from .instrument import instrument
 from .leaf import leaf_modules_of
-from .methods.base import positive, positive_int
+from .methods.base import one_of, positive, positive_int
 from .methods.quadratic import transposes_backward
 from .optimizer import Captured, CurvatureOptimizer
 from .passes import build_plan
@@ -21,7 +21,7 @@ from .passes.split import (DEFAULT_MAX_FACTOR_DIM, factor_dim_limit, resolve_max
                            wide_factors)
 from .passes.subsample import subsample_positions
 from .registry import resolve_fallback, resolve_method
-from .trace import flatten_inputs, resolve_batch_dims, substituted, trace
+from .trace import batch_only_dims, check_batch_symbolic, flatten_inputs, resolve_batch_dims, substituted, trace
 
 #: Options of :func:`compile` that are not hyper-parameters of the method.
 OPTIONS: dict[str, Any] = {
@@ -38,6 +38,7 @@ OPTIONS: dict[str, Any] = {
     "seed": None,
     "progress": True,
     "batch_dim": None,
+    "dynamic": "all",
     "output": None,
     "leaf_modules": None,
     "autocast": None,
@@ -75,7 +76,7 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
             Hugging Face convention; ``step`` then takes dicts with the same keys), batch
             first unless ``batch_dim`` says otherwise. Sizes the model does not pin
             (batch size, sequence length) stay symbolic: later batches may differ in
-            them. ``None``: captured at the first ``step``.
+            them (``dynamic="batch"``: only the batch size). ``None``: captured at the first ``step``.
         loss: ``"cross_entropy"`` (classes on dim 1 of the prediction: ``(N, C)``,
             ``(N, C, d1, ...)``, or flattened rows ``(N*T, C)`` with targets ``(N*T,)``),
             ``"token_cross_entropy"`` (classes last: logits ``(N, T, V)``, targets
@@ -130,6 +131,14 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
               inputs of ``nn.LSTM``; by default inferred from the graph (the input dim
               whose size is the output's dim 0), else 0. The output is batch first;
               its leading dim may also be batch x positions (flattened rows ``(N*T, V)``);
+            * ``dynamic``: which input sizes stay symbolic: ``"all"`` (the default: every size
+              the model does not pin, such as the batch size and a sequence length) or ``"batch"``
+              (only each input's batch dim, ``batch_dim``'s or else dim 0; every other size is fixed
+              at the example's, and a batch that differs there is refused with an ``InputError``).
+              Capture and compiler then reason about fewer symbols: a model that reshapes by
+              symbolic sizes gets its first step much sooner (a tiny Swin transformer's window
+              partitions: capture and first schedule period 101 s, against more than 25 minutes
+              with ``"all"``; ``docs/benchmarks.md``);
             * ``output``: which part of what the model returns is the prediction the
               loss sees: a key or attribute name (``"logits"`` of a Hugging Face
               ``ModelOutput`` or a dict), an int index (a tuple with caches), or a
@@ -198,6 +207,7 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
     if settings["max_factor_memory"] is not None:
         positive("max_factor_memory", settings["max_factor_memory"])
     positive_int("conv_stats_every", settings["conv_stats_every"])
+    one_of("all", "batch")("dynamic", settings["dynamic"])
     leaves = leaf_modules_of(model, settings["leaf_modules"])
     device = next(iter(model.parameters()), torch.empty(0)).device
     autocast = resolve_autocast(settings["autocast"], device.type)
@@ -210,10 +220,17 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
             return None
         return next((r for k in block_kinds.values() if (r := k.substitute(module)) is not None), None)
 
+    def dynamic_dims(inputs: tuple[Tensor, ...], keys: tuple[str, ...] | None) -> tuple[tuple[int, ...], ...] | None:
+        """The dims captured symbolic (:func:`trace`'s ``dynamic_dims``): ``None`` (every dim) unless ``dynamic="batch"``."""
+        return batch_only_dims(inputs, keys, settings["batch_dim"]) if settings["dynamic"] == "batch" else None
+
     def capture(inputs: tuple[Tensor, ...], keys: tuple[str, ...] | None) -> Captured:
         with torch.autocast(device.type, enabled=False):  # the graph in the parameters' dtypes; the step adds autocast
-            traced = trace(model, inputs, substitute, keys=keys, output=settings["output"], leaves=leaves)
+            traced = trace(model, inputs, substitute, keys=keys, output=settings["output"], leaves=leaves,
+                           dynamic_dims=dynamic_dims(inputs, keys))
         resolve_batch_dims(traced, settings["batch_dim"])
+        if settings["dynamic"] == "batch":
+            check_batch_symbolic(traced)
         plan = build_plan(traced, block_kinds.values(), settings["kfac_approx"], traced.example_sizes(inputs),
                           transformed_backward=rule.differentiates_backward or fisher in codegen.VMAPPED_FISHERS)
         if settings["conv_stats_every"] > 1:
@@ -245,6 +262,7 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
         model, capture, method=rule, fallback=fallback, loss=loss_spec, fisher=fisher, hyper=hyper,
         fallback_hyper=fallback_hyper, factor_every=settings["factor_every"], invert_every=settings["invert_every"],
         backend=backend, seed=settings["seed"], progress=settings["progress"], autocast=autocast,
+        dynamic=settings["dynamic"],
     )
     if example_inputs is not None:
         opt.capture(example_inputs)

@@ -148,12 +148,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             capture, an object that prints "nothing captured yet").
         source: Python source of the generated step module.
         skipped_steps: how many steps were skipped because they were not finite.
+        dynamic: which input sizes a capture keeps symbolic (``"all"`` or ``"batch"``, the option of
+            :func:`curvgraph.compile`).
     """
 
     def __init__(self, model: nn.Module, capture: Capture, *, method: Method, fallback: FallbackRule, loss: LossSpec,
                  fisher: str, hyper: dict[str, Any], fallback_hyper: dict[str, Any], factor_every: int,
                  invert_every: int, backend: str, seed: int | None, progress: bool = False,
-                 autocast: tuple[str, torch.dtype] | None = None) -> None:
+                 autocast: tuple[str, torch.dtype] | None = None, dynamic: str = "all") -> None:
         self.model = model
         self.method = method
         self.fallback = fallback
@@ -163,6 +165,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.invert_every = invert_every
         self.backend = backend
         self.autocast = autocast
+        self.dynamic = dynamic
         self._capture_fn = capture
         self._captured: Captured | None = None  # the capture of the modes the last step (or capture) ran in
         self._captures: dict[tuple[bool, ...], Captured] = {}  # by the modules' modes (modes_of)
@@ -226,8 +229,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise ConfigError(f"curvgraph: {type(self.model).__name__} is captured already in these modes "
                               f"({describe_modes(self.model)}); compile anew to capture it on other inputs.")
         batch, keys = flatten_inputs(inputs, "example_inputs")
+        hint = (" torch.export reasons about every symbolic input size; if only the batch size changes from batch to "
+                "batch, curvgraph.compile(..., dynamic='batch') fixes the others and captures faster."
+                if self.dynamic == "all" else "")
         with said_if_slow(f"curvgraph: capturing {type(self.model).__name__} in {describe_modes(self.model)} "
-                          "(torch.export and the block passes) ...", self._announce_capture):
+                          f"(torch.export and the block passes) ...{hint}", self._announce_capture):
             captured = self._capture_fn(batch, keys)
         forward = captured.forward
         if not forward.params:
@@ -495,7 +501,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _check_batch(self, batch: tuple[Tensor, ...], targets: Tensor) -> None:
         """Raise :class:`InputError` for a batch the step cannot take; changes nothing."""
         batch_dims = self._captured.batch_dims
-        problem = batch_problem(batch, targets, self._input_shapes, batch_dims, self._runner.device)
+        fixed_sizes = (" It was captured with dynamic='batch', which fixes every size but the batch size; "
+                       "dynamic='all' (the default) keeps the sizes the model does not pin symbolic."
+                       if self.dynamic == "batch" else "")
+        problem = batch_problem(batch, targets, self._input_shapes, batch_dims, self._runner.device, fixed_sizes)
         if problem:
             raise InputError(problem)
         output_shape = tuple(self._runner.noise_shape(batch))

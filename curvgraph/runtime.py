@@ -381,12 +381,13 @@ def batch_hint(names: Sequence[str], batch_dims: Sequence[int | None]) -> str:
 
 
 def batch_problem(batch: Sequence[Tensor], targets: Tensor, inputs: Sequence[tuple], batch_dims: Sequence[int | None],
-                  device: torch.device) -> str | None:
+                  device: torch.device, fixed_sizes: str = "") -> str | None:
     """What makes ``(batch, targets)`` unfit for the step, or ``None``.
 
     ``inputs``: per input, ``(name, shape, dtype, size_ranges)`` as captured (``None`` in ``shape`` for a size the
     graph keeps symbolic; ``size_ranges``: ``(dim, lowest, highest)`` for each such size the graph holds only in a
-    range, ``highest`` ``None`` for no upper bound); ``batch_dims``: each input's batch dim (``None``: none).
+    range, ``highest`` ``None`` for no upper bound); ``batch_dims``: each input's batch dim (``None``: none);
+    ``fixed_sizes``: why the captured sizes are fixed, added to the message for an input that differs in one.
     Checks each input's rank, fixed sizes, dtype, ranges and device, the targets' device, that the inputs agree
     on the batch size and that it is not 0. The targets' shape and values are the loss's to check.
     """
@@ -398,7 +399,7 @@ def batch_problem(batch: Sequence[Tensor], targets: Tensor, inputs: Sequence[tup
                       "more to keep it symbolic." if dim is not None and shape[dim] == 1 else "")
             return (f"curvgraph: input '{name}' has shape {tuple(tensor.shape)} and dtype {tensor.dtype}; the step "
                     f"was compiled for shape {expected} ('*' = any size) and dtype {dtype}. Recompile with "
-                    "example inputs of the new shape if this is intended." + pinned)
+                    "example inputs of the new shape if this is intended." + pinned + fixed_sizes)
         for d, lowest, highest in size_ranges:
             if tensor.shape[d] < lowest or (highest is not None and tensor.shape[d] > highest):
                 return (f"curvgraph: input '{name}' has size {tensor.shape[d]} in dim {d}; the step was captured "

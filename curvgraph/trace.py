@@ -12,7 +12,9 @@ lets ``torch.func`` transform the forward.
 Every input dimension is exported as ``Dim.AUTO``: export keeps a dimension symbolic
 (the batch size, a sequence length) unless the model pins it, so the shapes of
 intermediate nodes are sympy expressions in the input sizes. The code generator
-turns those into shape code, the plan into cost expressions.
+turns those into shape code, the plan into cost expressions. ``trace(..., dynamic_dims=)``
+(``curvgraph.compile(..., dynamic="batch")``, :func:`batch_only_dims`) exports only the
+given dims that way and fixes the others at the example's sizes.
 """
 
 from __future__ import annotations
@@ -136,7 +138,6 @@ def resolve_batch_dims(traced: TracedModel, batch_dim: int | Sequence[int | None
     input is batch first. Raises
     :class:`ConfigError` for an invalid option or an ambiguous inference.
     """
-    n = len(traced.inputs)
     if batch_dim is None:
         out = symbolic_shape(traced.output)
         sizes = sympy.sympify(out[0]).free_symbols if out else set()
@@ -154,21 +155,57 @@ def resolve_batch_dims(traced: TracedModel, batch_dim: int | Sequence[int | None
                     "the output's batch size); pass batch_dim= to curvgraph.compile (an int, or one per input).")
             dims.append(hits[0] if hits else (0 if len(shape) and symbol is None else None))
     else:
-        given = (batch_dim,) * n if isinstance(batch_dim, int) else tuple(batch_dim)
-        if len(given) != n or any(d is not None and (not isinstance(d, int) or isinstance(d, bool)) for d in given):
-            raise ConfigError(f"curvgraph: batch_dim must be an int or a tuple of {n} ints/None (one per input), got "
-                              f"{batch_dim!r}.")
-        dims = []
-        for spec, d in zip(traced.inputs, given):
-            if d is not None and not -len(spec.shape) <= d < len(spec.shape):
-                raise ConfigError(f"curvgraph: batch_dim {d} is out of range for input '{spec.name}' with "
-                                  f"{len(spec.shape)} dims.")
-            dims.append(None if d is None else d % len(spec.shape))
+        dims = given_batch_dims([s.name for s in traced.inputs], [len(s.shape) for s in traced.inputs], batch_dim)
     first = next((i for i, d in enumerate(dims) if d is not None), None)
     if first is None:
         raise ConfigError("curvgraph: no input has a batch dim; pass batch_dim= to curvgraph.compile.")
     traced.batch_dims = tuple(dims)
     traced.batch = (first, dims[first])
+
+
+def check_batch_symbolic(traced: TracedModel) -> None:
+    """Raise :class:`ConfigError` if the captured graph fixed an input's batch dim (``traced.batch_dims``).
+
+    For a capture with ``dynamic="batch"`` (:func:`batch_only_dims`): only the dims taken for the batch before
+    the capture are exported symbolic, so a batch dim the graph fixed was not among them (a time-major input
+    without ``batch_dim``), or the model pins it (an example batch of size 1)."""
+    fixed = [(spec, d) for spec, d in zip(traced.inputs, traced.batch_dims) if d is not None and spec.shape[d] is not None]
+    if fixed:
+        where = ", ".join(f"dim {d} of input '{spec.name}' (size {spec.shape[d]})" for spec, d in fixed)
+        raise ConfigError(
+            f"curvgraph: dynamic='batch' keeps only the batch dims symbolic, but the captured graph fixed the batch, "
+            f"{where}: every batch would have to have that size. Pass batch_dim= to curvgraph.compile if the batch is "
+            "elsewhere (e.g. batch_dim=1 for time-major (T, N, F) inputs), capture with a batch of 2 or more "
+            "(torch.export fixes a size of 1), or use dynamic='all'.")
+
+
+def given_batch_dims(names: Sequence[str], ranks: Sequence[int],
+                     batch_dim: int | Sequence[int | None]) -> list[int | None]:
+    """Each input's batch dim from the ``batch_dim`` option (an int for every input, or one int or ``None`` per
+    input; negative counts from the end), as ``0 <= d < rank``, for inputs ``names`` with ``ranks`` dims; raises
+    :class:`ConfigError` for an invalid option."""
+    n = len(names)
+    given = (batch_dim,) * n if isinstance(batch_dim, int) else tuple(batch_dim)
+    if len(given) != n or any(d is not None and (not isinstance(d, int) or isinstance(d, bool)) for d in given):
+        raise ConfigError(f"curvgraph: batch_dim must be an int or a tuple of {n} ints/None (one per input), got "
+                          f"{batch_dim!r}.")
+    dims: list[int | None] = []
+    for name, rank, d in zip(names, ranks, given):
+        if d is not None and not -rank <= d < rank:
+            raise ConfigError(f"curvgraph: batch_dim {d} is out of range for input '{name}' with {rank} dims.")
+        dims.append(None if d is None else d % rank)
+    return dims
+
+
+def batch_only_dims(inputs: Sequence[Tensor], keys: Sequence[str] | None,
+                    batch_dim: int | Sequence[int | None] | None) -> tuple[tuple[int, ...], ...]:
+    """The dims :func:`trace` exports symbolic for ``curvgraph.compile(..., dynamic="batch")``: each input's batch dim
+    as ``batch_dim`` gives it (:func:`given_batch_dims`), else dim 0 of every input that has dims."""
+    if batch_dim is None:
+        return tuple((0,) if t.dim() else () for t in inputs)
+    names = list(keys) if keys else [f"input {i}" for i in range(len(inputs))]
+    dims = given_batch_dims(names, [t.dim() for t in inputs], batch_dim)
+    return tuple(() if d is None else (d,) for d in dims)
 
 
 def flatten_inputs(inputs: Any, what: str,
@@ -344,7 +381,8 @@ Substitute = Callable[[nn.Module], "nn.Module | None"]
 
 def trace(model: nn.Module, example_inputs: tuple[Tensor, ...], substitute: Substitute | None = None, *,
           keys: Sequence[str] | None = None, output: OutputSelector = None,
-          leaves: Mapping[str, nn.Module] | None = None) -> TracedModel:
+          leaves: Mapping[str, nn.Module] | None = None,
+          dynamic_dims: Sequence[Sequence[int]] | None = None) -> TracedModel:
     """Capture ``model`` called on ``example_inputs`` as a :class:`TracedModel`.
 
     The model is called as ``model(*example_inputs)``, or ``model(**dict(zip(keys,
@@ -357,7 +395,9 @@ def trace(model: nn.Module, example_inputs: tuple[Tensor, ...], substitute: Subs
     a module computing the same function on the **same** Parameters (e.g. a recurrent
     module unrolled over time); it is captured in the submodule's place, and the model
     is restored afterwards. ``leaves`` (path -> submodule, see :mod:`curvgraph.leaf`)
-    are captured as one opaque call each. Raises :class:`TraceError` naming the module
+    are captured as one opaque call each. ``dynamic_dims`` (one tuple per input) are the dims exported
+    symbolic where the model allows, the others fixed at the example's sizes; ``None``: every dim (see
+    the module docstring). Raises :class:`TraceError` naming the module
     and source line when the model cannot be captured, and :class:`ConfigError` when
     the model fails on the example inputs or ``output`` picks no tensor.
     """
@@ -375,7 +415,7 @@ def trace(model: nn.Module, example_inputs: tuple[Tensor, ...], substitute: Subs
         if shells:
             _record_leaf_calls(model, example_inputs, keys, [s.key for s in shells.values()], list(leaves.values()))
         with substituted(model, replace), _picking_output(model, output):
-            program = _export(model, example_inputs, keys)
+            program = _export(model, example_inputs, keys, dynamic_dims)
     finally:
         for module, training in modes.items():
             module.training = training
@@ -501,13 +541,14 @@ def _warn_autograd_functions(model: nn.Module, applied: list[type]) -> None:
             "setup_context written as separate staticmethods, as torch.func requires).", UserWarning, stacklevel=2)
 
 
-def _export(model: nn.Module, example_inputs: tuple[Tensor, ...], keys: tuple[str, ...] | None) -> ExportedProgram:
+def _export(model: nn.Module, example_inputs: tuple[Tensor, ...], keys: tuple[str, ...] | None,
+            dims: Sequence[Sequence[int]] | None) -> ExportedProgram:
     inputs = tuple(t.detach() for t in example_inputs)
     applied: list[type] = []
     try:
         with _quiet_export(), _without_einsum_path_search():
             with _recording_autograd_functions(applied):
-                program = torch.export.export(model, **_arguments(inputs, keys, dynamic=True))
+                program = torch.export.export(model, **_arguments(inputs, keys, dynamic=True, dims=dims))
             _detach_no_grad_regions(program)
             program = program.run_decompositions(DECOMPOSITIONS)
         _warn_autograd_functions(model, applied)
@@ -614,9 +655,12 @@ def _einsum_paths(graph: torch.fx.Graph) -> None:
             node.kwargs = {**node.kwargs, "path": list(itertools.chain.from_iterable(pairs))}
 
 
-def _arguments(inputs: tuple[Tensor, ...], keys: tuple[str, ...] | None, dynamic: bool) -> dict[str, Any]:
-    """The ``args``/``kwargs`` (and, if ``dynamic``, ``dynamic_shapes``: every dim ``Dim.AUTO``) of ``torch.export.export``."""
-    shapes = tuple({d: Dim.AUTO for d in range(t.dim())} for t in inputs)
+def _arguments(inputs: tuple[Tensor, ...], keys: tuple[str, ...] | None, dynamic: bool,
+               dims: Sequence[Sequence[int]] | None = None) -> dict[str, Any]:
+    """The ``args``/``kwargs`` (and, if ``dynamic``, ``dynamic_shapes``: ``Dim.AUTO`` for the ``dims`` of each input,
+    every dim if ``None``) of ``torch.export.export``."""
+    dims = [range(t.dim()) for t in inputs] if dims is None else dims
+    shapes = tuple({d: Dim.AUTO for d in ds} for ds in dims)
     if keys is None:
         arguments: dict[str, Any] = {"args": inputs}
     else:

@@ -228,8 +228,12 @@ def test_a_slow_capture_is_announced(capsys, monkeypatch):
     assert capsys.readouterr().err == ""
     curvgraph.compile(model, (torch.randn(5, 3),), backend="eager")
     err = capsys.readouterr().err.splitlines()
-    assert err[0] == "curvgraph: capturing Sequential in train mode (torch.export and the block passes) ..."
+    assert err[0].startswith("curvgraph: capturing Sequential in train mode (torch.export and the block passes) ... ")
+    assert "dynamic='batch'" in err[0]  # the option that makes a slow export fast, where it applies
     assert err[1].startswith("curvgraph: captured in ") and len(err) == 2
+    curvgraph.compile(model, (torch.randn(5, 3),), backend="eager", dynamic="batch")
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "curvgraph: capturing Sequential in train mode (torch.export and the block passes) ..."
 
 
 def test_a_second_compile_loads_the_cached_graphs(adaptive_runs):

@@ -47,6 +47,7 @@ def test_unsupported_loss(loss, match):
         ({"fisher": "exact"}, "fisher must be one of"),
         ({"invert_every": 0}, "invert_every must be a positive integer"),
         ({"fallback": "rmsprop"}, "fallback must be one of"),
+        ({"dynamic": True}, r"dynamic must be one of \['all', 'batch'\]"),
     ],
 )
 def test_bad_options(options, match):

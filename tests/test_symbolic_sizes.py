@@ -159,6 +159,61 @@ def test_char_transformer_runs_any_batch_and_length_in_one_graph():
     assert opt.skipped_steps == 0
 
 
+def test_dynamic_batch_fixes_every_size_but_the_batch():
+    """``dynamic="batch"`` exports only the batch dim symbolic: the step takes batches of any size and computes what
+    the default capture (every size the model does not pin symbolic) computes, and a batch of another sequence length
+    is refused with an error that names the option, where the default capture takes it."""
+    from char_transformer import CharTransformer
+
+    torch.manual_seed(0)
+    model = CharTransformer(20, 16, 2, 1, 12)
+    twin = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+
+    def batch(n: int, t: int = 12):
+        tokens = torch.randint(0, 20, (n, t + 1), generator=g)
+        return (tokens[:, :-1].contiguous(),), tokens[:, 1:].contiguous()
+
+    options = dict(loss="token_cross_entropy", backend="eager", seed=0, progress=False)
+    fixed = curvgraph.compile(model, batch(8)[0], dynamic="batch", **options)
+    default = curvgraph.compile(twin, batch(8)[0], **options)
+    assert [s.shape for s in fixed._inputs] == [(None, 12)]
+    assert [s.shape for s in default._inputs] == [(None, None)]
+    for n in (8, 5, 11):
+        x, y = batch(n)
+        torch.testing.assert_close(fixed.step(x, y), default.step(x, y))
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q)
+    x, y = batch(3, 7)
+    with pytest.raises(curvgraph.InputError, match=r"compiled for shape \('\*', 12\).*dynamic='batch'"):
+        fixed.step(x, y)
+    assert torch.isfinite(default.step(x, y))
+
+
+class TimeMajorLSTM(nn.Module):
+    """``nn.LSTM`` on ``(T, N, F)`` inputs, classified from the last step's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(4, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0][-1])
+
+
+def test_dynamic_batch_takes_the_batch_dim_option():
+    """With ``dynamic="batch"`` the batch dim must be known before the capture: dim 0 unless ``batch_dim`` says
+    otherwise. A time-major input without it would fix the batch, which is refused, naming ``batch_dim``."""
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 3, 4), torch.randint(0, 3, (3,))
+    with pytest.raises(curvgraph.ConfigError, match=r"fixed the batch, dim 0 of input 'x' \(size 6\).*batch_dim=1"):
+        curvgraph.compile(TimeMajorLSTM(), (x,), backend="eager", dynamic="batch")
+    opt = curvgraph.compile(TimeMajorLSTM(), (x,), backend="eager", dynamic="batch", batch_dim=1, progress=False)
+    assert [s.shape for s in opt._inputs] == [(6, None, 4)]
+    assert torch.isfinite(opt.step(torch.randn(6, 5, 4), torch.randint(0, 3, (5,))))
+
+
 def test_conv_default_mode_runs_any_batch_in_one_graph():
     """Convolutions and group norm under the default mode (curvature products through their double backward).
 

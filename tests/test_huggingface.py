@@ -174,6 +174,12 @@ def swin() -> nn.Module:
     return transformers.SwinForImageClassification(config)
 
 
+def swinv2() -> nn.Module:
+    config = transformers.Swinv2Config(image_size=16, patch_size=2, embed_dim=16, depths=[2, 1], num_heads=[2, 2],
+                                       window_size=4, drop_path_rate=0.0, num_labels=CLASSES)
+    return transformers.Swinv2ForImageClassification(config)
+
+
 #: name -> (model, the parameters the plan leaves to the fallback, a block that must be found and its kind, options)
 IMAGE_CASES = {
     # the relative position bias table is looked up by a constant index and added to the attention scores: no pass
@@ -187,14 +193,19 @@ IMAGE_CASES = {
     # tables are indexed as table[index] (embedding blocks), their mask learned as BEiT's
     "swin": (swin, (), ("swin.encoder.layers.0.blocks.1.attention.relative_position_bias.relative_position_bias_table",
                         "embedding"), {"dynamic": "batch"}),
+    # the logit scales (clamp(...).exp() times the scores) fall back; with the image size fixed every norm is a block,
+    # where with it symbolic the size of the norm after the first window attention is a floor/Mod expression
+    "swinv2": (swinv2, tuple(f"swinv2.encoder.layers.{i}.blocks.{j}.attention.self.logit_scale"
+                             for i, j in ((0, 0), (0, 1), (1, 0))),
+               ("swinv2.encoder.layers.0.blocks.0.layernorm_before", "norm"), {"dynamic": "batch"}),
 }
 
 
 @pytest.mark.parametrize("name", IMAGE_CASES)
 def test_image_models_train_with_a_fixed_lr(name):
-    """BEiT, PoolFormer and Swin (tiny, from their configs; Swin captured with only the batch size symbolic) train at a
-    fixed ``lr``, where the step keeps the fused attention call: the step's first loss is the model's, and the loss on
-    the batch falls."""
+    """BEiT, PoolFormer, Swin and Swin V2 (tiny, from their configs; the Swins captured with only the batch size
+    symbolic) train at a fixed ``lr``, where the step keeps the fused attention call: the step's first loss is the
+    model's, and the loss on the batch falls."""
     make, fallback, (block, kind), options = IMAGE_CASES[name]
     torch.manual_seed(0)
     model = make()

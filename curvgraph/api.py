@@ -256,7 +256,7 @@ def compile(  # noqa: A001 -- the public name, like torch.compile
                                      param_dtype, batch=traced.batch, autocast=autocast,
                                      backward_differentiable=transposable)
         return Captured(plan, forward, generated, codegen.load(generated), traced.inputs, keys, traced.batch_dims,
-                        [traced.constants[c] for c in forward.constants])
+                        [traced.constants[c] for c in forward.constants], traced.size_conditions)
 
     opt = CurvatureOptimizer(
         model, capture, method=rule, fallback=fallback, loss=loss_spec, fisher=fisher, hyper=hyper,

@@ -169,6 +169,8 @@ def _spec(opt: "CurvatureOptimizer") -> str:
         ("input_shapes", _literal(opt._input_shapes),
          "per input: name, shape (None: any size), dtype, (dim, lowest, highest) of sizes held in a range"),
         ("batch_dims", _literal(opt._captured.batch_dims), "per input, its batch dim (None: none)"),
+        ("size_conditions", _literal(opt._captured.size_conditions),
+         "(expression over the inputs' shapes, torch.export's guard): where the captured graph holds"),
         ("contiguous", _literal(tuple(i.contiguous for i in opt._inputs)), "per input, captured contiguous"),
         ("loss", _literal(opt.loss.name), None),
         ("class_dim", _literal(opt.loss.target_class_dim),

@@ -74,6 +74,8 @@ class Captured:
         keys: their names when the model is called by keyword (``model(**batch)``), else ``None``.
         batch_dims: the batch dim of every input (``None``: no batch dim).
         constants: the model's lifted constants, in ``forward.constants`` order.
+        size_conditions: conditions on the input sizes under which the graph holds
+            (:attr:`curvgraph.trace.TracedModel.size_conditions`).
     """
 
     plan: Plan
@@ -84,6 +86,7 @@ class Captured:
     keys: tuple[str, ...] | None
     batch_dims: tuple[int | None, ...]
     constants: list[Tensor]
+    size_conditions: tuple[tuple[str, str], ...] = ()
 
 
 #: The key of :meth:`CurvatureOptimizer.diagnostics` under which it reports the causes of the whole step.
@@ -504,7 +507,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         fixed_sizes = (" It was captured with dynamic='batch', which fixes every size but the batch size; "
                        "dynamic='all' (the default) keeps the sizes the model does not pin symbolic."
                        if self.dynamic == "batch" else "")
-        problem = batch_problem(batch, targets, self._input_shapes, batch_dims, self._runner.device, fixed_sizes)
+        problem = batch_problem(batch, targets, self._input_shapes, batch_dims, self._runner.device, fixed_sizes,
+                                self._captured.size_conditions)
         if problem:
             raise InputError(problem)
         output_shape = tuple(self._runner.noise_shape(batch))

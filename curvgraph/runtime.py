@@ -380,16 +380,25 @@ def batch_hint(names: Sequence[str], batch_dims: Sequence[int | None]) -> str:
             "one per input, e.g. batch_dim=1 for time-major (T, N, F) inputs).")
 
 
+@functools.lru_cache(maxsize=None)
+def _size_condition(expression: str) -> Any:
+    """``expression`` (a condition over ``sizes``, :func:`batch_problem`) compiled once."""
+    return compile(expression, "<size condition>", "eval")
+
+
 def batch_problem(batch: Sequence[Tensor], targets: Tensor, inputs: Sequence[tuple], batch_dims: Sequence[int | None],
-                  device: torch.device, fixed_sizes: str = "") -> str | None:
+                  device: torch.device, fixed_sizes: str = "",
+                  size_conditions: Sequence[tuple[str, str]] = ()) -> str | None:
     """What makes ``(batch, targets)`` unfit for the step, or ``None``.
 
     ``inputs``: per input, ``(name, shape, dtype, size_ranges)`` as captured (``None`` in ``shape`` for a size the
     graph keeps symbolic; ``size_ranges``: ``(dim, lowest, highest)`` for each such size the graph holds only in a
     range, ``highest`` ``None`` for no upper bound); ``batch_dims``: each input's batch dim (``None``: none);
-    ``fixed_sizes``: why the captured sizes are fixed, added to the message for an input that differs in one.
-    Checks each input's rank, fixed sizes, dtype, ranges and device, the targets' device, that the inputs agree
-    on the batch size and that it is not 0. The targets' shape and values are the loss's to check.
+    ``fixed_sizes``: why the captured sizes are fixed, added to the message for an input that differs in one;
+    ``size_conditions``: ``(expression, guard)`` pairs, each expression over ``sizes`` (the inputs' shapes) true where
+    the graph holds (:func:`curvgraph.trace.size_conditions`). Checks each input's rank, fixed sizes, dtype, ranges
+    and device, the conditions, the targets' device, that the inputs agree on the batch size and that it is not 0.
+    The targets' shape and values are the loss's to check.
     """
     for tensor, (name, shape, dtype, size_ranges), dim in zip(batch, inputs, batch_dims):
         fixed = all(s is None or s == t for s, t in zip(shape, tensor.shape))
@@ -411,6 +420,14 @@ def batch_problem(batch: Sequence[Tensor], targets: Tensor, inputs: Sequence[tup
         if tensor.device != device:
             return (f"curvgraph: input '{name}' is on {tensor.device}, the model's parameters on {device}; move the "
                     f"batch to {device}.")
+    shapes = tuple(tuple(t.shape) for t in batch)
+    for expression, guard in size_conditions:
+        if not eval(_size_condition(expression), {"__builtins__": {}, "min": min, "max": max}, {"sizes": shapes}):
+            return (f"curvgraph: the batch's input sizes {', '.join(map(str, shapes))} break a condition that "
+                    f"torch.export recorded on them in the model's forward, {guard}, and the captured graph holds only "
+                    "where it does (a branch on a size, e.g. `if min(height, width) <= window:`). Compile another "
+                    "optimizer with example inputs of these sizes, or capture with dynamic='batch' to fix every size "
+                    "but the batch size.")
     if targets.device != device:
         return f"curvgraph: targets are on {targets.device}, the model's parameters on {device}; move them to {device}."
     sizes = [int(t.shape[d]) for t, d in zip(batch, batch_dims) if d is not None]
@@ -736,6 +753,7 @@ class ExportedStep:
         self.n_inputs = spec["inputs"]
         self.input_shapes = spec["input_shapes"]
         self.batch_dims = spec["batch_dims"]
+        self.size_conditions = tuple(spec.get("size_conditions", ()))
         self.loss, self.class_dim = spec["loss"], spec["class_dim"]
         self.keys = spec["keys"]
         self.degenerations = tuple(spec.get("degenerations", ()))
@@ -764,7 +782,8 @@ class ExportedStep:
         batch = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
         if len(batch) != self.n_inputs:
             raise ValueError(f"this step takes {self.n_inputs} input tensor(s), got {len(batch)}")
-        problem = batch_problem(batch, targets, self.input_shapes, self.batch_dims, self.runner.device)
+        problem = batch_problem(batch, targets, self.input_shapes, self.batch_dims, self.runner.device,
+                                size_conditions=self.size_conditions)
         if problem is None:
             output_shape = tuple(self.runner.noise_shape(batch))
             problem = target_problem(targets, output_shape, self.class_dim, self.loss)
@@ -817,5 +836,5 @@ EXPORTED = (initial_state, convolution_double_backward, batch_norm_backward, bat
             set_schema_arg, prune_unused_outputs, PruneUnusedOutputs, recompute_for_late_readers, _elementwise,
             _tensor_bytes, _runs, _recomputation, _may_write, _times_true_after, RecomputeForLateReaders,
             inductor_backend,
-            probe_vector_isa_in_background, compiled_step, model_tensors, as_captured, batch_hint, batch_problem,
-            target_shape, target_problem, counts_nothing, mark_dynamic, StepRunner, ExportedStep)
+            probe_vector_isa_in_background, compiled_step, model_tensors, as_captured, batch_hint, _size_condition,
+            batch_problem, target_shape, target_problem, counts_nothing, mark_dynamic, StepRunner, ExportedStep)

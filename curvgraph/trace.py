@@ -22,10 +22,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import io
 import itertools
 import logging
 import os
+import re
 import traceback
 import warnings
 from dataclasses import dataclass, field
@@ -95,6 +97,9 @@ class TracedModel:
     #: Model names of the parameters in ``frozen`` that require grad but get none: every path from them to the
     #: prediction passes a ``torch.no_grad()`` region of ``forward`` or a ``detach`` (:func:`_without_gradient`).
     gradient_free: tuple[str, ...] = ()
+    #: Conditions on the input sizes under which the graph holds (:func:`size_conditions`): ``(expression, guard)``
+    #: pairs, the expression over ``sizes`` (each input's shape, in order), the guard as torch.export wrote it.
+    size_conditions: tuple[tuple[str, str], ...] = ()
 
     def returned(self, index: int) -> torch.fx.Node:
         """The node at position ``index`` of the graph's output (valid across rewrites)."""
@@ -421,7 +426,63 @@ def trace(model: nn.Module, example_inputs: tuple[Tensor, ...], substitute: Subs
             module.training = training
     leaf.retarget(program.graph_module.graph)
     _einsum_paths(program.graph_module.graph)
-    return _from_program(model, program, example_inputs)
+    traced = _from_program(model, program, example_inputs)
+    traced.size_conditions = size_conditions(getattr(program, "_guards_code", ()), _guard_sources(model, keys,
+                                                                                                   len(example_inputs)),
+                                             traced.inputs)
+    return traced
+
+
+#: A size in a guard of torch.export (Dynamo's source syntax): ``L['x'].size()[2]``, ``L['args'][0].size()[1]``.
+_GUARD_SIZE = re.compile(r"(L\['\w+'\](?:\[\d+\])?)\.size\(\)\[(\d+)\]")
+
+
+def _guard_sources(model: nn.Module, keys: tuple[str, ...] | None, n: int) -> dict[str, int]:
+    """Dynamo's source for each of the ``n`` user inputs of ``model.forward`` (``L['x']``, ``L['args'][0]``, by
+    keyword ``L['input_ids']``) -> the input's index."""
+    if keys:
+        return {f"L['{key}']": i for i, key in enumerate(keys)}
+    sources: dict[str, int] = {}
+    for parameter in inspect.signature(model.forward).parameters.values():
+        if parameter.kind == parameter.VAR_POSITIONAL:
+            sources.update({f"L['{parameter.name}'][{k}]": len(sources) + k for k in range(n - len(sources))})
+            break
+        if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD) and len(sources) < n:
+            sources[f"L['{parameter.name}']"] = len(sources)
+    return sources
+
+
+def size_conditions(guards: Sequence[str], sources: Mapping[str, int],
+                    inputs: Sequence[InputSpec]) -> tuple[tuple[str, str], ...]:
+    """The conditions on the input sizes that torch.export's ``guards`` (Python source over Dynamo's ``L[...]``
+    sources; ``sources`` maps those of the user inputs to their index) state beyond the ``inputs``' fixed sizes and
+    ranges, as ``(expression, guard)``: the expression over ``sizes[i][d]`` (size ``d`` of input ``i``).
+
+    A branch of ``forward`` on sizes that export keeps symbolic (``if min(h, w) <= window:``) is such a guard: the
+    captured graph is the branch taken, valid only where the guard holds, which ``torch.export``'s own module
+    checks before it runs but the graph does not. Kept: guards whose every term is a size of a user input, with
+    arithmetic, comparisons, ``min`` and ``max``, on at least one symbolic size; left out: the rest (a guard on
+    a fixed size holds for every batch the step takes)."""
+    conditions = []
+    for guard in guards:
+        used: set[tuple[int, int]] = set()
+
+        def indexed(match: re.Match) -> str:
+            i, d = sources.get(match.group(1)), int(match.group(2))
+            if i is None:
+                return match.group(0)
+            used.add((i, d))
+            return f"sizes[{i}][{d}]"
+
+        expression = _GUARD_SIZE.sub(indexed, guard)
+        try:
+            names = set(compile(expression, "<size condition>", "eval").co_names)
+        except SyntaxError:
+            continue
+        if names <= {"sizes", "min", "max"} and "sizes" in names and any(
+                d < len(inputs[i].shape) and inputs[i].shape[d] is None for i, d in used):
+            conditions.append((expression, re.sub(r"L\['(\w+)'\]", r"\1", guard)))
+    return tuple(conditions)
 
 
 def modes_of(model: nn.Module) -> tuple[bool, ...]:

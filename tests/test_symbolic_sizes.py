@@ -214,6 +214,41 @@ def test_dynamic_batch_takes_the_batch_dim_option():
     assert torch.isfinite(opt.step(torch.randn(6, 5, 4), torch.randint(0, 3, (5,))))
 
 
+class SizeBranch(nn.Module):
+    """Pools by the mean where the image has at most 15 pixels on a side, by the max elsewhere: a branch on sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        small = min(x.shape[2] // 8, x.shape[3] // 8) <= 1
+        return self.head(x.mean((2, 3)) if small else x.amax((2, 3)))
+
+
+def test_a_branch_on_symbolic_sizes_is_checked_before_the_step(tmp_path):
+    """torch.export records a branch of ``forward`` on symbolic sizes as a guard on them (here not a range of any one
+    size, which it records as such), and the captured graph is the branch taken. The step (and the module
+    ``export`` writes) refuses a batch that breaks the guard and changes nothing, where it used to compute the other
+    branch's loss with the captured branch; batches that keep it run."""
+    torch.manual_seed(0)
+    model = SizeBranch()
+    opt = curvgraph.compile(model, (torch.randn(4, 3, 8, 8),), backend="eager", progress=False)
+    trainer = curvgraph.load_step(opt.export(tmp_path / "step.py"), copy.deepcopy(model))
+    assert opt._inputs[0].shape == (None, 3, None, None) and opt._inputs[0].size_ranges == ()
+    y = torch.randint(0, 2, (4,))
+    x = torch.randn(4, 3, 12, 9)
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model(x), y)
+    torch.testing.assert_close(opt.step(x, y), expected)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(curvgraph.InputError, match=r"sizes \(4, 3, 16, 32\) break a condition .*min\(x\.size\(\).* <= 1"):
+        opt.step(torch.randn(4, 3, 16, 32), y)
+    with pytest.raises(ValueError, match=r"break a condition .*min\(x\.size\(\).* <= 1"):
+        trainer.step(torch.randn(4, 3, 16, 32), y)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_conv_default_mode_runs_any_batch_in_one_graph():
     """Convolutions and group norm under the default mode (curvature products through their double backward).
 

@@ -427,9 +427,8 @@ def trace(model: nn.Module, example_inputs: tuple[Tensor, ...], substitute: Subs
     leaf.retarget(program.graph_module.graph)
     _einsum_paths(program.graph_module.graph)
     traced = _from_program(model, program, example_inputs)
-    traced.size_conditions = size_conditions(getattr(program, "_guards_code", ()), _guard_sources(model, keys,
-                                                                                                   len(example_inputs)),
-                                             traced.inputs)
+    sources = _guard_sources(model, keys, len(example_inputs))
+    traced.size_conditions = size_conditions(getattr(program, "_guards_code", ()), sources, traced.inputs)
     return traced
 
 
@@ -455,14 +454,15 @@ def _guard_sources(model: nn.Module, keys: tuple[str, ...] | None, n: int) -> di
 def size_conditions(guards: Sequence[str], sources: Mapping[str, int],
                     inputs: Sequence[InputSpec]) -> tuple[tuple[str, str], ...]:
     """The conditions on the input sizes that torch.export's ``guards`` (Python source over Dynamo's ``L[...]``
-    sources; ``sources`` maps those of the user inputs to their index) state beyond the ``inputs``' fixed sizes and
-    ranges, as ``(expression, guard)``: the expression over ``sizes[i][d]`` (size ``d`` of input ``i``).
+    sources; ``sources`` maps those of the user inputs to their index) state on the ``inputs``' symbolic sizes, as
+    ``(expression, guard)``: the expression over ``sizes[i][d]`` (size ``d`` of input ``i``).
 
     A branch of ``forward`` on sizes that export keeps symbolic (``if min(h, w) <= window:``) is such a guard: the
     captured graph is the branch taken, valid only where the guard holds, which ``torch.export``'s own module
     checks before it runs but the graph does not. Kept: guards whose every term is a size of a user input, with
-    arithmetic, comparisons, ``min`` and ``max``, on at least one symbolic size; left out: the rest (a guard on
-    a fixed size holds for every batch the step takes)."""
+    arithmetic, comparisons, ``min`` and ``max``, on at least one symbolic size (a guard that is also a range of
+    one size, :attr:`InputSpec.size_ranges`, is kept too: it holds wherever the range does); left out: the rest
+    (a guard on a fixed size holds for every batch the step takes)."""
     conditions = []
     for guard in guards:
         used: set[tuple[int, int]] = set()
